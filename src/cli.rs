@@ -1,0 +1,1 @@
+//! Command line: GoCacheFS-compatible flags (single and double dash), validation -> `Config`.

@@ -1,0 +1,68 @@
+//! Plain configuration structs with defaults. Built by `cli`, read by every layer.
+//! No parsing or validation here: `cli` validates, everything else trusts these values.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the daemon needs to know, after the command line was validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The slow directory (e.g. an rclone mount). Absolute, canonical.
+    pub src: PathBuf,
+    /// The fast cache directory. Absolute, canonical.
+    pub dst: PathBuf,
+    /// Where the merged view is mounted. Absolute, canonical.
+    pub mountpoint: PathBuf,
+    /// `-w`: replay mutations on src in the background.
+    pub writeback: bool,
+    /// `-retries`: attempts per writeback op before it is parked as failed.
+    pub retries: u32,
+    /// `-concurrent`: writeback workers; 0 = mirror mode (ordered, synchronous fsync/close).
+    pub concurrent: u32,
+    /// `-retry-delay`: base of the exponential backoff between attempts.
+    pub retry_delay: Duration,
+    /// `-start-delay`: wait before replaying an op.
+    pub start_delay: Duration,
+    /// `-d`: debug logging.
+    pub debug: bool,
+    /// `-log`: one log line per replayed writeback op.
+    pub log_writeback: bool,
+    /// `-o`: extra FUSE mount options, already split on commas.
+    pub mount_options: Vec<String>,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Kernel entry/attribute cache TTL.
+    pub attr_ttl: Duration,
+    /// Use FUSE passthrough for cached files when the kernel allows it (`--no-passthrough` clears).
+    pub passthrough: bool,
+}
+
+impl Config {
+    /// A config with GoCacheFS's defaults for the given directories (used by tests).
+    pub fn new(src: PathBuf, dst: PathBuf, mountpoint: PathBuf) -> Self {
+        Config {
+            src,
+            dst,
+            mountpoint,
+            writeback: false,
+            retries: 5,
+            concurrent: 10,
+            retry_delay: Duration::ZERO,
+            start_delay: Duration::ZERO,
+            debug: false,
+            log_writeback: false,
+            mount_options: Vec::new(),
+            threads: default_threads(),
+            attr_ttl: Duration::from_secs(1),
+            passthrough: true,
+        }
+    }
+}
+
+/// FUSE worker threads by default: one per core, at least 2, at most 8.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+}

@@ -1,0 +1,2 @@
+//! The layered view over dst (cache) and src (slow), with no fuser types.
+pub mod names;

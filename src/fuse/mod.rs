@@ -1,0 +1,1 @@
+//! Thin `fuser::Filesystem` adapter over `fs::CacheFs`.

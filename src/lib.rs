@@ -1,0 +1,17 @@
+//! cachefs: a FUSE daemon that puts a fast local cache directory (dst) in front of a slow
+//! directory (src), copying files on a read miss and (with `-w`) writing mutations back.
+//!
+//! Layers, outermost first (each has its own error type, mapped to errno in one place,
+//! [`fs::FsError::errno`]):
+//! - `cli` / `daemon`: command line, validation, mounting, signals.
+//! - `fuse`: the thin `fuser::Filesystem` adapter; the only module that knows fuser types.
+//! - `fs`: the layered view (lookup, inodes, handles, whiteouts, copy-up) over two
+//!   directory roots, with no fuser types.
+//! - `writeback`: the durable journal and the workers that replay it on src.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fs;
+pub mod fuse;
+pub mod writeback;
