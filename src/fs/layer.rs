@@ -616,7 +616,7 @@ mod tests {
         // The symlink itself is visible, but never traversed.
         let st = layer.stat(Path::new("link")).unwrap().unwrap();
         assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK);
-        assert!(layer.stat(Path::new("link/secret")).is_err());
+        assert!(!matches!(layer.stat(Path::new("link/secret")), Ok(Some(_))));
         assert!(
             layer
                 .open_file(Path::new("link/secret"), libc::O_RDONLY)
