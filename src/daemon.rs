@@ -153,9 +153,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let wb = start_writeback(&cfg)?;
     let result = mount_and_serve(&cfg, wb.clone(), &signals);
     if let Some(wb) = &wb {
+        // Drain only after a clean unmount; after a failure or a forced exit the
+        // journal keeps the queue for the next start.
         let max_wait = match result {
-            Ok(Stop::Forced) => Duration::ZERO,
-            _ => SHUTDOWN_MAX_WAIT,
+            Ok(Stop::Clean) => SHUTDOWN_MAX_WAIT,
+            _ => Duration::ZERO,
         };
         info!("stopping writeback (waiting at most {max_wait:?} for the queue to drain)");
         wb.shutdown(max_wait);
@@ -329,7 +331,7 @@ impl Signals {
     fn wait(&self, timeout: Duration) -> io::Result<Option<libc::c_int>> {
         let ts = libc::timespec {
             tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
         };
         // SAFETY: `set` is initialised, `ts` is valid, siginfo may be null.
         let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
