@@ -25,7 +25,6 @@ use log::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::fs::CacheFs;
-use crate::writeback::Writeback;
 
 /// How long shutdown waits for the writeback queue to drain; the rest stays in the journal.
 pub const SHUTDOWN_MAX_WAIT: Duration = Duration::from_secs(20);
@@ -169,6 +168,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     result.map(|_| ())
 }
 
+/// Placeholder until the writeback journal lands: `-w` is refused with a clear error
+/// by `start_writeback`, so no value of this type is ever made.
+#[derive(Clone)]
+enum Writeback {}
+
+impl Writeback {
+    fn shutdown(&self, _max_wait: Duration) {
+        match *self {}
+    }
+}
+
 /// Start the writeback journal and workers when `-w` is given.
 fn start_writeback(cfg: &Config) -> Result<Option<Writeback>, DaemonError> {
     if !cfg.writeback {
@@ -202,7 +212,11 @@ fn mount_and_serve(
     wb: Option<Writeback>,
     signals: &Signals,
 ) -> Result<Stop, DaemonError> {
-    let fs = CacheFs::new(cfg, wb).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    let changes: Option<std::sync::Arc<dyn crate::fs::ChangeLog>> = match wb {
+        None => None,
+        Some(w) => match w {},
+    };
+    let fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
     let session = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
         mountpoint: cfg.mountpoint.clone(),
         source,
