@@ -805,6 +805,7 @@ impl CacheFs {
         mode: u32,
         umask: u32,
         flags: i32,
+        for_backing: bool,
     ) -> FsResult<(Attr, u64)> {
         let _ns = self.namespace.write().unwrap();
         let mode = mode & !(umask & 0o777) & 0o7777;
@@ -815,14 +816,24 @@ impl CacheFs {
             name,
             mode,
             |p| {
-                let f = self.dst.create_file(p, open_flags(flags), mode)?;
+                let wanted = open_flags(flags);
+                let flags = if for_backing {
+                    (wanted & !libc::O_ACCMODE) | libc::O_RDWR
+                } else {
+                    wanted
+                };
+                let f = self.dst.create_file(p, flags, mode)?;
                 *file.borrow_mut() = Some(f);
                 Ok(())
             },
             |path| Op::Create { path },
         )?;
         let file = file.into_inner().ok_or(FsError::Stale)?;
-        Ok((attr, self.add_handle(attr.ino, file)))
+        let fh = self.add_handle(attr.ino, file);
+        if for_backing {
+            self.mark_dirty(&*self.handle(fh)?)?;
+        }
+        Ok((attr, fh))
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -1056,16 +1067,38 @@ impl CacheFs {
             .ok_or(FsError::Stale)
     }
 
-    /// Opens a file (copying it into dst first if needed). Returns the handle.
-    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+    /// Opens a file (copying it into dst first if needed). Returns the handle and
+    /// whether its dst file is open read-write.
+    ///
+    /// `for_backing`: the kernel will do the I/O on the dst file itself (FUSE
+    /// passthrough). Then the dst file is opened read-write when possible (the kernel
+    /// shares one backing file among all opens of an inode), and a writable open is
+    /// reported dirty at once, since its writes will not pass through the daemon.
+    pub fn open(&self, ino: u64, flags: i32, for_backing: bool) -> FsResult<(u64, bool)> {
         let _ns = self.namespace.read().unwrap();
         let (path, kind, _) = self.node_path(ino)?;
         if kind == Kind::Dir {
             return denied(libc::EISDIR);
         }
         self.ensure_in_dst(ino, &path, None)?;
-        let file = self.dst.open_file(&path, open_flags(flags))?;
-        Ok(self.add_handle(ino, file))
+        let wanted = open_flags(flags);
+        let (file, rw) = if for_backing {
+            let rw_flags = (wanted & !libc::O_ACCMODE) | libc::O_RDWR;
+            match self.dst.open_file(&path, rw_flags) {
+                Ok(f) => (f, true),
+                Err(_) => (self.dst.open_file(&path, wanted)?, false),
+            }
+        } else {
+            (
+                self.dst.open_file(&path, wanted)?,
+                wanted & libc::O_ACCMODE == libc::O_RDWR,
+            )
+        };
+        let fh = self.add_handle(ino, file);
+        if for_backing && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.mark_dirty(&*self.handle(fh)?)?;
+        }
+        Ok((fh, rw))
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {

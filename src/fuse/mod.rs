@@ -4,18 +4,20 @@
 //! Mount policy: `default_permissions` always (the kernel checks modes); as root also
 //! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackgroundSession, BsdFileFlags, Config as FuseConfig, CopyFileRangeFlags, Errno,
-    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BackgroundSession, BackingId, BsdFileFlags, Config as FuseConfig,
+    CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::config::Config;
@@ -25,6 +27,18 @@ use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, SetAttr, TimeSpec};
 pub struct FuseAdapter {
     fs: Arc<CacheFs>,
     ttl: Duration,
+    /// FUSE passthrough in use: asked for, negotiated, and not refused since.
+    passthrough: AtomicBool,
+    backing: Mutex<BackingTable>,
+}
+
+/// Backing files registered with the kernel for passthrough. The kernel allows one
+/// backing file per inode at a time, so all open handles of an inode share one
+/// `BackingId` (weak by inode, strong per handle; dropped at the last release).
+#[derive(Default)]
+struct BackingTable {
+    by_ino: HashMap<u64, Weak<BackingId>>,
+    by_fh: HashMap<u64, Arc<BackingId>>,
 }
 
 impl FuseAdapter {
@@ -32,6 +46,55 @@ impl FuseAdapter {
         FuseAdapter {
             fs,
             ttl: cfg.attr_ttl,
+            passthrough: AtomicBool::new(cfg.passthrough),
+            backing: Mutex::new(BackingTable::default()),
+        }
+    }
+
+    /// The shared backing id for `ino`, registering the handle's dst file if needed.
+    /// `None` (and passthrough off for good, logged once) when the kernel refuses.
+    fn backing_for(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let mut table = self.backing.lock().unwrap();
+        let id = match table.by_ino.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let handle = self.fs.handle(fh).ok()?;
+                match register(&handle.file) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        table.by_ino.insert(ino, Arc::downgrade(&id));
+                        id
+                    }
+                    Err(e) => {
+                        if self.passthrough.swap(false, Ordering::Relaxed) {
+                            log::warn!(
+                                "FUSE passthrough refused by the kernel ({e}); serving reads \
+                                 and writes in the daemon from now on"
+                            );
+                        }
+                        return None;
+                    }
+                }
+            }
+        };
+        table.by_fh.insert(fh, Arc::clone(&id));
+        Some(id)
+    }
+
+    fn release_backing(&self, ino: u64, fh: u64) {
+        let mut table = self.backing.lock().unwrap();
+        table.by_fh.remove(&fh);
+        if table
+            .by_ino
+            .get(&ino)
+            .is_some_and(|w| w.strong_count() == 0)
+        {
+            table.by_ino.remove(&ino);
         }
     }
 }
@@ -121,6 +184,28 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Large writes: fewer round trips for the daemon-served data path.
         let _ = config.set_max_write(1024 * 1024);
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let want = self.passthrough.load(Ordering::Relaxed);
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let enabled = want
+            && root
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(enabled, Ordering::Relaxed);
+        if enabled {
+            log::info!("data path: FUSE passthrough (the kernel reads and writes cached files)");
+        } else {
+            let why = if !want {
+                "--no-passthrough"
+            } else if !root {
+                "passthrough needs root"
+            } else {
+                "the kernel does not offer passthrough (Linux 6.9+)"
+            };
+            log::info!("data path: served by the daemon ({why})");
+        }
         Ok(())
     }
 
@@ -280,10 +365,18 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let (fh, rw) = match self.fs.open(ino.0, flags.0, passthrough) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if passthrough && rw {
+            if let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f)) {
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            }
         }
+        // Only this mount changes dst files, so the kernel's page cache stays valid.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
@@ -338,13 +431,14 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.release_backing(ino.0, fh.0);
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -502,19 +596,35 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .fs
-            .create(caller(req), parent.0, name, mode, umask, flags)
-        {
-            Ok((a, fh)) => reply.created(
-                &self.ttl,
-                &fuse_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(errno(e)),
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let (a, fh) =
+            match self
+                .fs
+                .create(caller(req), parent.0, name, mode, umask, flags, passthrough)
+            {
+                Ok(r) => r,
+                Err(e) => return reply.error(errno(e)),
+            };
+        let attr = fuse_attr(&a);
+        if passthrough {
+            if let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
+                return reply.created_passthrough(
+                    &self.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    &id,
+                );
+            }
         }
+        reply.created(
+            &self.ttl,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
     }
 
     fn fallocate(
