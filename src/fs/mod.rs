@@ -95,6 +95,14 @@ pub struct SetAttr {
     pub mtime: Option<TimeSpec>,
 }
 
+/// How a file is opened: open(2) flags from the kernel, and whether the kernel will do
+/// the I/O on the dst file itself (FUSE passthrough).
+#[derive(Debug, Clone, Copy)]
+pub struct OpenRequest {
+    pub flags: i32,
+    pub for_backing: bool,
+}
+
 /// One directory listing entry.
 #[derive(Debug, Clone)]
 pub struct DirItem {
@@ -804,9 +812,9 @@ impl CacheFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        flags: i32,
-        for_backing: bool,
+        req: OpenRequest,
     ) -> FsResult<(Attr, u64)> {
+        let OpenRequest { flags, for_backing } = req;
         let _ns = self.namespace.write().unwrap();
         let mode = mode & !(umask & 0o777) & 0o7777;
         let file = std::cell::RefCell::new(None);
@@ -1074,7 +1082,8 @@ impl CacheFs {
     /// passthrough). Then the dst file is opened read-write when possible (the kernel
     /// shares one backing file among all opens of an inode), and a writable open is
     /// reported dirty at once, since its writes will not pass through the daemon.
-    pub fn open(&self, ino: u64, flags: i32, for_backing: bool) -> FsResult<(u64, bool)> {
+    pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<(u64, bool)> {
+        let OpenRequest { flags, for_backing } = req;
         let _ns = self.namespace.read().unwrap();
         let (path, kind, _) = self.node_path(ino)?;
         if kind == Kind::Dir {

@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::config::Config;
-use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, SetAttr, TimeSpec};
+use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, SetAttr, TimeSpec};
 
 /// The adapter the session drives.
 pub struct FuseAdapter {
@@ -366,14 +366,19 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let passthrough = self.passthrough.load(Ordering::Relaxed);
-        let (fh, rw) = match self.fs.open(ino.0, flags.0, passthrough) {
+        let req = OpenRequest {
+            flags: flags.0,
+            for_backing: passthrough,
+        };
+        let (fh, rw) = match self.fs.open(ino.0, req) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
-        if passthrough && rw {
-            if let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f)) {
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-            }
+        if passthrough
+            && rw
+            && let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f))
+        {
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
         // Only this mount changes dst files, so the kernel's page cache stays valid.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
@@ -597,26 +602,30 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let passthrough = self.passthrough.load(Ordering::Relaxed);
-        let (a, fh) =
-            match self
-                .fs
-                .create(caller(req), parent.0, name, mode, umask, flags, passthrough)
-            {
-                Ok(r) => r,
-                Err(e) => return reply.error(errno(e)),
-            };
+        let (a, fh) = match self.fs.create(
+            caller(req),
+            parent.0,
+            name,
+            mode,
+            umask,
+            OpenRequest {
+                flags,
+                for_backing: passthrough,
+            },
+        ) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
         let attr = fuse_attr(&a);
-        if passthrough {
-            if let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
-                return reply.created_passthrough(
-                    &self.ttl,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                    &id,
-                );
-            }
+        if passthrough && let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
+            return reply.created_passthrough(
+                &self.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &id,
+            );
         }
         reply.created(
             &self.ttl,
