@@ -16,8 +16,8 @@ use fuser::{
     AccessFlags, BackgroundSession, BackingId, BsdFileFlags, Config as FuseConfig,
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::config::Config;
@@ -98,6 +98,23 @@ impl FuseAdapter {
         }
     }
 }
+
+/// Attributes for entries whose attributes the kernel ignores ("." / "..", negative).
+const NEGATIVE: Attr = Attr {
+    ino: 0,
+    kind: Kind::Dir,
+    size: 0,
+    blocks: 0,
+    atime: SystemTime::UNIX_EPOCH,
+    mtime: SystemTime::UNIX_EPOCH,
+    ctime: SystemTime::UNIX_EPOCH,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 4096,
+};
 
 fn errno(e: FsError) -> Errno {
     if let FsError::Io(ref io) = e {
@@ -186,6 +203,9 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_write(1024 * 1024);
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // readdirplus: a listing also answers the lookups of `ls -l` / `find`.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let want = self.passthrough.load(Ordering::Relaxed);
         // SAFETY: geteuid cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
@@ -212,6 +232,13 @@ impl Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
+            // A negative entry (node id 0): the kernel caches "no such name" for the
+            // TTL, so repeated misses (PATH searches, include paths) stay in the kernel.
+            Err(e) if e.errno() == libc::ENOENT && !self.ttl.is_zero() => {
+                let mut none = fuse_attr(&NEGATIVE);
+                none.ino = INodeNo(0);
+                reply.entry(&self.ttl, &none, Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -501,6 +528,53 @@ impl Filesystem for FuseAdapter {
         for (i, item) in items.iter().enumerate().skip((next - 2) as usize) {
             let kind = file_type(item.kind);
             if reply.add(INodeNo(item.ino), i as u64 + 3, kind, &item.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let items = match self.fs.readdir(fh.0) {
+            Ok(items) => items,
+            Err(e) => return reply.error(errno(e)),
+        };
+        // "." and ".." carry no lookup reference; the kernel ignores their attributes.
+        let dot = fuse_attr(&Attr {
+            ino: ino.0,
+            ..NEGATIVE
+        });
+        let mut next = offset;
+        while next < 2 {
+            let name = if next == 0 { "." } else { ".." };
+            if reply.add(ino, next + 1, name, &self.ttl, &dot, Generation(0)) {
+                return reply.ok();
+            }
+            next += 1;
+        }
+        for (i, item) in items.iter().enumerate().skip((next - 2) as usize) {
+            // A lookup (one kernel reference), given back if the entry does not fit.
+            let attr = match self.fs.lookup(ino.0, &item.name) {
+                Ok(a) => a,
+                Err(_) => continue, // gone since opendir
+            };
+            let full = reply.add(
+                INodeNo(attr.ino),
+                i as u64 + 3,
+                &item.name,
+                &self.ttl,
+                &fuse_attr(&attr),
+                Generation(0),
+            );
+            if full {
+                self.fs.forget(attr.ino, 1);
                 break;
             }
         }
