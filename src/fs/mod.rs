@@ -154,6 +154,31 @@ pub struct CacheFs {
     /// GoCacheFS root-level whiteouts: hidden mount-relative paths.
     legacy_whiteouts: Mutex<HashSet<PathBuf>>,
     is_root: bool,
+    /// Set while src fails with an outage error (dead mount, I/O error, timeout).
+    src_offline: AtomicBool,
+    src_offline_since: Mutex<Option<SystemTime>>,
+    /// Last time the src root was reopened after an outage (rate limit).
+    src_reopened: Mutex<Option<std::time::Instant>>,
+}
+
+/// Errors that mean "src is unreachable" rather than "src says no".
+fn is_outage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOTCONN
+                | libc::EIO
+                | libc::ETIMEDOUT
+                | libc::ESHUTDOWN
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::ESTALE
+        )
+    )
 }
 
 fn to_time(sec: i64, nsec: i64) -> SystemTime {
@@ -227,6 +252,9 @@ impl CacheFs {
             legacy_whiteouts: Mutex::new(HashSet::new()),
             // SAFETY: geteuid cannot fail.
             is_root: unsafe { libc::geteuid() } == 0,
+            src_offline: AtomicBool::new(false),
+            src_offline_since: Mutex::new(None),
+            src_reopened: Mutex::new(None),
         };
         fs.load_legacy_whiteouts()?;
         fs.clean_temp_files(Path::new(""));
@@ -312,14 +340,13 @@ impl CacheFs {
         if !parent_merges || self.whited_out(path)? {
             return Ok(None);
         }
-        match self.src.stat(path) {
-            Ok(Some(st)) => Ok(Some(Found {
+        match self.src_do(|s| s.stat(path))? {
+            Some(st) => Ok(Some(Found {
                 layer: Layered::Src,
                 st,
                 merge_src: true,
             })),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e.into()),
+            None => Ok(None),
         }
     }
 
@@ -353,10 +380,66 @@ impl CacheFs {
         if let Some(st) = self.dst.stat(&path)? {
             return Ok(attr_of(ino, &st));
         }
-        match self.src.stat(&path)? {
+        match self.src_do(|s| s.stat(&path))? {
             Some(st) => Ok(attr_of(ino, &st)),
             None => Err(FsError::not_found()),
         }
+    }
+
+    /// Passes a src result through, tracking outages: an outage error is logged once
+    /// (when src goes offline) and becomes EIO for the caller; the next success logs
+    /// that src is back.
+    fn src_result<T>(&self, r: io::Result<T>) -> FsResult<T> {
+        match r {
+            Ok(v) => {
+                if self.src_offline.load(Ordering::Relaxed)
+                    && self.src_offline.swap(false, Ordering::AcqRel)
+                {
+                    *self.src_offline_since.lock().unwrap() = None;
+                    log::warn!("src {} answers again", self.src.root_path().display());
+                }
+                Ok(v)
+            }
+            Err(e) if is_outage(&e) => {
+                if !self.src_offline.swap(true, Ordering::AcqRel) {
+                    *self.src_offline_since.lock().unwrap() = Some(SystemTime::now());
+                    log::warn!(
+                        "src {} is offline ({e}): cached files keep working, uncached ones fail with EIO",
+                        self.src.root_path().display()
+                    );
+                }
+                Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a src call; after an outage error it reopens src's root once (a src mount
+    /// restarted at the same path, e.g. by systemd) and tries again.
+    fn src_do<T>(&self, f: impl Fn(&Layer) -> io::Result<T>) -> FsResult<T> {
+        match f(&self.src) {
+            Err(e) if is_outage(&e) && self.reopen_src() => self.src_result(f(&self.src)),
+            r => self.src_result(r),
+        }
+    }
+
+    /// Reopens src's root, at most once a second. Whether it was reopened.
+    fn reopen_src(&self) -> bool {
+        let mut last = self.src_reopened.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        let ok = self.src.reopen().is_ok();
+        if ok {
+            log::debug!("reopened src root {}", self.src.root_path().display());
+        }
+        ok
+    }
+
+    /// Since when src has been offline, if it is.
+    pub fn src_offline_since(&self) -> Option<SystemTime> {
+        *self.src_offline_since.lock().unwrap()
     }
 
     fn record(&self, op: Op) -> FsResult<()> {
@@ -379,7 +462,9 @@ impl CacheFs {
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
-        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        let st = self
+            .src_do(|s| s.stat(path))?
+            .ok_or_else(FsError::not_found)?;
         if !is_dir(&st) {
             return denied(libc::ENOTDIR);
         }
@@ -412,12 +497,14 @@ impl CacheFs {
     }
 
     fn copy_up(&self, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
-        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        let st = self
+            .src_do(|s| s.stat(path))?
+            .ok_or_else(FsError::not_found)?;
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
         log::debug!("copy-up {}", path.display());
-        copyup::copy_entry(&self.src, &self.dst, path, &st, limit)?;
+        self.src_do(|s| copyup::copy_entry(s, &self.dst, path, &st, limit))?;
         self.dst.stat(path)?.ok_or_else(FsError::not_found)
     }
 
@@ -512,8 +599,17 @@ impl CacheFs {
 
     /// Whether src has an entry at `path` under a merging parent (so removing it from
     /// the view needs a whiteout).
+    /// When src cannot tell (offline), assume it has the entry: a needless whiteout is
+    /// harmless and collected later, a missing one would let the entry reappear.
     fn src_has(&self, path: &Path, parent_merges: bool) -> FsResult<bool> {
-        Ok(parent_merges && self.src.stat(path)?.is_some())
+        if !parent_merges {
+            return Ok(false);
+        }
+        match self.src_do(|s| s.stat(path)) {
+            Ok(found) => Ok(found.is_some()),
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     // ----- listing -----------------------------------------------------------------
@@ -551,10 +647,18 @@ impl CacheFs {
             out.push((e.name, e.kind, Layered::Dst));
         }
         if merge_src && !opaque {
-            let src_entries = match self.src.read_dir(path) {
+            let listed = self.src_do(|s| match s.read_dir(path) {
+                Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
+                r => r,
+            });
+            let src_entries = match listed {
                 Ok(v) => v,
-                Err(e) if layer::is_not_found(&e) => Vec::new(),
-                Err(e) => return Err(e.into()),
+                // Offline: list what dst has. Whiteouts are kept, since src's answer
+                // about them is unknown.
+                Err(_) if self.src_offline.load(Ordering::Relaxed) => {
+                    return self.finish_listing(path, out);
+                }
+                Err(e) => return Err(e),
             };
             let legacy = self.legacy_whiteouts.lock().unwrap().clone();
             let mut src_names = HashSet::new();
@@ -574,13 +678,22 @@ impl CacheFs {
                 let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
             }
         }
+        self.finish_listing(path, out)
+    }
+
+    /// Fills in unknown entry types of a merged listing.
+    fn finish_listing(
+        &self,
+        path: &Path,
+        out: Vec<(OsString, u32, Layered)>,
+    ) -> FsResult<Vec<DirItem>> {
         let mut items = Vec::with_capacity(out.len());
         for (name, mut kind, layer) in out {
             let child = path.join(&name);
             if kind == 0 {
                 let st = match layer {
                     Layered::Dst => self.dst.stat(&child)?,
-                    Layered::Src => self.src.stat(&child)?,
+                    Layered::Src => self.src_do(|s| s.stat(&child))?,
                 };
                 kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
             }
@@ -602,7 +715,18 @@ impl CacheFs {
         let _ns = self.namespace.read().unwrap();
         let (dir, merges) = self.dir_path(parent)?;
         let path = dir.join(name);
-        let found = self.find(&path, merges)?.ok_or_else(FsError::not_found)?;
+        let found = match self.find(&path, merges) {
+            Ok(found) => found.ok_or_else(FsError::not_found)?,
+            // src is offline: a name this mount has seen is unreachable (EIO); one it
+            // has never seen is reported absent, so that new files can be created.
+            Err(e) if self.src_offline.load(Ordering::Relaxed) => {
+                if self.inodes.lock().unwrap().ino_of(&path).is_some() {
+                    return Err(e);
+                }
+                return Err(FsError::not_found());
+            }
+            Err(e) => return Err(e),
+        };
         Ok(self.register(&path, &found, 1))
     }
 
@@ -681,7 +805,7 @@ impl CacheFs {
         let (path, _, _) = self.node_path(ino)?;
         match self.dst.readlink(&path) {
             Ok(t) => Ok(t),
-            Err(e) if layer::is_not_found(&e) => Ok(self.src.readlink(&path)?),
+            Err(e) if layer::is_not_found(&e) => self.src_do(|s| s.readlink(&path)),
             Err(e) => Err(e.into()),
         }
     }
@@ -700,8 +824,13 @@ impl CacheFs {
         check_name(name)?;
         let (dir, merges) = self.dir_path(parent)?;
         let path = dir.join(name);
-        if self.find(&path, merges)?.is_some() {
-            return denied(libc::EEXIST);
+        match self.find(&path, merges) {
+            Ok(Some(_)) => return denied(libc::EEXIST),
+            Ok(None) => {}
+            // Offline, src cannot say whether it has the name: create it in dst, which
+            // wins over whatever src has.
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => {}
+            Err(e) => return Err(e),
         }
         self.ensure_dst_dir(&dir)?;
         let parent_st = self.dst.stat(&dir)?.ok_or_else(FsError::not_found)?;
@@ -1304,7 +1433,7 @@ impl CacheFs {
         if self.dst.stat(&path)?.is_some() {
             Ok(f(&self.dst, &path)?)
         } else {
-            Ok(f(&self.src, &path)?)
+            self.src_do(|s| f(s, &path))
         }
     }
 
