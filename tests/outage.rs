@@ -56,6 +56,12 @@ impl BindfsSrc {
         let _ = child.wait();
     }
 
+    /// SIGSTOP / SIGCONT: every call into src hangs, as with a hung network.
+    fn pause(&self, stop: bool) {
+        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        signal(self.child.as_ref().expect("running"), sig);
+    }
+
     /// What systemd does with a crashed rclone: clear the dead mount, mount again.
     fn restart(&mut self) {
         detach(&self.mnt);
@@ -66,6 +72,7 @@ impl BindfsSrc {
 impl Drop for BindfsSrc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGCONT);
             signal(&c, libc::SIGKILL);
             let _ = c.wait();
         }
@@ -160,5 +167,73 @@ fn src_dies_and_comes_back() {
         b"cached bytes"
     );
     assert!(m.stderr().contains("answers again"), "{}", m.stderr());
+    m.stop();
+}
+
+#[test]
+fn stalled_src_times_out_and_the_mount_stays_responsive() {
+    if !can_mount("stalled_src_times_out_and_the_mount_stays_responsive") {
+        return;
+    }
+    let real = dir_with(&[
+        ("cached", b"cached bytes"),
+        ("uncached", b"only in src"),
+        ("other", b"other"),
+    ]);
+    let srcmnt = tempdir();
+    let bind = BindfsSrc::start(real, srcmnt.path()).expect("bindfs starts");
+    let m = Mounted::with_dirs(srcmnt, tempdir(), &["--src-timeout", "1"]);
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    assert_eq!(std::fs::read_dir(m.mnt_path("")).unwrap().count(), 3);
+
+    bind.pause(true);
+    sleep(Duration::from_millis(1200)); // kernel caches expire
+
+    // Several readers of unreachable files at once: each gets EIO within the
+    // timeout (plus slack), none hangs.
+    let t = Instant::now();
+    let readers: Vec<_> = ["uncached", "other"]
+        .into_iter()
+        .map(|name| {
+            let p = m.mnt_path(name);
+            std::thread::spawn(move || std::fs::read(p).map_err(|e| e.raw_os_error()))
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), Err(Some(libc::EIO)));
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Cached data, new files and the listing still answer while src hangs.
+    let t = Instant::now();
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    std::fs::write(m.mnt_path("new"), b"written while src hangs").unwrap();
+    assert!(std::fs::read_dir(m.mnt_path("")).is_ok());
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(m.stderr().contains("is offline"), "{}", m.stderr());
+
+    bind.pause(false);
+    sleep(Duration::from_millis(1200));
+    assert_eq!(
+        std::fs::read(m.mnt_path("uncached")).unwrap(),
+        b"only in src"
+    );
+    assert_eq!(
+        std::fs::read(m.mnt_path("new")).unwrap(),
+        b"written while src hangs"
+    );
     m.stop();
 }

@@ -26,6 +26,7 @@ pub mod error;
 pub mod inodes;
 pub mod layer;
 pub mod names;
+pub mod src_pool;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -140,8 +141,10 @@ struct Found {
 
 /// The filesystem core.
 pub struct CacheFs {
-    dst: Layer,
-    src: Layer,
+    dst: Arc<Layer>,
+    src: Arc<Layer>,
+    /// Every src call runs here, bounded by `--src-timeout`.
+    src_pool: src_pool::SrcPool,
     changes: Option<Arc<dyn ChangeLog>>,
     namespace: RwLock<()>,
     inodes: Mutex<inodes::Inodes>,
@@ -160,6 +163,10 @@ pub struct CacheFs {
     /// Last time the src root was reopened after an outage (rate limit).
     src_reopened: Mutex<Option<std::time::Instant>>,
 }
+
+/// Threads that run src calls; while all are stuck on a stalled src, src calls fail
+/// at once.
+const SRC_WORKERS: usize = 16;
 
 /// Errors that mean "src is unreachable" rather than "src says no".
 fn is_outage(e: &io::Error) -> bool {
@@ -236,11 +243,12 @@ impl CacheFs {
         // daemon's own umask must not strip bits again.
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(0) };
-        let dst = Layer::open(&cfg.dst)?;
-        let src = Layer::open(&cfg.src)?;
+        let dst = Arc::new(Layer::open(&cfg.dst)?);
+        let src = Arc::new(Layer::open(&cfg.src)?);
         let fs = CacheFs {
             dst,
             src,
+            src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
             changes,
             namespace: RwLock::new(()),
             inodes: Mutex::new(inodes::Inodes::new()),
@@ -340,7 +348,7 @@ impl CacheFs {
         if !parent_merges || self.whited_out(path)? {
             return Ok(None);
         }
-        match self.src_do(|s| s.stat(path))? {
+        match self.src_stat(path)? {
             Some(st) => Ok(Some(Found {
                 layer: Layered::Src,
                 st,
@@ -380,7 +388,7 @@ impl CacheFs {
         if let Some(st) = self.dst.stat(&path)? {
             return Ok(attr_of(ino, &st));
         }
-        match self.src_do(|s| s.stat(&path))? {
+        match self.src_stat(&path)? {
             Some(st) => Ok(attr_of(ino, &st)),
             None => Err(FsError::not_found()),
         }
@@ -414,13 +422,34 @@ impl CacheFs {
         }
     }
 
-    /// Runs a src call; after an outage error it reopens src's root once (a src mount
-    /// restarted at the same path, e.g. by systemd) and tries again.
-    fn src_do<T>(&self, f: impl Fn(&Layer) -> io::Result<T>) -> FsResult<T> {
-        match f(&self.src) {
-            Err(e) if is_outage(&e) && self.reopen_src() => self.src_result(f(&self.src)),
+    /// Runs a src call on the src pool (bounded by `--src-timeout`); after an outage
+    /// error other than a timeout it reopens src's root once (a src mount restarted at
+    /// the same path, e.g. by systemd) and tries again.
+    fn src_do<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Layer) -> io::Result<T> + Send + Sync + 'static,
+    ) -> FsResult<T> {
+        let f = Arc::new(f);
+        let attempt = || {
+            let (src, f) = (Arc::clone(&self.src), Arc::clone(&f));
+            self.src_pool.run(move || f(&src))
+        };
+        match attempt() {
+            Err(e)
+                if is_outage(&e)
+                    && e.raw_os_error() != Some(libc::ETIMEDOUT)
+                    && self.reopen_src() =>
+            {
+                self.src_result(attempt())
+            }
             r => self.src_result(r),
         }
+    }
+
+    /// lstat on src.
+    fn src_stat(&self, path: &Path) -> FsResult<Option<Stat>> {
+        let path = path.to_path_buf();
+        self.src_do(move |s| s.stat(&path))
     }
 
     /// Reopens src's root, at most once a second. Whether it was reopened.
@@ -430,7 +459,8 @@ impl CacheFs {
             return false;
         }
         *last = Some(std::time::Instant::now());
-        let ok = self.src.reopen().is_ok();
+        let src = Arc::clone(&self.src);
+        let ok = self.src_pool.run(move || src.reopen()).is_ok();
         if ok {
             log::debug!("reopened src root {}", self.src.root_path().display());
         }
@@ -462,13 +492,11 @@ impl CacheFs {
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
-        let st = self
-            .src_do(|s| s.stat(path))?
-            .ok_or_else(FsError::not_found)?;
+        let st = self.src_stat(path)?.ok_or_else(FsError::not_found)?;
         if !is_dir(&st) {
             return denied(libc::ENOTDIR);
         }
-        copyup::copy_entry(&self.src, &self.dst, path, &st, None)?;
+        copyup::copy_entry(&self.src, &self.dst, path, &st, None, None)?;
         Ok(())
     }
 
@@ -497,14 +525,23 @@ impl CacheFs {
     }
 
     fn copy_up(&self, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
-        let st = self
-            .src_do(|s| s.stat(path))?
-            .ok_or_else(FsError::not_found)?;
+        let st = self.src_stat(path)?.ok_or_else(FsError::not_found)?;
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
         log::debug!("copy-up {}", path.display());
-        self.src_do(|s| copyup::copy_entry(s, &self.dst, path, &st, limit))?;
+        // Watched for progress: a large file may take longer than the timeout.
+        let progress = Arc::new(AtomicU64::new(0));
+        let (src, dst, p, counter) = (
+            Arc::clone(&self.src),
+            Arc::clone(&self.dst),
+            path.to_path_buf(),
+            Arc::clone(&progress),
+        );
+        let copied = self.src_pool.run_watched(Some(progress), move || {
+            copyup::copy_entry(&src, &dst, &p, &st, limit, Some(&counter))
+        });
+        self.src_result(copied)?;
         self.dst.stat(path)?.ok_or_else(FsError::not_found)
     }
 
@@ -605,7 +642,7 @@ impl CacheFs {
         if !parent_merges {
             return Ok(false);
         }
-        match self.src_do(|s| s.stat(path)) {
+        match self.src_stat(path) {
             Ok(found) => Ok(found.is_some()),
             Err(_) if self.src_offline.load(Ordering::Relaxed) => Ok(true),
             Err(e) => Err(e),
@@ -647,7 +684,8 @@ impl CacheFs {
             out.push((e.name, e.kind, Layered::Dst));
         }
         if merge_src && !opaque {
-            let listed = self.src_do(|s| match s.read_dir(path) {
+            let dir = path.to_path_buf();
+            let listed = self.src_do(move |s| match s.read_dir(&dir) {
                 Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
                 r => r,
             });
@@ -693,7 +731,7 @@ impl CacheFs {
             if kind == 0 {
                 let st = match layer {
                     Layered::Dst => self.dst.stat(&child)?,
-                    Layered::Src => self.src_do(|s| s.stat(&child))?,
+                    Layered::Src => self.src_stat(&child)?,
                 };
                 kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
             }
@@ -805,7 +843,7 @@ impl CacheFs {
         let (path, _, _) = self.node_path(ino)?;
         match self.dst.readlink(&path) {
             Ok(t) => Ok(t),
-            Err(e) if layer::is_not_found(&e) => self.src_do(|s| s.readlink(&path)),
+            Err(e) if layer::is_not_found(&e) => self.src_do(move |s| s.readlink(&path)),
             Err(e) => Err(e.into()),
         }
     }
@@ -1427,18 +1465,23 @@ impl CacheFs {
     // ----- xattrs ------------------------------------------------------------------
 
     /// Runs a read-only call on whichever layer holds the node.
-    fn on_layer<R>(&self, ino: u64, f: impl Fn(&Layer, &Path) -> io::Result<R>) -> FsResult<R> {
+    fn on_layer<R: Send + 'static>(
+        &self,
+        ino: u64,
+        f: impl Fn(&Layer, &Path) -> io::Result<R> + Send + Sync + 'static,
+    ) -> FsResult<R> {
         let _ns = self.namespace.read().unwrap();
         let (path, _, _) = self.node_path(ino)?;
         if self.dst.stat(&path)?.is_some() {
             Ok(f(&self.dst, &path)?)
         } else {
-            self.src_do(|s| f(s, &path))
+            self.src_do(move |s| f(s, &path))
         }
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        self.on_layer(ino, |l, p| l.getxattr(p, name))
+        let name = name.to_os_string();
+        self.on_layer(ino, move |l, p| l.getxattr(p, &name))
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
