@@ -193,6 +193,15 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub src_timeout: String,
+    /// Seconds after which a clean cached file is compared with src again on its next
+    /// lookup or open (refetched if src changed, dropped if src deleted it); 0: never.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "60",
+        allow_hyphen_values = true
+    )]
+    pub revalidate: String,
 }
 
 /// Flags that take a value, by their long name (also written with one dash).
@@ -207,6 +216,7 @@ const VALUE_FLAGS: &[&str] = &[
     "threads",
     "attr-ttl",
     "src-timeout",
+    "revalidate",
 ];
 /// Boolean flags with a long name.
 const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
@@ -495,6 +505,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
     let start_delay = parse_seconds("start-delay", &m.start_delay)?;
     let attr_ttl = parse_seconds("attr-ttl", &m.attr_ttl)?;
     let src_timeout = parse_seconds("src-timeout", &m.src_timeout)?;
+    let revalidate = parse_seconds("revalidate", &m.revalidate)?;
     let threads = match &m.threads {
         None => config::default_threads(),
         Some(t) => parse_threads(t)?,
@@ -527,6 +538,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         attr_ttl,
         passthrough: !m.no_passthrough,
         src_timeout,
+        revalidate,
     })
 }
 

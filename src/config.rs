@@ -37,6 +37,9 @@ pub struct Config {
     pub passthrough: bool,
     /// `--src-timeout`: longest wait for one src call (zero: unbounded).
     pub src_timeout: Duration,
+    /// `--revalidate`: how old a clean cached file's check against src may get before
+    /// the next lookup/open compares it with src again (zero: never).
+    pub revalidate: Duration,
 }
 
 impl Config {
@@ -58,6 +61,7 @@ impl Config {
             attr_ttl: Duration::from_secs(1),
             passthrough: true,
             src_timeout: DEFAULT_SRC_TIMEOUT,
+            revalidate: DEFAULT_REVALIDATE,
         }
     }
 }
@@ -65,6 +69,10 @@ impl Config {
 /// How long one src call may take before it fails with EIO and src counts as offline.
 /// Long enough for a slow bucket listing, short enough that a hung rclone mount shows.
 pub const DEFAULT_SRC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Revalidation interval: other machines' written-back changes show within a minute,
+/// while a busy cached file costs at most one src stat a minute.
+pub const DEFAULT_REVALIDATE: Duration = Duration::from_secs(60);
 
 /// FUSE worker threads by default: one per core, at least 2, at most 8.
 pub fn default_threads() -> usize {

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layer::{self, Layer, SetTime, Stat};
 use super::names::TEMP_PREFIX;
+use super::origin::{self, Origin};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -108,6 +109,9 @@ fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
     };
     for name in names.split(|b| *b == 0).filter(|n| n.starts_with(b"user.")) {
         let name = OsStr::from_bytes(name);
+        if origin::is_reserved_xattr(name) {
+            continue;
+        }
         let value = layer::getxattr_fd(from.as_fd(), name)?;
         let c = layer::cstr(name)?;
         // SAFETY: valid fd, name and value.
@@ -144,20 +148,28 @@ pub fn keeping_parent_times<R>(
     Ok(r)
 }
 
-/// Copies the src entry at `path` (described by `st`) into dst. For regular files at
-/// most `limit` bytes are copied (a copy-up for a truncate needs no more); `progress`
-/// counts the bytes copied so far.
+/// How a regular file is copied.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyOpts {
+    /// Copy at most this many bytes (a copy-up for a truncate needs no more).
+    pub limit: Option<u64>,
+    /// Replace dst's existing copy (a refetch) instead of refusing to.
+    pub replace: bool,
+}
+
+/// Copies the src entry at `path` (described by `st`) into dst; `progress` counts the
+/// bytes copied so far.
 pub fn copy_entry(
     src: &Layer,
     dst: &Layer,
     path: &Path,
     st: &Stat,
-    limit: Option<u64>,
+    opts: CopyOpts,
     progress: Option<&AtomicU64>,
 ) -> io::Result<()> {
     keeping_parent_times(dst, path, || match st.st_mode & libc::S_IFMT {
         libc::S_IFDIR => copy_dir(dst, path, st),
-        libc::S_IFREG => copy_file(src, dst, path, st, limit, progress),
+        libc::S_IFREG => copy_file(src, dst, path, st, opts, progress),
         libc::S_IFLNK => copy_symlink(src, dst, path, st),
         _ => copy_special(dst, path, st),
     })
@@ -195,7 +207,7 @@ fn copy_file(
     dst: &Layer,
     path: &Path,
     st: &Stat,
-    limit: Option<u64>,
+    opts: CopyOpts,
     progress: Option<&AtomicU64>,
 ) -> io::Result<()> {
     let from = src.open_file(path, libc::O_RDONLY)?;
@@ -208,7 +220,7 @@ fn copy_file(
     };
     // 1 MiB reads: few round trips to a remote src, and progress for the watchdog.
     let counting = Counting {
-        inner: (&from).take(limit.unwrap_or(u64::MAX)),
+        inner: (&from).take(opts.limit.unwrap_or(u64::MAX)),
         progress,
     };
     io::copy(
@@ -216,11 +228,20 @@ fn copy_file(
         &mut to,
     )?;
     copy_user_xattrs(&from, &to)?;
+    let mut record = Origin::of(st);
+    // A partial copy (for a truncate) is already a local change.
+    record.dirty = opts.limit.is_some();
+    origin::write_fd(&to, &record)?;
     ignore_eperm(fchown(&to, st.st_uid, st.st_gid))?;
     fchmod(&to, st.st_mode & 0o7777)?;
     futimens(&to, st)?;
     to.sync_all()?;
-    dst.rename(&tmp, path, libc::RENAME_NOREPLACE)?;
+    let flags = if opts.replace {
+        0
+    } else {
+        libc::RENAME_NOREPLACE
+    };
+    dst.rename(&tmp, path, flags)?;
     guard.armed = false;
     Ok(())
 }
@@ -282,7 +303,7 @@ mod tests {
 
         for name in ["dir/f", "dir/l"] {
             let st = src.stat(Path::new(name)).unwrap().unwrap();
-            copy_entry(&src, &dst, Path::new(name), &st, None, None).unwrap();
+            copy_entry(&src, &dst, Path::new(name), &st, CopyOpts::default(), None).unwrap();
         }
         let got = d.path().join("dir/f");
         assert_eq!(std::fs::read(&got).unwrap(), b"hello world");
@@ -312,7 +333,7 @@ mod tests {
             Layer::open(d.path()).unwrap(),
         );
         let st = src.stat(Path::new("f")).unwrap().unwrap();
-        assert!(copy_entry(&src, &dst, Path::new("f"), &st, None, None).is_err());
+        assert!(copy_entry(&src, &dst, Path::new("f"), &st, CopyOpts::default(), None).is_err());
         assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"already");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }

@@ -60,6 +60,8 @@ pub struct Node {
     pub merge_src: bool,
     /// Identity of the dst object, for hard-link sharing.
     pub dst_ident: Option<(u64, u64)>,
+    /// Files: when the cached copy was last compared with src (revalidation).
+    pub checked: Option<std::time::Instant>,
 }
 
 impl Node {
@@ -94,6 +96,7 @@ impl Inodes {
                 lookups: 1,
                 merge_src: true,
                 dst_ident: None,
+                checked: None,
             },
         );
         let mut by_path = BTreeMap::new();
@@ -170,6 +173,7 @@ impl Inodes {
                 lookups,
                 merge_src,
                 dst_ident,
+                checked: None,
             },
         );
         self.by_path.insert(path.to_path_buf(), ino);
@@ -234,7 +238,13 @@ impl Inodes {
     pub fn rename(&mut self, from: &Path, to: &Path) {
         let moved: Vec<(PathBuf, u64)> = self.subtree(from).map(|(p, i)| (p.clone(), *i)).collect();
         for (old, ino) in moved {
-            let new = to.join(old.strip_prefix(from).expect("filtered by prefix"));
+            // Not `to.join("")`: that would be "to/", and "file/" opens as ENOTDIR.
+            let rest = old.strip_prefix(from).expect("filtered by prefix");
+            let new = if rest.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rest)
+            };
             self.by_path.remove(&old);
             if let Some(node) = self.nodes.get_mut(&ino) {
                 for p in node.paths.iter_mut() {
@@ -324,6 +334,9 @@ mod tests {
         assert_eq!(t.ino_of(p("e/f")), Some(f));
         assert_eq!(t.ino_of(p("d/f")), None);
         assert_eq!(t.get(f).unwrap().path(), Some(p("e/f")));
+        t.rename(p("e/f"), p("g"));
+        // Exactly "g", not "g/" (which opens as ENOTDIR for a file).
+        assert_eq!(t.get(f).unwrap().path().unwrap().as_os_str(), "g");
     }
 
     #[test]

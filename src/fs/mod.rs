@@ -26,6 +26,7 @@ pub mod error;
 pub mod inodes;
 pub mod layer;
 pub mod names;
+pub mod origin;
 pub mod src_pool;
 
 use std::collections::{HashMap, HashSet};
@@ -104,6 +105,16 @@ pub struct OpenRequest {
     pub for_backing: bool,
 }
 
+/// An opened file.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    /// The dst file is open read-write (usable as the inode's passthrough backing).
+    pub rw: bool,
+    /// The cached copy was just refetched from src: the kernel's cached pages are stale.
+    pub fresh: bool,
+}
+
 /// One directory listing entry.
 #[derive(Debug, Clone)]
 pub struct DirItem {
@@ -123,6 +134,15 @@ pub struct OpenFile {
 
 struct DirHandle {
     items: Arc<[DirItem]>,
+}
+
+/// What revalidation did to a cached file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    Unchanged,
+    Refetched,
+    /// src deleted it and the clean cached copy was dropped.
+    Gone,
 }
 
 /// Which layer an entry was found in.
@@ -160,6 +180,8 @@ pub struct CacheFs {
     /// Set while src fails with an outage error (dead mount, I/O error, timeout).
     src_offline: AtomicBool,
     src_offline_since: Mutex<Option<SystemTime>>,
+    /// `--revalidate` interval (zero: never).
+    revalidate: Duration,
     /// Last time the src root was reopened after an outage (rate limit).
     src_reopened: Mutex<Option<std::time::Instant>>,
 }
@@ -263,6 +285,7 @@ impl CacheFs {
             src_offline: AtomicBool::new(false),
             src_offline_since: Mutex::new(None),
             src_reopened: Mutex::new(None),
+            revalidate: cfg.revalidate,
         };
         fs.load_legacy_whiteouts()?;
         fs.clean_temp_files(Path::new(""));
@@ -496,7 +519,14 @@ impl CacheFs {
         if !is_dir(&st) {
             return denied(libc::ENOTDIR);
         }
-        copyup::copy_entry(&self.src, &self.dst, path, &st, None, None)?;
+        copyup::copy_entry(
+            &self.src,
+            &self.dst,
+            path,
+            &st,
+            copyup::CopyOpts::default(),
+            None,
+        )?;
         Ok(())
     }
 
@@ -520,7 +550,11 @@ impl CacheFs {
         self.copy_flights.lock().unwrap().remove(path);
         self.copy_done.notify_all();
         let st = result?;
-        self.inodes.lock().unwrap().set_dst_ident(ino, ident(&st));
+        let mut t = self.inodes.lock().unwrap();
+        t.set_dst_ident(ino, ident(&st));
+        if let Some(n) = t.get_mut(ino) {
+            n.checked = Some(std::time::Instant::now());
+        }
         Ok(st)
     }
 
@@ -530,7 +564,17 @@ impl CacheFs {
             self.ensure_dst_dir(parent)?;
         }
         log::debug!("copy-up {}", path.display());
-        // Watched for progress: a large file may take longer than the timeout.
+        let opts = copyup::CopyOpts {
+            limit,
+            replace: false,
+        };
+        self.copy_from_src(path, st, opts)?;
+        self.dst.stat(path)?.ok_or_else(FsError::not_found)
+    }
+
+    /// Copies src's entry `st` at `path` into dst on the src pool, watched for
+    /// progress: a large file may take longer than the timeout.
+    fn copy_from_src(&self, path: &Path, st: Stat, opts: copyup::CopyOpts) -> FsResult<()> {
         let progress = Arc::new(AtomicU64::new(0));
         let (src, dst, p, counter) = (
             Arc::clone(&self.src),
@@ -539,10 +583,99 @@ impl CacheFs {
             Arc::clone(&progress),
         );
         let copied = self.src_pool.run_watched(Some(progress), move || {
-            copyup::copy_entry(&src, &dst, &p, &st, limit, Some(&counter))
+            copyup::copy_entry(&src, &dst, &p, &st, opts, Some(&counter))
         });
-        self.src_result(copied)?;
-        self.dst.stat(path)?.ok_or_else(FsError::not_found)
+        self.src_result(copied)
+    }
+
+    // ----- revalidation ------------------------------------------------------------
+
+    /// Drops dst's copy at `path` if it is a clean cached copy with no open handle
+    /// (src no longer has it). Whether it was dropped.
+    fn drop_if_clean(&self, path: &Path) -> bool {
+        if !matches!(origin::read(&self.dst, path), Ok(Some(o)) if !o.dirty) {
+            return false;
+        }
+        let ino = self.inodes.lock().unwrap().ino_of(path);
+        if ino.is_some_and(|i| self.has_open_handles(i)) {
+            return false;
+        }
+        log::info!(
+            "{}: gone from src, dropping the cached copy",
+            path.display()
+        );
+        if self.dst.unlink(path).is_err() {
+            return false;
+        }
+        self.inodes.lock().unwrap().detach_path(path);
+        true
+    }
+
+    fn has_open_handles(&self, ino: u64) -> bool {
+        self.handles.read().unwrap().values().any(|h| h.ino == ino)
+    }
+
+    /// Compares a cached, clean file with src once its last check is older than the
+    /// revalidation interval: refetches it if src changed, drops it if src deleted it.
+    /// Files with open handles, local (dirty) files and an offline src are left alone.
+    fn revalidate(&self, ino: u64, path: &Path) -> FsResult<Freshness> {
+        if self.revalidate.is_zero() {
+            return Ok(Freshness::Unchanged);
+        }
+        {
+            let t = self.inodes.lock().unwrap();
+            match t.get(ino) {
+                Some(n) if n.kind == Kind::File => {
+                    if n.checked.is_some_and(|c| c.elapsed() < self.revalidate) {
+                        return Ok(Freshness::Unchanged);
+                    }
+                }
+                _ => return Ok(Freshness::Unchanged),
+            }
+        }
+        let checked = |fs: &CacheFs| {
+            if let Some(n) = fs.inodes.lock().unwrap().get_mut(ino) {
+                n.checked = Some(std::time::Instant::now());
+            }
+        };
+        let clean = match origin::read(&self.dst, path)? {
+            Some(o) if !o.dirty => o,
+            _ => {
+                checked(self);
+                return Ok(Freshness::Unchanged);
+            }
+        };
+        let Ok(now) = self.src_stat(path) else {
+            return Ok(Freshness::Unchanged); // offline: keep serving the cache
+        };
+        match now {
+            Some(st) if clean.same_source(&st) => {
+                checked(self);
+                Ok(Freshness::Unchanged)
+            }
+            _ if self.has_open_handles(ino) => Ok(Freshness::Unchanged),
+            Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                log::info!("{}: changed in src, refetching", path.display());
+                let opts = copyup::CopyOpts {
+                    limit: None,
+                    replace: true,
+                };
+                self.copy_from_src(path, st, opts)?;
+                if let Some(st) = self.dst.stat(path)? {
+                    self.inodes.lock().unwrap().set_dst_ident(ino, ident(&st));
+                }
+                checked(self);
+                Ok(Freshness::Refetched)
+            }
+            _ => {
+                log::info!(
+                    "{}: gone from src, dropping the cached copy",
+                    path.display()
+                );
+                self.dst.unlink(path)?;
+                Ok(Freshness::Gone)
+            }
+        }
     }
 
     /// Copies a whole visible subtree into dst (before a directory rename), and marks
@@ -715,6 +848,15 @@ impl CacheFs {
             for w in whiteouts.iter().filter(|w| !src_names.contains(*w)) {
                 let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
             }
+            // Clean cached copies of files src deleted (another machine's delete).
+            if !self.revalidate.is_zero() {
+                out.retain(|(name, kind, layer)| {
+                    *layer == Layered::Src
+                        || *kind != libc::S_IFREG
+                        || src_names.contains(name)
+                        || !self.drop_if_clean(&path.join(name))
+                });
+            }
         }
         self.finish_listing(path, out)
     }
@@ -765,7 +907,20 @@ impl CacheFs {
             }
             Err(e) => return Err(e),
         };
-        Ok(self.register(&path, &found, 1))
+        let attr = self.register(&path, &found, 1);
+        if found.layer == Layered::Dst && attr.kind == Kind::File && merges {
+            match self.revalidate(attr.ino, &path)? {
+                Freshness::Unchanged => {}
+                Freshness::Refetched => return self.stat_node(attr.ino),
+                Freshness::Gone => {
+                    let mut t = self.inodes.lock().unwrap();
+                    t.forget(attr.ino, 1);
+                    t.detach_path(&path);
+                    return Err(FsError::not_found());
+                }
+            }
+        }
+        Ok(attr)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -798,6 +953,9 @@ impl CacheFs {
             self.ensure_in_dst(ino, &path, set.size)?;
         }
         let _ = caller;
+        if kind == Kind::File {
+            origin::mark_dirty(&self.dst, &path)?;
+        }
         if set.uid.is_some() || set.gid.is_some() {
             self.dst.chown(
                 &path,
@@ -1135,6 +1293,14 @@ impl CacheFs {
         let from_in_src = self.src_has(&from, from_merges)?;
         let to_in_src = self.src_has(&to, to_merges)?;
         self.dst.rename(&from, &to, flags & libc::RENAME_EXCHANGE)?;
+        // A moved file no longer matches src's file at its new name: local from now on
+        // (never refetched or dropped because of what src has there).
+        if !from_is_dir {
+            origin::mark_dirty(&self.dst, &to)?;
+        }
+        if exchange && dst_found.as_ref().is_some_and(|t| !is_dir(&t.st)) {
+            origin::mark_dirty(&self.dst, &from)?;
+        }
         self.clear_whiteouts(&to)?;
         if !exchange && from_in_src {
             self.add_whiteout(&from)?;
@@ -1207,6 +1373,7 @@ impl CacheFs {
         self.ensure_in_dst(ino, &path, None)?;
         self.ensure_dst_dir(&dir)?;
         self.clear_whiteouts(&new)?;
+        origin::mark_dirty(&self.dst, &path)?;
         self.dst.link(&path, &new)?;
         self.inodes.lock().unwrap().add_path(ino, &new);
         let st = self.dst.stat(&new)?.ok_or_else(FsError::not_found)?;
@@ -1249,12 +1416,27 @@ impl CacheFs {
     /// passthrough). Then the dst file is opened read-write when possible (the kernel
     /// shares one backing file among all opens of an inode), and a writable open is
     /// reported dirty at once, since its writes will not pass through the daemon.
-    pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<(u64, bool)> {
+    pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
         let OpenRequest { flags, for_backing } = req;
         let _ns = self.namespace.read().unwrap();
-        let (path, kind, _) = self.node_path(ino)?;
+        let (path, kind, merges) = self.node_path(ino)?;
         if kind == Kind::Dir {
             return denied(libc::EISDIR);
+        }
+        let parent_merges = {
+            let t = self.inodes.lock().unwrap();
+            path.parent()
+                .and_then(|p| t.ino_of(p))
+                .and_then(|i| t.get(i).map(|n| n.merge_src))
+                .unwrap_or(merges)
+        };
+        let mut fresh = false;
+        if parent_merges && self.dst.stat(&path)?.is_some() {
+            match self.revalidate(ino, &path)? {
+                Freshness::Unchanged => {}
+                Freshness::Refetched => fresh = true,
+                Freshness::Gone => return Err(FsError::not_found()),
+            }
         }
         self.ensure_in_dst(ino, &path, None)?;
         let wanted = open_flags(flags);
@@ -1274,7 +1456,7 @@ impl CacheFs {
         if for_backing && flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.mark_dirty(&*self.handle(fh)?)?;
         }
-        Ok((fh, rw))
+        Ok(Opened { fh, rw, fresh })
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -1300,10 +1482,22 @@ impl CacheFs {
         Ok(data.len() as u32)
     }
 
-    /// First write since the last report: record the content change (durably).
+    /// First write since the last report: the file is now a local version (never
+    /// refetched over), and the content change is recorded (durably).
     fn mark_dirty(&self, h: &OpenFile) -> FsResult<()> {
-        if self.changes.is_some() && !h.dirty.swap(true, Ordering::AcqRel) {
-            self.record_content(h.ino)?;
+        if !h.dirty.swap(true, Ordering::AcqRel) {
+            let path = self
+                .inodes
+                .lock()
+                .unwrap()
+                .get(h.ino)
+                .and_then(|n| n.path().map(Path::to_path_buf));
+            if let Some(p) = &path {
+                origin::mark_dirty(&self.dst, p)?;
+            }
+            if self.changes.is_some() {
+                self.record_content(h.ino)?;
+            }
         }
         Ok(())
     }
@@ -1480,12 +1674,23 @@ impl CacheFs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        if origin::is_reserved_xattr(name) {
+            return denied(libc::ENODATA);
+        }
         let name = name.to_os_string();
         self.on_layer(ino, move |l, p| l.getxattr(p, &name))
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        self.on_layer(ino, |l, p| l.listxattr(p))
+        let names = self.on_layer(ino, |l, p| l.listxattr(p))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            if !origin::is_reserved_xattr(OsStr::from_bytes(name)) {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+        }
+        Ok(out)
     }
 
     /// Runs a mutating xattr call on dst after copy-up, then records it.
@@ -1497,15 +1702,24 @@ impl CacheFs {
         } else {
             self.ensure_in_dst(ino, &path, None)?;
         }
+        if kind == Kind::File {
+            origin::mark_dirty(&self.dst, &path)?;
+        }
         f(&path)?;
         self.record(Op::Xattr { path })
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        if origin::is_reserved_xattr(name) {
+            return denied(libc::EPERM);
+        }
         self.xattr_change(ino, |p| self.dst.setxattr(p, name, value, flags))
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        if origin::is_reserved_xattr(name) {
+            return denied(libc::EPERM);
+        }
         self.xattr_change(ino, |p| self.dst.removexattr(p, name))
     }
 

@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::config::Config;
-use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, SetAttr, TimeSpec};
+use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, Opened, SetAttr, TimeSpec};
 
 /// The adapter the session drives.
 pub struct FuseAdapter {
@@ -397,7 +397,7 @@ impl Filesystem for FuseAdapter {
             flags: flags.0,
             for_backing: passthrough,
         };
-        let (fh, rw) = match self.fs.open(ino.0, req) {
+        let Opened { fh, rw, fresh } = match self.fs.open(ino.0, req) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
@@ -407,8 +407,14 @@ impl Filesystem for FuseAdapter {
         {
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
-        // Only this mount changes dst files, so the kernel's page cache stays valid.
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        // Only this mount changes dst files, so the kernel's page cache stays valid,
+        // unless the copy was just refetched from src.
+        let keep = if fresh {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), keep);
     }
 
     fn read(
