@@ -2,7 +2,7 @@
 # Helpers shared by the scripts in this directory. Source it; don't run it.
 
 # CI (and `sudo`) may start us with a PATH that lacks cargo's bin dir.
-CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}"
+CARGO_HOME="${CARGO_HOME:-${HOME:-/root}/.cargo}"
 export CARGO_HOME
 case ":$PATH:" in
   *":$CARGO_HOME/bin:"*) ;;
