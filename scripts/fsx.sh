@@ -11,11 +11,15 @@
 #   new        fsx on a file that does not exist yet
 # plus a read-through check (sha256 of a src-only file read via the mount) and,
 # after all cases, an unmount + remount check that every file still has the same
-# content. Modes: cache (default) and, with --writeback, -w, where src must
-# also end up with the same bytes (polled for up to WB_WAIT seconds).
+# content. Modes: cache (default flags: FUSE passthrough where the kernel has
+# it), with --daemon-io also cache mode with --no-passthrough (the daemon
+# serves every read and write), and with --writeback, -w and mirror mode
+# (-w -concurrent 0), where src must also end up with the same bytes (polled for
+# up to WB_WAIT seconds).
 #
-# Usage: scripts/fsx.sh [--writeback] [--no-cache] [--ops N] [--seed N|random]
-#          [--extra] [--plain DIR] [--results DIR] [--timeout SECS]
+# Usage: scripts/fsx.sh [--writeback] [--daemon-io] [--no-cache] [--ops N]
+#          [--seed N|random] [--extra] [--plain DIR] [--results DIR]
+#          [--timeout SECS]
 #   --ops N     operations per fsx run (default 20000)
 #   --seed N    base seed (default 1; each case adds its index); "random" picks one
 #   --extra     also punch_hole, sendfile, copy_file_range, posix_fadvise
@@ -27,12 +31,13 @@ set -euo pipefail
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-WRITEBACK=0 CACHE=1 OPS=20000 SEED=1 EXTRA=0 PLAIN="" TIMEOUT=900
+WRITEBACK=0 DAEMON_IO=0 CACHE=1 OPS=20000 SEED=1 EXTRA=0 PLAIN="" TIMEOUT=900
 WB_WAIT="${WB_WAIT:-120}"
 RESULTS="$REPO_ROOT/target/test-results/fsx"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --writeback) WRITEBACK=1 ;;
+    --daemon-io) DAEMON_IO=1 ;;
     --no-cache) CACHE=0 ;;
     --ops) OPS="$2"; shift ;;
     --seed) SEED="$2"; shift ;;
@@ -176,8 +181,9 @@ wait_src_match() {
 
 # run_mode LABEL [DAEMON FLAGS...]
 run_mode() {
-  local label="$1" d mnt seed=$SEED names=(uncached uncached-block new) n f
+  local label="$1" d mnt seed=$SEED names=(uncached uncached-block new) n f wb=0
   shift
+  [[ " $* " == *" -w "* ]] && wb=1
   d="$WORK/$label"
   if [[ -n "$PLAIN" ]]; then
     mnt="$PLAIN"
@@ -214,7 +220,7 @@ run_mode() {
   declare -A sums
   for n in "${names[@]}" readcheck; do sums[$n]="$(sha256sum <"$mnt/$n")"; done
 
-  if [[ $WRITEBACK -eq 1 ]]; then
+  if [[ $wb -eq 1 ]]; then
     local bad=()
     for n in "${names[@]}"; do
       wait_src_match "$mnt/$n" "$d/src/$n" || bad+=("$n")
@@ -248,7 +254,7 @@ run_mode() {
   fi
   stop_daemon "$mnt" "$DAEMON_PID" 60
   DAEMON_PID=""
-  if [[ $WRITEBACK -eq 1 ]]; then
+  if [[ $wb -eq 1 ]]; then
     bad=()
     for n in "${names[@]}"; do
       f="$d/src/$n"
@@ -267,7 +273,11 @@ if [[ -n "$PLAIN" ]]; then
   run_mode plain
 else
   [[ $CACHE -eq 1 ]] && run_mode cachefs
-  [[ $WRITEBACK -eq 1 ]] && run_mode cachefs-writeback -w
+  [[ $DAEMON_IO -eq 1 ]] && run_mode cachefs-nopt --no-passthrough
+  if [[ $WRITEBACK -eq 1 ]]; then
+    run_mode cachefs-writeback -w
+    run_mode cachefs-mirror -w -concurrent 0
+  fi
 fi
 
 echo "fsx results (logs in $RESULTS):"

@@ -2,7 +2,8 @@
 # Run the pjdfstest POSIX suite (crates.io `pjdfstest`, as root) against
 #   1. a fresh directory on the local file system (the baseline, ext4 here), and
 #   2. a cachefs mount over fresh temp dirs (cache mode), and
-#   3. with --writeback, a cachefs mount with -w as well.
+#   3. with --daemon-io, cachefs --no-passthrough (the daemon serves all I/O),
+#   4. with --writeback, cachefs -w and mirror mode (-w -concurrent 0).
 # Prints one summary line per target, e.g.
 #   ext4: 383 passed, 0 failed, 15 skipped
 #   cachefs: 383 passed, 0 failed, 15 skipped
@@ -13,7 +14,7 @@
 # unknown for FUSE), so the best cachefs can do is the baseline minus that one;
 # --strict allows exactly that.
 #
-# Usage: scripts/pjdfstest.sh [--writeback] [--no-cache] [--baseline-only]
+# Usage: scripts/pjdfstest.sh [--writeback] [--daemon-io] [--no-cache] [--baseline-only]
 #          [--no-baseline] [--strict] [--results DIR] [--timeout SECS]
 #          [-- PATTERN...]
 #   PATTERN   only run the pjdfstest cases whose name contains it (e.g. rename)
@@ -23,12 +24,13 @@ set -euo pipefail
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-WRITEBACK=0 CACHE=1 BASELINE=1 CACHEFS=1 STRICT=0 TIMEOUT=1200
+WRITEBACK=0 DAEMON_IO=0 CACHE=1 BASELINE=1 CACHEFS=1 STRICT=0 TIMEOUT=1200
 RESULTS="$REPO_ROOT/target/test-results/pjdfstest"
 PATTERNS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --writeback) WRITEBACK=1 ;;
+    --daemon-io) DAEMON_IO=1 ;;
     --no-cache) CACHE=0 ;;
     --baseline-only) CACHEFS=0 ;;
     --no-baseline) BASELINE=0 ;;
@@ -175,7 +177,11 @@ run_cachefs() {
 
 if [[ $CACHEFS -eq 1 ]]; then
   [[ $CACHE -eq 1 ]] && run_cachefs cachefs c
-  [[ $WRITEBACK -eq 1 ]] && run_cachefs cachefs-writeback w -w
+  [[ $DAEMON_IO -eq 1 ]] && run_cachefs cachefs-nopt n --no-passthrough
+  if [[ $WRITEBACK -eq 1 ]]; then
+    run_cachefs cachefs-writeback w -w
+    run_cachefs cachefs-mirror r -w -concurrent 0
+  fi
 fi
 
 echo "pjdfstest results (logs in $RESULTS):"

@@ -7,8 +7,10 @@
 #   clippy    cargo clippy --all-targets --locked -- -D warnings
 #   tests     cargo nextest run (cargo test if nextest is missing): unit tests
 #             and mounted integration tests
-#   pjdfstest scripts/pjdfstest.sh (ext4 baseline + cachefs)
-#   fsx       scripts/fsx.sh (uncached, block-mode and new files)
+#   pjdfstest scripts/pjdfstest.sh --daemon-io (ext4 baseline, cachefs with
+#             passthrough where the kernel has it, cachefs --no-passthrough)
+#   fsx       scripts/fsx.sh --daemon-io (uncached, block-mode and new files,
+#             with and without passthrough)
 # Prints a summary, exits non-zero if any step failed, leaves no mount behind.
 #
 # Usage: scripts/test.sh [--writeback] [--no-deps] [--no-external] [--fsx-ops N]
@@ -113,10 +115,10 @@ elif [[ $BUILT -eq 0 ]]; then
   skip pjdfstest "the build failed"
   skip fsx "the build failed"
 else
-  wb=()
-  [[ $WRITEBACK -eq 1 ]] && wb=(--writeback)
-  step pjdfstest ./scripts/pjdfstest.sh ${wb[@]+"${wb[@]}"} --results "$RESULTS/pjdfstest" || true
-  step fsx ./scripts/fsx.sh ${wb[@]+"${wb[@]}"} --ops "$FSX_OPS" --results "$RESULTS/fsx" || true
+  suite_flags=(--daemon-io)
+  [[ $WRITEBACK -eq 1 ]] && suite_flags+=(--writeback)
+  step pjdfstest ./scripts/pjdfstest.sh "${suite_flags[@]}" --results "$RESULTS/pjdfstest" || true
+  step fsx ./scripts/fsx.sh "${suite_flags[@]}" --ops "$FSX_OPS" --results "$RESULTS/fsx" || true
 fi
 
 printf '\n==> summary (%ss in all; logs in target/test-results/)\n' $(($(date +%s) - T0))
