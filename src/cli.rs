@@ -184,6 +184,15 @@ pub struct MountArgs {
     /// Never use FUSE passthrough (serve all reads and writes through the daemon).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Seconds one src call may take before it fails with EIO and src counts as
+    /// offline (0: wait forever). Copies fail only after this long with no progress.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "30",
+        allow_hyphen_values = true
+    )]
+    pub src_timeout: String,
 }
 
 /// Flags that take a value, by their long name (also written with one dash).
@@ -197,6 +206,7 @@ const VALUE_FLAGS: &[&str] = &[
     "start-delay",
     "threads",
     "attr-ttl",
+    "src-timeout",
 ];
 /// Boolean flags with a long name.
 const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
@@ -484,6 +494,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
     let retry_delay = parse_seconds("retry-delay", &m.retry_delay)?;
     let start_delay = parse_seconds("start-delay", &m.start_delay)?;
     let attr_ttl = parse_seconds("attr-ttl", &m.attr_ttl)?;
+    let src_timeout = parse_seconds("src-timeout", &m.src_timeout)?;
     let threads = match &m.threads {
         None => config::default_threads(),
         Some(t) => parse_threads(t)?,
@@ -515,6 +526,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         threads,
         attr_ttl,
         passthrough: !m.no_passthrough,
+        src_timeout,
     })
 }
 

@@ -35,6 +35,8 @@ pub struct Config {
     pub attr_ttl: Duration,
     /// Use FUSE passthrough for cached files when the kernel allows it (`--no-passthrough` clears).
     pub passthrough: bool,
+    /// `--src-timeout`: longest wait for one src call (zero: unbounded).
+    pub src_timeout: Duration,
 }
 
 impl Config {
@@ -55,9 +57,14 @@ impl Config {
             threads: default_threads(),
             attr_ttl: Duration::from_secs(1),
             passthrough: true,
+            src_timeout: DEFAULT_SRC_TIMEOUT,
         }
     }
 }
+
+/// How long one src call may take before it fails with EIO and src counts as offline.
+/// Long enough for a slow bucket listing, short enough that a hung rclone mount shows.
+pub const DEFAULT_SRC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// FUSE worker threads by default: one per core, at least 2, at most 8.
 pub fn default_threads() -> usize {

@@ -151,6 +151,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
     let wb = start_writeback(&cfg)?;
     let result = mount_and_serve(&cfg, wb.clone(), &signals);
+    sd_notify("STOPPING=1\nSTATUS=stopping");
     if let Some(wb) = &wb {
         // Drain only after a clean unmount; after a failure or a forced exit the
         // journal keeps the queue for the next start.
@@ -166,6 +167,25 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         info!("cachefs exiting: {} unmounted", cfg.mountpoint.display());
     }
     result.map(|_| ())
+}
+
+/// Tells systemd (Type=notify units) about our state: a datagram to `$NOTIFY_SOCKET`,
+/// a path or an abstract socket (`@name`). Silent when not run by systemd.
+pub fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        warn!("cannot notify systemd at {}: {e}", target.to_string_lossy());
+    }
 }
 
 /// Placeholder until the writeback journal lands: `-w` is refused with a clear error
@@ -221,6 +241,14 @@ fn mount_and_serve(
         mountpoint: cfg.mountpoint.clone(),
         source,
     })?;
+    // The mount answers once the kernel can stat its root through the session.
+    if let Err(e) = std::fs::metadata(&cfg.mountpoint) {
+        warn!(
+            "{} does not answer after mounting: {e}",
+            cfg.mountpoint.display()
+        );
+    }
+    sd_notify("READY=1\nSTATUS=serving");
     info!(
         "cachefs mounted {} over {} at {} (writeback: {})",
         cfg.src.display(),

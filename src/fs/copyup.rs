@@ -145,17 +145,19 @@ pub fn keeping_parent_times<R>(
 }
 
 /// Copies the src entry at `path` (described by `st`) into dst. For regular files at
-/// most `limit` bytes are copied (a copy-up for a truncate needs no more).
+/// most `limit` bytes are copied (a copy-up for a truncate needs no more); `progress`
+/// counts the bytes copied so far.
 pub fn copy_entry(
     src: &Layer,
     dst: &Layer,
     path: &Path,
     st: &Stat,
     limit: Option<u64>,
+    progress: Option<&AtomicU64>,
 ) -> io::Result<()> {
     keeping_parent_times(dst, path, || match st.st_mode & libc::S_IFMT {
         libc::S_IFDIR => copy_dir(dst, path, st),
-        libc::S_IFREG => copy_file(src, dst, path, st, limit),
+        libc::S_IFREG => copy_file(src, dst, path, st, limit, progress),
         libc::S_IFLNK => copy_symlink(src, dst, path, st),
         _ => copy_special(dst, path, st),
     })
@@ -172,12 +174,29 @@ fn copy_dir(dst: &Layer, path: &Path, st: &Stat) -> io::Result<()> {
     dst.set_times(path, Some(a), Some(m))
 }
 
+/// Counts bytes read into a shared progress counter.
+struct Counting<'a, R> {
+    inner: R,
+    progress: Option<&'a AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
 fn copy_file(
     src: &Layer,
     dst: &Layer,
     path: &Path,
     st: &Stat,
     limit: Option<u64>,
+    progress: Option<&AtomicU64>,
 ) -> io::Result<()> {
     let from = src.open_file(path, libc::O_RDONLY)?;
     let tmp = temp_path_near(path);
@@ -187,9 +206,15 @@ fn copy_file(
         path: tmp.clone(),
         armed: true,
     };
-    // std's File-to-File copy uses copy_file_range/sendfile where it can.
-    let mut reader = (&from).take(limit.unwrap_or(u64::MAX));
-    io::copy(&mut reader, &mut to)?;
+    // 1 MiB reads: few round trips to a remote src, and progress for the watchdog.
+    let counting = Counting {
+        inner: (&from).take(limit.unwrap_or(u64::MAX)),
+        progress,
+    };
+    io::copy(
+        &mut io::BufReader::with_capacity(1 << 20, counting),
+        &mut to,
+    )?;
     copy_user_xattrs(&from, &to)?;
     ignore_eperm(fchown(&to, st.st_uid, st.st_gid))?;
     fchmod(&to, st.st_mode & 0o7777)?;
@@ -257,7 +282,7 @@ mod tests {
 
         for name in ["dir/f", "dir/l"] {
             let st = src.stat(Path::new(name)).unwrap().unwrap();
-            copy_entry(&src, &dst, Path::new(name), &st, None).unwrap();
+            copy_entry(&src, &dst, Path::new(name), &st, None, None).unwrap();
         }
         let got = d.path().join("dir/f");
         assert_eq!(std::fs::read(&got).unwrap(), b"hello world");
@@ -287,7 +312,7 @@ mod tests {
             Layer::open(d.path()).unwrap(),
         );
         let st = src.stat(Path::new("f")).unwrap().unwrap();
-        assert!(copy_entry(&src, &dst, Path::new("f"), &st, None).is_err());
+        assert!(copy_entry(&src, &dst, Path::new("f"), &st, None, None).is_err());
         assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"already");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }

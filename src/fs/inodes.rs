@@ -8,12 +8,14 @@
 //! - A node's number survives copy-up (src -> dst) and rename: both only edit paths.
 //! - Nodes the kernel has forgotten stay while a path reaches them (numbers stay stable);
 //!   a node with no path left (unlinked, replaced) is dropped once the kernel forgets it.
+//! - `by_path` is ordered by path components, so a directory's descendants are the
+//!   contiguous range right after it: subtree operations cost O(subtree + log n).
 //! - Hard links in dst: `by_dst_ident[(dev, ino)]` maps a dst inode to the one node
 //!   that all its names share, so `st_ino` is the same through every link.
 //!
 //! Locking: the table is guarded by one mutex in `CacheFs`; nothing here blocks or does I/O.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// The root directory's inode number (FUSE_ROOT_ID).
@@ -70,7 +72,7 @@ impl Node {
 #[derive(Debug)]
 pub struct Inodes {
     nodes: HashMap<u64, Node>,
-    by_path: HashMap<PathBuf, u64>,
+    by_path: BTreeMap<PathBuf, u64>,
     by_dst_ident: HashMap<(u64, u64), u64>,
     next: u64,
 }
@@ -94,7 +96,7 @@ impl Inodes {
                 dst_ident: None,
             },
         );
-        let mut by_path = HashMap::new();
+        let mut by_path = BTreeMap::new();
         by_path.insert(PathBuf::new(), ROOT);
         Inodes {
             nodes,
@@ -214,10 +216,9 @@ impl Inodes {
             drop_node = node.paths.is_empty() && node.lookups == 0;
             if node.kind == Kind::Dir {
                 let children: Vec<PathBuf> = self
-                    .by_path
-                    .keys()
-                    .filter(|p| p.starts_with(path) && p.as_path() != path)
-                    .cloned()
+                    .subtree(path)
+                    .filter(|(p, _)| p.as_path() != path)
+                    .map(|(p, _)| p.clone())
                     .collect();
                 for c in children {
                     self.detach_path(&c);
@@ -231,12 +232,7 @@ impl Inodes {
 
     /// Renames `from` to `to` for the node there and every descendant path.
     pub fn rename(&mut self, from: &Path, to: &Path) {
-        let moved: Vec<(PathBuf, u64)> = self
-            .by_path
-            .iter()
-            .filter(|(p, _)| p.starts_with(from))
-            .map(|(p, i)| (p.clone(), *i))
-            .collect();
+        let moved: Vec<(PathBuf, u64)> = self.subtree(from).map(|(p, i)| (p.clone(), *i)).collect();
         for (old, ino) in moved {
             let new = to.join(old.strip_prefix(from).expect("filtered by prefix"));
             self.by_path.remove(&old);
@@ -261,17 +257,19 @@ impl Inodes {
 
     /// No directory at or below `dir` consults src any more (it moved, complete, in dst).
     pub fn clear_merge_below(&mut self, dir: &Path) {
-        let below: Vec<u64> = self
-            .by_path
-            .iter()
-            .filter(|(p, _)| p.starts_with(dir))
-            .map(|(_, i)| *i)
-            .collect();
+        let below: Vec<u64> = self.subtree(dir).map(|(_, i)| *i).collect();
         for ino in below {
             if let Some(n) = self.nodes.get_mut(&ino) {
                 n.merge_src = false;
             }
         }
+    }
+
+    /// `dir` and every path below it (contiguous in component order).
+    fn subtree<'a>(&'a self, dir: &'a Path) -> impl Iterator<Item = (&'a PathBuf, &'a u64)> + 'a {
+        self.by_path
+            .range::<Path, _>((std::ops::Bound::Included(dir), std::ops::Bound::Unbounded))
+            .take_while(move |(p, _)| p.starts_with(dir))
     }
 
     /// The kernel dropped `n` references.
@@ -349,6 +347,18 @@ mod tests {
         assert!(t.get(f).is_none());
         t.forget(d, 1);
         assert!(t.get(d).is_some(), "still reachable by path: number kept");
+    }
+
+    #[test]
+    fn subtree_is_exactly_the_descendants() {
+        let mut t = Inodes::new();
+        for path in ["a", "a/b", "a/b/c", "a/b0", "a/bc", "a/b/c/d", "ab"] {
+            t.upsert(p(path), Kind::Dir, true, None, 1);
+        }
+        let got: Vec<_> = t.subtree(p("a/b")).map(|(p, _)| p.clone()).collect();
+        assert_eq!(got, [p("a/b"), p("a/b/c"), p("a/b/c/d")]);
+        t.rename(p("a/b"), p("z"));
+        assert!(t.ino_of(p("z/c/d")).is_some() && t.ino_of(p("a/b0")).is_some());
     }
 
     #[test]

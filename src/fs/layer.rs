@@ -27,7 +27,9 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 /// A directory root; every operation stays beneath it.
 #[derive(Debug)]
 pub struct Layer {
-    root: OwnedFd,
+    /// The root directory; replaced by [`Layer::reopen`] when a mount at `root_path`
+    /// was restarted (e.g. rclone died and systemd started it again).
+    root: std::sync::RwLock<std::sync::Arc<OwnedFd>>,
     root_path: PathBuf,
 }
 
@@ -194,9 +196,23 @@ impl Layer {
         })?;
         Ok(Layer {
             // SAFETY: fresh fd.
-            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            root: std::sync::RwLock::new(std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })),
             root_path: root.to_path_buf(),
         })
+    }
+
+    /// The current root fd (held for the duration of one operation).
+    fn root(&self) -> std::sync::Arc<OwnedFd> {
+        std::sync::Arc::clone(&self.root.read().unwrap())
+    }
+
+    /// Opens the root path again, so that a filesystem mounted anew there is used.
+    pub fn reopen(&self) -> io::Result<()> {
+        let fresh = Layer::open(&self.root_path)?;
+        fstat(fresh.root().as_fd())?;
+        let fd = fresh.root();
+        *self.root.write().unwrap() = fd;
+        Ok(())
     }
 
     /// The root directory's path (for log messages only; never used to reach files).
@@ -213,10 +229,10 @@ impl Layer {
     pub fn open_beneath(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
         if rel.as_os_str().is_empty() {
             let c = CString::new(".").unwrap();
-            return openat(self.root.as_fd(), &c, flags, 0);
+            return openat(self.root().as_fd(), &c, flags, 0);
         }
         if !NO_OPENAT2.load(Ordering::Relaxed) {
-            match openat2(self.root.as_fd(), &cstr(rel.as_os_str())?, flags) {
+            match openat2(self.root().as_fd(), &cstr(rel.as_os_str())?, flags) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                     NO_OPENAT2.store(true, Ordering::Relaxed)
                 }
@@ -224,6 +240,7 @@ impl Layer {
             }
         }
         // Fallback: one component at a time, O_NOFOLLOW each.
+        let root = self.root();
         let mut dir: Option<OwnedFd> = None;
         let comps: Vec<_> = rel.components().collect();
         for (i, comp) in comps.iter().enumerate() {
@@ -236,7 +253,7 @@ impl Layer {
             } else {
                 libc::O_PATH | libc::O_DIRECTORY
             };
-            let base = dir.as_ref().map_or(self.root.as_fd(), |d| d.as_fd());
+            let base = dir.as_ref().map_or(root.as_fd(), |d| d.as_fd());
             dir = Some(openat(base, &cstr(name)?, f, 0)?);
         }
         dir.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
@@ -253,7 +270,7 @@ impl Layer {
         };
         let name = cstr(name)?;
         if parent.as_os_str().is_empty() {
-            f(self.root.as_fd(), &name)
+            f(self.root().as_fd(), &name)
         } else {
             let dir = self.open_dir(parent)?;
             f(dir.as_fd(), &name)
@@ -263,7 +280,7 @@ impl Layer {
     /// lstat of `rel`; `Ok(None)` when nothing is there.
     pub fn stat(&self, rel: &Path) -> io::Result<Option<Stat>> {
         let r = if rel.as_os_str().is_empty() {
-            fstat(self.root.as_fd())
+            fstat(self.root().as_fd())
         } else {
             self.at(rel, statat)
         };
@@ -436,7 +453,7 @@ impl Layer {
         f: impl FnOnce(BorrowedFd<'_>, &CStr, libc::c_int) -> io::Result<R>,
     ) -> io::Result<R> {
         if rel.as_os_str().is_empty() {
-            f(self.root.as_fd(), c"", libc::AT_EMPTY_PATH)
+            f(self.root().as_fd(), c"", libc::AT_EMPTY_PATH)
         } else {
             self.at(rel, |d, n| f(d, n, 0))
         }

@@ -26,6 +26,7 @@ pub mod error;
 pub mod inodes;
 pub mod layer;
 pub mod names;
+pub mod src_pool;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -140,8 +141,10 @@ struct Found {
 
 /// The filesystem core.
 pub struct CacheFs {
-    dst: Layer,
-    src: Layer,
+    dst: Arc<Layer>,
+    src: Arc<Layer>,
+    /// Every src call runs here, bounded by `--src-timeout`.
+    src_pool: src_pool::SrcPool,
     changes: Option<Arc<dyn ChangeLog>>,
     namespace: RwLock<()>,
     inodes: Mutex<inodes::Inodes>,
@@ -154,6 +157,35 @@ pub struct CacheFs {
     /// GoCacheFS root-level whiteouts: hidden mount-relative paths.
     legacy_whiteouts: Mutex<HashSet<PathBuf>>,
     is_root: bool,
+    /// Set while src fails with an outage error (dead mount, I/O error, timeout).
+    src_offline: AtomicBool,
+    src_offline_since: Mutex<Option<SystemTime>>,
+    /// Last time the src root was reopened after an outage (rate limit).
+    src_reopened: Mutex<Option<std::time::Instant>>,
+}
+
+/// Threads that run src calls; while all are stuck on a stalled src, src calls fail
+/// at once.
+const SRC_WORKERS: usize = 16;
+
+/// Errors that mean "src is unreachable" rather than "src says no".
+fn is_outage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOTCONN
+                | libc::EIO
+                | libc::ETIMEDOUT
+                | libc::ESHUTDOWN
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::ESTALE
+        )
+    )
 }
 
 fn to_time(sec: i64, nsec: i64) -> SystemTime {
@@ -211,11 +243,12 @@ impl CacheFs {
         // daemon's own umask must not strip bits again.
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(0) };
-        let dst = Layer::open(&cfg.dst)?;
-        let src = Layer::open(&cfg.src)?;
+        let dst = Arc::new(Layer::open(&cfg.dst)?);
+        let src = Arc::new(Layer::open(&cfg.src)?);
         let fs = CacheFs {
             dst,
             src,
+            src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
             changes,
             namespace: RwLock::new(()),
             inodes: Mutex::new(inodes::Inodes::new()),
@@ -227,6 +260,9 @@ impl CacheFs {
             legacy_whiteouts: Mutex::new(HashSet::new()),
             // SAFETY: geteuid cannot fail.
             is_root: unsafe { libc::geteuid() } == 0,
+            src_offline: AtomicBool::new(false),
+            src_offline_since: Mutex::new(None),
+            src_reopened: Mutex::new(None),
         };
         fs.load_legacy_whiteouts()?;
         fs.clean_temp_files(Path::new(""));
@@ -312,14 +348,13 @@ impl CacheFs {
         if !parent_merges || self.whited_out(path)? {
             return Ok(None);
         }
-        match self.src.stat(path) {
-            Ok(Some(st)) => Ok(Some(Found {
+        match self.src_stat(path)? {
+            Some(st) => Ok(Some(Found {
                 layer: Layered::Src,
                 st,
                 merge_src: true,
             })),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e.into()),
+            None => Ok(None),
         }
     }
 
@@ -353,10 +388,88 @@ impl CacheFs {
         if let Some(st) = self.dst.stat(&path)? {
             return Ok(attr_of(ino, &st));
         }
-        match self.src.stat(&path)? {
+        match self.src_stat(&path)? {
             Some(st) => Ok(attr_of(ino, &st)),
             None => Err(FsError::not_found()),
         }
+    }
+
+    /// Passes a src result through, tracking outages: an outage error is logged once
+    /// (when src goes offline) and becomes EIO for the caller; the next success logs
+    /// that src is back.
+    fn src_result<T>(&self, r: io::Result<T>) -> FsResult<T> {
+        match r {
+            Ok(v) => {
+                if self.src_offline.load(Ordering::Relaxed)
+                    && self.src_offline.swap(false, Ordering::AcqRel)
+                {
+                    *self.src_offline_since.lock().unwrap() = None;
+                    log::warn!("src {} answers again", self.src.root_path().display());
+                }
+                Ok(v)
+            }
+            Err(e) if is_outage(&e) => {
+                if !self.src_offline.swap(true, Ordering::AcqRel) {
+                    *self.src_offline_since.lock().unwrap() = Some(SystemTime::now());
+                    log::warn!(
+                        "src {} is offline ({e}): cached files keep working, uncached ones fail with EIO",
+                        self.src.root_path().display()
+                    );
+                }
+                Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a src call on the src pool (bounded by `--src-timeout`); after an outage
+    /// error other than a timeout it reopens src's root once (a src mount restarted at
+    /// the same path, e.g. by systemd) and tries again.
+    fn src_do<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Layer) -> io::Result<T> + Send + Sync + 'static,
+    ) -> FsResult<T> {
+        let f = Arc::new(f);
+        let attempt = || {
+            let (src, f) = (Arc::clone(&self.src), Arc::clone(&f));
+            self.src_pool.run(move || f(&src))
+        };
+        match attempt() {
+            Err(e)
+                if is_outage(&e)
+                    && e.raw_os_error() != Some(libc::ETIMEDOUT)
+                    && self.reopen_src() =>
+            {
+                self.src_result(attempt())
+            }
+            r => self.src_result(r),
+        }
+    }
+
+    /// lstat on src.
+    fn src_stat(&self, path: &Path) -> FsResult<Option<Stat>> {
+        let path = path.to_path_buf();
+        self.src_do(move |s| s.stat(&path))
+    }
+
+    /// Reopens src's root, at most once a second. Whether it was reopened.
+    fn reopen_src(&self) -> bool {
+        let mut last = self.src_reopened.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        let src = Arc::clone(&self.src);
+        let ok = self.src_pool.run(move || src.reopen()).is_ok();
+        if ok {
+            log::debug!("reopened src root {}", self.src.root_path().display());
+        }
+        ok
+    }
+
+    /// Since when src has been offline, if it is.
+    pub fn src_offline_since(&self) -> Option<SystemTime> {
+        *self.src_offline_since.lock().unwrap()
     }
 
     fn record(&self, op: Op) -> FsResult<()> {
@@ -379,11 +492,11 @@ impl CacheFs {
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
-        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        let st = self.src_stat(path)?.ok_or_else(FsError::not_found)?;
         if !is_dir(&st) {
             return denied(libc::ENOTDIR);
         }
-        copyup::copy_entry(&self.src, &self.dst, path, &st, None)?;
+        copyup::copy_entry(&self.src, &self.dst, path, &st, None, None)?;
         Ok(())
     }
 
@@ -412,12 +525,23 @@ impl CacheFs {
     }
 
     fn copy_up(&self, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
-        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        let st = self.src_stat(path)?.ok_or_else(FsError::not_found)?;
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
         log::debug!("copy-up {}", path.display());
-        copyup::copy_entry(&self.src, &self.dst, path, &st, limit)?;
+        // Watched for progress: a large file may take longer than the timeout.
+        let progress = Arc::new(AtomicU64::new(0));
+        let (src, dst, p, counter) = (
+            Arc::clone(&self.src),
+            Arc::clone(&self.dst),
+            path.to_path_buf(),
+            Arc::clone(&progress),
+        );
+        let copied = self.src_pool.run_watched(Some(progress), move || {
+            copyup::copy_entry(&src, &dst, &p, &st, limit, Some(&counter))
+        });
+        self.src_result(copied)?;
         self.dst.stat(path)?.ok_or_else(FsError::not_found)
     }
 
@@ -512,8 +636,17 @@ impl CacheFs {
 
     /// Whether src has an entry at `path` under a merging parent (so removing it from
     /// the view needs a whiteout).
+    /// When src cannot tell (offline), assume it has the entry: a needless whiteout is
+    /// harmless and collected later, a missing one would let the entry reappear.
     fn src_has(&self, path: &Path, parent_merges: bool) -> FsResult<bool> {
-        Ok(parent_merges && self.src.stat(path)?.is_some())
+        if !parent_merges {
+            return Ok(false);
+        }
+        match self.src_stat(path) {
+            Ok(found) => Ok(found.is_some()),
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     // ----- listing -----------------------------------------------------------------
@@ -551,10 +684,19 @@ impl CacheFs {
             out.push((e.name, e.kind, Layered::Dst));
         }
         if merge_src && !opaque {
-            let src_entries = match self.src.read_dir(path) {
+            let dir = path.to_path_buf();
+            let listed = self.src_do(move |s| match s.read_dir(&dir) {
+                Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
+                r => r,
+            });
+            let src_entries = match listed {
                 Ok(v) => v,
-                Err(e) if layer::is_not_found(&e) => Vec::new(),
-                Err(e) => return Err(e.into()),
+                // Offline: list what dst has. Whiteouts are kept, since src's answer
+                // about them is unknown.
+                Err(_) if self.src_offline.load(Ordering::Relaxed) => {
+                    return self.finish_listing(path, out);
+                }
+                Err(e) => return Err(e),
             };
             let legacy = self.legacy_whiteouts.lock().unwrap().clone();
             let mut src_names = HashSet::new();
@@ -574,13 +716,22 @@ impl CacheFs {
                 let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
             }
         }
+        self.finish_listing(path, out)
+    }
+
+    /// Fills in unknown entry types of a merged listing.
+    fn finish_listing(
+        &self,
+        path: &Path,
+        out: Vec<(OsString, u32, Layered)>,
+    ) -> FsResult<Vec<DirItem>> {
         let mut items = Vec::with_capacity(out.len());
         for (name, mut kind, layer) in out {
             let child = path.join(&name);
             if kind == 0 {
                 let st = match layer {
                     Layered::Dst => self.dst.stat(&child)?,
-                    Layered::Src => self.src.stat(&child)?,
+                    Layered::Src => self.src_stat(&child)?,
                 };
                 kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
             }
@@ -602,7 +753,18 @@ impl CacheFs {
         let _ns = self.namespace.read().unwrap();
         let (dir, merges) = self.dir_path(parent)?;
         let path = dir.join(name);
-        let found = self.find(&path, merges)?.ok_or_else(FsError::not_found)?;
+        let found = match self.find(&path, merges) {
+            Ok(found) => found.ok_or_else(FsError::not_found)?,
+            // src is offline: a name this mount has seen is unreachable (EIO); one it
+            // has never seen is reported absent, so that new files can be created.
+            Err(e) if self.src_offline.load(Ordering::Relaxed) => {
+                if self.inodes.lock().unwrap().ino_of(&path).is_some() {
+                    return Err(e);
+                }
+                return Err(FsError::not_found());
+            }
+            Err(e) => return Err(e),
+        };
         Ok(self.register(&path, &found, 1))
     }
 
@@ -681,7 +843,7 @@ impl CacheFs {
         let (path, _, _) = self.node_path(ino)?;
         match self.dst.readlink(&path) {
             Ok(t) => Ok(t),
-            Err(e) if layer::is_not_found(&e) => Ok(self.src.readlink(&path)?),
+            Err(e) if layer::is_not_found(&e) => self.src_do(move |s| s.readlink(&path)),
             Err(e) => Err(e.into()),
         }
     }
@@ -700,8 +862,13 @@ impl CacheFs {
         check_name(name)?;
         let (dir, merges) = self.dir_path(parent)?;
         let path = dir.join(name);
-        if self.find(&path, merges)?.is_some() {
-            return denied(libc::EEXIST);
+        match self.find(&path, merges) {
+            Ok(Some(_)) => return denied(libc::EEXIST),
+            Ok(None) => {}
+            // Offline, src cannot say whether it has the name: create it in dst, which
+            // wins over whatever src has.
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => {}
+            Err(e) => return Err(e),
         }
         self.ensure_dst_dir(&dir)?;
         let parent_st = self.dst.stat(&dir)?.ok_or_else(FsError::not_found)?;
@@ -1298,18 +1465,23 @@ impl CacheFs {
     // ----- xattrs ------------------------------------------------------------------
 
     /// Runs a read-only call on whichever layer holds the node.
-    fn on_layer<R>(&self, ino: u64, f: impl Fn(&Layer, &Path) -> io::Result<R>) -> FsResult<R> {
+    fn on_layer<R: Send + 'static>(
+        &self,
+        ino: u64,
+        f: impl Fn(&Layer, &Path) -> io::Result<R> + Send + Sync + 'static,
+    ) -> FsResult<R> {
         let _ns = self.namespace.read().unwrap();
         let (path, _, _) = self.node_path(ino)?;
         if self.dst.stat(&path)?.is_some() {
             Ok(f(&self.dst, &path)?)
         } else {
-            Ok(f(&self.src, &path)?)
+            self.src_do(move |s| f(s, &path))
         }
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        self.on_layer(ino, |l, p| l.getxattr(p, name))
+        let name = name.to_os_string();
+        self.on_layer(ino, move |l, p| l.getxattr(p, &name))
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
