@@ -199,6 +199,16 @@ impl Inodes {
         }
     }
 
+    /// `ino` no longer lives in dst (evicted): it is src-backed again.
+    pub fn clear_dst_ident(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino)
+            && let Some(old) = node.dst_ident.take()
+            && self.by_dst_ident.get(&old) == Some(&ino)
+        {
+            self.by_dst_ident.remove(&old);
+        }
+    }
+
     /// Adds a name to an existing node (hard link).
     pub fn add_path(&mut self, ino: u64, path: &Path) {
         self.detach_path(path);

@@ -55,6 +55,8 @@ pub trait ChangeLog: Send + Sync {
     /// Returns once src holds dst's current state for `path` (mirror mode); a no-op
     /// when replay is asynchronous.
     fn wait_synced(&self, path: &Path) -> io::Result<()>;
+    /// Whether ops for `path` (or below it) are still waiting to reach src.
+    fn has_pending(&self, path: &Path) -> bool;
 }
 
 /// Who is calling (for ownership of new files).
@@ -609,6 +611,40 @@ impl CacheFs {
         }
         self.inodes.lock().unwrap().detach_path(path);
         true
+    }
+
+    /// Evicts dst's copy of the regular file at `path` (a cache budget decision): the
+    /// entry becomes src-backed again, keeping its inode number, and is refetched on
+    /// its next open. Only a clean copy (fetched from src, unchanged here, nothing
+    /// pending for writeback) that is not open and that src still has is evicted.
+    /// Returns the bytes freed in dst, or `None` when the file must stay.
+    pub fn evict(&self, path: &Path) -> FsResult<Option<u64>> {
+        let _ns = self.namespace.write().unwrap();
+        let Some(st) = self.dst.stat(path)? else {
+            return Ok(None);
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || !matches!(origin::read(&self.dst, path)?, Some(o) if !o.dirty)
+            || self.changes.as_ref().is_some_and(|c| c.has_pending(path))
+        {
+            return Ok(None);
+        }
+        let ino = self.inodes.lock().unwrap().ino_of(path);
+        if ino.is_some_and(|i| self.has_open_handles(i)) || self.src_offline.load(Ordering::Relaxed)
+        {
+            return Ok(None);
+        }
+        // src must still have a file there, or the entry would vanish from the view.
+        match self.src_stat(path) {
+            Ok(Some(s)) if s.st_mode & libc::S_IFMT == libc::S_IFREG => {}
+            _ => return Ok(None),
+        }
+        self.dst.unlink(path)?;
+        if let Some(ino) = ino {
+            self.inodes.lock().unwrap().clear_dst_ident(ino);
+        }
+        log::debug!("evicted {}", path.display());
+        Ok(Some(st.st_blocks as u64 * 512))
     }
 
     fn has_open_handles(&self, ino: u64) -> bool {
