@@ -77,7 +77,10 @@ mod tests {
         let n = OsStr::new(".__gocachefs_rm__----a----b");
         assert!(is_reserved(n));
         assert_eq!(gocachefs_whiteout_target(n), Some(OsString::from("a/b")));
-        assert_eq!(gocachefs_whiteout_target(OsStr::new(".__gocachefs_rm__")), None);
+        assert_eq!(
+            gocachefs_whiteout_target(OsStr::new(".__gocachefs_rm__")),
+            None
+        );
     }
 
     #[test]
