@@ -157,13 +157,18 @@ fn zero_stat() -> Stat {
 /// Copy owner, mode, user xattrs and times of dst's `name` (under `dd`) to src's `name`
 /// (under `sd`). `st` is dst's lstat.
 fn set_meta(dd: RawFd, sd: RawFd, name: &OsStr, st: &Stat) -> io::Result<()> {
+    set_meta_as(dd, name, sd, name, st)
+}
+
+/// [`set_meta`] from dst's `dname` onto src's `sname` (a temp name before its rename).
+fn set_meta_as(dd: RawFd, dname: &OsStr, sd: RawFd, sname: &OsStr, st: &Stat) -> io::Result<()> {
     let is_link = sys::file_type(st) == libc::S_IFLNK;
-    tolerate(sys::chown_at(sd, name, st.st_uid, st.st_gid), true)?;
+    tolerate(sys::chown_at(sd, sname, st.st_uid, st.st_gid), true)?;
     if !is_link {
-        tolerate(sys::chmod_at(sd, name, st.st_mode & 0o7777), false)?;
-        copy_xattrs(dd, name, sd, name)?;
+        tolerate(sys::chmod_at(sd, sname, st.st_mode & 0o7777), false)?;
+        copy_xattrs(dd, dname, sd, sname)?;
     }
-    sys::utimes_at(sd, name, st)
+    sys::utimes_at(sd, sname, st)
 }
 
 /// Make src's user xattrs of `sname` equal to dst's of `dname` (skipped where unsupported).
@@ -304,7 +309,7 @@ fn sync_entry(
                 name: &tmp,
                 armed: true,
             };
-            set_meta(dd, sd, &tmp, dst_st)?;
+            set_meta_as(dd, name, sd, &tmp, dst_st)?;
             sys::rename_at(sd, &tmp, sd, name, false)?;
             g.armed = false;
             Ok(())
@@ -325,7 +330,7 @@ fn sync_entry(
                 name: &tmp,
                 armed: true,
             };
-            set_meta(dd, sd, &tmp, dst_st)?;
+            set_meta_as(dd, name, sd, &tmp, dst_st)?;
             sys::rename_at(sd, &tmp, sd, name, false)?;
             g.armed = false;
             Ok(())
