@@ -348,6 +348,25 @@ impl Journal {
     }
 }
 
+/// The random id of this dst's writeback state (created once, then read back).
+pub(crate) fn instance_id(dst: &Path) -> io::Result<String> {
+    let p = dir(dst).join("instance");
+    match std::fs::read_to_string(&p) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = format!("{:08x}", super::retry::rand_u64() as u32);
+    let tmp = dir(dst).join("instance.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &p)?;
+    sync_dir(&dir(dst))?;
+    Ok(id)
+}
+
 fn sync_dir(d: &Path) -> io::Result<()> {
     File::open(d)?.sync_all()
 }

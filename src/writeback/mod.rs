@@ -209,6 +209,8 @@ struct Shared {
     retry_delay: Duration,
     start_delay: Duration,
     log: bool,
+    /// Random id of this dst's journal, part of every temp name written to src.
+    instance: String,
     state: Mutex<Inner>,
     cond: Condvar,
     sync_lock: Mutex<()>,
@@ -405,6 +407,13 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             src: &sh.src,
             dst: &sh.dst,
             stop: &sh.stop,
+            tmp_prefix: format!(
+                "{}wb.{}.{}.",
+                crate::fs::names::TEMP_PREFIX,
+                sh.instance,
+                job.seq
+            ),
+            tmp_counter: std::cell::Cell::new(0),
         };
         let r = replay::apply(&ctx, &job.op);
         sh.complete(job, r, t.elapsed());
@@ -457,6 +466,7 @@ impl Writeback {
             retry_delay: cfg.retry_delay,
             start_delay: cfg.start_delay,
             log: cfg.log_writeback,
+            instance: journal::instance_id(&cfg.dst)?,
             state: Mutex::new(inner),
             cond: Condvar::new(),
             sync_lock: Mutex::new(()),

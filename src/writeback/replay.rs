@@ -16,6 +16,7 @@
 //! - Nothing follows a symlink: see [`super::sys`].
 //! - Owner, mode and xattr changes a src filesystem does not support (rclone) are ignored.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -23,7 +24,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::sys::{self, Stat};
 use super::{Op, op};
@@ -42,6 +43,9 @@ pub(crate) struct Ctx<'a> {
     pub src: &'a Path,
     pub dst: &'a Path,
     pub stop: &'a AtomicBool,
+    /// `.cachefs-tmp.wb.<instance>.<seq>.`
+    pub tmp_prefix: String,
+    pub tmp_counter: Cell<u32>,
 }
 
 struct Roots {
@@ -74,19 +78,26 @@ pub(crate) fn apply(ctx: &Ctx, op: &Op) -> io::Result<Outcome> {
     }
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+impl Ctx<'_> {
+    /// The next temp name of this op: `.cachefs-tmp.wb.<instance>.<seq>.<n>`. Names are
+    /// a function of the op, so the replay of an op interrupted by a crash reuses (and so
+    /// reclaims) the temp file it left in src.
+    fn temp_name(&self) -> OsString {
+        let n = self.tmp_counter.get();
+        self.tmp_counter.set(n + 1);
+        OsString::from(format!("{}{n}", self.tmp_prefix))
+    }
+}
 
-fn temp_name() -> OsString {
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    OsString::from(format!(
-        "{}wb.{}.{n}.{nanos:x}",
-        names::TEMP_PREFIX,
-        std::process::id()
-    ))
+/// Create a temp entry with `make`; a leftover of ours with that name is replaced.
+fn make_temp<T>(dir: RawFd, name: &OsStr, make: impl Fn() -> io::Result<T>) -> io::Result<T> {
+    match make() {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            sys::unlink_at(dir, name, false)?;
+            make()
+        }
+        other => other,
+    }
 }
 
 /// Removes a temp entry on drop unless disarmed.
@@ -235,6 +246,11 @@ fn sync_path(
             remove_tree(ctx, sp.as_raw_fd(), name)?;
             return Ok(Outcome::Applied);
         }
+        // An earlier run of this op may have died between creating its temp file and
+        // renaming it; its name is known, reclaim it.
+        if let Ok(sp) = sys::walk(&roots.src, &comps) {
+            let _ = sys::unlink_at(sp.as_raw_fd(), &ctx.temp_name(), false);
+        }
         return Ok(Outcome::Skipped);
     };
     let sparent = ensure_src_parent(roots, &comps)?;
@@ -302,8 +318,8 @@ fn sync_entry(
             if src_type == Some(libc::S_IFDIR) {
                 remove_tree(ctx, sd, name)?;
             }
-            let tmp = temp_name();
-            sys::symlink_at(&target, sd, &tmp)?;
+            let tmp = ctx.temp_name();
+            make_temp(sd, &tmp, || sys::symlink_at(&target, sd, &tmp))?;
             let mut g = TempGuard {
                 dir: sd,
                 name: &tmp,
@@ -323,8 +339,10 @@ fn sync_entry(
             if src_type == Some(libc::S_IFDIR) {
                 remove_tree(ctx, sd, name)?;
             }
-            let tmp = temp_name();
-            sys::mknod_at(sd, &tmp, ftype | 0o600, dst_st.st_rdev)?;
+            let tmp = ctx.temp_name();
+            make_temp(sd, &tmp, || {
+                sys::mknod_at(sd, &tmp, ftype | 0o600, dst_st.st_rdev)
+            })?;
             let mut g = TempGuard {
                 dir: sd,
                 name: &tmp,
@@ -425,8 +443,8 @@ fn copy_file(
         finish_file(dd, name, &sf, sd, name, &st)?;
         return Ok(());
     }
-    let tmp = temp_name();
-    let mut sf = sys::create_excl_at(sd, &tmp, 0o600)?;
+    let tmp = ctx.temp_name();
+    let mut sf = make_temp(sd, &tmp, || sys::create_excl_at(sd, &tmp, 0o600))?;
     let mut g = TempGuard {
         dir: sd,
         name: &tmp,

@@ -12,7 +12,7 @@ pub(crate) const MIN_PARK: Duration = Duration::from_secs(1);
 static RNG: AtomicU64 = AtomicU64::new(0);
 
 /// A cheap pseudo-random u64 (splitmix64 over a time-seeded counter). Only for jitter.
-fn rand_u64() -> u64 {
+pub(crate) fn rand_u64() -> u64 {
     let mut s = RNG.load(Ordering::Relaxed);
     if s == 0 {
         s = std::time::SystemTime::now()
