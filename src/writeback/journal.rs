@@ -3,11 +3,13 @@
 //! ```text
 //! <crc32 of body, 8 hex digits> <body>\n
 //! body := "cachefs-journal 1"                           first line (header)
-//!       | "R" seq unix_ms kind path [path2]             op recorded
+//!       | "R" seq unix_ms kind id path [id2 path2]      op recorded
 //!       | "D" seq                                       op applied on src
 //!       | "F" seq attempts unix_ms errno message        op parked as failed (latest wins)
 //! ```
 //!
+//! `id` is the dst identity of the object the op refers to at that path (`ino` or
+//! `ino.btime_sec.btime_nsec`), or `-` when the op has none (see `op::id_paths`).
 //! Fields are separated by one space. Paths are written with a leading `/` ("/" is the
 //! mount root) and every byte outside `!`..`~` plus `%` is percent-encoded (`%20`), so any
 //! file name, including newlines and non-UTF-8 bytes, round-trips. The message of an `F`
@@ -31,6 +33,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::sys::Id;
 use super::{Op, op};
 
 const HEADER: &str = "cachefs-journal 1";
@@ -43,7 +46,12 @@ pub(crate) fn dir(dst: &Path) -> PathBuf {
 /// One journal line.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Record {
-    Op { seq: u64, ms: u64, op: Op },
+    Op {
+        seq: u64,
+        ms: u64,
+        op: Op,
+        ids: [Option<Id>; 2],
+    },
     Done { seq: u64 },
     Failed { seq: u64, fail: FailInfo },
 }
@@ -62,6 +70,7 @@ pub(crate) struct FailInfo {
 pub(crate) struct Live {
     pub ms: u64,
     pub op: Op,
+    pub ids: [Option<Id>; 2],
     pub fail: Option<FailInfo>,
 }
 
@@ -120,6 +129,31 @@ fn decode_path(s: &str) -> Option<PathBuf> {
     op::normalize_path(&p).filter(|n| *n == p)
 }
 
+fn encode_id(out: &mut String, id: Option<Id>) {
+    match id {
+        None => out.push('-'),
+        Some(Id { ino, btime: None }) => out.push_str(&ino.to_string()),
+        Some(Id {
+            ino,
+            btime: Some((s, n)),
+        }) => out.push_str(&format!("{ino}.{s}.{n}")),
+    }
+}
+
+fn decode_id(s: &str) -> Option<Option<Id>> {
+    if s == "-" {
+        return Some(None);
+    }
+    let f: Vec<&str> = s.split('.').collect();
+    let ino = f[0].parse().ok()?;
+    let btime = match f.len() {
+        1 => None,
+        3 => Some((f[1].parse().ok()?, f[2].parse().ok()?)),
+        _ => return None,
+    };
+    Some(Some(Id { ino, btime }))
+}
+
 fn line(body: &str) -> String {
     format!("{:08x} {body}\n", crc32(body.as_bytes()))
 }
@@ -127,9 +161,16 @@ fn line(body: &str) -> String {
 pub(crate) fn encode(r: &Record) -> String {
     let mut b = String::new();
     match r {
-        Record::Op { seq, ms, op: o } => {
+        Record::Op {
+            seq,
+            ms,
+            op: o,
+            ids,
+        } => {
             b.push_str(&format!("R {seq} {ms} {}", op::kind(o)));
-            for p in op::paths(o) {
+            for (i, p) in op::paths(o).into_iter().enumerate() {
+                b.push(' ');
+                encode_id(&mut b, ids[i]);
                 b.push(' ');
                 encode_path(&mut b, p);
             }
@@ -158,17 +199,24 @@ pub(crate) fn decode(l: &str) -> Option<Option<Record>> {
     let f: Vec<&str> = body.split(' ').collect();
     let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
     let rec = match *f.first()? {
-        "R" if f.len() == 5 || f.len() == 6 => Record::Op {
+        "R" if f.len() == 6 || f.len() == 8 => Record::Op {
             seq: num(1)?,
             ms: num(2)?,
             op: op::from_parts(
                 f[3],
-                decode_path(f[4])?,
-                match f.get(5) {
+                decode_path(f[5])?,
+                match f.get(7) {
                     Some(s) => Some(decode_path(s)?),
                     None => None,
                 },
             )?,
+            ids: [
+                decode_id(f[4])?,
+                match f.get(6) {
+                    Some(s) => decode_id(s)?,
+                    None => None,
+                },
+            ],
         },
         "D" if f.len() == 2 => Record::Done { seq: num(1)? },
         "F" if f.len() == 6 => Record::Failed {
@@ -200,9 +248,17 @@ pub(crate) fn parse(data: &[u8]) -> (BTreeMap<u64, Live>, u64, u64, u64) {
         let Some(rec) = decode(text) else { break };
         match rec {
             None => {}
-            Some(Record::Op { seq, ms, op }) => {
+            Some(Record::Op { seq, ms, op, ids }) => {
                 next = next.max(seq + 1);
-                live.insert(seq, Live { ms, op, fail: None });
+                live.insert(
+                    seq,
+                    Live {
+                        ms,
+                        op,
+                        ids,
+                        fail: None,
+                    },
+                );
             }
             Some(Record::Done { seq }) => {
                 live.remove(&seq);
@@ -388,6 +444,16 @@ mod tests {
                     to: PathBuf::from("b"),
                     exchange: true,
                 },
+                ids: [
+                    Some(Id {
+                        ino: 5,
+                        btime: Some((-1, 999)),
+                    }),
+                    Some(Id {
+                        ino: 6,
+                        btime: None,
+                    }),
+                ],
             },
             Record::Op {
                 seq: 8,
@@ -395,6 +461,7 @@ mod tests {
                 op: Op::SetAttr {
                     path: PathBuf::new(),
                 },
+                ids: [None, None],
             },
             Record::Done { seq: 7 },
             Record::Failed {
@@ -421,12 +488,14 @@ mod tests {
             seq: 1,
             ms: 0,
             op: Op::Write { path: "a".into() },
+            ids: [None, None],
         }));
         let good = text.len() as u64;
         let bad = encode(&Record::Op {
             seq: 2,
             ms: 0,
             op: Op::Write { path: "b".into() },
+            ids: [None, None],
         })
         .replace("/b", "/c");
         text.push_str(&bad);
@@ -434,7 +503,7 @@ mod tests {
         assert_eq!((live.len(), next, valid), (1, 2, good));
         let (_, _, valid, _) = parse(&text.as_bytes()[..text.len() - 1]);
         assert_eq!(valid, good);
-        assert!(decode("0000 R 1 1 write ../x").is_none());
+        assert!(decode("0000 R 1 1 write - ../x").is_none());
     }
 
     #[test]
@@ -447,6 +516,7 @@ mod tests {
                 seq: 1,
                 ms: 5,
                 op: Op::Mkdir { path: "d".into() },
+                ids: [None, None],
             }))
             .unwrap();
             assert!(Journal::open(t.path()).is_err(), "second opener must fail");

@@ -186,6 +186,7 @@ impl From<io::Error> for WritebackError {
 struct Job {
     seq: u64,
     op: Op,
+    ids: [Option<sys::Id>; 2],
     attempt: u32,
 }
 
@@ -233,6 +234,11 @@ fn show(p: &Path) -> String {
 }
 
 impl Shared {
+    /// dst identities of the objects `op` syncs, as dst is right now.
+    fn ids_of(&self, op: &Op) -> [Option<sys::Id>; 2] {
+        op::id_paths(op).map(|p| p.and_then(|p| sys::identity_path(&self.dst.join(p))))
+    }
+
     fn wake(&self) {
         let _ = self.wake.try_send(());
     }
@@ -260,6 +266,7 @@ impl Shared {
                 seq,
                 ms: e.ms,
                 op: e.op.clone(),
+                ids: e.ids,
             });
             if let Some(f) = &e.fail {
                 v.push(Record::Failed {
@@ -385,7 +392,16 @@ fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: u
                 let Some((seq, op, attempt)) = st.sched.take_ready() else {
                     break;
                 };
-                if jobs.send(Job { seq, op, attempt }).is_err() {
+                let ids = st.sched.entries[&seq].ids;
+                if jobs
+                    .send(Job {
+                        seq,
+                        op,
+                        ids,
+                        attempt,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -415,7 +431,7 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             ),
             tmp_counter: std::cell::Cell::new(0),
         };
-        let r = replay::apply(&ctx, &job.op);
+        let r = replay::apply(&ctx, &job.op, &job.ids);
         sh.complete(job, r, t.elapsed());
     }
 }
@@ -436,7 +452,7 @@ impl Writeback {
         let mut sched = Sched::default();
         let loaded = live.len();
         for (seq, l) in live {
-            sched.insert(seq, l.ms, l.op, now + cfg.start_delay, now);
+            sched.insert(seq, l.ms, l.op, l.ids, now + cfg.start_delay, now);
             if let Some(f) = l.fail {
                 let e = sched.entries.get_mut(&seq).expect("just inserted");
                 e.attempts = f.attempts;
@@ -510,38 +526,43 @@ impl Writeback {
                     .unwrap_or_default(),
             )
         })?;
+        let ids = sh.ids_of(&op);
         let target = {
             let mut st = lock(&sh.state);
             if !st.accepting {
                 return Err(WritebackError::ShuttingDown);
             }
-            if let Some(t) = st.sched.coalesce_target(&op) {
+            if let Some(t) = st.sched.coalesce_target(&op, &ids) {
                 t
             } else {
-                let mut ops = vec![op.clone()];
+                let mut ops = vec![(op.clone(), ids)];
                 if let Op::Rename { from, to, exchange } = &op {
                     let mut pending = st.sched.pending_under(from);
                     if *exchange {
                         pending.extend(st.sched.pending_under(to));
                     }
-                    ops.extend(op::rename_followups(&op, pending.into_iter()));
+                    for f in op::rename_followups(&op, pending.into_iter()) {
+                        let fids = sh.ids_of(&f);
+                        ops.push((f, fids));
+                    }
                 }
                 let ms = status::now_ms();
                 let now = Instant::now();
                 let first = st.next_seq;
                 let mut text = String::new();
-                for (i, o) in ops.iter().enumerate() {
+                for (i, (o, oids)) in ops.iter().enumerate() {
                     text.push_str(&journal::encode(&Record::Op {
                         seq: first + i as u64,
                         ms,
                         op: o.clone(),
+                        ids: *oids,
                     }));
                 }
                 st.journal.append(&text)?;
                 let n = ops.len() as u64;
-                for (i, o) in ops.into_iter().enumerate() {
+                for (i, (o, oids)) in ops.into_iter().enumerate() {
                     st.sched
-                        .insert(first + i as u64, ms, o, now + sh.start_delay, now);
+                        .insert(first + i as u64, ms, o, oids, now + sh.start_delay, now);
                 }
                 st.next_seq = first + n;
                 st.written_upto = first + n - 1;
@@ -611,6 +632,18 @@ impl Writeback {
         };
         let (lives, running) = {
             let st = lock(&sh.state);
+            for (seq, e) in st.sched.entries.iter().take(10) {
+                log::info!(
+                    "writeback: pending #{seq} {} {} ({})",
+                    op::kind(&e.op),
+                    op::paths(&e.op)
+                        .iter()
+                        .map(|p| show(p))
+                        .collect::<Vec<_>>()
+                        .join(" -> "),
+                    st.sched.describe(*seq)
+                );
+            }
             let lives: Vec<journal::Live> = st
                 .sched
                 .entries
@@ -618,6 +651,7 @@ impl Writeback {
                 .map(|e| journal::Live {
                     ms: e.ms,
                     op: e.op.clone(),
+                    ids: e.ids,
                     fail: e.fail.clone(),
                 })
                 .collect();

@@ -102,6 +102,21 @@ fn map_paths(op: &Op, f: impl Fn(&Path) -> Option<PathBuf>) -> Option<Op> {
     })
 }
 
+/// The paths whose dst object an op syncs, by slot: replay materialises such a path only
+/// if dst still holds the object recorded for it (a later object at the same path has
+/// its own, later ops). Slot 0 is the first path, slot 1 the second (rename `to`, link
+/// `new`).
+pub(crate) fn id_paths(op: &Op) -> [Option<&Path>; 2] {
+    match op {
+        Op::Unlink { .. } | Op::Rmdir { .. } => [None, None],
+        Op::Link { new, .. } => [None, Some(new)],
+        Op::Rename {
+            from, to, exchange, ..
+        } => [exchange.then_some(from.as_path()), Some(to)],
+        other => [Some(paths(other)[0]), None],
+    }
+}
+
 /// Normalise a mount-relative path: no leading `/`, no `.` components; rejects `..`
 /// and reserved names (whiteouts, the state folder, temp files), which never reach src.
 pub(crate) fn normalize_path(p: &Path) -> Option<PathBuf> {

@@ -22,11 +22,10 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::sys::{self, Stat};
+use super::sys::{self, Id, Stat};
 use super::{Op, op};
 use crate::fs::names;
 
@@ -57,24 +56,27 @@ fn interrupted() -> io::Error {
     io::Error::new(io::ErrorKind::Interrupted, "writeback shutting down")
 }
 
-/// Apply `op` to src.
-pub(crate) fn apply(ctx: &Ctx, op: &Op) -> io::Result<Outcome> {
+/// Apply `op` to src. `ids`: the dst objects it refers to (see `op::id_paths`).
+pub(crate) fn apply(ctx: &Ctx, op: &Op, ids: &[Option<Id>; 2]) -> io::Result<Outcome> {
     let roots = Roots {
         src: sys::open_root(ctx.src)?,
         dst: sys::open_root(ctx.dst)?,
     };
+    let [id0, id1] = *ids;
     match op {
-        Op::Write { path } | Op::Create { path } => sync_path(ctx, &roots, path, true, false),
+        Op::Write { path } | Op::Create { path } => sync_path(ctx, &roots, path, id0, true, false),
         Op::Mknod { path }
         | Op::Mkdir { path }
         | Op::Symlink { path }
         | Op::SetAttr { path }
-        | Op::Xattr { path } => sync_path(ctx, &roots, path, false, false),
-        Op::Sync { path } => sync_path(ctx, &roots, path, true, true),
-        Op::Unlink { path } => remove(&roots, path, false),
-        Op::Rmdir { path } => remove(&roots, path, true),
-        Op::Link { existing, new } => link(ctx, &roots, existing, new),
-        Op::Rename { from, to, exchange } => rename(ctx, &roots, from, to, *exchange),
+        | Op::Xattr { path } => sync_path(ctx, &roots, path, id0, false, false),
+        Op::Sync { path } => sync_path(ctx, &roots, path, id0, true, true),
+        Op::Unlink { path } => remove(ctx, &roots, path, false),
+        Op::Rmdir { path } => remove(ctx, &roots, path, true),
+        Op::Link { existing, new } => link(ctx, &roots, existing, new, id1),
+        Op::Rename { from, to, exchange } => {
+            rename(ctx, &roots, from, to, *exchange, [id0, id1])
+        }
     }
 }
 
@@ -138,7 +140,11 @@ fn ensure_src_parent(roots: &Roots, comps: &[&OsStr]) -> io::Result<OwnedFd> {
         let dst_is_dir = dst_st.is_some_and(|st| sys::file_type(&st) == libc::S_IFDIR);
         match sys::open_dir_at(s.as_raw_fd(), c) {
             Ok(next) => s = next,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Err(e) if sys::is_gone(&e) => {
+                if e.raw_os_error() == Some(libc::ENOTDIR) {
+                    // A non-directory (or symlink) where the view has a directory: stale.
+                    sys::unlink_at(s.as_raw_fd(), c, false)?;
+                }
                 let created = match sys::mkdir_at(s.as_raw_fd(), c, 0o755) {
                     Ok(()) => true,
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
@@ -216,10 +222,16 @@ fn copy_xattrs(dd: RawFd, dname: &OsStr, sd: RawFd, sname: &OsStr) -> io::Result
 /// Sync one mount-relative path from dst to src. `content`: rewrite file bytes even if
 /// src has a file there; `recursive`: also sync a directory's children (and apply dst's
 /// whiteouts and opaque marker).
+///
+/// `expect`: the dst object the op was recorded for; if dst now holds another object at
+/// `path` (deleted and recreated, or renamed away and replaced), nothing is done: that
+/// later object has its own later ops, and materialising it now, before the ops recorded
+/// in between (renames of the old object, say), could leave it where the view never has it.
 fn sync_path(
     ctx: &Ctx,
     roots: &Roots,
     path: &Path,
+    expect: Option<Id>,
     content: bool,
     recursive: bool,
 ) -> io::Result<Outcome> {
@@ -253,6 +265,11 @@ fn sync_path(
         }
         return Ok(Outcome::Skipped);
     };
+    if let Some(want) = expect
+        && sys::identity_at(dparent.as_raw_fd(), name)? != Some(want)
+    {
+        return Ok(Outcome::Skipped);
+    }
     let sparent = ensure_src_parent(roots, &comps)?;
     sync_entry(
         ctx,
@@ -290,7 +307,7 @@ fn sync_entry(
             if !content && src_type == Some(libc::S_IFREG) {
                 set_meta(dd, sd, name, dst_st)
             } else {
-                if src_type == Some(libc::S_IFDIR) && recursive {
+                if src_type == Some(libc::S_IFDIR) {
                     remove_tree(ctx, sd, name)?;
                 }
                 copy_file(ctx, dd, sd, name, src_st.as_ref())
@@ -494,8 +511,12 @@ fn copy_data(ctx: &Ctx, from: &mut File, to: &mut File) -> io::Result<u64> {
     }
 }
 
-/// Unlink or rmdir on src; already gone succeeds.
-fn remove(roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcome> {
+/// Unlink or rmdir on src; already gone succeeds. Whatever src has there goes, whatever
+/// its type and content: at this point of the journal the view has nothing at `path`,
+/// so a directory still holding entries there holds only what the view hides (src-side
+/// leftovers, our temp files, or a later incarnation of the path that an earlier
+/// replay synced from dst ahead of time and that the later ops will sync again).
+fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcome> {
     let Some((comps, name)) = op::split(path) else {
         return Ok(Outcome::Skipped);
     };
@@ -505,30 +526,33 @@ fn remove(roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcome> {
         Err(e) => return Err(e),
     };
     let sd = sp.as_raw_fd();
-    match sys::unlink_at(sd, name, dir) {
-        Ok(()) => Ok(Outcome::Applied),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Outcome::Skipped),
-        Err(e) if dir && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
-            // Only our own leftovers (temp files of an interrupted upload) may go.
-            let mut others = false;
-            for n in sys::list_dir(sd, name)? {
-                if n.as_bytes().starts_with(names::TEMP_PREFIX.as_bytes()) {
-                    let sub = sys::open_dir_at(sd, name)?;
-                    let _ = sys::unlink_at(sub.as_raw_fd(), &n, false);
-                } else {
-                    others = true;
-                }
-            }
-            if others {
+    let Some(st) = sys::lstat_at(sd, name)? else {
+        return Ok(Outcome::Skipped);
+    };
+    let is_dir = sys::file_type(&st) == libc::S_IFDIR;
+    if is_dir != dir {
+        log::debug!("writeback: {path:?} on src is not what was removed; removing it anyway");
+    }
+    if is_dir {
+        match sys::unlink_at(sd, name, true) {
+            Ok(()) => return Ok(Outcome::Applied),
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
                 return Err(e);
             }
-            sys::unlink_at(sd, name, true).map(|()| Outcome::Applied)
+            Err(_) => {}
         }
-        Err(e) => Err(e),
     }
+    remove_tree(ctx, sd, name)?;
+    Ok(Outcome::Applied)
 }
 
-fn link(ctx: &Ctx, roots: &Roots, existing: &Path, new: &Path) -> io::Result<Outcome> {
+fn link(
+    ctx: &Ctx,
+    roots: &Roots,
+    existing: &Path,
+    new: &Path,
+    id: Option<Id>,
+) -> io::Result<Outcome> {
     let (Some((ec, en)), Some((nc, nn))) = (op::split(existing), op::split(new)) else {
         return Ok(Outcome::Skipped);
     };
@@ -556,18 +580,25 @@ fn link(ctx: &Ctx, roots: &Roots, existing: &Path, new: &Path) -> io::Result<Out
             Err(_) => {} // no hard links on this src (rclone...): copy instead
         }
     }
-    sync_path(ctx, roots, new, true, false)
+    sync_path(ctx, roots, new, id, true, false)
 }
 
-fn rename(ctx: &Ctx, roots: &Roots, from: &Path, to: &Path, exchange: bool) -> io::Result<Outcome> {
+fn rename(
+    ctx: &Ctx,
+    roots: &Roots,
+    from: &Path,
+    to: &Path,
+    exchange: bool,
+    ids: [Option<Id>; 2],
+) -> io::Result<Outcome> {
     let (Some((fc, fname)), Some((tc, tname))) = (op::split(from), op::split(to)) else {
         return Ok(Outcome::Skipped);
     };
     let degrade = |ctx: &Ctx| -> io::Result<Outcome> {
         if exchange {
-            sync_path(ctx, roots, from, true, true)?;
+            sync_path(ctx, roots, from, ids[0], true, true)?;
         }
-        sync_path(ctx, roots, to, true, true)
+        sync_path(ctx, roots, to, ids[1], true, true)
     };
     let fp = match sys::walk(&roots.src, &fc) {
         Ok(fd) => fd,
@@ -593,7 +624,20 @@ fn rename(ctx: &Ctx, roots: &Roots, from: &Path, to: &Path, exchange: bool) -> i
         };
     }
     let tp = ensure_src_parent(roots, &tc)?;
-    match sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false) {
+    let mut r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
+    if let Err(e) = &r
+        && matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR)
+        )
+    {
+        // src's target is not replaceable as is (a non-empty directory, or another
+        // type): the view replaced it, so what src holds there is stale. Note EISDIR /
+        // ENOTDIR can only come from the target here: both parents were opened.
+        remove_tree(ctx, tp.as_raw_fd(), tname)?;
+        r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
+    }
+    match r {
         Ok(()) => {
             let _ = sys::fsync_dir(tp.as_raw_fd());
             Ok(Outcome::Applied)

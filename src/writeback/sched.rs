@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::journal::FailInfo;
+use super::sys::Id;
 use super::{Op, op};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub(crate) enum State {
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub op: Op,
+    /// dst identities of the objects the op syncs (see `op::id_paths`).
+    pub ids: [Option<Id>; 2],
     /// Wall-clock recording time (ms since the epoch), for `status`.
     pub ms: u64,
     pub state: State,
@@ -77,14 +80,14 @@ impl Sched {
     }
 
     /// If `op` is already covered by a pending, not started op, that op's seq.
-    pub(crate) fn coalesce_target(&self, op: &Op) -> Option<u64> {
+    pub(crate) fn coalesce_target(&self, op: &Op, ids: &[Option<Id>; 2]) -> Option<u64> {
         let mut c = BTreeSet::new();
         for p in op::paths(op) {
             self.conflicts(p, &mut c);
         }
         let last = *c.last()?;
         let e = &self.entries[&last];
-        (e.state == State::Waiting && op::covers(&e.op, op)).then_some(last)
+        (e.state == State::Waiting && op::covers(&e.op, op) && e.ids == *ids).then_some(last)
     }
 
     /// Pending ops that touch `base` or anything below it, in seq order.
@@ -102,7 +105,15 @@ impl Sched {
     }
 
     /// Add a recorded op. `not_before`: when its start delay ends.
-    pub(crate) fn insert(&mut self, seq: u64, ms: u64, op: Op, not_before: Instant, now: Instant) {
+    pub(crate) fn insert(
+        &mut self,
+        seq: u64,
+        ms: u64,
+        op: Op,
+        ids: [Option<Id>; 2],
+        not_before: Instant,
+        now: Instant,
+    ) {
         let mut deps = BTreeSet::new();
         for p in op::paths(&op) {
             self.conflicts(p, &mut deps);
@@ -118,6 +129,7 @@ impl Sched {
             seq,
             Entry {
                 op,
+                ids,
                 ms,
                 state: State::Waiting,
                 attempts: 0,
@@ -255,6 +267,24 @@ impl Sched {
         None
     }
 
+    /// Human-readable state of a pending op (for `log_summary`).
+    pub(crate) fn describe(&self, seq: u64) -> String {
+        let Some(e) = self.entries.get(&seq) else {
+            return "done".into();
+        };
+        let where_ = if e.state == State::Running {
+            "running".to_string()
+        } else if e.blockers > 0 {
+            format!("waiting for {} earlier ops", e.blockers)
+        } else if self.ready.contains(&seq) {
+            "ready".to_string()
+        } else {
+            let left = e.not_before.saturating_duration_since(Instant::now());
+            format!("due in {left:?}")
+        };
+        format!("{where_}, attempt {}", e.attempts)
+    }
+
     /// The latest pending op touching exactly `p`.
     pub(crate) fn latest_on(&self, p: &Path) -> Option<u64> {
         self.index.get(p).and_then(|s| s.last().copied())
@@ -273,6 +303,8 @@ impl Sched {
 mod tests {
     use super::*;
 
+    const N: [Option<Id>; 2] = [None, None];
+
     fn w(p: &str) -> Op {
         Op::Write { path: p.into() }
     }
@@ -290,9 +322,9 @@ mod tests {
     fn related_paths_wait_independent_run() {
         let now = Instant::now();
         let mut s = Sched::default();
-        s.insert(1, 0, Op::Mkdir { path: "a".into() }, now, now);
-        s.insert(2, 0, w("a/f"), now, now);
-        s.insert(3, 0, w("b"), now, now);
+        s.insert(1, 0, Op::Mkdir { path: "a".into() }, N, now, now);
+        s.insert(2, 0, w("a/f"), N, now, now);
+        s.insert(3, 0, w("b"), N, now, now);
         s.insert(
             4,
             0,
@@ -301,10 +333,11 @@ mod tests {
                 to: "c".into(),
                 exchange: false,
             },
+            N,
             now,
             now,
         );
-        s.insert(5, 0, w("c/g"), now, now);
+        s.insert(5, 0, w("c/g"), N, now, now);
         assert_eq!(drain(&mut s, now), vec![1, 3]);
         s.succeed(3, now);
         assert!(drain(&mut s, now).is_empty());
@@ -320,20 +353,20 @@ mod tests {
     fn coalesce_only_into_latest_unstarted_cover() {
         let now = Instant::now();
         let mut s = Sched::default();
-        s.insert(1, 0, w("f"), now, now);
-        assert_eq!(s.coalesce_target(&w("f")), Some(1));
+        s.insert(1, 0, w("f"), N, now, now);
+        assert_eq!(s.coalesce_target(&w("f"), &N), Some(1));
         assert_eq!(
-            s.coalesce_target(&Op::SetAttr { path: "f".into() }),
+            s.coalesce_target(&Op::SetAttr { path: "f".into() }, &N),
             Some(1)
         );
-        assert_eq!(s.coalesce_target(&Op::Unlink { path: "f".into() }), None);
-        s.insert(2, 0, Op::Rmdir { path: "".into() }, now, now);
-        assert_eq!(s.coalesce_target(&w("f")), None, "a later barrier");
+        assert_eq!(s.coalesce_target(&Op::Unlink { path: "f".into() }, &N), None);
+        s.insert(2, 0, Op::Rmdir { path: "".into() }, N, now, now);
+        assert_eq!(s.coalesce_target(&w("f"), &N), None, "a later barrier");
         let mut s = Sched::default();
-        s.insert(1, 0, w("f"), now, now);
+        s.insert(1, 0, w("f"), N, now, now);
         assert_eq!(drain(&mut s, now), vec![1]);
         assert_eq!(
-            s.coalesce_target(&w("f")),
+            s.coalesce_target(&w("f"), &N),
             None,
             "running: may have read old bytes"
         );
@@ -344,8 +377,8 @@ mod tests {
         let now = Instant::now();
         let later = now + std::time::Duration::from_secs(60);
         let mut s = Sched::default();
-        s.insert(1, 0, Op::Mkdir { path: "a".into() }, now, now);
-        s.insert(2, 0, w("a/f"), later, now);
+        s.insert(1, 0, Op::Mkdir { path: "a".into() }, N, now, now);
+        s.insert(2, 0, w("a/f"), N, later, now);
         assert_eq!(drain(&mut s, now), vec![1]);
         let f = FailInfo {
             attempts: 1,

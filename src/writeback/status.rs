@@ -180,6 +180,7 @@ mod tests {
             Live {
                 ms: now_ms() - 5000,
                 op: Op::Write { path: "a".into() },
+                ids: [None, None],
                 fail: None,
             },
             Live {
@@ -187,6 +188,7 @@ mod tests {
                 op: Op::Mkdir {
                     path: "q\"d".into(),
                 },
+                ids: [None, None],
                 fail: Some(FailInfo {
                     attempts: 3,
                     ms: 0,

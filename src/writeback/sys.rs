@@ -34,6 +34,51 @@ fn own(fd: libc::c_int) -> io::Result<OwnedFd> {
     cvt(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Identity of a dst object: inode number and, where the filesystem keeps it, birth
+/// time (so a reused inode number is not mistaken for the old object).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Id {
+    pub ino: u64,
+    pub btime: Option<(i64, u32)>,
+}
+
+fn statx_id(dir: RawFd, c: &CString) -> io::Result<Option<Id>> {
+    // SAFETY: zeroed statx is a valid out-buffer.
+    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall with valid pointers.
+    let r = unsafe {
+        libc::statx(
+            dir,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_INO | libc::STATX_BTIME,
+            &mut sx,
+        )
+    };
+    match cvt(r) {
+        Ok(_) => Ok(Some(Id {
+            ino: sx.stx_ino,
+            btime: (sx.stx_mask & libc::STATX_BTIME != 0)
+                .then_some((sx.stx_btime.tv_sec, sx.stx_btime.tv_nsec)),
+        })),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Identity of `name` under `dir` (not following a symlink); `None` if absent.
+pub(crate) fn identity_at(dir: RawFd, name: &OsStr) -> io::Result<Option<Id>> {
+    statx_id(dir, &cstr(name.as_bytes())?)
+}
+
+/// Identity of the object at an absolute dst path (metadata only, so the plain path
+/// walk is harmless); `None` if absent or unreadable.
+pub(crate) fn identity_path(p: &Path) -> Option<Id> {
+    statx_id(libc::AT_FDCWD, &cstr(p.as_os_str().as_bytes()).ok()?)
+        .ok()
+        .flatten()
+}
+
 /// True if the error is "no such entry" (also a non-directory in the middle of the path).
 pub(crate) fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
