@@ -87,9 +87,12 @@ fn clear_reserved(dir: &Path) {
 }
 
 fn is_empty_view(dir: &Path) -> bool {
-    fs::read_dir(dir)
-        .unwrap()
-        .all(|e| e.unwrap().file_name().as_encoded_bytes().starts_with(b".cachefs-"))
+    fs::read_dir(dir).unwrap().all(|e| {
+        e.unwrap()
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(b".cachefs-")
+    })
 }
 
 fn exchange(a: &Path, b: &Path) {
@@ -174,13 +177,21 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
                     let id = *rng.pick(&[0, 1000, 65534]);
                     std::os::unix::fs::lchown(&abs, Some(id), Some(id)).unwrap();
                 }
-                _ => set_mtime(&abs, 1_500_000_000 + rng.below(1000) as i64, rng.below(1000) as i64),
+                _ => set_mtime(
+                    &abs,
+                    1_500_000_000 + rng.below(1000) as i64,
+                    rng.below(1000) as i64,
+                ),
             }
             Some(Op::SetAttr { path: e })
         }
         7 if !files.is_empty() => {
             let f = rng.pick(&files).clone();
-            if !set_xattr(&root.join(&f), "user.k", format!("{}", rng.below(9)).as_bytes()) {
+            if !set_xattr(
+                &root.join(&f),
+                "user.k",
+                format!("{}", rng.below(9)).as_bytes(),
+            ) {
                 return None;
             }
             Some(Op::Xattr { path: f })
@@ -317,9 +328,7 @@ fn run_seed(seed: u64) {
     }
     let r = std::panic::catch_unwind(|| assert_converged(&env));
     if r.is_err() {
-        panic!(
-            "seed {seed} (concurrent {concurrent}, delay {delay}ms) diverged; trace {trace:#?}"
-        );
+        panic!("seed {seed} (concurrent {concurrent}, delay {delay}ms) diverged; trace {trace:#?}");
     }
 }
 

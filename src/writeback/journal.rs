@@ -52,8 +52,13 @@ pub(crate) enum Record {
         op: Op,
         ids: [Option<Id>; 2],
     },
-    Done { seq: u64 },
-    Failed { seq: u64, fail: FailInfo },
+    Done {
+        seq: u64,
+    },
+    Failed {
+        seq: u64,
+        fail: FailInfo,
+    },
 }
 
 /// Why an op is parked as failed.

@@ -74,9 +74,7 @@ pub(crate) fn apply(ctx: &Ctx, op: &Op, ids: &[Option<Id>; 2]) -> io::Result<Out
         Op::Unlink { path } => remove(ctx, &roots, path, false),
         Op::Rmdir { path } => remove(ctx, &roots, path, true),
         Op::Link { existing, new } => link(ctx, &roots, existing, new, id1),
-        Op::Rename { from, to, exchange } => {
-            rename(ctx, &roots, from, to, *exchange, [id0, id1])
-        }
+        Op::Rename { from, to, exchange } => rename(ctx, &roots, from, to, *exchange, [id0, id1]),
     }
 }
 
@@ -583,46 +581,45 @@ fn link(
     sync_path(ctx, roots, new, id, true, false)
 }
 
-fn rename(
-    ctx: &Ctx,
-    roots: &Roots,
-    from: &Path,
-    to: &Path,
-    exchange: bool,
-    ids: [Option<Id>; 2],
-) -> io::Result<Outcome> {
-    let (Some((fc, fname)), Some((tc, tname))) = (op::split(from), op::split(to)) else {
-        return Ok(Outcome::Skipped);
+/// True if src has an entry at `path` (no symlink followed on the way).
+fn src_has(roots: &Roots, path: &Path) -> io::Result<bool> {
+    let Some((comps, name)) = op::split(path) else {
+        return Ok(true);
     };
-    let degrade = |ctx: &Ctx| -> io::Result<Outcome> {
-        if exchange {
-            sync_path(ctx, roots, from, ids[0], true, true)?;
-        }
-        sync_path(ctx, roots, to, ids[1], true, true)
+    match sys::walk(&roots.src, &comps) {
+        Ok(d) => Ok(sys::lstat_at(d.as_raw_fd(), name)?.is_some()),
+        Err(e) if sys::is_gone(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A degraded rename side: make src's `path` hold dst's object `id` (recursively), or,
+/// if dst no longer has that object there, hold nothing: at this point of the journal
+/// the view has that object at `path`, so whatever src has there was replaced, and the
+/// later object has its own later ops.
+fn sync_or_clear(ctx: &Ctx, roots: &Roots, path: &Path, id: Option<Id>) -> io::Result<Outcome> {
+    if sync_path(ctx, roots, path, id, true, true)? == Outcome::Applied {
+        return Ok(Outcome::Applied);
+    }
+    if let Some((comps, name)) = op::split(path)
+        && let Ok(sp) = sys::walk(&roots.src, &comps)
+    {
+        remove_tree(ctx, sp.as_raw_fd(), name)?;
+    }
+    Ok(Outcome::Applied)
+}
+
+/// rename(2) on src, replacing a target that cannot be replaced as is. `Ok(false)` if
+/// the source vanished.
+fn move_on_src(ctx: &Ctx, roots: &Roots, from: &Path, to: &Path) -> io::Result<bool> {
+    let (Some((fc, fname)), Some((tc, tname))) = (op::split(from), op::split(to)) else {
+        return Ok(false);
     };
     let fp = match sys::walk(&roots.src, &fc) {
         Ok(fd) => fd,
-        Err(e) if sys::is_gone(&e) => return degrade(ctx),
+        Err(e) if sys::is_gone(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
-    if sys::lstat_at(fp.as_raw_fd(), fname)?.is_none() {
-        return degrade(ctx);
-    }
-    if exchange {
-        let tp = match sys::walk(&roots.src, &tc) {
-            Ok(fd) => fd,
-            Err(e) if sys::is_gone(&e) => return degrade(ctx),
-            Err(e) => return Err(e),
-        };
-        if sys::lstat_at(tp.as_raw_fd(), tname)?.is_none() {
-            return degrade(ctx);
-        }
-        return match sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, true) {
-            Ok(()) => Ok(Outcome::Applied),
-            Err(e) if sys::is_unsupported(&e) => degrade(ctx),
-            Err(e) => Err(e),
-        };
-    }
     let tp = ensure_src_parent(roots, &tc)?;
     let mut r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
     if let Err(e) = &r
@@ -632,17 +629,67 @@ fn rename(
         )
     {
         // src's target is not replaceable as is (a non-empty directory, or another
-        // type): the view replaced it, so what src holds there is stale. Note EISDIR /
-        // ENOTDIR can only come from the target here: both parents were opened.
+        // type): the view replaced it, so what src holds there is stale. EISDIR /
+        // ENOTDIR can only come from the target here: both parents are open.
         remove_tree(ctx, tp.as_raw_fd(), tname)?;
         r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
     }
     match r {
         Ok(()) => {
             let _ = sys::fsync_dir(tp.as_raw_fd());
-            Ok(Outcome::Applied)
+            Ok(true)
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => degrade(ctx),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// Rename on src as a rename (a directory is never copied when src has it). If src
+/// lacks a side, that side is synced from dst or cleared ([`sync_or_clear`]).
+/// `ids`: dst objects now at `from` (exchange only) and at `to`.
+fn rename(
+    ctx: &Ctx,
+    roots: &Roots,
+    from: &Path,
+    to: &Path,
+    exchange: bool,
+    ids: [Option<Id>; 2],
+) -> io::Result<Outcome> {
+    if op::split(from).is_none() || op::split(to).is_none() {
+        return Ok(Outcome::Skipped);
+    }
+    if !exchange {
+        if src_has(roots, from)? && move_on_src(ctx, roots, from, to)? {
+            return Ok(Outcome::Applied);
+        }
+        return sync_or_clear(ctx, roots, to, ids[1]);
+    }
+    match (src_has(roots, from)?, src_has(roots, to)?) {
+        (true, true) => {
+            let (fc, fname) = op::split(from).expect("checked");
+            let (tc, tname) = op::split(to).expect("checked");
+            let fp = sys::walk(&roots.src, &fc)?;
+            let tp = sys::walk(&roots.src, &tc)?;
+            match sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, true) {
+                Ok(()) => Ok(Outcome::Applied),
+                Err(e) if sys::is_unsupported(&e) || e.raw_os_error() == Some(libc::ENOENT) => {
+                    sync_or_clear(ctx, roots, from, ids[0])?;
+                    sync_or_clear(ctx, roots, to, ids[1])
+                }
+                Err(e) => Err(e),
+            }
+        }
+        (true, false) => {
+            move_on_src(ctx, roots, from, to)?;
+            sync_or_clear(ctx, roots, from, ids[0])
+        }
+        (false, true) => {
+            move_on_src(ctx, roots, to, from)?;
+            sync_or_clear(ctx, roots, to, ids[1])
+        }
+        (false, false) => {
+            sync_or_clear(ctx, roots, from, ids[0])?;
+            sync_or_clear(ctx, roots, to, ids[1])
+        }
     }
 }

@@ -359,7 +359,10 @@ mod tests {
             s.coalesce_target(&Op::SetAttr { path: "f".into() }, &N),
             Some(1)
         );
-        assert_eq!(s.coalesce_target(&Op::Unlink { path: "f".into() }, &N), None);
+        assert_eq!(
+            s.coalesce_target(&Op::Unlink { path: "f".into() }, &N),
+            None
+        );
         s.insert(2, 0, Op::Rmdir { path: "".into() }, N, now, now);
         assert_eq!(s.coalesce_target(&w("f"), &N), None, "a later barrier");
         let mut s = Sched::default();
