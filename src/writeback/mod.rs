@@ -31,6 +31,25 @@
 //! - A recorded op is removed from the journal only after it was applied on src (src
 //!   file fsynced before its rename). Failed ops stay, marked failed, and are retried.
 //!
+//! # Identity
+//! With each op, `record` stores the dst identity (inode + birth time) of the object the
+//! op syncs, taken right after the mutation. Replay materialises a path only while dst
+//! still holds that object there: a later object at the same path (deleted and
+//! recreated, renamed over) has its own later ops, and copying it early could let a
+//! rename recorded in between carry it where the view never has it. A rename that cannot
+//! be a rename on src (its source is not there) syncs its target from dst if dst still
+//! holds the moved object, and otherwise clears the target on src (what src has there
+//! was replaced). Replay also replaces whatever src holds where the view says otherwise
+//! (a file where the view has a directory, a non-empty directory the view removed):
+//! such src entries are invisible in the view.
+//!
+//! # Known limitation: hard links
+//! A write through one name of a multiply-linked file is journaled for that name only.
+//! Replay rewrites a file in place when both dst and src have it multiply linked, so a
+//! src that keeps the hard link stays right; on a src without hard links (rclone), or
+//! where a degraded sync separated the names, the other names go stale until their own
+//! next op. The fix needs `fs` to record a `Write` for every known name of the inode.
+//!
 //! # Ordering
 //! Op B waits for every earlier unapplied op touching the same path, an ancestor, or a
 //! descendant of one of B's paths (both sides of a rename/link). Unrelated ops run in

@@ -9,10 +9,16 @@
 //!   owner, mode, user xattrs and times, fsynced, then renamed over the target. A file
 //!   with several hard links on both sides is rewritten in place so the links survive.
 //! - Missing src parents are created (with dst's attributes when dst has them).
-//! - A rename whose source is gone from src becomes a recursive sync of its target(s).
-//! - Unlink/rmdir of something already gone succeed; rmdir first removes our own stale
-//!   temp files. A whiteout or the opaque marker in dst is applied (src entries removed)
-//!   only by a recursive sync; internal names are never created on src.
+//! - A path is materialised only if dst still holds the object recorded with the op
+//!   (identity check, see the module doc of `writeback`).
+//! - A rename whose source is gone from src syncs its target from dst (recursively) or,
+//!   if dst no longer holds the moved object there, clears the target on src. An exchange
+//!   with one side on src moves that side. A target src cannot replace as is (another
+//!   type, a non-empty directory) is removed first: the view replaced it.
+//! - Unlink/rmdir of something already gone succeed; whatever src has at that path goes
+//!   (recursively): the view has nothing there at that point of the journal. A whiteout
+//!   or the opaque marker in dst is applied (src entries removed) only by a recursive
+//!   sync; internal names are never created on src.
 //! - Nothing follows a symlink: see [`super::sys`].
 //! - Owner, mode and xattr changes a src filesystem does not support (rclone) are ignored.
 
