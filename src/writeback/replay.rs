@@ -251,7 +251,7 @@ fn sync_path(
     };
     let dparent = match sys::walk(&roots.dst, &comps) {
         Ok(fd) => fd,
-        Err(e) if sys::is_gone(&e) => return Ok(Outcome::Skipped),
+        Err(e) if sys::is_gone(&e) => return reclaim(ctx, roots, &comps),
         Err(e) => return Err(e),
     };
     let Some(dst_st) = sys::lstat_at(dparent.as_raw_fd(), name)? else {
@@ -262,17 +262,12 @@ fn sync_path(
             remove_tree(ctx, sp.as_raw_fd(), name)?;
             return Ok(Outcome::Applied);
         }
-        // An earlier run of this op may have died between creating its temp file and
-        // renaming it; its name is known, reclaim it.
-        if let Ok(sp) = sys::walk(&roots.src, &comps) {
-            let _ = sys::unlink_at(sp.as_raw_fd(), &ctx.temp_name(), false);
-        }
-        return Ok(Outcome::Skipped);
+        return reclaim(ctx, roots, &comps);
     };
     if let Some(want) = expect
         && sys::identity_at(dparent.as_raw_fd(), name)? != Some(want)
     {
-        return Ok(Outcome::Skipped);
+        return reclaim(ctx, roots, &comps);
     }
     let sparent = ensure_src_parent(roots, &comps)?;
     sync_entry(
@@ -285,6 +280,15 @@ fn sync_path(
         recursive,
     )?;
     Ok(Outcome::Applied)
+}
+
+/// A skipped sync: an earlier run of this op may have died between creating its temp
+/// file and renaming it (a crash mid-upload); its name is known, reclaim it.
+fn reclaim(ctx: &Ctx, roots: &Roots, comps: &[&OsStr]) -> io::Result<Outcome> {
+    if let Ok(sp) = sys::walk(&roots.src, comps) {
+        let _ = sys::unlink_at(sp.as_raw_fd(), &ctx.temp_name(), false);
+    }
+    Ok(Outcome::Skipped)
 }
 
 fn whited_out(dd: RawFd, name: &OsStr) -> io::Result<bool> {
