@@ -21,6 +21,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use log::{debug, error, info, warn};
 
 use crate::config::Config;
@@ -188,35 +190,22 @@ pub fn sd_notify(state: &str) {
     }
 }
 
-/// Placeholder until the writeback journal lands: `-w` is refused with a clear error
-/// by `start_writeback`, so no value of this type is ever made.
-#[derive(Clone)]
-enum Writeback {}
-
-impl Writeback {
-    fn shutdown(&self, _max_wait: Duration) {
-        match *self {}
-    }
-}
+/// The writeback journal and workers (`-w`), shared by the core and the daemon.
+type Writeback = Arc<crate::writeback::Writeback>;
 
 /// Start the writeback journal and workers when `-w` is given.
 fn start_writeback(cfg: &Config) -> Result<Option<Writeback>, DaemonError> {
     if !cfg.writeback {
         return Ok(None);
     }
-    // MERGE(writeback): enable the next line and delete the `Err(..)` after it.
-    // return Writeback::start(cfg).map(Some).map_err(|e| DaemonError::Writeback(e.to_string()));
-    Err(DaemonError::Writeback(
-        "writeback (-w) is not available in this build".into(),
-    ))
+    crate::writeback::Writeback::start(cfg)
+        .map(Some)
+        .map_err(|e| DaemonError::Writeback(e.to_string()))
 }
 
 /// `cachefs status DST [--json]`: the exit status of the writeback status report.
 pub fn run_status(dst: &Path, json: bool) -> i32 {
-    // MERGE(writeback): replace this body with `crate::writeback::status::run(dst, json)`.
-    let _ = (dst, json);
-    eprintln!("cachefs: status is not available in this build");
-    1
+    crate::writeback::status::run(dst, json)
 }
 
 /// How serving ended.
@@ -232,10 +221,7 @@ fn mount_and_serve(
     wb: Option<Writeback>,
     signals: &Signals,
 ) -> Result<Stop, DaemonError> {
-    let changes: Option<std::sync::Arc<dyn crate::fs::ChangeLog>> = match wb {
-        None => None,
-        Some(w) => match w {},
-    };
+    let changes = wb.clone().map(|w| w as Arc<dyn crate::fs::ChangeLog>);
     let fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
     let session = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
         mountpoint: cfg.mountpoint.clone(),
@@ -256,7 +242,7 @@ fn mount_and_serve(
         cfg.mountpoint.display(),
         writeback_mode(cfg)
     );
-    serve(session, signals, &cfg.mountpoint)
+    serve(session, signals, &cfg.mountpoint, wb.as_ref())
 }
 
 /// "off", "on N workers" or "mirror", for the mount log line.
@@ -272,11 +258,18 @@ fn serve(
     session: fuser::BackgroundSession,
     signals: &Signals,
     mnt: &Path,
+    wb: Option<&Writeback>,
 ) -> Result<Stop, DaemonError> {
     let m = mnt.display();
     let signal = loop {
-        if let Some(sig) = signals.wait(POLL).map_err(DaemonError::Signals)? {
-            break Some(sig);
+        match signals.wait(POLL).map_err(DaemonError::Signals)? {
+            // SIGUSR1: log the writeback queue (as GoCacheFS did), keep serving.
+            Some(libc::SIGUSR1) => match wb {
+                Some(wb) => wb.log_summary(),
+                None => info!("SIGUSR1: writeback is off (no -w); nothing queued"),
+            },
+            Some(sig) => break Some(sig),
+            None => {}
         }
         if session.guard.is_finished() {
             break None;
@@ -358,7 +351,7 @@ impl Signals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
                 libc::sigaddset(&mut set, sig);
             }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
