@@ -132,6 +132,23 @@ pub struct OpenFile {
     pub file: File,
     /// Written since the last report to the change log.
     dirty: AtomicBool,
+    /// Writes may bypass the daemon (FUSE passthrough of a writable open): the daemon
+    /// cannot see them, so at flush/fsync/release it compares the file's version with
+    /// the one last reported instead of trusting `dirty`.
+    writes_bypass: bool,
+    /// (mtime, ctime, size) of the dst file when its content was last reported.
+    reported: Mutex<Option<(i64, i64, i64, i64, i64)>>,
+}
+
+/// A file's version as far as writes can tell: mtime, ctime (ns) and size.
+fn version_of(st: &Stat) -> (i64, i64, i64, i64, i64) {
+    (
+        st.st_mtime,
+        st.st_mtime_nsec,
+        st.st_ctime,
+        st.st_ctime_nsec,
+        st.st_size,
+    )
 }
 
 struct DirHandle {
@@ -1198,9 +1215,9 @@ impl CacheFs {
             |path| Op::Create { path },
         )?;
         let file = file.into_inner().ok_or(FsError::Stale)?;
-        let fh = self.add_handle(attr.ino, file);
+        let fh = self.add_handle(attr.ino, file, for_backing);
         if for_backing {
-            self.mark_dirty(&*self.handle(fh)?)?;
+            self.note_bypassing_writer(fh)?;
         }
         Ok((attr, fh))
     }
@@ -1422,7 +1439,7 @@ impl CacheFs {
 
     // ----- files -------------------------------------------------------------------
 
-    fn add_handle(&self, ino: u64, file: File) -> u64 {
+    fn add_handle(&self, ino: u64, file: File, writes_bypass: bool) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.write().unwrap().insert(
             fh,
@@ -1430,6 +1447,8 @@ impl CacheFs {
                 ino,
                 file,
                 dirty: AtomicBool::new(false),
+                writes_bypass,
+                reported: Mutex::new(None),
             }),
         );
         fh
@@ -1488,9 +1507,10 @@ impl CacheFs {
                 wanted & libc::O_ACCMODE == libc::O_RDWR,
             )
         };
-        let fh = self.add_handle(ino, file);
-        if for_backing && flags & libc::O_ACCMODE != libc::O_RDONLY {
-            self.mark_dirty(&*self.handle(fh)?)?;
+        let writer = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.add_handle(ino, file, for_backing && writer);
+        if for_backing && writer {
+            self.note_bypassing_writer(fh)?;
         }
         Ok(Opened { fh, rw, fresh })
     }
@@ -1516,6 +1536,18 @@ impl CacheFs {
         h.file.write_all_at(data, offset)?;
         self.mark_dirty(&h)?;
         Ok(data.len() as u32)
+    }
+
+    /// A writable open whose writes will bypass the daemon: the file counts as changed
+    /// from now on (recorded at once, so a crash before close loses nothing), and its
+    /// current version is remembered so flush/fsync/release can tell later writes.
+    fn note_bypassing_writer(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        self.mark_dirty(&h)?;
+        let now = version_of(&layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?);
+        *h.reported.lock().unwrap() = Some(now);
+        h.dirty.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// First write since the last report: the file is now a local version (never
@@ -1563,9 +1595,14 @@ impl CacheFs {
         let Some(changes) = &self.changes else {
             return Ok(());
         };
-        if h.dirty.swap(false, Ordering::AcqRel)
-            && let Some(path) = self.record_content(h.ino)?
-        {
+        let mut changed = h.dirty.swap(false, Ordering::AcqRel);
+        if h.writes_bypass {
+            let now = version_of(&layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?);
+            let mut reported = h.reported.lock().unwrap();
+            changed |= *reported != Some(now);
+            *reported = Some(now);
+        }
+        if changed && let Some(path) = self.record_content(h.ino)? {
             changes.wait_synced(&path).map_err(FsError::Journal)?;
         }
         Ok(())
