@@ -137,11 +137,13 @@ pub struct OpenFile {
     /// the one last reported instead of trusting `dirty`.
     writes_bypass: bool,
     /// (mtime, ctime, size) of the dst file when its content was last reported.
-    reported: Mutex<Option<(i64, i64, i64, i64, i64)>>,
+    reported: Mutex<Option<Version>>,
 }
 
-/// A file's version as far as writes can tell: mtime, ctime (ns) and size.
-fn version_of(st: &Stat) -> (i64, i64, i64, i64, i64) {
+/// A file's version as far as writes can tell: mtime, ctime (s, ns) and size.
+type Version = (i64, i64, i64, i64, i64);
+
+fn version_of(st: &Stat) -> Version {
     (
         st.st_mtime,
         st.st_mtime_nsec,
