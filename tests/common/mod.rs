@@ -460,7 +460,16 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, EntrySnap> {
         let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
         let ft = md.file_type();
         let data = if ft.is_file() {
-            fs::read(&p).unwrap()
+            // O_NOATIME: taking a snapshot must not change what a test asserts on.
+            let mut f = std::os::unix::fs::OpenOptionsExt::custom_flags(
+                fs::OpenOptions::new().read(true),
+                libc::O_NOATIME,
+            )
+            .open(&p)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut v).unwrap();
+            v
         } else if ft.is_symlink() {
             fs::read_link(&p).unwrap().into_os_string().into_vec()
         } else {
