@@ -700,3 +700,145 @@ fn reserved_names_cannot_be_created_or_seen() {
     assert!(spoofed.is_empty(), "dst got {spoofed:?}");
     m.stop();
 }
+
+// ----- more of the view ----------------------------------------------------------------
+
+#[test]
+fn large_merged_listing_pages_every_name_once() {
+    if !can_mount("large_merged_listing_pages_every_name_once") {
+        return;
+    }
+    // Long names so that the listing spans many readdir pages.
+    let name = |i: usize| format!("entry-{i:05}-{}", "x".repeat(60));
+    let (src, dst) = (tempdir(), tempdir());
+    mkdirs(src.path(), "big");
+    mkdirs(dst.path(), "big");
+    for i in 0..2000 {
+        if i < 1400 {
+            fs::write(src.path().join("big").join(name(i)), b"s").unwrap();
+        }
+        if i >= 1000 {
+            fs::write(dst.path().join("big").join(name(i)), b"d").unwrap();
+        }
+    }
+    // Some src names are whited out, some dst entries are internal.
+    for i in (0..1000).step_by(10) {
+        fs::write(
+            dst.path()
+                .join("big")
+                .join(format!(".cachefs-wh.{}", name(i))),
+            b"",
+        )
+        .unwrap();
+    }
+    let before = snapshot(src.path());
+    let m = mount(src, dst);
+    let want: Vec<String> = (0..2000)
+        .filter(|i| i >= &1000 || i % 10 != 0)
+        .map(name)
+        .collect();
+    let got = names(&m.mnt_path("big"));
+    assert_eq!(got.len(), want.len(), "entry count");
+    assert!(got == want, "listing differs");
+    assert_eq!(
+        fs::read(m.mnt_path(&format!("big/{}", name(1200)))).unwrap(),
+        b"d"
+    );
+    assert_eq!(
+        fs::read(m.mnt_path(&format!("big/{}", name(999)))).unwrap(),
+        b"s"
+    );
+    assert_unchanged(m.src.path(), &before);
+    m.stop();
+}
+
+#[test]
+fn a_deleted_name_can_come_back_as_another_type() {
+    if !can_mount("a_deleted_name_can_come_back_as_another_type") {
+        return;
+    }
+    let src = dir_with(&[
+        ("wasfile", b"f"),
+        ("wasdir/child", b"c"),
+        ("wasdir/sub/deep", b"d"),
+    ]);
+    let before = snapshot(src.path());
+    let mut m = mount(src, tempdir());
+    fs::remove_file(m.mnt_path("wasfile")).unwrap();
+    fs::create_dir(m.mnt_path("wasfile")).unwrap();
+    fs::remove_dir_all(m.mnt_path("wasdir")).unwrap();
+    fs::write(m.mnt_path("wasdir"), b"now a file").unwrap();
+    for round in 0..2 {
+        assert!(lstat_is_dir(&m.mnt_path("wasfile")), "round {round}");
+        assert!(names(&m.mnt_path("wasfile")).is_empty());
+        assert_eq!(fs::read(m.mnt_path("wasdir")).unwrap(), b"now a file");
+        let e = errno_of(
+            "lstat wasdir/child",
+            fs::symlink_metadata(m.mnt_path("wasdir/child")),
+        );
+        assert_eq!(e, libc::ENOTDIR);
+        m.stop_and_restart(ARGS);
+    }
+    assert_unchanged(m.src.path(), &before);
+    m.stop();
+}
+
+fn lstat_is_dir(p: &Path) -> bool {
+    fs::symlink_metadata(p).unwrap().is_dir()
+}
+
+#[test]
+fn whiteouts_are_collected_once_src_drops_the_name() {
+    if !can_mount("whiteouts_are_collected_once_src_drops_the_name") {
+        return;
+    }
+    let long = "w".repeat(250);
+    let src = dir_with(&[
+        ("d/f", b"f"),
+        ("d/keep", b"k"),
+        (&format!("d/{long}"), b"l"),
+    ]);
+    let m = mount(src, tempdir());
+    fs::remove_file(m.mnt_path("d/f")).unwrap();
+    fs::remove_file(m.mnt_path(&format!("d/{long}"))).unwrap();
+    let whiteouts = |m: &Mounted| find_names(&m.dst_path("d"), &|n| n.starts_with(".cachefs-wh"));
+    assert_eq!(whiteouts(&m).len(), 2);
+    // src loses the names (e.g. another machine deleted them): a listing collects them.
+    fs::remove_file(m.src_path("d/f")).unwrap();
+    fs::remove_file(m.src_path(&format!("d/{long}"))).unwrap();
+    assert_eq!(names(&m.mnt_path("d")), ["keep"]);
+    assert_eq!(whiteouts(&m), Vec::<std::path::PathBuf>::new());
+    m.stop();
+}
+
+#[test]
+fn renamed_dirs_keep_deletions_made_inside_them() {
+    if !can_mount("renamed_dirs_keep_deletions_made_inside_them") {
+        return;
+    }
+    let src = dir_with(&[
+        ("tree/a", b"a"),
+        ("tree/b", b"b"),
+        ("tree/sub/c", b"c"),
+        ("tree/sub/d", b"d"),
+    ]);
+    let before = snapshot(src.path());
+    let mut m = mount(src, tempdir());
+    fs::remove_file(m.mnt_path("tree/a")).unwrap();
+    fs::remove_file(m.mnt_path("tree/sub/c")).unwrap();
+    fs::rename(m.mnt_path("tree"), m.mnt_path("moved")).unwrap();
+    assert_eq!(names(&m.mnt_path("moved")), ["b", "sub"]);
+    assert_eq!(names(&m.mnt_path("moved/sub")), ["d"]);
+    // Back to the old name, after deleting more: src's tree must not leak back in.
+    fs::remove_file(m.mnt_path("moved/b")).unwrap();
+    fs::rename(m.mnt_path("moved"), m.mnt_path("tree")).unwrap();
+    for _ in 0..2 {
+        assert_eq!(names(m.mountpoint()), ["tree"]);
+        assert_eq!(names(&m.mnt_path("tree")), ["sub"]);
+        assert_eq!(names(&m.mnt_path("tree/sub")), ["d"]);
+        assert_eq!(fs::read(m.mnt_path("tree/sub/d")).unwrap(), b"d");
+        m.stop_and_restart(ARGS);
+    }
+    assert_unchanged(m.src.path(), &before);
+    m.stop();
+}
