@@ -613,6 +613,12 @@ fn gocachefs_whiteouts_are_honoured_and_replaced() {
     );
     assert_eq!(names(m.mountpoint()), ["a", "keep", "olddir", "top"]);
     assert!(m.dst_path(".__gocachefs_rm__----a----b").exists());
+    // A nested hidden path can be recreated too.
+    fs::write(m.mnt_path("a/b"), b"new b").unwrap();
+    assert!(!m.dst_path(".__gocachefs_rm__----a----b").exists());
+    m.stop_and_restart(ARGS);
+    assert_eq!(fs::read(m.mnt_path("a/b")).unwrap(), b"new b");
+    assert_eq!(names(&m.mnt_path("a")), ["b", "c"]);
     assert_unchanged(m.src.path(), &before);
     m.stop();
 }
