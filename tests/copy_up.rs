@@ -233,7 +233,6 @@ fn symlinks_stay_symlinks_when_copied() {
 }
 
 #[test]
-#[ignore = "BUG: copy_dir does not copy user xattrs: a src dir's user.* xattr vanishes from the view once a child is copied up"]
 fn directory_xattrs_survive_copy_up_of_a_child() {
     if !can_mount("directory_xattrs_survive_copy_up_of_a_child") {
         return;
@@ -352,7 +351,6 @@ fn concurrent_first_opens_do_one_atomic_copy() {
 }
 
 #[test]
-#[ignore = "BUG: racing copy-ups below one uncached dir leave that dst dir with mtime=now (ensure_dst_dir is not single flight)"]
 fn concurrent_copies_into_one_new_dst_dir_keep_its_attributes() {
     if !can_mount("concurrent_copies_into_one_new_dst_dir_keep_its_attributes") {
         return;

@@ -283,7 +283,6 @@ fn assert_same_tree(m: &Mounted, src_rel: &str, mnt_rel: &str) {
 }
 
 #[test]
-#[ignore = "BUG: a renamed file's node path gets a trailing '/' (Inodes::rename joins \"\"), so open/xattrs fail ENOTDIR"]
 fn rename_uncached_file_keeps_bytes_mode_and_inode() {
     if !can_mount("rename_uncached_file_keeps_bytes_mode_and_inode") {
         return;

@@ -386,7 +386,6 @@ fn rename_noreplace_is_eexist() {
 }
 
 #[test]
-#[ignore = "BUG: after RENAME_EXCHANGE the moved file's node path ends in '/', so opening it fails ENOTDIR (same cause as the file-rename bug)"]
 fn rename_exchange_swaps_an_uncached_file_and_dir() {
     if !can_mount("rename_exchange_swaps_an_uncached_file_and_dir") {
         return;

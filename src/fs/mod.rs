@@ -309,7 +309,7 @@ impl CacheFs {
             revalidate: cfg.revalidate,
         };
         fs.load_legacy_whiteouts()?;
-        fs.clean_temp_files(Path::new(""));
+        copyup::prepare_staging(&fs.dst)?;
         Ok(fs)
     }
 
@@ -324,17 +324,6 @@ impl CacheFs {
             log::info!("honouring {} GoCacheFS whiteout(s) in dst", set.len());
         }
         Ok(())
-    }
-
-    /// Removes copy-up temp files a crash may have left at dst's root level.
-    fn clean_temp_files(&self, dir: &Path) {
-        if let Ok(entries) = self.dst.read_dir(dir) {
-            for e in entries {
-                if e.name.as_bytes().starts_with(names::TEMP_PREFIX.as_bytes()) {
-                    let _ = self.dst.unlink(&dir.join(&e.name));
-                }
-            }
-        }
     }
 
     // ----- helpers: nodes, lookups, the view ---------------------------------------
