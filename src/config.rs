@@ -35,6 +35,8 @@ pub struct Config {
     pub attr_ttl: Duration,
     /// Use FUSE passthrough for cached files when the kernel allows it (`--no-passthrough` clears).
     pub passthrough: bool,
+    /// `--metrics-addr`: serve Prometheus metrics over HTTP at this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -55,6 +57,7 @@ impl Config {
             threads: default_threads(),
             attr_ttl: Duration::from_secs(1),
             passthrough: true,
+            metrics_addr: None,
         }
     }
 }

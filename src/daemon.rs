@@ -48,6 +48,11 @@ pub enum DaemonError {
     },
     /// The FUSE session ended with an error.
     Session(io::Error),
+    /// `--metrics-addr` could not be bound (checked before mounting).
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for DaemonError {
@@ -96,6 +101,11 @@ impl fmt::Display for DaemonError {
                 }
             }
             DaemonError::Session(e) => write!(f, "the FUSE session failed: {e}"),
+            DaemonError::Metrics { addr, source } => write!(
+                f,
+                "cannot serve metrics at {addr}: {source}; pick a free port on a local \
+                 address for --metrics-addr (e.g. 127.0.0.1:9477)"
+            ),
         }
     }
 }
@@ -149,6 +159,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let signals = Signals::block().map_err(DaemonError::Signals)?;
     debug!("configuration: {cfg:?}");
 
+    // After blocking signals (its threads inherit the mask); before mounting, so a
+    // taken port fails the start with nothing mounted.
+    let metrics = start_metrics(&cfg)?;
     let wb = start_writeback(&cfg)?;
     let result = mount_and_serve(&cfg, wb.clone(), &signals);
     sd_notify("STOPPING=1\nSTATUS=stopping");
@@ -161,6 +174,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         };
         info!("stopping writeback (waiting at most {max_wait:?} for the queue to drain)");
         wb.shutdown(max_wait);
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     // A failure is printed by `main` (see `print_error`), not logged twice.
     if result.is_ok() {
@@ -186,6 +202,21 @@ pub fn sd_notify(state: &str) {
     if let Err(e) = sent {
         warn!("cannot notify systemd at {}: {e}", target.to_string_lossy());
     }
+}
+
+/// Serve `--metrics-addr`, if given (see [`crate::metrics`]).
+fn start_metrics(cfg: &Config) -> Result<Option<crate::metrics::MetricsServer>, DaemonError> {
+    let Some(addr) = cfg.metrics_addr else {
+        return Ok(None);
+    };
+    let server =
+        crate::metrics::serve(addr).map_err(|source| DaemonError::Metrics { addr, source })?;
+    let bound = server.local_addr();
+    info!("serving metrics at http://{bound}/metrics");
+    if !bound.ip().is_loopback() {
+        warn!("metrics at {bound} are reachable from other machines and have no authentication");
+    }
+    Ok(Some(server))
 }
 
 /// Placeholder until the writeback journal lands: `-w` is refused with a clear error
