@@ -202,6 +202,10 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub revalidate: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9477. Use a
+    /// loopback address: the endpoint has no authentication.
+    #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Flags that take a value, by their long name (also written with one dash).
@@ -217,6 +221,7 @@ const VALUE_FLAGS: &[&str] = &[
     "attr-ttl",
     "src-timeout",
     "revalidate",
+    "metrics-addr",
 ];
 /// Boolean flags with a long name.
 const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
@@ -511,6 +516,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         Some(t) => parse_threads(t)?,
     };
     let mount_options = split_options(&m.options)?;
+    let metrics_addr = m.metrics_addr.as_deref().map(parse_addr).transpose()?;
 
     let src = resolve_dir("src", &src, probe.dir(&src))?;
     let dst = resolve_dir("dst", &dst, probe.dir(&dst))?;
@@ -539,6 +545,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         passthrough: !m.no_passthrough,
         src_timeout,
         revalidate,
+        metrics_addr,
     })
 }
 
@@ -584,6 +591,16 @@ pub fn parse_threads(v: &str) -> Result<usize, CliError> {
             "--threads '{v}' is not a thread count from 1 to 1024; write e.g. --threads 4"
         )),
     }
+}
+
+/// `--metrics-addr`: an IP address and a port (no host names: nothing is resolved).
+pub fn parse_addr(v: &str) -> Result<std::net::SocketAddr, CliError> {
+    v.trim().parse().or_else(|_| {
+        err(format!(
+            "--metrics-addr '{v}' is not an IP address with a port; write e.g. \
+             --metrics-addr 127.0.0.1:9477 (or [::1]:9477)"
+        ))
+    })
 }
 
 /// `-o a,b -o c` -> [a, b, c]; empty items are dropped.

@@ -40,6 +40,8 @@ pub struct Config {
     /// `--revalidate`: how old a clean cached file's check against src may get before
     /// the next lookup/open compares it with src again (zero: never).
     pub revalidate: Duration,
+    /// `--metrics-addr`: serve Prometheus metrics over HTTP at this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -62,6 +64,7 @@ impl Config {
             passthrough: true,
             src_timeout: DEFAULT_SRC_TIMEOUT,
             revalidate: DEFAULT_REVALIDATE,
+            metrics_addr: None,
         }
     }
 }

@@ -50,6 +50,11 @@ pub enum DaemonError {
     },
     /// The FUSE session ended with an error.
     Session(io::Error),
+    /// `--metrics-addr` could not be bound (checked before mounting).
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for DaemonError {
@@ -98,6 +103,11 @@ impl fmt::Display for DaemonError {
                 }
             }
             DaemonError::Session(e) => write!(f, "the FUSE session failed: {e}"),
+            DaemonError::Metrics { addr, source } => write!(
+                f,
+                "cannot serve metrics at {addr}: {source}; pick a free port on a local \
+                 address for --metrics-addr (e.g. 127.0.0.1:9477)"
+            ),
         }
     }
 }
@@ -151,6 +161,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let signals = Signals::block().map_err(DaemonError::Signals)?;
     debug!("configuration: {cfg:?}");
 
+    // After blocking signals (its threads inherit the mask); before mounting, so a
+    // taken port fails the start with nothing mounted.
+    let metrics = start_metrics(&cfg)?;
     let wb = start_writeback(&cfg)?;
     let result = mount_and_serve(&cfg, wb.clone(), &signals);
     sd_notify("STOPPING=1\nSTATUS=stopping");
@@ -163,6 +176,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         };
         info!("stopping writeback (waiting at most {max_wait:?} for the queue to drain)");
         wb.shutdown(max_wait);
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     // A failure is printed by `main` (see `print_error`), not logged twice.
     if result.is_ok() {
@@ -189,6 +205,24 @@ pub fn sd_notify(state: &str) {
         warn!("cannot notify systemd at {}: {e}", target.to_string_lossy());
     }
 }
+
+/// Serve `--metrics-addr`, if given (see [`crate::metrics`]).
+fn start_metrics(cfg: &Config) -> Result<Option<crate::metrics::MetricsServer>, DaemonError> {
+    let Some(addr) = cfg.metrics_addr else {
+        return Ok(None);
+    };
+    let server =
+        crate::metrics::serve(addr).map_err(|source| DaemonError::Metrics { addr, source })?;
+    let bound = server.local_addr();
+    info!("serving metrics at http://{bound}/metrics");
+    if !bound.ip().is_loopback() {
+        warn!("metrics at {bound} are reachable from other machines and have no authentication");
+    }
+    Ok(Some(server))
+}
+
+/// How long to wait for the kernel's FUSE INIT after mounting.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The writeback journal and workers (`-w`), shared by the core and the daemon.
 type Writeback = Arc<crate::writeback::Writeback>;
@@ -223,14 +257,17 @@ fn mount_and_serve(
 ) -> Result<Stop, DaemonError> {
     let changes = wb.clone().map(|w| w as Arc<dyn crate::fs::ChangeLog>);
     let fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
-    let session = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
+    let mounted = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
         mountpoint: cfg.mountpoint.clone(),
         source,
     })?;
-    // The mount answers once the kernel can stat its root through the session.
-    if let Err(e) = std::fs::metadata(&cfg.mountpoint) {
+    let session = mounted.session;
+    // The mount answers once the kernel's INIT has been answered. Never check by
+    // touching the mount from here: a daemon blocked in a request to itself cannot
+    // be killed cleanly.
+    if mounted.ready.recv_timeout(READY_TIMEOUT).is_err() {
         warn!(
-            "{} does not answer after mounting: {e}",
+            "{}: the kernel did not initialise the mount within {READY_TIMEOUT:?}",
             cfg.mountpoint.display()
         );
     }

@@ -544,6 +544,7 @@ impl CacheFs {
     /// `limit` caps the bytes copied (for a truncate). Returns dst's stat.
     fn ensure_in_dst(&self, ino: u64, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
         if let Some(st) = self.dst.stat(path)? {
+            crate::metrics::cache_hit();
             return Ok(st);
         }
         {
@@ -556,10 +557,12 @@ impl CacheFs {
             }
             flights.insert(path.to_path_buf());
         }
-        let result = self.copy_up(path, limit);
+        let result =
+            crate::metrics::timed(crate::metrics::SrcOp::Fetch, || self.copy_up(path, limit));
         self.copy_flights.lock().unwrap().remove(path);
         self.copy_done.notify_all();
         let st = result?;
+        crate::metrics::cache_miss(st.st_size as u64);
         let mut t = self.inodes.lock().unwrap();
         t.set_dst_ident(ino, ident(&st));
         if let Some(n) = t.get_mut(ino) {

@@ -30,6 +30,8 @@ pub struct FuseAdapter {
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
     passthrough: AtomicBool,
     backing: Mutex<BackingTable>,
+    /// Told once the kernel's INIT was answered: the mount serves requests.
+    ready: Option<crossbeam_channel::Sender<()>>,
 }
 
 /// Backing files registered with the kernel for passthrough. The kernel allows one
@@ -48,6 +50,7 @@ impl FuseAdapter {
             ttl: cfg.attr_ttl,
             passthrough: AtomicBool::new(cfg.passthrough),
             backing: Mutex::new(BackingTable::default()),
+            ready: None,
         }
     }
 
@@ -225,6 +228,9 @@ impl Filesystem for FuseAdapter {
                 "the kernel does not offer passthrough (Linux 6.9+)"
             };
             log::info!("data path: served by the daemon ({why})");
+        }
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(());
         }
         Ok(())
     }
@@ -820,14 +826,26 @@ pub fn mount_options(cfg: &Config) -> (Vec<MountOption>, SessionACL) {
     (opts, acl)
 }
 
+/// A mount being served on background threads.
+pub struct Mounted {
+    pub session: BackgroundSession,
+    /// Receives once the kernel's INIT was answered (the mount serves requests). The
+    /// daemon waits on this instead of touching its own mount: a daemon blocked in a
+    /// request to itself cannot be killed cleanly.
+    pub ready: crossbeam_channel::Receiver<()>,
+}
+
 /// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
-pub fn spawn_mount(fs: CacheFs, cfg: &Config) -> io::Result<BackgroundSession> {
+pub fn spawn_mount(fs: CacheFs, cfg: &Config) -> io::Result<Mounted> {
     let (mount_options, acl) = mount_options(cfg);
     let mut fc = FuseConfig::default();
     fc.mount_options = mount_options;
     fc.acl = acl;
     fc.n_threads = Some(cfg.threads.max(1));
     fc.clone_fd = cfg.threads > 1;
-    let adapter = FuseAdapter::new(Arc::new(fs), cfg);
-    fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
+    let mut adapter = FuseAdapter::new(Arc::new(fs), cfg);
+    let (tx, ready) = crossbeam_channel::bounded(1);
+    adapter.ready = Some(tx);
+    let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)?;
+    Ok(Mounted { session, ready })
 }
