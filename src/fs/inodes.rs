@@ -241,6 +241,14 @@ impl Inodes {
         }
         if drop_node {
             self.remove_node(ino);
+        } else if let Some(node) = self.nodes.get(&ino)
+            && node.paths.is_empty()
+            && let Some(id) = node.dst_ident
+            && self.by_dst_ident.get(&id) == Some(&ino)
+        {
+            // Unlinked but still known to the kernel: a new file that reuses its dst
+            // inode number is another file, not a hard link of this one.
+            self.by_dst_ident.remove(&id);
         }
     }
 

@@ -56,7 +56,11 @@ pub fn cstr(name: &OsStr) -> io::Result<CString> {
 
 /// Whether an error means "there is nothing there" in a lookup.
 pub fn is_not_found(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+    // ELOOP: a symlink where a directory of the path should be (never followed).
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+    )
 }
 
 /// Splits a relative path into (parent, final name). The root has no final name.
@@ -181,6 +185,8 @@ pub struct DirEntry {
     pub name: OsString,
     /// `S_IFMT` bits of the entry's type (0 when the filesystem did not say).
     pub kind: u32,
+    /// The entry's inode number in its filesystem (`d_ino`).
+    pub ino: u64,
 }
 
 impl Layer {
@@ -537,10 +543,11 @@ pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
             };
         }
         // SAFETY: d_name is NUL-terminated within the entry.
-        let (name, dtype) = unsafe {
+        let (name, dtype, d_ino) = unsafe {
             (
                 CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes().to_vec(),
                 (*ent).d_type,
+                (*ent).d_ino,
             )
         };
         if name == b"." || name == b".." {
@@ -559,6 +566,7 @@ pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
         out.push(DirEntry {
             name: OsString::from_vec(name),
             kind,
+            ino: d_ino,
         });
     }
 }

@@ -123,6 +123,9 @@ pub struct DirItem {
     pub ino: u64,
     pub kind: Kind,
     pub name: OsString,
+    /// (device, inode) in dst for entries dst holds, so hard links listed here share
+    /// one number with their other names.
+    dst_ident: Option<(u64, u64)>,
 }
 
 /// An open file: always a dst file.
@@ -203,6 +206,8 @@ pub struct CacheFs {
     src_offline_since: Mutex<Option<SystemTime>>,
     /// `--revalidate` interval (zero: never).
     revalidate: Duration,
+    /// dst's device number (identity of dst objects listed by readdir).
+    dst_dev: u64,
     /// Last time the src root was reopened after an outage (rate limit).
     src_reopened: Mutex<Option<std::time::Instant>>,
 }
@@ -287,6 +292,7 @@ impl CacheFs {
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(0) };
         let dst = Arc::new(Layer::open(&cfg.dst)?);
+        let dst_dev = dst.stat(Path::new(""))?.map_or(0, |st| st.st_dev);
         let src = Arc::new(Layer::open(&cfg.src)?);
         let fs = CacheFs {
             dst,
@@ -307,6 +313,7 @@ impl CacheFs {
             src_offline_since: Mutex::new(None),
             src_reopened: Mutex::new(None),
             revalidate: cfg.revalidate,
+            dst_dev,
         };
         fs.load_legacy_whiteouts()?;
         copyup::prepare_staging(&fs.dst)?;
@@ -861,7 +868,7 @@ impl CacheFs {
                 continue;
             }
             seen.insert(e.name.clone());
-            out.push((e.name, e.kind, Layered::Dst));
+            out.push((e.name, e.kind, Some(e.ino)));
         }
         if merge_src && !opaque {
             let dir = path.to_path_buf();
@@ -889,7 +896,7 @@ impl CacheFs {
                 {
                     continue;
                 }
-                out.push((e.name, e.kind, Layered::Src));
+                out.push((e.name, e.kind, None));
             }
             // Garbage-collect whiteouts src no longer needs.
             for w in whiteouts.iter().filter(|w| !src_names.contains(*w)) {
@@ -897,8 +904,8 @@ impl CacheFs {
             }
             // Clean cached copies of files src deleted (another machine's delete).
             if !self.revalidate.is_zero() {
-                out.retain(|(name, kind, layer)| {
-                    *layer == Layered::Src
+                out.retain(|(name, kind, dst_ino)| {
+                    dst_ino.is_none()
                         || *kind != libc::S_IFREG
                         || src_names.contains(name)
                         || !self.drop_if_clean(&path.join(name))
@@ -909,18 +916,19 @@ impl CacheFs {
     }
 
     /// Fills in unknown entry types of a merged listing.
+    /// `out`: (name, S_IFMT or 0, d_ino in dst for dst's entries).
     fn finish_listing(
         &self,
         path: &Path,
-        out: Vec<(OsString, u32, Layered)>,
+        out: Vec<(OsString, u32, Option<u64>)>,
     ) -> FsResult<Vec<DirItem>> {
         let mut items = Vec::with_capacity(out.len());
-        for (name, mut kind, layer) in out {
+        for (name, mut kind, dst_ino) in out {
             let child = path.join(&name);
             if kind == 0 {
-                let st = match layer {
-                    Layered::Dst => self.dst.stat(&child)?,
-                    Layered::Src => self.src_stat(&child)?,
+                let st = match dst_ino {
+                    Some(_) => self.dst.stat(&child)?,
+                    None => self.src_stat(&child)?,
                 };
                 kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
             }
@@ -928,6 +936,9 @@ impl CacheFs {
                 ino: 0,
                 kind: Kind::from_mode(kind),
                 name,
+                dst_ident: dst_ino
+                    .filter(|_| kind != libc::S_IFDIR)
+                    .map(|i| (self.dst_dev, i)),
             });
         }
         Ok(items)
@@ -1687,9 +1698,11 @@ impl CacheFs {
             for item in items.iter_mut() {
                 let child = path.join(&item.name);
                 item.ino = match t.ino_of(&child) {
-                    Some(i) => i,
+                    // Reused only for the same kind of object (src may have replaced a
+                    // file by a directory since).
+                    Some(i) if t.get(i).map(|n| n.kind) == Some(item.kind) => i,
                     // Numbered now (no kernel reference) so d_ino matches a later stat.
-                    None => t.upsert(&child, item.kind, merges, None, 0),
+                    _ => t.upsert(&child, item.kind, merges, item.dst_ident, 0),
                 };
             }
         }
