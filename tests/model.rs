@@ -226,6 +226,10 @@ fn run(steps: &[Step]) -> Result<(), (String, Vec<Op>)> {
             let e = format!("step {i} {op:?}: core returned {got:?}, model expects {want:?}");
             return Err((e, done));
         }
+        if let Restart = op {
+            // Numbers of the old mount mean nothing to the new one.
+            inos = Inos::default();
+        }
         if let Err(e) = check_view(&mut model, &mut sut, &mut inos, op.is_src()) {
             return Err((format!("after step {i} {op:?}: {e}"), done));
         }
@@ -245,6 +249,9 @@ fn known_bug(msg: &str, ops: &[Op]) -> Option<&'static str> {
     }
     if src_changed && msg.contains("readdir d_ino") {
         return Some("readdir_ino_after_src_type_change");
+    }
+    if ops.iter().any(|o| matches!(o, Restart)) && msg.contains("st_ino changed") {
+        return Some("hard_links_share_ino_after_restart");
     }
     if src_changed && (msg.contains("ELOOP") || msg.contains("symbolic links")) {
         return Some("dst_dir_over_src_symlink_lists");
@@ -266,9 +273,9 @@ fn check(ops: &[Op]) {
 fn name(file_ish: bool) -> impl Strategy<Value = &'static str> {
     let (f, d) = if file_ish { (3, 1) } else { (1, 3) };
     prop_oneof![
-        4 * d => prop::sample::select(&NAMES[..2]),
-        4 * f => prop::sample::select(&NAMES[2..4]),
-        1 => Just(NAMES[4]),
+        8 * d => prop::sample::select(&NAMES[..2]),
+        8 * f => prop::sample::select(&NAMES[2..4]),
+        1 => prop::sample::select(&NAMES[4..]),
     ]
 }
 
@@ -326,6 +333,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => dpath().prop_map(SrcMkdir),
         1 => (path(), target()).prop_map(|(p, t)| SrcSymlink(p, t)),
         2 => any_path().prop_map(SrcRemove),
+        1 => Just(Restart),
     ]
 }
 
@@ -463,4 +471,14 @@ fn dst_dir_over_src_symlink_lists() {
         Mkdir(p("a/b"), Mode(0o755)),
         SrcSymlink(p("a"), "x"),
     ]);
+}
+
+/// BUG: after a restart, the first listing numbers dst hard links one node per name:
+/// opendir's `upsert(child, kind, merges, None, 0)` has no dst identity, so the later
+/// lookups cannot join the names (DESIGN 1: "Hard links in dst show one inode"). `a`
+/// and `x` get different st_ino.
+#[test]
+#[ignore = "BUG: opendir numbers hard links without their dst identity: one st_ino per name"]
+fn hard_links_share_ino_after_restart() {
+    check(&[Create(p("a"), Mode(0o644)), Link(p("a"), p("x")), Restart]);
 }

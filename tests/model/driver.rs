@@ -118,6 +118,16 @@ impl Driver {
     }
 
     pub fn apply(&mut self, op: &Op) -> Outcome {
+        if let Op::Restart = op {
+            self.refs.clear();
+            let cfg = Config::new(
+                self.src.clone(),
+                self.dst.clone(),
+                PathBuf::from("/nonexistent"),
+            );
+            self.fs = CacheFs::new(&cfg, None).expect("CacheFs::new after restart");
+            return Outcome::Ok;
+        }
         let r = if op.is_src() {
             self.src_change(op)
         } else {

@@ -4,9 +4,10 @@
 
 use std::fmt;
 
-/// Names the generator draws from: few, so that ops collide. The last one is reserved
-/// (a whiteout name): creating it through the mount must fail, src may hold it.
-pub const NAMES: [&str; 5] = ["a", "b", "x", "y", ".cachefs-wh.x"];
+/// Names the generator draws from: few, so that ops collide. The last two are reserved
+/// (a whiteout name, the opaque marker): creating them through the mount must fail,
+/// looking them up finds nothing, src may hold them (and they stay hidden).
+pub const NAMES: [&str; 6] = ["a", "b", "x", "y", ".cachefs-wh.x", ".cachefs-opaque"];
 /// Bytes written through the mount or into src.
 pub const DATA: [&str; 5] = ["", "1", "hello", "abc", "0123456789"];
 /// Symlink targets (never followed by the test).
@@ -116,6 +117,9 @@ pub enum Op {
     SrcSymlink(P, &'static str),
     /// rm -rf in src.
     SrcRemove(P),
+    /// The daemon restarts on the same src and dst (a new `CacheFs`; inode numbers
+    /// start over).
+    Restart,
 }
 
 impl Op {
