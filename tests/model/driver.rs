@@ -20,8 +20,14 @@ pub struct Driver {
     pub src: PathBuf,
     pub dst: PathBuf,
     pub fs: CacheFs,
-    /// Kernel references taken this step (forgotten at its end, as an idle kernel would).
+    /// Kernel references taken (forgotten at the end of the step without a dentry
+    /// cache, else when the cache is dropped).
     refs: Vec<u64>,
+    /// The kernel's dentry cache, if simulated: path -> (ino, kind), kept up to date
+    /// by the ops that go through the mount (as the kernel does) and dropped whenever
+    /// src changes (as if its TTL ran out). Path walks use it instead of lookups, so
+    /// the core sees calls on inodes it was not asked to look up again.
+    cache: Option<BTreeMap<String, (u64, K)>>,
 }
 
 fn caller() -> Caller {
@@ -56,7 +62,7 @@ fn tempdir(what: &str) -> TempDir {
 }
 
 impl Driver {
-    pub fn new() -> Driver {
+    pub fn new(kernel_cache: bool) -> Driver {
         let (s, d) = (tempdir("src"), tempdir("dst"));
         let (src, dst) = (s.path().to_path_buf(), d.path().to_path_buf());
         let cfg = Config::new(src.clone(), dst.clone(), PathBuf::from("/nonexistent"));
@@ -67,6 +73,7 @@ impl Driver {
             dst,
             fs,
             refs: Vec::new(),
+            cache: kernel_cache.then(BTreeMap::new),
         }
     }
 
@@ -76,18 +83,66 @@ impl Driver {
         Ok(a)
     }
 
+    /// A lookup by the kernel's path walk: answered from the dentry cache if there is
+    /// one and it has the path.
+    fn walk_lookup(&mut self, parent: u64, path: &str) -> R<(u64, K)> {
+        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(path)) {
+            return Ok(*hit);
+        }
+        let a = self.lookup(parent, name_of(path))?;
+        self.cached(path, &a);
+        Ok((a.ino, kind_of(a.kind)))
+    }
+
+    fn cached(&mut self, path: &str, a: &Attr) {
+        if let Some(c) = &mut self.cache {
+            c.insert(path.to_string(), (a.ino, kind_of(a.kind)));
+        }
+    }
+
+    /// The dentry cache after a successful unlink/rmdir/rename (what the kernel does
+    /// with its dentries).
+    fn cache_remove(&mut self, path: &str) {
+        if let Some(c) = &mut self.cache {
+            c.retain(|k, _| k != path && !is_below(k, path));
+        }
+    }
+
+    fn cache_move(&mut self, from: &str, to: &str) {
+        if let Some(c) = &mut self.cache {
+            let moved: Vec<(String, (u64, K))> = c
+                .iter()
+                .filter(|(k, _)| *k == from || is_below(k, from))
+                .map(|(k, v)| (format!("{to}{}", &k[from.len()..]), *v))
+                .collect();
+            c.retain(|k, _| k != from && !is_below(k, from));
+            c.extend(moved);
+        }
+    }
+
+    /// The TTL ran out (src changed, or the daemon restarted).
+    fn drop_cache(&mut self) {
+        if let Some(c) = &mut self.cache {
+            c.clear();
+            for ino in self.refs.drain(..) {
+                self.fs.forget(ino, 1);
+            }
+        }
+    }
+
     /// The kernel's path walk: (ino, kind) of `path`.
     fn resolve(&mut self, path: &str) -> R<(u64, K)> {
         let mut cur = (ROOT, K::Dir);
         if path.is_empty() {
             return Ok(cur);
         }
+        let mut walked = String::new();
         for comp in path.split('/') {
             if cur.1 != K::Dir {
                 return Err(err(libc::ENOTDIR));
             }
-            let a = self.lookup(cur.0, comp)?;
-            cur = (a.ino, kind_of(a.kind));
+            walked = join(&walked, comp);
+            cur = self.walk_lookup(cur.0, &walked)?;
         }
         Ok(cur)
     }
@@ -100,8 +155,8 @@ impl Driver {
     }
 
     /// The final component, not followed; `None` if it does not exist.
-    fn probe(&mut self, parent: u64, name: &str) -> R<Option<Attr>> {
-        match self.lookup(parent, name) {
+    fn probe(&mut self, parent: u64, path: &P) -> R<Option<(u64, K)>> {
+        match self.walk_lookup(parent, &path.0) {
             Ok(a) => Ok(Some(a)),
             Err(Outcome::Err(Errno(libc::ENOENT))) => Ok(None),
             Err(e) => Err(e),
@@ -119,6 +174,9 @@ impl Driver {
 
     pub fn apply(&mut self, op: &Op) -> Outcome {
         if let Op::Restart = op {
+            if let Some(c) = &mut self.cache {
+                c.clear();
+            }
             self.refs.clear();
             let cfg = Config::new(
                 self.src.clone(),
@@ -129,6 +187,7 @@ impl Driver {
             return Outcome::Ok;
         }
         let r = if op.is_src() {
+            self.drop_cache();
             self.src_change(op)
         } else {
             self.core_op(op)
@@ -158,6 +217,7 @@ impl Driver {
                     .create(caller(), parent, OsStr::new(p.name()), m.0, UMASK, req)
                     .map_err(fail)?;
                 self.refs.push(a.ino);
+                self.cached(&p.0, &a);
                 fs_ok(self.fs.release(fh))
             }
             Op::Mkdir(p, m) => {
@@ -167,6 +227,7 @@ impl Driver {
                     .mkdir(caller(), parent, OsStr::new(p.name()), m.0, UMASK)
                     .map_err(fail)?;
                 self.refs.push(a.ino);
+                self.cached(&p.0, &a);
                 Ok(Outcome::Ok)
             }
             Op::Symlink(p, t) => {
@@ -176,6 +237,7 @@ impl Driver {
                     .symlink(caller(), parent, OsStr::new(p.name()), OsStr::new(t))
                     .map_err(fail)?;
                 self.refs.push(a.ino);
+                self.cached(&p.0, &a);
                 Ok(Outcome::Ok)
             }
             Op::Write(p, off, data) => {
@@ -214,18 +276,22 @@ impl Driver {
             }
             Op::Unlink(p) => {
                 let parent = self.resolve_parent(p)?;
-                fs_ok(self.fs.unlink(parent, OsStr::new(p.name())))
+                fs_ok(self.fs.unlink(parent, OsStr::new(p.name())))?;
+                self.cache_remove(&p.0);
+                Ok(Outcome::Ok)
             }
             Op::Rmdir(p) => {
                 let parent = self.resolve_parent(p)?;
-                fs_ok(self.fs.rmdir(parent, OsStr::new(p.name())))
+                fs_ok(self.fs.rmdir(parent, OsStr::new(p.name())))?;
+                self.cache_remove(&p.0);
+                Ok(Outcome::Ok)
             }
             Op::Rename(from, to, flags) => {
                 // do_renameat2 / vfs_rename, in the kernel's order.
                 let fp = self.resolve_parent(from)?;
                 let tp = self.resolve_parent(to)?;
-                let fa = self.lookup(fp, from.name())?;
-                let ta = self.probe(tp, to.name())?;
+                let fa = self.walk_lookup(fp, &from.0)?;
+                let ta = self.probe(tp, to)?;
                 let exchange = *flags == Flags::Exchange;
                 if *flags == Flags::NoReplace && ta.is_some() {
                     return Err(err(libc::EEXIST));
@@ -244,11 +310,11 @@ impl Driver {
                     }));
                 }
                 if let Some(t) = &ta {
-                    if t.ino == fa.ino {
+                    if t.0 == fa.0 {
                         return Ok(Outcome::Ok);
                     }
                     if !exchange {
-                        match (fa.kind == Kind::Dir, t.kind == Kind::Dir) {
+                        match (fa.1 == K::Dir, t.1 == K::Dir) {
                             (true, false) => return Err(err(libc::ENOTDIR)),
                             (false, true) => return Err(err(libc::EISDIR)),
                             _ => {}
@@ -261,12 +327,22 @@ impl Driver {
                     tp,
                     OsStr::new(to.name()),
                     flags.bits(),
-                ))
+                ))?;
+                if exchange {
+                    let tmp = "\0exchange";
+                    self.cache_move(&from.0, tmp);
+                    self.cache_move(&to.0, &from.0);
+                    self.cache_move(tmp, &to.0);
+                } else {
+                    self.cache_remove(&to.0);
+                    self.cache_move(&from.0, &to.0);
+                }
+                Ok(Outcome::Ok)
             }
             Op::Link(old, new) => {
                 let (ino, kind) = self.resolve(&old.0)?;
                 let parent = self.resolve_parent(new)?;
-                if self.probe(parent, new.name())?.is_some() {
+                if self.probe(parent, new)?.is_some() {
                     return Err(err(libc::EEXIST));
                 }
                 if kind == K::Dir {
@@ -277,6 +353,7 @@ impl Driver {
                     .link(ino, parent, OsStr::new(new.name()))
                     .map_err(fail)?;
                 self.refs.push(a.ino);
+                self.cached(&new.0, &a);
                 Ok(Outcome::Ok)
             }
             _ => unreachable!("src ops are not core ops"),
@@ -439,8 +516,11 @@ impl Driver {
         Ok(out)
     }
 
-    /// The kernel forgets everything it looked up this step.
+    /// The kernel forgets everything it looked up this step (unless it caches it).
     pub fn end_step(&mut self) {
+        if self.cache.is_some() {
+            return;
+        }
         for ino in self.refs.drain(..) {
             self.fs.forget(ino, 1);
         }

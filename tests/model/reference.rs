@@ -206,6 +206,17 @@ impl Model {
         out
     }
 
+    /// `list`, with the side effect of the core's listing: in a merging directory,
+    /// whiteouts for names src no longer has are garbage-collected.
+    fn list_gc(&mut self, dir: &str, v: &V) -> BTreeSet<String> {
+        if v.merging {
+            let src = &self.src;
+            self.wh
+                .retain(|w| parent_of(w) != dir || src.contains_key(w));
+        }
+        self.list(dir, v)
+    }
+
     /// Everything visible, keyed by path (the root excluded).
     pub fn expected(&self) -> BTreeMap<String, Expected> {
         let mut out = BTreeMap::new();
@@ -302,22 +313,17 @@ impl Model {
         out
     }
 
-    /// What a listing of every merging dst directory does as a side effect: whiteouts
-    /// for names src no longer has are garbage-collected (DESIGN section 1). The test
-    /// lists everything after every step, so this runs after every step too.
+    /// What listing every directory of the view does (`list_gc` everywhere).
     pub fn gc_whiteouts(&mut self) {
-        let stale: Vec<String> = self
-            .wh
-            .iter()
-            .filter(|w| {
-                let dir = parent_of(w);
-                let merging = matches!(self.view(dir), Ok(v) if v.kind == K::Dir && v.merging);
-                merging && !self.src.contains_key(*w)
-            })
-            .cloned()
-            .collect();
-        for w in stale {
-            self.wh.remove(&w);
+        let mut stack = vec![String::new()];
+        while let Some(dir) = stack.pop() {
+            let v = self.view(&dir).expect("listed paths resolve");
+            for name in self.list_gc(&dir, &v) {
+                let path = join(&dir, &name);
+                if self.view(&path).is_ok_and(|v| v.kind == K::Dir) {
+                    stack.push(path);
+                }
+            }
         }
     }
 
@@ -379,7 +385,7 @@ impl Model {
             return;
         }
         let v = self.view(path).expect("visible");
-        for name in self.list(path, &v) {
+        for name in self.list_gc(path, &v) {
             let child = join(path, &name);
             let cv = self.view(&child).expect("listed");
             if cv.layer == Layer::Up && !cv.merging {
@@ -583,7 +589,7 @@ impl Model {
             (false, true) => return e(libc::EISDIR),
             _ => {}
         }
-        if dir && !self.list(&path.0, &v).is_empty() {
+        if dir && !self.list_gc(&path.0, &v).is_empty() {
             return e(libc::ENOTEMPTY);
         }
         let src_has = pv.merging && self.src.contains_key(&path.0);
@@ -674,7 +680,7 @@ impl Model {
         if let Some(t) = &tv
             && !exchange
             && t.kind == K::Dir
-            && !self.list(&to.0, t).is_empty()
+            && !self.list_gc(&to.0, t).is_empty()
         {
             return e(libc::ENOTEMPTY);
         }
