@@ -527,7 +527,8 @@ fn dst_dir_over_src_symlink_lists() {
     ]);
 }
 
-/// BUG: after a restart, the first listing numbers dst hard links one node per name:
+/// BUG: after a restart, the first listing numbers dst hard links (files, and hard links
+/// to symlinks too) one node per name:
 /// opendir's `upsert(child, kind, merges, None, 0)` has no dst identity, so the later
 /// lookups cannot join the names (DESIGN 1: "Hard links in dst show one inode"). `a`
 /// and `x` get different st_ino.
