@@ -61,12 +61,24 @@ fn tempdir(what: &str) -> TempDir {
         .expect("tempdir")
 }
 
+/// The core's configuration: revalidation off, because the model has no clock (a
+/// clean cached copy of a file src deleted is dropped only by revalidation, which
+/// tests/coherence.rs covers).
+fn core_config(src: &std::path::Path, dst: &std::path::Path) -> Config {
+    let mut cfg = Config::new(
+        src.to_path_buf(),
+        dst.to_path_buf(),
+        PathBuf::from("/nonexistent"),
+    );
+    cfg.revalidate = std::time::Duration::ZERO;
+    cfg
+}
+
 impl Driver {
     pub fn new(kernel_cache: bool) -> Driver {
         let (s, d) = (tempdir("src"), tempdir("dst"));
         let (src, dst) = (s.path().to_path_buf(), d.path().to_path_buf());
-        let cfg = Config::new(src.clone(), dst.clone(), PathBuf::from("/nonexistent"));
-        let fs = CacheFs::new(&cfg, None).expect("CacheFs::new");
+        let fs = CacheFs::new(&core_config(&src, &dst), None).expect("CacheFs::new");
         Driver {
             _dirs: (s, d),
             src,
@@ -178,12 +190,8 @@ impl Driver {
                 c.clear();
             }
             self.refs.clear();
-            let cfg = Config::new(
-                self.src.clone(),
-                self.dst.clone(),
-                PathBuf::from("/nonexistent"),
-            );
-            self.fs = CacheFs::new(&cfg, None).expect("CacheFs::new after restart");
+            self.fs = CacheFs::new(&core_config(&self.src, &self.dst), None)
+                .expect("CacheFs::new after restart");
             return Outcome::Ok;
         }
         let r = if op.is_src() {
@@ -200,7 +208,7 @@ impl Driver {
             flags,
             for_backing: false,
         };
-        Ok(self.fs.open(ino, req).map_err(fail)?.0)
+        Ok(self.fs.open(ino, req).map_err(fail)?.fh)
     }
 
     fn core_op(&mut self, op: &Op) -> R<Outcome> {
