@@ -13,23 +13,25 @@
 #             with and without passthrough)
 # Prints a summary, exits non-zero if any step failed, leaves no mount behind.
 #
-# Usage: scripts/test.sh [--writeback] [--no-deps] [--no-external] [--fsx-ops N]
-#   --writeback    also run pjdfstest and fsx against `cachefs -w`
+# Usage: scripts/test.sh [--no-writeback] [--no-deps] [--no-external] [--fsx-ops N]
+#   --no-writeback skip the pjdfstest and fsx runs against `cachefs -w` and
+#                  mirror mode (on by default)
 #   --no-deps      skip install-deps.sh
 #   --no-external  skip pjdfstest and fsx
-# Environment: WRITEBACK_SUITES=1 is the same as --writeback.
+# Environment: WRITEBACK_SUITES=0 is the same as --no-writeback.
 set -euo pipefail
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
-# The writeback runs are off by default until writeback (-w) is built; turn
-# them on here (or with --writeback) when it lands.
-WRITEBACK="${WRITEBACK_SUITES:-0}"
+# pjdfstest and fsx also run against `cachefs -w` and mirror mode (-w
+# -concurrent 0) unless WRITEBACK_SUITES=0 or --no-writeback.
+WRITEBACK="${WRITEBACK_SUITES:-1}"
 DEPS=1 EXTERNAL=1 FSX_OPS=20000
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --writeback) WRITEBACK=1 ;;
+    --no-writeback) WRITEBACK=0 ;;
     --no-deps) DEPS=0 ;;
     --no-external) EXTERNAL=0 ;;
     --fsx-ops) FSX_OPS="$2"; shift ;;

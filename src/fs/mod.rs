@@ -825,9 +825,14 @@ impl CacheFs {
     /// the view needs a whiteout).
     /// When src cannot tell (offline), assume it has the entry: a needless whiteout is
     /// harmless and collected later, a missing one would let the entry reappear.
+    /// Also true while writeback still has ops for `path`: src may get the entry at
+    /// any moment (an upload in flight), and it must not reappear from there.
     fn src_has(&self, path: &Path, parent_merges: bool) -> FsResult<bool> {
         if !parent_merges {
             return Ok(false);
+        }
+        if self.changes.as_ref().is_some_and(|c| c.has_pending(path)) {
+            return Ok(true);
         }
         match self.src_stat(path) {
             Ok(found) => Ok(found.is_some()),

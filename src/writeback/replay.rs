@@ -336,7 +336,7 @@ fn sync_entry(
             set_meta(dd, sd, name, dst_st)
         }
         libc::S_IFLNK => {
-            let target = sys::readlink_at(dd, name)?;
+            let target = sys::readlink_keeping_atime(dd, name)?;
             if src_type == Some(libc::S_IFLNK) && sys::readlink_at(sd, name)? == target {
                 return set_meta(dd, sd, name, dst_st);
             }

@@ -172,9 +172,22 @@ fn open_at(dir: RawFd, name: &OsStr, flags: libc::c_int, mode: libc::mode_t) -> 
     Ok(File::from(fd))
 }
 
-/// Open a regular file for reading (non-blocking, so a fifo swapped in never hangs us).
+/// Open a regular file for reading (non-blocking, so a fifo swapped in never hangs us),
+/// without touching its atime where allowed: reading dst to upload it must not change
+/// what the mount shows (relatime would set atime when it is older than mtime).
 pub(crate) fn open_read_at(dir: RawFd, name: &OsStr) -> io::Result<File> {
-    open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+    match open_at(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOATIME,
+        0,
+    ) {
+        // O_NOATIME needs ownership or CAP_FOWNER.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+        }
+        r => r,
+    }
 }
 
 /// Create a new file (fails if anything exists there).
@@ -257,6 +270,32 @@ pub(crate) fn readlink_at(dir: RawFd, name: &OsStr) -> io::Result<OsString> {
     }
     buf.truncate(n as usize);
     Ok(OsString::from_vec(buf))
+}
+
+/// readlink of a dst symlink that leaves its atime as it was: reading it to replay it
+/// must not change what the mount shows (readlink always touches atime, and relatime
+/// updates it when it is older than mtime; symlinks have no O_NOATIME).
+pub(crate) fn readlink_keeping_atime(dir: RawFd, name: &OsStr) -> io::Result<OsString> {
+    let before = lstat_at(dir, name)?;
+    let target = readlink_at(dir, name)?;
+    if let (Some(b), Some(a)) = (before, lstat_at(dir, name)?)
+        && (a.st_atime, a.st_atime_nsec) != (b.st_atime, b.st_atime_nsec)
+    {
+        let c = cstr(name.as_bytes())?;
+        let t = [
+            libc::timespec {
+                tv_sec: b.st_atime,
+                tv_nsec: b.st_atime_nsec,
+            },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+        ];
+        // SAFETY: plain syscall on a valid dirfd, name and 2-element array.
+        unsafe { libc::utimensat(dir, c.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    }
+    Ok(target)
 }
 
 pub(crate) fn mknod_at(
