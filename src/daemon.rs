@@ -236,7 +236,17 @@ fn mount_and_serve(
         None => None,
         Some(w) => match w {},
     };
-    let fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    let mut fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    // CACHE HOOK: the cache budget (src/cache/): usage rebuilt from dst before mounting.
+    let cache = crate::cache::Cache::open(cfg)
+        .map_err(|e| DaemonError::Fs(format!("cache budget: {e}")))?;
+    if let Some(c) = &cache {
+        fs.set_cache(std::sync::Arc::clone(c));
+    }
+    let fs = std::sync::Arc::new(fs);
+    if let Some(c) = &cache {
+        c.start(std::sync::Arc::downgrade(&fs));
+    }
     let session = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
         mountpoint: cfg.mountpoint.clone(),
         source,
@@ -256,7 +266,11 @@ fn mount_and_serve(
         cfg.mountpoint.display(),
         writeback_mode(cfg)
     );
-    serve(session, signals, &cfg.mountpoint)
+    let stop = serve(session, signals, &cfg.mountpoint);
+    if let Some(c) = &cache {
+        c.shutdown(); // CACHE HOOK: persist the LRU and cache.json
+    }
+    stop
 }
 
 /// "off", "on N workers" or "mirror", for the mount log line.

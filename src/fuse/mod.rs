@@ -821,13 +821,14 @@ pub fn mount_options(cfg: &Config) -> (Vec<MountOption>, SessionACL) {
 }
 
 /// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
-pub fn spawn_mount(fs: CacheFs, cfg: &Config) -> io::Result<BackgroundSession> {
+/// (CACHE HOOK: takes an `Arc` too, so the cache's threads can share the core.)
+pub fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<BackgroundSession> {
     let (mount_options, acl) = mount_options(cfg);
     let mut fc = FuseConfig::default();
     fc.mount_options = mount_options;
     fc.acl = acl;
     fc.n_threads = Some(cfg.threads.max(1));
     fc.clone_fd = cfg.threads > 1;
-    let adapter = FuseAdapter::new(Arc::new(fs), cfg);
+    let adapter = FuseAdapter::new(fs.into(), cfg);
     fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
 }
