@@ -72,6 +72,9 @@ pub const RESCAN_MIN: Duration = Duration::from_secs(60);
 pub const PREFETCH_EVERY: Duration = Duration::from_secs(600);
 /// How often the last-use times are persisted (and at shutdown).
 const PERSIST_EVERY: Duration = Duration::from_secs(30);
+/// How long after a pin xattr change the rescan waits (the hook runs just before the
+/// change is made).
+const SETTLE: Duration = Duration::from_millis(200);
 /// Candidates taken from the LRU per round of an eviction pass.
 const BATCH: usize = 32;
 
@@ -90,8 +93,9 @@ struct Counters {
 #[derive(Debug, Default)]
 struct Wake {
     stop: bool,
-    /// A pin xattr changed: rescan, then prefetch.
-    pins_changed: bool,
+    /// When a pin xattr changed (rescan, then prefetch). The hook runs just before
+    /// the change, so the rescan waits [`SETTLE`] after it.
+    pins_changed: Option<Instant>,
     /// For the prefetch thread: walk the pinned trees now.
     prefetch: bool,
 }
@@ -121,6 +125,8 @@ pub struct Cache {
     last_stamp: AtomicU64,
     /// Last time the "over budget and nothing to evict" warning was logged.
     warned: Mutex<Option<Instant>>,
+    /// Last [`Cache::refresh_unevictable`].
+    refreshed: Mutex<Option<Instant>>,
 }
 
 fn now_nanos() -> u64 {
@@ -160,6 +166,7 @@ impl Cache {
             scan_info: Mutex::new(ScanInfo::default()),
             last_stamp: AtomicU64::new(0),
             warned: Mutex::new(None),
+            refreshed: Mutex::new(None),
         };
         let persisted = std::fs::read(cache.lru_path())
             .map(|d| scan::decode_last_use(&d))
@@ -264,12 +271,33 @@ impl Cache {
         self.add(path, st, self.stamp());
     }
 
+    /// Hook when a file handle is closed: the file may have grown or been created
+    /// here (writes, also under passthrough, pass through no other hook), so its size
+    /// is taken again.
+    pub fn released(&self, path: &Path) {
+        let Ok(Some(st)) = self.dst.stat(path) else {
+            return;
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return;
+        }
+        let bytes = st.st_blocks as u64 * 512;
+        let mut ix = self.index.lock().unwrap();
+        match ix.get(path).copied() {
+            Some(e) if e.bytes == bytes => {}
+            Some(e) => ix.insert(path, Entry { bytes, ..e }),
+            None => {
+                drop(ix);
+                self.add(path, &st, self.stamp());
+            }
+        }
+    }
+
     /// Hook from setxattr/removexattr (any node): a pin xattr change makes the
     /// maintenance thread rescan dst and the prefetch thread walk the pinned trees.
     pub fn xattr_changed(&self, name: &OsStr) {
         if name == PIN_XATTR {
-            self.wake.lock().unwrap().pins_changed = true;
-            self.wake_cv.notify_all();
+            self.wake.lock().unwrap().pins_changed = Some(Instant::now());
         }
     }
 
@@ -316,9 +344,16 @@ impl Cache {
         if need == 0 {
             return Ok(());
         }
-        // Hopeless even if every clean file went: fail without evicting anything.
-        if need > self.index.lock().unwrap().bytes_in(Class::Clean) {
-            return Err(need);
+        // A fetch that cannot fit even if every clean file went fails without evicting
+        // anything, after checking that the files that cannot go are still there and
+        // that big (deletes and truncates here pass through no hook). A trim
+        // (`incoming` 0) gets as close to the limits as it can.
+        if incoming > 0 && need > self.index.lock().unwrap().bytes_in(Class::Clean) {
+            self.refresh_unevictable();
+            let need = self.excess(incoming);
+            if need > self.index.lock().unwrap().bytes_in(Class::Clean) {
+                return Err(need);
+            }
         }
         let _pass = self.evicting.lock().unwrap();
         let mut tried: HashSet<PathBuf> = HashSet::new();
@@ -341,6 +376,43 @@ impl Cache {
                 if self.excess(incoming) == 0 {
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// Takes the sizes of the local and pinned files again (at most once a second).
+    fn refresh_unevictable(&self) {
+        {
+            let mut last = self.refreshed.lock().unwrap();
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let stuck: Vec<PathBuf> = {
+            let ix = self.index.lock().unwrap();
+            ix.iter()
+                .filter(|(_, e)| e.class != Class::Clean)
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        for path in stuck {
+            let now = self.dst.stat(&path);
+            let mut ix = self.index.lock().unwrap();
+            match now {
+                Ok(Some(st)) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                    if let Some(e) = ix.get(&path).copied() {
+                        ix.insert(
+                            &path,
+                            Entry {
+                                bytes: st.st_blocks as u64 * 512,
+                                ..e
+                            },
+                        );
+                    }
+                }
+                Ok(_) => drop(ix.remove(&path)),
+                Err(_) => {}
             }
         }
     }
@@ -523,13 +595,20 @@ impl Cache {
         loop {
             let pins_changed = {
                 let mut w = self.wake.lock().unwrap();
-                if !w.stop && !w.pins_changed {
-                    w = self.wake_cv.wait_timeout(w, TICK).unwrap().0;
+                let wait = match w.pins_changed {
+                    Some(t) => SETTLE.saturating_sub(t.elapsed()),
+                    None => TICK,
+                };
+                if !w.stop && !wait.is_zero() {
+                    w = self.wake_cv.wait_timeout(w, wait).unwrap().0;
                 }
                 if w.stop {
                     return;
                 }
-                std::mem::take(&mut w.pins_changed)
+                match w.pins_changed {
+                    Some(t) if t.elapsed() >= SETTLE => w.pins_changed.take().is_some(),
+                    _ => false,
+                }
             };
             let Some(fs) = fs.upgrade() else { return };
             if pins_changed || self.rescan_due() {
@@ -737,6 +816,16 @@ pub fn on_fetched(cache: &Option<Arc<Cache>>, path: &Path, st: &Stat) {
     }
 }
 
+/// Hook in `CacheFs::release`: see [`Cache::released`].
+#[inline]
+pub fn on_release(cache: &Option<Arc<Cache>>, path: impl FnOnce() -> FsResult<PathBuf>) {
+    if let Some(c) = cache
+        && let Ok(p) = path()
+    {
+        c.released(&p);
+    }
+}
+
 /// Hook in setxattr/removexattr: see [`Cache::xattr_changed`].
 #[inline]
 pub fn on_xattr(cache: &Option<Arc<Cache>>, name: &OsStr) {
@@ -798,4 +887,196 @@ pub fn status_text(dst: &Path) -> Option<String> {
 /// The raw `cache.json` of `dst` (for `cachefs status --json`).
 pub fn status_raw(dst: &Path) -> Option<String> {
     std::fs::read_to_string(dst.join(names::STATE_DIR).join(STATUS_FILE)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::Caller;
+
+    const MIB: usize = 1 << 20;
+
+    fn content(i: usize, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|j| (j.wrapping_mul(31) ^ i.wrapping_mul(97) ^ (j >> 11)) as u8)
+            .collect()
+    }
+
+    struct Setup {
+        _dirs: [tempfile::TempDir; 3],
+        cfg: Config,
+    }
+
+    fn setup(files: usize) -> Setup {
+        let dirs = [
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        ];
+        for i in 0..files {
+            std::fs::write(dirs[0].path().join(format!("f{i}")), content(i, MIB)).unwrap();
+        }
+        let cfg = Config::new(
+            dirs[0].path().into(),
+            dirs[1].path().into(),
+            dirs[2].path().into(),
+        );
+        Setup { _dirs: dirs, cfg }
+    }
+
+    fn mount(cfg: &Config) -> (Arc<CacheFs>, Arc<Cache>) {
+        let mut fs = CacheFs::new(cfg, None).unwrap();
+        let cache = Cache::open(cfg).unwrap().expect("a cache");
+        fs.set_cache(Arc::clone(&cache));
+        (Arc::new(fs), cache)
+    }
+
+    fn read_file(fs: &CacheFs, name: &str) -> FsResult<Vec<u8>> {
+        let ino = fs.lookup(ROOT, OsStr::new(name))?.ino;
+        let req = OpenRequest {
+            flags: libc::O_RDONLY,
+            for_backing: false,
+        };
+        let opened = fs.open(ino, req);
+        let out = opened.and_then(|o| {
+            let data = fs.read(o.fh, 0, 4 * MIB as u32);
+            fs.release(o.fh)?;
+            data
+        });
+        fs.forget(ino, 1);
+        out
+    }
+
+    /// Allocated bytes of dst's visible regular files.
+    fn dst_usage(dst: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        for e in std::fs::read_dir(dst).unwrap() {
+            let e = e.unwrap();
+            if names::is_reserved(&e.file_name()) {
+                continue;
+            }
+            let m = e.metadata().unwrap();
+            if m.is_file() {
+                total += m.blocks() * 512;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn no_flags_no_cache() {
+        let s = setup(0);
+        assert!(Cache::open(&s.cfg).unwrap().is_none());
+    }
+
+    #[test]
+    fn lru_eviction_keeps_the_budget_and_data_reads_back() {
+        let mut s = setup(9);
+        s.cfg.cache_size = Some(3 * MIB as u64 + 64 * 1024);
+        let (fs, cache) = mount(&s.cfg);
+        for round in 0..2 {
+            for i in 0..9 {
+                let got = read_file(&fs, &format!("f{i}")).unwrap();
+                assert!(got == content(i, MIB), "round {round} f{i}");
+                let used = dst_usage(&s.cfg.dst);
+                assert!(used <= s.cfg.cache_size.unwrap(), "{used}");
+            }
+        }
+        // The most recent three are the ones cached.
+        for i in 6..9 {
+            assert!(s.cfg.dst.join(format!("f{i}")).exists(), "f{i}");
+        }
+        assert!(!s.cfg.dst.join("f0").exists());
+        // A use moves a file to the back of the queue.
+        read_file(&fs, "f6").unwrap();
+        read_file(&fs, "f0").unwrap();
+        assert!(s.cfg.dst.join("f6").exists() && !s.cfg.dst.join("f7").exists());
+        let json = cache.status_json();
+        assert!(json.contains("\"evictions\":"), "{json}");
+        assert!(!json.contains("\"evictions\":0,"), "{json}");
+    }
+
+    #[test]
+    fn local_files_stay_and_fetches_fail_with_enospc_when_nothing_can_go() {
+        let mut s = setup(3);
+        s.cfg.cache_size = Some(2 * MIB as u64);
+        let (fs, cache) = mount(&s.cfg);
+        let caller = Caller { uid: 0, gid: 0 };
+        let req = OpenRequest {
+            flags: libc::O_RDWR,
+            for_backing: false,
+        };
+        read_file(&fs, "f0").unwrap();
+        let (attr, fh) = fs
+            .create(caller, ROOT, OsStr::new("local"), 0o644, 0, req)
+            .unwrap();
+        fs.write(fh, 0, &content(7, 3 * MIB / 2)).unwrap();
+        fs.release(fh).unwrap();
+        fs.forget(attr.ino, 1);
+        // The local file is over budget with f0: f0 goes, the local file stays, and f1
+        // cannot fit next to it.
+        let e = read_file(&fs, "f1").unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        // Nothing was evicted for a fetch that could not fit anyway...
+        assert!(s.cfg.dst.join("f0").exists());
+        // ...but the background trim brings the cache back within its budget.
+        assert_eq!(cache.make_room(&fs, 0), Ok(()));
+        assert!(!s.cfg.dst.join("f0").exists());
+        assert!(!s.cfg.dst.join("f1").exists());
+        assert_eq!(
+            std::fs::read(s.cfg.dst.join("local")).unwrap(),
+            content(7, 3 * MIB / 2)
+        );
+    }
+
+    #[test]
+    fn pinned_files_are_never_evicted() {
+        let mut s = setup(6);
+        s.cfg.cache_size = Some(3 * MIB as u64);
+        s.cfg.pins = vec!["f0".into()];
+        std::fs::create_dir(s.cfg.src.join("d")).unwrap();
+        std::fs::write(s.cfg.src.join("d/x"), content(9, MIB)).unwrap();
+        let (fs, cache) = mount(&s.cfg);
+        cache.prefetch_pinned(&fs);
+        assert!(s.cfg.dst.join("f0").exists(), "prefetched");
+        // Pin d/ by xattr (as setfattr through the mount does).
+        let d = fs.lookup(ROOT, OsStr::new("d")).unwrap().ino;
+        fs.setxattr(d, OsStr::new(PIN_XATTR), b"1", 0).unwrap();
+        cache.rescan(&HashMap::new());
+        cache.prefetch_pinned(&fs);
+        assert!(s.cfg.dst.join("d/x").exists(), "prefetched by xattr");
+        for i in 1..6 {
+            read_file(&fs, &format!("f{i}")).unwrap();
+        }
+        assert!(s.cfg.dst.join("f0").exists() && s.cfg.dst.join("d/x").exists());
+        assert!(s.cfg.dst.join("f5").exists());
+        // Unpinned: evictable again.
+        fs.removexattr(d, OsStr::new(PIN_XATTR)).unwrap();
+        cache.rescan(&HashMap::new());
+        read_file(&fs, "f1").unwrap();
+        assert!(!s.cfg.dst.join("d/x").exists());
+        fs.forget(d, 1);
+    }
+
+    #[test]
+    fn restart_rebuilds_usage_and_lru_order() {
+        let mut s = setup(4);
+        s.cfg.cache_size = Some(3 * MIB as u64 + 64 * 1024);
+        {
+            let (fs, cache) = mount(&s.cfg);
+            for i in [0, 1, 2] {
+                read_file(&fs, &format!("f{i}")).unwrap();
+            }
+            read_file(&fs, "f0").unwrap(); // f1 is now the oldest
+            cache.persist();
+        }
+        let (fs, cache) = mount(&s.cfg);
+        let usage = cache.index.lock().unwrap().usage();
+        assert_eq!(usage, dst_usage(&s.cfg.dst));
+        assert!(usage >= 3 * MIB as u64);
+        read_file(&fs, "f3").unwrap();
+        assert!(!s.cfg.dst.join("f1").exists());
+        assert!(s.cfg.dst.join("f0").exists() && s.cfg.dst.join("f2").exists());
+    }
 }

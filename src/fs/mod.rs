@@ -1595,7 +1595,10 @@ impl CacheFs {
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let h = self.handles.write().unwrap().remove(&fh);
         match h {
-            Some(h) => self.sync_out(&h),
+            Some(h) => {
+                crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)); // CACHE HOOK
+                self.sync_out(&h)
+            }
             None => Err(FsError::Stale),
         }
     }
