@@ -111,15 +111,27 @@ fn src_with_files(n: u64, avg: u64) -> (TempDir, Vec<(String, u64)>) {
 
 #[test]
 fn reads_of_three_times_the_budget_stay_within_it() {
-    if !can_mount("reads_of_three_times_the_budget_stay_within_it") {
-        return;
+    if can_mount("reads_of_three_times_the_budget_stay_within_it") {
+        three_times_the_budget(&[]);
     }
+}
+
+#[test]
+fn reads_of_three_times_the_budget_without_passthrough() {
+    if can_mount("reads_of_three_times_the_budget_without_passthrough") {
+        three_times_the_budget(&["--no-passthrough"]);
+    }
+}
+
+fn three_times_the_budget(extra: &[&str]) {
     let budget = 10 * MIB;
     let (src, files) = src_with_files(30, MIB);
     let total: u64 = files.iter().map(|f| f.1).sum();
     assert!(total >= 3 * budget - 2 * MIB, "{total}");
     let biggest = files.iter().map(|f| f.1).max().unwrap();
-    let m = Mounted::with_dirs(src, tempdir(), &["--cache-size", "10M"]);
+    let mut args = vec!["--cache-size", "10M"];
+    args.extend_from_slice(extra);
+    let m = Mounted::with_dirs(src, tempdir(), &args);
     for (name, _) in &files {
         assert_same(&m, name);
         let used = usage(m.dst.path());
@@ -357,4 +369,36 @@ fn usage_is_rebuilt_after_kill_9() {
         assert_same(&m, n);
     }
     m.stop();
+}
+
+#[test]
+fn bad_cache_flags_exit_2_with_one_line() {
+    let (src, dst, mnt) = (tempdir(), tempdir(), tempdir());
+    for (flag, value, needle) in [
+        ("--cache-size", "10X", "--cache-size '10X' is not a size"),
+        ("--cache-size", "0", "must be more than 0"),
+        (
+            "--min-free",
+            "120%",
+            "--min-free '120%' is not a size or a percentage",
+        ),
+        ("--pin", "a/[b", "--pin 'a/[b' is not a valid glob"),
+        ("--max-dirty", "lots", "--max-dirty 'lots' is not a size"),
+    ] {
+        let out = std::process::Command::new(cachefs_bin())
+            .arg("-src")
+            .arg(src.path())
+            .arg("-dst")
+            .arg(dst.path())
+            .arg("-mountpoint")
+            .arg(mnt.path())
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{flag} {value}: {err}");
+        assert!(mount_type(&std::fs::canonicalize(mnt.path()).unwrap()).is_none());
+    }
 }

@@ -127,6 +127,10 @@ pub struct Cache {
     warned: Mutex<Option<Instant>>,
     /// Last [`Cache::refresh_unevictable`].
     refreshed: Mutex<Option<Instant>>,
+    /// `last_stamp` at the last persist of the LRU.
+    persisted_stamp: AtomicU64,
+    /// When `cache.json` was last written, and its numbers then.
+    status_written: Mutex<Option<(Instant, String)>>,
 }
 
 fn now_nanos() -> u64 {
@@ -167,6 +171,8 @@ impl Cache {
             last_stamp: AtomicU64::new(0),
             warned: Mutex::new(None),
             refreshed: Mutex::new(None),
+            persisted_stamp: AtomicU64::new(0),
+            status_written: Mutex::new(None),
         };
         let persisted = std::fs::read(cache.lru_path())
             .map(|d| scan::decode_last_use(&d))
@@ -491,6 +497,11 @@ impl Cache {
 
     /// Persists the last-use times (best effort).
     pub fn persist(&self) {
+        // Unchanged since the last write: no use was recorded (every use takes a stamp).
+        let stamp = self.last_stamp.load(Ordering::Acquire);
+        if self.persisted_stamp.swap(stamp, Ordering::AcqRel) == stamp && stamp != 0 {
+            return;
+        }
         let data = {
             let ix = self.index.lock().unwrap();
             scan::encode_last_use(ix.iter().map(|(p, e)| (p, e.stamp)))
@@ -553,9 +564,26 @@ impl Cache {
         )
     }
 
+    /// Writes `cache.json` when its numbers changed, or a minute after the last write.
     fn write_status(&self) {
+        let json = self.status_json();
+        // Compare without the timestamp (the first field).
+        let body = json
+            .split_once(",\"pid\"")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        {
+            let mut last = self.status_written.lock().unwrap();
+            if let Some((t, prev)) = &*last
+                && *prev == body
+                && t.elapsed() < Duration::from_secs(60)
+            {
+                return;
+            }
+            *last = Some((Instant::now(), body));
+        }
         let path = self.state_dir().join(STATUS_FILE);
-        if let Err(e) = scan::write_atomic(&path, self.status_json().as_bytes()) {
+        if let Err(e) = scan::write_atomic(&path, json.as_bytes()) {
             log::debug!("cache: cannot write {}: {e}", path.display());
         }
     }
@@ -587,6 +615,7 @@ impl Cache {
         self.wake.lock().unwrap().stop = true;
         self.wake_cv.notify_all();
         self.persist();
+        *self.status_written.lock().unwrap() = None;
         self.write_status();
     }
 
