@@ -994,6 +994,30 @@ mod tests {
     }
 
     #[test]
+    fn status_file_renders() {
+        let mut s = setup(1);
+        s.cfg.cache_size = Some(3 * MIB as u64);
+        s.cfg.min_free = Some(budget::MinFree::Percent(5.0));
+        s.cfg.max_dirty = Some(MIB as u64);
+        let (fs, cache) = mount(&s.cfg);
+        assert!(status_text(&s.cfg.dst).is_none());
+        read_file(&fs, "f0").unwrap();
+        cache.shutdown();
+        let text = status_text(&s.cfg.dst).unwrap();
+        assert!(
+            text.contains("1M used in 1 files (budget 3M, min free 5%"),
+            "{text}"
+        );
+        assert!(text.contains("0 hits, 1 misses, 1 fetches (1M)"), "{text}");
+        assert!(text.contains("--max-dirty 1M (not enforced"), "{text}");
+        assert!(
+            status_raw(&s.cfg.dst)
+                .unwrap()
+                .contains("\"budget_bytes\":3145728")
+        );
+    }
+
+    #[test]
     fn no_flags_no_cache() {
         let s = setup(0);
         assert!(Cache::open(&s.cfg).unwrap().is_none());
