@@ -206,6 +206,27 @@ pub struct MountArgs {
     /// loopback address: the endpoint has no authentication.
     #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
     pub metrics_addr: Option<String>,
+    /// Most space cached files may take in dst (e.g. 20G, 500M, 1T): above it, least
+    /// recently used clean files are evicted (refetched from src on next open).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    pub cache_size: Option<String>,
+    /// Free space to keep on dst's filesystem, a size or a percentage (10G, 5%):
+    /// clean files are evicted to keep it.
+    #[arg(long, value_name = "SIZE|PERCENT", allow_hyphen_values = true)]
+    pub min_free: Option<String>,
+    /// Keep files matching GLOB (mount-relative: 'videos/**', '*.jpg') in dst: fetched
+    /// ahead of use, never evicted. Repeatable. The xattr user.cachefs.pin on a file or
+    /// directory does the same.
+    #[arg(
+        long = "pin",
+        value_name = "GLOB",
+        action = clap::ArgAction::Append,
+        allow_hyphen_values = true
+    )]
+    pub pin: Vec<String>,
+    /// With -w: data not yet written back above which writers wait (not enforced yet).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    pub max_dirty: Option<String>,
 }
 
 /// Flags that take a value, by their long name (also written with one dash).
@@ -222,6 +243,10 @@ const VALUE_FLAGS: &[&str] = &[
     "src-timeout",
     "revalidate",
     "metrics-addr",
+    "cache-size",
+    "min-free",
+    "pin",
+    "max-dirty",
 ];
 /// Boolean flags with a long name.
 const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
@@ -517,6 +542,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
     };
     let mount_options = split_options(&m.options)?;
     let metrics_addr = m.metrics_addr.as_deref().map(parse_addr).transpose()?;
+    let cache = cache_flags(m)?;
 
     let src = resolve_dir("src", &src, probe.dir(&src))?;
     let dst = resolve_dir("dst", &dst, probe.dir(&dst))?;
@@ -546,6 +572,67 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         src_timeout,
         revalidate,
         metrics_addr,
+        cache_size: cache.cache_size,
+        min_free: cache.min_free,
+        pins: cache.pins,
+        max_dirty: cache.max_dirty,
+    })
+}
+
+/// The cache budget flags, validated (`--cache-size`, `--min-free`, `--pin`,
+/// `--max-dirty`).
+pub struct CacheFlags {
+    pub cache_size: Option<u64>,
+    pub min_free: Option<config::MinFree>,
+    pub pins: Vec<String>,
+    pub max_dirty: Option<u64>,
+}
+
+/// Validates the cache budget flags of `m`.
+pub fn cache_flags(m: &MountArgs) -> Result<CacheFlags, CliError> {
+    use crate::cache::{budget, pin};
+    let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>, CliError> {
+        let Some(v) = v else { return Ok(None) };
+        match budget::parse_size(v) {
+            Ok(0) => err(format!(
+                "--{flag} '{v}' must be more than 0; write e.g. --{flag} 20G"
+            )),
+            Ok(n) => Ok(Some(n)),
+            Err(why) => err(format!(
+                "--{flag} '{v}' is not a size ({why}); write e.g. --{flag} 20G or --{flag} 500M"
+            )),
+        }
+    };
+    let cache_size = size("cache-size", &m.cache_size)?;
+    let max_dirty = size("max-dirty", &m.max_dirty)?;
+    let min_free = match &m.min_free {
+        None => None,
+        Some(v) => match budget::parse_min_free(v) {
+            Ok(budget::MinFree::Bytes(0)) => {
+                return err(format!(
+                    "--min-free '{v}' must be more than 0; write e.g. --min-free 10G or --min-free 5%"
+                ));
+            }
+            Ok(mf) => Some(mf),
+            Err(why) => {
+                return err(format!(
+                    "--min-free '{v}' is not a size or a percentage ({why}); write e.g. --min-free 10G or --min-free 5%"
+                ));
+            }
+        },
+    };
+    for g in &m.pin {
+        if let Err(why) = pin::check_glob(g) {
+            return err(format!(
+                "--pin '{g}' is not a valid glob ({why}); write e.g. --pin 'videos/**' or --pin '*.jpg'"
+            ));
+        }
+    }
+    Ok(CacheFlags {
+        cache_size,
+        min_free,
+        pins: m.pin.clone(),
+        max_dirty,
     })
 }
 
@@ -1198,5 +1285,49 @@ mod tests {
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cache_budget_flags() {
+        let c = cfg(&with(&[
+            "--cache-size",
+            "20G",
+            "-min-free=5%",
+            "--pin",
+            "videos/**",
+            "-pin",
+            "*.jpg",
+            "--max-dirty",
+            "1.5G",
+        ]));
+        assert_eq!(c.cache_size, Some(20 << 30));
+        assert_eq!(c.min_free, Some(config::MinFree::Percent(5.0)));
+        assert_eq!(c.pins, vec!["videos/**".to_string(), "*.jpg".into()]);
+        assert_eq!(c.max_dirty, Some(3 << 29));
+        let c = cfg(&with(&["--min-free", "10G"]));
+        assert_eq!(c.min_free, Some(config::MinFree::Bytes(10 << 30)));
+        assert_eq!(c.cache_size, None);
+        assert!(c.pins.is_empty());
+        for (args, needle) in [
+            (
+                &["--cache-size", "20X"][..],
+                "--cache-size '20X' is not a size",
+            ),
+            (&["--cache-size", "0"][..], "must be more than 0"),
+            (&["--cache-size", "-5G"][..], "is not a size"),
+            (
+                &["--min-free", "150%"][..],
+                "--min-free '150%' is not a size or a percentage",
+            ),
+            (
+                &["--min-free", "lots"][..],
+                "write e.g. --min-free 10G or --min-free 5%",
+            ),
+            (&["--pin", "a/[b"][..], "--pin 'a/[b' is not a valid glob"),
+            (&["--max-dirty", "x"][..], "--max-dirty 'x' is not a size"),
+        ] {
+            let e = fail(&with(args));
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
     }
 }

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::cache::budget::MinFree;
+
 /// Everything the daemon needs to know, after the command line was validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -42,6 +44,18 @@ pub struct Config {
     pub revalidate: Duration,
     /// `--metrics-addr`: serve Prometheus metrics over HTTP at this address.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    // --- cache budget (src/cache/) ---
+    /// `--cache-size`: most bytes dst's files may use; least recently used clean
+    /// files are evicted above it (None: unbounded).
+    pub cache_size: Option<u64>,
+    /// `--min-free`: free space to keep on dst's filesystem (bytes or percent).
+    pub min_free: Option<MinFree>,
+    /// `--pin`: mount-relative globs of files fetched ahead of use and never evicted.
+    pub pins: Vec<String>,
+    /// `--max-dirty`: unreplicated bytes above which writers wait for writeback
+    /// (backpressure). Parsed and shown; not enforced until the writeback journal
+    /// reports its pending bytes.
+    pub max_dirty: Option<u64>,
 }
 
 impl Config {
@@ -65,6 +79,10 @@ impl Config {
             src_timeout: DEFAULT_SRC_TIMEOUT,
             revalidate: DEFAULT_REVALIDATE,
             metrics_addr: None,
+            cache_size: None,
+            min_free: None,
+            pins: Vec::new(),
+            max_dirty: None,
         }
     }
 }

@@ -256,7 +256,17 @@ fn mount_and_serve(
     signals: &Signals,
 ) -> Result<Stop, DaemonError> {
     let changes = wb.clone().map(|w| w as Arc<dyn crate::fs::ChangeLog>);
-    let fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    let mut fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    // The cache budget (src/cache/): usage rebuilt from dst before mounting.
+    let cache = crate::cache::Cache::open(cfg)
+        .map_err(|e| DaemonError::Fs(format!("cache budget: {e}")))?;
+    if let Some(c) = &cache {
+        fs.set_cache(Arc::clone(c));
+    }
+    let fs = Arc::new(fs);
+    if let Some(c) = &cache {
+        c.start(Arc::downgrade(&fs));
+    }
     let mounted = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
         mountpoint: cfg.mountpoint.clone(),
         source,
@@ -279,7 +289,11 @@ fn mount_and_serve(
         cfg.mountpoint.display(),
         writeback_mode(cfg)
     );
-    serve(session, signals, &cfg.mountpoint, wb.as_ref())
+    let stop = serve(session, signals, &cfg.mountpoint, wb.as_ref());
+    if let Some(c) = &cache {
+        c.shutdown(); // persist the LRU and cache.json
+    }
+    stop
 }
 
 /// "off", "on N workers" or "mirror", for the mount log line.

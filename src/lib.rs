@@ -7,9 +7,11 @@
 //! - `fuse`: the thin `fuser::Filesystem` adapter; the only module that knows fuser types.
 //! - `fs`: the layered view (lookup, inodes, handles, whiteouts, copy-up) over two
 //!   directory roots, with no fuser types.
+//! - `cache`: the cache budget (usage, LRU eviction, pinning) over the core.
 //! - `writeback`: the durable journal and the workers that replay it on src.
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -352,10 +352,10 @@ fn unknown_flag() {
         &p(&d.dst),
         &"-mountpoint",
         &p(&d.mnt),
-        &"-cache-size",
+        &"-no-such-flag",
         &"10G",
     ]);
-    assert_usage_error(&out, &["unknown flag '-cache-size'", "cachefs --help"]);
+    assert_usage_error(&out, &["unknown flag '-no-such-flag'", "cachefs --help"]);
     assert_not_mounted(p(&d.mnt));
 }
 

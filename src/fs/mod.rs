@@ -210,6 +210,9 @@ pub struct CacheFs {
     dst_dev: u64,
     /// Last time the src root was reopened after an outage (rate limit).
     src_reopened: Mutex<Option<std::time::Instant>>,
+    /// CACHE HOOK: the cache budget (src/cache/), called from open, ensure_in_dst and
+    /// setxattr/removexattr; `None` without a budget or pins.
+    cache: Option<Arc<crate::cache::Cache>>,
 }
 
 /// Threads that run src calls; while all are stuck on a stalled src, src calls fail
@@ -314,10 +317,16 @@ impl CacheFs {
             src_reopened: Mutex::new(None),
             revalidate: cfg.revalidate,
             dst_dev,
+            cache: None, // CACHE HOOK
         };
         fs.load_legacy_whiteouts()?;
         copyup::prepare_staging(&fs.dst)?;
         Ok(fs)
+    }
+
+    /// CACHE HOOK: attaches the cache budget (before mounting).
+    pub fn set_cache(&mut self, cache: Arc<crate::cache::Cache>) {
+        self.cache = Some(cache);
     }
 
     fn load_legacy_whiteouts(&self) -> FsResult<()> {
@@ -570,6 +579,7 @@ impl CacheFs {
         self.copy_done.notify_all();
         let st = result?;
         crate::metrics::cache_miss(st.st_size as u64);
+        crate::cache::on_fetched(&self.cache, path, &st); // CACHE HOOK
         let mut t = self.inodes.lock().unwrap();
         t.set_dst_ident(ino, ident(&st));
         if let Some(n) = t.get_mut(ino) {
@@ -1483,6 +1493,7 @@ impl CacheFs {
     /// reported dirty at once, since its writes will not pass through the daemon.
     pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
         let OpenRequest { flags, for_backing } = req;
+        crate::cache::on_open(&self.cache, self, ino, || Ok(self.node_path(ino)?.0))?; // CACHE HOOK
         let _ns = self.namespace.read().unwrap();
         let (path, kind, merges) = self.node_path(ino)?;
         if kind == Kind::Dir {
@@ -1631,7 +1642,10 @@ impl CacheFs {
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let h = self.handles.write().unwrap().remove(&fh);
         match h {
-            Some(h) => self.sync_out(&h),
+            Some(h) => {
+                crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)); // CACHE HOOK
+                self.sync_out(&h)
+            }
             None => Err(FsError::Stale),
         }
     }
@@ -1795,6 +1809,7 @@ impl CacheFs {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        crate::cache::on_xattr(&self.cache, name); // CACHE HOOK
         if origin::is_reserved_xattr(name) {
             return denied(libc::EPERM);
         }
@@ -1802,6 +1817,7 @@ impl CacheFs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        crate::cache::on_xattr(&self.cache, name); // CACHE HOOK
         if origin::is_reserved_xattr(name) {
             return denied(libc::EPERM);
         }

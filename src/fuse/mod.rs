@@ -836,14 +836,14 @@ pub struct Mounted {
 }
 
 /// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
-pub fn spawn_mount(fs: CacheFs, cfg: &Config) -> io::Result<Mounted> {
+pub fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<Mounted> {
     let (mount_options, acl) = mount_options(cfg);
     let mut fc = FuseConfig::default();
     fc.mount_options = mount_options;
     fc.acl = acl;
     fc.n_threads = Some(cfg.threads.max(1));
     fc.clone_fd = cfg.threads > 1;
-    let mut adapter = FuseAdapter::new(Arc::new(fs), cfg);
+    let mut adapter = FuseAdapter::new(fs.into(), cfg);
     let (tx, ready) = crossbeam_channel::bounded(1);
     adapter.ready = Some(tx);
     let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)?;
