@@ -166,6 +166,12 @@ fn local_files_are_never_evicted() {
     for (name, _) in &files[..2] {
         assert_same(&m, name);
     }
+    // A cached src file is changed here: dirty, never evicted either. (Changed before
+    // the budget fills up: once it is full, the trim may evict the clean copy first.)
+    let dirty = files[1].0.clone();
+    let mut changed = std::fs::read(m.mnt_path(&dirty)).unwrap();
+    changed[..5].copy_from_slice(b"local");
+    std::fs::write(m.mnt_path(&dirty), &changed).unwrap();
     // 6 MiB written here: over the 4 MiB budget, and none of it may go.
     let mut written = Vec::new();
     for i in 0..3 {
@@ -174,11 +180,6 @@ fn local_files_are_never_evicted() {
         std::fs::write(m.mnt_path(&name), &data).unwrap();
         written.push((name, data));
     }
-    // A cached src file is changed here: dirty, never evicted either.
-    let dirty = files[1].0.clone();
-    let mut changed = std::fs::read(m.mnt_path(&dirty)).unwrap();
-    changed[..5].copy_from_slice(b"local");
-    std::fs::write(m.mnt_path(&dirty), &changed).unwrap();
     // Let the background trim run a few rounds.
     wait_until("the clean copy evicted", Duration::from_secs(10), || {
         !m.dst_path(&files[0].0).exists()

@@ -139,7 +139,7 @@ pub struct OpenFile {
     /// cannot see them, so at flush/fsync/release it compares the file's version with
     /// the one last reported instead of trusting `dirty`.
     writes_bypass: bool,
-    /// (mtime, ctime, size) of the dst file when its content was last reported.
+    /// (mtime, size) of the dst file when its content was last reported.
     reported: Mutex<Option<Version>>,
 }
 
@@ -646,8 +646,12 @@ impl CacheFs {
     /// its next open. Only a clean copy (fetched from src, unchanged here, nothing
     /// pending for writeback) that is not open and that src still has is evicted.
     /// Returns the bytes freed in dst, or `None` when the file must stay.
+    /// Never waits for the namespace: with a long copy-up in progress the eviction is
+    /// skipped (the budget thread tries again), instead of stalling the mount behind it.
     pub fn evict(&self, path: &Path) -> FsResult<Option<u64>> {
-        let _ns = self.namespace.write().unwrap();
+        let Ok(_ns) = self.namespace.try_write() else {
+            return Ok(None);
+        };
         let Some(st) = self.dst.stat(path)? else {
             return Ok(None);
         };

@@ -144,6 +144,25 @@ pub fn write_fd(file: &File, origin: &Origin) -> io::Result<()> {
     Ok(())
 }
 
+/// The record on an open file (replay reads it from the dst file it uploads).
+pub fn read_fd(file: &File) -> Option<Origin> {
+    let name = cstr(xattr_name()).ok()?;
+    let mut buf = [0u8; 128];
+    // SAFETY: valid fd, name and buffer.
+    let n = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    Origin::decode(&buf[..n as usize])
+}
+
 /// Marks dst's file at `path` as changed locally (if it has a clean record).
 pub fn mark_dirty(dst: &Layer, path: &Path) -> io::Result<()> {
     if let Some(mut o) = read(dst, path)?

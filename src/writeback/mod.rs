@@ -242,6 +242,8 @@ struct Shared {
 pub struct Writeback {
     shared: Option<Arc<Shared>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Mirror mode (`-concurrent 0`): close/fsync wait until src holds the bytes.
+    mirror: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -464,6 +466,7 @@ impl Writeback {
             return Ok(Arc::new(Writeback {
                 shared: None,
                 threads: Mutex::new(Vec::new()),
+                mirror: false,
             }));
         }
         let (journal, live, next_seq) = Journal::open(&cfg.dst)?;
@@ -528,6 +531,7 @@ impl Writeback {
         Ok(Arc::new(Writeback {
             shared: Some(sh),
             threads: Mutex::new(threads),
+            mirror: cfg.concurrent == 0,
         }))
     }
 
@@ -762,7 +766,12 @@ impl crate::fs::ChangeLog for Writeback {
         Writeback::record(self, op).map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
+    /// Only mirror mode waits: with asynchronous writeback, close() and fsync() return
+    /// once dst holds the bytes and the journal holds the op.
     fn wait_synced(&self, path: &Path) -> io::Result<()> {
+        if !self.mirror {
+            return Ok(());
+        }
         Writeback::wait_synced(self, path).map_err(|e| {
             log::warn!("{e}");
             io::Error::from_raw_os_error(e.errno())

@@ -22,6 +22,7 @@
 //! - Nothing follows a symlink: see [`super::sys`].
 //! - Owner, mode and xattr changes a src filesystem does not support (rclone) are ignored.
 
+use crate::fs::origin::{self, Origin};
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -468,6 +469,14 @@ fn copy_file(
         finish_file(dd, name, &sf, sd, name, &st)?;
         return Ok(());
     }
+    let fetched_from = origin::read_fd(&df);
+    if let (Some(o), Some(s)) = (fetched_from, src_st)
+        && o.dirty
+        && sys::file_type(s) == libc::S_IFREG
+        && !o.same_source(s)
+    {
+        keep_conflicting_src_version(sd, name)?;
+    }
     let tmp = ctx.temp_name();
     let mut sf = make_temp(sd, &tmp, || sys::create_excl_at(sd, &tmp, 0o600))?;
     let mut g = TempGuard {
@@ -481,7 +490,46 @@ fn copy_file(
     sys::rename_at(sd, &tmp, sd, name, false)?;
     g.armed = false;
     let _ = sys::fsync_dir(sd);
+    mark_clean_if_unchanged(&df, &st, sd, name);
     Ok(())
+}
+
+/// src's file changed since dst's copy was fetched, and dst's copy changed here too:
+/// local data wins on src, and src's version is kept beside it under a clearly named
+/// conflict file (visible through the mount), with a warning.
+fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut kept = name.to_os_string();
+    kept.push(format!(".conflict-{secs}"));
+    sys::rename_at(sd, name, sd, &kept, false)?;
+    crate::metrics::METRICS.conflicts.inc();
+    log::warn!(
+        "conflict: {} changed on src and here since it was fetched; the local version wins, \
+         src's version is kept as {}",
+        name.to_string_lossy(),
+        kept.to_string_lossy()
+    );
+    Ok(())
+}
+
+/// After an upload: if dst's file did not change meanwhile, src now holds exactly its
+/// bytes, so the copy is clean again (revalidated against src's new version, and
+/// evictable by the cache budget).
+fn mark_clean_if_unchanged(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
+    let unchanged = sys::fstat(df.as_raw_fd()).is_ok_and(|now| {
+        (now.st_mtime, now.st_mtime_nsec, now.st_size, now.st_ino)
+            == (
+                before.st_mtime,
+                before.st_mtime_nsec,
+                before.st_size,
+                before.st_ino,
+            )
+    });
+    if unchanged && let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
+        let _ = origin::write_fd(df, &Origin::of(&on_src));
+    }
 }
 
 /// Owner, mode, xattrs, times, fsync of a freshly written src file.
