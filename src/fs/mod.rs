@@ -1370,13 +1370,14 @@ impl CacheFs {
         let from_in_src = self.src_has(&from, from_merges)?;
         let to_in_src = self.src_has(&to, to_merges)?;
         self.dst.rename(&from, &to, flags & libc::RENAME_EXCHANGE)?;
-        // A moved file no longer matches src's file at its new name: local from now on
-        // (never refetched or dropped because of what src has there).
+        // A moved file no longer derives from src's file at its new name: local until
+        // writeback uploads it (never refetched, dropped or taken for a conflict
+        // because of what src has there).
         if !from_is_dir {
-            origin::mark_dirty(&self.dst, &to)?;
+            origin::clear(&self.dst, &to)?;
         }
         if exchange && dst_found.as_ref().is_some_and(|t| !is_dir(&t.st)) {
-            origin::mark_dirty(&self.dst, &from)?;
+            origin::clear(&self.dst, &from)?;
         }
         self.clear_whiteouts(&to)?;
         if !exchange && from_in_src {
@@ -1450,7 +1451,7 @@ impl CacheFs {
         self.ensure_in_dst(ino, &path, None)?;
         self.ensure_dst_dir(&dir)?;
         self.clear_whiteouts(&new)?;
-        origin::mark_dirty(&self.dst, &path)?;
+        origin::clear(&self.dst, &path)?;
         self.dst.link(&path, &new)?;
         self.inodes.lock().unwrap().add_path(ino, &new);
         let st = self.dst.stat(&new)?.ok_or_else(FsError::not_found)?;

@@ -163,6 +163,15 @@ pub fn read_fd(file: &File) -> Option<Origin> {
     Origin::decode(&buf[..n as usize])
 }
 
+/// Removes the record: the file at `path` no longer derives from src's file at that
+/// name (it was renamed or linked there). It is local until an upload records anew.
+pub fn clear(dst: &Layer, path: &Path) -> io::Result<()> {
+    match dst.removexattr(path, xattr_name()) {
+        Err(e) if no_xattrs(&e) => Ok(()),
+        r => r,
+    }
+}
+
 /// Marks dst's file at `path` as changed locally (if it has a clean record).
 pub fn mark_dirty(dst: &Layer, path: &Path) -> io::Result<()> {
     if let Some(mut o) = read(dst, path)?

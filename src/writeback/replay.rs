@@ -314,7 +314,9 @@ fn sync_entry(
     match ftype {
         libc::S_IFREG => {
             if !content && src_type == Some(libc::S_IFREG) {
-                set_meta(dd, sd, name, dst_st)
+                set_meta(dd, sd, name, dst_st)?;
+                refresh_record(dd, sd, name);
+                Ok(())
             } else {
                 if src_type == Some(libc::S_IFDIR) {
                     remove_tree(ctx, sd, name)?;
@@ -467,10 +469,13 @@ fn copy_file(
         let n = copy_data(ctx, &mut df, &mut sf)?;
         sf.set_len(n)?;
         finish_file(dd, name, &sf, sd, name, &st)?;
+        record_upload(&df, &st, sd, name);
         return Ok(());
     }
     let fetched_from = origin::read_fd(&df);
+    // Hard links share one record but may be separate files on src: no verdict there.
     if let (Some(o), Some(s)) = (fetched_from, src_st)
+        && st.st_nlink == 1
         && o.dirty
         && sys::file_type(s) == libc::S_IFREG
         && !o.same_source(s)
@@ -490,8 +495,22 @@ fn copy_file(
     sys::rename_at(sd, &tmp, sd, name, false)?;
     g.armed = false;
     let _ = sys::fsync_dir(sd);
-    mark_clean_if_unchanged(&df, &st, sd, name);
+    record_upload(&df, &st, sd, name);
     Ok(())
+}
+
+/// Metadata replayed onto src's file changed its identity (mtime): move dst's record to
+/// it, keeping the dirty flag, so the next upload does not take our own replay for
+/// somebody else's change (a false conflict).
+fn refresh_record(dd: RawFd, sd: RawFd, name: &OsStr) {
+    let Ok(df) = sys::open_read_at(dd, name) else {
+        return;
+    };
+    if let (Some(old), Ok(Some(on_src))) = (origin::read_fd(&df), sys::lstat_at(sd, name)) {
+        let mut record = Origin::of(&on_src);
+        record.dirty = old.dirty;
+        let _ = origin::write_fd(&df, &record);
+    }
 }
 
 /// src's file changed since dst's copy was fetched, and dst's copy changed here too:
@@ -514,21 +533,20 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
     Ok(())
 }
 
-/// After an upload: if dst's file did not change meanwhile, src now holds exactly its
-/// bytes, so the copy is clean again (revalidated against src's new version, and
-/// evictable by the cache budget).
-fn mark_clean_if_unchanged(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
+/// After an upload: dst's copy now derives from the src version just written, so its
+/// record points there (otherwise the next upload would take our own earlier upload for
+/// somebody else's change: a false conflict). If dst did not change meanwhile, src
+/// holds exactly its bytes and the copy is clean again (revalidated against src,
+/// evictable); otherwise it stays dirty, and the pending write uploads the rest.
+fn record_upload(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
     let unchanged = sys::fstat(df.as_raw_fd()).is_ok_and(|now| {
         (now.st_mtime, now.st_mtime_nsec, now.st_size, now.st_ino)
-            == (
-                before.st_mtime,
-                before.st_mtime_nsec,
-                before.st_size,
-                before.st_ino,
-            )
+            == (before.st_mtime, before.st_mtime_nsec, before.st_size, before.st_ino)
     });
-    if unchanged && let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
-        let _ = origin::write_fd(df, &Origin::of(&on_src));
+    if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
+        let mut record = Origin::of(&on_src);
+        record.dirty = !unchanged;
+        let _ = origin::write_fd(df, &record);
     }
 }
 
