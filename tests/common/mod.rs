@@ -496,11 +496,17 @@ pub fn wb_user_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// Every entry below `root` (relative path -> [`WbEntry`]), not following symlinks, and
 /// the hard-link groups (paths of regular files sharing an inode, when more than one).
-pub fn wb_tree(root: &Path) -> (std::collections::BTreeMap<PathBuf, WbEntry>, Vec<Vec<PathBuf>>) {
+pub fn wb_tree(
+    root: &Path,
+) -> (
+    std::collections::BTreeMap<PathBuf, WbEntry>,
+    Vec<Vec<PathBuf>>,
+) {
     use std::os::unix::ffi::OsStringExt;
     use std::os::unix::fs::MetadataExt;
     let mut out = std::collections::BTreeMap::new();
-    let mut inodes: std::collections::BTreeMap<u64, Vec<PathBuf>> = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::BTreeMap<u64, Vec<PathBuf>> =
+        std::collections::BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let p = root.join(&rel);
@@ -608,9 +614,15 @@ pub fn wb_fnv(data: &[u8]) -> u64 {
 /// `links`, hard-link groups must match too.
 pub fn wb_tree_diff(
     a_name: &str,
-    a: &(std::collections::BTreeMap<PathBuf, WbEntry>, Vec<Vec<PathBuf>>),
+    a: &(
+        std::collections::BTreeMap<PathBuf, WbEntry>,
+        Vec<Vec<PathBuf>>,
+    ),
     b_name: &str,
-    b: &(std::collections::BTreeMap<PathBuf, WbEntry>, Vec<Vec<PathBuf>>),
+    b: &(
+        std::collections::BTreeMap<PathBuf, WbEntry>,
+        Vec<Vec<PathBuf>>,
+    ),
     links: bool,
 ) -> Vec<String> {
     let mut diffs = Vec::new();
