@@ -133,11 +133,11 @@ fn walk(root: &Path) -> Vec<(PathBuf, fs::FileType)> {
             continue;
         };
         let ft = md.file_type();
-        if ft.is_dir() {
-            if let Ok(rd) = fs::read_dir(root.join(&rel)) {
-                for e in rd.flatten() {
-                    stack.push(rel.join(e.file_name()));
-                }
+        if ft.is_dir()
+            && let Ok(rd) = fs::read_dir(root.join(&rel))
+        {
+            for e in rd.flatten() {
+                stack.push(rel.join(e.file_name()));
             }
         }
         out.push((rel, ft));
@@ -1300,4 +1300,59 @@ fn directory_copy_up_keeps_user_xattrs() {
         "writeback stripped src's directory xattrs"
     );
     m.stop();
+}
+
+// ----- fsx --------------------------------------------------------------------------------------
+
+/// fsx (crates.io `fsx`) on a file through the mount with `-w`, then src holds the
+/// mount's bytes. (scripts/fsx.sh runs longer variants.)
+fn fsx_writeback(extra: &[&str]) {
+    let name = format!("fsx_writeback {extra:?}");
+    if !can_mount(&name) {
+        return;
+    }
+    if std::process::Command::new("fsx")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("fsx is needed (scripts/install-deps.sh installs it)");
+    }
+    let ops = env_usize("CACHEFS_WB_MOUNT_FSX_OPS")
+        .unwrap_or(1500)
+        .to_string();
+    let src = dir_with(&[("fsx-old", &bytes(1 << 20, 3))]);
+    let mut args = vec!["-w"];
+    args.extend_from_slice(extra);
+    let m = Mounted::with_dirs(src, tempdir(), &args);
+    let artifacts = tempdir();
+    for (file, seed) in [("fsx-new", "1"), ("fsx-old", "2")] {
+        let out = std::process::Command::new("fsx")
+            .args(["-q", "-N", &ops, "-S", seed, "-P"])
+            .arg(artifacts.path())
+            .arg(m.mnt_path(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: fsx on {file} failed: {}\n{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            m.stderr()
+        );
+    }
+    wb_wait_drained(m.dst.path(), DRAIN);
+    sleep(Duration::from_millis(1100));
+    assert_src_matches_mount(&m, &name);
+    m.stop();
+}
+
+#[test]
+fn fsx_in_writeback_mode_then_src_equals_the_mount() {
+    fsx_writeback(&["-concurrent", "4"]);
+}
+
+#[test]
+fn fsx_in_mirror_mode_no_passthrough_then_src_equals_the_mount() {
+    fsx_writeback(&["-concurrent", "0", "--no-passthrough"]);
 }
