@@ -961,7 +961,7 @@ fn mirror_empty_new_file_is_on_src_when_close_returns_no_passthrough() {
 // ----- the hard cases -------------------------------------------------------------------------
 
 fn hard_case_mount(src: TempDir, extra: &[&str]) -> Mounted {
-    let mut args = vec!["-w", "-start-delay", "1.5"];
+    let mut args = vec!["-w", "-start-delay", "3"];
     args.extend_from_slice(extra);
     Mounted::with_dirs(src, tempdir(), &args)
 }
@@ -1188,7 +1188,7 @@ fn whiteouts_are_collected_once_src_applied_the_delete() {
         ("sub/w2", b"w2"),
         ("sub/stay", b"s"),
     ]);
-    let m = Mounted::with_dirs(src, tempdir(), &["-w", "-start-delay", "2"]);
+    let m = Mounted::with_dirs(src, tempdir(), &["-w", "-start-delay", "3"]);
     fs::remove_file(m.mnt_path("w")).unwrap();
     fs::remove_dir_all(m.mnt_path("wd")).unwrap();
     fs::remove_file(m.mnt_path("sub/w2")).unwrap();
