@@ -413,6 +413,117 @@ pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
     if n < 0 {
         return Vec::new();
     }
+
+// ----- helpers added for the mounted writeback tests (tests/writeback_*mount.rs) -------
+
+/// `cachefs status DST --json`, parsed: the exit code and the numeric keys.
+#[derive(Debug, Clone)]
+pub struct WbStatus {
+    pub code: i32,
+    pub pending_ops: u64,
+    pub pending_bytes: u64,
+    pub failed_ops: u64,
+    /// The whole JSON text, for messages.
+    pub json: String,
+}
+
+fn wb_json_u64(json: &str, key: &str) -> u64 {
+    let pat = format!("\"{key}\":");
+    let at = json
+        .find(&pat)
+        .unwrap_or_else(|| panic!("`cachefs status --json` lacks {key:?}: {json}"))
+        + pat.len();
+    let digits: String = json[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("`cachefs status --json`: {key:?} is not a number: {json}"))
+}
+
+/// Run `cachefs status DST --json` (works with or without a daemon).
+pub fn wb_status(dst: &Path) -> WbStatus {
+    let out = Command::new(cachefs_bin())
+        .arg("status")
+        .arg(dst)
+        .arg("--json")
+        .output()
+        .expect("run cachefs status");
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 1,
+        "cachefs status {} exited {code}: {json}{}",
+        dst.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    WbStatus {
+        code,
+        pending_ops: wb_json_u64(&json, "pending_ops"),
+        pending_bytes: wb_json_u64(&json, "pending_bytes"),
+        failed_ops: wb_json_u64(&json, "failed_ops"),
+        json,
+    }
+}
+
+/// Poll `cachefs status` until `pred` holds; panics with the last status after `timeout`.
+pub fn wb_wait_status(
+    dst: &Path,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&WbStatus) -> bool,
+) -> WbStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = wb_status(dst);
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writeback queue of {}: not {what} after {timeout:?}; last status: {}",
+            dst.display(),
+            s.json
+        );
+        sleep(Duration::from_millis(25));
+    }
+}
+
+/// Wait until the writeback queue of `dst` is empty (no pending, no failed op).
+pub fn wb_wait_drained(dst: &Path, timeout: Duration) {
+    wb_wait_status(dst, timeout, "drained", |s| {
+        s.pending_ops == 0 && s.failed_ops == 0
+    });
+}
+
+/// What the tree comparison of the writeback tests looks at, per entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WbEntry {
+    /// st_mode: type and permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Regular files only (directory times legitimately differ).
+    pub mtime: Option<(i64, i64)>,
+    /// Regular files: the bytes. Symlinks: the target.
+    pub data: Vec<u8>,
+    /// `user.*` xattrs (not for symlinks and fifos).
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// `user.*` xattrs of `p` (not following a final symlink), sorted.
+pub fn wb_user_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid path and buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        n >= 0,
+        "llistxattr {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
     let mut out = Vec::new();
     for name in buf[..n as usize].split(|b| *b == 0) {
         if !name.starts_with(b"user.") {
@@ -431,6 +542,14 @@ pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
         );
         val.truncate(m as usize);
         out.push((String::from_utf8_lossy(name).into_owned(), val));
+
+            "lgetxattr {} {}: {}",
+            p.display(),
+            String::from_utf8_lossy(name),
+            std::io::Error::last_os_error()
+        );
+        val.truncate(m as usize);
+        out.push((name.to_vec(), val));
     }
     out.sort();
     out
@@ -470,6 +589,27 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, EntrySnap> {
             let mut v = Vec::new();
             std::io::Read::read_to_end(&mut f, &mut v).unwrap();
             v
+
+/// Every entry below `root` (relative path -> [`WbEntry`]), not following symlinks, and
+/// the hard-link groups (paths of regular files sharing an inode, when more than one).
+pub fn wb_tree(
+    root: &Path,
+) -> (
+    std::collections::BTreeMap<PathBuf, WbEntry>,
+    Vec<Vec<PathBuf>>,
+) {
+    use std::os::unix::ffi::OsStringExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::BTreeMap<u64, Vec<PathBuf>> =
+        std::collections::BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let p = root.join(&rel);
+        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+        let ft = md.file_type();
+        let data = if ft.is_file() {
+            fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
         } else if ft.is_symlink() {
             fs::read_link(&p).unwrap().into_os_string().into_vec()
         } else {
@@ -530,6 +670,46 @@ pub fn assert_unchanged(root: &Path, before: &BTreeMap<PathBuf, EntrySnap>) {
 
 /// Every path below `root` whose file name satisfies `pred` (not following symlinks).
 pub fn find_names(root: &Path, pred: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
+
+        if ft.is_file() {
+            inodes.entry(md.ino()).or_default().push(rel.clone());
+        }
+        let xattrs = if ft.is_file() || ft.is_dir() {
+            wb_user_xattrs(&p)
+        } else {
+            Vec::new()
+        };
+        if ft.is_dir() {
+            for e in fs::read_dir(&p).unwrap_or_else(|e| panic!("readdir {}: {e}", p.display())) {
+                stack.push(rel.join(e.unwrap().file_name()));
+            }
+        }
+        out.insert(
+            rel,
+            WbEntry {
+                mode: md.mode(),
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: ft.is_file().then(|| (md.mtime(), md.mtime_nsec())),
+                data,
+                xattrs,
+            },
+        );
+    }
+    let mut groups: Vec<Vec<PathBuf>> = inodes
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    (out, groups)
+}
+
+/// Paths below `root` whose name starts with `.cachefs-` (internal names).
+pub fn wb_internal_names(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -542,6 +722,12 @@ pub fn find_names(root: &Path, pred: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
             }
             if e.file_type().unwrap().is_dir() {
                 stack.push(p);
+
+            if e.file_name().as_bytes().starts_with(b".cachefs-") {
+                out.push(e.path());
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
             }
         }
     }
@@ -565,4 +751,87 @@ impl Mounted {
         );
         self.restart(extra_args);
     }
+
+fn wb_describe(e: &WbEntry) -> String {
+    let data = if e.data.len() > 48 {
+        format!("{} bytes, fnv {:016x}", e.data.len(), wb_fnv(&e.data))
+    } else {
+        format!("{:?}", String::from_utf8_lossy(&e.data))
+    };
+    let xattrs: Vec<String> = e
+        .xattrs
+        .iter()
+        .map(|(n, v)| {
+            format!(
+                "{}={:016x}/{}",
+                String::from_utf8_lossy(n),
+                wb_fnv(v),
+                v.len()
+            )
+        })
+        .collect();
+    format!(
+        "mode {:o} uid {} gid {} mtime {:?} data {data} xattrs {xattrs:?}",
+        e.mode, e.uid, e.gid, e.mtime
+    )
+}
+
+/// FNV-1a 64 of `data` (a cheap content fingerprint for messages and crash checks).
+pub fn wb_fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The differences between two trees taken with [`wb_tree`] (empty: equal). With
+/// `links`, hard-link groups must match too.
+pub fn wb_tree_diff(
+    a_name: &str,
+    a: &(
+        std::collections::BTreeMap<PathBuf, WbEntry>,
+        Vec<Vec<PathBuf>>,
+    ),
+    b_name: &str,
+    b: &(
+        std::collections::BTreeMap<PathBuf, WbEntry>,
+        Vec<Vec<PathBuf>>,
+    ),
+    links: bool,
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for (k, v) in &a.0 {
+        match b.0.get(k) {
+            None => diffs.push(format!(
+                "only in {a_name}: /{} ({})",
+                k.display(),
+                wb_describe(v)
+            )),
+            Some(w) if w != v => diffs.push(format!(
+                "differs: /{}\n    {a_name}: {}\n    {b_name}: {}",
+                k.display(),
+                wb_describe(v),
+                wb_describe(w)
+            )),
+            _ => {}
+        }
+    }
+    for (k, w) in &b.0 {
+        if !a.0.contains_key(k) {
+            diffs.push(format!(
+                "only in {b_name}: /{} ({})",
+                k.display(),
+                wb_describe(w)
+            ));
+        }
+    }
+    if links && a.1 != b.1 {
+        diffs.push(format!(
+            "hard links differ: {a_name} {:?} vs {b_name} {:?}",
+            a.1, b.1
+        ));
+    }
+    diffs
 }
