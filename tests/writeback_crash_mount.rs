@@ -379,7 +379,6 @@ fn src_killed_metadata_ops_are_counted_and_converge() {
 }
 
 #[test]
-#[ignore = "BUG: while src is down every rename through the mount fails with EIO (even of dst-only entries); mkdir, unlink, chmod, write work"]
 fn rename_works_while_src_is_down() {
     let name = "rename_works_while_src_is_down";
     if !can_mount(name) {
@@ -446,13 +445,11 @@ fn src_killed_during_writes(extra: &[&str]) {
 }
 
 #[test]
-#[ignore = "BUG: without mirror mode, close()/fsync() wait for src, so they fail (EIO) while src is down"]
 fn src_killed_during_writes_converges_when_it_returns() {
     src_killed_during_writes(&[]);
 }
 
 #[test]
-#[ignore = "BUG: without mirror mode, close()/fsync() wait for src, so they fail (EIO) while src is down"]
 fn src_killed_during_writes_converges_when_it_returns_no_passthrough() {
     src_killed_during_writes(&["--no-passthrough"]);
 }

@@ -262,7 +262,7 @@ const XATTR_ON_ROOT: bool = false;
 
 /// Whether the pre-populated src has a directory with a user xattr. Off while the bug
 /// that `directory_copy_up_keeps_user_xattrs` shows is open (most seeds hit it).
-const SRC_DIR_XATTRS: bool = false;
+const SRC_DIR_XATTRS: bool = true;
 
 const NAMES: &[&str] = &["a", "b", "c", "n1", "x y"];
 
@@ -751,7 +751,6 @@ fn assert_bytes(p: &Path, want: &[u8], what: &str) {
 // ----- async writeback must not wait for src ------------------------------------------------
 
 #[test]
-#[ignore = "BUG: without mirror mode, close()/fsync() of a written file still wait for src (start delay waived)"]
 fn async_close_and_fsync_do_not_wait_for_src() {
     if !can_mount("async_close_and_fsync_do_not_wait_for_src") {
         return;
@@ -919,7 +918,6 @@ fn mirror_ftruncate(extra: &[&str]) {
 }
 
 #[test]
-#[ignore = "BUG: mirror mode --no-passthrough: fsync() after ftruncate() returns before src has the new length"]
 fn mirror_ftruncate_is_on_src_when_fsync_returns_no_passthrough() {
     mirror_ftruncate(&["--no-passthrough"]);
 }
@@ -947,13 +945,11 @@ fn mirror_empty(extra: &[&str]) {
 }
 
 #[test]
-#[ignore = "BUG: mirror mode: close() of a file created with no write returns before src has it"]
 fn mirror_empty_new_file_is_on_src_when_close_returns() {
     mirror_empty(&[]);
 }
 
 #[test]
-#[ignore = "BUG: mirror mode: close() of a file created with no write returns before src has it"]
 fn mirror_empty_new_file_is_on_src_when_close_returns_no_passthrough() {
     mirror_empty(&["--no-passthrough"]);
 }
@@ -1266,7 +1262,6 @@ fn sigusr1_logs_the_queue_summary() {
 }
 
 #[test]
-#[ignore = "BUG: a src directory's user xattrs vanish from the view once it is materialised in dst (child created, chmod), and writeback then strips them from src"]
 fn directory_copy_up_keeps_user_xattrs() {
     if !can_mount("directory_copy_up_keeps_user_xattrs") {
         return;

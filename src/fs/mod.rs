@@ -1329,7 +1329,13 @@ impl CacheFs {
         let src_found = self
             .find(&from, from_merges)?
             .ok_or_else(FsError::not_found)?;
-        let dst_found = self.find(&to, to_merges)?;
+        let dst_found = match self.find(&to, to_merges) {
+            Ok(found) => found,
+            // Offline, src cannot say whether it has the target: dst's answer is the
+            // view's (a src entry there is shadowed by the moved one anyway).
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => None,
+            Err(e) => return Err(e),
+        };
         if from == to {
             return Ok(());
         }
@@ -1628,7 +1634,14 @@ impl CacheFs {
             changed |= *reported != Some(now);
             *reported = Some(now);
         }
-        if changed && let Some(path) = self.record_content(h.ino)? {
+        let path = if changed {
+            self.record_content(h.ino)?
+        } else {
+            self.node_path(h.ino).ok().map(|(p, _, _)| p)
+        };
+        // Mirror mode: also an unwritten new file or a truncate still pending must be
+        // on src when close/fsync returns (a no-op with asynchronous writeback).
+        if let Some(path) = path {
             changes.wait_synced(&path).map_err(FsError::Journal)?;
         }
         Ok(())

@@ -541,7 +541,12 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
 fn record_upload(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
     let unchanged = sys::fstat(df.as_raw_fd()).is_ok_and(|now| {
         (now.st_mtime, now.st_mtime_nsec, now.st_size, now.st_ino)
-            == (before.st_mtime, before.st_mtime_nsec, before.st_size, before.st_ino)
+            == (
+                before.st_mtime,
+                before.st_mtime_nsec,
+                before.st_size,
+                before.st_ino,
+            )
     });
     if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
         let mut record = Origin::of(&on_src);
