@@ -314,7 +314,8 @@ system_ready() { # system_ready SYSTEM -> 0, or prints reason
         native) return 0 ;;
         cachefs|cachefs-nopt)
             [ -x "$CACHEFS_BIN" ] && return 0
-            echo "no cachefs binary at $CACHEFS_BIN ($(reason "$W/cargo.log"))"; return 1 ;;
+            echo "no cachefs binary at $CACHEFS_BIN${NO_BUILD:+ (NO_BUILD set)}$([ -s "$W/cargo.log" ] && echo "; cargo: $(reason "$W/cargo.log")")"
+            return 1 ;;
         mergerfs) command -v mergerfs >/dev/null && return 0; echo "mergerfs not installed"; return 1 ;;
         unionfs) command -v unionfs >/dev/null && return 0; echo "unionfs-fuse not installed"; return 1 ;;
         rclone) command -v rclone >/dev/null && return 0; echo "rclone not installed"; return 1 ;;
@@ -500,7 +501,9 @@ bench_slow() {
 mkdir -p "$W"
 : > "$RES"
 install_deps
-if selected cachefs || selected cachefs-nopt; then ensure_cachefs; fi
+if selected cachefs || selected cachefs-nopt || selected mem || selected slow; then
+    ensure_cachefs || log "cachefs not available: its rows will be n/a"
+fi
 
 record _meta date "$(date -u '+%Y-%m-%d %H:%M UTC')"
 record _meta machine "$(uname -r), $(nproc) cpus, $(awk '/MemTotal/ { printf "%.0f GiB", $2/1048576 }' /proc/meminfo), disk $(df -h --output=source "$BENCH_DIR" | tail -n 1) ($(df --output=fstype "$BENCH_DIR" | tail -n 1 | tr -d ' '))"

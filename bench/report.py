@@ -31,13 +31,14 @@ SLOW_METRICS = [
 
 
 def fmt_num(v):
-    if v >= 1000:
-        return "%.0f" % v
+    """Three significant digits, no exponent."""
     if v >= 100:
         return "%.0f" % v
     if v >= 10:
         return "%.1f" % v
-    return "%.2f" % v
+    if v >= 1:
+        return "%.2f" % v
+    return "%.3g" % v
 
 
 def render(rows, header, md):
