@@ -157,7 +157,7 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 # Not to be called in $(...): the pid and mount must be registered in this shell.
 DAEMON_PID=""
 start_daemon() {
-    local name=$1 mnt=$2 pid i
+    local name=$1 mnt=$2 pid i st last
     shift 2
     mkdir -p "$mnt"
     "$@" >"$W/$name.log" 2>&1 </dev/null &
@@ -167,7 +167,13 @@ start_daemon() {
     MOUNTS+=("$mnt")
     for i in $(seq 1 150); do
         if is_mounted "$mnt"; then return 0; fi
-        kill -0 "$pid" 2>/dev/null || { echo "exited: $(reason "$W/$name.log")" >> "$W/$name.log"; return 1; }
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid"
+            st=$?
+            last=$(reason "$W/$name.log")
+            echo "exited with status $st before mounting: ${last:-no output}" >> "$W/$name.log"
+            return 1
+        fi
         sleep 0.2
     done
     echo "mount did not appear within 30 s" >> "$W/$name.log"
