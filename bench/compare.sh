@@ -35,6 +35,7 @@ Environment (defaults in parentheses, --quick values after /):
   TREE_ENTRIES (100000/10000) entries of the memory tree walk
   SLOW_MB (256/32) slow-src file  SLOW_DELAY_MS (20) one-way delay (RTT = 2x)
   SLOW_RATE_MBIT (empty = no cap) slow link rate cap
+  REPEAT (3/1) runs of each main-table test; the median is shown
   CACHEFS_BIN (target/release/cachefs; built with cargo if missing unless NO_BUILD=1)
   CACHEFS_ARGS extra cachefs flags   NO_INSTALL=1 skip apt-get
 EOF
@@ -56,10 +57,11 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$QUICK" = 1 ]; then
-    d_big=128 d_write=128 d_rand=32 d_nsmall=500 d_ndirs=10 d_tree=10000 d_slow=32
+    d_big=128 d_write=128 d_rand=32 d_nsmall=500 d_ndirs=10 d_tree=10000 d_slow=32 d_rep=1
 else
-    d_big=1024 d_write=1024 d_rand=256 d_nsmall=5000 d_ndirs=50 d_tree=100000 d_slow=256
+    d_big=1024 d_write=1024 d_rand=256 d_nsmall=5000 d_ndirs=50 d_tree=100000 d_slow=256 d_rep=3
 fi
+REPEAT=${REPEAT:-$d_rep}
 BIG_MB=${BIG_MB:-$d_big}
 WRITE_MB=${WRITE_MB:-$d_write}
 RAND_MB=${RAND_MB:-$d_rand}
@@ -231,17 +233,23 @@ fio_run() { # fio_run NAME OUTJSON ARGS... ; returns fio's status
     fio --name="$name" --output-format=json --output="$out" "$@" >"$out.err" 2>&1
 }
 
-# measure SYSTEM METRIC CMD... : run CMD (prints the value), record value or n/a + reason
+# measure SYSTEM METRIC CMD... : run CMD (prints the value) REPEAT times, record the
+# median, or n/a + reason if any run fails
 measure() {
-    local sys=$1 metric=$2 v
+    local sys=$1 metric=$2 v vals=() i med
     shift 2
-    if v=$("$@" 2>"$W/measure.err") && [ -n "$v" ]; then
-        record "$sys" "$metric" "$v"
-        log "  $sys $metric = $v"
-    else
-        record "$sys" "$metric" "n/a" "$(reason "$W/measure.err")"
-        log "  $sys $metric = n/a ($(reason "$W/measure.err"))"
-    fi
+    for (( i=0; i<REPEAT; i++ )); do
+        if v=$("$@" 2>"$W/measure.err") && [ -n "$v" ]; then
+            vals+=("$v")
+        else
+            record "$sys" "$metric" "n/a" "$(reason "$W/measure.err")"
+            log "  $sys $metric = n/a ($(reason "$W/measure.err"))"
+            return
+        fi
+    done
+    med=$(printf '%s\n' "${vals[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
+    record "$sys" "$metric" "$med"
+    log "  $sys $metric = $med (runs: ${vals[*]})"
 }
 
 t_seqread() {
@@ -513,7 +521,7 @@ fi
 
 record _meta date "$(date -u '+%Y-%m-%d %H:%M UTC')"
 record _meta machine "$(uname -r), $(nproc) cpus, $(awk '/MemTotal/ { printf "%.0f GiB", $2/1048576 }' /proc/meminfo), disk $(df -h --output=source "$BENCH_DIR" | tail -n 1) ($(df --output=fstype "$BENCH_DIR" | tail -n 1 | tr -d ' '))"
-record _meta sizes "seq file ${BIG_MB} MiB, write ${WRITE_MB} MiB, random 4 KiB: 2 jobs x ${RAND_MB} MiB (psync, direct=0, randrepeat), small: ${NSMALL} x ${SMALL_KB} KiB in ${NDIRS} dirs, tree walk ${TREE_ENTRIES} entries"
+record _meta sizes "seq file ${BIG_MB} MiB, write ${WRITE_MB} MiB, random 4 KiB: 2 jobs x ${RAND_MB} MiB (psync, direct=0, randrepeat), small: ${NSMALL} x ${SMALL_KB} KiB in ${NDIRS} dirs, tree walk ${TREE_ENTRIES} entries; main table: median of ${REPEAT} run(s)"
 vers="fio $(fio --version 2>/dev/null | sed 's/^fio-//')"
 command -v mergerfs >/dev/null && vers="$vers, mergerfs $(mergerfs --version 2>/dev/null | awk 'NR==1 { print $NF }')"
 command -v unionfs >/dev/null && vers="$vers, unionfs-fuse $(unionfs --version 2>&1 | awk '/unionfs-fuse version/ { print $NF }')"
