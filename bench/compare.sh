@@ -369,10 +369,12 @@ bench_mem() { # peak RSS of each FUSE daemon while `find` walks TREE_ENTRIES ent
     local s pid kb why base
     log "== mem: tree of $TREE_ENTRIES entries"
     "$PY" "$LIB" mktree "$W/tree" "$TREE_ENTRIES" >/dev/null
-    for s in cachefs cachefs-nopt mergerfs unionfs rclone; do
-        selected "$s" || continue
-        # one passthrough figure is enough for cachefs; -nopt shares the metadata path
-        [ "$s" = cachefs-nopt ] && selected cachefs && continue
+    local list=""
+    for s in cachefs mergerfs unionfs rclone; do selected "$s" && list="$list $s"; done
+    selected cachefs-nopt && ! selected cachefs && list="cachefs $list"
+    [ -z "$list" ] && list="cachefs mergerfs unionfs rclone"   # `--only mem`: all of them
+    # one cachefs figure: with and without passthrough the metadata path is the same
+    for s in $list; do
         if ! why=$(system_ready "$s"); then record "$s" rss "n/a" "$why"; continue; fi
         base="$W/mem-$s"
         mkdir -p "$base/dst"
