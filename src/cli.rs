@@ -1,1 +1,1161 @@
-//! Command line: GoCacheFS-compatible flags (single and double dash), validation -> `Config`.
+//! Command line: GoCacheFS-compatible flags, validation, and the resulting [`Config`].
+//!
+//! Guarantees:
+//! - Every GoCacheFS flag is accepted the way Go's `flag` package accepts it: `-src /a`,
+//!   `-src=/a`, `--src /a`, `--src=/a`, and boolean flags as `-w`, `-w=true`, `-w=false`.
+//!   libfuse's attached form `-oallow_other` works too. cachefs's own flags
+//!   (`--threads`, `--attr-ttl`, `--no-passthrough`) accept the same spellings.
+//! - [`parse`] never touches the system and [`validate`] only looks at it through the
+//!   [`Probe`] trait, so every rule is unit-tested with a fake system.
+//! - A rejected command line yields exactly one [`CliError`]: a single line that names the
+//!   problem and the fix. `main` prints it and exits with status 2 before anything is
+//!   mounted or written.
+//! - An accepted command line yields a [`Config`] with every field set and the three
+//!   directories canonical, existing, distinct, not nested in one another, and the
+//!   mountpoint not already a mount point.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+/// The exit status for a rejected command line.
+pub const EXIT_USAGE: i32 = 2;
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Action {
+    /// Mount: the validated configuration.
+    Mount(Box<Config>),
+    /// `cachefs status DST [--json]`: report the writeback queue of a cache directory.
+    Status { dst: PathBuf, json: bool },
+    /// `--help` or `--version`: print this to stdout and exit 0.
+    Print(String),
+}
+
+/// A rejected command line: one line naming the problem and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliError(pub String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cachefs: {}", self.0)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, CliError> {
+    Err(CliError(msg.into()))
+}
+
+const ABOUT: &str = "Mount a fast local cache directory (dst) in front of a slow directory (src).";
+
+const LONG_ABOUT: &str = "\
+cachefs mounts a merged view of SRC and DST at MOUNTPOINT. Reads of a file that is not \
+in DST copy it from SRC first; every change happens in DST. With -w, changes are also \
+written back to SRC in the background, from a durable journal kept in DST.
+
+A drop-in replacement for GoCacheFS: the same flags, written with one dash (-src /a, \
+-src=/a) or two (--src /a).";
+
+const AFTER_HELP: &str = "\
+Examples:
+  cachefs -src /mnt/uploads-gcs -dst /mnt/uploads-cache -mountpoint /app/uploads -w
+  cachefs -src /dirA -dst /dirB -mountpoint /mnt/mirror -w -concurrent 0
+  cachefs status /mnt/uploads-cache --json
+
+Stop with SIGTERM, SIGINT or SIGHUP (or unmount MOUNTPOINT): cachefs unmounts, drains \
+the writeback queue for a bounded time, keeps the rest in the journal, and exits 0.
+Exit status: 0 clean exit, 1 runtime failure, 2 bad command line.";
+
+/// The raw command line, after single-dash flags were rewritten (see [`rewrite_args`]).
+/// Values stay strings here; [`validate`] turns them into a [`Config`] with clear errors.
+#[derive(Parser, Debug)]
+#[command(
+    name = "cachefs",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true,
+    color = clap::ColorChoice::Never
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub mount: MountArgs,
+}
+
+/// Subcommands (none: mount).
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Report the writeback queue kept in a cache directory (pending, failed ops).
+    Status {
+        /// The cache directory (the -dst of the mount).
+        #[arg(value_name = "DST")]
+        dst: PathBuf,
+        /// Print machine-readable JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The mount flags, as given.
+#[derive(Args, Debug, Default, Clone)]
+pub struct MountArgs {
+    /// The slow directory to cache (e.g. an rclone mount). Required.
+    #[arg(long, value_name = "DIR", allow_hyphen_values = true)]
+    pub src: Option<OsString>,
+    /// The fast cache directory (e.g. on an SSD). Required.
+    #[arg(long, value_name = "DIR", allow_hyphen_values = true)]
+    pub dst: Option<OsString>,
+    /// Where the merged view is mounted. Required.
+    #[arg(long, value_name = "DIR", allow_hyphen_values = true)]
+    pub mountpoint: Option<OsString>,
+    /// Write changes back to src in the background (from a durable journal in dst).
+    #[arg(short = 'w')]
+    pub writeback: bool,
+    /// Attempts per writeback operation before it is parked as failed (retried later).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "5",
+        allow_hyphen_values = true
+    )]
+    pub retries: String,
+    /// Writeback workers; 0 = mirror mode (in order, and fsync/close wait for src).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "10",
+        allow_hyphen_values = true
+    )]
+    pub concurrent: String,
+    /// Base delay in seconds between writeback attempts (exponential backoff, jitter).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "0",
+        allow_hyphen_values = true
+    )]
+    pub retry_delay: String,
+    /// Seconds to wait before replaying a writeback operation.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "0",
+        allow_hyphen_values = true
+    )]
+    pub start_delay: String,
+    /// Debug logging (RUST_LOG, if set, overrides the log filter).
+    #[arg(short = 'd')]
+    pub debug: bool,
+    /// Log each replayed writeback operation.
+    #[arg(long = "log")]
+    pub log: bool,
+    /// Extra FUSE mount options, comma-separated (e.g. -o allow_other). Repeatable.
+    #[arg(
+        short = 'o',
+        value_name = "OPTIONS",
+        action = clap::ArgAction::Append,
+        allow_hyphen_values = true
+    )]
+    pub options: Vec<OsString>,
+    /// FUSE worker threads [default: one per core, 2 to 8].
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub threads: Option<String>,
+    /// Seconds the kernel may cache entries and attributes (fractions allowed).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "1",
+        allow_hyphen_values = true
+    )]
+    pub attr_ttl: String,
+    /// Never use FUSE passthrough (serve all reads and writes through the daemon).
+    #[arg(long)]
+    pub no_passthrough: bool,
+}
+
+/// Flags that take a value, by their long name (also written with one dash).
+const VALUE_FLAGS: &[&str] = &[
+    "src",
+    "dst",
+    "mountpoint",
+    "retries",
+    "concurrent",
+    "retry-delay",
+    "start-delay",
+    "threads",
+    "attr-ttl",
+];
+/// Boolean flags with a long name.
+const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
+/// Boolean flags with a one-letter name (GoCacheFS's `-w`, `-d`; clap's `-h`, `-V`).
+const BOOL_SHORT_FLAGS: &[&str] = &["w", "d", "h", "V"];
+
+/// Parse `argv` (including argv[0]) into an [`Action`], validating against the real system.
+pub fn parse<I, T>(argv: I) -> Result<Action, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    parse_with(argv, &HostProbe)
+}
+
+/// [`parse`] with an injected view of the system.
+pub fn parse_with<I, T>(argv: I, probe: &dyn Probe) -> Result<Action, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let args = rewrite_args(argv.into_iter().map(Into::into).collect())?;
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
+    match cli.command {
+        Some(Command::Status { dst, json }) => Ok(Action::Status { dst, json }),
+        None => validate(&cli.mount, probe).map(|c| Action::Mount(Box::new(c))),
+    }
+}
+
+/// Turn a clap error into text to print with exit 0 (help, version) or one line.
+fn clap_error(e: clap::Error) -> Result<Action, CliError> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        return Ok(Action::Print(e.to_string()));
+    }
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let msg = match (e.kind(), arg) {
+        (ErrorKind::UnknownArgument, Some(a)) => {
+            format!("unknown argument '{a}'; run 'cachefs --help' to list the flags")
+        }
+        (ErrorKind::InvalidSubcommand, Some(a)) => {
+            format!("unknown argument '{a}'; run 'cachefs --help' to list the flags")
+        }
+        (ErrorKind::InvalidValue, Some(a)) | (ErrorKind::NoEquals, Some(a)) => format!(
+            "flag {} needs a value; write it as {} VALUE",
+            go_flag(&a),
+            go_flag(&a)
+        ),
+        _ => {
+            // clap's text, minus its usage block, folded onto one line.
+            let text = e.to_string();
+            let body: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let body = body.join(" ");
+            let body = body.strip_prefix("error: ").unwrap_or(&body);
+            format!("{body}; run 'cachefs --help' for usage")
+        }
+    };
+    err(msg)
+}
+
+/// `--retry-delay <SECONDS>` -> `-retry-delay` (how GoCacheFS users know the flag).
+fn go_flag(clap_arg: &str) -> String {
+    let name = clap_arg.split([' ', '=']).next().unwrap_or(clap_arg);
+    name.strip_prefix('-')
+        .filter(|n| n.starts_with('-'))
+        .unwrap_or(name)
+        .to_string()
+}
+
+/// Rewrite Go-style flags into clap's syntax, following Go's `flag` rules: one or two dashes
+/// mean the same thing, `-name=value` and `-name value` both work for value flags, and
+/// boolean flags accept `=true`/`=false`. A single-dash word that is not a known flag is
+/// an unknown flag (Go has no `-abc` = `-a -b -c` clusters); the one exception is libfuse's
+/// attached `-oOPTIONS`. Values (the word after a value flag) and everything after `--`
+/// pass through untouched, so paths starting with `-` and non-UTF-8 paths survive.
+pub fn rewrite_args(argv: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut it = argv.into_iter();
+    if let Some(argv0) = it.next() {
+        out.push(argv0);
+    }
+    let mut status = false;
+    while let Some(arg) = it.next() {
+        let bytes = arg.as_bytes();
+        if bytes == b"--" {
+            let rest: Vec<OsString> = it.collect();
+            match rest.first() {
+                Some(extra) if !status => return err(unexpected_msg(extra)),
+                _ => {}
+            }
+            out.push(arg);
+            out.extend(rest);
+            break;
+        }
+        if !bytes.starts_with(b"-") || bytes == b"-" {
+            if out.len() == 1 && bytes == b"status" {
+                status = true;
+            } else if !status {
+                return err(unexpected_msg(&arg));
+            }
+            out.push(arg);
+            continue;
+        }
+        let double = bytes.starts_with(b"--");
+        let body = &bytes[if double { 2 } else { 1 }..];
+        let (name_bytes, value) = match body.iter().position(|&b| b == b'=') {
+            Some(i) => (&body[..i], Some(&body[i + 1..])),
+            None => (body, None),
+        };
+        let shown = String::from_utf8_lossy(bytes).into_owned();
+        let Ok(name) = std::str::from_utf8(name_bytes) else {
+            return err(unknown_flag_msg(&shown, ""));
+        };
+        if VALUE_FLAGS.contains(&name) {
+            match value {
+                Some(v) => out.push(join_os(&format!("--{name}="), v)),
+                None => {
+                    out.push(format!("--{name}").into());
+                    if let Some(v) = it.next() {
+                        out.push(v);
+                    }
+                }
+            }
+        } else if name == "o" {
+            out.push("-o".into());
+            match value {
+                Some(v) => out.push(OsStr::from_bytes(v).to_os_string()),
+                None => {
+                    if let Some(v) = it.next() {
+                        out.push(v);
+                    }
+                }
+            }
+        } else if BOOL_LONG_FLAGS.contains(&name) || BOOL_SHORT_FLAGS.contains(&name) {
+            let on = match value {
+                None => true,
+                Some(v) => parse_go_bool(v).ok_or_else(|| {
+                    CliError(format!(
+                        "flag -{name} takes no value or =true/=false, got '{shown}'; write -{name} or -{name}=false"
+                    ))
+                })?,
+            };
+            if on {
+                out.push(if name.len() == 1 {
+                    format!("-{name}").into()
+                } else {
+                    format!("--{name}").into()
+                });
+            }
+        } else if !double && name_bytes.len() > 1 && name_bytes.starts_with(b"o") {
+            // libfuse style: -oallow_other,ro
+            out.push("-o".into());
+            out.push(OsStr::from_bytes(&bytes[2..]).to_os_string());
+        } else {
+            return err(unknown_flag_msg(&shown, name));
+        }
+    }
+    Ok(out)
+}
+
+fn join_os(prefix: &str, value: &[u8]) -> OsString {
+    let mut v = prefix.as_bytes().to_vec();
+    v.extend_from_slice(value);
+    OsString::from_vec(v)
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_go_bool(v: &[u8]) -> Option<bool> {
+    match v {
+        b"1" | b"t" | b"T" | b"true" | b"TRUE" | b"True" => Some(true),
+        b"0" | b"f" | b"F" | b"false" | b"FALSE" | b"False" => Some(false),
+        _ => None,
+    }
+}
+
+fn unexpected_msg(arg: &OsStr) -> String {
+    let a = arg.to_string_lossy();
+    if a == "status" {
+        "unexpected argument 'status': the subcommand comes first, as in 'cachefs status DST'"
+            .to_string()
+    } else {
+        format!(
+            "unexpected argument '{a}': cachefs takes only flags (e.g. -src DIR); \
+             run 'cachefs --help' to list them"
+        )
+    }
+}
+
+fn unknown_flag_msg(shown: &str, name: &str) -> String {
+    let all = VALUE_FLAGS
+        .iter()
+        .chain(BOOL_LONG_FLAGS)
+        .chain(["w", "d", "o"].iter());
+    // A prefix of a flag (-mount), or a typo: one edit, two for long names.
+    let best = all
+        .map(|f| {
+            let prefix = name.len() >= 3 && f.starts_with(name);
+            (if prefix { 0 } else { edit_distance(name, f) }, *f)
+        })
+        .filter(|(d, _)| *d <= if name.len() >= 6 { 2 } else { 1 })
+        .min();
+    match best {
+        Some((_, f)) => format!(
+            "unknown flag '{shown}' (did you mean -{f}?); run 'cachefs --help' to list the flags"
+        ),
+        None => format!("unknown flag '{shown}'; run 'cachefs --help' to list the flags"),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// How [`validate`] sees the system; [`HostProbe`] is the real one.
+pub trait Probe {
+    /// `stat` then canonicalize: (canonical path, is a directory).
+    fn dir(&self, path: &Path) -> io::Result<(PathBuf, bool)>;
+    /// The text of /proc/self/mountinfo.
+    fn mountinfo(&self) -> io::Result<String>;
+    /// The effective uid.
+    fn euid(&self) -> u32;
+    /// Whether a setuid mount helper (fusermount3 or fusermount) is in PATH.
+    fn has_fusermount(&self) -> bool;
+}
+
+/// The real system.
+pub struct HostProbe;
+
+impl Probe for HostProbe {
+    fn dir(&self, path: &Path) -> io::Result<(PathBuf, bool)> {
+        let meta = std::fs::metadata(path)?;
+        Ok((std::fs::canonicalize(path)?, meta.is_dir()))
+    }
+    fn mountinfo(&self) -> io::Result<String> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+    }
+    fn euid(&self) -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
+    }
+    fn has_fusermount(&self) -> bool {
+        let Some(path) = std::env::var_os("PATH") else {
+            return false;
+        };
+        std::env::split_paths(&path)
+            .any(|d| d.join("fusermount3").is_file() || d.join("fusermount").is_file())
+    }
+}
+
+/// Validate the mount flags into a [`Config`]. Checks, in order: required flags, numbers,
+/// each directory (exists, is a directory, not a dead FUSE mount), the three are distinct
+/// and not nested, the mountpoint is not already mounted, and we may mount at all.
+pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
+    let src = required("src", "the slow directory to cache", &m.src)?;
+    let dst = required("dst", "the fast cache directory", &m.dst)?;
+    let mnt = required(
+        "mountpoint",
+        "where to mount the merged view",
+        &m.mountpoint,
+    )?;
+
+    let retries = parse_count("retries", &m.retries)?;
+    let concurrent = parse_count("concurrent", &m.concurrent)?;
+    let retry_delay = parse_seconds("retry-delay", &m.retry_delay)?;
+    let start_delay = parse_seconds("start-delay", &m.start_delay)?;
+    let attr_ttl = parse_seconds("attr-ttl", &m.attr_ttl)?;
+    let threads = match &m.threads {
+        None => config::default_threads(),
+        Some(t) => parse_threads(t)?,
+    };
+    let mount_options = split_options(&m.options)?;
+
+    let src = resolve_dir("src", &src, probe.dir(&src))?;
+    let dst = resolve_dir("dst", &dst, probe.dir(&dst))?;
+    let mnt = resolve_dir("mountpoint", &mnt, probe.dir(&mnt))?;
+    check_layout(&src, &dst, &mnt)?;
+    match probe.mountinfo() {
+        Ok(text) => check_not_mounted(&mnt, &text)?,
+        Err(e) => log::debug!("cannot read /proc/self/mountinfo ({e}); skipping the check"),
+    }
+    check_can_mount(probe.euid(), probe.has_fusermount())?;
+
+    Ok(Config {
+        src,
+        dst,
+        mountpoint: mnt,
+        writeback: m.writeback,
+        retries,
+        concurrent,
+        retry_delay,
+        start_delay,
+        debug: m.debug,
+        log_writeback: m.log,
+        mount_options,
+        threads,
+        attr_ttl,
+        passthrough: !m.no_passthrough,
+    })
+}
+
+fn required(flag: &str, what: &str, v: &Option<OsString>) -> Result<PathBuf, CliError> {
+    match v {
+        Some(v) if !v.is_empty() => Ok(PathBuf::from(v)),
+        _ => err(format!(
+            "missing -{flag}: pass -{flag} DIR ({what}); run 'cachefs --help' for usage"
+        )),
+    }
+}
+
+/// A whole number >= 0 (`-retries`, `-concurrent`).
+pub fn parse_count(flag: &str, v: &str) -> Result<u32, CliError> {
+    v.trim().parse::<u32>().or_else(|_| {
+        err(format!(
+            "-{flag} '{v}' is not a whole number >= 0; write e.g. -{flag} 5"
+        ))
+    })
+}
+
+/// A number of seconds >= 0, fractions allowed (`-retry-delay`, `-start-delay`, `--attr-ttl`).
+pub fn parse_seconds(flag: &str, v: &str) -> Result<Duration, CliError> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .map_or_else(
+            || {
+                err(format!(
+                    "-{flag} '{v}' is not a number of seconds >= 0; write e.g. -{flag} 3 or -{flag} 0.5"
+                ))
+            },
+            Ok,
+        )
+}
+
+/// `--threads`: 1 to 1024.
+pub fn parse_threads(v: &str) -> Result<usize, CliError> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => err(format!(
+            "--threads '{v}' is not a thread count from 1 to 1024; write e.g. --threads 4"
+        )),
+    }
+}
+
+/// `-o a,b -o c` -> [a, b, c]; empty items are dropped.
+pub fn split_options(values: &[OsString]) -> Result<Vec<String>, CliError> {
+    let mut out = Vec::new();
+    for v in values {
+        let Some(s) = v.to_str() else {
+            return err(format!(
+                "-o '{}' is not valid UTF-8; mount options are plain ASCII words like allow_other",
+                v.to_string_lossy()
+            ));
+        };
+        out.extend(
+            s.split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(String::from),
+        );
+    }
+    Ok(out)
+}
+
+/// Judge the result of probing a directory flag.
+pub fn resolve_dir(
+    flag: &str,
+    given: &Path,
+    probed: io::Result<(PathBuf, bool)>,
+) -> Result<PathBuf, CliError> {
+    let p = given.display();
+    match probed {
+        Ok((canon, true)) => Ok(canon),
+        Ok((_, false)) => err(format!(
+            "-{flag} {p} is not a directory; pass a directory (mkdir -p it first if needed)"
+        )),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) => err(format!(
+                "-{flag} {p} does not exist; create it with 'mkdir -p {p}' or fix the path"
+            )),
+            Some(libc::ENOTDIR) => err(format!(
+                "-{flag} {p}: a component of the path is not a directory; fix the path"
+            )),
+            Some(libc::ENOTCONN) => err(format!(
+                "-{flag} {p} is a stale FUSE mount (Transport endpoint is not connected: its daemon died); \
+                 unmount it with 'fusermount3 -u {p}' or 'umount -l {p}', then start again"
+            )),
+            Some(libc::EACCES) | Some(libc::EPERM) => err(format!(
+                "-{flag} {p}: permission denied; run cachefs as root or fix the permissions of {p}"
+            )),
+            _ => err(format!("-{flag} {p}: {e}; check the path")),
+        },
+    }
+}
+
+/// src, dst and mountpoint (canonical) must be three distinct directories, none inside another.
+pub fn check_layout(src: &Path, dst: &Path, mnt: &Path) -> Result<(), CliError> {
+    let dirs = [("src", src), ("dst", dst), ("mountpoint", mnt)];
+    for (i, (fa, a)) in dirs.iter().enumerate() {
+        for (fb, b) in &dirs[i + 1..] {
+            if a == b {
+                return err(format!(
+                    "-{fa} and -{fb} are the same directory ({}); use a separate directory for each",
+                    a.display()
+                ));
+            }
+            for ((fo, outer), (fi, inner)) in [((fa, a), (fb, b)), ((fb, b), (fa, a))] {
+                if inner.starts_with(outer) {
+                    return err(format!(
+                        "-{fi} {} is inside -{fo} {}; use directories that do not contain each other",
+                        inner.display(),
+                        outer.display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The mountpoint (canonical) must not already be a mount point.
+pub fn check_not_mounted(mnt: &Path, mountinfo: &str) -> Result<(), CliError> {
+    for line in mountinfo.lines() {
+        let mut fields = line.split(' ');
+        let Some(point) = fields.nth(4) else { continue };
+        if Path::new(OsStr::from_bytes(&unescape_mountinfo(point))) != mnt {
+            continue;
+        }
+        let fstype = line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .unwrap_or("?");
+        let m = mnt.display();
+        return err(format!(
+            "-mountpoint {m} is already a mount point ({fstype}); unmount it first ('umount {m}', \
+             or 'fusermount3 -u {m}' for a FUSE mount) or choose another directory"
+        ));
+    }
+    Ok(())
+}
+
+/// Undo mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
+pub fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        if let (b'\\', Some(d)) = (b[i], octal) {
+            let v =
+                u32::from(d[0] - b'0') * 64 + u32::from(d[1] - b'0') * 8 + u32::from(d[2] - b'0');
+            if let Ok(byte) = u8::try_from(v) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Mounting needs root, or a setuid fusermount3 helper.
+pub fn check_can_mount(euid: u32, has_fusermount: bool) -> Result<(), CliError> {
+    if euid == 0 || has_fusermount {
+        Ok(())
+    } else {
+        err(format!(
+            "cannot mount as uid {euid}: not root and no fusermount3 in PATH; \
+             run cachefs as root or install fuse3 ('apt-get install fuse3')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    /// A fake system: every path under /fake is a directory whose canonical form is itself,
+    /// except a few special names.
+    struct Fake {
+        mountinfo: String,
+        euid: u32,
+        fusermount: bool,
+    }
+
+    impl Default for Fake {
+        fn default() -> Self {
+            Fake {
+                mountinfo: "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n".into(),
+                euid: 0,
+                fusermount: false,
+            }
+        }
+    }
+
+    impl Probe for Fake {
+        fn dir(&self, path: &Path) -> io::Result<(PathBuf, bool)> {
+            let s = path.to_str().unwrap();
+            match s {
+                "/fake/missing" => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+                "/fake/stale" => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
+                "/fake/file" => Ok((path.into(), false)),
+                "/fake/link-to-src" => Ok(("/fake/src".into(), true)),
+                _ => Ok((path.into(), true)),
+            }
+        }
+        fn mountinfo(&self) -> io::Result<String> {
+            Ok(self.mountinfo.clone())
+        }
+        fn euid(&self) -> u32 {
+            self.euid
+        }
+        fn has_fusermount(&self) -> bool {
+            self.fusermount
+        }
+    }
+
+    fn run(args: &[&str], fake: &Fake) -> Result<Action, CliError> {
+        let mut v = vec!["cachefs"];
+        v.extend_from_slice(args);
+        parse_with(v, fake)
+    }
+
+    fn cfg(args: &[&str]) -> Config {
+        match run(args, &Fake::default()) {
+            Ok(Action::Mount(c)) => *c,
+            other => panic!("expected a mount config, got {other:?}"),
+        }
+    }
+
+    fn fail(args: &[&str]) -> String {
+        fail_with(args, &Fake::default())
+    }
+
+    fn fail_with(args: &[&str], fake: &Fake) -> String {
+        match run(args, fake) {
+            Err(e) => {
+                let s = e.to_string();
+                assert!(!s.contains('\n'), "error must be one line: {s:?}");
+                s
+            }
+            Ok(a) => panic!("expected an error for {args:?}, got {a:?}"),
+        }
+    }
+
+    const BASE: [&str; 6] = [
+        "-src",
+        "/fake/src",
+        "-dst",
+        "/fake/dst",
+        "-mountpoint",
+        "/fake/mnt",
+    ];
+
+    fn with(extra: &[&str]) -> Vec<&'static str> {
+        let mut v: Vec<&'static str> = BASE.to_vec();
+        for e in extra {
+            v.push(Box::leak(e.to_string().into_boxed_str()));
+        }
+        v
+    }
+
+    #[test]
+    fn go_single_dash_flags_parse() {
+        let c = cfg(&BASE);
+        assert_eq!(c.src, Path::new("/fake/src"));
+        assert_eq!(c.dst, Path::new("/fake/dst"));
+        assert_eq!(c.mountpoint, Path::new("/fake/mnt"));
+        assert!(!c.writeback);
+        assert_eq!((c.retries, c.concurrent), (5, 10));
+        assert_eq!(c.retry_delay, Duration::ZERO);
+        assert_eq!(c.start_delay, Duration::ZERO);
+        assert_eq!(c.attr_ttl, Duration::from_secs(1));
+        assert_eq!(c.threads, config::default_threads());
+        assert!(c.passthrough && !c.debug && !c.log_writeback);
+        assert!(c.mount_options.is_empty());
+    }
+
+    #[test]
+    fn double_dash_and_equals_forms_parse() {
+        let c = cfg(&[
+            "--src",
+            "/fake/src",
+            "--dst=/fake/dst",
+            "-mountpoint=/fake/mnt",
+            "-retry-delay=3",
+            "--start-delay",
+            "1.5",
+            "-retries=7",
+            "--concurrent=0",
+        ]);
+        assert_eq!(c.dst, Path::new("/fake/dst"));
+        assert_eq!(c.mountpoint, Path::new("/fake/mnt"));
+        assert_eq!(c.retry_delay, Duration::from_secs(3));
+        assert_eq!(c.start_delay, Duration::from_millis(1500));
+        assert_eq!((c.retries, c.concurrent), (7, 0));
+    }
+
+    #[test]
+    fn every_flag_sets_its_field() {
+        let c = cfg(&with(&[
+            "-w",
+            "-d",
+            "-log",
+            "-o",
+            "allow_other,ro",
+            "-o=default_permissions",
+            "-onosuid",
+            "--threads",
+            "3",
+            "--attr-ttl=0.25",
+            "--no-passthrough",
+        ]));
+        assert!(c.writeback && c.debug && c.log_writeback && !c.passthrough);
+        assert_eq!(
+            c.mount_options,
+            ["allow_other", "ro", "default_permissions", "nosuid"]
+        );
+        assert_eq!(c.threads, 3);
+        assert_eq!(c.attr_ttl, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn go_bool_values() {
+        assert!(cfg(&with(&["-w=true"])).writeback);
+        assert!(!cfg(&with(&["-w=false"])).writeback);
+        assert!(cfg(&with(&["--w"])).writeback);
+        assert!(cfg(&with(&["-d=1", "-log=T"])).debug);
+        assert!(fail(&with(&["-w=maybe"])).contains("-w=false"));
+    }
+
+    #[test]
+    fn values_that_look_like_flags_pass_through() {
+        let v = rewrite_args(os(&["c", "-src", "-weird", "-o", "-x", "-dst=-y"])).unwrap();
+        assert_eq!(v, os(&["c", "--src", "-weird", "-o", "-x", "--dst=-y"]));
+        let c = cfg(&["-src", "-s", "-dst", "--d", "-mountpoint", "-m", "-o", "-x"]);
+        assert_eq!(
+            (c.src.as_path(), c.dst.as_path(), c.mountpoint.as_path()),
+            (Path::new("-s"), Path::new("--d"), Path::new("-m"))
+        );
+        assert_eq!(c.mount_options, ["-x"]);
+        let v = rewrite_args(os(&["c", "status", "-json", "--", "-dir"])).unwrap();
+        assert_eq!(v, os(&["c", "status", "--json", "--", "-dir"]));
+    }
+
+    #[test]
+    fn help_and_version() {
+        for h in ["-h", "--help", "-help"] {
+            match run(&[h], &Fake::default()) {
+                Ok(Action::Print(text)) => {
+                    for flag in [
+                        "--src",
+                        "--dst",
+                        "--mountpoint",
+                        "-w",
+                        "--retries",
+                        "--concurrent",
+                        "--retry-delay",
+                        "--start-delay",
+                        "-d",
+                        "--log",
+                        "-o",
+                        "--threads",
+                        "--attr-ttl",
+                        "--no-passthrough",
+                        "--version",
+                        "status",
+                    ] {
+                        assert!(text.contains(flag), "{h}: help lacks {flag}:\n{text}");
+                    }
+                }
+                other => panic!("{h}: {other:?}"),
+            }
+        }
+        for v in ["--version", "-version", "-V"] {
+            match run(&[v], &Fake::default()) {
+                Ok(Action::Print(text)) => assert!(text.contains(env!("CARGO_PKG_VERSION"))),
+                other => panic!("{v}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn status_subcommand() {
+        match run(&["status", "/x", "--json"], &Fake::default()) {
+            Ok(Action::Status { dst, json }) => {
+                assert_eq!(dst, Path::new("/x"));
+                assert!(json);
+            }
+            other => panic!("{other:?}"),
+        }
+        match run(&["status", "/x"], &Fake::default()) {
+            Ok(Action::Status { json, .. }) => assert!(!json),
+            other => panic!("{other:?}"),
+        }
+        let e = fail(&["status"]);
+        assert!(e.contains("<DST>") && e.contains("cachefs --help"), "{e}");
+        assert!(matches!(
+            run(&["status", "-json", "/x"], &Fake::default()),
+            Ok(Action::Status { json: true, .. })
+        ));
+    }
+
+    #[test]
+    fn missing_flags() {
+        assert!(fail(&[]).contains("missing -src"));
+        assert!(fail(&["-src", "/fake/src"]).contains("missing -dst"));
+        assert!(fail(&["-src", "/fake/src", "-dst", "/fake/dst"]).contains("missing -mountpoint"));
+        assert!(fail(&["-src=", "-dst", "/a", "-mountpoint", "/b"]).contains("missing -src"));
+        // A value flag at the very end has no value.
+        assert!(fail(&["-src"]).contains("-src"));
+    }
+
+    #[test]
+    fn unknown_flags() {
+        let e = fail(&with(&["-mount", "/x"]));
+        assert!(
+            e.contains("unknown flag '-mount'") && e.contains("--help"),
+            "{e}"
+        );
+        let e = fail(&with(&["-retry_delay=3"]));
+        assert!(e.contains("did you mean -retry-delay"), "{e}");
+        let e = fail(&with(&["--bogus"]));
+        assert!(e.contains("unknown flag '--bogus'"), "{e}");
+        let e = fail(&with(&["-x"]));
+        assert!(e.contains("unknown flag '-x'"), "{e}");
+        let e = fail(&with(&["-foo"]));
+        assert!(!e.contains("did you mean"), "{e}");
+        let e = fail(&with(&["-mount", "/x"]));
+        assert!(e.contains("did you mean -mountpoint"), "{e}");
+        let e = fail(&with(&["stray"]));
+        assert!(e.contains("unexpected argument 'stray'"), "{e}");
+        let e = fail(&with(&["--", "-d"]));
+        assert!(e.contains("unexpected argument '-d'"), "{e}");
+        let e = fail(&with(&["status", "/x"]));
+        assert!(e.contains("subcommand comes first"), "{e}");
+        // A trailing `--` is harmless, as in Go.
+        cfg(&with(&["--"]));
+    }
+
+    #[test]
+    fn bad_numbers() {
+        for (flag, bad) in [
+            ("-retries", "abc"),
+            ("-retries", "-1"),
+            ("-concurrent", "1.5"),
+            ("-retry-delay", "soon"),
+            ("-start-delay", "-2"),
+            ("--attr-ttl", "NaN"),
+            ("--threads", "0"),
+            ("--threads", "x"),
+        ] {
+            let e = fail(&with(&[flag, bad]));
+            assert!(
+                e.contains(bad) && e.contains("write e.g."),
+                "{flag} {bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn directory_problems() {
+        let e = fail(&[
+            "-src",
+            "/fake/missing",
+            "-dst",
+            "/fake/d",
+            "-mountpoint",
+            "/fake/m",
+        ]);
+        assert!(e.contains("-src /fake/missing does not exist") && e.contains("mkdir -p"));
+        let e = fail(&[
+            "-src",
+            "/fake/s",
+            "-dst",
+            "/fake/file",
+            "-mountpoint",
+            "/fake/m",
+        ]);
+        assert!(e.contains("-dst /fake/file is not a directory"), "{e}");
+        let e = fail(&[
+            "-src",
+            "/fake/s",
+            "-dst",
+            "/fake/d",
+            "-mountpoint",
+            "/fake/stale",
+        ]);
+        assert!(
+            e.contains("stale FUSE mount")
+                && e.contains("fusermount3 -u /fake/stale")
+                && e.contains("umount -l /fake/stale"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn same_or_nested_directories() {
+        let e = fail(&[
+            "-src",
+            "/fake/src",
+            "-dst",
+            "/fake/link-to-src",
+            "-mountpoint",
+            "/fake/m",
+        ]);
+        assert!(e.contains("-src and -dst are the same directory"), "{e}");
+        let e = fail(&[
+            "-src",
+            "/fake/a",
+            "-dst",
+            "/fake/b",
+            "-mountpoint",
+            "/fake/a",
+        ]);
+        assert!(e.contains("-src and -mountpoint are the same"), "{e}");
+        let e = fail(&[
+            "-src",
+            "/fake/s",
+            "-dst",
+            "/fake/s/cache",
+            "-mountpoint",
+            "/fake/m",
+        ]);
+        assert!(
+            e.contains("-dst /fake/s/cache is inside -src /fake/s"),
+            "{e}"
+        );
+        let e = fail(&[
+            "-src",
+            "/fake/s",
+            "-dst",
+            "/fake/d",
+            "-mountpoint",
+            "/fake/d/m",
+        ]);
+        assert!(
+            e.contains("-mountpoint /fake/d/m is inside -dst /fake/d"),
+            "{e}"
+        );
+        let e = fail(&[
+            "-src",
+            "/fake/m/s",
+            "-dst",
+            "/fake/d",
+            "-mountpoint",
+            "/fake/m",
+        ]);
+        assert!(
+            e.contains("-src /fake/m/s is inside -mountpoint /fake/m"),
+            "{e}"
+        );
+        // A common prefix that is not a path prefix is fine.
+        check_layout(
+            Path::new("/fake/s"),
+            Path::new("/fake/s2"),
+            Path::new("/fake/m"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn already_mounted() {
+        let fake = Fake {
+            mountinfo: "22 1 0:21 / / rw - ext4 /dev/vda1 rw\n\
+                        40 22 0:35 / /fake/m\\040x rw,relatime - tmpfs tmpfs rw\n"
+                .into(),
+            ..Fake::default()
+        };
+        let e = fail_with(
+            &[
+                "-src",
+                "/fake/s",
+                "-dst",
+                "/fake/d",
+                "-mountpoint",
+                "/fake/m x",
+            ],
+            &fake,
+        );
+        assert!(
+            e.contains("already a mount point (tmpfs)") && e.contains("umount /fake/m x"),
+            "{e}"
+        );
+        // A mount below or beside the mountpoint is not a problem.
+        assert!(matches!(
+            run(
+                &[
+                    "-src",
+                    "/fake/s",
+                    "-dst",
+                    "/fake/d",
+                    "-mountpoint",
+                    "/fake/m"
+                ],
+                &fake
+            ),
+            Ok(Action::Mount(_))
+        ));
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c\\011"), b"/a b\\c\t");
+        assert_eq!(unescape_mountinfo("/plain\\"), b"/plain\\");
+        assert_eq!(unescape_mountinfo("/x\\09"), b"/x\\09");
+    }
+
+    #[test]
+    fn mount_permission() {
+        let fake = Fake {
+            euid: 1000,
+            ..Fake::default()
+        };
+        let e = fail_with(&BASE, &fake);
+        assert!(
+            e.contains("not root") && e.contains("apt-get install fuse3"),
+            "{e}"
+        );
+        let fake = Fake {
+            euid: 1000,
+            fusermount: true,
+            ..Fake::default()
+        };
+        assert!(matches!(run(&BASE, &fake), Ok(Action::Mount(_))));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

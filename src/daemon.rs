@@ -1,1 +1,486 @@
-//! Running the daemon: build the layers from a `Config`, mount, wait for a signal or unmount.
+//! Running the daemon: set up the process, build the layers from a [`Config`], mount, and
+//! serve in the foreground until a signal or an external unmount.
+//!
+//! Guarantees:
+//! - Process setup happens before any thread exists: logging (env_logger on stderr; `-d` =
+//!   debug, else info; `RUST_LOG` overrides; no colors unless stderr is a terminal; under
+//!   systemd, `<N>` syslog priority prefixes and no timestamps), umask 0 (the core sets
+//!   every mode explicitly and relies on it), RLIMIT_NOFILE soft limit raised to the hard
+//!   limit, and SIGINT/SIGTERM/SIGHUP blocked in every thread so only [`run`]'s loop
+//!   receives them (synchronously, with `sigtimedwait`: no async-signal-safety concerns).
+//! - A signal unmounts the filesystem (lazily, with a warning, if it is busy: open files keep
+//!   working until closed; a second signal exits at once), drains writeback for at most
+//!   [`SHUTDOWN_MAX_WAIT`], and [`run`] returns `Ok` (exit 0). An external `umount` ends
+//!   the session the same way.
+//! - Mount failures come back as a [`DaemonError`] whose message says what to do.
+
+use std::ffi::CString;
+use std::fmt;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::fs::CacheFs;
+
+/// How long shutdown waits for the writeback queue to drain; the rest stays in the journal.
+pub const SHUTDOWN_MAX_WAIT: Duration = Duration::from_secs(20);
+
+/// How often the main loop checks whether the session ended (external unmount).
+const POLL: Duration = Duration::from_millis(100);
+
+/// Why the daemon could not run (exit status 1).
+#[derive(Debug)]
+pub enum DaemonError {
+    /// Blocking the shutdown signals failed.
+    Signals(io::Error),
+    /// The writeback journal/workers could not start.
+    Writeback(String),
+    /// The filesystem core could not be built (e.g. dst unusable).
+    Fs(String),
+    /// Mounting failed.
+    Mount {
+        mountpoint: PathBuf,
+        source: io::Error,
+    },
+    /// The FUSE session ended with an error.
+    Session(io::Error),
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DaemonError::Signals(e) => write!(f, "cannot block shutdown signals: {e}"),
+            DaemonError::Writeback(e) => write!(f, "cannot start writeback: {e}"),
+            DaemonError::Fs(e) => write!(f, "cannot open the cache: {e}"),
+            DaemonError::Mount { mountpoint, source } => {
+                let m = mountpoint.display();
+                match mount_errno(source) {
+                    Some(libc::EPERM) | Some(libc::EACCES) => write!(
+                        f,
+                        "cannot mount at {m}: permission denied ({source}); run cachefs as root, \
+                         or install fuse3 (fusermount3) and, for -o allow_other, add \
+                         user_allow_other to /etc/fuse.conf"
+                    ),
+                    Some(libc::ENOENT) | Some(libc::ENODEV) if !Path::new("/dev/fuse").exists() => {
+                        write!(
+                            f,
+                            "cannot mount at {m}: /dev/fuse is missing; load the FUSE module \
+                             ('modprobe fuse') or install it ('apt-get install fuse3')"
+                        )
+                    }
+                    Some(libc::ENOENT) => write!(
+                        f,
+                        "cannot mount at {m}: {source}; install fuse3 ('apt-get install fuse3') \
+                         or run cachefs as root"
+                    ),
+                    Some(libc::ENODEV) => write!(
+                        f,
+                        "cannot mount at {m}: the kernel has no FUSE support ({source}); \
+                         load it with 'modprobe fuse'"
+                    ),
+                    Some(libc::EINVAL) => write!(
+                        f,
+                        "cannot mount at {m}: the kernel rejected the mount ({source}); \
+                         check the -o options"
+                    ),
+                    _ if source.kind() == io::ErrorKind::PermissionDenied => write!(
+                        f,
+                        "cannot mount at {m}: {source}; run cachefs as root, or add \
+                         user_allow_other to /etc/fuse.conf for -o allow_other"
+                    ),
+                    _ => write!(f, "cannot mount at {m}: {source}"),
+                }
+            }
+            DaemonError::Session(e) => write!(f, "the FUSE session failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+/// The errno behind a mount failure: fuser reports some as `io::Error`s with an errno, and
+/// mount(2) failures as text ending in nix's "EINVAL: Invalid argument".
+fn mount_errno(e: &io::Error) -> Option<i32> {
+    if let Some(n) = e.raw_os_error() {
+        return Some(n);
+    }
+    let text = e.to_string();
+    let named = [
+        ("EPERM", libc::EPERM),
+        ("EACCES", libc::EACCES),
+        ("ENOENT", libc::ENOENT),
+        ("ENODEV", libc::ENODEV),
+        ("EINVAL", libc::EINVAL),
+        ("EBUSY", libc::EBUSY),
+    ];
+    named
+        .iter()
+        .find(|(name, _)| text.contains(&format!("{name}:")))
+        .map(|(_, n)| *n)
+        .or(match e.kind() {
+            io::ErrorKind::PermissionDenied => Some(libc::EACCES),
+            io::ErrorKind::NotFound => Some(libc::ENOENT),
+            _ => None,
+        })
+}
+
+/// Print a fatal error for `main`: one line on stderr, with the syslog "error" priority
+/// prefix under systemd so journald records it as an error.
+pub fn print_error(e: &DaemonError) {
+    let prio = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        "<3>"
+    } else {
+        ""
+    };
+    eprintln!("{prio}cachefs: {e}");
+}
+
+/// Mount and serve until a signal or an external unmount; `Ok` means a clean exit.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    init_logging(cfg.debug);
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0) };
+    raise_nofile_limit();
+    // Before any thread is spawned, so that every thread inherits the blocked mask.
+    let signals = Signals::block().map_err(DaemonError::Signals)?;
+    debug!("configuration: {cfg:?}");
+
+    let wb = start_writeback(&cfg)?;
+    let result = mount_and_serve(&cfg, wb.clone(), &signals);
+    if let Some(wb) = &wb {
+        // Drain only after a clean unmount; after a failure or a forced exit the
+        // journal keeps the queue for the next start.
+        let max_wait = match result {
+            Ok(Stop::Clean) => SHUTDOWN_MAX_WAIT,
+            _ => Duration::ZERO,
+        };
+        info!("stopping writeback (waiting at most {max_wait:?} for the queue to drain)");
+        wb.shutdown(max_wait);
+    }
+    // A failure is printed by `main` (see `print_error`), not logged twice.
+    if result.is_ok() {
+        info!("cachefs exiting: {} unmounted", cfg.mountpoint.display());
+    }
+    result.map(|_| ())
+}
+
+/// Placeholder until the writeback journal lands: `-w` is refused with a clear error
+/// by `start_writeback`, so no value of this type is ever made.
+#[derive(Clone)]
+enum Writeback {}
+
+impl Writeback {
+    fn shutdown(&self, _max_wait: Duration) {
+        match *self {}
+    }
+}
+
+/// Start the writeback journal and workers when `-w` is given.
+fn start_writeback(cfg: &Config) -> Result<Option<Writeback>, DaemonError> {
+    if !cfg.writeback {
+        return Ok(None);
+    }
+    // MERGE(writeback): enable the next line and delete the `Err(..)` after it.
+    // return Writeback::start(cfg).map(Some).map_err(|e| DaemonError::Writeback(e.to_string()));
+    Err(DaemonError::Writeback(
+        "writeback (-w) is not available in this build".into(),
+    ))
+}
+
+/// `cachefs status DST [--json]`: the exit status of the writeback status report.
+pub fn run_status(dst: &Path, json: bool) -> i32 {
+    // MERGE(writeback): replace this body with `crate::writeback::status::run(dst, json)`.
+    let _ = (dst, json);
+    eprintln!("cachefs: status is not available in this build");
+    1
+}
+
+/// How serving ended.
+enum Stop {
+    /// Unmounted (by us after a signal, or externally) and the session finished.
+    Clean,
+    /// A second signal while a lazily detached mount was still in use.
+    Forced,
+}
+
+fn mount_and_serve(
+    cfg: &Config,
+    wb: Option<Writeback>,
+    signals: &Signals,
+) -> Result<Stop, DaemonError> {
+    let changes: Option<std::sync::Arc<dyn crate::fs::ChangeLog>> = match wb {
+        None => None,
+        Some(w) => match w {},
+    };
+    let fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    let session = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
+        mountpoint: cfg.mountpoint.clone(),
+        source,
+    })?;
+    info!(
+        "cachefs mounted {} over {} at {} (writeback: {})",
+        cfg.src.display(),
+        cfg.dst.display(),
+        cfg.mountpoint.display(),
+        writeback_mode(cfg)
+    );
+    serve(session, signals, &cfg.mountpoint)
+}
+
+/// "off", "on N workers" or "mirror", for the mount log line.
+pub fn writeback_mode(cfg: &Config) -> String {
+    match (cfg.writeback, cfg.concurrent) {
+        (false, _) => "off".into(),
+        (true, 0) => "mirror".into(),
+        (true, n) => format!("on {n} workers"),
+    }
+}
+
+fn serve(
+    session: fuser::BackgroundSession,
+    signals: &Signals,
+    mnt: &Path,
+) -> Result<Stop, DaemonError> {
+    let m = mnt.display();
+    let signal = loop {
+        if let Some(sig) = signals.wait(POLL).map_err(DaemonError::Signals)? {
+            break Some(sig);
+        }
+        if session.guard.is_finished() {
+            break None;
+        }
+    };
+    let Some(sig) = signal else {
+        info!("{m} was unmounted externally");
+        return session
+            .join()
+            .map(|_| Stop::Clean)
+            .map_err(DaemonError::Session);
+    };
+
+    info!("received {}, unmounting {m}", signal_name(sig));
+    match umount2(mnt, 0) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            debug!("{m} was already unmounted");
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            // Not root: fuser unmounts through fusermount3.
+            debug!("umount2 not permitted ({e}); unmounting through fusermount3");
+            return session
+                .umount_and_join()
+                .map(|_| Stop::Clean)
+                .map_err(DaemonError::Session);
+        }
+        Err(e) => {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                warn!(
+                    "{m} is busy; detaching it lazily: files open in it keep working until \
+                     closed, and cachefs exits then (send {} again to exit now)",
+                    signal_name(sig)
+                );
+            } else {
+                warn!("cannot unmount {m} ({e}); detaching it lazily");
+            }
+            if let Err(e) = umount2(mnt, libc::MNT_DETACH) {
+                error!("cannot detach {m} either ({e}); exiting, which aborts the mount");
+                return Ok(Stop::Forced);
+            }
+        }
+    }
+    while !session.guard.is_finished() {
+        if let Some(again) = signals.wait(POLL).map_err(DaemonError::Signals)? {
+            warn!(
+                "received {} again; exiting now: files still open in the detached mount \
+                 fail with ENOTCONN",
+                signal_name(again)
+            );
+            return Ok(Stop::Forced);
+        }
+    }
+    session
+        .join()
+        .map(|_| Stop::Clean)
+        .map_err(DaemonError::Session)
+}
+
+fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The shutdown signals, blocked in the calling thread and every thread it spawns later.
+struct Signals {
+    set: libc::sigset_t,
+}
+
+impl Signals {
+    fn block() -> io::Result<Signals> {
+        // SAFETY: plain libc calls on a local, initialised sigset_t.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            Ok(Signals { set })
+        }
+    }
+
+    /// The next pending signal, or `None` after `timeout`.
+    fn wait(&self, timeout: Duration) -> io::Result<Option<libc::c_int>> {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `set` is initialised, `ts` is valid, siginfo may be null.
+        let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
+        if sig > 0 {
+            return Ok(Some(sig));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+            _ => Err(e),
+        }
+    }
+}
+
+fn signal_name(sig: libc::c_int) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
+}
+
+/// env_logger on stderr: `-d` = debug, else info; `RUST_LOG` overrides. Colors only on a
+/// terminal. Under systemd (`JOURNAL_STREAM` set) lines carry `<N>` priority prefixes and
+/// no timestamp, since journald adds its own.
+fn init_logging(debug: bool) {
+    // fuser::mnt warns "Unmount failed: EINVAL" when it retries an unmount that the
+    // daemon already did (its drop-time check); the daemon reports unmount errors itself.
+    let default = if debug {
+        "debug,fuser::mnt=error"
+    } else {
+        "info,fuser::mnt=error"
+    };
+    let mut b =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.format(|buf, rec| {
+            let prio = match rec.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(buf, "<{prio}>{}: {}", rec.target(), rec.args())
+        });
+    }
+    // Already initialised (e.g. run twice in one test process): keep the first logger.
+    let _ = b.try_init();
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit: every cached open file holds an fd.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        warn!("getrlimit(RLIMIT_NOFILE): {}", io::Error::last_os_error());
+        return;
+    }
+    let mut target = lim.rlim_max;
+    if target == libc::RLIM_INFINITY {
+        // The kernel caps the fd limit at fs.nr_open.
+        target = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
+    }
+    if lim.rlim_cur >= target {
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = target;
+    // SAFETY: `lim` is a valid in-pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        debug!("raised the open file limit from {old} to {target}");
+    } else {
+        warn!(
+            "cannot raise the open file limit from {old} to {target}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writeback_mode_names() {
+        let mut c = Config::new("/s".into(), "/d".into(), "/m".into());
+        assert_eq!(writeback_mode(&c), "off");
+        c.writeback = true;
+        assert_eq!(writeback_mode(&c), "on 10 workers");
+        c.concurrent = 0;
+        assert_eq!(writeback_mode(&c), "mirror");
+    }
+
+    #[test]
+    fn mount_errors_say_what_to_do() {
+        let e = |errno| {
+            DaemonError::Mount {
+                mountpoint: "/m".into(),
+                source: io::Error::from_raw_os_error(errno),
+            }
+            .to_string()
+        };
+        assert!(e(libc::EPERM).contains("run cachefs as root"));
+        assert!(e(libc::EACCES).contains("fusermount3"));
+        assert!(e(libc::EINVAL).contains("-o options"));
+        let text = DaemonError::Mount {
+            mountpoint: "/m".into(),
+            source: io::Error::other("Error calling mount() at \"/m\": EINVAL: Invalid argument"),
+        }
+        .to_string();
+        assert!(text.contains("check the -o options"), "{text}");
+        if !Path::new("/dev/fuse").exists() {
+            assert!(e(libc::ENOENT).contains("apt-get install fuse3"));
+        }
+        assert!(e(libc::ENOENT).contains("fuse3"));
+    }
+
+    #[test]
+    fn nofile_limit_is_raised_to_hard() {
+        raise_nofile_limit();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid out-pointer.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        if lim.rlim_max != libc::RLIM_INFINITY {
+            assert_eq!(lim.rlim_cur, lim.rlim_max);
+        }
+    }
+}

@@ -1,1 +1,27 @@
-fn main() {}
+//! The `cachefs` binary: parse the command line, then run the daemon or a subcommand.
+//! Exit status: 0 clean exit, 1 runtime failure, 2 bad command line (nothing mounted).
+
+use cachefs::cli::{self, Action};
+use cachefs::daemon;
+
+fn main() {
+    let code = match cli::parse(std::env::args_os()) {
+        Err(e) => {
+            eprintln!("{e}");
+            cli::EXIT_USAGE
+        }
+        Ok(Action::Print(text)) => {
+            print!("{text}");
+            0
+        }
+        Ok(Action::Status { dst, json }) => daemon::run_status(&dst, json),
+        Ok(Action::Mount(cfg)) => match daemon::run(*cfg) {
+            Ok(()) => 0,
+            Err(e) => {
+                daemon::print_error(&e);
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

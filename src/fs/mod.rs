@@ -1,2 +1,1357 @@
 //! The layered view over dst (cache) and src (slow), with no fuser types.
+//!
+//! What the mount shows (DESIGN section 1):
+//! - A path is visible if dst has it, or src has it and neither a whiteout in dst nor an
+//!   opaque dst directory above it hides it. dst wins. Listings merge both.
+//! - stat/lookup never copy data. The first open of a src-only file copies it into dst
+//!   (atomic, single flight); so does any mutation of it.
+//! - Every mutation happens on dst, then is reported to the change log (writeback).
+//!
+//! Invariants:
+//! - `Node::merge_src` of a directory is true iff src is consulted for its children:
+//!   its parent merges src and dst has no opaque marker in it. It is recomputed at each
+//!   lookup.
+//! - A renamed directory holds its whole subtree in dst and is opaque: renaming first
+//!   copies every src-only descendant, so no byte depends on src's old path.
+//! - Reserved names ([`names::is_reserved`]) never pass through: lookup -> ENOENT,
+//!   creation / rename-to / link-to -> EPERM.
+//!
+//! Lock order (never the reverse; no lock is held across a change-log wait):
+//!   `namespace` (RwLock: write for ops that add/remove/move names, read otherwise)
+//!   -> `copy_flights` -> `inodes` -> `handles`.
+//!   `inodes` and `handles` are held only for table updates, never across I/O.
+
+pub mod copyup;
+pub mod error;
+pub mod inodes;
+pub mod layer;
 pub mod names;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use error::{FsError, FsResult};
+pub use inodes::{Kind, ROOT};
+use layer::{Layer, SetTime, Stat};
+
+use crate::config::Config;
+use crate::writeback::Op;
+
+/// Where the core reports mutations (implemented by the writeback journal).
+pub trait ChangeLog: Send + Sync {
+    /// Durably records `op` before returning.
+    fn record(&self, op: Op) -> io::Result<()>;
+    /// Returns once src holds dst's current state for `path` (mirror mode); a no-op
+    /// when replay is asynchronous.
+    fn wait_synced(&self, path: &Path) -> io::Result<()>;
+}
+
+/// Who is calling (for ownership of new files).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attributes of a node as the mount shows them.
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    /// Permission bits including setuid/setgid/sticky.
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// A time to set in `setattr`.
+pub type TimeSpec = SetTime;
+
+/// The attribute changes of one `setattr` call.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSpec>,
+    pub mtime: Option<TimeSpec>,
+}
+
+/// How a file is opened: open(2) flags from the kernel, and whether the kernel will do
+/// the I/O on the dst file itself (FUSE passthrough).
+#[derive(Debug, Clone, Copy)]
+pub struct OpenRequest {
+    pub flags: i32,
+    pub for_backing: bool,
+}
+
+/// One directory listing entry.
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: OsString,
+}
+
+/// An open file: always a dst file.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub ino: u64,
+    pub file: File,
+    /// Written since the last report to the change log.
+    dirty: AtomicBool,
+}
+
+struct DirHandle {
+    items: Arc<[DirItem]>,
+}
+
+/// Which layer an entry was found in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layered {
+    Dst,
+    Src,
+}
+
+/// An entry of the view: where it is and its stat.
+struct Found {
+    layer: Layered,
+    st: Stat,
+    merge_src: bool,
+}
+
+/// The filesystem core.
+pub struct CacheFs {
+    dst: Layer,
+    src: Layer,
+    changes: Option<Arc<dyn ChangeLog>>,
+    namespace: RwLock<()>,
+    inodes: Mutex<inodes::Inodes>,
+    handles: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    dir_handles: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_handle: AtomicU64,
+    /// Paths being copied up right now (single flight), and a condvar for waiters.
+    copy_flights: Mutex<HashSet<PathBuf>>,
+    copy_done: Condvar,
+    /// GoCacheFS root-level whiteouts: hidden mount-relative paths.
+    legacy_whiteouts: Mutex<HashSet<PathBuf>>,
+    is_root: bool,
+}
+
+fn to_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn attr_of(ino: u64, st: &Stat) -> Attr {
+    Attr {
+        ino,
+        kind: Kind::from_mode(st.st_mode),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: to_time(st.st_atime, st.st_atime_nsec),
+        mtime: to_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: to_time(st.st_ctime, st.st_ctime_nsec),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+    }
+}
+
+fn ident(st: &Stat) -> (u64, u64) {
+    (st.st_dev, st.st_ino)
+}
+
+fn is_dir(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+fn denied<T>(errno: i32) -> FsResult<T> {
+    Err(FsError::Denied(errno))
+}
+
+fn check_name(name: &OsStr) -> FsResult<()> {
+    if names::is_reserved(name) {
+        return denied(libc::EPERM);
+    }
+    if name.len() > 255 {
+        return denied(libc::ENAMETOOLONG);
+    }
+    Ok(())
+}
+
+impl CacheFs {
+    /// Opens both roots and loads GoCacheFS whiteouts from dst's root.
+    pub fn new(cfg: &Config, changes: Option<Arc<dyn ChangeLog>>) -> FsResult<CacheFs> {
+        // Modes passed by the kernel are final (it applied the caller's umask); the
+        // daemon's own umask must not strip bits again.
+        // SAFETY: umask cannot fail.
+        unsafe { libc::umask(0) };
+        let dst = Layer::open(&cfg.dst)?;
+        let src = Layer::open(&cfg.src)?;
+        let fs = CacheFs {
+            dst,
+            src,
+            changes,
+            namespace: RwLock::new(()),
+            inodes: Mutex::new(inodes::Inodes::new()),
+            handles: RwLock::new(HashMap::new()),
+            dir_handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            copy_flights: Mutex::new(HashSet::new()),
+            copy_done: Condvar::new(),
+            legacy_whiteouts: Mutex::new(HashSet::new()),
+            // SAFETY: geteuid cannot fail.
+            is_root: unsafe { libc::geteuid() } == 0,
+        };
+        fs.load_legacy_whiteouts()?;
+        fs.clean_temp_files(Path::new(""));
+        Ok(fs)
+    }
+
+    fn load_legacy_whiteouts(&self) -> FsResult<()> {
+        let mut set = self.legacy_whiteouts.lock().unwrap();
+        for e in self.dst.read_dir(Path::new(""))? {
+            if let Some(p) = names::gocachefs_whiteout_target(&e.name) {
+                set.insert(PathBuf::from(p));
+            }
+        }
+        if !set.is_empty() {
+            log::info!("honouring {} GoCacheFS whiteout(s) in dst", set.len());
+        }
+        Ok(())
+    }
+
+    /// Removes copy-up temp files a crash may have left at dst's root level.
+    fn clean_temp_files(&self, dir: &Path) {
+        if let Ok(entries) = self.dst.read_dir(dir) {
+            for e in entries {
+                if e.name.as_bytes().starts_with(names::TEMP_PREFIX.as_bytes()) {
+                    let _ = self.dst.unlink(&dir.join(&e.name));
+                }
+            }
+        }
+    }
+
+    // ----- helpers: nodes, lookups, the view ---------------------------------------
+
+    fn node_path(&self, ino: u64) -> FsResult<(PathBuf, Kind, bool)> {
+        let t = self.inodes.lock().unwrap();
+        let node = t.get(ino).ok_or(FsError::Stale)?;
+        let path = node.path().ok_or_else(FsError::not_found)?;
+        Ok((path.to_path_buf(), node.kind, node.merge_src))
+    }
+
+    fn dir_path(&self, ino: u64) -> FsResult<(PathBuf, bool)> {
+        let (p, kind, merge) = self.node_path(ino)?;
+        if kind != Kind::Dir {
+            return denied(libc::ENOTDIR);
+        }
+        Ok((p, merge))
+    }
+
+    fn whiteout_path(path: &Path) -> PathBuf {
+        let name = path.file_name().unwrap_or_default();
+        path.with_file_name(names::whiteout_name(name))
+    }
+
+    fn is_opaque(&self, dst_dir: &Path) -> FsResult<bool> {
+        Ok(self
+            .dst
+            .stat(&dst_dir.join(names::OPAQUE_MARKER))?
+            .is_some())
+    }
+
+    /// Whether src's entry at `path` (in a merging parent) is hidden by a whiteout.
+    fn whited_out(&self, path: &Path) -> FsResult<bool> {
+        let wh = Self::whiteout_path(path);
+        if self.dst.stat(&wh)?.is_some() {
+            let hashed = names::is_hashed_whiteout(wh.file_name().unwrap_or_default());
+            if !hashed || self.hashed_whiteout_target(&wh)?.as_deref() == path.file_name() {
+                return Ok(true);
+            }
+        }
+        let legacy = self.legacy_whiteouts.lock().unwrap();
+        Ok(!legacy.is_empty() && path.ancestors().any(|a| legacy.contains(a)))
+    }
+
+    /// Resolves `path` in the view, given whether its parent merges src.
+    fn find(&self, path: &Path, parent_merges: bool) -> FsResult<Option<Found>> {
+        if let Some(st) = self.dst.stat(path)? {
+            let merge_src = is_dir(&st) && parent_merges && !self.is_opaque(path)?;
+            return Ok(Some(Found {
+                layer: Layered::Dst,
+                st,
+                merge_src,
+            }));
+        }
+        if !parent_merges || self.whited_out(path)? {
+            return Ok(None);
+        }
+        match self.src.stat(path) {
+            Ok(Some(st)) => Ok(Some(Found {
+                layer: Layered::Src,
+                st,
+                merge_src: true,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Registers a found entry as a node with `lookups` kernel references.
+    fn register(&self, path: &Path, found: &Found, lookups: u64) -> Attr {
+        let kind = Kind::from_mode(found.st.st_mode);
+        let dst_ident = (found.layer == Layered::Dst).then(|| ident(&found.st));
+        let ino =
+            self.inodes
+                .lock()
+                .unwrap()
+                .upsert(path, kind, found.merge_src, dst_ident, lookups);
+        attr_of(ino, &found.st)
+    }
+
+    /// The attributes of a node from whichever layer holds it. A node with no name
+    /// left (unlinked or replaced while open) is answered from an open handle.
+    fn stat_node(&self, ino: u64) -> FsResult<Attr> {
+        let path = match self.node_path(ino) {
+            Err(FsError::Denied(libc::ENOENT)) => {
+                let handles = self.handles.read().unwrap();
+                let h = handles.values().find(|h| h.ino == ino);
+                let h = h.ok_or_else(FsError::not_found)?;
+                return Ok(attr_of(
+                    ino,
+                    &layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?,
+                ));
+            }
+            r => r?.0,
+        };
+        if let Some(st) = self.dst.stat(&path)? {
+            return Ok(attr_of(ino, &st));
+        }
+        match self.src.stat(&path)? {
+            Some(st) => Ok(attr_of(ino, &st)),
+            None => Err(FsError::not_found()),
+        }
+    }
+
+    fn record(&self, op: Op) -> FsResult<()> {
+        if let Some(c) = &self.changes {
+            c.record(op).map_err(FsError::Journal)?;
+        }
+        Ok(())
+    }
+
+    // ----- copy-up -----------------------------------------------------------------
+
+    /// Makes sure directory `path` (visible in the view) exists in dst, creating it and
+    /// its missing ancestors with src's attributes.
+    fn ensure_dst_dir(&self, path: &Path) -> FsResult<()> {
+        match self.dst.stat(path)? {
+            Some(st) if is_dir(&st) => return Ok(()),
+            Some(_) => return denied(libc::ENOTDIR),
+            None => {}
+        }
+        if let Some(parent) = path.parent() {
+            self.ensure_dst_dir(parent)?;
+        }
+        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        if !is_dir(&st) {
+            return denied(libc::ENOTDIR);
+        }
+        copyup::copy_entry(&self.src, &self.dst, path, &st, None)?;
+        Ok(())
+    }
+
+    /// Makes sure the non-directory at `path` is in dst (single flight per path).
+    /// `limit` caps the bytes copied (for a truncate). Returns dst's stat.
+    fn ensure_in_dst(&self, ino: u64, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
+        if let Some(st) = self.dst.stat(path)? {
+            return Ok(st);
+        }
+        {
+            let mut flights = self.copy_flights.lock().unwrap();
+            while flights.contains(path) {
+                flights = self.copy_done.wait(flights).unwrap();
+            }
+            if let Some(st) = self.dst.stat(path)? {
+                return Ok(st);
+            }
+            flights.insert(path.to_path_buf());
+        }
+        let result = self.copy_up(path, limit);
+        self.copy_flights.lock().unwrap().remove(path);
+        self.copy_done.notify_all();
+        let st = result?;
+        self.inodes.lock().unwrap().set_dst_ident(ino, ident(&st));
+        Ok(st)
+    }
+
+    fn copy_up(&self, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
+        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        if let Some(parent) = path.parent() {
+            self.ensure_dst_dir(parent)?;
+        }
+        log::debug!("copy-up {}", path.display());
+        copyup::copy_entry(&self.src, &self.dst, path, &st, limit)?;
+        self.dst.stat(path)?.ok_or_else(FsError::not_found)
+    }
+
+    /// Copies a whole visible subtree into dst (before a directory rename), and marks
+    /// its top opaque: afterwards dst alone holds everything the view shows there.
+    fn copy_up_tree(&self, path: &Path, merge_src: bool) -> FsResult<()> {
+        self.ensure_dst_dir(path)?;
+        if merge_src {
+            for item in self.list_merged(path, true)? {
+                let child = path.join(&item.name);
+                let Some(found) = self.find(&child, true)? else {
+                    continue;
+                };
+                if found.layer == Layered::Dst && !found.merge_src {
+                    continue;
+                }
+                if is_dir(&found.st) {
+                    self.copy_up_tree(&child, found.merge_src)?;
+                } else if found.layer == Layered::Src {
+                    let ino = self.inodes.lock().unwrap().ino_of(&child);
+                    match ino {
+                        Some(ino) => drop(self.ensure_in_dst(ino, &child, None)?),
+                        None => drop(self.copy_up(&child, None)?),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_opaque(&self, dir: &Path) -> FsResult<()> {
+        copyup::keeping_parent_times(&self.dst, &dir.join(names::OPAQUE_MARKER), || {
+            match self
+                .dst
+                .create_file(&dir.join(names::OPAQUE_MARKER), libc::O_WRONLY, 0o000)
+            {
+                Ok(_) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The name a hashed whiteout hides (its content).
+    fn hashed_whiteout_target(&self, wh: &Path) -> FsResult<Option<OsString>> {
+        let mut content = Vec::new();
+        match self.dst.open_file(wh, libc::O_RDONLY) {
+            Ok(mut f) => drop(io::Read::read_to_end(&mut f, &mut content)?),
+            Err(e) if layer::is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some(OsString::from_vec(content)))
+    }
+
+    /// Hides src's `path` (after it was removed or renamed away in the view).
+    fn add_whiteout(&self, path: &Path) -> FsResult<()> {
+        let wh = Self::whiteout_path(path);
+        match self.dst.create_file(&wh, libc::O_WRONLY, 0o000) {
+            Ok(mut f) => {
+                if names::is_hashed_whiteout(wh.file_name().unwrap_or_default()) {
+                    let name = path.file_name().unwrap_or_default();
+                    io::Write::write_all(&mut f, name.as_bytes())?;
+                }
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The name `path` is being created again: drop whiteouts for it. Returns whether
+    /// one existed (src still has an old entry there).
+    fn clear_whiteouts(&self, path: &Path) -> FsResult<bool> {
+        let mut had = match self.dst.unlink(&Self::whiteout_path(path)) {
+            Ok(()) => true,
+            Err(e) if layer::is_not_found(&e) => false,
+            Err(e) => return Err(e.into()),
+        };
+        let mut legacy = self.legacy_whiteouts.lock().unwrap();
+        if legacy.remove(path) {
+            let encoded = format!(
+                "{}----{}",
+                String::from_utf8_lossy(names::GOCACHEFS_WHITEOUT_PREFIX),
+                path.to_string_lossy().replace('/', "----")
+            );
+            let _ = self.dst.unlink(Path::new(&encoded));
+            had = true;
+        }
+        Ok(had)
+    }
+
+    /// Whether src has an entry at `path` under a merging parent (so removing it from
+    /// the view needs a whiteout).
+    fn src_has(&self, path: &Path, parent_merges: bool) -> FsResult<bool> {
+        Ok(parent_merges && self.src.stat(path)?.is_some())
+    }
+
+    // ----- listing -----------------------------------------------------------------
+
+    /// The merged names of directory `path` (without "." / ".."), as (name, S_IFMT).
+    fn list_merged(&self, path: &Path, merge_src: bool) -> FsResult<Vec<DirItem>> {
+        let mut out = Vec::new();
+        let mut seen: HashSet<OsString> = HashSet::new();
+        let mut whiteouts: HashSet<OsString> = HashSet::new();
+        let mut opaque = false;
+        let dst_entries = match self.dst.read_dir(path) {
+            Ok(v) => v,
+            Err(e) if layer::is_not_found(&e) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        for e in dst_entries {
+            if let Some(t) = names::whiteout_target(&e.name) {
+                whiteouts.insert(t.to_os_string());
+                continue;
+            }
+            if names::is_hashed_whiteout(&e.name) {
+                if let Some(t) = self.hashed_whiteout_target(&path.join(&e.name))? {
+                    whiteouts.insert(t);
+                }
+                continue;
+            }
+            if e.name == names::OPAQUE_MARKER {
+                opaque = true;
+                continue;
+            }
+            if names::is_reserved(&e.name) {
+                continue;
+            }
+            seen.insert(e.name.clone());
+            out.push((e.name, e.kind, Layered::Dst));
+        }
+        if merge_src && !opaque {
+            let src_entries = match self.src.read_dir(path) {
+                Ok(v) => v,
+                Err(e) if layer::is_not_found(&e) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let legacy = self.legacy_whiteouts.lock().unwrap().clone();
+            let mut src_names = HashSet::new();
+            for e in src_entries {
+                src_names.insert(e.name.clone());
+                if names::is_reserved(&e.name)
+                    || seen.contains(&e.name)
+                    || whiteouts.contains(&e.name)
+                    || (!legacy.is_empty() && legacy.contains(&path.join(&e.name)))
+                {
+                    continue;
+                }
+                out.push((e.name, e.kind, Layered::Src));
+            }
+            // Garbage-collect whiteouts src no longer needs.
+            for w in whiteouts.iter().filter(|w| !src_names.contains(*w)) {
+                let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
+            }
+        }
+        let mut items = Vec::with_capacity(out.len());
+        for (name, mut kind, layer) in out {
+            let child = path.join(&name);
+            if kind == 0 {
+                let st = match layer {
+                    Layered::Dst => self.dst.stat(&child)?,
+                    Layered::Src => self.src.stat(&child)?,
+                };
+                kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
+            }
+            items.push(DirItem {
+                ino: 0,
+                kind: Kind::from_mode(kind),
+                name,
+            });
+        }
+        Ok(items)
+    }
+
+    // ----- operations --------------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        if names::is_reserved(name) {
+            return Err(FsError::not_found());
+        }
+        let _ns = self.namespace.read().unwrap();
+        let (dir, merges) = self.dir_path(parent)?;
+        let path = dir.join(name);
+        let found = self.find(&path, merges)?.ok_or_else(FsError::not_found)?;
+        Ok(self.register(&path, &found, 1))
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.lock().unwrap().forget(ino, n);
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok()) {
+            return Ok(attr_of(
+                ino,
+                &layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?,
+            ));
+        }
+        let _ns = self.namespace.read().unwrap();
+        self.stat_node(ino)
+    }
+
+    pub fn setattr(
+        &self,
+        caller: Caller,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+    ) -> FsResult<Attr> {
+        let _ns = self.namespace.read().unwrap();
+        let (path, kind, _) = self.node_path(ino)?;
+        if kind == Kind::Dir {
+            self.ensure_dst_dir(&path)?;
+        } else {
+            self.ensure_in_dst(ino, &path, set.size)?;
+        }
+        let _ = caller;
+        if set.uid.is_some() || set.gid.is_some() {
+            self.dst.chown(
+                &path,
+                set.uid.unwrap_or(u32::MAX),
+                set.gid.unwrap_or(u32::MAX),
+            )?;
+        }
+        if let Some(mode) = set.mode
+            && kind != Kind::Symlink
+        {
+            self.dst.chmod(&path, mode & 0o7777)?;
+        }
+        if let Some(size) = set.size {
+            let handle = fh.and_then(|fh| self.handle(fh).ok());
+            match handle {
+                Some(h) if h.file.set_len(size).is_ok() => {}
+                _ => self
+                    .dst
+                    .open_file(&path, libc::O_WRONLY | libc::O_NONBLOCK)?
+                    .set_len(size)?,
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            self.dst.set_times(&path, set.atime, set.mtime)?;
+        }
+        if set.size.is_some() {
+            self.record(Op::Write { path: path.clone() })?;
+        }
+        if set.mode.is_some()
+            || set.uid.is_some()
+            || set.gid.is_some()
+            || set.atime.is_some()
+            || set.mtime.is_some()
+        {
+            self.record(Op::SetAttr { path: path.clone() })?;
+        }
+        let st = self.dst.stat(&path)?.ok_or_else(FsError::not_found)?;
+        Ok(attr_of(ino, &st))
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<OsString> {
+        let _ns = self.namespace.read().unwrap();
+        let (path, _, _) = self.node_path(ino)?;
+        match self.dst.readlink(&path) {
+            Ok(t) => Ok(t),
+            Err(e) if layer::is_not_found(&e) => Ok(self.src.readlink(&path)?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Common path of every operation that creates a name: checks, parent in dst,
+    /// whiteouts, ownership, node registration. `make` creates `path` in dst.
+    fn create_common(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        make: impl FnOnce(&Path) -> io::Result<()>,
+        op: impl FnOnce(PathBuf) -> Op,
+    ) -> FsResult<Attr> {
+        check_name(name)?;
+        let (dir, merges) = self.dir_path(parent)?;
+        let path = dir.join(name);
+        if self.find(&path, merges)?.is_some() {
+            return denied(libc::EEXIST);
+        }
+        self.ensure_dst_dir(&dir)?;
+        let parent_st = self.dst.stat(&dir)?.ok_or_else(FsError::not_found)?;
+        let had_whiteout = self.clear_whiteouts(&path)?;
+        make(&path)?;
+        let created = self.dst.stat(&path)?.ok_or_else(FsError::not_found)?;
+        if self.is_root {
+            // Owned by the caller; a setgid parent gives its group (as the kernel would).
+            let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
+                parent_st.st_gid
+            } else {
+                caller.gid
+            };
+            if created.st_uid != caller.uid || created.st_gid != gid {
+                self.dst.chown(&path, caller.uid, gid)?;
+                // chown of a file clears setuid/setgid: put the requested bits back.
+                let want =
+                    (mode & 0o7777) | (created.st_mode & libc::S_ISGID & mode_if_dir(&created));
+                if mode & 0o7000 != 0 && created.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                    self.dst.chmod(&path, want)?;
+                }
+            }
+        }
+        let is_new_dir = is_dir(&created);
+        if is_new_dir && had_whiteout {
+            // src still has an old directory here: its children must not reappear.
+            self.mark_opaque(&path)?;
+        }
+        let found = Found {
+            layer: Layered::Dst,
+            st: self.dst.stat(&path)?.ok_or_else(FsError::not_found)?,
+            merge_src: is_new_dir && merges && !had_whiteout,
+        };
+        self.record(op(path.clone()))?;
+        Ok(self.register(&path, &found, 1))
+    }
+
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
+        let _ns = self.namespace.write().unwrap();
+        let mode = mode & !(umask & 0o777);
+        self.create_common(
+            caller,
+            parent,
+            name,
+            mode,
+            |p| self.dst.mknod(p, mode, rdev as libc::dev_t),
+            |path| {
+                if mode & libc::S_IFMT == libc::S_IFREG {
+                    Op::Create { path }
+                } else {
+                    Op::Mknod { path }
+                }
+            },
+        )
+    }
+
+    pub fn mkdir(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Attr> {
+        let _ns = self.namespace.write().unwrap();
+        let mode = mode & !(umask & 0o777) & 0o7777;
+        self.create_common(
+            caller,
+            parent,
+            name,
+            mode,
+            |p| self.dst.mkdir(p, mode),
+            |path| Op::Mkdir { path },
+        )
+    }
+
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+    ) -> FsResult<Attr> {
+        let _ns = self.namespace.write().unwrap();
+        self.create_common(
+            caller,
+            parent,
+            name,
+            0o777,
+            |p| self.dst.symlink(target, p),
+            |path| Op::Symlink { path },
+        )
+    }
+
+    /// Creates and opens a regular file. Returns its attributes and a handle.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        req: OpenRequest,
+    ) -> FsResult<(Attr, u64)> {
+        let OpenRequest { flags, for_backing } = req;
+        let _ns = self.namespace.write().unwrap();
+        let mode = mode & !(umask & 0o777) & 0o7777;
+        let file = std::cell::RefCell::new(None);
+        let attr = self.create_common(
+            caller,
+            parent,
+            name,
+            mode,
+            |p| {
+                let wanted = open_flags(flags);
+                let flags = if for_backing {
+                    (wanted & !libc::O_ACCMODE) | libc::O_RDWR
+                } else {
+                    wanted
+                };
+                let f = self.dst.create_file(p, flags, mode)?;
+                *file.borrow_mut() = Some(f);
+                Ok(())
+            },
+            |path| Op::Create { path },
+        )?;
+        let file = file.into_inner().ok_or(FsError::Stale)?;
+        let fh = self.add_handle(attr.ino, file);
+        if for_backing {
+            self.mark_dirty(&*self.handle(fh)?)?;
+        }
+        Ok((attr, fh))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
+        if names::is_reserved(name) {
+            return Err(FsError::not_found());
+        }
+        let _ns = self.namespace.write().unwrap();
+        let (parent_path, merges) = self.dir_path(parent)?;
+        let path = parent_path.join(name);
+        let found = self.find(&path, merges)?.ok_or_else(FsError::not_found)?;
+        match (dir, is_dir(&found.st)) {
+            (true, false) => return denied(libc::ENOTDIR),
+            (false, true) => return denied(libc::EISDIR),
+            _ => {}
+        }
+        if dir && !self.list_merged(&path, found.merge_src)?.is_empty() {
+            return denied(libc::ENOTEMPTY);
+        }
+        let src_has = self.src_has(&path, merges)?;
+        if src_has {
+            self.ensure_dst_dir(&parent_path)?;
+        }
+        if found.layer == Layered::Dst {
+            if dir {
+                self.remove_reserved_children(&path)?;
+                self.dst.rmdir(&path)?;
+            } else {
+                self.dst.unlink(&path)?;
+            }
+        }
+        if src_has {
+            self.add_whiteout(&path)?;
+        }
+        self.inodes.lock().unwrap().detach_path(&path);
+        self.record(if dir {
+            Op::Rmdir { path }
+        } else {
+            Op::Unlink { path }
+        })
+    }
+
+    /// Deletes whiteouts and the opaque marker inside a dst directory that is empty in
+    /// the view, so that it can be removed or replaced.
+    fn remove_reserved_children(&self, dir: &Path) -> FsResult<()> {
+        for e in self.dst.read_dir(dir)? {
+            if names::is_reserved(&e.name) {
+                self.dst.unlink(&dir.join(&e.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if names::is_reserved(name) {
+            return Err(FsError::not_found());
+        }
+        check_name(newname)?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 {
+            return denied(libc::EINVAL);
+        }
+        let _ns = self.namespace.write().unwrap();
+        let (from_dir, from_merges) = self.dir_path(parent)?;
+        let (to_dir, to_merges) = self.dir_path(newparent)?;
+        let from = from_dir.join(name);
+        let to = to_dir.join(newname);
+        let src_found = self
+            .find(&from, from_merges)?
+            .ok_or_else(FsError::not_found)?;
+        let dst_found = self.find(&to, to_merges)?;
+        if from == to {
+            return Ok(());
+        }
+        if to.starts_with(&from) {
+            return denied(libc::EINVAL);
+        }
+        let from_is_dir = is_dir(&src_found.st);
+        match (&dst_found, exchange) {
+            (None, true) => return denied(libc::ENOENT),
+            (Some(_), false) if noreplace => return denied(libc::EEXIST),
+            (Some(t), false) => {
+                let to_is_dir = is_dir(&t.st);
+                if from_is_dir && !to_is_dir {
+                    return denied(libc::ENOTDIR);
+                }
+                if !from_is_dir && to_is_dir {
+                    return denied(libc::EISDIR);
+                }
+                if to_is_dir && !self.list_merged(&to, t.merge_src)?.is_empty() {
+                    return denied(libc::ENOTEMPTY);
+                }
+            }
+            _ => {}
+        }
+        // Everything that moves must live in dst first.
+        self.materialize(&from, &src_found)?;
+        if exchange && let Some(t) = &dst_found {
+            self.materialize(&to, t)?;
+        }
+        self.ensure_dst_dir(&to_dir)?;
+        if let Some(t) = &dst_found
+            && !exchange
+            && is_dir(&t.st)
+            && t.layer == Layered::Dst
+        {
+            self.remove_reserved_children(&to)?;
+        }
+        let from_in_src = self.src_has(&from, from_merges)?;
+        let to_in_src = self.src_has(&to, to_merges)?;
+        self.dst.rename(&from, &to, flags & libc::RENAME_EXCHANGE)?;
+        self.clear_whiteouts(&to)?;
+        if !exchange && from_in_src {
+            self.add_whiteout(&from)?;
+        }
+        // A moved directory is complete in dst: never merge src's tree at its new name.
+        if from_is_dir && (to_in_src || from_in_src || to_merges) {
+            self.mark_opaque(&to)?;
+        }
+        if exchange && dst_found.as_ref().is_some_and(|t| is_dir(&t.st)) {
+            self.mark_opaque(&from)?;
+        }
+        {
+            let mut t = self.inodes.lock().unwrap();
+            if exchange {
+                t.exchange(&from, &to);
+            } else {
+                t.detach_path(&to);
+                t.rename(&from, &to);
+            }
+            for p in [&from, &to] {
+                if let Some(ino) = t.ino_of(p)
+                    && let Some(n) = t.get_mut(ino)
+                    && n.kind == Kind::Dir
+                {
+                    n.merge_src = false;
+                }
+            }
+        }
+        self.clear_merge_below(&to);
+        if exchange {
+            self.clear_merge_below(&from);
+        }
+        self.record(Op::Rename { from, to, exchange })
+    }
+
+    /// After a directory moved (and is complete + opaque in dst), no node below it
+    /// consults src any more.
+    fn clear_merge_below(&self, dir: &Path) {
+        self.inodes.lock().unwrap().clear_merge_below(dir);
+    }
+
+    /// Brings an entry that is about to move fully into dst.
+    fn materialize(&self, path: &Path, found: &Found) -> FsResult<()> {
+        if is_dir(&found.st) {
+            if found.layer == Layered::Src || found.merge_src {
+                self.copy_up_tree(path, found.merge_src)?;
+            }
+        } else if found.layer == Layered::Src {
+            let ino = self.inodes.lock().unwrap().ino_of(path);
+            match ino {
+                Some(ino) => drop(self.ensure_in_dst(ino, path, None)?),
+                None => drop(self.copy_up(path, None)?),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
+        check_name(newname)?;
+        let _ns = self.namespace.write().unwrap();
+        let (path, kind, _) = self.node_path(ino)?;
+        if kind == Kind::Dir {
+            return denied(libc::EPERM);
+        }
+        let (dir, merges) = self.dir_path(newparent)?;
+        let new = dir.join(newname);
+        if self.find(&new, merges)?.is_some() {
+            return denied(libc::EEXIST);
+        }
+        self.ensure_in_dst(ino, &path, None)?;
+        self.ensure_dst_dir(&dir)?;
+        self.clear_whiteouts(&new)?;
+        self.dst.link(&path, &new)?;
+        self.inodes.lock().unwrap().add_path(ino, &new);
+        let st = self.dst.stat(&new)?.ok_or_else(FsError::not_found)?;
+        self.record(Op::Link {
+            existing: path,
+            new,
+        })?;
+        Ok(attr_of(ino, &st))
+    }
+
+    // ----- files -------------------------------------------------------------------
+
+    fn add_handle(&self, ino: u64, file: File) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().unwrap().insert(
+            fh,
+            Arc::new(OpenFile {
+                ino,
+                file,
+                dirty: AtomicBool::new(false),
+            }),
+        );
+        fh
+    }
+
+    /// The open file behind a handle (also used by the FUSE adapter for passthrough).
+    pub fn handle(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        self.handles
+            .read()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Stale)
+    }
+
+    /// Opens a file (copying it into dst first if needed). Returns the handle and
+    /// whether its dst file is open read-write.
+    ///
+    /// `for_backing`: the kernel will do the I/O on the dst file itself (FUSE
+    /// passthrough). Then the dst file is opened read-write when possible (the kernel
+    /// shares one backing file among all opens of an inode), and a writable open is
+    /// reported dirty at once, since its writes will not pass through the daemon.
+    pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<(u64, bool)> {
+        let OpenRequest { flags, for_backing } = req;
+        let _ns = self.namespace.read().unwrap();
+        let (path, kind, _) = self.node_path(ino)?;
+        if kind == Kind::Dir {
+            return denied(libc::EISDIR);
+        }
+        self.ensure_in_dst(ino, &path, None)?;
+        let wanted = open_flags(flags);
+        let (file, rw) = if for_backing {
+            let rw_flags = (wanted & !libc::O_ACCMODE) | libc::O_RDWR;
+            match self.dst.open_file(&path, rw_flags) {
+                Ok(f) => (f, true),
+                Err(_) => (self.dst.open_file(&path, wanted)?, false),
+            }
+        } else {
+            (
+                self.dst.open_file(&path, wanted)?,
+                wanted & libc::O_ACCMODE == libc::O_RDWR,
+            )
+        };
+        let fh = self.add_handle(ino, file);
+        if for_backing && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.mark_dirty(&*self.handle(fh)?)?;
+        }
+        Ok((fh, rw))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match h.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.handle(fh)?;
+        h.file.write_all_at(data, offset)?;
+        self.mark_dirty(&h)?;
+        Ok(data.len() as u32)
+    }
+
+    /// First write since the last report: record the content change (durably).
+    fn mark_dirty(&self, h: &OpenFile) -> FsResult<()> {
+        if self.changes.is_some() && !h.dirty.swap(true, Ordering::AcqRel) {
+            self.record_content(h.ino)?;
+        }
+        Ok(())
+    }
+
+    fn record_content(&self, ino: u64) -> FsResult<Option<PathBuf>> {
+        let path = self
+            .inodes
+            .lock()
+            .unwrap()
+            .get(ino)
+            .and_then(|n| n.path().map(Path::to_path_buf));
+        if let Some(p) = &path {
+            self.record(Op::Write { path: p.clone() })?;
+        }
+        Ok(path)
+    }
+
+    /// close(): in mirror mode, returns once src has the bytes.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        self.sync_out(&h)
+    }
+
+    /// Reports a dirty file again (a replay may have run mid-write) and, in mirror
+    /// mode, waits until src holds it.
+    fn sync_out(&self, h: &OpenFile) -> FsResult<()> {
+        let Some(changes) = &self.changes else {
+            return Ok(());
+        };
+        if h.dirty.swap(false, Ordering::AcqRel)
+            && let Some(path) = self.record_content(h.ino)?
+        {
+            changes.wait_synced(&path).map_err(FsError::Journal)?;
+        }
+        Ok(())
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        if datasync {
+            h.file.sync_data()?;
+        } else {
+            h.file.sync_all()?;
+        }
+        self.sync_out(&h)
+    }
+
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let h = self.handles.write().unwrap().remove(&fh);
+        match h {
+            Some(h) => self.sync_out(&h),
+            None => Err(FsError::Stale),
+        }
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        // SAFETY: valid fd.
+        let r = unsafe {
+            libc::fallocate(
+                h.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        self.mark_dirty(&h)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        let h = self.handle(fh)?;
+        // SAFETY: valid fd; SEEK_DATA/SEEK_HOLE answered by dst's filesystem.
+        let r = unsafe { libc::lseek(h.file.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(r)
+    }
+
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        let (hin, hout) = (self.handle(fh_in)?, self.handle(fh_out)?);
+        let (mut oi, mut oo) = (off_in as i64, off_out as i64);
+        // SAFETY: valid fds and offset pointers.
+        let r = unsafe {
+            libc::copy_file_range(
+                hin.file.as_raw_fd(),
+                &mut oi,
+                hout.file.as_raw_fd(),
+                &mut oo,
+                len as usize,
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        self.mark_dirty(&hout)?;
+        Ok(r as u64)
+    }
+
+    // ----- directories -------------------------------------------------------------
+
+    /// Snapshots the merged listing of a directory; readdir pages through it.
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let _ns = self.namespace.read().unwrap();
+        let (path, merges) = self.dir_path(ino)?;
+        let mut items = self.list_merged(&path, merges)?;
+        {
+            let mut t = self.inodes.lock().unwrap();
+            for item in items.iter_mut() {
+                let child = path.join(&item.name);
+                item.ino = match t.ino_of(&child) {
+                    Some(i) => i,
+                    // Numbered now (no kernel reference) so d_ino matches a later stat.
+                    None => t.upsert(&child, item.kind, merges, None, 0),
+                };
+            }
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dir_handles.lock().unwrap().insert(
+            fh,
+            Arc::new(DirHandle {
+                items: items.into(),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// Entries from `offset` on (offset k = the k-th entry after "." and "..").
+    pub fn readdir(&self, fh: u64) -> FsResult<Arc<[DirItem]>> {
+        let h = self
+            .dir_handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Stale)?;
+        Ok(h.items.clone())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dir_handles.lock().unwrap().remove(&fh);
+    }
+
+    pub fn statfs(&self) -> FsResult<libc::statvfs> {
+        Ok(self.dst.statvfs()?)
+    }
+
+    // ----- xattrs ------------------------------------------------------------------
+
+    /// Runs a read-only call on whichever layer holds the node.
+    fn on_layer<R>(&self, ino: u64, f: impl Fn(&Layer, &Path) -> io::Result<R>) -> FsResult<R> {
+        let _ns = self.namespace.read().unwrap();
+        let (path, _, _) = self.node_path(ino)?;
+        if self.dst.stat(&path)?.is_some() {
+            Ok(f(&self.dst, &path)?)
+        } else {
+            Ok(f(&self.src, &path)?)
+        }
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        self.on_layer(ino, |l, p| l.getxattr(p, name))
+    }
+
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.on_layer(ino, |l, p| l.listxattr(p))
+    }
+
+    /// Runs a mutating xattr call on dst after copy-up, then records it.
+    fn xattr_change(&self, ino: u64, f: impl Fn(&Path) -> io::Result<()>) -> FsResult<()> {
+        let _ns = self.namespace.read().unwrap();
+        let (path, kind, _) = self.node_path(ino)?;
+        if kind == Kind::Dir {
+            self.ensure_dst_dir(&path)?;
+        } else {
+            self.ensure_in_dst(ino, &path, None)?;
+        }
+        f(&path)?;
+        self.record(Op::Xattr { path })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        self.xattr_change(ino, |p| self.dst.setxattr(p, name, value, flags))
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        self.xattr_change(ino, |p| self.dst.removexattr(p, name))
+    }
+
+    /// access(2) (only called without default_permissions): existence check.
+    pub fn access(&self, ino: u64) -> FsResult<()> {
+        self.getattr(ino, None).map(drop)
+    }
+}
+
+/// S_ISGID kept on directories only (a setgid parent makes new directories setgid).
+fn mode_if_dir(st: &Stat) -> u32 {
+    if is_dir(st) { libc::S_ISGID } else { 0 }
+}
+
+/// open(2) flags for the dst file, from an allowlist: the kernel already handled
+/// creation, truncation and appending offsets; O_DIRECT would need aligned buffers the
+/// daemon does not have; kernel-internal bits (e.g. `__FMODE_EXEC` of execve) make
+/// openat2 fail with EINVAL.
+fn open_flags(flags: i32) -> i32 {
+    flags & (libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME | libc::O_LARGEFILE)
+}

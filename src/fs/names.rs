@@ -9,6 +9,9 @@
 //! - A whiteout `.cachefs-wh.<name>` in dst directory D hides `<name>` of src in D.
 //!   The name after the prefix is the whole entry name: it never contains `/`, so the
 //!   encoding is unambiguous (unlike GoCacheFS's `----` path encoding).
+//! - A name too long for that prefix (over 243 bytes) gets the whiteout
+//!   `.cachefs-whh.<16 hex digits of FNV-1a 64>` whose *content* is the full name; the
+//!   content is compared on every check, so a hash collision cannot hide a wrong name.
 //! - An opaque marker `.cachefs-opaque` in dst directory D means src is not consulted
 //!   for D's children (after rmdir+mkdir, or a directory renamed over another).
 
@@ -19,6 +22,10 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 pub const RESERVED_PREFIX: &[u8] = b".cachefs-";
 /// Whiteout: `.cachefs-wh.<name>` hides `<name>` of src in the same directory.
 pub const WHITEOUT_PREFIX: &[u8] = b".cachefs-wh.";
+/// Whiteout for names too long for [`WHITEOUT_PREFIX`]: hashed name, full name inside.
+pub const HASHED_WHITEOUT_PREFIX: &[u8] = b".cachefs-whh.";
+/// Longest file name on Linux filesystems.
+const NAME_MAX: usize = 255;
 /// Opaque marker file inside a dst directory.
 pub const OPAQUE_MARKER: &str = ".cachefs-opaque";
 /// Temp files of copy-up (in dst) and of writeback (in src): `.cachefs-tmp.<unique>`.
@@ -36,9 +43,23 @@ pub fn is_reserved(name: &OsStr) -> bool {
 
 /// The whiteout file name hiding `name`.
 pub fn whiteout_name(name: &OsStr) -> OsString {
+    if WHITEOUT_PREFIX.len() + name.len() > NAME_MAX {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in name.as_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut v = HASHED_WHITEOUT_PREFIX.to_vec();
+        v.extend_from_slice(format!("{h:016x}").as_bytes());
+        return OsString::from_vec(v);
+    }
     let mut v = WHITEOUT_PREFIX.to_vec();
     v.extend_from_slice(name.as_bytes());
     OsString::from_vec(v)
+}
+
+/// Whether a whiteout's name is hashed (the hidden name is the file's content).
+pub fn is_hashed_whiteout(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(HASHED_WHITEOUT_PREFIX)
 }
 
 /// If `name` is a whiteout, the name it hides.
@@ -70,6 +91,11 @@ mod tests {
         assert_eq!(whiteout_target(&wh), Some(OsStr::new("a----b")));
         assert_eq!(whiteout_target(OsStr::new(".cachefs-wh.")), None);
         assert_eq!(whiteout_target(OsStr::new("plain")), None);
+        let long = "x".repeat(255);
+        let wh = whiteout_name(OsStr::new(&long));
+        assert!(wh.len() <= 255 && is_hashed_whiteout(&wh) && is_reserved(&wh));
+        assert_eq!(whiteout_target(&wh), None);
+        assert_ne!(wh, whiteout_name(OsStr::new(&"y".repeat(255))));
     }
 
     #[test]
@@ -77,7 +103,10 @@ mod tests {
         let n = OsStr::new(".__gocachefs_rm__----a----b");
         assert!(is_reserved(n));
         assert_eq!(gocachefs_whiteout_target(n), Some(OsString::from("a/b")));
-        assert_eq!(gocachefs_whiteout_target(OsStr::new(".__gocachefs_rm__")), None);
+        assert_eq!(
+            gocachefs_whiteout_target(OsStr::new(".__gocachefs_rm__")),
+            None
+        );
     }
 
     #[test]

@@ -1,1 +1,827 @@
-//! Thin `fuser::Filesystem` adapter over `fs::CacheFs`.
+//! Thin `fuser::Filesystem` adapter over [`CacheFs`]: converts fuser types to core
+//! types and core errors to errno ([`FsError::errno`]), and nothing else.
+//!
+//! Mount policy: `default_permissions` always (the kernel checks modes); as root also
+//! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BackgroundSession, BackingId, BsdFileFlags, Config as FuseConfig,
+    CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+
+use crate::config::Config;
+use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, SetAttr, TimeSpec};
+
+/// The adapter the session drives.
+pub struct FuseAdapter {
+    fs: Arc<CacheFs>,
+    ttl: Duration,
+    /// FUSE passthrough in use: asked for, negotiated, and not refused since.
+    passthrough: AtomicBool,
+    backing: Mutex<BackingTable>,
+}
+
+/// Backing files registered with the kernel for passthrough. The kernel allows one
+/// backing file per inode at a time, so all open handles of an inode share one
+/// `BackingId` (weak by inode, strong per handle; dropped at the last release).
+#[derive(Default)]
+struct BackingTable {
+    by_ino: HashMap<u64, Weak<BackingId>>,
+    by_fh: HashMap<u64, Arc<BackingId>>,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<CacheFs>, cfg: &Config) -> FuseAdapter {
+        FuseAdapter {
+            fs,
+            ttl: cfg.attr_ttl,
+            passthrough: AtomicBool::new(cfg.passthrough),
+            backing: Mutex::new(BackingTable::default()),
+        }
+    }
+
+    /// The shared backing id for `ino`, registering the handle's dst file if needed.
+    /// `None` (and passthrough off for good, logged once) when the kernel refuses.
+    fn backing_for(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let mut table = self.backing.lock().unwrap();
+        let id = match table.by_ino.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let handle = self.fs.handle(fh).ok()?;
+                match register(&handle.file) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        table.by_ino.insert(ino, Arc::downgrade(&id));
+                        id
+                    }
+                    Err(e) => {
+                        if self.passthrough.swap(false, Ordering::Relaxed) {
+                            log::warn!(
+                                "FUSE passthrough refused by the kernel ({e}); serving reads \
+                                 and writes in the daemon from now on"
+                            );
+                        }
+                        return None;
+                    }
+                }
+            }
+        };
+        table.by_fh.insert(fh, Arc::clone(&id));
+        Some(id)
+    }
+
+    fn release_backing(&self, ino: u64, fh: u64) {
+        let mut table = self.backing.lock().unwrap();
+        table.by_fh.remove(&fh);
+        if table
+            .by_ino
+            .get(&ino)
+            .is_some_and(|w| w.strong_count() == 0)
+        {
+            table.by_ino.remove(&ino);
+        }
+    }
+}
+
+/// Attributes for entries whose attributes the kernel ignores ("." / "..", negative).
+const NEGATIVE: Attr = Attr {
+    ino: 0,
+    kind: Kind::Dir,
+    size: 0,
+    blocks: 0,
+    atime: SystemTime::UNIX_EPOCH,
+    mtime: SystemTime::UNIX_EPOCH,
+    ctime: SystemTime::UNIX_EPOCH,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 4096,
+};
+
+fn errno(e: FsError) -> Errno {
+    if let FsError::Io(ref io) = e {
+        log::debug!("io error: {io}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_spec(t: TimeOrNow) -> TimeSpec {
+    match t {
+        TimeOrNow::Now => TimeSpec::Now,
+        TimeOrNow::SpecificTime(st) => {
+            let (sec, nsec) = match st.duration_since(SystemTime::UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let mut sec = -(d.as_secs() as i64);
+                    let mut nsec = -(d.subsec_nanos() as i64);
+                    if nsec < 0 {
+                        sec -= 1;
+                        nsec += 1_000_000_000;
+                    }
+                    (sec, nsec)
+                }
+            };
+            TimeSpec::At(libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            })
+        }
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, data: Vec<u8>) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(&data);
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Large writes: fewer round trips for the daemon-served data path.
+        let _ = config.set_max_write(1024 * 1024);
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // readdirplus: a listing also answers the lookups of `ls -l` / `find`.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let want = self.passthrough.load(Ordering::Relaxed);
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let enabled = want
+            && root
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(enabled, Ordering::Relaxed);
+        if enabled {
+            log::info!("data path: FUSE passthrough (the kernel reads and writes cached files)");
+        } else {
+            let why = if !want {
+                "--no-passthrough"
+            } else if !root {
+                "passthrough needs root"
+            } else {
+                "the kernel does not offer passthrough (Linux 6.9+)"
+            };
+            log::info!("data path: served by the daemon ({why})");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
+            // A negative entry (node id 0): the kernel caches "no such name" for the
+            // TTL, so repeated misses (PATH searches, include paths) stay in the kernel.
+            Err(e) if e.errno() == libc::ENOENT && !self.ttl.is_zero() => {
+                let mut none = fuse_attr(&NEGATIVE);
+                none.ino = INodeNo(0);
+                reply.entry(&self.ttl, &none, Generation(0))
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
+            Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_spec),
+            mtime: mtime.map(time_spec),
+        };
+        match self.fs.setattr(caller(req), ino.0, fh.map(|f| f.0), set) {
+            Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        match self
+            .fs
+            .mknod(caller(req), parent.0, name, mode, umask, rdev)
+        {
+            Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.fs.mkdir(caller(req), parent.0, name, mode, umask) {
+            Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.rmdir(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match self
+            .fs
+            .symlink(caller(req), parent.0, link_name, target.as_os_str())
+        {
+            Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .fs
+            .rename(parent.0, name, newparent.0, newname, flags.bits())
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.fs.link(ino.0, newparent.0, newname) {
+            Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let req = OpenRequest {
+            flags: flags.0,
+            for_backing: passthrough,
+        };
+        let (fh, rw) = match self.fs.open(ino.0, req) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if passthrough
+            && rw
+            && let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f))
+        {
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        }
+        // Only this mount changes dst files, so the kernel's page cache stays valid.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.flush(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.release_backing(ino.0, fh.0);
+        match self.fs.release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fsync(fh.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let items = match self.fs.readdir(fh.0) {
+            Ok(items) => items,
+            Err(e) => return reply.error(errno(e)),
+        };
+        // Offsets: 1 = ".", 2 = "..", 2 + k = the k-th item.
+        let mut next = offset;
+        if next == 0 {
+            if reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            next = 1;
+        }
+        if next == 1 {
+            // The kernel fills in ".." itself; its number here is not used.
+            if reply.add(ino, 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            next = 2;
+        }
+        for (i, item) in items.iter().enumerate().skip((next - 2) as usize) {
+            let kind = file_type(item.kind);
+            if reply.add(INodeNo(item.ino), i as u64 + 3, kind, &item.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let items = match self.fs.readdir(fh.0) {
+            Ok(items) => items,
+            Err(e) => return reply.error(errno(e)),
+        };
+        // "." and ".." carry no lookup reference; the kernel ignores their attributes.
+        let dot = fuse_attr(&Attr {
+            ino: ino.0,
+            ..NEGATIVE
+        });
+        let mut next = offset;
+        while next < 2 {
+            let name = if next == 0 { "." } else { ".." };
+            if reply.add(ino, next + 1, name, &self.ttl, &dot, Generation(0)) {
+                return reply.ok();
+            }
+            next += 1;
+        }
+        for (i, item) in items.iter().enumerate().skip((next - 2) as usize) {
+            // A lookup (one kernel reference), given back if the entry does not fit.
+            let attr = match self.fs.lookup(ino.0, &item.name) {
+                Ok(a) => a,
+                Err(_) => continue, // gone since opendir
+            };
+            let full = reply.add(
+                INodeNo(attr.ino),
+                i as u64 + 3,
+                &item.name,
+                &self.ttl,
+                &fuse_attr(&attr),
+                Generation(0),
+            );
+            if full {
+                self.fs.forget(attr.ino, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Directory entries in dst are made durable by the writeback journal, not here.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name) {
+            Ok(v) => reply_xattr(reply, size, v),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) => reply_xattr(reply, size, v),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        match self.fs.access(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let (a, fh) = match self.fs.create(
+            caller(req),
+            parent.0,
+            name,
+            mode,
+            umask,
+            OpenRequest {
+                flags,
+                for_backing: passthrough,
+            },
+        ) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let attr = fuse_attr(&a);
+        if passthrough && let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
+            return reply.created_passthrough(
+                &self.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &id,
+            );
+        }
+        reply.created(
+            &self.ttl,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.fs.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .fs
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
+/// Mount options from the config: cachefs's defaults plus `-o` (which may override
+/// nosuid/nodev with suid/dev).
+pub fn mount_options(cfg: &Config) -> (Vec<MountOption>, SessionACL) {
+    let mut opts = vec![
+        MountOption::FSName(format!("cachefs:{}", cfg.src.display())),
+        MountOption::Subtype("cachefs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut acl = if root {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    let (mut suid, mut dev) = (false, false);
+    for o in &cfg.mount_options {
+        match o.as_str() {
+            "" | "default_permissions" => {}
+            "suid" => suid = true,
+            "dev" => dev = true,
+            "nosuid" => suid = false,
+            "nodev" => dev = false,
+            "allow_other" => acl = SessionACL::All,
+            "allow_root" => acl = SessionACL::RootAndOwner,
+            "ro" => opts.push(MountOption::RO),
+            "rw" => opts.push(MountOption::RW),
+            "exec" => opts.push(MountOption::Exec),
+            "noexec" => opts.push(MountOption::NoExec),
+            "atime" => opts.push(MountOption::Atime),
+            "noatime" => opts.push(MountOption::NoAtime),
+            "auto_unmount" => opts.push(MountOption::AutoUnmount),
+            o if o.starts_with("fsname=") => opts[0] = MountOption::FSName(o[7..].into()),
+            o if o.starts_with("subtype=") => opts[1] = MountOption::Subtype(o[8..].into()),
+            o => opts.push(MountOption::CUSTOM(o.into())),
+        }
+    }
+    opts.push(if suid {
+        MountOption::Suid
+    } else {
+        MountOption::NoSuid
+    });
+    opts.push(if dev {
+        MountOption::Dev
+    } else {
+        MountOption::NoDev
+    });
+    (opts, acl)
+}
+
+/// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
+pub fn spawn_mount(fs: CacheFs, cfg: &Config) -> io::Result<BackgroundSession> {
+    let (mount_options, acl) = mount_options(cfg);
+    let mut fc = FuseConfig::default();
+    fc.mount_options = mount_options;
+    fc.acl = acl;
+    fc.n_threads = Some(cfg.threads.max(1));
+    fc.clone_fd = cfg.threads > 1;
+    let adapter = FuseAdapter::new(Arc::new(fs), cfg);
+    fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
+}

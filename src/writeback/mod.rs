@@ -17,21 +17,46 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// File content changed (write, truncate, fallocate, copy_file_range target).
-    Write { path: PathBuf },
+    Write {
+        path: PathBuf,
+    },
     /// A regular file was created.
-    Create { path: PathBuf },
+    Create {
+        path: PathBuf,
+    },
     /// A fifo, socket or device node was created.
-    Mknod { path: PathBuf },
-    Mkdir { path: PathBuf },
-    Symlink { path: PathBuf },
+    Mknod {
+        path: PathBuf,
+    },
+    Mkdir {
+        path: PathBuf,
+    },
+    Symlink {
+        path: PathBuf,
+    },
     /// Hard link `new` to the existing `existing`.
-    Link { existing: PathBuf, new: PathBuf },
-    Unlink { path: PathBuf },
-    Rmdir { path: PathBuf },
+    Link {
+        existing: PathBuf,
+        new: PathBuf,
+    },
+    Unlink {
+        path: PathBuf,
+    },
+    Rmdir {
+        path: PathBuf,
+    },
     /// `exchange`: RENAME_EXCHANGE swapped the two.
-    Rename { from: PathBuf, to: PathBuf, exchange: bool },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        exchange: bool,
+    },
     /// chmod, chown or utimens.
-    SetAttr { path: PathBuf },
+    SetAttr {
+        path: PathBuf,
+    },
     /// setxattr/removexattr.
-    Xattr { path: PathBuf },
+    Xattr {
+        path: PathBuf,
+    },
 }

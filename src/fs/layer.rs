@@ -1,0 +1,657 @@
+//! One directory tree (dst or src) accessed only *beneath* its root.
+//!
+//! Invariants:
+//! - Every path given to a [`Layer`] is relative to its root and is resolved with
+//!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)` for the
+//!   parent directory and an `*at` call with `AT_SYMLINK_NOFOLLOW`/`O_NOFOLLOW` on the
+//!   final component. A symlink or `..` swapped in behind the daemon's back therefore
+//!   yields an error (ELOOP/EXDEV/ENOTDIR), never the target's contents, and never a
+//!   write outside the root. On kernels without openat2 the walk is done one
+//!   component at a time with `O_NOFOLLOW`.
+//! - A `Layer` holds no locks and no caches: it is a thin, safe wrapper over syscalls.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `struct stat` of an entry, never following a final symlink.
+pub type Stat = libc::stat;
+
+/// Whether openat2 is known to be unavailable (ENOSYS): then walk component by component.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// A directory root; every operation stays beneath it.
+#[derive(Debug)]
+pub struct Layer {
+    root: OwnedFd,
+    root_path: PathBuf,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_ssize(r: libc::ssize_t) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// A C string from a name; names with NUL bytes cannot exist on Linux.
+pub fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Whether an error means "there is nothing there" in a lookup.
+pub fn is_not_found(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+/// Splits a relative path into (parent, final name). The root has no final name.
+fn split(rel: &Path) -> Option<(&Path, &OsStr)> {
+    let name = rel.file_name()?;
+    Some((rel.parent().unwrap_or(Path::new("")), name))
+}
+
+/// `/proc/self/fd/N`: reaches the object behind an `O_PATH` fd for calls with no `f*` form.
+pub fn proc_fd_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
+}
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+fn openat2(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
+        mode: 0,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    loop {
+        // SAFETY: valid dirfd, NUL-terminated path and a properly sized open_how.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if r >= 0 {
+            // SAFETY: the kernel returned a fresh fd we now own.
+            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        // RESOLVE_* may spuriously fail with EAGAIN under concurrent renames: retry.
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
+    }
+}
+
+/// `openat` of one name relative to a directory, never following a final symlink.
+pub fn openat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    // SAFETY: valid dirfd and NUL-terminated name.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn statat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+    let mut st = std::mem::MaybeUninit::<Stat>::uninit();
+    // SAFETY: valid pointers; the kernel fills st on success.
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: initialised by a successful fstatat.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `fstat` of an open (or O_PATH) fd.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let mut st = std::mem::MaybeUninit::<Stat>::uninit();
+    // SAFETY: valid fd and pointer.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: initialised by a successful fstat.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Timestamps for `utimensat`: `None` leaves a time unchanged.
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Now,
+    At(libc::timespec),
+}
+
+fn to_timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(ts)) => ts,
+    }
+}
+
+/// An entry read from a directory listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: OsString,
+    /// `S_IFMT` bits of the entry's type (0 when the filesystem did not say).
+    pub kind: u32,
+}
+
+impl Layer {
+    /// Opens `root` (a directory) as the base of every later call.
+    pub fn open(root: &Path) -> io::Result<Layer> {
+        let c = cstr(root.as_os_str())?;
+        // SAFETY: NUL-terminated path.
+        let fd = cvt(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(Layer {
+            // SAFETY: fresh fd.
+            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            root_path: root.to_path_buf(),
+        })
+    }
+
+    /// The root directory's path (for log messages only; never used to reach files).
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// Opens the directory `rel` (an `O_PATH` fd) without following any symlink.
+    pub fn open_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+        self.open_beneath(rel, libc::O_PATH | libc::O_DIRECTORY)
+    }
+
+    /// Opens `rel` beneath the root with `flags`, following no symlink anywhere.
+    pub fn open_beneath(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+        if rel.as_os_str().is_empty() {
+            let c = CString::new(".").unwrap();
+            return openat(self.root.as_fd(), &c, flags, 0);
+        }
+        if !NO_OPENAT2.load(Ordering::Relaxed) {
+            match openat2(self.root.as_fd(), &cstr(rel.as_os_str())?, flags) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed)
+                }
+                r => return r,
+            }
+        }
+        // Fallback: one component at a time, O_NOFOLLOW each.
+        let mut dir: Option<OwnedFd> = None;
+        let comps: Vec<_> = rel.components().collect();
+        for (i, comp) in comps.iter().enumerate() {
+            let Component::Normal(name) = comp else {
+                return Err(io::Error::from_raw_os_error(libc::EXDEV));
+            };
+            let last = i + 1 == comps.len();
+            let f = if last {
+                flags
+            } else {
+                libc::O_PATH | libc::O_DIRECTORY
+            };
+            let base = dir.as_ref().map_or(self.root.as_fd(), |d| d.as_fd());
+            dir = Some(openat(base, &cstr(name)?, f, 0)?);
+        }
+        dir.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
+    /// Runs `f` with the parent directory of `rel` and its final name.
+    pub fn at<R>(
+        &self,
+        rel: &Path,
+        f: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let Some((parent, name)) = split(rel) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let name = cstr(name)?;
+        if parent.as_os_str().is_empty() {
+            f(self.root.as_fd(), &name)
+        } else {
+            let dir = self.open_dir(parent)?;
+            f(dir.as_fd(), &name)
+        }
+    }
+
+    /// lstat of `rel`; `Ok(None)` when nothing is there.
+    pub fn stat(&self, rel: &Path) -> io::Result<Option<Stat>> {
+        let r = if rel.as_os_str().is_empty() {
+            fstat(self.root.as_fd())
+        } else {
+            self.at(rel, statat)
+        };
+        match r {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the file `rel` with open(2) flags (never following a symlink).
+    pub fn open_file(&self, rel: &Path, flags: libc::c_int) -> io::Result<File> {
+        Ok(File::from(self.open_beneath(rel, flags)?))
+    }
+
+    /// Creates and opens a regular file (O_CREAT|O_EXCL).
+    pub fn create_file(
+        &self,
+        rel: &Path,
+        flags: libc::c_int,
+        mode: libc::mode_t,
+    ) -> io::Result<File> {
+        self.at(rel, |d, n| {
+            openat(d, n, flags | libc::O_CREAT | libc::O_EXCL, mode).map(File::from)
+        })
+    }
+
+    pub fn mkdir(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
+        // SAFETY: valid dirfd and name.
+        self.at(rel, |d, n| {
+            cvt(unsafe { libc::mkdirat(d.as_raw_fd(), n.as_ptr(), mode) }).map(drop)
+        })
+    }
+
+    pub fn mknod(&self, rel: &Path, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
+        // SAFETY: valid dirfd and name.
+        self.at(rel, |d, n| {
+            cvt(unsafe { libc::mknodat(d.as_raw_fd(), n.as_ptr(), mode, rdev) }).map(drop)
+        })
+    }
+
+    pub fn symlink(&self, target: &OsStr, rel: &Path) -> io::Result<()> {
+        let t = cstr(target)?;
+        // SAFETY: valid dirfd and names.
+        self.at(rel, |d, n| {
+            cvt(unsafe { libc::symlinkat(t.as_ptr(), d.as_raw_fd(), n.as_ptr()) }).map(drop)
+        })
+    }
+
+    pub fn readlink(&self, rel: &Path) -> io::Result<OsString> {
+        self.at(rel, |d, n| {
+            let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+            // SAFETY: buffer of the given length.
+            let len = cvt_ssize(unsafe {
+                libc::readlinkat(
+                    d.as_raw_fd(),
+                    n.as_ptr(),
+                    buf.as_mut_ptr() as *mut libc::c_char,
+                    buf.len(),
+                )
+            })?;
+            buf.truncate(len);
+            Ok(OsString::from_vec(buf))
+        })
+    }
+
+    pub fn unlink(&self, rel: &Path) -> io::Result<()> {
+        // SAFETY: valid dirfd and name.
+        self.at(rel, |d, n| {
+            cvt(unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), 0) }).map(drop)
+        })
+    }
+
+    pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
+        // SAFETY: valid dirfd and name.
+        self.at(rel, |d, n| {
+            cvt(unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
+        })
+    }
+
+    /// renameat2 within this layer; `flags` are RENAME_NOREPLACE / RENAME_EXCHANGE.
+    pub fn rename(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
+        self.at(from, |fd, fname| {
+            self.at(to, |td, tname| {
+                // SAFETY: valid dirfds and names.
+                cvt(unsafe {
+                    libc::renameat2(
+                        fd.as_raw_fd(),
+                        fname.as_ptr(),
+                        td.as_raw_fd(),
+                        tname.as_ptr(),
+                        flags,
+                    )
+                })
+                .map(drop)
+            })
+        })
+    }
+
+    /// Hard link `existing` as `new` (no symlink following).
+    pub fn link(&self, existing: &Path, new: &Path) -> io::Result<()> {
+        self.at(existing, |ed, ename| {
+            self.at(new, |nd, nname| {
+                // SAFETY: valid dirfds and names.
+                cvt(unsafe {
+                    libc::linkat(
+                        ed.as_raw_fd(),
+                        ename.as_ptr(),
+                        nd.as_raw_fd(),
+                        nname.as_ptr(),
+                        0,
+                    )
+                })
+                .map(drop)
+            })
+        })
+    }
+
+    /// lchown; `u32::MAX` leaves an id unchanged.
+    pub fn chown(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<()> {
+        self.at_or_root(rel, |d, n, flags| {
+            // SAFETY: valid dirfd and name.
+            cvt(unsafe {
+                libc::fchownat(
+                    d.as_raw_fd(),
+                    n.as_ptr(),
+                    uid,
+                    gid,
+                    flags | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })
+            .map(drop)
+        })
+    }
+
+    /// chmod of a non-symlink (the caller checked the type; Linux cannot chmod symlinks).
+    pub fn chmod(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
+        let fd = self.open_beneath(rel, libc::O_PATH)?;
+        let p = proc_fd_path(fd.as_raw_fd());
+        // SAFETY: NUL-terminated path; /proc/self/fd/N names exactly the opened object.
+        cvt(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+    }
+
+    /// utimensat with AT_SYMLINK_NOFOLLOW.
+    pub fn set_times(
+        &self,
+        rel: &Path,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    ) -> io::Result<()> {
+        let ts = [to_timespec(atime), to_timespec(mtime)];
+        self.at_or_root(rel, |d, n, flags| {
+            // SAFETY: valid dirfd, name and a 2-element timespec array.
+            cvt(unsafe {
+                libc::utimensat(
+                    d.as_raw_fd(),
+                    n.as_ptr(),
+                    ts.as_ptr(),
+                    flags | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })
+            .map(drop)
+        })
+    }
+
+    /// Like [`Layer::at`] but the root itself is addressed as (root, "", AT_EMPTY_PATH).
+    fn at_or_root<R>(
+        &self,
+        rel: &Path,
+        f: impl FnOnce(BorrowedFd<'_>, &CStr, libc::c_int) -> io::Result<R>,
+    ) -> io::Result<R> {
+        if rel.as_os_str().is_empty() {
+            f(self.root.as_fd(), c"", libc::AT_EMPTY_PATH)
+        } else {
+            self.at(rel, |d, n| f(d, n, 0))
+        }
+    }
+
+    /// Lists a directory (without "." and "..").
+    pub fn read_dir(&self, rel: &Path) -> io::Result<Vec<DirEntry>> {
+        let fd = self.open_beneath(rel, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        read_dir_fd(fd)
+    }
+
+    /// getxattr; `None` value buffer asks for the size.
+    pub fn getxattr(&self, rel: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
+        let fd = self.open_beneath(rel, libc::O_PATH)?;
+        getxattr_fd(fd.as_fd(), name)
+    }
+
+    pub fn listxattr(&self, rel: &Path) -> io::Result<Vec<u8>> {
+        let fd = self.open_beneath(rel, libc::O_PATH)?;
+        listxattr_fd(fd.as_fd())
+    }
+
+    pub fn setxattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+        let fd = self.open_beneath(rel, libc::O_PATH)?;
+        let p = proc_fd_path(fd.as_raw_fd());
+        let n = cstr(name)?;
+        // SAFETY: valid path, name and value buffer.
+        cvt(unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr() as *const libc::c_void,
+                value.len(),
+                flags,
+            )
+        })
+        .map(drop)
+    }
+
+    pub fn removexattr(&self, rel: &Path, name: &OsStr) -> io::Result<()> {
+        let fd = self.open_beneath(rel, libc::O_PATH)?;
+        let p = proc_fd_path(fd.as_raw_fd());
+        let n = cstr(name)?;
+        // SAFETY: valid path and name.
+        cvt(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) }).map(drop)
+    }
+
+    /// statvfs of the filesystem holding the root.
+    pub fn statvfs(&self) -> io::Result<libc::statvfs> {
+        let fd = self.open_beneath(Path::new(""), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: valid fd and pointer.
+        cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: initialised on success.
+        Ok(unsafe { st.assume_init() })
+    }
+}
+
+/// Reads every entry of an open directory fd (consumes it).
+pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: fdopendir takes ownership of the fd on success.
+    let dirp = unsafe { libc::fdopendir(raw) };
+    if dirp.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(fd);
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: errno is thread-local; reset to tell end-of-stream from error.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: dirp is a valid DIR*.
+        let ent = unsafe { libc::readdir64(dirp) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            // SAFETY: dirp valid; closes the fd too.
+            unsafe { libc::closedir(dirp) };
+            return match e.raw_os_error() {
+                Some(0) | None => Ok(out),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: d_name is NUL-terminated within the entry.
+        let (name, dtype) = unsafe {
+            (
+                CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes().to_vec(),
+                (*ent).d_type,
+            )
+        };
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let kind = match dtype {
+            libc::DT_DIR => libc::S_IFDIR,
+            libc::DT_REG => libc::S_IFREG,
+            libc::DT_LNK => libc::S_IFLNK,
+            libc::DT_FIFO => libc::S_IFIFO,
+            libc::DT_SOCK => libc::S_IFSOCK,
+            libc::DT_CHR => libc::S_IFCHR,
+            libc::DT_BLK => libc::S_IFBLK,
+            _ => 0,
+        };
+        out.push(DirEntry {
+            name: OsString::from_vec(name),
+            kind,
+        });
+    }
+}
+
+/// getxattr on the object behind an (O_PATH) fd.
+pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
+    let p = proc_fd_path(fd.as_raw_fd());
+    let n = cstr(name)?;
+    loop {
+        // SAFETY: size query with a null buffer.
+        let size =
+            cvt_ssize(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) })?;
+        let mut buf = vec![0u8; size];
+        // SAFETY: buffer of `size` bytes.
+        match cvt_ssize(unsafe {
+            libc::getxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            )
+        }) {
+            Ok(len) => {
+                buf.truncate(len);
+                return Ok(buf);
+            }
+            // The value grew between the two calls: ask again.
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// listxattr on the object behind an (O_PATH) fd: NUL-separated names.
+pub fn listxattr_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let p = proc_fd_path(fd.as_raw_fd());
+    loop {
+        // SAFETY: size query with a null buffer.
+        let size = cvt_ssize(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?;
+        let mut buf = vec![0u8; size];
+        // SAFETY: buffer of `size` bytes.
+        match cvt_ssize(unsafe {
+            libc::listxattr(p.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len())
+        }) {
+            Ok(len) => {
+                buf.truncate(len);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn stat_and_create_stay_beneath_root() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        symlink(outside.path(), root.path().join("link")).unwrap();
+        std::fs::create_dir(root.path().join("d")).unwrap();
+        std::fs::write(root.path().join("d/f"), b"x").unwrap();
+        let layer = Layer::open(root.path()).unwrap();
+
+        assert!(layer.stat(Path::new("d/f")).unwrap().is_some());
+        assert!(layer.stat(Path::new("d/none")).unwrap().is_none());
+        // The symlink itself is visible, but never traversed.
+        let st = layer.stat(Path::new("link")).unwrap().unwrap();
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert!(!matches!(layer.stat(Path::new("link/secret")), Ok(Some(_))));
+        assert!(
+            layer
+                .open_file(Path::new("link/secret"), libc::O_RDONLY)
+                .is_err()
+        );
+        assert!(layer.open_file(Path::new("link"), libc::O_RDONLY).is_err());
+        assert!(
+            layer
+                .create_file(Path::new("link/new"), libc::O_WRONLY, 0o644)
+                .is_err()
+        );
+        assert!(!outside.path().join("new").exists());
+        assert!(layer.stat(Path::new("../x")).is_err());
+    }
+
+    #[test]
+    fn rename_link_and_list() {
+        let root = tempfile::tempdir().unwrap();
+        let layer = Layer::open(root.path()).unwrap();
+        layer.mkdir(Path::new("a"), 0o755).unwrap();
+        drop(
+            layer
+                .create_file(Path::new("a/f"), libc::O_WRONLY, 0o600)
+                .unwrap(),
+        );
+        layer.link(Path::new("a/f"), Path::new("g")).unwrap();
+        layer.rename(Path::new("a"), Path::new("b"), 0).unwrap();
+        let mut names: Vec<_> = layer
+            .read_dir(Path::new(""))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b", "g"]);
+        assert_eq!(layer.stat(Path::new("g")).unwrap().unwrap().st_nlink, 2);
+    }
+}

@@ -1,0 +1,565 @@
+//! The command line as users meet it: the real binary, bad input (exit 2, one helpful line,
+//! nothing mounted), GoCacheFS-style flags on a real mount, signals and external unmount.
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Run cachefs with `args`; a run that is still going after 10 s was wrongly accepted:
+/// kill it, detach whatever it mounted, and fail.
+fn run(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    run_cmd(Command::new(cachefs_bin()).args(args))
+}
+
+fn run_cmd(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cachefs");
+    if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+        signal(&child, libc::SIGTERM);
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "cachefs accepted the command line and kept running; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Exit status 2, nothing on stdout, exactly one line on stderr containing every `needle`.
+fn assert_usage_error(out: &Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "exit status; stderr: {stderr}");
+    assert!(out.stdout.is_empty(), "stdout: {:?}", out.stdout);
+    assert!(
+        stderr.ends_with('\n') && stderr.matches('\n').count() == 1,
+        "stderr must be exactly one line: {stderr:?}"
+    );
+    assert!(stderr.starts_with("cachefs: "), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
+    }
+    stderr
+}
+
+fn assert_not_mounted(mnt: &Path) {
+    let mnt = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    assert!(
+        !is_fuse_mounted(&mnt),
+        "{} got mounted by a rejected command line",
+        mnt.display()
+    );
+}
+
+/// Three fresh sibling directories.
+struct Dirs {
+    src: TempDir,
+    dst: TempDir,
+    mnt: TempDir,
+}
+
+fn dirs() -> Dirs {
+    Dirs {
+        src: tempdir(),
+        dst: tempdir(),
+        mnt: tempdir(),
+    }
+}
+
+fn p(t: &TempDir) -> &Path {
+    t.path()
+}
+
+#[test]
+fn missing_src() {
+    let d = dirs();
+    let out = run(&[&"-dst", &p(&d.dst), &"-mountpoint", &p(&d.mnt)]);
+    assert_usage_error(&out, &["missing -src", "-src DIR"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn missing_dst() {
+    let d = dirs();
+    let out = run(&[&"-src", &p(&d.src), &"-mountpoint", &p(&d.mnt)]);
+    assert_usage_error(&out, &["missing -dst", "-dst DIR"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn missing_mountpoint() {
+    let d = dirs();
+    let out = run(&[&"-src", &p(&d.src), &"-dst", &p(&d.dst)]);
+    assert_usage_error(&out, &["missing -mountpoint", "-mountpoint DIR"]);
+}
+
+#[test]
+fn no_arguments_at_all() {
+    assert_usage_error(&run(&[]), &["missing -src", "--help"]);
+}
+
+#[test]
+fn src_does_not_exist() {
+    let d = dirs();
+    let gone = p(&d.src).join("nope");
+    let out = run(&[
+        &"-src",
+        &gone,
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &p(&d.mnt),
+    ]);
+    assert_usage_error(&out, &["-src", "does not exist", "mkdir -p"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn mountpoint_does_not_exist() {
+    let d = dirs();
+    let gone = p(&d.mnt).join("nope");
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &gone,
+    ]);
+    assert_usage_error(&out, &["-mountpoint", "does not exist", "mkdir -p"]);
+}
+
+#[test]
+fn dst_is_not_a_directory() {
+    let d = dirs();
+    let files = tempdir();
+    let file = write_file(p(&files), "file", "x");
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &file,
+        &"-mountpoint",
+        &p(&d.mnt),
+    ]);
+    assert_usage_error(&out, &["-dst", "is not a directory"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn src_equals_dst() {
+    let d = dirs();
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &p(&d.src),
+        &"-mountpoint",
+        &p(&d.mnt),
+    ]);
+    assert_usage_error(&out, &["-src and -dst are the same directory", "separate"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn src_equals_dst_through_a_symlink() {
+    let d = dirs();
+    let links = tempdir();
+    let link = p(&links).join("to-src");
+    symlink(p(&d.src), &link).unwrap();
+    let dotted = p(&d.src).join(".");
+    let out = run(&[&"-src", &dotted, &"-dst", &link, &"-mountpoint", &p(&d.mnt)]);
+    assert_usage_error(&out, &["-src and -dst are the same directory"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn dst_inside_src() {
+    let d = dirs();
+    let inner = mkdirs(p(&d.src), "cache");
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &inner,
+        &"-mountpoint",
+        &p(&d.mnt),
+    ]);
+    assert_usage_error(
+        &out,
+        &["-dst", "is inside -src", "do not contain each other"],
+    );
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn mountpoint_inside_dst() {
+    let d = dirs();
+    let inner = mkdirs(p(&d.dst), "mnt");
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &inner,
+    ]);
+    assert_usage_error(&out, &["-mountpoint", "is inside -dst"]);
+    assert_not_mounted(&inner);
+}
+
+#[test]
+fn src_inside_mountpoint() {
+    let d = dirs();
+    let inner = mkdirs(p(&d.mnt), "src");
+    let out = run(&[
+        &"-src",
+        &inner,
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &p(&d.mnt),
+    ]);
+    assert_usage_error(&out, &["-src", "is inside -mountpoint"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn mountpoint_already_mounted() {
+    if !is_root() {
+        eprintln!("skipping mountpoint_already_mounted: mounting a tmpfs needs root");
+        return;
+    }
+    let d = dirs();
+    let mnt = std::fs::canonicalize(p(&d.mnt)).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "cachefs-test-tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount -t tmpfs failed");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            detach(self.0);
+        }
+    }
+    let _guard = Unmount(&mnt);
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &mnt,
+    ]);
+    assert_usage_error(
+        &out,
+        &["already a mount point (tmpfs)", "umount", "choose another"],
+    );
+    assert_eq!(mount_type(&mnt).as_deref(), Some("tmpfs"));
+}
+
+#[test]
+fn stale_fuse_mount_left_by_a_crash() {
+    if !can_mount("stale_fuse_mount_left_by_a_crash") {
+        return;
+    }
+    let mut m = Mounted::start(&[]);
+    m.kill9();
+    let err = std::fs::metadata(m.mountpoint()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+
+    let (src2, dst2) = (tempdir(), tempdir());
+    let out = run(&[
+        &"-src",
+        &p(&src2),
+        &"-dst",
+        &p(&dst2),
+        &"-mountpoint",
+        &m.mountpoint(),
+    ]);
+    let mnt = m.mountpoint().display().to_string();
+    assert_usage_error(
+        &out,
+        &[
+            "stale FUSE mount",
+            "Transport endpoint is not connected",
+            &format!("fusermount3 -u {mnt}"),
+            &format!("umount -l {mnt}"),
+        ],
+    );
+    // After the advised cleanup, the same mountpoint works again.
+    m.restart(&[]);
+    m.stop();
+}
+
+#[test]
+fn no_permission_to_mount() {
+    if !is_root() || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipping no_permission_to_mount: needs root and setpriv to become nobody");
+        return;
+    }
+    let d = dirs();
+    for t in [&d.src, &d.dst, &d.mnt] {
+        std::fs::set_permissions(
+            t.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+    }
+    let out = run_cmd(
+        Command::new("/usr/bin/setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(cachefs_bin())
+            .arg("-src")
+            .arg(p(&d.src))
+            .arg("-dst")
+            .arg(p(&d.dst))
+            .arg("-mountpoint")
+            .arg(p(&d.mnt))
+            .env("PATH", "/nonexistent"),
+    );
+    assert_usage_error(&out, &["not root", "fusermount3", "apt-get install fuse3"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn unknown_flag() {
+    let d = dirs();
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &p(&d.mnt),
+        &"-cache-size",
+        &"10G",
+    ]);
+    assert_usage_error(&out, &["unknown flag '-cache-size'", "cachefs --help"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn misspelled_flag_gets_a_suggestion() {
+    let out = run(&[&"-retry_delay=3"]);
+    assert_usage_error(&out, &["unknown flag", "did you mean -retry-delay?"]);
+}
+
+#[test]
+fn stray_argument() {
+    let d = dirs();
+    let out = run(&[&"-src", &p(&d.src), &"-dst", &p(&d.dst), &p(&d.mnt)]);
+    assert_usage_error(&out, &["unexpected argument", "cachefs --help"]);
+    assert_not_mounted(p(&d.mnt));
+}
+
+#[test]
+fn bad_numbers() {
+    let d = dirs();
+    for (flag, value) in [
+        ("-retries", "many"),
+        ("-retries", "-1"),
+        ("-concurrent", "2.5"),
+        ("-retry-delay", "3s"),
+        ("-start-delay", "-1"),
+        ("--threads", "0"),
+        ("--attr-ttl", "inf"),
+    ] {
+        let out = run(&[
+            &"-src",
+            &p(&d.src),
+            &"-dst",
+            &p(&d.dst),
+            &"-mountpoint",
+            &p(&d.mnt),
+            &flag,
+            &value,
+        ]);
+        let name = flag.trim_start_matches('-');
+        assert_usage_error(&out, &[name, value, "write e.g."]);
+        assert_not_mounted(p(&d.mnt));
+    }
+}
+
+#[test]
+fn flag_without_value() {
+    let out = run(&[&"-src"]);
+    assert_usage_error(&out, &["-src needs a value"]);
+}
+
+#[test]
+fn help_lists_every_flag() {
+    for h in ["--help", "-help", "-h"] {
+        let out = run(&[&h]);
+        assert!(out.status.success(), "{h}: {:?}", out.status);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for flag in [
+            "--src",
+            "--dst",
+            "--mountpoint",
+            "-w",
+            "--retries",
+            "--concurrent",
+            "--retry-delay",
+            "--start-delay",
+            "-d",
+            "--log",
+            "-o",
+            "--threads",
+            "--attr-ttl",
+            "--no-passthrough",
+            "--help",
+            "--version",
+            "status",
+        ] {
+            assert!(text.contains(flag), "{h}: help lacks {flag}:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn version() {
+    for v in ["--version", "-version", "-V"] {
+        let out = run(&[&v]);
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("cachefs {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+#[test]
+fn status_needs_a_directory() {
+    assert_usage_error(&run(&[&"status"]), &["<DST>"]);
+}
+
+// ---- Mounted: the accepted spellings really mount, and every way of stopping exits 0 ----
+
+#[test]
+fn go_style_flags_mount_and_sigterm_exits_zero() {
+    if !can_mount("go_style_flags_mount_and_sigterm_exits_zero") {
+        return;
+    }
+    let m = Mounted::start(&[
+        "-retries",
+        "3",
+        "-retry-delay=3",
+        "-start-delay",
+        "0",
+        "-concurrent=4",
+        "-log",
+        "-o",
+        "default_permissions",
+    ]);
+    m.wait_for_log(
+        &format!(
+            "cachefs mounted {} over {} at {} (writeback: off)",
+            std::fs::canonicalize(m.src.path()).unwrap().display(),
+            std::fs::canonicalize(m.dst.path()).unwrap().display(),
+            m.mountpoint().display()
+        ),
+        Duration::from_secs(5),
+    );
+    m.stop();
+}
+
+#[test]
+fn double_dash_flags_mount() {
+    if !can_mount("double_dash_flags_mount") {
+        return;
+    }
+    let d = dirs();
+    let mnt = std::fs::canonicalize(p(&d.mnt)).unwrap();
+    let mut child = Command::new(cachefs_bin())
+        .arg(format!("--src={}", p(&d.src).display()))
+        .arg("--dst")
+        .arg(p(&d.dst))
+        .arg("--mountpoint")
+        .arg(&mnt)
+        .args(["--threads", "2", "--attr-ttl", "0.5", "--no-passthrough"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + MOUNT_TIMEOUT;
+    while !is_fuse_mounted(&mnt) {
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            detach(&mnt);
+            let out = child.wait_with_output().unwrap();
+            panic!("no mount: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(&child, libc::SIGINT);
+    let st = wait_timeout(&mut child, STOP_TIMEOUT);
+    detach(&mnt);
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+}
+
+#[test]
+fn sighup_and_sigint_exit_zero() {
+    if !can_mount("sighup_and_sigint_exit_zero") {
+        return;
+    }
+    for sig in [libc::SIGHUP, libc::SIGINT] {
+        let mut m = Mounted::start(&[]);
+        m.signal(sig);
+        let st = m.wait_exit(STOP_TIMEOUT);
+        assert!(st.success(), "signal {sig}: {st}; stderr:\n{}", m.stderr());
+        assert!(mount_type(m.mountpoint()).is_none());
+    }
+}
+
+#[test]
+fn external_unmount_exits_zero() {
+    if !can_mount("external_unmount_exits_zero") {
+        return;
+    }
+    let mut m = Mounted::start(&[]);
+    let st = Command::new("umount").arg(m.mountpoint()).status().unwrap();
+    assert!(st.success());
+    let st = m.wait_exit(STOP_TIMEOUT);
+    assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
+    assert!(
+        m.stderr().contains("unmounted externally"),
+        "{}",
+        m.stderr()
+    );
+}
+
+#[test]
+fn busy_mount_is_detached_and_daemon_exits_when_released() {
+    if !can_mount("busy_mount_is_detached_and_daemon_exits_when_released") {
+        return;
+    }
+    let mut m = Mounted::start(&[]);
+    // A process with its cwd in the mount keeps it busy.
+    let mut holder = Command::new("sleep")
+        .arg("30")
+        .current_dir(m.mountpoint())
+        .spawn()
+        .unwrap();
+    m.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while mount_type(m.mountpoint()).is_some() {
+        assert!(std::time::Instant::now() < deadline, "never detached");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(m.pid().is_some());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let st = m.wait_exit(STOP_TIMEOUT);
+    assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
+    m.wait_for_log("is busy; detaching it lazily", Duration::ZERO);
+}

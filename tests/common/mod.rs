@@ -1,0 +1,361 @@
+//! Shared harness for tests that run the real `cachefs` binary on a real FUSE mount.
+//!
+//! Guarantees:
+//! - [`Mounted::start`] returns only once the mountpoint shows up in /proc/self/mountinfo as
+//!   a FUSE mount; if the daemon exits or the mount does not appear within
+//!   [`MOUNT_TIMEOUT`], it panics with the daemon's stderr.
+//! - No mount outlives a [`Mounted`]: dropping it (also while a test panics) detaches the
+//!   mount (`umount -l`) and kills the daemon if it still runs.
+//! - Every `Mounted` has its own temporary src, dst and mountpoint, so tests can run in
+//!   parallel (threads of one `cargo test` process or nextest's process per test).
+//! - Mounting needs root here: tests call [`can_mount`] first and skip (with a printed
+//!   reason) when it is false.
+//!
+//! Typical use:
+//! ```ignore
+//! mod common;
+//! use common::*;
+//! #[test]
+//! fn reads_a_src_file() {
+//!     if !can_mount("reads_a_src_file") { return; }
+//!     let src = tempdir();
+//!     write_file(src.path(), "a/b.txt", "hello");
+//!     let m = Mounted::with_dirs(src, tempdir(), &["-w"]);
+//!     assert_eq!(std::fs::read_to_string(m.mnt_path("a/b.txt")).unwrap(), "hello");
+//!     m.stop();
+//! }
+//! ```
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+/// How long [`Mounted::start`] waits for the mount to appear.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long [`Mounted::stop`] waits for the daemon to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The binary under test.
+pub fn cachefs_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cachefs")
+}
+
+/// Whether this process can mount FUSE (root and /dev/fuse). Prints why not, for the log.
+pub fn can_mount(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping {test}: mounting FUSE in tests needs root");
+        return false;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping {test}: /dev/fuse is missing (modprobe fuse)");
+        return false;
+    }
+    true
+}
+
+/// Whether the process runs as root (for tests that mount other things, e.g. tmpfs).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A fresh temporary directory.
+pub fn tempdir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("cachefs-test.")
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+/// Write `data` to `root/rel`, creating parent directories.
+pub fn write_file(root: &Path, rel: &str, data: impl AsRef<[u8]>) -> PathBuf {
+    let p = root.join(rel);
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).expect("create parent directories");
+    }
+    fs::write(&p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    p
+}
+
+/// Create `root/rel` and its parents.
+pub fn mkdirs(root: &Path, rel: &str) -> PathBuf {
+    let p = root.join(rel);
+    fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", p.display()));
+    p
+}
+
+/// A temporary directory holding `files` (path, content); parents are created.
+pub fn dir_with(files: &[(&str, &[u8])]) -> TempDir {
+    let d = tempdir();
+    for (rel, data) in files {
+        write_file(d.path(), rel, data);
+    }
+    d
+}
+
+/// The filesystem type mounted exactly at `path` (canonical), from /proc/self/mountinfo.
+pub fn mount_type(path: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|line| {
+        let point = line.split(' ').nth(4)?;
+        let point = cachefs::cli::unescape_mountinfo(point);
+        if Path::new(OsStr::from_bytes(&point)) != path {
+            return None;
+        }
+        let fstype = line.split_once(" - ")?.1.split(' ').next()?;
+        Some(fstype.to_string())
+    })
+}
+
+/// Whether a FUSE filesystem is mounted exactly at `path` (canonical).
+pub fn is_fuse_mounted(path: &Path) -> bool {
+    mount_type(path).is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
+}
+
+/// Detach whatever is mounted at `path` (`umount -l`); true if something was.
+pub fn detach(path: &Path) -> bool {
+    if mount_type(path).is_none() {
+        return false;
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        // Not root: fall back to the setuid helper.
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z", "--"])
+            .arg(path)
+            .stderr(Stdio::null())
+            .status();
+    }
+    true
+}
+
+/// Wait for `child` to exit for at most `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait for the daemon") {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(Duration::from_millis(10));
+    }
+}
+
+/// Send `sig` to `child`.
+pub fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill with a pid we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+}
+
+/// A running `cachefs` mounted over temporary directories. See the module docs.
+pub struct Mounted {
+    pub src: TempDir,
+    pub dst: TempDir,
+    pub mnt: TempDir,
+    /// Canonical mountpoint (what mountinfo shows).
+    mountpoint: PathBuf,
+    child: Option<Child>,
+    /// Holds the daemon's stderr log.
+    logs: TempDir,
+    runs: usize,
+}
+
+impl Mounted {
+    /// Mount fresh, empty src and dst with `extra_args` (GoCacheFS style, e.g. `["-w"]`).
+    pub fn start(extra_args: &[&str]) -> Mounted {
+        Mounted::with_dirs(tempdir(), tempdir(), extra_args)
+    }
+
+    /// Mount pre-populated `src` and `dst` with `extra_args`.
+    pub fn with_dirs(src: TempDir, dst: TempDir, extra_args: &[&str]) -> Mounted {
+        let mnt = tempdir();
+        let mountpoint = fs::canonicalize(mnt.path()).expect("canonical mountpoint");
+        let mut m = Mounted {
+            src,
+            dst,
+            mnt,
+            mountpoint,
+            child: None,
+            logs: tempdir(),
+            runs: 0,
+        };
+        m.spawn(extra_args);
+        m
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.logs.path().join(format!("stderr.{}", self.runs))
+    }
+
+    fn spawn(&mut self, extra_args: &[&str]) {
+        assert!(self.child.is_none(), "the daemon is already running");
+        self.runs += 1;
+        let log = fs::File::create(self.log_path()).expect("create the daemon log");
+        let mut cmd = Command::new(cachefs_bin());
+        cmd.arg("-src")
+            .arg(self.src.path())
+            .arg("-dst")
+            .arg(self.dst.path())
+            .arg("-mountpoint")
+            .arg(self.mnt.path())
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG_STYLE", "never");
+        let child = cmd.spawn().expect("spawn cachefs");
+        self.child = Some(child);
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        loop {
+            if is_fuse_mounted(&self.mountpoint) {
+                return;
+            }
+            let child = self.child.as_mut().unwrap();
+            if let Some(st) = child.try_wait().expect("wait for the daemon") {
+                self.child = None;
+                panic!(
+                    "cachefs exited ({st}) before mounting {}; its stderr:\n{}",
+                    self.mountpoint.display(),
+                    self.stderr()
+                );
+            }
+            if Instant::now() >= deadline {
+                signal(child, libc::SIGKILL);
+                let _ = child.wait();
+                self.child = None;
+                detach(&self.mountpoint);
+                panic!(
+                    "{} did not show up as a FUSE mount within {MOUNT_TIMEOUT:?}; cachefs's stderr:\n{}",
+                    self.mountpoint.display(),
+                    self.stderr()
+                );
+            }
+            sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `mountpoint/rel`.
+    pub fn mnt_path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// `src/rel`.
+    pub fn src_path(&self, rel: &str) -> PathBuf {
+        self.src.path().join(rel)
+    }
+
+    /// `dst/rel`.
+    pub fn dst_path(&self, rel: &str) -> PathBuf {
+        self.dst.path().join(rel)
+    }
+
+    /// The canonical mountpoint.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the current (or last) daemon wrote to stderr.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Wait until the daemon's stderr contains `needle` (log lines may trail the mount a
+    /// little); panics with the whole log after `timeout`. Returns the log.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cachefs's stderr lacks {needle:?} after {timeout:?}:\n{log}"
+            );
+            sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Send `sig` to the running daemon.
+    pub fn signal(&self, sig: libc::c_int) {
+        signal(self.child.as_ref().expect("the daemon is running"), sig);
+    }
+
+    /// Wait for the daemon to exit on its own (e.g. after an external unmount).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("the daemon is running");
+        match wait_timeout(child, timeout) {
+            Some(st) => {
+                self.child = None;
+                st
+            }
+            None => panic!(
+                "cachefs did not exit within {timeout:?}; its stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// SIGTERM, wait, and assert a clean exit (status 0) with the mount gone.
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.wait_exit(STOP_TIMEOUT);
+        assert!(
+            st.success(),
+            "cachefs exited with {st} after SIGTERM; its stderr:\n{}",
+            self.stderr()
+        );
+        assert!(
+            mount_type(&self.mountpoint).is_none(),
+            "{} is still mounted after cachefs exited; its stderr:\n{}",
+            self.mountpoint.display(),
+            self.stderr()
+        );
+    }
+
+    /// SIGKILL the daemon (a crash). The mount is left behind, stale (ENOTCONN), until
+    /// [`Mounted::restart`] or drop detaches it.
+    pub fn kill9(&mut self) {
+        let child = self.child.as_mut().expect("the daemon is running");
+        signal(child, libc::SIGKILL);
+        let _ = child.wait();
+        self.child = None;
+    }
+
+    /// Start the daemon again on the same directories (after [`Mounted::kill9`] or an
+    /// external unmount), detaching a stale mount first.
+    pub fn restart(&mut self, extra_args: &[&str]) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        detach(&self.mountpoint);
+        self.spawn(extra_args);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // Detach first, so that killing the daemon cannot leave a stale mount behind.
+        detach(&self.mountpoint);
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+        detach(&self.mountpoint);
+    }
+}
