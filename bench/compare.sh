@@ -233,29 +233,10 @@ fio_run() { # fio_run NAME OUTJSON ARGS... ; returns fio's status
     fio --name="$name" --output-format=json --output="$out" "$@" >"$out.err" 2>&1
 }
 
-# measure SYSTEM METRIC CMD... : run CMD (prints the value) REPEAT times, record the
-# median, or n/a + reason if any run fails
-measure() {
-    local sys=$1 metric=$2 v vals=() i med
-    shift 2
-    for (( i=0; i<REPEAT; i++ )); do
-        if v=$("$@" 2>"$W/measure.err") && [ -n "$v" ]; then
-            vals+=("$v")
-        else
-            record "$sys" "$metric" "n/a" "$(reason "$W/measure.err")"
-            log "  $sys $metric = n/a ($(reason "$W/measure.err"))"
-            return
-        fi
-    done
-    med=$(printf '%s\n' "${vals[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
-    record "$sys" "$metric" "$med"
-    log "  $sys $metric = $med (runs: ${vals[*]})"
-}
-
 t_seqread() {
     drop_caches
     fio_run seqread "$W/fio.json" --filename="$1/big.bin" --rw=read --bs=1M --size="${BIG_MB}M" \
-        --ioengine=psync --direct=0 --invalidate=1 --allow_file_create=0 ||
+        --ioengine=psync --direct=0 --fadvise_hint=0 --invalidate=1 --allow_file_create=0 ||
         { cat "$W/fio.json.err" "$W/fio.json" >&2; return 1; }
     "$PY" "$LIB" fio BW "$W/fio.json" read
 }
@@ -263,7 +244,7 @@ t_randread() {
     drop_caches
     fio_run randread "$W/fio.json" --filename="$1/big.bin" --rw=randread --bs=4k --size="${BIG_MB}M" \
         --io_size="${RAND_MB}M" --numjobs=2 --group_reporting --randrepeat=1 \
-        --ioengine=psync --direct=0 --invalidate=1 --allow_file_create=0 ||
+        --ioengine=psync --direct=0 --fadvise_hint=0 --invalidate=1 --allow_file_create=0 ||
         { cat "$W/fio.json.err" "$W/fio.json" >&2; return 1; }
     "$PY" "$LIB" fio IOPS "$W/fio.json" read
 }
@@ -288,17 +269,6 @@ t_readsmall() { drop_caches; "$PY" "$LIB" readall "$1/small" | cut -d' ' -f1; }
 warm() {
     find "$1/" -type f -print0 | xargs -0 -r cat > /dev/null
     drop_caches
-}
-
-run_suite() { # run_suite SYSTEM DIR
-    local s=$1 d=$2
-    measure "$s" seqread t_seqread "$d"
-    measure "$s" randread t_randread "$d"
-    measure "$s" seqwrite t_seqwrite "$d"
-    measure "$s" create t_create "$d"
-    measure "$s" stat t_stat "$d"
-    measure "$s" readsmall t_readsmall "$d"
-    rm -rf "$d/new"
 }
 
 # ---------------------------------------------------------------- systems
@@ -336,33 +306,84 @@ system_ready() { # system_ready SYSTEM -> 0, or prints reason
     esac
 }
 
-bench_system() { # bench_system SYSTEM
-    local s=$1 base="$W/$1" pid why
+declare -A SYSDIR=() SYSPID=() VALS=() FAILED=()
+ACTIVE=()
+
+setup_system() { # setup_system SYSTEM: mount and warm; on success add to ACTIVE
+    local s=$1 base="$W/$1" why srcdir
     if ! why=$(system_ready "$s"); then record "$s" _na "" "$why"; log "$s: n/a ($why)"; return; fi
-    log "== $s"
+    log "setting up $s"
     mkdir -p "$base"
     if [ "$s" = native ]; then
         cp -a "$W/src" "$base/data"
-        sync
-        run_suite native "$base/data"
-        rm -rf "$base"
+        SYSDIR[$s]="$base/data"
+        ACTIVE+=("$s")
         return
     fi
     mkdir -p "$base/dst"
+    srcdir="$W/src"
     case $s in
         # a union with no copy-on-read: fill its upper branch like a cache would be filled
         mergerfs|unionfs) cp -a "$W/src/." "$base/dst/" ;;
+        # rclone uploads what is written through it: give it its own remote, so the
+        # other systems' src is not changed under them
+        rclone) cp -a "$W/src" "$base/remote"; srcdir="$base/remote" ;;
     esac
-    if "mount_$s" "$W/src" "$base/dst" "$base/mnt"; then pid=$DAEMON_PID; else
+    if ! "mount_$s" "$srcdir" "$base/dst" "$base/mnt"; then
         why=$(reason "$W/$s.log"); record "$s" _na "" "mount failed: $why"; log "$s: mount failed: $why"
         return
     fi
-    log "  $s pid $pid; warming cache (reading every file once through the mount)"
-    warm "$base/mnt"
-    run_suite "$s" "$base/mnt"
-    if [ "$s" = rclone ]; then sleep 2; fi   # let rclone finish its write-back uploads
-    stop_mount "$base/mnt" "$pid"
-    rm -rf "$base"
+    SYSPID[$s]=$DAEMON_PID
+    SYSDIR[$s]="$base/mnt"
+    log "  $s pid $DAEMON_PID; warming (reading every file once through the mount)"
+    if ! warm "$base/mnt" 2>"$W/warm.err"; then
+        record "$s" _na "" "warm-up read failed: $(reason "$W/warm.err")"
+        stop_mount "$base/mnt" "$DAEMON_PID"
+        return
+    fi
+    ACTIVE+=("$s")
+}
+
+# bench_main: every system is mounted at once; each test runs REPEAT rounds, and in each
+# round every system once, back to back (the order rotates per round), so drift in the
+# machine's speed hits all systems alike. The median of the rounds is recorded.
+bench_main() {
+    local s t r i n v med order
+    for s in $ALL_SYSTEMS; do selected "$s" && setup_system "$s"; done
+    sync
+    n=${#ACTIVE[@]}
+    [ "$n" = 0 ] && return
+    for t in seqread randread seqwrite create stat readsmall; do
+        log "== $t"
+        for (( r=0; r<REPEAT; r++ )); do
+            order=()
+            for (( i=0; i<n; i++ )); do order+=("${ACTIVE[$(( (i + r) % n ))]}"); done
+            for s in "${order[@]}"; do
+                [ -n "${FAILED[$s.$t]:-}" ] && continue
+                if v=$("t_$t" "${SYSDIR[$s]}" 2>"$W/measure.err") && [ -n "$v" ]; then
+                    VALS[$s.$t]="${VALS[$s.$t]:-} $v"
+                else
+                    FAILED[$s.$t]=$(reason "$W/measure.err")
+                    log "  $s $t failed: ${FAILED[$s.$t]}"
+                fi
+            done
+        done
+        for s in "${ACTIVE[@]}"; do
+            if [ -n "${FAILED[$s.$t]:-}" ]; then
+                record "$s" "$t" "n/a" "${FAILED[$s.$t]}"
+                continue
+            fi
+            # shellcheck disable=SC2086
+            med=$(printf '%s\n' ${VALS[$s.$t]} | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
+            record "$s" "$t" "$med"
+            log "  $s $t = $med (rounds:${VALS[$s.$t]})"
+        done
+        for s in "${ACTIVE[@]}"; do rm -rf "${SYSDIR[$s]}/new"; done
+    done
+    for s in "${ACTIVE[@]}"; do
+        if [ -n "${SYSPID[$s]:-}" ]; then stop_mount "${SYSDIR[$s]}" "${SYSPID[$s]}"; fi
+        rm -rf "${W:?}/$s"
+    done
 }
 
 bench_mem() { # peak RSS of each FUSE daemon while `find` walks TREE_ENTRIES entries twice
@@ -523,7 +544,7 @@ fi
 
 record _meta date "$(date -u '+%Y-%m-%d %H:%M UTC')"
 record _meta machine "$(uname -r), $(nproc) cpus, $(awk '/MemTotal/ { printf "%.0f GiB", $2/1048576 }' /proc/meminfo), disk $(df -h --output=source "$BENCH_DIR" | tail -n 1) ($(df --output=fstype "$BENCH_DIR" | tail -n 1 | tr -d ' '))"
-record _meta sizes "seq file ${BIG_MB} MiB, write ${WRITE_MB} MiB, random 4 KiB: 2 jobs x ${RAND_MB} MiB (psync, direct=0, randrepeat), small: ${NSMALL} x ${SMALL_KB} KiB in ${NDIRS} dirs, tree walk ${TREE_ENTRIES} entries; main table: median of ${REPEAT} run(s)"
+record _meta sizes "seq file ${BIG_MB} MiB, write ${WRITE_MB} MiB, random 4 KiB: 2 jobs x ${RAND_MB} MiB (psync, direct=0, fadvise_hint=0, randrepeat), small: ${NSMALL} x ${SMALL_KB} KiB in ${NDIRS} dirs, tree walk ${TREE_ENTRIES} entries; main table: median of ${REPEAT} run(s)"
 vers="fio $(fio --version 2>/dev/null | sed 's/^fio-//')"
 command -v mergerfs >/dev/null && vers="$vers, mergerfs $(mergerfs --version 2>/dev/null | awk 'NR==1 { print $NF }')"
 command -v unionfs >/dev/null && vers="$vers, unionfs-fuse $(unionfs --version 2>&1 | awk '/unionfs-fuse version/ { print $NF }')"
@@ -539,9 +560,7 @@ if [ "$RUN_MAIN" = 1 ]; then
     "$PY" "$LIB" mkfile "$W/src/big.bin" "$BIG_MB" >/dev/null
     "$PY" "$LIB" mksmall "$W/src/small" "$NDIRS" "$NSMALL" "$SMALL_KB" >/dev/null
     sync
-    for s in $ALL_SYSTEMS; do
-        selected "$s" && bench_system "$s"
-    done
+    bench_main
 fi
 selected mem && bench_mem
 selected slow && bench_slow
