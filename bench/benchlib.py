@@ -13,6 +13,9 @@ Subcommands (each prints one machine-readable line on stdout):
   mktree DIR ENTRIES             create a tree of ENTRIES entries (dirs of 100 empty files)
   fio BW|IOPS JSONFILE read|write  extract MB/s (bw_bytes/1e6) or IOPS from fio JSON
   vmhwm PID                      print VmHWM of PID in KiB (0 if unknown)
+  settle MAX_S PID...            wait (at most MAX_S s) until the PIDs use under 5% of a CPU
+                                 for two 0.3 s windows in a row (background uploads,
+                                 flushes); print the seconds waited
 """
 import json
 import os
@@ -142,9 +145,36 @@ def vmhwm(pid):
     print(0)
 
 
+def _cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%s/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def settle(max_s, *pids):
+    hz = os.sysconf("SC_CLK_TCK")
+    window = 0.3
+    t0 = time.perf_counter()
+    quiet = 0
+    last = _cpu_ticks(pids)
+    while quiet < 2 and time.perf_counter() - t0 < float(max_s):
+        time.sleep(window)
+        now = _cpu_ticks(pids)
+        quiet = quiet + 1 if (now - last) / hz < 0.05 * window else 0
+        last = now
+    print("%.1f" % (time.perf_counter() - t0))
+
+
 CMDS = {
     "mkfile": mkfile, "mksmall": mksmall, "statall": statall, "readall": readall,
     "ttfb": ttfb, "mktree": mktree, "fio": fio, "vmhwm": vmhwm,
+    "settle": settle,
 }
 
 if __name__ == "__main__":

@@ -344,6 +344,15 @@ setup_system() { # setup_system SYSTEM: mount and warm; on success add to ACTIVE
     ACTIVE+=("$s")
 }
 
+# settle: flush dirty data and wait until our daemons are idle (rclone uploads in the
+# background what was written through it; that must not land in the next measurement)
+settle() {
+    local w
+    sync
+    w=$("$PY" "$LIB" settle 120 "${SYSPID[@]}")
+    case $w in 0.*|1.*) ;; *) log "  (waited ${w}s for the daemons to go idle)" ;; esac
+}
+
 # bench_main: every system is mounted at once; each test runs REPEAT rounds, and in each
 # round every system once, back to back (the order rotates per round), so drift in the
 # machine's speed hits all systems alike. The median of the rounds is recorded.
@@ -360,6 +369,7 @@ bench_main() {
             for (( i=0; i<n; i++ )); do order+=("${ACTIVE[$(( (i + r) % n ))]}"); done
             for s in "${order[@]}"; do
                 [ -n "${FAILED[$s.$t]:-}" ] && continue
+                settle
                 if v=$("t_$t" "${SYSDIR[$s]}" 2>"$W/measure.err") && [ -n "$v" ]; then
                     VALS[$s.$t]="${VALS[$s.$t]:-} $v"
                 else
