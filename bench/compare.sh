@@ -257,10 +257,8 @@ t_seqwrite() {
     rm -f "$1/write.bin"
     "$PY" "$LIB" fio BW "$W/fio.json" write
 }
-t_create() {
-    rm -rf "$1/new"
-    sync
-    "$PY" "$LIB" mksmall "$1/new" "$NDIRS" "$NSMALL" "$SMALL_KB"
+t_create() { # a new directory per round (ROUND); all are removed after the last round
+    "$PY" "$LIB" mksmall "$1/new.${ROUND:-0}" "$NDIRS" "$NSMALL" "$SMALL_KB"
 }
 t_stat() { drop_caches; "$PY" "$LIB" statall "$1/small" | cut -d' ' -f1; }
 t_readsmall() { drop_caches; "$PY" "$LIB" readall "$1/small" | cut -d' ' -f1; }
@@ -370,7 +368,7 @@ bench_main() {
             for s in "${order[@]}"; do
                 [ -n "${FAILED[$s.$t]:-}" ] && continue
                 settle
-                if v=$("t_$t" "${SYSDIR[$s]}" 2>"$W/measure.err") && [ -n "$v" ]; then
+                if v=$(ROUND=$r "t_$t" "${SYSDIR[$s]}" 2>"$W/measure.err") && [ -n "$v" ]; then
                     VALS[$s.$t]="${VALS[$s.$t]:-} $v"
                 else
                     FAILED[$s.$t]=$(reason "$W/measure.err")
@@ -388,7 +386,7 @@ bench_main() {
             record "$s" "$t" "$med"
             log "  $s $t = $med (rounds:${VALS[$s.$t]})"
         done
-        for s in "${ACTIVE[@]}"; do rm -rf "${SYSDIR[$s]}/new"; done
+        for s in "${ACTIVE[@]}"; do rm -rf "${SYSDIR[$s]}"/new.*; done
     done
     for s in "${ACTIVE[@]}"; do
         if [ -n "${SYSPID[$s]:-}" ]; then stop_mount "${SYSDIR[$s]}" "${SYSPID[$s]}"; fi
