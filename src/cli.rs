@@ -184,6 +184,28 @@ pub struct MountArgs {
     /// Never use FUSE passthrough (serve all reads and writes through the daemon).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Seconds one src call may take before it fails with EIO and src counts as
+    /// offline (0: wait forever). Copies fail only after this long with no progress.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "30",
+        allow_hyphen_values = true
+    )]
+    pub src_timeout: String,
+    /// Seconds after which a clean cached file is compared with src again on its next
+    /// lookup or open (refetched if src changed, dropped if src deleted it); 0: never.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "60",
+        allow_hyphen_values = true
+    )]
+    pub revalidate: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9477. Use a
+    /// loopback address: the endpoint has no authentication.
+    #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Flags that take a value, by their long name (also written with one dash).
@@ -197,6 +219,9 @@ const VALUE_FLAGS: &[&str] = &[
     "start-delay",
     "threads",
     "attr-ttl",
+    "src-timeout",
+    "revalidate",
+    "metrics-addr",
 ];
 /// Boolean flags with a long name.
 const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
@@ -484,11 +509,14 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
     let retry_delay = parse_seconds("retry-delay", &m.retry_delay)?;
     let start_delay = parse_seconds("start-delay", &m.start_delay)?;
     let attr_ttl = parse_seconds("attr-ttl", &m.attr_ttl)?;
+    let src_timeout = parse_seconds("src-timeout", &m.src_timeout)?;
+    let revalidate = parse_seconds("revalidate", &m.revalidate)?;
     let threads = match &m.threads {
         None => config::default_threads(),
         Some(t) => parse_threads(t)?,
     };
     let mount_options = split_options(&m.options)?;
+    let metrics_addr = m.metrics_addr.as_deref().map(parse_addr).transpose()?;
 
     let src = resolve_dir("src", &src, probe.dir(&src))?;
     let dst = resolve_dir("dst", &dst, probe.dir(&dst))?;
@@ -515,6 +543,9 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         threads,
         attr_ttl,
         passthrough: !m.no_passthrough,
+        src_timeout,
+        revalidate,
+        metrics_addr,
     })
 }
 
@@ -560,6 +591,16 @@ pub fn parse_threads(v: &str) -> Result<usize, CliError> {
             "--threads '{v}' is not a thread count from 1 to 1024; write e.g. --threads 4"
         )),
     }
+}
+
+/// `--metrics-addr`: an IP address and a port (no host names: nothing is resolved).
+pub fn parse_addr(v: &str) -> Result<std::net::SocketAddr, CliError> {
+    v.trim().parse().or_else(|_| {
+        err(format!(
+            "--metrics-addr '{v}' is not an IP address with a port; write e.g. \
+             --metrics-addr 127.0.0.1:9477 (or [::1]:9477)"
+        ))
+    })
 }
 
 /// `-o a,b -o c` -> [a, b, c]; empty items are dropped.

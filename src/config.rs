@@ -35,6 +35,13 @@ pub struct Config {
     pub attr_ttl: Duration,
     /// Use FUSE passthrough for cached files when the kernel allows it (`--no-passthrough` clears).
     pub passthrough: bool,
+    /// `--src-timeout`: longest wait for one src call (zero: unbounded).
+    pub src_timeout: Duration,
+    /// `--revalidate`: how old a clean cached file's check against src may get before
+    /// the next lookup/open compares it with src again (zero: never).
+    pub revalidate: Duration,
+    /// `--metrics-addr`: serve Prometheus metrics over HTTP at this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -55,9 +62,20 @@ impl Config {
             threads: default_threads(),
             attr_ttl: Duration::from_secs(1),
             passthrough: true,
+            src_timeout: DEFAULT_SRC_TIMEOUT,
+            revalidate: DEFAULT_REVALIDATE,
+            metrics_addr: None,
         }
     }
 }
+
+/// How long one src call may take before it fails with EIO and src counts as offline.
+/// Long enough for a slow bucket listing, short enough that a hung rclone mount shows.
+pub const DEFAULT_SRC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Revalidation interval: other machines' written-back changes show within a minute,
+/// while a busy cached file costs at most one src stat a minute.
+pub const DEFAULT_REVALIDATE: Duration = Duration::from_secs(60);
 
 /// FUSE worker threads by default: one per core, at least 2, at most 8.
 pub fn default_threads() -> usize {

@@ -21,6 +21,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use log::{debug, error, info, warn};
 
 use crate::config::Config;
@@ -48,6 +50,11 @@ pub enum DaemonError {
     },
     /// The FUSE session ended with an error.
     Session(io::Error),
+    /// `--metrics-addr` could not be bound (checked before mounting).
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for DaemonError {
@@ -96,6 +103,11 @@ impl fmt::Display for DaemonError {
                 }
             }
             DaemonError::Session(e) => write!(f, "the FUSE session failed: {e}"),
+            DaemonError::Metrics { addr, source } => write!(
+                f,
+                "cannot serve metrics at {addr}: {source}; pick a free port on a local \
+                 address for --metrics-addr (e.g. 127.0.0.1:9477)"
+            ),
         }
     }
 }
@@ -149,8 +161,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let signals = Signals::block().map_err(DaemonError::Signals)?;
     debug!("configuration: {cfg:?}");
 
+    // After blocking signals (its threads inherit the mask); before mounting, so a
+    // taken port fails the start with nothing mounted.
+    let metrics = start_metrics(&cfg)?;
     let wb = start_writeback(&cfg)?;
     let result = mount_and_serve(&cfg, wb.clone(), &signals);
+    sd_notify("STOPPING=1\nSTATUS=stopping");
     if let Some(wb) = &wb {
         // Drain only after a clean unmount; after a failure or a forced exit the
         // journal keeps the queue for the next start.
@@ -161,6 +177,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         info!("stopping writeback (waiting at most {max_wait:?} for the queue to drain)");
         wb.shutdown(max_wait);
     }
+    if let Some(m) = metrics {
+        m.stop();
+    }
     // A failure is printed by `main` (see `print_error`), not logged twice.
     if result.is_ok() {
         info!("cachefs exiting: {} unmounted", cfg.mountpoint.display());
@@ -168,35 +187,59 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     result.map(|_| ())
 }
 
-/// Placeholder until the writeback journal lands: `-w` is refused with a clear error
-/// by `start_writeback`, so no value of this type is ever made.
-#[derive(Clone)]
-enum Writeback {}
-
-impl Writeback {
-    fn shutdown(&self, _max_wait: Duration) {
-        match *self {}
+/// Tells systemd (Type=notify units) about our state: a datagram to `$NOTIFY_SOCKET`,
+/// a path or an abstract socket (`@name`). Silent when not run by systemd.
+pub fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        warn!("cannot notify systemd at {}: {e}", target.to_string_lossy());
     }
 }
+
+/// Serve `--metrics-addr`, if given (see [`crate::metrics`]).
+fn start_metrics(cfg: &Config) -> Result<Option<crate::metrics::MetricsServer>, DaemonError> {
+    let Some(addr) = cfg.metrics_addr else {
+        return Ok(None);
+    };
+    let server =
+        crate::metrics::serve(addr).map_err(|source| DaemonError::Metrics { addr, source })?;
+    let bound = server.local_addr();
+    info!("serving metrics at http://{bound}/metrics");
+    if !bound.ip().is_loopback() {
+        warn!("metrics at {bound} are reachable from other machines and have no authentication");
+    }
+    Ok(Some(server))
+}
+
+/// How long to wait for the kernel's FUSE INIT after mounting.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The writeback journal and workers (`-w`), shared by the core and the daemon.
+type Writeback = Arc<crate::writeback::Writeback>;
 
 /// Start the writeback journal and workers when `-w` is given.
 fn start_writeback(cfg: &Config) -> Result<Option<Writeback>, DaemonError> {
     if !cfg.writeback {
         return Ok(None);
     }
-    // MERGE(writeback): enable the next line and delete the `Err(..)` after it.
-    // return Writeback::start(cfg).map(Some).map_err(|e| DaemonError::Writeback(e.to_string()));
-    Err(DaemonError::Writeback(
-        "writeback (-w) is not available in this build".into(),
-    ))
+    crate::writeback::Writeback::start(cfg)
+        .map(Some)
+        .map_err(|e| DaemonError::Writeback(e.to_string()))
 }
 
 /// `cachefs status DST [--json]`: the exit status of the writeback status report.
 pub fn run_status(dst: &Path, json: bool) -> i32 {
-    // MERGE(writeback): replace this body with `crate::writeback::status::run(dst, json)`.
-    let _ = (dst, json);
-    eprintln!("cachefs: status is not available in this build");
-    1
+    crate::writeback::status::run(dst, json)
 }
 
 /// How serving ended.
@@ -212,15 +255,23 @@ fn mount_and_serve(
     wb: Option<Writeback>,
     signals: &Signals,
 ) -> Result<Stop, DaemonError> {
-    let changes: Option<std::sync::Arc<dyn crate::fs::ChangeLog>> = match wb {
-        None => None,
-        Some(w) => match w {},
-    };
+    let changes = wb.clone().map(|w| w as Arc<dyn crate::fs::ChangeLog>);
     let fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
-    let session = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
+    let mounted = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
         mountpoint: cfg.mountpoint.clone(),
         source,
     })?;
+    let session = mounted.session;
+    // The mount answers once the kernel's INIT has been answered. Never check by
+    // touching the mount from here: a daemon blocked in a request to itself cannot
+    // be killed cleanly.
+    if mounted.ready.recv_timeout(READY_TIMEOUT).is_err() {
+        warn!(
+            "{}: the kernel did not initialise the mount within {READY_TIMEOUT:?}",
+            cfg.mountpoint.display()
+        );
+    }
+    sd_notify("READY=1\nSTATUS=serving");
     info!(
         "cachefs mounted {} over {} at {} (writeback: {})",
         cfg.src.display(),
@@ -228,7 +279,7 @@ fn mount_and_serve(
         cfg.mountpoint.display(),
         writeback_mode(cfg)
     );
-    serve(session, signals, &cfg.mountpoint)
+    serve(session, signals, &cfg.mountpoint, wb.as_ref())
 }
 
 /// "off", "on N workers" or "mirror", for the mount log line.
@@ -244,11 +295,18 @@ fn serve(
     session: fuser::BackgroundSession,
     signals: &Signals,
     mnt: &Path,
+    wb: Option<&Writeback>,
 ) -> Result<Stop, DaemonError> {
     let m = mnt.display();
     let signal = loop {
-        if let Some(sig) = signals.wait(POLL).map_err(DaemonError::Signals)? {
-            break Some(sig);
+        match signals.wait(POLL).map_err(DaemonError::Signals)? {
+            // SIGUSR1: log the writeback queue (as GoCacheFS did), keep serving.
+            Some(libc::SIGUSR1) => match wb {
+                Some(wb) => wb.log_summary(),
+                None => info!("SIGUSR1: writeback is off (no -w); nothing queued"),
+            },
+            Some(sig) => break Some(sig),
+            None => {}
         }
         if session.guard.is_finished() {
             break None;
@@ -330,7 +388,7 @@ impl Signals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
                 libc::sigaddset(&mut set, sig);
             }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

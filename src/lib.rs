@@ -8,10 +8,12 @@
 //! - `fs`: the layered view (lookup, inodes, handles, whiteouts, copy-up) over two
 //!   directory roots, with no fuser types.
 //! - `writeback`: the durable journal and the workers that replay it on src.
+//! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
+pub mod metrics;
 pub mod writeback;

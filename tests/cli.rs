@@ -275,7 +275,17 @@ fn stale_fuse_mount_left_by_a_crash() {
     }
     let mut m = Mounted::start(&[]);
     m.kill9();
-    let err = std::fs::metadata(m.mountpoint()).unwrap_err();
+    // The kernel may answer stat from its attribute cache until the TTL (1 s) runs out.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let err = loop {
+        match std::fs::metadata(m.mountpoint()) {
+            Err(e) => break e,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Ok(_) => panic!("the dead mount still answers stat after 5 s"),
+        }
+    };
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
 
     let (src2, dst2) = (tempdir(), tempdir());

@@ -1,13 +1,18 @@
 //! Copying one entry from src into dst ("copy-up").
 //!
 //! Invariants:
-//! - A copied file appears in dst only complete: data goes to a temp file
-//!   (`.cachefs-tmp.*`, reserved) in the target directory, which is fsynced and renamed
-//!   into place with RENAME_NOREPLACE. A failure removes the temp file and leaves nothing.
+//! - An entry appears in dst only complete: it is built under a temp name in the
+//!   staging folder `dst/.cachefs-state/tmp/` (data fsynced, then mode, owner, times,
+//!   user xattrs set) and installed with one rename (RENAME_NOREPLACE, or replacing
+//!   for a refetch). A failure removes the temp entry and leaves nothing.
+//! - Directories too: concurrent copy-ups below one uncached directory never see it
+//!   half made (without owner, mode or times).
 //! - Mode (including setuid bits), owner, atime/mtime, user xattrs and symlink targets are
-//!   preserved. The parent directory's times in dst are restored afterwards, so a read
-//!   miss never looks like a modification of the directory.
-//! - Single flight is the caller's job (`CacheFs` serialises copy-ups per path).
+//!   preserved. Only the install touches the parent directory, and it restores the
+//!   parent's times inside one process-wide critical section ([`PARENT_TIMES`]), so a
+//!   read miss never looks like a modification of the directory, even when several
+//!   copy-ups land in one directory at once.
+//! - Single flight of a file is the caller's job (`CacheFs` serialises copy-ups per path).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -18,15 +23,66 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layer::{self, Layer, SetTime, Stat};
-use super::names::TEMP_PREFIX;
+use super::names::{STATE_DIR, TEMP_PREFIX};
+use super::origin::{self, Origin};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A unique reserved temp name next to `path`.
-pub fn temp_path_near(path: &Path) -> PathBuf {
+/// Serialises "snapshot the parent's times, add an entry, restore them" in dst.
+static PARENT_TIMES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The staging folder (in dst) where entries are built before they are installed.
+pub fn staging_dir() -> PathBuf {
+    Path::new(STATE_DIR).join("tmp")
+}
+
+/// Creates the staging folder and empties it (leftovers of a crash).
+pub fn prepare_staging(dst: &Layer) -> io::Result<()> {
+    for dir in [PathBuf::from(STATE_DIR), staging_dir()] {
+        match dst.mkdir(&dir, 0o700) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+            _ => {}
+        }
+    }
+    for e in dst.read_dir(&staging_dir())? {
+        let p = staging_dir().join(&e.name);
+        if dst.unlink(&p).is_err() {
+            let _ = remove_tree(dst, &p);
+        }
+    }
+    Ok(())
+}
+
+fn remove_tree(dst: &Layer, path: &Path) -> io::Result<()> {
+    for e in dst.read_dir(path)? {
+        let p = path.join(&e.name);
+        if e.kind == libc::S_IFDIR {
+            remove_tree(dst, &p)?;
+        } else {
+            dst.unlink(&p)?;
+        }
+    }
+    dst.rmdir(path)
+}
+
+/// A unique reserved temp name for building `path`: in the staging folder, or next to
+/// `path` when its directory is another filesystem (something mounted inside dst),
+/// where a rename from the staging folder would fail with EXDEV.
+pub fn temp_path(dst: &Layer, path: &Path) -> PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = format!("{TEMP_PREFIX}{}.{n}", std::process::id());
-    path.parent().unwrap_or(Path::new("")).join(name)
+    let parent = path.parent().unwrap_or(Path::new(""));
+    let dev = |p: &Path| dst.stat(p).ok().flatten().map(|st| st.st_dev);
+    match (dev(parent), dev(&staging_dir())) {
+        (Some(a), Some(b)) if a != b => parent.join(name),
+        _ => staging_dir().join(name),
+    }
+}
+
+/// Installs the staged entry `tmp` as `path`, keeping the parent directory's times.
+fn install(dst: &Layer, tmp: &Path, path: &Path, replace: bool) -> io::Result<()> {
+    let flags = if replace { 0 } else { libc::RENAME_NOREPLACE };
+    keeping_parent_times(dst, path, || dst.rename(tmp, path, flags))
 }
 
 /// Removes the temp entry unless disarmed (on every error path).
@@ -34,12 +90,17 @@ struct TempGuard<'a> {
     layer: &'a Layer,
     path: PathBuf,
     armed: bool,
+    dir: bool,
 }
 
 impl Drop for TempGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.layer.unlink(&self.path);
+            let _ = if self.dir {
+                self.layer.rmdir(&self.path)
+            } else {
+                self.layer.unlink(&self.path)
+            };
         }
     }
 }
@@ -108,6 +169,9 @@ fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
     };
     for name in names.split(|b| *b == 0).filter(|n| n.starts_with(b"user.")) {
         let name = OsStr::from_bytes(name);
+        if origin::is_reserved_xattr(name) {
+            continue;
+        }
         let value = layer::getxattr_fd(from.as_fd(), name)?;
         let c = layer::cstr(name)?;
         // SAFETY: valid fd, name and value.
@@ -134,6 +198,7 @@ pub fn keeping_parent_times<R>(
     path: &Path,
     f: impl FnOnce() -> io::Result<R>,
 ) -> io::Result<R> {
+    let _serial = PARENT_TIMES.lock().unwrap_or_else(|p| p.into_inner());
     let parent = path.parent().unwrap_or(Path::new(""));
     let before = dst.stat(parent)?;
     let r = f()?;
@@ -144,32 +209,75 @@ pub fn keeping_parent_times<R>(
     Ok(r)
 }
 
-/// Copies the src entry at `path` (described by `st`) into dst. For regular files at
-/// most `limit` bytes are copied (a copy-up for a truncate needs no more).
+/// How a regular file is copied.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyOpts {
+    /// Copy at most this many bytes (a copy-up for a truncate needs no more).
+    pub limit: Option<u64>,
+    /// Replace dst's existing copy (a refetch) instead of refusing to.
+    pub replace: bool,
+}
+
+/// Copies the src entry at `path` (described by `st`) into dst; `progress` counts the
+/// bytes copied so far.
 pub fn copy_entry(
     src: &Layer,
     dst: &Layer,
     path: &Path,
     st: &Stat,
-    limit: Option<u64>,
+    opts: CopyOpts,
+    progress: Option<&AtomicU64>,
 ) -> io::Result<()> {
-    keeping_parent_times(dst, path, || match st.st_mode & libc::S_IFMT {
-        libc::S_IFDIR => copy_dir(dst, path, st),
-        libc::S_IFREG => copy_file(src, dst, path, st, limit),
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => copy_dir(src, dst, path, st),
+        libc::S_IFREG => copy_file(src, dst, path, st, opts, progress),
         libc::S_IFLNK => copy_symlink(src, dst, path, st),
         _ => copy_special(dst, path, st),
-    })
+    }
 }
 
-fn copy_dir(dst: &Layer, path: &Path, st: &Stat) -> io::Result<()> {
-    match dst.mkdir(path, st.st_mode & 0o7777) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(()),
-        r => r?,
-    }
-    ignore_eperm(dst.chown(path, st.st_uid, st.st_gid))?;
-    dst.chmod(path, st.st_mode & 0o7777)?;
+/// An (empty) directory with src's mode, owner, times and user xattrs. Another
+/// thread installing it first is fine: it installed a complete one.
+fn copy_dir(src: &Layer, dst: &Layer, path: &Path, st: &Stat) -> io::Result<()> {
+    let tmp = temp_path(dst, path);
+    dst.mkdir(&tmp, st.st_mode & 0o7777)?;
+    let mut guard = TempGuard {
+        layer: dst,
+        path: tmp.clone(),
+        armed: true,
+        dir: true,
+    };
+    let from = src.open_file(path, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let to = dst.open_file(&tmp, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    copy_user_xattrs(&from, &to)?;
+    ignore_eperm(dst.chown(&tmp, st.st_uid, st.st_gid))?;
+    dst.chmod(&tmp, st.st_mode & 0o7777)?;
     let (a, m) = times_of(st);
-    dst.set_times(path, Some(a), Some(m))
+    dst.set_times(&tmp, Some(a), Some(m))?;
+    match install(dst, &tmp, path, false) {
+        Ok(()) => {
+            guard.armed = false;
+            Ok(())
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Counts bytes read into a shared progress counter.
+struct Counting<'a, R> {
+    inner: R,
+    progress: Option<&'a AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
 }
 
 fn copy_file(
@@ -177,59 +285,73 @@ fn copy_file(
     dst: &Layer,
     path: &Path,
     st: &Stat,
-    limit: Option<u64>,
+    opts: CopyOpts,
+    progress: Option<&AtomicU64>,
 ) -> io::Result<()> {
     let from = src.open_file(path, libc::O_RDONLY)?;
-    let tmp = temp_path_near(path);
+    let tmp = temp_path(dst, path);
     let mut to = dst.create_file(&tmp, libc::O_WRONLY, 0o600)?;
     let mut guard = TempGuard {
         layer: dst,
         path: tmp.clone(),
         armed: true,
+        dir: false,
     };
-    // std's File-to-File copy uses copy_file_range/sendfile where it can.
-    let mut reader = (&from).take(limit.unwrap_or(u64::MAX));
-    io::copy(&mut reader, &mut to)?;
+    // 1 MiB reads: few round trips to a remote src, and progress for the watchdog.
+    let counting = Counting {
+        inner: (&from).take(opts.limit.unwrap_or(u64::MAX)),
+        progress,
+    };
+    io::copy(
+        &mut io::BufReader::with_capacity(1 << 20, counting),
+        &mut to,
+    )?;
     copy_user_xattrs(&from, &to)?;
+    let mut record = Origin::of(st);
+    // A partial copy (for a truncate) is already a local change.
+    record.dirty = opts.limit.is_some();
+    origin::write_fd(&to, &record)?;
     ignore_eperm(fchown(&to, st.st_uid, st.st_gid))?;
     fchmod(&to, st.st_mode & 0o7777)?;
     futimens(&to, st)?;
     to.sync_all()?;
-    dst.rename(&tmp, path, libc::RENAME_NOREPLACE)?;
+    install(dst, &tmp, path, opts.replace)?;
     guard.armed = false;
     Ok(())
 }
 
 fn copy_symlink(src: &Layer, dst: &Layer, path: &Path, st: &Stat) -> io::Result<()> {
     let target = src.readlink(path)?;
-    let tmp = temp_path_near(path);
+    let tmp = temp_path(dst, path);
     dst.symlink(&target, &tmp)?;
     let mut guard = TempGuard {
         layer: dst,
         path: tmp.clone(),
         armed: true,
+        dir: false,
     };
     ignore_eperm(dst.chown(&tmp, st.st_uid, st.st_gid))?;
     let (a, m) = times_of(st);
     dst.set_times(&tmp, Some(a), Some(m))?;
-    dst.rename(&tmp, path, libc::RENAME_NOREPLACE)?;
+    install(dst, &tmp, path, false)?;
     guard.armed = false;
     Ok(())
 }
 
 fn copy_special(dst: &Layer, path: &Path, st: &Stat) -> io::Result<()> {
-    let tmp = temp_path_near(path);
+    let tmp = temp_path(dst, path);
     dst.mknod(&tmp, st.st_mode, st.st_rdev)?;
     let mut guard = TempGuard {
         layer: dst,
         path: tmp.clone(),
         armed: true,
+        dir: false,
     };
     ignore_eperm(dst.chown(&tmp, st.st_uid, st.st_gid))?;
     dst.chmod(&tmp, st.st_mode & 0o7777)?;
     let (a, m) = times_of(st);
     dst.set_times(&tmp, Some(a), Some(m))?;
-    dst.rename(&tmp, path, libc::RENAME_NOREPLACE)?;
+    install(dst, &tmp, path, false)?;
     guard.armed = false;
     Ok(())
 }
@@ -254,10 +376,11 @@ mod tests {
             Layer::open(s.path()).unwrap(),
             Layer::open(d.path()).unwrap(),
         );
+        prepare_staging(&dst).unwrap();
 
         for name in ["dir/f", "dir/l"] {
             let st = src.stat(Path::new(name)).unwrap().unwrap();
-            copy_entry(&src, &dst, Path::new(name), &st, None).unwrap();
+            copy_entry(&src, &dst, Path::new(name), &st, CopyOpts::default(), None).unwrap();
         }
         let got = d.path().join("dir/f");
         assert_eq!(std::fs::read(&got).unwrap(), b"hello world");
@@ -286,10 +409,17 @@ mod tests {
             Layer::open(s.path()).unwrap(),
             Layer::open(d.path()).unwrap(),
         );
+        prepare_staging(&dst).unwrap();
         let st = src.stat(Path::new("f")).unwrap().unwrap();
-        assert!(copy_entry(&src, &dst, Path::new("f"), &st, None).is_err());
+        assert!(copy_entry(&src, &dst, Path::new("f"), &st, CopyOpts::default(), None).is_err());
         assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"already");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+        // Nothing left: the staging folder is empty again.
+        assert_eq!(
+            std::fs::read_dir(d.path().join(STATE_DIR).join("tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     fn xattr_set(p: &Path, name: &str, v: &[u8]) -> io::Result<()> {

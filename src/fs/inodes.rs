@@ -8,12 +8,14 @@
 //! - A node's number survives copy-up (src -> dst) and rename: both only edit paths.
 //! - Nodes the kernel has forgotten stay while a path reaches them (numbers stay stable);
 //!   a node with no path left (unlinked, replaced) is dropped once the kernel forgets it.
+//! - `by_path` is ordered by path components, so a directory's descendants are the
+//!   contiguous range right after it: subtree operations cost O(subtree + log n).
 //! - Hard links in dst: `by_dst_ident[(dev, ino)]` maps a dst inode to the one node
 //!   that all its names share, so `st_ino` is the same through every link.
 //!
 //! Locking: the table is guarded by one mutex in `CacheFs`; nothing here blocks or does I/O.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// The root directory's inode number (FUSE_ROOT_ID).
@@ -58,6 +60,8 @@ pub struct Node {
     pub merge_src: bool,
     /// Identity of the dst object, for hard-link sharing.
     pub dst_ident: Option<(u64, u64)>,
+    /// Files: when the cached copy was last compared with src (revalidation).
+    pub checked: Option<std::time::Instant>,
 }
 
 impl Node {
@@ -70,7 +74,7 @@ impl Node {
 #[derive(Debug)]
 pub struct Inodes {
     nodes: HashMap<u64, Node>,
-    by_path: HashMap<PathBuf, u64>,
+    by_path: BTreeMap<PathBuf, u64>,
     by_dst_ident: HashMap<(u64, u64), u64>,
     next: u64,
 }
@@ -92,9 +96,10 @@ impl Inodes {
                 lookups: 1,
                 merge_src: true,
                 dst_ident: None,
+                checked: None,
             },
         );
-        let mut by_path = HashMap::new();
+        let mut by_path = BTreeMap::new();
         by_path.insert(PathBuf::new(), ROOT);
         Inodes {
             nodes,
@@ -168,6 +173,7 @@ impl Inodes {
                 lookups,
                 merge_src,
                 dst_ident,
+                checked: None,
             },
         );
         self.by_path.insert(path.to_path_buf(), ino);
@@ -193,6 +199,16 @@ impl Inodes {
         }
     }
 
+    /// `ino` no longer lives in dst (evicted): it is src-backed again.
+    pub fn clear_dst_ident(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino)
+            && let Some(old) = node.dst_ident.take()
+            && self.by_dst_ident.get(&old) == Some(&ino)
+        {
+            self.by_dst_ident.remove(&old);
+        }
+    }
+
     /// Adds a name to an existing node (hard link).
     pub fn add_path(&mut self, ino: u64, path: &Path) {
         self.detach_path(path);
@@ -214,10 +230,9 @@ impl Inodes {
             drop_node = node.paths.is_empty() && node.lookups == 0;
             if node.kind == Kind::Dir {
                 let children: Vec<PathBuf> = self
-                    .by_path
-                    .keys()
-                    .filter(|p| p.starts_with(path) && p.as_path() != path)
-                    .cloned()
+                    .subtree(path)
+                    .filter(|(p, _)| p.as_path() != path)
+                    .map(|(p, _)| p.clone())
                     .collect();
                 for c in children {
                     self.detach_path(&c);
@@ -226,19 +241,28 @@ impl Inodes {
         }
         if drop_node {
             self.remove_node(ino);
+        } else if let Some(node) = self.nodes.get(&ino)
+            && node.paths.is_empty()
+            && let Some(id) = node.dst_ident
+            && self.by_dst_ident.get(&id) == Some(&ino)
+        {
+            // Unlinked but still known to the kernel: a new file that reuses its dst
+            // inode number is another file, not a hard link of this one.
+            self.by_dst_ident.remove(&id);
         }
     }
 
     /// Renames `from` to `to` for the node there and every descendant path.
     pub fn rename(&mut self, from: &Path, to: &Path) {
-        let moved: Vec<(PathBuf, u64)> = self
-            .by_path
-            .iter()
-            .filter(|(p, _)| p.starts_with(from))
-            .map(|(p, i)| (p.clone(), *i))
-            .collect();
+        let moved: Vec<(PathBuf, u64)> = self.subtree(from).map(|(p, i)| (p.clone(), *i)).collect();
         for (old, ino) in moved {
-            let new = to.join(old.strip_prefix(from).expect("filtered by prefix"));
+            // Not `to.join("")`: that would be "to/", and "file/" opens as ENOTDIR.
+            let rest = old.strip_prefix(from).expect("filtered by prefix");
+            let new = if rest.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rest)
+            };
             self.by_path.remove(&old);
             if let Some(node) = self.nodes.get_mut(&ino) {
                 for p in node.paths.iter_mut() {
@@ -261,17 +285,19 @@ impl Inodes {
 
     /// No directory at or below `dir` consults src any more (it moved, complete, in dst).
     pub fn clear_merge_below(&mut self, dir: &Path) {
-        let below: Vec<u64> = self
-            .by_path
-            .iter()
-            .filter(|(p, _)| p.starts_with(dir))
-            .map(|(_, i)| *i)
-            .collect();
+        let below: Vec<u64> = self.subtree(dir).map(|(_, i)| *i).collect();
         for ino in below {
             if let Some(n) = self.nodes.get_mut(&ino) {
                 n.merge_src = false;
             }
         }
+    }
+
+    /// `dir` and every path below it (contiguous in component order).
+    fn subtree<'a>(&'a self, dir: &'a Path) -> impl Iterator<Item = (&'a PathBuf, &'a u64)> + 'a {
+        self.by_path
+            .range::<Path, _>((std::ops::Bound::Included(dir), std::ops::Bound::Unbounded))
+            .take_while(move |(p, _)| p.starts_with(dir))
     }
 
     /// The kernel dropped `n` references.
@@ -326,6 +352,9 @@ mod tests {
         assert_eq!(t.ino_of(p("e/f")), Some(f));
         assert_eq!(t.ino_of(p("d/f")), None);
         assert_eq!(t.get(f).unwrap().path(), Some(p("e/f")));
+        t.rename(p("e/f"), p("g"));
+        // Exactly "g", not "g/" (which opens as ENOTDIR for a file).
+        assert_eq!(t.get(f).unwrap().path().unwrap().as_os_str(), "g");
     }
 
     #[test]
@@ -349,6 +378,18 @@ mod tests {
         assert!(t.get(f).is_none());
         t.forget(d, 1);
         assert!(t.get(d).is_some(), "still reachable by path: number kept");
+    }
+
+    #[test]
+    fn subtree_is_exactly_the_descendants() {
+        let mut t = Inodes::new();
+        for path in ["a", "a/b", "a/b/c", "a/b0", "a/bc", "a/b/c/d", "ab"] {
+            t.upsert(p(path), Kind::Dir, true, None, 1);
+        }
+        let got: Vec<_> = t.subtree(p("a/b")).map(|(p, _)| p.clone()).collect();
+        assert_eq!(got, [p("a/b"), p("a/b/c"), p("a/b/c/d")]);
+        t.rename(p("a/b"), p("z"));
+        assert!(t.ino_of(p("z/c/d")).is_some() && t.ino_of(p("a/b0")).is_some());
     }
 
     #[test]

@@ -27,7 +27,9 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 /// A directory root; every operation stays beneath it.
 #[derive(Debug)]
 pub struct Layer {
-    root: OwnedFd,
+    /// The root directory; replaced by [`Layer::reopen`] when a mount at `root_path`
+    /// was restarted (e.g. rclone died and systemd started it again).
+    root: std::sync::RwLock<std::sync::Arc<OwnedFd>>,
     root_path: PathBuf,
 }
 
@@ -54,7 +56,11 @@ pub fn cstr(name: &OsStr) -> io::Result<CString> {
 
 /// Whether an error means "there is nothing there" in a lookup.
 pub fn is_not_found(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+    // ELOOP: a symlink where a directory of the path should be (never followed).
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+    )
 }
 
 /// Splits a relative path into (parent, final name). The root has no final name.
@@ -179,6 +185,8 @@ pub struct DirEntry {
     pub name: OsString,
     /// `S_IFMT` bits of the entry's type (0 when the filesystem did not say).
     pub kind: u32,
+    /// The entry's inode number in its filesystem (`d_ino`).
+    pub ino: u64,
 }
 
 impl Layer {
@@ -194,9 +202,23 @@ impl Layer {
         })?;
         Ok(Layer {
             // SAFETY: fresh fd.
-            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            root: std::sync::RwLock::new(std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })),
             root_path: root.to_path_buf(),
         })
+    }
+
+    /// The current root fd (held for the duration of one operation).
+    fn root(&self) -> std::sync::Arc<OwnedFd> {
+        std::sync::Arc::clone(&self.root.read().unwrap())
+    }
+
+    /// Opens the root path again, so that a filesystem mounted anew there is used.
+    pub fn reopen(&self) -> io::Result<()> {
+        let fresh = Layer::open(&self.root_path)?;
+        fstat(fresh.root().as_fd())?;
+        let fd = fresh.root();
+        *self.root.write().unwrap() = fd;
+        Ok(())
     }
 
     /// The root directory's path (for log messages only; never used to reach files).
@@ -213,10 +235,10 @@ impl Layer {
     pub fn open_beneath(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
         if rel.as_os_str().is_empty() {
             let c = CString::new(".").unwrap();
-            return openat(self.root.as_fd(), &c, flags, 0);
+            return openat(self.root().as_fd(), &c, flags, 0);
         }
         if !NO_OPENAT2.load(Ordering::Relaxed) {
-            match openat2(self.root.as_fd(), &cstr(rel.as_os_str())?, flags) {
+            match openat2(self.root().as_fd(), &cstr(rel.as_os_str())?, flags) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                     NO_OPENAT2.store(true, Ordering::Relaxed)
                 }
@@ -224,6 +246,7 @@ impl Layer {
             }
         }
         // Fallback: one component at a time, O_NOFOLLOW each.
+        let root = self.root();
         let mut dir: Option<OwnedFd> = None;
         let comps: Vec<_> = rel.components().collect();
         for (i, comp) in comps.iter().enumerate() {
@@ -236,7 +259,7 @@ impl Layer {
             } else {
                 libc::O_PATH | libc::O_DIRECTORY
             };
-            let base = dir.as_ref().map_or(self.root.as_fd(), |d| d.as_fd());
+            let base = dir.as_ref().map_or(root.as_fd(), |d| d.as_fd());
             dir = Some(openat(base, &cstr(name)?, f, 0)?);
         }
         dir.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
@@ -253,7 +276,7 @@ impl Layer {
         };
         let name = cstr(name)?;
         if parent.as_os_str().is_empty() {
-            f(self.root.as_fd(), &name)
+            f(self.root().as_fd(), &name)
         } else {
             let dir = self.open_dir(parent)?;
             f(dir.as_fd(), &name)
@@ -263,7 +286,7 @@ impl Layer {
     /// lstat of `rel`; `Ok(None)` when nothing is there.
     pub fn stat(&self, rel: &Path) -> io::Result<Option<Stat>> {
         let r = if rel.as_os_str().is_empty() {
-            fstat(self.root.as_fd())
+            fstat(self.root().as_fd())
         } else {
             self.at(rel, statat)
         };
@@ -436,7 +459,7 @@ impl Layer {
         f: impl FnOnce(BorrowedFd<'_>, &CStr, libc::c_int) -> io::Result<R>,
     ) -> io::Result<R> {
         if rel.as_os_str().is_empty() {
-            f(self.root.as_fd(), c"", libc::AT_EMPTY_PATH)
+            f(self.root().as_fd(), c"", libc::AT_EMPTY_PATH)
         } else {
             self.at(rel, |d, n| f(d, n, 0))
         }
@@ -520,10 +543,11 @@ pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
             };
         }
         // SAFETY: d_name is NUL-terminated within the entry.
-        let (name, dtype) = unsafe {
+        let (name, dtype, d_ino) = unsafe {
             (
                 CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes().to_vec(),
                 (*ent).d_type,
+                (*ent).d_ino,
             )
         };
         if name == b"." || name == b".." {
@@ -542,6 +566,7 @@ pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
         out.push(DirEntry {
             name: OsString::from_vec(name),
             kind,
+            ino: d_ino,
         });
     }
 }

@@ -26,6 +26,8 @@ pub mod error;
 pub mod inodes;
 pub mod layer;
 pub mod names;
+pub mod origin;
+pub mod src_pool;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -53,6 +55,8 @@ pub trait ChangeLog: Send + Sync {
     /// Returns once src holds dst's current state for `path` (mirror mode); a no-op
     /// when replay is asynchronous.
     fn wait_synced(&self, path: &Path) -> io::Result<()>;
+    /// Whether ops for `path` (or below it) are still waiting to reach src.
+    fn has_pending(&self, path: &Path) -> bool;
 }
 
 /// Who is calling (for ownership of new files).
@@ -103,12 +107,25 @@ pub struct OpenRequest {
     pub for_backing: bool,
 }
 
+/// An opened file.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    /// The dst file is open read-write (usable as the inode's passthrough backing).
+    pub rw: bool,
+    /// The cached copy was just refetched from src: the kernel's cached pages are stale.
+    pub fresh: bool,
+}
+
 /// One directory listing entry.
 #[derive(Debug, Clone)]
 pub struct DirItem {
     pub ino: u64,
     pub kind: Kind,
     pub name: OsString,
+    /// (device, inode) in dst for entries dst holds, so hard links listed here share
+    /// one number with their other names.
+    dst_ident: Option<(u64, u64)>,
 }
 
 /// An open file: always a dst file.
@@ -118,10 +135,38 @@ pub struct OpenFile {
     pub file: File,
     /// Written since the last report to the change log.
     dirty: AtomicBool,
+    /// Writes may bypass the daemon (FUSE passthrough of a writable open): the daemon
+    /// cannot see them, so at flush/fsync/release it compares the file's version with
+    /// the one last reported instead of trusting `dirty`.
+    writes_bypass: bool,
+    /// (mtime, ctime, size) of the dst file when its content was last reported.
+    reported: Mutex<Option<Version>>,
+}
+
+/// A file's version as far as writes can tell: mtime, ctime (s, ns) and size.
+type Version = (i64, i64, i64, i64, i64);
+
+fn version_of(st: &Stat) -> Version {
+    (
+        st.st_mtime,
+        st.st_mtime_nsec,
+        st.st_ctime,
+        st.st_ctime_nsec,
+        st.st_size,
+    )
 }
 
 struct DirHandle {
     items: Arc<[DirItem]>,
+}
+
+/// What revalidation did to a cached file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    Unchanged,
+    Refetched,
+    /// src deleted it and the clean cached copy was dropped.
+    Gone,
 }
 
 /// Which layer an entry was found in.
@@ -140,8 +185,10 @@ struct Found {
 
 /// The filesystem core.
 pub struct CacheFs {
-    dst: Layer,
-    src: Layer,
+    dst: Arc<Layer>,
+    src: Arc<Layer>,
+    /// Every src call runs here, bounded by `--src-timeout`.
+    src_pool: src_pool::SrcPool,
     changes: Option<Arc<dyn ChangeLog>>,
     namespace: RwLock<()>,
     inodes: Mutex<inodes::Inodes>,
@@ -154,6 +201,39 @@ pub struct CacheFs {
     /// GoCacheFS root-level whiteouts: hidden mount-relative paths.
     legacy_whiteouts: Mutex<HashSet<PathBuf>>,
     is_root: bool,
+    /// Set while src fails with an outage error (dead mount, I/O error, timeout).
+    src_offline: AtomicBool,
+    src_offline_since: Mutex<Option<SystemTime>>,
+    /// `--revalidate` interval (zero: never).
+    revalidate: Duration,
+    /// dst's device number (identity of dst objects listed by readdir).
+    dst_dev: u64,
+    /// Last time the src root was reopened after an outage (rate limit).
+    src_reopened: Mutex<Option<std::time::Instant>>,
+}
+
+/// Threads that run src calls; while all are stuck on a stalled src, src calls fail
+/// at once.
+const SRC_WORKERS: usize = 16;
+
+/// Errors that mean "src is unreachable" rather than "src says no".
+fn is_outage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOTCONN
+                | libc::EIO
+                | libc::ETIMEDOUT
+                | libc::ESHUTDOWN
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::ESTALE
+        )
+    )
 }
 
 fn to_time(sec: i64, nsec: i64) -> SystemTime {
@@ -211,11 +291,13 @@ impl CacheFs {
         // daemon's own umask must not strip bits again.
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(0) };
-        let dst = Layer::open(&cfg.dst)?;
-        let src = Layer::open(&cfg.src)?;
+        let dst = Arc::new(Layer::open(&cfg.dst)?);
+        let dst_dev = dst.stat(Path::new(""))?.map_or(0, |st| st.st_dev);
+        let src = Arc::new(Layer::open(&cfg.src)?);
         let fs = CacheFs {
             dst,
             src,
+            src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
             changes,
             namespace: RwLock::new(()),
             inodes: Mutex::new(inodes::Inodes::new()),
@@ -227,9 +309,14 @@ impl CacheFs {
             legacy_whiteouts: Mutex::new(HashSet::new()),
             // SAFETY: geteuid cannot fail.
             is_root: unsafe { libc::geteuid() } == 0,
+            src_offline: AtomicBool::new(false),
+            src_offline_since: Mutex::new(None),
+            src_reopened: Mutex::new(None),
+            revalidate: cfg.revalidate,
+            dst_dev,
         };
         fs.load_legacy_whiteouts()?;
-        fs.clean_temp_files(Path::new(""));
+        copyup::prepare_staging(&fs.dst)?;
         Ok(fs)
     }
 
@@ -244,17 +331,6 @@ impl CacheFs {
             log::info!("honouring {} GoCacheFS whiteout(s) in dst", set.len());
         }
         Ok(())
-    }
-
-    /// Removes copy-up temp files a crash may have left at dst's root level.
-    fn clean_temp_files(&self, dir: &Path) {
-        if let Ok(entries) = self.dst.read_dir(dir) {
-            for e in entries {
-                if e.name.as_bytes().starts_with(names::TEMP_PREFIX.as_bytes()) {
-                    let _ = self.dst.unlink(&dir.join(&e.name));
-                }
-            }
-        }
     }
 
     // ----- helpers: nodes, lookups, the view ---------------------------------------
@@ -312,14 +388,13 @@ impl CacheFs {
         if !parent_merges || self.whited_out(path)? {
             return Ok(None);
         }
-        match self.src.stat(path) {
-            Ok(Some(st)) => Ok(Some(Found {
+        match self.src_stat(path)? {
+            Some(st) => Ok(Some(Found {
                 layer: Layered::Src,
                 st,
                 merge_src: true,
             })),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e.into()),
+            None => Ok(None),
         }
     }
 
@@ -353,10 +428,88 @@ impl CacheFs {
         if let Some(st) = self.dst.stat(&path)? {
             return Ok(attr_of(ino, &st));
         }
-        match self.src.stat(&path)? {
+        match self.src_stat(&path)? {
             Some(st) => Ok(attr_of(ino, &st)),
             None => Err(FsError::not_found()),
         }
+    }
+
+    /// Passes a src result through, tracking outages: an outage error is logged once
+    /// (when src goes offline) and becomes EIO for the caller; the next success logs
+    /// that src is back.
+    fn src_result<T>(&self, r: io::Result<T>) -> FsResult<T> {
+        match r {
+            Ok(v) => {
+                if self.src_offline.load(Ordering::Relaxed)
+                    && self.src_offline.swap(false, Ordering::AcqRel)
+                {
+                    *self.src_offline_since.lock().unwrap() = None;
+                    log::warn!("src {} answers again", self.src.root_path().display());
+                }
+                Ok(v)
+            }
+            Err(e) if is_outage(&e) => {
+                if !self.src_offline.swap(true, Ordering::AcqRel) {
+                    *self.src_offline_since.lock().unwrap() = Some(SystemTime::now());
+                    log::warn!(
+                        "src {} is offline ({e}): cached files keep working, uncached ones fail with EIO",
+                        self.src.root_path().display()
+                    );
+                }
+                Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a src call on the src pool (bounded by `--src-timeout`); after an outage
+    /// error other than a timeout it reopens src's root once (a src mount restarted at
+    /// the same path, e.g. by systemd) and tries again.
+    fn src_do<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Layer) -> io::Result<T> + Send + Sync + 'static,
+    ) -> FsResult<T> {
+        let f = Arc::new(f);
+        let attempt = || {
+            let (src, f) = (Arc::clone(&self.src), Arc::clone(&f));
+            self.src_pool.run(move || f(&src))
+        };
+        match attempt() {
+            Err(e)
+                if is_outage(&e)
+                    && e.raw_os_error() != Some(libc::ETIMEDOUT)
+                    && self.reopen_src() =>
+            {
+                self.src_result(attempt())
+            }
+            r => self.src_result(r),
+        }
+    }
+
+    /// lstat on src.
+    fn src_stat(&self, path: &Path) -> FsResult<Option<Stat>> {
+        let path = path.to_path_buf();
+        self.src_do(move |s| s.stat(&path))
+    }
+
+    /// Reopens src's root, at most once a second. Whether it was reopened.
+    fn reopen_src(&self) -> bool {
+        let mut last = self.src_reopened.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        let src = Arc::clone(&self.src);
+        let ok = self.src_pool.run(move || src.reopen()).is_ok();
+        if ok {
+            log::debug!("reopened src root {}", self.src.root_path().display());
+        }
+        ok
+    }
+
+    /// Since when src has been offline, if it is.
+    pub fn src_offline_since(&self) -> Option<SystemTime> {
+        *self.src_offline_since.lock().unwrap()
     }
 
     fn record(&self, op: Op) -> FsResult<()> {
@@ -379,11 +532,18 @@ impl CacheFs {
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
-        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        let st = self.src_stat(path)?.ok_or_else(FsError::not_found)?;
         if !is_dir(&st) {
             return denied(libc::ENOTDIR);
         }
-        copyup::copy_entry(&self.src, &self.dst, path, &st, None)?;
+        copyup::copy_entry(
+            &self.src,
+            &self.dst,
+            path,
+            &st,
+            copyup::CopyOpts::default(),
+            None,
+        )?;
         Ok(())
     }
 
@@ -391,6 +551,7 @@ impl CacheFs {
     /// `limit` caps the bytes copied (for a truncate). Returns dst's stat.
     fn ensure_in_dst(&self, ino: u64, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
         if let Some(st) = self.dst.stat(path)? {
+            crate::metrics::cache_hit();
             return Ok(st);
         }
         {
@@ -403,22 +564,172 @@ impl CacheFs {
             }
             flights.insert(path.to_path_buf());
         }
-        let result = self.copy_up(path, limit);
+        let result =
+            crate::metrics::timed(crate::metrics::SrcOp::Fetch, || self.copy_up(path, limit));
         self.copy_flights.lock().unwrap().remove(path);
         self.copy_done.notify_all();
         let st = result?;
-        self.inodes.lock().unwrap().set_dst_ident(ino, ident(&st));
+        crate::metrics::cache_miss(st.st_size as u64);
+        let mut t = self.inodes.lock().unwrap();
+        t.set_dst_ident(ino, ident(&st));
+        if let Some(n) = t.get_mut(ino) {
+            n.checked = Some(std::time::Instant::now());
+        }
         Ok(st)
     }
 
     fn copy_up(&self, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
-        let st = self.src.stat(path)?.ok_or_else(FsError::not_found)?;
+        let st = self.src_stat(path)?.ok_or_else(FsError::not_found)?;
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
         log::debug!("copy-up {}", path.display());
-        copyup::copy_entry(&self.src, &self.dst, path, &st, limit)?;
+        let opts = copyup::CopyOpts {
+            limit,
+            replace: false,
+        };
+        self.copy_from_src(path, st, opts)?;
         self.dst.stat(path)?.ok_or_else(FsError::not_found)
+    }
+
+    /// Copies src's entry `st` at `path` into dst on the src pool, watched for
+    /// progress: a large file may take longer than the timeout.
+    fn copy_from_src(&self, path: &Path, st: Stat, opts: copyup::CopyOpts) -> FsResult<()> {
+        let progress = Arc::new(AtomicU64::new(0));
+        let (src, dst, p, counter) = (
+            Arc::clone(&self.src),
+            Arc::clone(&self.dst),
+            path.to_path_buf(),
+            Arc::clone(&progress),
+        );
+        let copied = self.src_pool.run_watched(Some(progress), move || {
+            copyup::copy_entry(&src, &dst, &p, &st, opts, Some(&counter))
+        });
+        self.src_result(copied)
+    }
+
+    // ----- revalidation ------------------------------------------------------------
+
+    /// Drops dst's copy at `path` if it is a clean cached copy with no open handle
+    /// (src no longer has it). Whether it was dropped.
+    fn drop_if_clean(&self, path: &Path) -> bool {
+        if !matches!(origin::read(&self.dst, path), Ok(Some(o)) if !o.dirty) {
+            return false;
+        }
+        let ino = self.inodes.lock().unwrap().ino_of(path);
+        if ino.is_some_and(|i| self.has_open_handles(i)) {
+            return false;
+        }
+        log::info!(
+            "{}: gone from src, dropping the cached copy",
+            path.display()
+        );
+        if self.dst.unlink(path).is_err() {
+            return false;
+        }
+        self.inodes.lock().unwrap().detach_path(path);
+        true
+    }
+
+    /// Evicts dst's copy of the regular file at `path` (a cache budget decision): the
+    /// entry becomes src-backed again, keeping its inode number, and is refetched on
+    /// its next open. Only a clean copy (fetched from src, unchanged here, nothing
+    /// pending for writeback) that is not open and that src still has is evicted.
+    /// Returns the bytes freed in dst, or `None` when the file must stay.
+    pub fn evict(&self, path: &Path) -> FsResult<Option<u64>> {
+        let _ns = self.namespace.write().unwrap();
+        let Some(st) = self.dst.stat(path)? else {
+            return Ok(None);
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || !matches!(origin::read(&self.dst, path)?, Some(o) if !o.dirty)
+            || self.changes.as_ref().is_some_and(|c| c.has_pending(path))
+        {
+            return Ok(None);
+        }
+        let ino = self.inodes.lock().unwrap().ino_of(path);
+        if ino.is_some_and(|i| self.has_open_handles(i)) || self.src_offline.load(Ordering::Relaxed)
+        {
+            return Ok(None);
+        }
+        // src must still have a file there, or the entry would vanish from the view.
+        match self.src_stat(path) {
+            Ok(Some(s)) if s.st_mode & libc::S_IFMT == libc::S_IFREG => {}
+            _ => return Ok(None),
+        }
+        self.dst.unlink(path)?;
+        if let Some(ino) = ino {
+            self.inodes.lock().unwrap().clear_dst_ident(ino);
+        }
+        log::debug!("evicted {}", path.display());
+        Ok(Some(st.st_blocks as u64 * 512))
+    }
+
+    fn has_open_handles(&self, ino: u64) -> bool {
+        self.handles.read().unwrap().values().any(|h| h.ino == ino)
+    }
+
+    /// Compares a cached, clean file with src once its last check is older than the
+    /// revalidation interval: refetches it if src changed, drops it if src deleted it.
+    /// Files with open handles, local (dirty) files and an offline src are left alone.
+    fn revalidate(&self, ino: u64, path: &Path) -> FsResult<Freshness> {
+        if self.revalidate.is_zero() {
+            return Ok(Freshness::Unchanged);
+        }
+        {
+            let t = self.inodes.lock().unwrap();
+            match t.get(ino) {
+                Some(n) if n.kind == Kind::File => {
+                    if n.checked.is_some_and(|c| c.elapsed() < self.revalidate) {
+                        return Ok(Freshness::Unchanged);
+                    }
+                }
+                _ => return Ok(Freshness::Unchanged),
+            }
+        }
+        let checked = |fs: &CacheFs| {
+            if let Some(n) = fs.inodes.lock().unwrap().get_mut(ino) {
+                n.checked = Some(std::time::Instant::now());
+            }
+        };
+        let clean = match origin::read(&self.dst, path)? {
+            Some(o) if !o.dirty => o,
+            _ => {
+                checked(self);
+                return Ok(Freshness::Unchanged);
+            }
+        };
+        let Ok(now) = self.src_stat(path) else {
+            return Ok(Freshness::Unchanged); // offline: keep serving the cache
+        };
+        match now {
+            Some(st) if clean.same_source(&st) => {
+                checked(self);
+                Ok(Freshness::Unchanged)
+            }
+            _ if self.has_open_handles(ino) => Ok(Freshness::Unchanged),
+            Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                log::info!("{}: changed in src, refetching", path.display());
+                let opts = copyup::CopyOpts {
+                    limit: None,
+                    replace: true,
+                };
+                self.copy_from_src(path, st, opts)?;
+                if let Some(st) = self.dst.stat(path)? {
+                    self.inodes.lock().unwrap().set_dst_ident(ino, ident(&st));
+                }
+                checked(self);
+                Ok(Freshness::Refetched)
+            }
+            _ => {
+                log::info!(
+                    "{}: gone from src, dropping the cached copy",
+                    path.display()
+                );
+                self.dst.unlink(path)?;
+                Ok(Freshness::Gone)
+            }
+        }
     }
 
     /// Copies a whole visible subtree into dst (before a directory rename), and marks
@@ -512,8 +823,17 @@ impl CacheFs {
 
     /// Whether src has an entry at `path` under a merging parent (so removing it from
     /// the view needs a whiteout).
+    /// When src cannot tell (offline), assume it has the entry: a needless whiteout is
+    /// harmless and collected later, a missing one would let the entry reappear.
     fn src_has(&self, path: &Path, parent_merges: bool) -> FsResult<bool> {
-        Ok(parent_merges && self.src.stat(path)?.is_some())
+        if !parent_merges {
+            return Ok(false);
+        }
+        match self.src_stat(path) {
+            Ok(found) => Ok(found.is_some()),
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     // ----- listing -----------------------------------------------------------------
@@ -548,13 +868,22 @@ impl CacheFs {
                 continue;
             }
             seen.insert(e.name.clone());
-            out.push((e.name, e.kind, Layered::Dst));
+            out.push((e.name, e.kind, Some(e.ino)));
         }
         if merge_src && !opaque {
-            let src_entries = match self.src.read_dir(path) {
+            let dir = path.to_path_buf();
+            let listed = self.src_do(move |s| match s.read_dir(&dir) {
+                Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
+                r => r,
+            });
+            let src_entries = match listed {
                 Ok(v) => v,
-                Err(e) if layer::is_not_found(&e) => Vec::new(),
-                Err(e) => return Err(e.into()),
+                // Offline: list what dst has. Whiteouts are kept, since src's answer
+                // about them is unknown.
+                Err(_) if self.src_offline.load(Ordering::Relaxed) => {
+                    return self.finish_listing(path, out);
+                }
+                Err(e) => return Err(e),
             };
             let legacy = self.legacy_whiteouts.lock().unwrap().clone();
             let mut src_names = HashSet::new();
@@ -567,20 +896,39 @@ impl CacheFs {
                 {
                     continue;
                 }
-                out.push((e.name, e.kind, Layered::Src));
+                out.push((e.name, e.kind, None));
             }
             // Garbage-collect whiteouts src no longer needs.
             for w in whiteouts.iter().filter(|w| !src_names.contains(*w)) {
                 let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
             }
+            // Clean cached copies of files src deleted (another machine's delete).
+            if !self.revalidate.is_zero() {
+                out.retain(|(name, kind, dst_ino)| {
+                    dst_ino.is_none()
+                        || *kind != libc::S_IFREG
+                        || src_names.contains(name)
+                        || !self.drop_if_clean(&path.join(name))
+                });
+            }
         }
+        self.finish_listing(path, out)
+    }
+
+    /// Fills in unknown entry types of a merged listing.
+    /// `out`: (name, S_IFMT or 0, d_ino in dst for dst's entries).
+    fn finish_listing(
+        &self,
+        path: &Path,
+        out: Vec<(OsString, u32, Option<u64>)>,
+    ) -> FsResult<Vec<DirItem>> {
         let mut items = Vec::with_capacity(out.len());
-        for (name, mut kind, layer) in out {
+        for (name, mut kind, dst_ino) in out {
             let child = path.join(&name);
             if kind == 0 {
-                let st = match layer {
-                    Layered::Dst => self.dst.stat(&child)?,
-                    Layered::Src => self.src.stat(&child)?,
+                let st = match dst_ino {
+                    Some(_) => self.dst.stat(&child)?,
+                    None => self.src_stat(&child)?,
                 };
                 kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
             }
@@ -588,6 +936,9 @@ impl CacheFs {
                 ino: 0,
                 kind: Kind::from_mode(kind),
                 name,
+                dst_ident: dst_ino
+                    .filter(|_| kind != libc::S_IFDIR)
+                    .map(|i| (self.dst_dev, i)),
             });
         }
         Ok(items)
@@ -602,8 +953,32 @@ impl CacheFs {
         let _ns = self.namespace.read().unwrap();
         let (dir, merges) = self.dir_path(parent)?;
         let path = dir.join(name);
-        let found = self.find(&path, merges)?.ok_or_else(FsError::not_found)?;
-        Ok(self.register(&path, &found, 1))
+        let found = match self.find(&path, merges) {
+            Ok(found) => found.ok_or_else(FsError::not_found)?,
+            // src is offline: a name this mount has seen is unreachable (EIO); one it
+            // has never seen is reported absent, so that new files can be created.
+            Err(e) if self.src_offline.load(Ordering::Relaxed) => {
+                if self.inodes.lock().unwrap().ino_of(&path).is_some() {
+                    return Err(e);
+                }
+                return Err(FsError::not_found());
+            }
+            Err(e) => return Err(e),
+        };
+        let attr = self.register(&path, &found, 1);
+        if found.layer == Layered::Dst && attr.kind == Kind::File && merges {
+            match self.revalidate(attr.ino, &path)? {
+                Freshness::Unchanged => {}
+                Freshness::Refetched => return self.stat_node(attr.ino),
+                Freshness::Gone => {
+                    let mut t = self.inodes.lock().unwrap();
+                    t.forget(attr.ino, 1);
+                    t.detach_path(&path);
+                    return Err(FsError::not_found());
+                }
+            }
+        }
+        Ok(attr)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -636,6 +1011,9 @@ impl CacheFs {
             self.ensure_in_dst(ino, &path, set.size)?;
         }
         let _ = caller;
+        if kind == Kind::File {
+            origin::mark_dirty(&self.dst, &path)?;
+        }
         if set.uid.is_some() || set.gid.is_some() {
             self.dst.chown(
                 &path,
@@ -681,7 +1059,7 @@ impl CacheFs {
         let (path, _, _) = self.node_path(ino)?;
         match self.dst.readlink(&path) {
             Ok(t) => Ok(t),
-            Err(e) if layer::is_not_found(&e) => Ok(self.src.readlink(&path)?),
+            Err(e) if layer::is_not_found(&e) => self.src_do(move |s| s.readlink(&path)),
             Err(e) => Err(e.into()),
         }
     }
@@ -700,8 +1078,13 @@ impl CacheFs {
         check_name(name)?;
         let (dir, merges) = self.dir_path(parent)?;
         let path = dir.join(name);
-        if self.find(&path, merges)?.is_some() {
-            return denied(libc::EEXIST);
+        match self.find(&path, merges) {
+            Ok(Some(_)) => return denied(libc::EEXIST),
+            Ok(None) => {}
+            // Offline, src cannot say whether it has the name: create it in dst, which
+            // wins over whatever src has.
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => {}
+            Err(e) => return Err(e),
         }
         self.ensure_dst_dir(&dir)?;
         let parent_st = self.dst.stat(&dir)?.ok_or_else(FsError::not_found)?;
@@ -837,9 +1220,9 @@ impl CacheFs {
             |path| Op::Create { path },
         )?;
         let file = file.into_inner().ok_or(FsError::Stale)?;
-        let fh = self.add_handle(attr.ino, file);
+        let fh = self.add_handle(attr.ino, file, for_backing);
         if for_backing {
-            self.mark_dirty(&*self.handle(fh)?)?;
+            self.note_bypassing_writer(fh)?;
         }
         Ok((attr, fh))
     }
@@ -968,6 +1351,14 @@ impl CacheFs {
         let from_in_src = self.src_has(&from, from_merges)?;
         let to_in_src = self.src_has(&to, to_merges)?;
         self.dst.rename(&from, &to, flags & libc::RENAME_EXCHANGE)?;
+        // A moved file no longer matches src's file at its new name: local from now on
+        // (never refetched or dropped because of what src has there).
+        if !from_is_dir {
+            origin::mark_dirty(&self.dst, &to)?;
+        }
+        if exchange && dst_found.as_ref().is_some_and(|t| !is_dir(&t.st)) {
+            origin::mark_dirty(&self.dst, &from)?;
+        }
         self.clear_whiteouts(&to)?;
         if !exchange && from_in_src {
             self.add_whiteout(&from)?;
@@ -1040,6 +1431,7 @@ impl CacheFs {
         self.ensure_in_dst(ino, &path, None)?;
         self.ensure_dst_dir(&dir)?;
         self.clear_whiteouts(&new)?;
+        origin::mark_dirty(&self.dst, &path)?;
         self.dst.link(&path, &new)?;
         self.inodes.lock().unwrap().add_path(ino, &new);
         let st = self.dst.stat(&new)?.ok_or_else(FsError::not_found)?;
@@ -1052,7 +1444,7 @@ impl CacheFs {
 
     // ----- files -------------------------------------------------------------------
 
-    fn add_handle(&self, ino: u64, file: File) -> u64 {
+    fn add_handle(&self, ino: u64, file: File, writes_bypass: bool) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.write().unwrap().insert(
             fh,
@@ -1060,6 +1452,8 @@ impl CacheFs {
                 ino,
                 file,
                 dirty: AtomicBool::new(false),
+                writes_bypass,
+                reported: Mutex::new(None),
             }),
         );
         fh
@@ -1082,12 +1476,27 @@ impl CacheFs {
     /// passthrough). Then the dst file is opened read-write when possible (the kernel
     /// shares one backing file among all opens of an inode), and a writable open is
     /// reported dirty at once, since its writes will not pass through the daemon.
-    pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<(u64, bool)> {
+    pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
         let OpenRequest { flags, for_backing } = req;
         let _ns = self.namespace.read().unwrap();
-        let (path, kind, _) = self.node_path(ino)?;
+        let (path, kind, merges) = self.node_path(ino)?;
         if kind == Kind::Dir {
             return denied(libc::EISDIR);
+        }
+        let parent_merges = {
+            let t = self.inodes.lock().unwrap();
+            path.parent()
+                .and_then(|p| t.ino_of(p))
+                .and_then(|i| t.get(i).map(|n| n.merge_src))
+                .unwrap_or(merges)
+        };
+        let mut fresh = false;
+        if parent_merges && self.dst.stat(&path)?.is_some() {
+            match self.revalidate(ino, &path)? {
+                Freshness::Unchanged => {}
+                Freshness::Refetched => fresh = true,
+                Freshness::Gone => return Err(FsError::not_found()),
+            }
         }
         self.ensure_in_dst(ino, &path, None)?;
         let wanted = open_flags(flags);
@@ -1103,11 +1512,12 @@ impl CacheFs {
                 wanted & libc::O_ACCMODE == libc::O_RDWR,
             )
         };
-        let fh = self.add_handle(ino, file);
-        if for_backing && flags & libc::O_ACCMODE != libc::O_RDONLY {
-            self.mark_dirty(&*self.handle(fh)?)?;
+        let writer = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.add_handle(ino, file, for_backing && writer);
+        if for_backing && writer {
+            self.note_bypassing_writer(fh)?;
         }
-        Ok((fh, rw))
+        Ok(Opened { fh, rw, fresh })
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -1133,10 +1543,34 @@ impl CacheFs {
         Ok(data.len() as u32)
     }
 
-    /// First write since the last report: record the content change (durably).
+    /// A writable open whose writes will bypass the daemon: the file counts as changed
+    /// from now on (recorded at once, so a crash before close loses nothing), and its
+    /// current version is remembered so flush/fsync/release can tell later writes.
+    fn note_bypassing_writer(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        self.mark_dirty(&h)?;
+        let now = version_of(&layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?);
+        *h.reported.lock().unwrap() = Some(now);
+        h.dirty.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// First write since the last report: the file is now a local version (never
+    /// refetched over), and the content change is recorded (durably).
     fn mark_dirty(&self, h: &OpenFile) -> FsResult<()> {
-        if self.changes.is_some() && !h.dirty.swap(true, Ordering::AcqRel) {
-            self.record_content(h.ino)?;
+        if !h.dirty.swap(true, Ordering::AcqRel) {
+            let path = self
+                .inodes
+                .lock()
+                .unwrap()
+                .get(h.ino)
+                .and_then(|n| n.path().map(Path::to_path_buf));
+            if let Some(p) = &path {
+                origin::mark_dirty(&self.dst, p)?;
+            }
+            if self.changes.is_some() {
+                self.record_content(h.ino)?;
+            }
         }
         Ok(())
     }
@@ -1166,9 +1600,14 @@ impl CacheFs {
         let Some(changes) = &self.changes else {
             return Ok(());
         };
-        if h.dirty.swap(false, Ordering::AcqRel)
-            && let Some(path) = self.record_content(h.ino)?
-        {
+        let mut changed = h.dirty.swap(false, Ordering::AcqRel);
+        if h.writes_bypass {
+            let now = version_of(&layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?);
+            let mut reported = h.reported.lock().unwrap();
+            changed |= *reported != Some(now);
+            *reported = Some(now);
+        }
+        if changed && let Some(path) = self.record_content(h.ino)? {
             changes.wait_synced(&path).map_err(FsError::Journal)?;
         }
         Ok(())
@@ -1259,9 +1698,11 @@ impl CacheFs {
             for item in items.iter_mut() {
                 let child = path.join(&item.name);
                 item.ino = match t.ino_of(&child) {
-                    Some(i) => i,
+                    // Reused only for the same kind of object (src may have replaced a
+                    // file by a directory since).
+                    Some(i) if t.get(i).map(|n| n.kind) == Some(item.kind) => i,
                     // Numbered now (no kernel reference) so d_ino matches a later stat.
-                    None => t.upsert(&child, item.kind, merges, None, 0),
+                    _ => t.upsert(&child, item.kind, merges, item.dst_ident, 0),
                 };
             }
         }
@@ -1298,22 +1739,38 @@ impl CacheFs {
     // ----- xattrs ------------------------------------------------------------------
 
     /// Runs a read-only call on whichever layer holds the node.
-    fn on_layer<R>(&self, ino: u64, f: impl Fn(&Layer, &Path) -> io::Result<R>) -> FsResult<R> {
+    fn on_layer<R: Send + 'static>(
+        &self,
+        ino: u64,
+        f: impl Fn(&Layer, &Path) -> io::Result<R> + Send + Sync + 'static,
+    ) -> FsResult<R> {
         let _ns = self.namespace.read().unwrap();
         let (path, _, _) = self.node_path(ino)?;
         if self.dst.stat(&path)?.is_some() {
             Ok(f(&self.dst, &path)?)
         } else {
-            Ok(f(&self.src, &path)?)
+            self.src_do(move |s| f(s, &path))
         }
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        self.on_layer(ino, |l, p| l.getxattr(p, name))
+        if origin::is_reserved_xattr(name) {
+            return denied(libc::ENODATA);
+        }
+        let name = name.to_os_string();
+        self.on_layer(ino, move |l, p| l.getxattr(p, &name))
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        self.on_layer(ino, |l, p| l.listxattr(p))
+        let names = self.on_layer(ino, |l, p| l.listxattr(p))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            if !origin::is_reserved_xattr(OsStr::from_bytes(name)) {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+        }
+        Ok(out)
     }
 
     /// Runs a mutating xattr call on dst after copy-up, then records it.
@@ -1325,15 +1782,24 @@ impl CacheFs {
         } else {
             self.ensure_in_dst(ino, &path, None)?;
         }
+        if kind == Kind::File {
+            origin::mark_dirty(&self.dst, &path)?;
+        }
         f(&path)?;
         self.record(Op::Xattr { path })
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        if origin::is_reserved_xattr(name) {
+            return denied(libc::EPERM);
+        }
         self.xattr_change(ino, |p| self.dst.setxattr(p, name, value, flags))
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        if origin::is_reserved_xattr(name) {
+            return denied(libc::EPERM);
+        }
         self.xattr_change(ino, |p| self.dst.removexattr(p, name))
     }
 

@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::config::Config;
-use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, SetAttr, TimeSpec};
+use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, Opened, SetAttr, TimeSpec};
 
 /// The adapter the session drives.
 pub struct FuseAdapter {
@@ -30,6 +30,8 @@ pub struct FuseAdapter {
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
     passthrough: AtomicBool,
     backing: Mutex<BackingTable>,
+    /// Told once the kernel's INIT was answered: the mount serves requests.
+    ready: Option<crossbeam_channel::Sender<()>>,
 }
 
 /// Backing files registered with the kernel for passthrough. The kernel allows one
@@ -48,6 +50,7 @@ impl FuseAdapter {
             ttl: cfg.attr_ttl,
             passthrough: AtomicBool::new(cfg.passthrough),
             backing: Mutex::new(BackingTable::default()),
+            ready: None,
         }
     }
 
@@ -226,6 +229,9 @@ impl Filesystem for FuseAdapter {
             };
             log::info!("data path: served by the daemon ({why})");
         }
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(());
+        }
         Ok(())
     }
 
@@ -397,7 +403,7 @@ impl Filesystem for FuseAdapter {
             flags: flags.0,
             for_backing: passthrough,
         };
-        let (fh, rw) = match self.fs.open(ino.0, req) {
+        let Opened { fh, rw, fresh } = match self.fs.open(ino.0, req) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
@@ -407,8 +413,14 @@ impl Filesystem for FuseAdapter {
         {
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
-        // Only this mount changes dst files, so the kernel's page cache stays valid.
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        // Only this mount changes dst files, so the kernel's page cache stays valid,
+        // unless the copy was just refetched from src.
+        let keep = if fresh {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), keep);
     }
 
     fn read(
@@ -814,14 +826,26 @@ pub fn mount_options(cfg: &Config) -> (Vec<MountOption>, SessionACL) {
     (opts, acl)
 }
 
+/// A mount being served on background threads.
+pub struct Mounted {
+    pub session: BackgroundSession,
+    /// Receives once the kernel's INIT was answered (the mount serves requests). The
+    /// daemon waits on this instead of touching its own mount: a daemon blocked in a
+    /// request to itself cannot be killed cleanly.
+    pub ready: crossbeam_channel::Receiver<()>,
+}
+
 /// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
-pub fn spawn_mount(fs: CacheFs, cfg: &Config) -> io::Result<BackgroundSession> {
+pub fn spawn_mount(fs: CacheFs, cfg: &Config) -> io::Result<Mounted> {
     let (mount_options, acl) = mount_options(cfg);
     let mut fc = FuseConfig::default();
     fc.mount_options = mount_options;
     fc.acl = acl;
     fc.n_threads = Some(cfg.threads.max(1));
     fc.clone_fd = cfg.threads > 1;
-    let adapter = FuseAdapter::new(Arc::new(fs), cfg);
-    fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
+    let mut adapter = FuseAdapter::new(Arc::new(fs), cfg);
+    let (tx, ready) = crossbeam_channel::bounded(1);
+    adapter.ready = Some(tx);
+    let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)?;
+    Ok(Mounted { session, ready })
 }

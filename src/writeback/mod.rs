@@ -5,13 +5,88 @@
 //!   mount-relative path description of what changed, before the FUSE call returns.
 //!   `record` returns only once the op is durable in the journal (dst/.cachefs-state/).
 //! - Replay reads dst's *current* state at replay time (content, mode, owner, times,
-//!   xattrs, symlink target), so ops describe *which path* changed, not the bytes.
+//!   user xattrs, symlink target), so ops describe *which path* changed, not the bytes.
+//!   dst must hold a complete file when a `Write`/`Create` is recorded for it (a sparse,
+//!   partially fetched file must be completed first), and `fs`/`cache` must not evict a
+//!   path while [`Writeback::has_pending`] says it is dirty.
 //! - `fs` calls [`Writeback::wait_synced`] from fsync/release in mirror mode
 //!   (`-concurrent 0`): it returns once src holds dst's bytes for that path.
+//! - Without `-w`, [`Writeback::start`] returns an inert instance: `record` is a no-op,
+//!   src is never touched, and an existing journal is left alone.
 //!
-//! (Implementation status: see the module's submodules; this file is the interface.)
+//! Pieces: [`journal`] (on-disk format), `sched` (causal queue), `replay` (applying an
+//! op to src), `retry` (backoff), `sys` (no-follow syscalls), [`status`] (the CLI view).
+//!
+//! # What survives
+//! - **Process crash (kill -9, panic, OOM):** every op whose `record` returned, and any
+//!   whose journal line was written: the line is in the page cache. At the next start the
+//!   queue resumes from the journal (ops being replayed at the crash are replayed again;
+//!   every replay is idempotent because it re-reads dst and tolerates "already done").
+//! - **Power loss / kernel crash:** every op whose `record` returned (the journal was
+//!   fdatasynced, by this call or by a group commit covering it). A torn last line is
+//!   detected by its CRC and dropped: it was never acknowledged. "Done" marks are not
+//!   synced, so some applied ops may replay again (harmless). What replay then copies is
+//!   whatever dst holds after the reboot: file *bytes* are only as durable as the user's
+//!   own fsync on dst made them.
+//! - A recorded op is removed from the journal only after it was applied on src (src
+//!   file fsynced before its rename). Failed ops stay, marked failed, and are retried.
+//!
+//! # Identity
+//! With each op, `record` stores the dst identity (inode + birth time) of the object the
+//! op syncs, taken right after the mutation. Replay materialises a path only while dst
+//! still holds that object there: a later object at the same path (deleted and
+//! recreated, renamed over) has its own later ops, and copying it early could let a
+//! rename recorded in between carry it where the view never has it. A rename that cannot
+//! be a rename on src (its source is not there) syncs its target from dst if dst still
+//! holds the moved object, and otherwise clears the target on src (what src has there
+//! was replaced). Replay also replaces whatever src holds where the view says otherwise
+//! (a file where the view has a directory, a non-empty directory the view removed):
+//! such src entries are invisible in the view.
+//!
+//! # Known limitation: hard links
+//! A write through one name of a multiply-linked file is journaled for that name only.
+//! Replay rewrites a file in place when both dst and src have it multiply linked, so a
+//! src that keeps the hard link stays right; on a src without hard links (rclone), or
+//! where a degraded sync separated the names, the other names go stale until their own
+//! next op. The fix needs `fs` to record a `Write` for every known name of the inode.
+//!
+//! # Ordering
+//! Op B waits for every earlier unapplied op touching the same path, an ancestor, or a
+//! descendant of one of B's paths (both sides of a rename/link). Unrelated ops run in
+//! parallel on `concurrent` workers; in mirror mode (`concurrent` 0) one worker replays
+//! them in journal order. A new `Write`/`SetAttr`/`Xattr` that an earlier not-started op
+//! on the same path already covers (and nothing related came after it) is not journaled
+//! again: that op will read the newer bytes. A `Rename` journals follow-up ops for
+//! everything still pending under its source, rebased to the target, since replay skips
+//! ops whose dst path is gone.
+//!
+//! # Locks
+//! Order: `sync_lock` -> `state`. `state` guards the queue and the journal file and is
+//! held only for in-memory work and small journal appends, never during src I/O or an
+//! fdatasync. `sync_lock` serialises group commits (fdatasync outside `state`).
+//! `cond` (on `state`) wakes `wait_synced` and `shutdown` waiters on every completion.
 
-use std::path::PathBuf;
+pub mod journal;
+mod op;
+mod replay;
+mod retry;
+mod sched;
+pub mod status;
+mod sys;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::config::Config;
+use journal::{FailInfo, Journal, Record};
+use sched::Sched;
 
 /// One mutation, by mount-relative path (no leading `/`; "" is the root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,4 +134,642 @@ pub enum Op {
     Xattr {
         path: PathBuf,
     },
+    /// Make src's `path` match dst's view of it, recursively: content, metadata,
+    /// children; dst's whiteouts and opaque marker below it remove the src entries they
+    /// hide. Used for rename follow-ups; `fs` may use it for anything coarse.
+    Sync {
+        path: PathBuf,
+    },
+}
+
+/// Errors of the writeback layer. [`WritebackError::errno`] maps them for FUSE replies.
+#[derive(Debug)]
+pub enum WritebackError {
+    /// Journal I/O (on dst), or starting the workers.
+    Io(io::Error),
+    /// A path with `..`, or a reserved (internal) name: a bug in the caller.
+    InvalidPath(PathBuf),
+    /// `record` after `shutdown` began, or `wait_synced` interrupted by it.
+    ShuttingDown,
+    /// `wait_synced`: an op the path depends on is parked as failed.
+    Failed {
+        path: PathBuf,
+        errno: i32,
+        message: String,
+    },
+}
+
+impl WritebackError {
+    /// The errno to answer a FUSE request with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            WritebackError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            WritebackError::InvalidPath(_) => libc::EINVAL,
+            WritebackError::ShuttingDown => libc::EIO,
+            WritebackError::Failed { errno, .. } => match *errno {
+                libc::ENOSPC | libc::EDQUOT => *errno,
+                _ => libc::EIO,
+            },
+        }
+    }
+}
+
+impl fmt::Display for WritebackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WritebackError::Io(e) => write!(f, "writeback journal: {e}"),
+            WritebackError::InvalidPath(p) => write!(f, "invalid writeback path {p:?}"),
+            WritebackError::ShuttingDown => write!(f, "writeback is shutting down"),
+            WritebackError::Failed { path, message, .. } => {
+                write!(f, "writeback of /{} failed: {message}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for WritebackError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WritebackError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for WritebackError {
+    fn from(e: io::Error) -> Self {
+        WritebackError::Io(e)
+    }
+}
+
+struct Job {
+    seq: u64,
+    op: Op,
+    ids: [Option<sys::Id>; 2],
+    attempt: u32,
+}
+
+/// Everything behind the `state` lock.
+struct Inner {
+    journal: Journal,
+    sched: Sched,
+    next_seq: u64,
+    /// Highest seq written to the journal file.
+    written_upto: u64,
+    /// Highest seq known durable (fdatasync or compaction).
+    durable_upto: u64,
+    accepting: bool,
+    shut: bool,
+}
+
+struct Shared {
+    src: PathBuf,
+    dst: PathBuf,
+    attempts: u32,
+    retry_delay: Duration,
+    start_delay: Duration,
+    log: bool,
+    /// Random id of this dst's journal, part of every temp name written to src.
+    instance: String,
+    state: Mutex<Inner>,
+    cond: Condvar,
+    sync_lock: Mutex<()>,
+    wake: Sender<()>,
+    stop: AtomicBool,
+}
+
+/// The writeback queue: journal + replay workers. See the module doc.
+pub struct Writeback {
+    shared: Option<Arc<Shared>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn show(p: &Path) -> String {
+    format!("/{}", p.display())
+}
+
+impl Shared {
+    /// dst identities of the objects `op` syncs, as dst is right now.
+    fn ids_of(&self, op: &Op) -> [Option<sys::Id>; 2] {
+        op::id_paths(op).map(|p| p.and_then(|p| sys::identity_path(&self.dst.join(p))))
+    }
+
+    fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Group commit: make every journal line up to `target` durable.
+    fn sync_upto(&self, target: u64) -> Result<(), WritebackError> {
+        let _g = lock(&self.sync_lock);
+        let (file, upto) = {
+            let st = lock(&self.state);
+            if st.durable_upto >= target {
+                return Ok(());
+            }
+            (st.journal.file.clone(), st.written_upto)
+        };
+        file.sync_data()?;
+        let mut st = lock(&self.state);
+        st.durable_upto = st.durable_upto.max(upto);
+        Ok(())
+    }
+
+    fn live_records(st: &Inner) -> Vec<Record> {
+        let mut v = Vec::with_capacity(st.sched.entries.len());
+        for (&seq, e) in &st.sched.entries {
+            v.push(Record::Op {
+                seq,
+                ms: e.ms,
+                op: e.op.clone(),
+                ids: e.ids,
+            });
+            if let Some(f) = &e.fail {
+                v.push(Record::Failed {
+                    seq,
+                    fail: f.clone(),
+                });
+            }
+        }
+        v
+    }
+
+    fn compact(st: &mut Inner) -> io::Result<()> {
+        let recs = Self::live_records(st);
+        st.journal.compact(&recs)?;
+        st.durable_upto = st.written_upto;
+        Ok(())
+    }
+
+    fn maybe_compact(st: &mut Inner) {
+        let live = st.sched.entries.len() as u64;
+        if st.journal.lines > 4096
+            && st.journal.lines > 4 * (live + 1)
+            && let Err(e) = Self::compact(st)
+        {
+            log::warn!("writeback: journal compaction failed: {e}");
+        }
+    }
+
+    fn complete(&self, job: Job, result: io::Result<replay::Outcome>, took: Duration) {
+        let now = Instant::now();
+        let kind = op::kind(&job.op);
+        let paths: Vec<String> = op::paths(&job.op).iter().map(|p| show(p)).collect();
+        let what = paths.join(" -> ");
+        let ms = took.as_millis();
+        let mut st = lock(&self.state);
+        match result {
+            Ok(outcome) => {
+                st.sched.succeed(job.seq, now);
+                let r = if outcome == replay::Outcome::Applied {
+                    "ok"
+                } else {
+                    "skipped"
+                };
+                if self.log {
+                    log::info!(
+                        "writeback {kind} {what} attempt={} result={r} duration={ms}ms",
+                        job.attempt
+                    );
+                } else {
+                    log::debug!("writeback {kind} {what} {r} in {ms}ms");
+                }
+                if let Err(e) = st
+                    .journal
+                    .append(&journal::encode(&Record::Done { seq: job.seq }))
+                {
+                    log::warn!(
+                        "writeback: cannot mark op done in journal (will replay again): {e}"
+                    );
+                }
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted && self.stop.load(Ordering::Relaxed) =>
+            {
+                st.sched.retry(job.seq, now, None, false, now);
+            }
+            Err(e) => {
+                let already = st.sched.entries[&job.seq].fail.is_some();
+                if self.log {
+                    log::info!(
+                        "writeback {kind} {what} attempt={} result=error: {e} duration={ms}ms",
+                        job.attempt
+                    );
+                }
+                if already || job.attempt >= self.attempts {
+                    let fail = FailInfo {
+                        attempts: job.attempt,
+                        ms: status::now_ms(),
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        message: e.to_string(),
+                    };
+                    let wait = retry::park_interval(self.retry_delay, self.attempts);
+                    log::error!(
+                        "writeback {kind} {what} failed after {} attempts: {e}; kept in the journal, retrying every {wait:?}",
+                        job.attempt
+                    );
+                    let line = journal::encode(&Record::Failed {
+                        seq: job.seq,
+                        fail: fail.clone(),
+                    });
+                    if let Err(e) = st.journal.append(&line) {
+                        log::warn!("writeback: cannot record failure in journal: {e}");
+                    }
+                    st.sched.retry(job.seq, now + wait, Some(fail), true, now);
+                } else {
+                    let wait = retry::backoff(self.retry_delay, job.attempt);
+                    if !self.log {
+                        log::warn!(
+                            "writeback {kind} {what} attempt {} failed: {e}; retrying in {wait:?}",
+                            job.attempt
+                        );
+                    }
+                    st.sched.retry(job.seq, now + wait, None, true, now);
+                }
+            }
+        }
+        Self::maybe_compact(&mut st);
+        drop(st);
+        self.cond.notify_all();
+        self.wake();
+    }
+}
+
+fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: usize) {
+    loop {
+        if sh.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let timeout = {
+            let mut st = lock(&sh.state);
+            let now = Instant::now();
+            let next = st.sched.promote(now);
+            while st.sched.running < workers {
+                let Some((seq, op, attempt)) = st.sched.take_ready() else {
+                    break;
+                };
+                let ids = st.sched.entries[&seq].ids;
+                if jobs
+                    .send(Job {
+                        seq,
+                        op,
+                        ids,
+                        attempt,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            next.map_or(Duration::from_secs(3600), |t| {
+                t.saturating_duration_since(now)
+            })
+        };
+        match wake.recv_timeout(timeout) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
+    for job in jobs.iter() {
+        let t = Instant::now();
+        let ctx = replay::Ctx {
+            src: &sh.src,
+            dst: &sh.dst,
+            stop: &sh.stop,
+            tmp_prefix: format!(
+                "{}wb.{}.{}.",
+                crate::fs::names::TEMP_PREFIX,
+                sh.instance,
+                job.seq
+            ),
+            tmp_counter: std::cell::Cell::new(0),
+        };
+        let r = replay::apply(&ctx, &job.op, &job.ids);
+        sh.complete(job, r, t.elapsed());
+    }
+}
+
+impl Writeback {
+    /// Open (or create) the journal in `cfg.dst`, load what is pending and start the
+    /// replay workers. Pending ops (failed ones included) start after `start_delay`.
+    /// Fails if another process holds the journal.
+    pub fn start(cfg: &Config) -> Result<Arc<Writeback>, WritebackError> {
+        if !cfg.writeback {
+            return Ok(Arc::new(Writeback {
+                shared: None,
+                threads: Mutex::new(Vec::new()),
+            }));
+        }
+        let (journal, live, next_seq) = Journal::open(&cfg.dst)?;
+        let now = Instant::now();
+        let mut sched = Sched::default();
+        let loaded = live.len();
+        for (seq, l) in live {
+            sched.insert(seq, l.ms, l.op, l.ids, now + cfg.start_delay, now);
+            if let Some(f) = l.fail {
+                let e = sched.entries.get_mut(&seq).expect("just inserted");
+                e.attempts = f.attempts;
+                e.fail = Some(f);
+            }
+        }
+        let mut inner = Inner {
+            journal,
+            sched,
+            next_seq,
+            written_upto: next_seq - 1,
+            durable_upto: next_seq - 1,
+            accepting: true,
+            shut: false,
+        };
+        if inner.journal.lines > loaded as u64 + 1 {
+            Shared::compact(&mut inner)?;
+        }
+        if loaded > 0 {
+            log::info!("writeback: resuming {loaded} pending ops from the journal");
+        }
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let sh = Arc::new(Shared {
+            src: cfg.src.clone(),
+            dst: cfg.dst.clone(),
+            attempts: cfg.retries.max(1),
+            retry_delay: cfg.retry_delay,
+            start_delay: cfg.start_delay,
+            log: cfg.log_writeback,
+            instance: journal::instance_id(&cfg.dst)?,
+            state: Mutex::new(inner),
+            cond: Condvar::new(),
+            sync_lock: Mutex::new(()),
+            wake: wake_tx,
+            stop: AtomicBool::new(false),
+        });
+        let workers = (cfg.concurrent as usize).max(1);
+        let (job_tx, job_rx) = crossbeam_channel::unbounded();
+        let mut threads = Vec::new();
+        for i in 0..workers {
+            let (s, r) = (sh.clone(), job_rx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("writeback-{i}"))
+                    .spawn(move || worker(s, r))?,
+            );
+        }
+        let s = sh.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("writeback-dispatch".into())
+                .spawn(move || dispatcher(s, job_tx, wake_rx, workers))?,
+        );
+        Ok(Arc::new(Writeback {
+            shared: Some(sh),
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    /// Journal `op` durably (the mutation is already done on dst). Returns once the op
+    /// (or an earlier, not yet started op that covers it) is durable on dst's disk.
+    pub fn record(&self, op: Op) -> Result<(), WritebackError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let op = op::normalize(&op).ok_or_else(|| {
+            WritebackError::InvalidPath(
+                op::paths(&op)
+                    .first()
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or_default(),
+            )
+        })?;
+        let ids = sh.ids_of(&op);
+        let target = {
+            let mut st = lock(&sh.state);
+            if !st.accepting {
+                return Err(WritebackError::ShuttingDown);
+            }
+            if let Some(t) = st.sched.coalesce_target(&op, &ids) {
+                t
+            } else {
+                let mut ops = vec![(op.clone(), ids)];
+                if let Op::Rename { from, to, exchange } = &op {
+                    let mut pending = st.sched.pending_under(from);
+                    if *exchange {
+                        pending.extend(st.sched.pending_under(to));
+                    }
+                    for f in op::rename_followups(&op, pending.into_iter()) {
+                        let fids = sh.ids_of(&f);
+                        ops.push((f, fids));
+                    }
+                }
+                let ms = status::now_ms();
+                let now = Instant::now();
+                let first = st.next_seq;
+                let mut text = String::new();
+                for (i, (o, oids)) in ops.iter().enumerate() {
+                    text.push_str(&journal::encode(&Record::Op {
+                        seq: first + i as u64,
+                        ms,
+                        op: o.clone(),
+                        ids: *oids,
+                    }));
+                }
+                st.journal.append(&text)?;
+                let n = ops.len() as u64;
+                for (i, (o, oids)) in ops.into_iter().enumerate() {
+                    st.sched
+                        .insert(first + i as u64, ms, o, oids, now + sh.start_delay, now);
+                }
+                st.next_seq = first + n;
+                st.written_upto = first + n - 1;
+                st.written_upto
+            }
+        };
+        sh.wake();
+        sh.sync_upto(target)
+    }
+
+    /// Block until every op recorded so far that touches exactly `path` is applied on
+    /// src (its start delay is waived). Errors if one of them, or an op it waits for,
+    /// has exhausted its attempts (parked as failed), or on shutdown.
+    pub fn wait_synced(&self, path: &Path) -> Result<(), WritebackError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let p = op::normalize_path(path)
+            .ok_or_else(|| WritebackError::InvalidPath(path.to_path_buf()))?;
+        let mut st = lock(&sh.state);
+        let Some(target) = st.sched.latest_on(&p) else {
+            return Ok(());
+        };
+        st.sched.make_urgent(target, Instant::now());
+        sh.wake();
+        loop {
+            if !st.sched.entries.contains_key(&target) {
+                return Ok(());
+            }
+            if let Some((seq, f)) = st.sched.failure_blocking(target)
+                && st.sched.entries[&seq].not_before > Instant::now()
+            {
+                return Err(WritebackError::Failed {
+                    path: p,
+                    errno: f.errno,
+                    message: f.message.clone(),
+                });
+            }
+            if st.shut {
+                return Err(WritebackError::ShuttingDown);
+            }
+            st = sh
+                .cond
+                .wait_timeout(st, Duration::from_secs(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// True while an op touching `path` or anything below it is not yet applied on src:
+    /// such dst data is dirty and must not be evicted.
+    pub fn has_pending(&self, path: &Path) -> bool {
+        let Some(sh) = &self.shared else {
+            return false;
+        };
+        let Some(p) = op::normalize_path(path) else {
+            return false;
+        };
+        lock(&sh.state).sched.has_pending_under(&p)
+    }
+
+    /// Log the queue state (the daemon calls this on SIGUSR1).
+    pub fn log_summary(&self) {
+        let Some(sh) = &self.shared else {
+            log::info!("writeback: disabled");
+            return;
+        };
+        let (lives, running) = {
+            let st = lock(&sh.state);
+            for (seq, e) in st.sched.entries.iter().take(10) {
+                log::info!(
+                    "writeback: pending #{seq} {} {} ({})",
+                    op::kind(&e.op),
+                    op::paths(&e.op)
+                        .iter()
+                        .map(|p| show(p))
+                        .collect::<Vec<_>>()
+                        .join(" -> "),
+                    st.sched.describe(*seq)
+                );
+            }
+            let lives: Vec<journal::Live> = st
+                .sched
+                .entries
+                .values()
+                .map(|e| journal::Live {
+                    ms: e.ms,
+                    op: e.op.clone(),
+                    ids: e.ids,
+                    fail: e.fail.clone(),
+                })
+                .collect();
+            (lives, st.sched.running)
+        };
+        let s = status::summarize(&sh.dst, lives.iter().map(|l| (l, true)));
+        log::info!(
+            "writeback: {} pending ops ({} running), {} bytes, oldest {}, {} failed",
+            s.pending_ops,
+            running,
+            s.pending_bytes,
+            s.oldest_age_secs
+                .map_or("-".to_string(), |a| format!("{a}s ago")),
+            s.failed.len()
+        );
+        for (kind, paths, attempts, _, msg) in s.failed.iter().take(50) {
+            let p: Vec<String> = paths.iter().map(|p| show(p)).collect();
+            log::info!(
+                "writeback: FAILED {kind} {} (attempts {attempts}): {msg}",
+                p.join(" -> ")
+            );
+        }
+    }
+
+    /// Stop accepting ops, replay what can be replayed within `max_wait` (start delays
+    /// waived, retry backoff kept), then stop the workers (an upload in progress is
+    /// abandoned, its temp file removed) and persist the rest in a compacted journal.
+    pub fn shutdown(&self, max_wait: Duration) {
+        let Some(sh) = &self.shared else {
+            return;
+        };
+        let deadline = Instant::now() + max_wait;
+        {
+            let mut st = lock(&sh.state);
+            if st.shut {
+                return;
+            }
+            st.accepting = false;
+            let last = st.next_seq.saturating_sub(1);
+            st.sched.make_urgent(last, Instant::now());
+        }
+        sh.wake();
+        {
+            let mut st = lock(&sh.state);
+            loop {
+                let now = Instant::now();
+                if st.sched.entries.is_empty()
+                    || now >= deadline
+                    || !st.sched.can_progress_before(deadline)
+                {
+                    break;
+                }
+                st = sh
+                    .cond
+                    .wait_timeout(st, (deadline - now).min(Duration::from_millis(200)))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        sh.stop.store(true, Ordering::Relaxed);
+        sh.wake();
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+        let mut st = lock(&sh.state);
+        st.shut = true;
+        let left = st.sched.entries.len();
+        if let Err(e) = Shared::compact(&mut st) {
+            log::error!("writeback: cannot persist the journal at shutdown: {e}");
+        }
+        if left > 0 {
+            log::warn!("writeback: {left} ops left in the journal for the next start");
+        }
+        drop(st);
+        sh.cond.notify_all();
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+/// The layered view reports its mutations here.
+impl crate::fs::ChangeLog for Writeback {
+    fn record(&self, op: Op) -> io::Result<()> {
+        Writeback::record(self, op).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn wait_synced(&self, path: &Path) -> io::Result<()> {
+        Writeback::wait_synced(self, path).map_err(|e| {
+            log::warn!("{e}");
+            io::Error::from_raw_os_error(e.errno())
+        })
+    }
+
+    fn has_pending(&self, path: &Path) -> bool {
+        Writeback::has_pending(self, path)
+    }
 }

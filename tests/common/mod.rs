@@ -359,3 +359,210 @@ impl Drop for Mounted {
         detach(&self.mountpoint);
     }
 }
+
+// ----- helpers added for the layered-view tests (tests/layered.rs and friends) ---------
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+/// The errno of a failed call; panics (with `what`) if it succeeded.
+pub fn errno_of<T: std::fmt::Debug>(what: &str, r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what}: error without errno: {e}")),
+    }
+}
+
+/// The sorted entry names of directory `dir` (without "." and "..").
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different per `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A NUL-terminated copy of a path, for libc calls.
+pub fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+/// `user.*` xattrs of `p` (not following a final symlink), sorted.
+pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let c = cpath(p);
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid path and buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for name in buf[..n as usize].split(|b| *b == 0) {
+        if !name.starts_with(b"user.") {
+            continue;
+        }
+        let cn = std::ffi::CString::new(name).unwrap();
+        let mut val = vec![0u8; 64 * 1024];
+        // SAFETY: valid path, name and buffer.
+        let m =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
+        assert!(
+            m >= 0,
+            "lgetxattr {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        val.truncate(m as usize);
+        out.push((String::from_utf8_lossy(name).into_owned(), val));
+    }
+    out.sort();
+    out
+}
+
+/// What a tree snapshot records for one entry: everything but atime (reads may move it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntrySnap {
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+    /// Regular files: the bytes. Symlinks: the target.
+    pub data: Vec<u8>,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// Every entry below `root` (relative path -> attributes and content), not following
+/// symlinks. Used to prove that a tree was not touched at all.
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, EntrySnap> {
+    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, EntrySnap>) {
+        let p = root.join(rel);
+        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+        let ft = md.file_type();
+        let data = if ft.is_file() {
+            // O_NOATIME: taking a snapshot must not change what a test asserts on.
+            let mut f = std::os::unix::fs::OpenOptionsExt::custom_flags(
+                fs::OpenOptions::new().read(true),
+                libc::O_NOATIME,
+            )
+            .open(&p)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut v).unwrap();
+            v
+        } else if ft.is_symlink() {
+            fs::read_link(&p).unwrap().into_os_string().into_vec()
+        } else {
+            Vec::new()
+        };
+        out.insert(
+            rel.to_path_buf(),
+            EntrySnap {
+                ino: md.ino(),
+                mode: md.mode(),
+                uid: md.uid(),
+                gid: md.gid(),
+                nlink: md.nlink(),
+                size: if ft.is_dir() { 0 } else { md.size() },
+                mtime: (md.mtime(), md.mtime_nsec()),
+                ctime: (md.ctime(), md.ctime_nsec()),
+                data,
+                xattrs: if ft.is_fifo() {
+                    Vec::new()
+                } else {
+                    user_xattrs(&p)
+                },
+            },
+        );
+        if ft.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                walk(root, &rel.join(e.unwrap().file_name()), out);
+            }
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = BTreeMap::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}
+
+/// Panics with the differing entries if `root` no longer matches `before`.
+pub fn assert_unchanged(root: &Path, before: &BTreeMap<PathBuf, EntrySnap>) {
+    let now = snapshot(root);
+    if &now == before {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (k, v) in before {
+        match now.get(k) {
+            None => diffs.push(format!("removed: {}", k.display())),
+            Some(n) if n != v => diffs.push(format!("changed: {}: {v:?} -> {n:?}", k.display())),
+            _ => {}
+        }
+    }
+    for k in now.keys().filter(|k| !before.contains_key(*k)) {
+        diffs.push(format!("added: {}", k.display()));
+    }
+    let mut msg = diffs.join("\n");
+    msg.truncate(4000);
+    panic!("{} changed:\n{msg}", root.display());
+}
+
+/// Every path below `root` whose file name satisfies `pred` (not following symlinks).
+pub fn find_names(root: &Path, pred: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let e = e.unwrap();
+            let p = e.path();
+            if pred(&e.file_name().to_string_lossy()) {
+                out.push(p.clone());
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+impl Mounted {
+    /// A clean stop (SIGTERM, exit 0, mount gone) followed by a start on the same dirs.
+    pub fn stop_and_restart(&mut self, extra_args: &[&str]) {
+        self.signal(libc::SIGTERM);
+        let st = self.wait_exit(STOP_TIMEOUT);
+        assert!(
+            st.success(),
+            "cachefs exited with {st}; stderr:\n{}",
+            self.stderr()
+        );
+        assert!(
+            mount_type(&self.mountpoint).is_none(),
+            "still mounted after a clean exit"
+        );
+        self.restart(extra_args);
+    }
+}

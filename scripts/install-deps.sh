@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Install everything cachefs's test suite needs, on a fresh Debian/Ubuntu
+# machine, as root (or with sudo available). Idempotent and non-interactive;
+# a second run does nothing but a few quick checks.
+#
+#   apt:      fuse3 (fusermount3, /etc/fuse.conf), bindfs, attr (getfattr/
+#             setfattr), acl (getfacl/setfacl), libacl1-dev (to build
+#             pjdfstest), psmisc (fuser), util-linux (mountpoint), pkg-config
+#   crates:   pjdfstest (binary `pjdfstest`), fsx (binary `fsx`), pinned,
+#             installed with `cargo install --locked` into $CARGO_HOME/bin
+#   users:    the two dummy users pjdfstest switches to: nobody (group
+#             nogroup on Debian) and tests (group tests)
+#
+# Environment: CARGO_HOME (default ~/.cargo), SKIP_APT=1 to skip apt.
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+PJDFSTEST_VERSION=0.2.2
+FSX_VERSION=0.3.2
+APT_PACKAGES=(fuse3 bindfs attr acl libacl1-dev psmisc util-linux pkg-config)
+
+export DEBIAN_FRONTEND=noninteractive
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || die "run as root (or install sudo)"
+  SUDO=(sudo -n)
+fi
+
+# ---- apt ---------------------------------------------------------------
+install_apt() {
+  [[ "${SKIP_APT:-0}" == 1 ]] && return 0
+  command -v dpkg-query >/dev/null || die "not a Debian/Ubuntu system: install ${APT_PACKAGES[*]} by hand, then SKIP_APT=1"
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+      missing+=("$p")
+    fi
+  done
+  if [[ ${#missing[@]} -eq 0 ]]; then
+    log "apt: all present (${APT_PACKAGES[*]})"
+    return 0
+  fi
+  log "apt: installing ${missing[*]}"
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# ---- /etc/fuse.conf: allow_other for non-root users (root doesn't need it)
+configure_fuse() {
+  if [[ -f /etc/fuse.conf ]] && ! grep -q '^[[:space:]]*user_allow_other' /etc/fuse.conf; then
+    log "fuse: enabling user_allow_other in /etc/fuse.conf"
+    echo user_allow_other | "${SUDO[@]}" tee -a /etc/fuse.conf >/dev/null
+  fi
+  if [[ ! -e /dev/fuse ]]; then
+    log "warning: /dev/fuse is missing; mounted tests will fail (try: modprobe fuse)"
+    "${SUDO[@]}" modprobe fuse 2>/dev/null || true
+  fi
+}
+
+# ---- crates ------------------------------------------------------------
+# have_version BIN VERSION: BIN is on PATH and `BIN --version` prints VERSION.
+have_version() {
+  local out
+  command -v "$1" >/dev/null || return 1
+  out="$("$1" --version 2>/dev/null)" || return 1
+  [[ "$out" == *" $2"* ]]
+}
+
+install_crate() {
+  local crate="$1" version="$2"
+  if have_version "$crate" "$version"; then
+    log "cargo: $crate $version present ($(command -v "$crate"))"
+    return 0
+  fi
+  command -v cargo >/dev/null || die "cargo not found (looked in PATH and $CARGO_HOME/bin)"
+  log "cargo: installing $crate $version (a few minutes)"
+  cargo install --quiet --locked --force --version "=$version" "$crate"
+  have_version "$crate" "$version" || die "$crate $version did not install"
+}
+
+# ---- pjdfstest's dummy users --------------------------------------------
+# pjdfstest's default [dummy_auth] is ["nobody", <nobody's primary group>] and
+# ["tests", <tests' primary group>]; our config names them explicitly as
+# nobody/nogroup and tests/tests.
+ensure_users() {
+  getent group nogroup >/dev/null || "${SUDO[@]}" groupadd -g 65534 nogroup 2>/dev/null || "${SUDO[@]}" groupadd nogroup
+  if ! getent passwd nobody >/dev/null; then
+    "${SUDO[@]}" useradd -u 65534 -g nogroup -d /nonexistent -s /usr/sbin/nologin -M nobody
+  fi
+  getent group tests >/dev/null || "${SUDO[@]}" groupadd tests
+  if ! getent passwd tests >/dev/null; then
+    log "users: creating user tests"
+    "${SUDO[@]}" useradd -g tests -d / -s /usr/sbin/nologin -M -c "Dummy user for pjdfstest" tests
+  fi
+  local nobody_gid tests_gid
+  nobody_gid="$(id -g nobody)"
+  tests_gid="$(id -g tests)"
+  [[ "$nobody_gid" == "$(getent group nogroup | cut -d: -f3)" ]] ||
+    die "user nobody's primary group is not nogroup (gid $nobody_gid); pjdfstest needs it"
+  [[ "$tests_gid" == "$(getent group tests | cut -d: -f3)" ]] ||
+    die "user tests' primary group is not tests (gid $tests_gid); pjdfstest needs it"
+}
+
+install_apt
+configure_fuse
+install_crate pjdfstest "$PJDFSTEST_VERSION"
+install_crate fsx "$FSX_VERSION"
+ensure_users
+if ! command -v cargo-nextest >/dev/null; then
+  log "note: cargo-nextest not found; scripts/test.sh will fall back to cargo test"
+fi
+log "dependencies ready"

@@ -1,0 +1,162 @@
+//! Bounded-time calls into src (`--src-timeout`).
+//!
+//! A src that stalls (a hung network under an rclone or sshfs mount) must not freeze
+//! the mount: every src call runs on one of a few worker threads, and the FUSE thread
+//! waits at most the timeout for it. A call that does not finish in time fails with
+//! ETIMEDOUT (the core turns that into EIO and marks src offline); its worker stays
+//! stuck until the kernel gives up, so while every worker is stuck new calls fail at
+//! once instead of queueing forever.
+//!
+//! Long transfers (copy-up of a large file) are watched for progress instead: they fail
+//! only after a whole timeout with no byte moved.
+//!
+//! Invariant: a job owns everything it touches (`'static`), so a late finish after a
+//! timeout cannot touch freed memory; its result is dropped.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub struct SrcPool {
+    jobs: Sender<Job>,
+    busy: Arc<AtomicUsize>,
+    workers: usize,
+    timeout: Duration,
+}
+
+fn timed_out() -> io::Error {
+    io::Error::from_raw_os_error(libc::ETIMEDOUT)
+}
+
+impl SrcPool {
+    /// `timeout` zero: calls run inline, unbounded (no threads are started).
+    pub fn new(workers: usize, timeout: Duration) -> SrcPool {
+        let (jobs, rx) = unbounded::<Job>();
+        let busy = Arc::new(AtomicUsize::new(0));
+        if !timeout.is_zero() {
+            for i in 0..workers {
+                let rx: Receiver<Job> = rx.clone();
+                std::thread::Builder::new()
+                    .name(format!("cachefs-src-{i}"))
+                    .spawn(move || {
+                        for job in rx {
+                            job();
+                        }
+                    })
+                    .expect("spawn a src worker thread");
+            }
+        }
+        SrcPool {
+            jobs,
+            busy,
+            workers,
+            timeout,
+        }
+    }
+
+    /// Runs `f` with the timeout.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        self.run_watched(None, f)
+    }
+
+    /// Runs `f`; with `progress`, waits as long as the counter keeps moving within
+    /// each timeout window.
+    pub fn run_watched<T: Send + 'static>(
+        &self,
+        progress: Option<Arc<AtomicU64>>,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        if self.timeout.is_zero() {
+            return f();
+        }
+        if self.busy.load(Ordering::Acquire) >= self.workers {
+            // Every worker is stuck on a stalled src: fail now rather than queue.
+            return Err(timed_out());
+        }
+        let (tx, rx) = bounded(1);
+        let busy = Arc::clone(&self.busy);
+        busy.fetch_add(1, Ordering::AcqRel);
+        let job: Job = Box::new(move || {
+            let r = f();
+            busy.fetch_sub(1, Ordering::AcqRel);
+            let _ = tx.send(r);
+        });
+        if self.jobs.send(job).is_err() {
+            return Err(timed_out());
+        }
+        let mut seen = progress.as_ref().map(|p| p.load(Ordering::Relaxed));
+        loop {
+            match rx.recv_timeout(self.timeout) {
+                Ok(r) => return r,
+                Err(RecvTimeoutError::Disconnected) => return Err(timed_out()),
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = progress.as_ref().map(|p| p.load(Ordering::Relaxed));
+                    if now.is_none() || now == seen {
+                        return Err(timed_out());
+                    }
+                    seen = now;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn fast_calls_pass_and_stalls_time_out() {
+        let pool = SrcPool::new(2, Duration::from_millis(100));
+        assert_eq!(pool.run(|| Ok(7)).unwrap(), 7);
+        let t = Instant::now();
+        let e = pool
+            .run(|| {
+                std::thread::sleep(Duration::from_secs(2));
+                Ok(())
+            })
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT));
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // One worker is stuck, the other still serves.
+        assert_eq!(pool.run(|| Ok(1)).unwrap(), 1);
+        // With both stuck, calls fail at once.
+        let _ = pool.run(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            Ok(())
+        });
+        let t = Instant::now();
+        assert!(pool.run(|| Ok(2)).is_err());
+        assert!(t.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn progress_keeps_a_long_call_alive() {
+        let pool = SrcPool::new(1, Duration::from_millis(100));
+        let progress = Arc::new(AtomicU64::new(0));
+        let p = Arc::clone(&progress);
+        let r = pool.run_watched(Some(progress), move || {
+            for _ in 0..6 {
+                std::thread::sleep(Duration::from_millis(50));
+                p.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok("done")
+        });
+        assert_eq!(r.unwrap(), "done");
+    }
+
+    #[test]
+    fn zero_timeout_runs_inline() {
+        let pool = SrcPool::new(0, Duration::ZERO);
+        assert_eq!(pool.run(|| Ok(3)).unwrap(), 3);
+    }
+}

@@ -1,0 +1,705 @@
+//! Applying one journaled op to src, from dst's *current* state.
+//!
+//! Rules (each makes a replay idempotent and convergent, whatever happened on dst since
+//! the op was recorded):
+//! - A path-syncing op (write, create, mknod, mkdir, symlink, setattr, xattr, sync) whose
+//!   dst entry is gone is skipped: the unlink/rmdir/rename that removed it is journaled
+//!   after it, and a rename journals follow-ups for what was pending below its source.
+//! - Files are written to a `.cachefs-tmp.*` file in the same src directory, given dst's
+//!   owner, mode, user xattrs and times, fsynced, then renamed over the target. A file
+//!   with several hard links on both sides is rewritten in place so the links survive.
+//! - Missing src parents are created (with dst's attributes when dst has them).
+//! - A path is materialised only if dst still holds the object recorded with the op
+//!   (identity check, see the module doc of `writeback`).
+//! - A rename whose source is gone from src syncs its target from dst (recursively) or,
+//!   if dst no longer holds the moved object there, clears the target on src. An exchange
+//!   with one side on src moves that side. A target src cannot replace as is (another
+//!   type, a non-empty directory) is removed first: the view replaced it.
+//! - Unlink/rmdir of something already gone succeed; whatever src has at that path goes
+//!   (recursively): the view has nothing there at that point of the journal. A whiteout
+//!   or the opaque marker in dst is applied (src entries removed) only by a recursive
+//!   sync; internal names are never created on src.
+//! - Nothing follows a symlink: see [`super::sys`].
+//! - Owner, mode and xattr changes a src filesystem does not support (rclone) are ignored.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::sys::{self, Id, Stat};
+use super::{Op, op};
+use crate::fs::names;
+
+/// What a replay did (for the `-log` line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Applied,
+    /// Nothing to do (dst entry gone, or src already in that state).
+    Skipped,
+}
+
+/// The two roots and the stop flag of one replay.
+pub(crate) struct Ctx<'a> {
+    pub src: &'a Path,
+    pub dst: &'a Path,
+    pub stop: &'a AtomicBool,
+    /// `.cachefs-tmp.wb.<instance>.<seq>.`
+    pub tmp_prefix: String,
+    pub tmp_counter: Cell<u32>,
+}
+
+struct Roots {
+    src: OwnedFd,
+    dst: OwnedFd,
+}
+
+fn interrupted() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "writeback shutting down")
+}
+
+/// Apply `op` to src. `ids`: the dst objects it refers to (see `op::id_paths`).
+pub(crate) fn apply(ctx: &Ctx, op: &Op, ids: &[Option<Id>; 2]) -> io::Result<Outcome> {
+    let roots = Roots {
+        src: sys::open_root(ctx.src)?,
+        dst: sys::open_root(ctx.dst)?,
+    };
+    let [id0, id1] = *ids;
+    match op {
+        Op::Write { path } | Op::Create { path } => sync_path(ctx, &roots, path, id0, true, false),
+        Op::Mknod { path }
+        | Op::Mkdir { path }
+        | Op::Symlink { path }
+        | Op::SetAttr { path }
+        | Op::Xattr { path } => sync_path(ctx, &roots, path, id0, false, false),
+        Op::Sync { path } => sync_path(ctx, &roots, path, id0, true, true),
+        Op::Unlink { path } => remove(ctx, &roots, path, false),
+        Op::Rmdir { path } => remove(ctx, &roots, path, true),
+        Op::Link { existing, new } => link(ctx, &roots, existing, new, id1),
+        Op::Rename { from, to, exchange } => rename(ctx, &roots, from, to, *exchange, [id0, id1]),
+    }
+}
+
+impl Ctx<'_> {
+    /// The next temp name of this op: `.cachefs-tmp.wb.<instance>.<seq>.<n>`. Names are
+    /// a function of the op, so the replay of an op interrupted by a crash reuses (and so
+    /// reclaims) the temp file it left in src.
+    fn temp_name(&self) -> OsString {
+        let n = self.tmp_counter.get();
+        self.tmp_counter.set(n + 1);
+        OsString::from(format!("{}{n}", self.tmp_prefix))
+    }
+}
+
+/// Create a temp entry with `make`; a leftover of ours with that name is replaced.
+fn make_temp<T>(dir: RawFd, name: &OsStr, make: impl Fn() -> io::Result<T>) -> io::Result<T> {
+    match make() {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            sys::unlink_at(dir, name, false)?;
+            make()
+        }
+        other => other,
+    }
+}
+
+/// Removes a temp entry on drop unless disarmed.
+struct TempGuard<'a> {
+    dir: RawFd,
+    name: &'a OsStr,
+    armed: bool,
+}
+
+impl Drop for TempGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = sys::unlink_at(self.dir, self.name, false);
+        }
+    }
+}
+
+/// Ignore "not supported here" (and, for chown, "not permitted") from the src filesystem.
+fn tolerate(r: io::Result<()>, chown: bool) -> io::Result<()> {
+    match r {
+        Err(e) if sys::is_unsupported(&e) => Ok(()),
+        Err(e) if chown && e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        other => other,
+    }
+}
+
+/// Make src's parent directory of `comps` exist; missing levels are created with dst's
+/// attributes when dst has them, else as 0755 placeholders (a later journaled op renames
+/// or removes them, since dst no longer has them).
+fn ensure_src_parent(roots: &Roots, comps: &[&OsStr]) -> io::Result<OwnedFd> {
+    let mut s = sys::dup(roots.src.as_raw_fd())?;
+    let mut d = Some(sys::dup(roots.dst.as_raw_fd())?);
+    for c in comps {
+        let dst_st = match &d {
+            Some(dfd) => sys::lstat_at(dfd.as_raw_fd(), c)?,
+            None => None,
+        };
+        let dst_is_dir = dst_st.is_some_and(|st| sys::file_type(&st) == libc::S_IFDIR);
+        match sys::open_dir_at(s.as_raw_fd(), c) {
+            Ok(next) => s = next,
+            Err(e) if sys::is_gone(&e) => {
+                if e.raw_os_error() == Some(libc::ENOTDIR) {
+                    // A non-directory (or symlink) where the view has a directory: stale.
+                    sys::unlink_at(s.as_raw_fd(), c, false)?;
+                }
+                let created = match sys::mkdir_at(s.as_raw_fd(), c, 0o755) {
+                    Ok(()) => true,
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
+                    Err(e) => return Err(e),
+                };
+                if created && dst_is_dir {
+                    let dfd = d.as_ref().map(|x| x.as_raw_fd()).unwrap_or(-1);
+                    set_meta(dfd, s.as_raw_fd(), c, &dst_st.unwrap_or_else(zero_stat))?;
+                }
+                s = sys::open_dir_at(s.as_raw_fd(), c)?;
+            }
+            Err(e) => return Err(e),
+        }
+        d = match (d, dst_is_dir) {
+            (Some(dfd), true) => Some(sys::open_dir_at(dfd.as_raw_fd(), c)?),
+            _ => None,
+        };
+    }
+    Ok(s)
+}
+
+fn zero_stat() -> Stat {
+    // SAFETY: stat is plain old data.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Copy owner, mode, user xattrs and times of dst's `name` (under `dd`) to src's `name`
+/// (under `sd`). `st` is dst's lstat.
+fn set_meta(dd: RawFd, sd: RawFd, name: &OsStr, st: &Stat) -> io::Result<()> {
+    set_meta_as(dd, name, sd, name, st)
+}
+
+/// [`set_meta`] from dst's `dname` onto src's `sname` (a temp name before its rename).
+fn set_meta_as(dd: RawFd, dname: &OsStr, sd: RawFd, sname: &OsStr, st: &Stat) -> io::Result<()> {
+    let is_link = sys::file_type(st) == libc::S_IFLNK;
+    tolerate(sys::chown_at(sd, sname, st.st_uid, st.st_gid), true)?;
+    if !is_link {
+        tolerate(sys::chmod_at(sd, sname, st.st_mode & 0o7777), false)?;
+        copy_xattrs(dd, dname, sd, sname)?;
+    }
+    sys::utimes_at(sd, sname, st)
+}
+
+/// Make src's user xattrs of `sname` equal to dst's of `dname` (skipped where unsupported).
+fn copy_xattrs(dd: RawFd, dname: &OsStr, sd: RawFd, sname: &OsStr) -> io::Result<()> {
+    let want = match sys::list_user_xattrs(dd, dname) {
+        Ok(v) => v,
+        Err(e) if sys::is_unsupported(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let have = match sys::list_user_xattrs(sd, sname) {
+        Ok(v) => v,
+        Err(e) if sys::is_unsupported(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for a in &have {
+        if !want.contains(a) {
+            tolerate(sys::remove_xattr(sd, sname, a), false)?;
+        }
+    }
+    for a in &want {
+        let v = match sys::get_xattr(dd, dname, a) {
+            Ok(v) => v,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+            Err(e) => return Err(e),
+        };
+        if have.contains(a) && sys::get_xattr(sd, sname, a).ok().as_deref() == Some(&v[..]) {
+            continue;
+        }
+        tolerate(sys::set_xattr(sd, sname, a, &v), false)?;
+    }
+    Ok(())
+}
+
+/// Sync one mount-relative path from dst to src. `content`: rewrite file bytes even if
+/// src has a file there; `recursive`: also sync a directory's children (and apply dst's
+/// whiteouts and opaque marker).
+///
+/// `expect`: the dst object the op was recorded for; if dst now holds another object at
+/// `path` (deleted and recreated, or renamed away and replaced), nothing is done: that
+/// later object has its own later ops, and materialising it now, before the ops recorded
+/// in between (renames of the old object, say), could leave it where the view never has it.
+fn sync_path(
+    ctx: &Ctx,
+    roots: &Roots,
+    path: &Path,
+    expect: Option<Id>,
+    content: bool,
+    recursive: bool,
+) -> io::Result<Outcome> {
+    let Some((comps, name)) = op::split(path) else {
+        // The root itself: metadata (and children if recursive).
+        let st = sys::fstat(roots.dst.as_raw_fd())?;
+        let dot = OsStr::new(".");
+        if recursive {
+            sync_children(ctx, roots.dst.as_raw_fd(), roots.src.as_raw_fd(), dot)?;
+        }
+        set_meta(roots.dst.as_raw_fd(), roots.src.as_raw_fd(), dot, &st)?;
+        return Ok(Outcome::Applied);
+    };
+    let dparent = match sys::walk(&roots.dst, &comps) {
+        Ok(fd) => fd,
+        Err(e) if sys::is_gone(&e) => return reclaim(ctx, roots, &comps),
+        Err(e) => return Err(e),
+    };
+    let Some(dst_st) = sys::lstat_at(dparent.as_raw_fd(), name)? else {
+        if recursive
+            && whited_out(dparent.as_raw_fd(), name)?
+            && let Ok(sp) = sys::walk(&roots.src, &comps)
+        {
+            remove_tree(ctx, sp.as_raw_fd(), name)?;
+            return Ok(Outcome::Applied);
+        }
+        return reclaim(ctx, roots, &comps);
+    };
+    if let Some(want) = expect
+        && sys::identity_at(dparent.as_raw_fd(), name)? != Some(want)
+    {
+        return reclaim(ctx, roots, &comps);
+    }
+    let sparent = ensure_src_parent(roots, &comps)?;
+    sync_entry(
+        ctx,
+        dparent.as_raw_fd(),
+        sparent.as_raw_fd(),
+        name,
+        &dst_st,
+        content,
+        recursive,
+    )?;
+    Ok(Outcome::Applied)
+}
+
+/// A skipped sync: an earlier run of this op may have died between creating its temp
+/// file and renaming it (a crash mid-upload); its name is known, reclaim it.
+fn reclaim(ctx: &Ctx, roots: &Roots, comps: &[&OsStr]) -> io::Result<Outcome> {
+    if let Ok(sp) = sys::walk(&roots.src, comps) {
+        let _ = sys::unlink_at(sp.as_raw_fd(), &ctx.temp_name(), false);
+    }
+    Ok(Outcome::Skipped)
+}
+
+fn whited_out(dd: RawFd, name: &OsStr) -> io::Result<bool> {
+    Ok(sys::lstat_at(dd, &names::whiteout_name(name))?.is_some())
+}
+
+fn sync_entry(
+    ctx: &Ctx,
+    dd: RawFd,
+    sd: RawFd,
+    name: &OsStr,
+    dst_st: &Stat,
+    content: bool,
+    recursive: bool,
+) -> io::Result<()> {
+    if ctx.stop.load(Ordering::Relaxed) {
+        return Err(interrupted());
+    }
+    let src_st = sys::lstat_at(sd, name)?;
+    let ftype = sys::file_type(dst_st);
+    let src_type = src_st.map(|s| sys::file_type(&s));
+    match ftype {
+        libc::S_IFREG => {
+            if !content && src_type == Some(libc::S_IFREG) {
+                set_meta(dd, sd, name, dst_st)
+            } else {
+                if src_type == Some(libc::S_IFDIR) {
+                    remove_tree(ctx, sd, name)?;
+                }
+                copy_file(ctx, dd, sd, name, src_st.as_ref())
+            }
+        }
+        libc::S_IFDIR => {
+            match src_type {
+                None => sys::mkdir_at(sd, name, 0o700)?,
+                Some(libc::S_IFDIR) => {}
+                Some(_) => {
+                    sys::unlink_at(sd, name, false)?;
+                    sys::mkdir_at(sd, name, 0o700)?;
+                }
+            }
+            if recursive {
+                sync_children(ctx, dd, sd, name)?;
+            }
+            set_meta(dd, sd, name, dst_st)
+        }
+        libc::S_IFLNK => {
+            let target = sys::readlink_at(dd, name)?;
+            if src_type == Some(libc::S_IFLNK) && sys::readlink_at(sd, name)? == target {
+                return set_meta(dd, sd, name, dst_st);
+            }
+            if src_type == Some(libc::S_IFDIR) {
+                remove_tree(ctx, sd, name)?;
+            }
+            let tmp = ctx.temp_name();
+            make_temp(sd, &tmp, || sys::symlink_at(&target, sd, &tmp))?;
+            let mut g = TempGuard {
+                dir: sd,
+                name: &tmp,
+                armed: true,
+            };
+            set_meta_as(dd, name, sd, &tmp, dst_st)?;
+            sys::rename_at(sd, &tmp, sd, name, false)?;
+            g.armed = false;
+            Ok(())
+        }
+        _ => {
+            let same = src_st
+                .is_some_and(|s| sys::file_type(&s) == ftype && (s.st_rdev == dst_st.st_rdev));
+            if same {
+                return set_meta(dd, sd, name, dst_st);
+            }
+            if src_type == Some(libc::S_IFDIR) {
+                remove_tree(ctx, sd, name)?;
+            }
+            let tmp = ctx.temp_name();
+            make_temp(sd, &tmp, || {
+                sys::mknod_at(sd, &tmp, ftype | 0o600, dst_st.st_rdev)
+            })?;
+            let mut g = TempGuard {
+                dir: sd,
+                name: &tmp,
+                armed: true,
+            };
+            set_meta_as(dd, name, sd, &tmp, dst_st)?;
+            sys::rename_at(sd, &tmp, sd, name, false)?;
+            g.armed = false;
+            Ok(())
+        }
+    }
+}
+
+/// Recursive part of a directory sync: children of dst's `name` under `dd` onto src's.
+fn sync_children(ctx: &Ctx, dd: RawFd, sd: RawFd, name: &OsStr) -> io::Result<()> {
+    let (dchild, schild) = if name == "." {
+        (sys::dup(dd)?, sys::dup(sd)?)
+    } else {
+        (sys::open_dir_at(dd, name)?, sys::open_dir_at(sd, name)?)
+    };
+    let (dc, sc) = (dchild.as_raw_fd(), schild.as_raw_fd());
+    let entries = sys::list_dir(dc, OsStr::new("."))?;
+    let mut seen: HashSet<OsString> = HashSet::new();
+    let mut opaque = false;
+    let mut whiteouts = Vec::new();
+    for n in &entries {
+        if n == names::OPAQUE_MARKER {
+            opaque = true;
+        } else if let Some(t) = names::whiteout_target(n) {
+            whiteouts.push(t.to_os_string());
+        } else if !names::is_reserved(n) {
+            seen.insert(n.clone());
+        }
+    }
+    for n in &entries {
+        if !seen.contains(n) {
+            continue;
+        }
+        if let Some(st) = sys::lstat_at(dc, n)? {
+            sync_entry(ctx, dc, sc, n, &st, true, true)?;
+        }
+    }
+    for t in whiteouts {
+        if !seen.contains(&t) && !names::is_reserved(&t) {
+            remove_tree(ctx, sc, &t)?;
+        }
+    }
+    if opaque {
+        for n in sys::list_dir(sc, OsStr::new("."))? {
+            if !seen.contains(&n) && !names::is_reserved(&n) {
+                remove_tree(ctx, sc, &n)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove `name` under `dir` on src, recursively; already gone is fine.
+fn remove_tree(ctx: &Ctx, dir: RawFd, name: &OsStr) -> io::Result<()> {
+    if ctx.stop.load(Ordering::Relaxed) {
+        return Err(interrupted());
+    }
+    let Some(st) = sys::lstat_at(dir, name)? else {
+        return Ok(());
+    };
+    if sys::file_type(&st) == libc::S_IFDIR {
+        let sub = sys::open_dir_at(dir, name)?;
+        for n in sys::list_dir(sub.as_raw_fd(), OsStr::new("."))? {
+            remove_tree(ctx, sub.as_raw_fd(), &n)?;
+        }
+    }
+    match sys::unlink_at(dir, name, sys::file_type(&st) == libc::S_IFDIR) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Copy dst's regular file `name` (under `dd`) to src (under `sd`).
+fn copy_file(
+    ctx: &Ctx,
+    dd: RawFd,
+    sd: RawFd,
+    name: &OsStr,
+    src_st: Option<&Stat>,
+) -> io::Result<()> {
+    let mut df = sys::open_read_at(dd, name)?;
+    let st = sys::fstat(df.as_raw_fd())?;
+    if sys::file_type(&st) != libc::S_IFREG {
+        // Replaced under us by something else: a later journaled op covers it.
+        return Ok(());
+    }
+    let linked_in_place = st.st_nlink > 1
+        && src_st.is_some_and(|s| sys::file_type(s) == libc::S_IFREG && s.st_nlink > 1);
+    if linked_in_place {
+        let mut sf = sys::open_write_at(sd, name)?;
+        let n = copy_data(ctx, &mut df, &mut sf)?;
+        sf.set_len(n)?;
+        finish_file(dd, name, &sf, sd, name, &st)?;
+        return Ok(());
+    }
+    let tmp = ctx.temp_name();
+    let mut sf = make_temp(sd, &tmp, || sys::create_excl_at(sd, &tmp, 0o600))?;
+    let mut g = TempGuard {
+        dir: sd,
+        name: &tmp,
+        armed: true,
+    };
+    copy_data(ctx, &mut df, &mut sf)?;
+    finish_file(dd, name, &sf, sd, &tmp, &st)?;
+    drop(sf);
+    sys::rename_at(sd, &tmp, sd, name, false)?;
+    g.armed = false;
+    let _ = sys::fsync_dir(sd);
+    Ok(())
+}
+
+/// Owner, mode, xattrs, times, fsync of a freshly written src file.
+fn finish_file(
+    dd: RawFd,
+    dname: &OsStr,
+    sf: &File,
+    sd: RawFd,
+    sname: &OsStr,
+    st: &Stat,
+) -> io::Result<()> {
+    let fd = sf.as_raw_fd();
+    tolerate(sys::fchown(fd, st.st_uid, st.st_gid), true)?;
+    tolerate(sys::fchmod(fd, st.st_mode & 0o7777), false)?;
+    copy_xattrs(dd, dname, sd, sname)?;
+    sys::futimes(fd, st)?;
+    sf.sync_all()
+}
+
+fn copy_data(ctx: &Ctx, from: &mut File, to: &mut File) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        if ctx.stop.load(Ordering::Relaxed) {
+            return Err(interrupted());
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Unlink or rmdir on src; already gone succeeds. Whatever src has there goes, whatever
+/// its type and content: at this point of the journal the view has nothing at `path`,
+/// so a directory still holding entries there holds only what the view hides (src-side
+/// leftovers, our temp files, or a later incarnation of the path that an earlier
+/// replay synced from dst ahead of time and that the later ops will sync again).
+fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcome> {
+    let Some((comps, name)) = op::split(path) else {
+        return Ok(Outcome::Skipped);
+    };
+    let sp = match sys::walk(&roots.src, &comps) {
+        Ok(fd) => fd,
+        Err(e) if sys::is_gone(&e) => return Ok(Outcome::Skipped),
+        Err(e) => return Err(e),
+    };
+    let sd = sp.as_raw_fd();
+    let Some(st) = sys::lstat_at(sd, name)? else {
+        return Ok(Outcome::Skipped);
+    };
+    let is_dir = sys::file_type(&st) == libc::S_IFDIR;
+    if is_dir != dir {
+        log::debug!("writeback: {path:?} on src is not what was removed; removing it anyway");
+    }
+    if is_dir {
+        match sys::unlink_at(sd, name, true) {
+            Ok(()) => return Ok(Outcome::Applied),
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                return Err(e);
+            }
+            Err(_) => {}
+        }
+    }
+    remove_tree(ctx, sd, name)?;
+    Ok(Outcome::Applied)
+}
+
+fn link(
+    ctx: &Ctx,
+    roots: &Roots,
+    existing: &Path,
+    new: &Path,
+    id: Option<Id>,
+) -> io::Result<Outcome> {
+    let (Some((ec, en)), Some((nc, nn))) = (op::split(existing), op::split(new)) else {
+        return Ok(Outcome::Skipped);
+    };
+    // dst must still have `new`, else a later op covers it.
+    match sys::walk(&roots.dst, &nc) {
+        Ok(d) if sys::lstat_at(d.as_raw_fd(), nn)?.is_some() => {}
+        Ok(_) => return Ok(Outcome::Skipped),
+        Err(e) if sys::is_gone(&e) => return Ok(Outcome::Skipped),
+        Err(e) => return Err(e),
+    }
+    if let Ok(ep) = sys::walk(&roots.src, &ec)
+        && let Some(est) = sys::lstat_at(ep.as_raw_fd(), en)?
+        && sys::file_type(&est) != libc::S_IFDIR
+    {
+        let np = ensure_src_parent(roots, &nc)?;
+        match sys::link_at(ep.as_raw_fd(), en, np.as_raw_fd(), nn) {
+            Ok(()) => return Ok(Outcome::Applied),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let same = sys::lstat_at(np.as_raw_fd(), nn)?
+                    .is_some_and(|s| s.st_ino == est.st_ino && s.st_dev == est.st_dev);
+                if same {
+                    return Ok(Outcome::Skipped);
+                }
+            }
+            Err(_) => {} // no hard links on this src (rclone...): copy instead
+        }
+    }
+    sync_path(ctx, roots, new, id, true, false)
+}
+
+/// True if src has an entry at `path` (no symlink followed on the way).
+fn src_has(roots: &Roots, path: &Path) -> io::Result<bool> {
+    let Some((comps, name)) = op::split(path) else {
+        return Ok(true);
+    };
+    match sys::walk(&roots.src, &comps) {
+        Ok(d) => Ok(sys::lstat_at(d.as_raw_fd(), name)?.is_some()),
+        Err(e) if sys::is_gone(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A degraded rename side: make src's `path` hold dst's object `id` (recursively), or,
+/// if dst no longer has that object there, hold nothing: at this point of the journal
+/// the view has that object at `path`, so whatever src has there was replaced, and the
+/// later object has its own later ops.
+fn sync_or_clear(ctx: &Ctx, roots: &Roots, path: &Path, id: Option<Id>) -> io::Result<Outcome> {
+    if sync_path(ctx, roots, path, id, true, true)? == Outcome::Applied {
+        return Ok(Outcome::Applied);
+    }
+    if let Some((comps, name)) = op::split(path)
+        && let Ok(sp) = sys::walk(&roots.src, &comps)
+    {
+        remove_tree(ctx, sp.as_raw_fd(), name)?;
+    }
+    Ok(Outcome::Applied)
+}
+
+/// rename(2) on src, replacing a target that cannot be replaced as is. `Ok(false)` if
+/// the source vanished.
+fn move_on_src(ctx: &Ctx, roots: &Roots, from: &Path, to: &Path) -> io::Result<bool> {
+    let (Some((fc, fname)), Some((tc, tname))) = (op::split(from), op::split(to)) else {
+        return Ok(false);
+    };
+    let fp = match sys::walk(&roots.src, &fc) {
+        Ok(fd) => fd,
+        Err(e) if sys::is_gone(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let tp = ensure_src_parent(roots, &tc)?;
+    let mut r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
+    if let Err(e) = &r
+        && matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR)
+        )
+    {
+        // src's target is not replaceable as is (a non-empty directory, or another
+        // type): the view replaced it, so what src holds there is stale. EISDIR /
+        // ENOTDIR can only come from the target here: both parents are open.
+        remove_tree(ctx, tp.as_raw_fd(), tname)?;
+        r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
+    }
+    match r {
+        Ok(()) => {
+            let _ = sys::fsync_dir(tp.as_raw_fd());
+            Ok(true)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Rename on src as a rename (a directory is never copied when src has it). If src
+/// lacks a side, that side is synced from dst or cleared ([`sync_or_clear`]).
+/// `ids`: dst objects now at `from` (exchange only) and at `to`.
+fn rename(
+    ctx: &Ctx,
+    roots: &Roots,
+    from: &Path,
+    to: &Path,
+    exchange: bool,
+    ids: [Option<Id>; 2],
+) -> io::Result<Outcome> {
+    if op::split(from).is_none() || op::split(to).is_none() {
+        return Ok(Outcome::Skipped);
+    }
+    if !exchange {
+        if src_has(roots, from)? && move_on_src(ctx, roots, from, to)? {
+            return Ok(Outcome::Applied);
+        }
+        return sync_or_clear(ctx, roots, to, ids[1]);
+    }
+    match (src_has(roots, from)?, src_has(roots, to)?) {
+        (true, true) => {
+            let (fc, fname) = op::split(from).expect("checked");
+            let (tc, tname) = op::split(to).expect("checked");
+            let fp = sys::walk(&roots.src, &fc)?;
+            let tp = sys::walk(&roots.src, &tc)?;
+            match sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, true) {
+                Ok(()) => Ok(Outcome::Applied),
+                Err(e) if sys::is_unsupported(&e) || e.raw_os_error() == Some(libc::ENOENT) => {
+                    sync_or_clear(ctx, roots, from, ids[0])?;
+                    sync_or_clear(ctx, roots, to, ids[1])
+                }
+                Err(e) => Err(e),
+            }
+        }
+        (true, false) => {
+            move_on_src(ctx, roots, from, to)?;
+            sync_or_clear(ctx, roots, from, ids[0])
+        }
+        (false, true) => {
+            move_on_src(ctx, roots, to, from)?;
+            sync_or_clear(ctx, roots, to, ids[1])
+        }
+        (false, false) => {
+            sync_or_clear(ctx, roots, from, ids[0])?;
+            sync_or_clear(ctx, roots, to, ids[1])
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Coherence with a src that others change (`--revalidate`): a clean cached file
+//! whose src changed is refetched after the interval, one src deleted is dropped,
+//! and a file changed here is never overwritten by src's version.
+
+mod common;
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::*;
+
+fn read(m: &Mounted, rel: &str) -> String {
+    String::from_utf8(std::fs::read(m.mnt_path(rel)).unwrap()).unwrap()
+}
+
+fn names(m: &Mounted, rel: &str) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(m.mnt_path(rel))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn src_changes_show_after_the_revalidation_interval() {
+    if !can_mount("src_changes_show_after_the_revalidation_interval") {
+        return;
+    }
+    let src = dir_with(&[
+        ("changed", b"v1"),
+        ("deleted", b"v1"),
+        ("local", b"v1"),
+        ("d/inner", b"v1"),
+    ]);
+    let m = Mounted::with_dirs(src, tempdir(), &["--revalidate", "1"]);
+    for f in ["changed", "deleted", "local", "d/inner"] {
+        assert_eq!(read(&m, f), "v1");
+    }
+    std::fs::write(m.mnt_path("local"), "mine").unwrap();
+
+    // Another machine changes the bucket.
+    write_file(m.src.path(), "changed", "version two");
+    write_file(m.src.path(), "d/inner", "v2");
+    write_file(m.src.path(), "local", "theirs");
+    write_file(m.src.path(), "added", "new in src");
+    std::fs::remove_file(m.src_path("deleted")).unwrap();
+
+    // Within the interval the cache answers.
+    assert_eq!(read(&m, "changed"), "v1");
+
+    sleep(Duration::from_millis(1500));
+    assert_eq!(read(&m, "changed"), "version two");
+    assert_eq!(read(&m, "d/inner"), "v2");
+    assert_eq!(read(&m, "added"), "new in src");
+    assert_eq!(read(&m, "local"), "mine", "local data wins");
+    assert_eq!(names(&m, ""), ["added", "changed", "d", "local"]);
+    assert!(
+        !m.dst_path("deleted").exists(),
+        "the clean copy was dropped"
+    );
+    assert_eq!(
+        std::fs::metadata(m.mnt_path("changed")).unwrap().len(),
+        "version two".len() as u64
+    );
+    // Cache mode never writes to src.
+    assert_eq!(std::fs::read(m.src_path("local")).unwrap(), b"theirs");
+    m.stop();
+}
+
+#[test]
+fn renamed_cached_file_is_never_dropped() {
+    if !can_mount("renamed_cached_file_is_never_dropped") {
+        return;
+    }
+    let m = Mounted::with_dirs(
+        dir_with(&[("a", b"data")]),
+        tempdir(),
+        &["--revalidate", "1"],
+    );
+    assert_eq!(read(&m, "a"), "data");
+    std::fs::rename(m.mnt_path("a"), m.mnt_path("b")).unwrap();
+    sleep(Duration::from_millis(1500));
+    assert_eq!(names(&m, ""), ["b"]);
+    assert_eq!(read(&m, "b"), "data");
+    m.stop();
+}
+
+#[test]
+fn origin_record_is_invisible_and_untouchable() {
+    if !can_mount("origin_record_is_invisible_and_untouchable") {
+        return;
+    }
+    let m = Mounted::with_dirs(dir_with(&[("a", b"data")]), tempdir(), &[]);
+    assert_eq!(read(&m, "a"), "data");
+    let out = std::process::Command::new("getfattr")
+        .args(["-d", "-m", "-"])
+        .arg(m.mnt_path("a"))
+        .output();
+    if let Ok(out) = out {
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("cachefs"));
+    }
+    for name in ["trusted.cachefs.origin", "user.cachefs.origin"] {
+        let c = std::ffi::CString::new(m.mnt_path("a").to_str().unwrap()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        // SAFETY: valid C strings and buffer.
+        let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"x".as_ptr().cast(), 1, 0) };
+        assert_eq!(r, -1);
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EPERM)
+        );
+    }
+    m.stop();
+}

@@ -1,0 +1,179 @@
+//! `--metrics-addr`: the real daemon serves Prometheus metrics over loopback HTTP, and the
+//! counters move when the mount is used.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// `GET path` over a fresh connection: (status line, headers+body split).
+fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a complete response");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_string(), body.to_string())
+}
+
+/// Scrape /metrics: series (name with labels) -> value.
+fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, headers, body) = http_get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers
+            .lines()
+            .any(|h| h == "Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        "{headers}"
+    );
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').expect("a sample");
+            (series.to_string(), v.parse().expect("a number"))
+        })
+        .collect()
+}
+
+/// The address the daemon logged ("serving metrics at http://ADDR/metrics").
+fn metrics_addr(m: &Mounted) -> SocketAddr {
+    let needle = "serving metrics at http://";
+    let log = m.wait_for_log(needle, Duration::from_secs(10));
+    let rest = &log[log.find(needle).unwrap() + needle.len()..];
+    rest[..rest.find("/metrics").unwrap()]
+        .parse()
+        .expect("a socket address in the log")
+}
+
+const FETCHES: &str = "cachefs_src_op_duration_seconds_count{op=\"fetch\"}";
+
+#[test]
+fn counters_move_when_the_mount_is_used() {
+    if !can_mount("counters_move_when_the_mount_is_used") {
+        return;
+    }
+    let data = vec![7u8; 100_000];
+    let src = dir_with(&[("dir/big.bin", &data), ("small.txt", b"hi")]);
+    let m = Mounted::with_dirs(src, tempdir(), &["--metrics-addr", "127.0.0.1:0"]);
+    let addr = metrics_addr(&m);
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+
+    let before = scrape(addr);
+    for name in [
+        "cachefs_cache_hits_total",
+        "cachefs_cache_misses_total",
+        "cachefs_src_bytes_fetched_total",
+        "cachefs_cache_evictions_total",
+        "cachefs_writeback_queue_depth",
+        "cachefs_src_online",
+        "cachefs_src_errors_total{kind=\"enotconn\"}",
+        FETCHES,
+    ] {
+        assert!(before.contains_key(name), "no {name} in {before:?}");
+    }
+
+    // A miss: the first read copies the file up.
+    assert_eq!(std::fs::read(m.mnt_path("dir/big.bin")).unwrap(), data);
+    let after = scrape(addr);
+    let delta = |name: &str| after[name] - before[name];
+    assert_eq!(delta("cachefs_cache_misses_total"), 1.0);
+    assert_eq!(delta("cachefs_src_bytes_fetched_total"), 100_000.0);
+    assert_eq!(delta(FETCHES), 1.0);
+    assert!(
+        after["cachefs_src_op_duration_seconds_bucket{op=\"fetch\",le=\"+Inf\"}"] >= after[FETCHES]
+    );
+
+    // A hit: reading it again copies nothing.
+    assert_eq!(std::fs::read(m.mnt_path("dir/big.bin")).unwrap(), data);
+    let again = scrape(addr);
+    assert!(again["cachefs_cache_hits_total"] > after["cachefs_cache_hits_total"]);
+    assert_eq!(
+        again["cachefs_cache_misses_total"],
+        after["cachefs_cache_misses_total"]
+    );
+    assert_eq!(
+        again["cachefs_src_bytes_fetched_total"],
+        after["cachefs_src_bytes_fetched_total"]
+    );
+
+    let (status, _, _) = http_get(addr, "/");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    m.stop();
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "{addr} still answers after the daemon exited"
+    );
+}
+
+#[test]
+fn a_taken_port_fails_the_start_before_mounting() {
+    if !can_mount("a_taken_port_fails_the_start_before_mounting") {
+        return;
+    }
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (src, dst, mnt) = (tempdir(), tempdir(), tempdir());
+    let out = Command::new(cachefs_bin())
+        .arg("-src")
+        .arg(src.path())
+        .arg("-dst")
+        .arg(dst.path())
+        .arg("-mountpoint")
+        .arg(mnt.path())
+        .args(["--metrics-addr", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let mountpoint = std::fs::canonicalize(mnt.path()).unwrap();
+    let mounted = mount_type(&mountpoint).is_some();
+    detach(&mountpoint);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot serve metrics at {addr}")),
+        "{stderr}"
+    );
+    assert!(!mounted, "mounted although the metrics port was taken");
+}
+
+#[test]
+fn a_bad_address_is_a_usage_error() {
+    let (src, dst, mnt) = (tempdir(), tempdir(), tempdir());
+    for bad in ["localhost:9477", "127.0.0.1", "9477", "127.0.0.1:99999", ""] {
+        let out = Command::new(cachefs_bin())
+            .arg("-src")
+            .arg(src.path())
+            .arg("-dst")
+            .arg(dst.path())
+            .arg("-mountpoint")
+            .arg(mnt.path())
+            .arg(format!("-metrics-addr={bad}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("--metrics-addr '{bad}'"))
+                && stderr.contains("write e.g. --metrics-addr 127.0.0.1:9477"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn help_suggests_a_loopback_address() {
+    let out = Command::new(cachefs_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(help.contains("--metrics-addr <ADDR>"), "{help}");
+    assert!(help.contains("loopback"), "{help}");
+}

@@ -1,0 +1,239 @@
+//! Outages of src: src behind a real bindfs mount that is killed with SIGKILL (as when
+//! rclone crashes) and started again. Cached files keep working, new writes work,
+//! unreachable files fail with EIO quickly, the mount stays responsive, and everything
+//! comes back by itself when src is mounted again.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tempfile::TempDir;
+
+/// src served through `bindfs -f real mnt`, killable and restartable.
+struct BindfsSrc {
+    real: TempDir,
+    mnt: PathBuf,
+    child: Option<Child>,
+}
+
+impl BindfsSrc {
+    fn start(real: TempDir, mnt: &Path) -> Option<BindfsSrc> {
+        let mut s = BindfsSrc {
+            real,
+            mnt: mnt.to_path_buf(),
+            child: None,
+        };
+        s.spawn().then_some(s)
+    }
+
+    fn spawn(&mut self) -> bool {
+        let Ok(child) = Command::new("bindfs")
+            .arg("-f")
+            .arg(self.real.path())
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return false;
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_fuse_mounted(&self.mnt) {
+            assert!(Instant::now() < deadline, "bindfs did not mount");
+            sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// SIGKILL: the mount stays behind, answering ENOTCONN.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// SIGSTOP / SIGCONT: every call into src hangs, as with a hung network.
+    fn pause(&self, stop: bool) {
+        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        signal(self.child.as_ref().expect("running"), sig);
+    }
+
+    /// What systemd does with a crashed rclone: clear the dead mount, mount again.
+    fn restart(&mut self) {
+        detach(&self.mnt);
+        assert!(self.spawn());
+    }
+}
+
+impl Drop for BindfsSrc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGCONT);
+            signal(&c, libc::SIGKILL);
+            let _ = c.wait();
+        }
+        detach(&self.mnt);
+    }
+}
+
+#[test]
+fn src_dies_and_comes_back() {
+    if !can_mount("src_dies_and_comes_back") {
+        return;
+    }
+    if Command::new("bindfs").arg("--version").output().is_err() {
+        panic!("bindfs is needed (scripts/install-deps.sh installs it)");
+    }
+    let real = dir_with(&[
+        ("cached", b"cached bytes"),
+        ("uncached", b"only in src"),
+        ("dir/inner", b"inner"),
+    ]);
+    let real_path = real.path().to_path_buf();
+    let srcmnt = tempdir();
+    let mut bind = BindfsSrc::start(real, srcmnt.path()).expect("bindfs starts");
+    let m = Mounted::with_dirs(srcmnt, tempdir(), &[]);
+
+    // Warm the cache with one file, and let the mount see the others' names.
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(m.mnt_path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["cached", "dir", "uncached"]);
+
+    bind.kill9();
+    // Let the kernel's entry and attribute caches (1 s TTL) expire.
+    sleep(Duration::from_millis(1200));
+
+    // Cached files: read and write.
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    std::fs::write(m.mnt_path("cached"), b"changed offline").unwrap();
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"changed offline"
+    );
+    // New files and directories.
+    std::fs::create_dir(m.mnt_path("newdir")).unwrap();
+    std::fs::write(m.mnt_path("newdir/new"), b"new offline").unwrap();
+    // A file the mount knows but cannot reach fails with EIO, quickly.
+    let t = Instant::now();
+    let err = std::fs::read(m.mnt_path("uncached")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Listings still answer with what dst has.
+    let mut offline: Vec<_> = std::fs::read_dir(m.mnt_path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    offline.sort();
+    assert_eq!(offline, ["cached", "newdir"]);
+    assert!(m.stderr().contains("is offline"), "{}", m.stderr());
+
+    bind.restart();
+    sleep(Duration::from_millis(1200));
+    // Back without any manual step: src-only files reappear and read fine.
+    assert_eq!(
+        std::fs::read(m.mnt_path("uncached")).unwrap(),
+        b"only in src"
+    );
+    assert_eq!(std::fs::read(m.mnt_path("dir/inner")).unwrap(), b"inner");
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"changed offline"
+    );
+    assert_eq!(
+        std::fs::read(m.mnt_path("newdir/new")).unwrap(),
+        b"new offline"
+    );
+    // Cache mode never writes to src.
+    assert_eq!(
+        std::fs::read(real_path.join("cached")).unwrap(),
+        b"cached bytes"
+    );
+    assert!(m.stderr().contains("answers again"), "{}", m.stderr());
+    m.stop();
+}
+
+#[test]
+fn stalled_src_times_out_and_the_mount_stays_responsive() {
+    if !can_mount("stalled_src_times_out_and_the_mount_stays_responsive") {
+        return;
+    }
+    let real = dir_with(&[
+        ("cached", b"cached bytes"),
+        ("uncached", b"only in src"),
+        ("other", b"other"),
+    ]);
+    let srcmnt = tempdir();
+    let bind = BindfsSrc::start(real, srcmnt.path()).expect("bindfs starts");
+    let m = Mounted::with_dirs(srcmnt, tempdir(), &["--src-timeout", "1"]);
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    assert_eq!(std::fs::read_dir(m.mnt_path("")).unwrap().count(), 3);
+
+    bind.pause(true);
+    sleep(Duration::from_millis(1200)); // kernel caches expire
+
+    // Several readers of unreachable files at once: each gets EIO within the
+    // timeout (plus slack), none hangs.
+    let t = Instant::now();
+    let readers: Vec<_> = ["uncached", "other"]
+        .into_iter()
+        .map(|name| {
+            let p = m.mnt_path(name);
+            std::thread::spawn(move || std::fs::read(p).map_err(|e| e.raw_os_error()))
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), Err(Some(libc::EIO)));
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Cached data, new files and the listing still answer while src hangs.
+    let t = Instant::now();
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    std::fs::write(m.mnt_path("new"), b"written while src hangs").unwrap();
+    assert!(std::fs::read_dir(m.mnt_path("")).is_ok());
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(m.stderr().contains("is offline"), "{}", m.stderr());
+
+    bind.pause(false);
+    sleep(Duration::from_millis(1200));
+    assert_eq!(
+        std::fs::read(m.mnt_path("uncached")).unwrap(),
+        b"only in src"
+    );
+    assert_eq!(
+        std::fs::read(m.mnt_path("new")).unwrap(),
+        b"written while src hangs"
+    );
+    m.stop();
+}
