@@ -1241,7 +1241,12 @@ impl CacheFs {
         let file = file.into_inner().ok_or(FsError::Stale)?;
         let fh = self.add_handle(attr.ino, file, for_backing);
         if for_backing {
-            self.note_bypassing_writer(fh)?;
+            // No Write record now: the journaled Create already uploads dst's bytes as
+            // they are at replay time (one fdatasync per new file, not two). Later
+            // passthrough writes are found by version at flush/fsync/release.
+            let h = self.handle(fh)?;
+            let now = version_of(&layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?);
+            *h.reported.lock().unwrap() = Some(now);
         }
         Ok((attr, fh))
     }
