@@ -706,6 +706,10 @@ impl CacheFs {
                 n.checked = Some(std::time::Instant::now());
             }
         };
+        // Our own pending uploads change src: dst is the authority for such a path.
+        if self.changes.as_ref().is_some_and(|c| c.has_pending(path)) {
+            return Ok(Freshness::Unchanged);
+        }
         let clean = match origin::read(&self.dst, path)? {
             Some(o) if !o.dirty => o,
             _ => {
@@ -1640,6 +1644,10 @@ impl CacheFs {
             *reported = Some(now);
         }
         let path = if changed {
+            // The dst file now holds data src does not: never refetch over it.
+            if let Ok((p, _, _)) = self.node_path(h.ino) {
+                origin::mark_dirty(&self.dst, &p)?;
+            }
             self.record_content(h.ino)?
         } else {
             self.node_path(h.ino).ok().map(|(p, _, _)| p)

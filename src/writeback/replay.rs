@@ -539,7 +539,24 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
 /// holds exactly its bytes and the copy is clean again (revalidated against src,
 /// evictable); otherwise it stays dirty, and the pending write uploads the rest.
 fn record_upload(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
-    let unchanged = sys::fstat(df.as_raw_fd()).is_ok_and(|now| {
+    let unchanged = unchanged_since(df, before);
+    if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
+        let mut record = Origin::of(&on_src);
+        record.dirty = !unchanged;
+        let _ = origin::write_fd(df, &record);
+        // A write that landed after the check above (FUSE passthrough writes do not
+        // pass through the daemon) must not be left under a clean record: check again
+        // after writing it. A later write is followed by a flush that marks it dirty.
+        if !record.dirty && !unchanged_since(df, before) {
+            record.dirty = true;
+            let _ = origin::write_fd(df, &record);
+        }
+    }
+}
+
+/// Whether dst's open file still has the mtime, size and inode of `before`.
+fn unchanged_since(df: &File, before: &Stat) -> bool {
+    sys::fstat(df.as_raw_fd()).is_ok_and(|now| {
         (now.st_mtime, now.st_mtime_nsec, now.st_size, now.st_ino)
             == (
                 before.st_mtime,
@@ -547,12 +564,7 @@ fn record_upload(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
                 before.st_size,
                 before.st_ino,
             )
-    });
-    if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
-        let mut record = Origin::of(&on_src);
-        record.dirty = !unchanged;
-        let _ = origin::write_fd(df, &record);
-    }
+    })
 }
 
 /// Owner, mode, xattrs, times, fsync of a freshly written src file.

@@ -151,6 +151,13 @@ pub(crate) fn render(s: &Summary, json: bool) -> String {
 
 /// `cachefs status DST [--json]`. Returns the process exit code.
 pub fn run(dst: &Path, json: bool) -> i32 {
+    if !dst.is_dir() {
+        eprintln!(
+            "cachefs status: {} is not a directory; give the cache directory (the -dst of the mount)",
+            dst.display()
+        );
+        return 2;
+    }
     match journal::read(dst) {
         Ok((live, _)) => {
             let s = summarize(dst, live.values().map(|l| (l, true)));
