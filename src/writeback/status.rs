@@ -152,8 +152,13 @@ pub(crate) fn render(s: &Summary, json: bool) -> String {
 /// `cachefs status DST [--json]`. Returns the process exit code.
 pub fn run(dst: &Path, json: bool) -> i32 {
     if !dst.is_dir() {
+        let what = if dst.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
         eprintln!(
-            "cachefs status: {} is not a directory; give the cache directory (the -dst of the mount)",
+            "cachefs status: {} {what}; give the cache directory (the -dst of the mount)",
             dst.display()
         );
         return 2;

@@ -866,3 +866,110 @@ pub fn wb_tree_diff(
     }
     diffs
 }
+
+// ----- helpers added for the hostile-input tests (tests/hostile.rs) ---------------------
+
+/// uid and gid of the local user `name` (e.g. pjdfstest's `tests`), if it exists.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: valid C string; the returned record is read at once, before any other
+    // getpw* call in this thread.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: non-null record from getpwnam.
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// `program args...` run as `ids` (uid, gid) with no supplementary groups, umask 022
+/// (inherited: the harness does not change it), stdin closed.
+pub fn run_as(ids: (u32, u32), program: &str, args: &[&dyn AsRef<OsStr>]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(program);
+    for a in args {
+        cmd.arg(a);
+    }
+    // As root, std drops the supplementary groups (setgroups(0)) when uid is set.
+    cmd.uid(ids.0)
+        .gid(ids.1)
+        .current_dir("/")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {program} as {ids:?}: {e}"))
+}
+
+/// Runs the Perl snippet `code` (which sees the paths in @ARGV) as `ids` and returns 0 if
+/// it exits 0, else its exit status, which the snippet sets to the errno:
+/// `mkdir $ARGV[0] or exit($!+0)`. Perl is used because it is in every base image and
+/// reports the exact errno (the shell tools only print a message).
+pub fn errno_as(ids: (u32, u32), code: &str, paths: &[&Path]) -> i32 {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"-e", &code];
+    for p in paths {
+        args.push(p);
+    }
+    let out = run_as(ids, "/usr/bin/perl", &args);
+    assert!(
+        out.stderr.is_empty(),
+        "perl {code:?} as {ids:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("perl {code:?} killed: {}", out.status))
+}
+
+/// `cachefs status DST --json`: (exit code, the JSON line).
+pub fn hostile_status(dst: &Path) -> (i32, String) {
+    let out = Command::new(cachefs_bin())
+        .arg("status")
+        .arg(dst)
+        .arg("--json")
+        .output()
+        .expect("run cachefs status");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The number after `"key":` in a flat JSON object (None for null or a missing key).
+pub fn json_u64(json: &str, key: &str) -> Option<u64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let digits: String = json[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Polls `cachefs status DST --json` until `done(json)`; panics with the last status after
+/// `timeout`. Returns (exit code, JSON).
+pub fn wait_status(dst: &Path, timeout: Duration, done: impl Fn(&str) -> bool) -> (i32, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (code, json) = hostile_status(dst);
+        if done(&json) {
+            return (code, json);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writeback status not reached after {timeout:?}: exit {code}, {json}"
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the writeback queue is empty (pending_ops == 0) and asserts nothing failed.
+pub fn wait_drained(m: &Mounted, timeout: Duration) {
+    let (code, json) = wait_status(m.dst.path(), timeout, |j| {
+        json_u64(j, "pending_ops") == Some(0)
+    });
+    assert_eq!(
+        (code, json_u64(&json, "failed_ops")),
+        (0, Some(0)),
+        "{json}\ndaemon stderr:\n{}",
+        m.stderr()
+    );
+}
