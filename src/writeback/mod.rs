@@ -85,6 +85,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
+use crate::metrics::{self, METRICS};
 use journal::{FailInfo, Journal, Record};
 use sched::Sched;
 
@@ -316,6 +317,13 @@ impl Shared {
         }
     }
 
+    /// `cachefs_writeback_queue_depth` from the queue's own count (pending + failed).
+    fn publish_depth(st: &Inner) {
+        METRICS
+            .writeback_queue_depth
+            .set(st.sched.entries.len() as i64);
+    }
+
     fn complete(&self, job: Job, result: io::Result<replay::Outcome>, took: Duration) {
         let now = Instant::now();
         let kind = op::kind(&job.op);
@@ -326,6 +334,8 @@ impl Shared {
         match result {
             Ok(outcome) => {
                 st.sched.succeed(job.seq, now);
+                METRICS.writeback_replayed.inc();
+                Self::publish_depth(&st);
                 let r = if outcome == replay::Outcome::Applied {
                     "ok"
                 } else {
@@ -380,6 +390,11 @@ impl Shared {
                     if let Err(e) = st.journal.append(&line) {
                         log::warn!("writeback: cannot record failure in journal: {e}");
                     }
+                    if already {
+                        METRICS.writeback_retries.inc(); // a parked op failed again
+                    } else {
+                        METRICS.writeback_failures.inc();
+                    }
                     st.sched.retry(job.seq, now + wait, Some(fail), true, now);
                 } else {
                     let wait = retry::backoff(self.retry_delay, job.attempt);
@@ -389,6 +404,7 @@ impl Shared {
                             job.attempt
                         );
                     }
+                    METRICS.writeback_retries.inc();
                     st.sched.retry(job.seq, now + wait, None, true, now);
                 }
             }
@@ -439,7 +455,7 @@ fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: u
 
 fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
     for job in jobs.iter() {
-        let t = Instant::now();
+        let t = metrics::Timer::start();
         let ctx = replay::Ctx {
             src: &sh.src,
             dst: &sh.dst,
@@ -453,7 +469,13 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             tmp_counter: std::cell::Cell::new(0),
         };
         let r = replay::apply(&ctx, &job.op, &job.ids);
-        sh.complete(job, r, t.elapsed());
+        // The replay's src calls, as one src op; an upload abandoned at shutdown is
+        // not a src error.
+        let took = t.observe(op::src_op(&job.op));
+        if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
+            METRICS.src_result(&r);
+        }
+        sh.complete(job, r, took);
     }
 }
 
@@ -493,6 +515,7 @@ impl Writeback {
         if inner.journal.lines > loaded as u64 + 1 {
             Shared::compact(&mut inner)?;
         }
+        Shared::publish_depth(&inner);
         if loaded > 0 {
             log::info!("writeback: resuming {loaded} pending ops from the journal");
         }
@@ -589,6 +612,7 @@ impl Writeback {
                 }
                 st.next_seq = first + n;
                 st.written_upto = first + n - 1;
+                Shared::publish_depth(&st);
                 st.written_upto
             }
         };
