@@ -32,7 +32,10 @@ fn a_drain_that_finishes_reports_the_queue_then_empty() {
     assert!(reports.len() >= 2, "{reports:?}");
     let first = &reports[0];
     assert_eq!((first.ops_left, first.bytes_left), (5, 5000), "{reports:?}");
-    assert!(first.to_string().contains("5 ops (5000 bytes) left"), "{first}");
+    assert!(
+        first.to_string().contains("5 ops (5000 bytes) left"),
+        "{first}"
+    );
     let last = reports.last().unwrap();
     assert_eq!(last.ops_left, 0);
     assert!(last.to_string().contains("drained the queue"), "{last}");
@@ -71,7 +74,9 @@ fn a_long_drain_reports_periodically_until_it_gives_up() {
         }
     }
     assert!(
-        reports[1].to_string().contains("3 ops (6000 bytes) left after 0."),
+        reports[1]
+            .to_string()
+            .contains("3 ops (6000 bytes) left after 0."),
         "{}",
         reports[1]
     );
