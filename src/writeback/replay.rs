@@ -501,8 +501,19 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut kept = name.to_os_string();
-    kept.push(format!(".conflict-{secs}"));
+    // Never over an earlier conflict file (two conflicts within one second).
+    let mut n = 1;
+    let kept = loop {
+        let mut kept = name.to_os_string();
+        kept.push(format!(".conflict-{secs}"));
+        if n > 1 {
+            kept.push(format!("-{n}"));
+        }
+        if sys::lstat_at(sd, &kept)?.is_none() {
+            break kept;
+        }
+        n += 1;
+    };
     sys::rename_at(sd, name, sd, &kept, false)?;
     crate::metrics::METRICS.conflicts.inc();
     log::warn!(
@@ -516,7 +527,9 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
 
 /// After an upload: if dst's file did not change meanwhile, src now holds exactly its
 /// bytes, so the copy is clean again (revalidated against src's new version, and
-/// evictable by the cache budget).
+/// evictable by the cache budget). If it changed, it stays dirty, but its origin is
+/// now our upload: the next replay must not take src's new version (ours) for a
+/// change made elsewhere, i.e. a conflict.
 fn mark_clean_if_unchanged(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
     let unchanged = sys::fstat(df.as_raw_fd()).is_ok_and(|now| {
         (now.st_mtime, now.st_mtime_nsec, now.st_size, now.st_ino)
@@ -527,8 +540,10 @@ fn mark_clean_if_unchanged(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
                 before.st_ino,
             )
     });
-    if unchanged && let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
-        let _ = origin::write_fd(df, &Origin::of(&on_src));
+    if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
+        let mut o = Origin::of(&on_src);
+        o.dirty = !unchanged;
+        let _ = origin::write_fd(df, &o);
     }
 }
 
@@ -749,5 +764,35 @@ fn rename(
             sync_or_clear(ctx, roots, from, ids[0])?;
             sync_or_clear(ctx, roots, to, ids[1])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_files_never_replace_each_other() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = File::open(d.path()).unwrap();
+        for v in ["first", "second", "third"] {
+            std::fs::write(d.path().join("f"), v).unwrap();
+            keep_conflicting_src_version(dir.as_raw_fd(), OsStr::new("f")).unwrap();
+        }
+        let mut kept: Vec<(String, String)> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                (name, std::fs::read_to_string(e.path()).unwrap())
+            })
+            .collect();
+        kept.sort_by(|a, b| a.1.cmp(&b.1));
+        let contents: Vec<&str> = kept.iter().map(|k| k.1.as_str()).collect();
+        assert_eq!(contents, ["first", "second", "third"], "{kept:?}");
+        assert!(
+            kept.iter().all(|k| k.0.starts_with("f.conflict-")),
+            "{kept:?}"
+        );
     }
 }
