@@ -186,3 +186,45 @@ impl Drop for BindMount {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }
+
+/// One daemon alone: a file that keeps changing while its upload runs is no conflict.
+/// (Replay once took src's new version, its own upload, for a change made elsewhere,
+/// and kept it as a conflict file.)
+#[test]
+fn writes_during_an_upload_are_no_conflict() {
+    if !can_mount("writes_during_an_upload_are_no_conflict") {
+        return;
+    }
+    let src = dir_with(&[("big", b"v1")]);
+    let src_path = src.path().to_path_buf();
+    let m = Mounted::with_dirs(src, tempdir(), &["-w"]);
+    assert_eq!(read(&m.mnt_path("big")).unwrap(), b"v1");
+    let chunk = vec![7u8; 8 << 20];
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.mnt_path("big"))
+        .unwrap();
+    for _ in 0..4 {
+        // fsync journals the write: its upload starts while more is written.
+        f.write_all(&chunk).unwrap();
+        f.sync_all().unwrap();
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let want = 8 * chunk.len() as u64;
+    wait_until(
+        Duration::from_secs(60),
+        "the last version reaches src",
+        || fs::metadata(src_path.join("big")).is_ok_and(|md| md.len() == want),
+    );
+    sleep(Duration::from_millis(300));
+    let names = names(&src_path);
+    assert_eq!(
+        names,
+        ["big"],
+        "no conflict file: {names:?}\n{}",
+        m.stderr()
+    );
+    m.stop();
+}

@@ -314,7 +314,12 @@ fn sync_entry(
     match ftype {
         libc::S_IFREG => {
             if !content && src_type == Some(libc::S_IFREG) {
-                set_meta(dd, sd, name, dst_st)
+                set_meta(dd, sd, name, dst_st)?;
+                // utimens moved src's mtime: that version is ours too.
+                if let Ok(df) = sys::open_read_at(dd, name) {
+                    adopt_src_version(&df, sd, name, false);
+                }
+                Ok(())
             } else {
                 if src_type == Some(libc::S_IFDIR) {
                     remove_tree(ctx, sd, name)?;
@@ -467,6 +472,7 @@ fn copy_file(
         let n = copy_data(ctx, &mut df, &mut sf)?;
         sf.set_len(n)?;
         finish_file(dd, name, &sf, sd, name, &st)?;
+        mark_clean_if_unchanged(&df, &st, sd, name);
         return Ok(());
     }
     let fetched_from = origin::read_fd(&df);
@@ -540,9 +546,30 @@ fn mark_clean_if_unchanged(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
                 before.st_ino,
             )
     });
-    if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
+    if unchanged {
+        if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
+            let _ = origin::write_fd(df, &Origin::of(&on_src));
+        }
+    } else {
+        adopt_src_version(df, sd, name, true);
+    }
+}
+
+/// src's regular file `name` is now a version this replay wrote (content or times):
+/// dst's copy `df` records it as its origin, keeping its dirty flag (`dirty`: set it),
+/// so that the next replay does not take our own change for one made elsewhere (a
+/// false conflict). A file with no origin record (never fetched, never uploaded
+/// clean) gets one only when `dirty`.
+fn adopt_src_version(df: &File, sd: RawFd, name: &OsStr, dirty: bool) {
+    let was = origin::read_fd(df);
+    if was.is_none() && !dirty {
+        return;
+    }
+    if let Ok(Some(on_src)) = sys::lstat_at(sd, name)
+        && sys::file_type(&on_src) == libc::S_IFREG
+    {
         let mut o = Origin::of(&on_src);
-        o.dirty = !unchanged;
+        o.dirty = dirty || was.is_some_and(|w| w.dirty);
         let _ = origin::write_fd(df, &o);
     }
 }
