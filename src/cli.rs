@@ -98,7 +98,8 @@ pub struct Cli {
 /// Subcommands (none: mount).
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Report the writeback queue kept in a cache directory (pending, failed ops).
+    /// Report the state kept in a cache directory: src online/offline, the writeback
+    /// queue (pending, failed ops), the cache budget. Works with or without a daemon.
     Status {
         /// The cache directory (the -dst of the mount).
         #[arg(value_name = "DST")]

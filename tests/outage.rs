@@ -3,82 +3,15 @@
 //! unreachable files fail with EIO quickly, the mount stays responsive, and everything
 //! comes back by itself when src is mounted again.
 
+mod bindfs_support;
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use bindfs_support::BindfsSrc;
 use common::*;
-use tempfile::TempDir;
-
-/// src served through `bindfs -f real mnt`, killable and restartable.
-struct BindfsSrc {
-    real: TempDir,
-    mnt: PathBuf,
-    child: Option<Child>,
-}
-
-impl BindfsSrc {
-    fn start(real: TempDir, mnt: &Path) -> Option<BindfsSrc> {
-        let mut s = BindfsSrc {
-            real,
-            mnt: mnt.to_path_buf(),
-            child: None,
-        };
-        s.spawn().then_some(s)
-    }
-
-    fn spawn(&mut self) -> bool {
-        let Ok(child) = Command::new("bindfs")
-            .arg("-f")
-            .arg(self.real.path())
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .spawn()
-        else {
-            return false;
-        };
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !is_fuse_mounted(&self.mnt) {
-            assert!(Instant::now() < deadline, "bindfs did not mount");
-            sleep(Duration::from_millis(10));
-        }
-        true
-    }
-
-    /// SIGKILL: the mount stays behind, answering ENOTCONN.
-    fn kill9(&mut self) {
-        let mut child = self.child.take().expect("running");
-        signal(&child, libc::SIGKILL);
-        let _ = child.wait();
-    }
-
-    /// SIGSTOP / SIGCONT: every call into src hangs, as with a hung network.
-    fn pause(&self, stop: bool) {
-        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
-        signal(self.child.as_ref().expect("running"), sig);
-    }
-
-    /// What systemd does with a crashed rclone: clear the dead mount, mount again.
-    fn restart(&mut self) {
-        detach(&self.mnt);
-        assert!(self.spawn());
-    }
-}
-
-impl Drop for BindfsSrc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, libc::SIGCONT);
-            signal(&c, libc::SIGKILL);
-            let _ = c.wait();
-        }
-        detach(&self.mnt);
-    }
-}
 
 #[test]
 fn src_dies_and_comes_back() {

@@ -80,3 +80,54 @@ fn abstract_notify_socket_works_too() {
             .success()
     );
 }
+
+/// The example units (examples/systemd/) pass `systemd-analyze verify`, with the
+/// binaries they run pointed at ones that exist here.
+#[test]
+fn example_units_pass_systemd_analyze_verify() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "skipping example_units_pass_systemd_analyze_verify: systemd-analyze is not \
+             installed (apt-get install systemd)"
+        );
+        return;
+    }
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd");
+    let dir = tempdir();
+    let mut units = Vec::new();
+    for e in std::fs::read_dir(&examples).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "service") {
+            continue;
+        }
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        // verify checks that ExecStart= binaries exist: use the one under test, and
+        // stand in for rclone where it is not installed.
+        text = text.replace("/usr/local/bin/cachefs", cachefs_bin());
+        if !std::path::Path::new("/usr/bin/rclone").exists() {
+            eprintln!("rclone is not installed: verifying with /bin/true in its place");
+            text = text.replace("/usr/bin/rclone", "/bin/true");
+        }
+        let to = dir.path().join(p.file_name().unwrap());
+        std::fs::write(&to, text).unwrap();
+        units.push(to);
+    }
+    assert_eq!(units.len(), 2, "{units:?}");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Warnings (unknown keys, bad values) do not fail verify: none may name our units.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cachefs-uploads") || l.contains("rclone-gcs-uploads"))
+        .collect();
+    assert!(ours.is_empty(), "{stderr}");
+}

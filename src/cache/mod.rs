@@ -433,6 +433,7 @@ impl Cache {
             Ok(Some(freed)) => {
                 self.index.lock().unwrap().remove(path);
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::METRICS.evictions.inc();
                 self.counters
                     .evicted_bytes
                     .fetch_add(freed, Ordering::Relaxed);
@@ -1028,6 +1029,7 @@ mod tests {
         let mut s = setup(9);
         s.cfg.cache_size = Some(3 * MIB as u64 + 64 * 1024);
         let (fs, cache) = mount(&s.cfg);
+        let evicted_before = crate::metrics::METRICS.evictions.get();
         for round in 0..2 {
             for i in 0..9 {
                 let got = read_file(&fs, &format!("f{i}")).unwrap();
@@ -1048,6 +1050,8 @@ mod tests {
         let json = cache.status_json();
         assert!(json.contains("\"evictions\":"), "{json}");
         assert!(!json.contains("\"evictions\":0,"), "{json}");
+        // cachefs_cache_evictions_total moves too (other tests may add to it).
+        assert!(crate::metrics::METRICS.evictions.get() >= evicted_before + 6);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod layer;
 pub mod names;
 pub mod origin;
 pub mod src_pool;
+pub mod src_state;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -321,6 +322,7 @@ impl CacheFs {
         };
         fs.load_legacy_whiteouts()?;
         copyup::prepare_staging(&fs.dst)?;
+        fs.persist_src_state(None); // src was checked at startup
         Ok(fs)
     }
 
@@ -454,6 +456,7 @@ impl CacheFs {
                 {
                     *self.src_offline_since.lock().unwrap() = None;
                     log::warn!("src {} answers again", self.src.root_path().display());
+                    self.persist_src_state(None);
                 }
                 Ok(v)
             }
@@ -464,6 +467,7 @@ impl CacheFs {
                         "src {} is offline ({e}): cached files keep working, uncached ones fail with EIO",
                         self.src.root_path().display()
                     );
+                    self.persist_src_state(Some(&e));
                 }
                 Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
             }
@@ -471,17 +475,34 @@ impl CacheFs {
         }
     }
 
+    /// Records src's state (online, or offline because of `error`) in
+    /// `dst/.cachefs-state/src.json` for `cachefs status` (see [`src_state`]). Called at
+    /// startup and at each transition only.
+    fn persist_src_state(&self, error: Option<&io::Error>) {
+        let state = src_state::SrcState {
+            online: error.is_none(),
+            since: src_state::unix_now(SystemTime::now()),
+            last_error: error.map(|e| e.to_string()),
+            pid: std::process::id(),
+        };
+        if let Err(e) = src_state::write(self.dst.root_path(), &state) {
+            log::warn!("cannot record src's state for `cachefs status`: {e}");
+        }
+    }
+
     /// Runs a src call on the src pool (bounded by `--src-timeout`); after an outage
     /// error other than a timeout it reopens src's root once (a src mount restarted at
     /// the same path, e.g. by systemd) and tries again.
+    /// Each attempt is timed under `op` and counted in the src metrics.
     fn src_do<T: Send + 'static>(
         &self,
+        op: crate::metrics::SrcOp,
         f: impl Fn(&Layer) -> io::Result<T> + Send + Sync + 'static,
     ) -> FsResult<T> {
         let f = Arc::new(f);
         let attempt = || {
             let (src, f) = (Arc::clone(&self.src), Arc::clone(&f));
-            self.src_pool.run(move || f(&src))
+            crate::metrics::src_op(op, || self.src_pool.run(move || f(&src)))
         };
         match attempt() {
             Err(e)
@@ -498,7 +519,7 @@ impl CacheFs {
     /// lstat on src.
     fn src_stat(&self, path: &Path) -> FsResult<Option<Stat>> {
         let path = path.to_path_buf();
-        self.src_do(move |s| s.stat(&path))
+        self.src_do(crate::metrics::SrcOp::Stat, move |s| s.stat(&path))
     }
 
     /// Reopens src's root, at most once a second. Whether it was reopened.
@@ -615,6 +636,10 @@ impl CacheFs {
         let copied = self.src_pool.run_watched(Some(progress), move || {
             copyup::copy_entry(&src, &dst, &p, &st, opts, Some(&counter))
         });
+        // Timed by the caller (`SrcOp::Fetch`); dst's own errors (ENOSPC) are not src's.
+        if copied.as_ref().err().is_none_or(is_outage) {
+            crate::metrics::METRICS.src_result(&copied);
+        }
         self.src_result(copied)
     }
 
@@ -732,7 +757,10 @@ impl CacheFs {
                     limit: None,
                     replace: true,
                 };
-                self.copy_from_src(path, st, opts)?;
+                crate::metrics::timed(crate::metrics::SrcOp::Fetch, || {
+                    self.copy_from_src(path, st, opts)
+                })?;
+                crate::metrics::cache_miss(st.st_size as u64);
                 if let Some(st) = self.dst.stat(path)? {
                     self.inodes.lock().unwrap().set_dst_ident(ino, ident(&st));
                 }
@@ -895,9 +923,11 @@ impl CacheFs {
         }
         if merge_src && !opaque {
             let dir = path.to_path_buf();
-            let listed = self.src_do(move |s| match s.read_dir(&dir) {
-                Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
-                r => r,
+            let listed = self.src_do(crate::metrics::SrcOp::Readdir, move |s| {
+                match s.read_dir(&dir) {
+                    Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
+                    r => r,
+                }
             });
             let src_entries = match listed {
                 Ok(v) => v,
@@ -1082,7 +1112,9 @@ impl CacheFs {
         let (path, _, _) = self.node_path(ino)?;
         match self.dst.readlink(&path) {
             Ok(t) => Ok(t),
-            Err(e) if layer::is_not_found(&e) => self.src_do(move |s| s.readlink(&path)),
+            Err(e) if layer::is_not_found(&e) => {
+                self.src_do(crate::metrics::SrcOp::Stat, move |s| s.readlink(&path))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -1799,7 +1831,7 @@ impl CacheFs {
         if self.dst.stat(&path)?.is_some() {
             Ok(f(&self.dst, &path)?)
         } else {
-            self.src_do(move |s| f(s, &path))
+            self.src_do(crate::metrics::SrcOp::Stat, move |s| f(s, &path))
         }
     }
 

@@ -85,6 +85,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
+use crate::metrics::{self, METRICS};
 use journal::{FailInfo, Journal, Record};
 use sched::Sched;
 
@@ -202,6 +203,42 @@ impl From<io::Error> for WritebackError {
     }
 }
 
+/// How often a drain at shutdown reports its progress.
+pub const DRAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Where a drain at shutdown stands (see [`Writeback::shutdown_reporting`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainProgress {
+    /// Ops not yet replayed on src (pending and failed).
+    pub ops_left: usize,
+    /// Bytes still to upload: dst sizes of the distinct files with pending content.
+    pub bytes_left: u64,
+    pub elapsed: Duration,
+    /// Until the drain gives up and leaves the rest in the journal.
+    pub remaining: Duration,
+}
+
+impl fmt::Display for DrainProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ops_left == 0 {
+            return write!(
+                f,
+                "writeback: drained the queue in {:.1}s",
+                self.elapsed.as_secs_f64()
+            );
+        }
+        write!(
+            f,
+            "writeback: draining before exit: {} ops ({} bytes) left after {:.1}s; \
+             the rest stays in the journal in {:.1}s",
+            self.ops_left,
+            self.bytes_left,
+            self.elapsed.as_secs_f64(),
+            self.remaining.as_secs_f64()
+        )
+    }
+}
+
 struct Job {
     seq: u64,
     op: Op,
@@ -316,6 +353,13 @@ impl Shared {
         }
     }
 
+    /// `cachefs_writeback_queue_depth` from the queue's own count (pending + failed).
+    fn publish_depth(st: &Inner) {
+        METRICS
+            .writeback_queue_depth
+            .set(st.sched.entries.len() as i64);
+    }
+
     fn complete(&self, job: Job, result: io::Result<replay::Outcome>, took: Duration) {
         let now = Instant::now();
         let kind = op::kind(&job.op);
@@ -326,6 +370,8 @@ impl Shared {
         match result {
             Ok(outcome) => {
                 st.sched.succeed(job.seq, now);
+                METRICS.writeback_replayed.inc();
+                Self::publish_depth(&st);
                 let r = if outcome == replay::Outcome::Applied {
                     "ok"
                 } else {
@@ -380,6 +426,11 @@ impl Shared {
                     if let Err(e) = st.journal.append(&line) {
                         log::warn!("writeback: cannot record failure in journal: {e}");
                     }
+                    if already {
+                        METRICS.writeback_retries.inc(); // a parked op failed again
+                    } else {
+                        METRICS.writeback_failures.inc();
+                    }
                     st.sched.retry(job.seq, now + wait, Some(fail), true, now);
                 } else {
                     let wait = retry::backoff(self.retry_delay, job.attempt);
@@ -389,6 +440,7 @@ impl Shared {
                             job.attempt
                         );
                     }
+                    METRICS.writeback_retries.inc();
                     st.sched.retry(job.seq, now + wait, None, true, now);
                 }
             }
@@ -439,7 +491,7 @@ fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: u
 
 fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
     for job in jobs.iter() {
-        let t = Instant::now();
+        let t = metrics::Timer::start();
         let ctx = replay::Ctx {
             src: &sh.src,
             dst: &sh.dst,
@@ -453,7 +505,13 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             tmp_counter: std::cell::Cell::new(0),
         };
         let r = replay::apply(&ctx, &job.op, &job.ids);
-        sh.complete(job, r, t.elapsed());
+        // The replay's src calls, as one src op; an upload abandoned at shutdown is
+        // not a src error.
+        let took = t.observe(op::src_op(&job.op));
+        if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
+            METRICS.src_result(&r);
+        }
+        sh.complete(job, r, took);
     }
 }
 
@@ -493,6 +551,7 @@ impl Writeback {
         if inner.journal.lines > loaded as u64 + 1 {
             Shared::compact(&mut inner)?;
         }
+        Shared::publish_depth(&inner);
         if loaded > 0 {
             log::info!("writeback: resuming {loaded} pending ops from the journal");
         }
@@ -589,6 +648,7 @@ impl Writeback {
                 }
                 st.next_seq = first + n;
                 st.written_upto = first + n - 1;
+                Shared::publish_depth(&st);
                 st.written_upto
             }
         };
@@ -702,11 +762,26 @@ impl Writeback {
     /// Stop accepting ops, replay what can be replayed within `max_wait` (start delays
     /// waived, retry backoff kept), then stop the workers (an upload in progress is
     /// abandoned, its temp file removed) and persist the rest in a compacted journal.
+    ///
+    /// A drain logs its progress (ops and bytes left) when it begins and every
+    /// [`DRAIN_PROGRESS_EVERY`] until it ends.
     pub fn shutdown(&self, max_wait: Duration) {
+        self.shutdown_reporting(max_wait, DRAIN_PROGRESS_EVERY, &mut |p| log::info!("{p}"));
+    }
+
+    /// [`Writeback::shutdown`], reporting the drain's progress to `report` (when it
+    /// begins, then every `every`, and once when the queue is empty).
+    pub fn shutdown_reporting(
+        &self,
+        max_wait: Duration,
+        every: Duration,
+        report: &mut dyn FnMut(&DrainProgress),
+    ) {
         let Some(sh) = &self.shared else {
             return;
         };
-        let deadline = Instant::now() + max_wait;
+        let started = Instant::now();
+        let deadline = started + max_wait;
         {
             let mut st = lock(&sh.state);
             if st.shut {
@@ -717,22 +792,46 @@ impl Writeback {
             st.sched.make_urgent(last, Instant::now());
         }
         sh.wake();
-        {
-            let mut st = lock(&sh.state);
-            loop {
-                let now = Instant::now();
-                if st.sched.entries.is_empty()
-                    || now >= deadline
-                    || !st.sched.can_progress_before(deadline)
-                {
-                    break;
+        let mut next_report = started;
+        let mut reported = false;
+        loop {
+            let st = lock(&sh.state);
+            let now = Instant::now();
+            let empty = st.sched.entries.is_empty();
+            if empty || now >= deadline || !st.sched.can_progress_before(deadline) {
+                if empty && reported {
+                    drop(st);
+                    report(&DrainProgress {
+                        ops_left: 0,
+                        bytes_left: 0,
+                        elapsed: started.elapsed(),
+                        remaining: deadline.saturating_duration_since(Instant::now()),
+                    });
                 }
-                st = sh
-                    .cond
-                    .wait_timeout(st, (deadline - now).min(Duration::from_millis(200)))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                break;
             }
+            if now >= next_report {
+                let ops: Vec<Op> = st.sched.entries.values().map(|e| e.op.clone()).collect();
+                drop(st);
+                // dst sizes are read without the lock: workers keep completing.
+                report(&DrainProgress {
+                    ops_left: ops.len(),
+                    bytes_left: status::pending_bytes(&sh.dst, ops.iter()),
+                    elapsed: now - started,
+                    remaining: deadline - now,
+                });
+                reported = true;
+                next_report = now + every;
+                continue;
+            }
+            let wait = (deadline - now)
+                .min(next_report - now)
+                .min(Duration::from_millis(200));
+            drop(
+                sh.cond
+                    .wait_timeout(st, wait)
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
         }
         sh.stop.store(true, Ordering::Relaxed);
         sh.wake();

@@ -28,6 +28,15 @@ pub(crate) fn kind(op: &Op) -> &'static str {
     }
 }
 
+/// The `op` label of a replay in the src latency histogram: uploads of file content
+/// (write, create, and sync, which may upload a tree) are `write`, the rest `meta`.
+pub(crate) fn src_op(op: &Op) -> crate::metrics::SrcOp {
+    match op {
+        Op::Write { .. } | Op::Create { .. } | Op::Sync { .. } => crate::metrics::SrcOp::Write,
+        _ => crate::metrics::SrcOp::Meta,
+    }
+}
+
 /// Build an op from its kind name and paths (the inverse of [`kind`] + [`paths`]).
 pub(crate) fn from_parts(kind: &str, a: PathBuf, b: Option<PathBuf>) -> Option<Op> {
     Some(match (kind, b) {

@@ -520,8 +520,19 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut kept = name.to_os_string();
-    kept.push(format!(".conflict-{secs}"));
+    // Never over an earlier conflict file (two conflicts within one second).
+    let mut n = 1;
+    let kept = loop {
+        let mut kept = name.to_os_string();
+        kept.push(format!(".conflict-{secs}"));
+        if n > 1 {
+            kept.push(format!("-{n}"));
+        }
+        if sys::lstat_at(sd, &kept)?.is_none() {
+            break kept;
+        }
+        n += 1;
+    };
     sys::rename_at(sd, name, sd, &kept, false)?;
     crate::metrics::METRICS.conflicts.inc();
     log::warn!(
@@ -784,5 +795,35 @@ fn rename(
             sync_or_clear(ctx, roots, from, ids[0])?;
             sync_or_clear(ctx, roots, to, ids[1])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_files_never_replace_each_other() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = File::open(d.path()).unwrap();
+        for v in ["first", "second", "third"] {
+            std::fs::write(d.path().join("f"), v).unwrap();
+            keep_conflicting_src_version(dir.as_raw_fd(), OsStr::new("f")).unwrap();
+        }
+        let mut kept: Vec<(String, String)> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                (name, std::fs::read_to_string(e.path()).unwrap())
+            })
+            .collect();
+        kept.sort_by(|a, b| a.1.cmp(&b.1));
+        let contents: Vec<&str> = kept.iter().map(|k| k.1.as_str()).collect();
+        assert_eq!(contents, ["first", "second", "third"], "{kept:?}");
+        assert!(
+            kept.iter().all(|k| k.0.starts_with("f.conflict-")),
+            "{kept:?}"
+        );
     }
 }

@@ -1,0 +1,85 @@
+//! src served through a real bindfs mount that tests kill (SIGKILL, as when rclone
+//! crashes), pause (SIGSTOP, a hung network) and restart. Used by tests/outage.rs,
+//! tests/metrics.rs and tests/status.rs; include with `mod bindfs_support;` next to
+//! `mod common;`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use super::common::{detach, is_fuse_mounted, signal};
+use tempfile::TempDir;
+
+/// Whether bindfs is installed (scripts/install-deps.sh installs it).
+pub fn have_bindfs() -> bool {
+    Command::new("bindfs").arg("--version").output().is_ok()
+}
+
+/// src served through `bindfs -f real mnt`, killable and restartable.
+pub struct BindfsSrc {
+    pub real: TempDir,
+    pub mnt: PathBuf,
+    child: Option<Child>,
+}
+
+impl BindfsSrc {
+    pub fn start(real: TempDir, mnt: &Path) -> Option<BindfsSrc> {
+        let mut s = BindfsSrc {
+            real,
+            mnt: mnt.to_path_buf(),
+            child: None,
+        };
+        s.spawn().then_some(s)
+    }
+
+    fn spawn(&mut self) -> bool {
+        let Ok(child) = Command::new("bindfs")
+            .arg("-f")
+            .arg(self.real.path())
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return false;
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_fuse_mounted(&self.mnt) {
+            assert!(Instant::now() < deadline, "bindfs did not mount");
+            sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// SIGKILL: the mount stays behind, answering ENOTCONN.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// SIGSTOP / SIGCONT: every call into src hangs, as with a hung network.
+    pub fn pause(&self, stop: bool) {
+        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        signal(self.child.as_ref().expect("running"), sig);
+    }
+
+    /// What systemd does with a crashed rclone: clear the dead mount, mount again.
+    pub fn restart(&mut self) {
+        detach(&self.mnt);
+        assert!(self.spawn());
+    }
+}
+
+impl Drop for BindfsSrc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGCONT);
+            signal(&c, libc::SIGKILL);
+            let _ = c.wait();
+        }
+        detach(&self.mnt);
+    }
+}
