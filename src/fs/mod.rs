@@ -1498,8 +1498,9 @@ impl CacheFs {
         self.ensure_in_dst(ino, &path, None)?;
         self.ensure_dst_dir(&dir)?;
         self.clear_whiteouts(&new)?;
-        origin::clear(&self.dst, &path)?;
         self.dst.link(&path, &new)?;
+        // After the link (a failed link must leave the file, and its ctime, alone).
+        origin::clear(&self.dst, &path)?;
         self.inodes.lock().unwrap().add_path(ino, &new);
         let st = self.dst.stat(&new)?.ok_or_else(FsError::not_found)?;
         self.record(Op::Link {

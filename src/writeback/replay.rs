@@ -549,7 +549,14 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
 /// somebody else's change: a false conflict). If dst did not change meanwhile, src
 /// holds exactly its bytes and the copy is clean again (revalidated against src,
 /// evictable); otherwise it stays dirty, and the pending write uploads the rest.
+///
+/// Only an existing record (a file fetched from src) is updated: writing one changes
+/// the dst file's ctime, which the mount shows, so files created here stay without
+/// (local: never refetched, dropped or evicted).
 fn record_upload(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
+    if origin::read_fd(df).is_none() {
+        return;
+    }
     let unchanged = unchanged_since(df, before);
     if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
         let mut record = Origin::of(&on_src);
