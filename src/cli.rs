@@ -194,6 +194,15 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub src_timeout: String,
+    /// With -w: at shutdown (SIGTERM, unmount), how long to keep replaying the queue on
+    /// src before exiting; what is left stays in the journal for the next start.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "20",
+        allow_hyphen_values = true
+    )]
+    pub drain_timeout: String,
     /// Seconds after which a clean cached file is compared with src again on its next
     /// lookup or open (refetched if src changed, dropped if src deleted it); 0: never.
     #[arg(
@@ -242,6 +251,7 @@ const VALUE_FLAGS: &[&str] = &[
     "threads",
     "attr-ttl",
     "src-timeout",
+    "drain-timeout",
     "revalidate",
     "metrics-addr",
     "cache-size",
@@ -537,6 +547,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
     let attr_ttl = parse_seconds("attr-ttl", &m.attr_ttl)?;
     let src_timeout = parse_seconds("src-timeout", &m.src_timeout)?;
     let revalidate = parse_seconds("revalidate", &m.revalidate)?;
+    let drain_timeout = parse_seconds("drain-timeout", &m.drain_timeout)?;
     let threads = match &m.threads {
         None => config::default_threads(),
         Some(t) => parse_threads(t)?,
@@ -572,6 +583,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         passthrough: !m.no_passthrough,
         src_timeout,
         revalidate,
+        drain_timeout,
         metrics_addr,
         cache_size: cache.cache_size,
         min_free: cache.min_free,

@@ -39,6 +39,8 @@ pub struct Config {
     pub passthrough: bool,
     /// `--src-timeout`: longest wait for one src call (zero: unbounded).
     pub src_timeout: Duration,
+    /// `--drain-timeout`: at shutdown with `-w`, how long to keep replaying the queue.
+    pub drain_timeout: Duration,
     /// `--revalidate`: how old a clean cached file's check against src may get before
     /// the next lookup/open compares it with src again (zero: never).
     pub revalidate: Duration,
@@ -78,6 +80,7 @@ impl Config {
             passthrough: true,
             src_timeout: DEFAULT_SRC_TIMEOUT,
             revalidate: DEFAULT_REVALIDATE,
+            drain_timeout: Duration::from_secs(20),
             metrics_addr: None,
             cache_size: None,
             min_free: None,

@@ -10,7 +10,7 @@
 //!   receives them (synchronously, with `sigtimedwait`: no async-signal-safety concerns).
 //! - A signal unmounts the filesystem (lazily, with a warning, if it is busy: open files keep
 //!   working until closed; a second signal exits at once), drains writeback for at most
-//!   [`SHUTDOWN_MAX_WAIT`], and [`run`] returns `Ok` (exit 0). An external `umount` ends
+//!   `--drain-timeout` (default 20 s), and [`run`] returns `Ok` (exit 0). An external `umount` ends
 //!   the session the same way.
 //! - Mount failures come back as a [`DaemonError`] whose message says what to do.
 
@@ -27,9 +27,6 @@ use log::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::fs::CacheFs;
-
-/// How long shutdown waits for the writeback queue to drain; the rest stays in the journal.
-pub const SHUTDOWN_MAX_WAIT: Duration = Duration::from_secs(20);
 
 /// How often the main loop checks whether the session ended (external unmount).
 const POLL: Duration = Duration::from_millis(100);
@@ -171,7 +168,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         // Drain only after a clean unmount; after a failure or a forced exit the
         // journal keeps the queue for the next start.
         let max_wait = match result {
-            Ok(Stop::Clean) => SHUTDOWN_MAX_WAIT,
+            Ok(Stop::Clean) => cfg.drain_timeout,
             _ => Duration::ZERO,
         };
         info!("stopping writeback (waiting at most {max_wait:?} for the queue to drain)");
