@@ -13,7 +13,7 @@ mod common;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::sleep;
@@ -262,17 +262,29 @@ impl BindfsSrc {
     }
 
     fn spawn(&mut self) {
+        let log = self.mnt.with_extension("bindfs.log");
         let child = Command::new("bindfs")
             .arg("-f")
             .arg(self.real.path())
             .arg(&self.mnt)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("bindfs log"))
             .spawn()
             .expect("bindfs is needed (scripts/install-deps.sh installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: on a loaded 2-core CI machine bindfs can take a while to start.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !is_fuse_mounted(&self.mnt) {
-            assert!(Instant::now() < deadline, "bindfs did not mount");
+            if Instant::now() >= deadline {
+                let status = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                panic!(
+                    "bindfs did not mount {} within 30 s (bindfs exit: {status:?}); its stderr:\n{}",
+                    self.mnt.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             sleep(Duration::from_millis(10));
         }
     }
