@@ -404,14 +404,15 @@ pub fn cpath(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
 }
 
-/// `user.*` xattrs of `p` (not following a final symlink), sorted.
-pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+/// `user.*` xattrs of `p` (not following a final symlink), sorted by name; `Err` when
+/// the names cannot be listed. A value that cannot be read fails the test.
+pub fn read_user_xattrs(p: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = cpath(p);
     let mut buf = vec![0u8; 64 * 1024];
     // SAFETY: valid path and buffer.
     let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
-        return Vec::new();
+        return Err(std::io::Error::last_os_error());
     }
     let mut out = Vec::new();
     for name in buf[..n as usize].split(|b| *b == 0) {
@@ -425,15 +426,25 @@ pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
             unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
         assert!(
             m >= 0,
-            "lgetxattr {}: {}",
+            "lgetxattr {} {}: {}",
             p.display(),
+            String::from_utf8_lossy(name),
             std::io::Error::last_os_error()
         );
         val.truncate(m as usize);
-        out.push((String::from_utf8_lossy(name).into_owned(), val));
+        out.push((name.to_vec(), val));
     }
     out.sort();
-    out
+    Ok(out)
+}
+
+/// `user.*` xattrs of `p` with text names; none where they cannot be listed.
+pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    read_user_xattrs(p)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, v)| (String::from_utf8_lossy(&n).into_owned(), v))
+        .collect()
 }
 
 /// What a tree snapshot records for one entry: everything but atime (reads may move it).
@@ -665,40 +676,9 @@ pub struct WbEntry {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-/// `user.*` xattrs of `p` (not following a final symlink), sorted.
+/// `user.*` xattrs of `p` (not following a final symlink), sorted; listing must work.
 pub fn wb_user_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    // SAFETY: valid path and buffer.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(
-        n >= 0,
-        "llistxattr {}: {}",
-        p.display(),
-        std::io::Error::last_os_error()
-    );
-    let mut out = Vec::new();
-    for name in buf[..n as usize].split(|b| *b == 0) {
-        if !name.starts_with(b"user.") {
-            continue;
-        }
-        let cn = std::ffi::CString::new(name).unwrap();
-        let mut val = vec![0u8; 64 * 1024];
-        // SAFETY: valid path, name and buffer.
-        let m =
-            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
-        assert!(
-            m >= 0,
-            "lgetxattr {} {}: {}",
-            p.display(),
-            String::from_utf8_lossy(name),
-            std::io::Error::last_os_error()
-        );
-        val.truncate(m as usize);
-        out.push((name.to_vec(), val));
-    }
-    out.sort();
-    out
+    read_user_xattrs(p).unwrap_or_else(|e| panic!("llistxattr {}: {e}", p.display()))
 }
 
 /// Every entry below `root` (relative path -> [`WbEntry`]), not following symlinks, and
