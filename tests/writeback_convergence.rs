@@ -318,6 +318,8 @@ fn run_seed(seed: u64) {
     let wb = Writeback::start(&cfg).unwrap();
     let mut trace = Vec::new();
     for _ in 0..150 {
+        // As the core does around a rename: the change and its record, as one.
+        let _recording = wb.begin_change();
         if let Some(op) = step(&mut rng, &env.dst) {
             trace.push(op.clone());
             if std::env::var_os("CACHEFS_WB_VERBOSE").is_some() {

@@ -47,7 +47,7 @@ pub use inodes::{Kind, ROOT};
 use layer::{Layer, SetTime, Stat};
 
 use crate::config::Config;
-use crate::writeback::Op;
+use crate::writeback::{ChangeGuard, Op};
 
 /// Where the core reports mutations (implemented by the writeback journal).
 pub trait ChangeLog: Send + Sync {
@@ -58,6 +58,11 @@ pub trait ChangeLog: Send + Sync {
     fn wait_synced(&self, path: &Path) -> io::Result<()>;
     /// Whether ops for `path` (or below it) are still waiting to reach src.
     fn has_pending(&self, path: &Path) -> bool;
+    /// Held across a rename on dst and its `record`, so that replay never retires an
+    /// op on the strength of a rename it cannot yet see in the journal.
+    fn begin_change(&self) -> ChangeGuard<'_> {
+        ChangeGuard::none()
+    }
 }
 
 /// Who is calling (for ownership of new files).
@@ -1416,6 +1421,7 @@ impl CacheFs {
         }
         let from_in_src = self.src_has(&from, from_merges)?;
         let to_in_src = self.src_has(&to, to_merges)?;
+        let _recording = self.changes.as_ref().map(|c| c.begin_change());
         self.dst.rename(&from, &to, flags & libc::RENAME_EXCHANGE)?;
         // A moved file no longer derives from src's file at its new name: local until
         // writeback uploads it (never refetched, dropped or taken for a conflict

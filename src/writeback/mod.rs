@@ -50,6 +50,18 @@
 //! where a degraded sync separated the names, the other names go stale until their own
 //! next op. The fix needs `fs` to record a `Write` for every known name of the inode.
 //!
+//! # Namespace changes and skipped ops
+//! A replay that finds its object gone from dst (renamed away, or its parent was)
+//! skips, trusting the rename's follow-up ops to carry it. Those follow-ups are
+//! computed from the pending ops when the rename is *recorded*, which is after dst was
+//! changed: a replay that observed the change in that window would be dropped before
+//! the rename saw it (its bytes never reaching src). So `fs` holds a
+//! [`Writeback::begin_change`] guard (shared) across each namespace change and its
+//! `record`, and a worker that skipped takes the same lock exclusively before it
+//! retires the op: by then every change it may have observed is recorded, with the
+//! skipped op (still in the queue) among its follow-ups. Lock order: change guard,
+//! then the queue state.
+//!
 //! # Ordering
 //! Op B waits for every earlier unapplied op touching the same path, an ancestor, or a
 //! descendant of one of B's paths (both sides of a rename/link). Unrelated ops run in
@@ -78,7 +90,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -273,6 +285,20 @@ struct Shared {
     sync_lock: Mutex<()>,
     wake: Sender<()>,
     stop: AtomicBool,
+    /// Shared: a dst namespace change and its record in progress; exclusive: a worker
+    /// retiring a skipped op (see "Namespace changes and skipped ops").
+    changes: RwLock<()>,
+}
+
+/// Held (shared) across a dst rename and its [`Writeback::record`]; see the
+/// module doc. Inert without `-w`.
+pub struct ChangeGuard<'a>(#[allow(dead_code)] Option<RwLockReadGuard<'a, ()>>);
+
+impl ChangeGuard<'_> {
+    /// A guard that holds nothing (no writeback).
+    pub fn none() -> ChangeGuard<'static> {
+        ChangeGuard(None)
+    }
 }
 
 /// The writeback queue: journal + replay workers. See the module doc.
@@ -505,6 +531,11 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             tmp_counter: std::cell::Cell::new(0),
         };
         let r = replay::apply(&ctx, &job.op, &job.ids);
+        if matches!(r, Ok(replay::Outcome::Skipped)) {
+            // Wait out namespace changes not yet recorded: their follow-ups must see
+            // this op before it leaves the queue.
+            drop(sh.changes.write().unwrap_or_else(|p| p.into_inner()));
+        }
         // The replay's src calls, as one src op; an upload abandoned at shutdown is
         // not a src error.
         let took = t.observe(op::src_op(&job.op));
@@ -569,6 +600,7 @@ impl Writeback {
             sync_lock: Mutex::new(()),
             wake: wake_tx,
             stop: AtomicBool::new(false),
+            changes: RwLock::new(()),
         });
         let workers = (cfg.concurrent as usize).max(1);
         let (job_tx, job_rx) = crossbeam_channel::unbounded();
@@ -592,6 +624,16 @@ impl Writeback {
             threads: Mutex::new(threads),
             mirror: cfg.concurrent == 0,
         }))
+    }
+
+    /// Hold across a dst rename and its `record` (see "Namespace changes and skipped
+    /// ops" in the module doc).
+    pub fn begin_change(&self) -> ChangeGuard<'_> {
+        ChangeGuard(
+            self.shared
+                .as_ref()
+                .map(|sh| sh.changes.read().unwrap_or_else(|p| p.into_inner())),
+        )
     }
 
     /// Journal `op` durably (the mutation is already done on dst). Returns once the op
@@ -863,6 +905,10 @@ impl Drop for Writeback {
 impl crate::fs::ChangeLog for Writeback {
     fn record(&self, op: Op) -> io::Result<()> {
         Writeback::record(self, op).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn begin_change(&self) -> ChangeGuard<'_> {
+        Writeback::begin_change(self)
     }
 
     /// Only mirror mode waits: with asynchronous writeback, close() and fsync() return
