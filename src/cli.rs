@@ -234,7 +234,8 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub pin: Vec<String>,
-    /// With -w: data not yet written back above which writers wait (not enforced yet).
+    /// With -w: data not yet on src above which new writers wait for the writeback
+    /// (ENOSPC if src takes nothing for --src-timeout).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub max_dirty: Option<String>,
 }
@@ -565,6 +566,12 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         Err(e) => log::debug!("cannot read /proc/self/mountinfo ({e}); skipping the check"),
     }
     check_can_mount(probe.euid(), probe.has_fusermount())?;
+    if cache.max_dirty.is_some() && !m.writeback {
+        return err(
+            "--max-dirty bounds data waiting for writeback, which needs -w: add -w or drop --max-dirty"
+                .to_string(),
+        );
+    }
 
     Ok(Config {
         src,
@@ -1312,6 +1319,7 @@ mod tests {
             "*.jpg",
             "--max-dirty",
             "1.5G",
+            "-w",
         ]));
         assert_eq!(c.cache_size, Some(20 << 30));
         assert_eq!(c.min_free, Some(config::MinFree::Percent(5.0)));
@@ -1338,6 +1346,10 @@ mod tests {
             ),
             (&["--pin", "a/[b"][..], "--pin 'a/[b' is not a valid glob"),
             (&["--max-dirty", "x"][..], "--max-dirty 'x' is not a size"),
+            (
+                &["--max-dirty", "1G"][..],
+                "--max-dirty bounds data waiting for writeback, which needs -w",
+            ),
         ] {
             let e = fail(&with(args));
             assert!(e.contains(needle), "{args:?}: {e}");

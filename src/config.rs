@@ -54,9 +54,8 @@ pub struct Config {
     pub min_free: Option<MinFree>,
     /// `--pin`: mount-relative globs of files fetched ahead of use and never evicted.
     pub pins: Vec<String>,
-    /// `--max-dirty`: unreplicated bytes above which writers wait for writeback
-    /// (backpressure). Parsed and shown; not enforced until the writeback journal
-    /// reports its pending bytes.
+    /// `--max-dirty`: bytes waiting for src above which new writers wait for the
+    /// writeback (backpressure; see `Writeback::throttle`).
     pub max_dirty: Option<u64>,
 }
 

@@ -19,6 +19,8 @@
 //! | `cachefs_src_bytes_fetched_total` | counter | bytes of file data read from src into dst (copy-ups and range fetches) |
 //! | `cachefs_cache_evictions_total` | counter | clean files evicted from dst to respect the cache budget |
 //! | `cachefs_writeback_queue_depth` | gauge | writeback ops journaled and not yet replayed on src (pending + failed) |
+//! | `cachefs_writeback_dirty_bytes` | gauge | bytes of file data journaled for upload and not yet on src (what `--max-dirty` bounds) |
+//! | `cachefs_writeback_throttled_total` | counter | times a writer had to wait because `--max-dirty` was exceeded |
 //! | `cachefs_writeback_replayed_total` | counter | writeback ops replayed on src successfully |
 //! | `cachefs_writeback_retries_total` | counter | writeback attempts that failed and were scheduled again |
 //! | `cachefs_writeback_failures_total` | counter | writeback ops that exhausted their retries and were parked as failed |
@@ -308,6 +310,8 @@ pub struct Metrics {
     pub src_bytes_fetched: Counter,
     pub evictions: Counter,
     pub writeback_queue_depth: Gauge,
+    pub writeback_dirty_bytes: Gauge,
+    pub writeback_throttled: Counter,
     pub writeback_replayed: Counter,
     pub writeback_retries: Counter,
     pub writeback_failures: Counter,
@@ -332,6 +336,8 @@ impl Metrics {
             src_bytes_fetched: Counter::new(),
             evictions: Counter::new(),
             writeback_queue_depth: Gauge::new(0),
+            writeback_dirty_bytes: Gauge::new(0),
+            writeback_throttled: Counter::new(),
             writeback_replayed: Counter::new(),
             writeback_retries: Counter::new(),
             writeback_failures: Counter::new(),
@@ -411,6 +417,18 @@ impl Metrics {
             "cachefs_writeback_queue_depth",
             "Writeback ops journaled and not yet replayed on src (pending and failed).",
             self.writeback_queue_depth.get(),
+        );
+        gauge(
+            o,
+            "cachefs_writeback_dirty_bytes",
+            "Bytes of file data journaled for upload and not yet on src.",
+            self.writeback_dirty_bytes.get(),
+        );
+        counter(
+            o,
+            "cachefs_writeback_throttled_total",
+            "Times a writer waited because --max-dirty was exceeded.",
+            self.writeback_throttled.get(),
         );
         counter(
             o,
@@ -826,6 +844,8 @@ mod tests {
             "cachefs_src_bytes_fetched_total 0",
             "cachefs_cache_evictions_total 0",
             "cachefs_writeback_queue_depth 0",
+            "cachefs_writeback_dirty_bytes 0",
+            "cachefs_writeback_throttled_total 0",
             "cachefs_writeback_replayed_total 0",
             "cachefs_writeback_retries_total 0",
             "cachefs_writeback_failures_total 0",

@@ -385,6 +385,11 @@ fn bad_cache_flags_exit_2_with_one_line() {
         ),
         ("--pin", "a/[b", "--pin 'a/[b' is not a valid glob"),
         ("--max-dirty", "lots", "--max-dirty 'lots' is not a size"),
+        (
+            "--max-dirty",
+            "1G",
+            "which needs -w: add -w or drop --max-dirty",
+        ),
     ] {
         let out = std::process::Command::new(cachefs_bin())
             .arg("-src")

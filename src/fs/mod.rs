@@ -63,6 +63,11 @@ pub trait ChangeLog: Send + Sync {
     fn begin_change(&self) -> ChangeGuard<'_> {
         ChangeGuard::none()
     }
+    /// `--max-dirty` backpressure: returns when a writer may go on (called with no
+    /// core lock held); an error answers the writer.
+    fn throttle(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Who is calling (for ownership of new files).
@@ -545,6 +550,14 @@ impl CacheFs {
     /// Since when src has been offline, if it is.
     pub fn src_offline_since(&self) -> Option<SystemTime> {
         *self.src_offline_since.lock().unwrap()
+    }
+
+    /// Wait while too much data waits for src (`--max-dirty`); see [`ChangeLog::throttle`].
+    fn throttle_writer(&self) -> FsResult<()> {
+        if let Some(c) = &self.changes {
+            c.throttle().map_err(FsError::Journal)?;
+        }
+        Ok(())
     }
 
     fn record(&self, op: Op) -> FsResult<()> {
@@ -1258,6 +1271,7 @@ impl CacheFs {
         req: OpenRequest,
     ) -> FsResult<(Attr, u64)> {
         let OpenRequest { flags, for_backing } = req;
+        self.throttle_writer()?;
         let _ns = self.namespace.write().unwrap();
         let mode = mode & !(umask & 0o777) & 0o7777;
         let file = std::cell::RefCell::new(None);
@@ -1552,6 +1566,9 @@ impl CacheFs {
     /// reported dirty at once, since its writes will not pass through the daemon.
     pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
         let OpenRequest { flags, for_backing } = req;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            self.throttle_writer()?;
+        }
         crate::cache::on_open(&self.cache, self, ino, || Ok(self.node_path(ino)?.0))?; // CACHE HOOK
         let _ns = self.namespace.read().unwrap();
         let (path, kind, merges) = self.node_path(ino)?;
@@ -1612,6 +1629,7 @@ impl CacheFs {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.throttle_writer()?;
         let h = self.handle(fh)?;
         h.file.write_all_at(data, offset)?;
         self.mark_dirty(&h)?;

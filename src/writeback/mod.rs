@@ -164,6 +164,13 @@ pub enum WritebackError {
     InvalidPath(PathBuf),
     /// `record` after `shutdown` began, or `wait_synced` interrupted by it.
     ShuttingDown,
+    /// `throttle`: more than `--max-dirty` bytes wait for src and none went out for
+    /// the stall timeout (src offline or failing).
+    DirtyLimit {
+        dirty: u64,
+        limit: u64,
+        stalled: Duration,
+    },
     /// `wait_synced`: an op the path depends on is parked as failed.
     Failed {
         path: PathBuf,
@@ -179,6 +186,7 @@ impl WritebackError {
             WritebackError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             WritebackError::InvalidPath(_) => libc::EINVAL,
             WritebackError::ShuttingDown => libc::EIO,
+            WritebackError::DirtyLimit { .. } => libc::ENOSPC,
             WritebackError::Failed { errno, .. } => match *errno {
                 libc::ENOSPC | libc::EDQUOT => *errno,
                 _ => libc::EIO,
@@ -193,6 +201,16 @@ impl fmt::Display for WritebackError {
             WritebackError::Io(e) => write!(f, "writeback journal: {e}"),
             WritebackError::InvalidPath(p) => write!(f, "invalid writeback path {p:?}"),
             WritebackError::ShuttingDown => write!(f, "writeback is shutting down"),
+            WritebackError::DirtyLimit {
+                dirty,
+                limit,
+                stalled,
+            } => write!(
+                f,
+                "{dirty} bytes wait for src, over --max-dirty {limit}, and nothing reached src \
+                 for {}s (is src offline? see `cachefs status`): refusing new writes (ENOSPC)",
+                stalled.as_secs()
+            ),
             WritebackError::Failed { path, message, .. } => {
                 write!(f, "writeback of /{} failed: {message}", path.display())
             }
@@ -288,6 +306,10 @@ struct Shared {
     /// Shared: a dst namespace change and its record in progress; exclusive: a worker
     /// retiring a skipped op (see "Namespace changes and skipped ops").
     changes: RwLock<()>,
+    /// `--max-dirty`: writers wait while more than this waits for src.
+    max_dirty: Option<u64>,
+    /// How long a throttled writer waits with no op reaching src before ENOSPC.
+    dirty_stall: Duration,
 }
 
 /// Held (shared) across a dst rename and its [`Writeback::record`]; see the
@@ -311,6 +333,19 @@ pub struct Writeback {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes a content op will upload: dst's current size of the file it syncs.
+fn upload_size(dst: &Path, op: &Op) -> u64 {
+    match op {
+        Op::Write { path } | Op::Create { path } | Op::Sync { path } => {
+            std::fs::symlink_metadata(dst.join(path))
+                .ok()
+                .filter(|m| m.is_file())
+                .map_or(0, |m| m.len())
+        }
+        _ => 0,
+    }
 }
 
 fn show(p: &Path) -> String {
@@ -384,6 +419,9 @@ impl Shared {
         METRICS
             .writeback_queue_depth
             .set(st.sched.entries.len() as i64);
+        METRICS
+            .writeback_dirty_bytes
+            .set(st.sched.dirty_bytes as i64);
     }
 
     fn complete(&self, job: Job, result: io::Result<replay::Outcome>, took: Duration) {
@@ -569,6 +607,8 @@ impl Writeback {
                 e.attempts = f.attempts;
                 e.fail = Some(f);
             }
+            let op = &sched.entries[&seq].op;
+            sched.note_bytes(seq, upload_size(&cfg.dst, op));
         }
         let mut inner = Inner {
             journal,
@@ -601,6 +641,8 @@ impl Writeback {
             wake: wake_tx,
             stop: AtomicBool::new(false),
             changes: RwLock::new(()),
+            max_dirty: cfg.max_dirty,
+            dirty_stall: cfg.src_timeout.max(Duration::from_secs(1)),
         });
         let workers = (cfg.concurrent as usize).max(1);
         let (job_tx, job_rx) = crossbeam_channel::unbounded();
@@ -651,15 +693,18 @@ impl Writeback {
             )
         })?;
         let ids = sh.ids_of(&op);
+        let bytes = upload_size(&sh.dst, &op);
         let target = {
             let mut st = lock(&sh.state);
             if !st.accepting {
                 return Err(WritebackError::ShuttingDown);
             }
             if let Some(t) = st.sched.coalesce_target(&op, &ids) {
+                st.sched.note_bytes(t, bytes);
+                Shared::publish_depth(&st);
                 t
             } else {
-                let mut ops = vec![(op.clone(), ids)];
+                let mut ops = vec![(op.clone(), ids, bytes)];
                 if let Op::Rename { from, to, exchange } = &op {
                     let mut pending = st.sched.pending_under(from);
                     if *exchange {
@@ -667,14 +712,15 @@ impl Writeback {
                     }
                     for f in op::rename_followups(&op, pending.into_iter()) {
                         let fids = sh.ids_of(&f);
-                        ops.push((f, fids));
+                        let fbytes = upload_size(&sh.dst, &f);
+                        ops.push((f, fids, fbytes));
                     }
                 }
                 let ms = status::now_ms();
                 let now = Instant::now();
                 let first = st.next_seq;
                 let mut text = String::new();
-                for (i, (o, oids)) in ops.iter().enumerate() {
+                for (i, (o, oids, _)) in ops.iter().enumerate() {
                     text.push_str(&journal::encode(&Record::Op {
                         seq: first + i as u64,
                         ms,
@@ -684,9 +730,10 @@ impl Writeback {
                 }
                 st.journal.append(&text)?;
                 let n = ops.len() as u64;
-                for (i, (o, oids)) in ops.into_iter().enumerate() {
-                    st.sched
-                        .insert(first + i as u64, ms, o, oids, now + sh.start_delay, now);
+                for (i, (o, oids, obytes)) in ops.into_iter().enumerate() {
+                    let seq = first + i as u64;
+                    st.sched.insert(seq, ms, o, oids, now + sh.start_delay, now);
+                    st.sched.note_bytes(seq, obytes);
                 }
                 st.next_seq = first + n;
                 st.written_upto = first + n - 1;
@@ -696,6 +743,67 @@ impl Writeback {
         };
         sh.wake();
         sh.sync_upto(target)
+    }
+
+    /// `--max-dirty` backpressure, called before a writer is let in (an open for
+    /// writing, a create, a write served by the daemon). Returns at once under the
+    /// limit; otherwise waits (start delay waived) while the queue drains, logging
+    /// once per episode. Errors with [`WritebackError::DirtyLimit`] (ENOSPC) when no op
+    /// reached src for the stall timeout (`--src-timeout`): a mount whose src is down
+    /// must not hang its writers forever; what they wrote before stays queued.
+    pub fn throttle(&self) -> Result<(), WritebackError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let Some(limit) = sh.max_dirty else {
+            return Ok(());
+        };
+        let mut st = lock(&sh.state);
+        if st.sched.dirty_bytes <= limit {
+            return Ok(());
+        }
+        let started = Instant::now();
+        log::info!(
+            "writeback: {} bytes wait for src, over --max-dirty {limit}: writers wait for the queue to drain",
+            st.sched.dirty_bytes
+        );
+        METRICS.writeback_throttled.inc();
+        let last = st.next_seq.saturating_sub(1);
+        st.sched.make_urgent(last, Instant::now());
+        sh.wake();
+        let (mut applied, mut progress_at) = (st.sched.applied, Instant::now());
+        loop {
+            if st.sched.dirty_bytes <= limit {
+                log::info!(
+                    "writeback: back under --max-dirty after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            if st.shut || !st.accepting {
+                return Err(WritebackError::ShuttingDown);
+            }
+            let now = Instant::now();
+            if st.sched.applied != applied {
+                (applied, progress_at) = (st.sched.applied, now);
+            } else if now >= progress_at + sh.dirty_stall {
+                let e = WritebackError::DirtyLimit {
+                    dirty: st.sched.dirty_bytes,
+                    limit,
+                    stalled: sh.dirty_stall,
+                };
+                log::warn!("{e}");
+                return Err(e);
+            }
+            let wait = (progress_at + sh.dirty_stall)
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(200));
+            st = sh
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Block until every op recorded so far that touches exactly `path` is applied on
@@ -909,6 +1017,10 @@ impl crate::fs::ChangeLog for Writeback {
 
     fn begin_change(&self) -> ChangeGuard<'_> {
         Writeback::begin_change(self)
+    }
+
+    fn throttle(&self) -> io::Result<()> {
+        Writeback::throttle(self).map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
     /// Only mirror mode waits: with asynchronous writeback, close() and fsync() return

@@ -41,6 +41,8 @@ pub(crate) struct Entry {
     pub not_before: Instant,
     /// `not_before` is a retry backoff (not the start delay, which urgency overrides).
     pub backoff: bool,
+    /// dst size of the file this op uploads (content ops), for `--max-dirty`.
+    pub bytes: u64,
     blockers: usize,
     deps: Vec<u64>,
     dependents: Vec<u64>,
@@ -55,6 +57,11 @@ pub(crate) struct Sched {
     pub running: usize,
     /// Ops up to this seq ignore the start delay (mirror fsync, shutdown drain).
     urgent_upto: u64,
+    /// Sum of `bytes` over `entries`: data not yet on src (an estimate: a file with
+    /// several pending content ops counts once per op that is not coalesced).
+    pub dirty_bytes: u64,
+    /// Ops applied since start (progress, for waiters on `dirty_bytes`).
+    pub applied: u64,
 }
 
 impl Sched {
@@ -136,6 +143,7 @@ impl Sched {
                 fail: None,
                 not_before,
                 backoff: false,
+                bytes: 0,
                 blockers,
                 deps: deps.into_iter().collect(),
                 dependents: Vec::new(),
@@ -177,6 +185,17 @@ impl Sched {
         Some((seq, e.op.clone(), e.attempts))
     }
 
+    /// Set the upload size of a pending op (at record, or when a write is coalesced
+    /// into it: the larger of the two).
+    pub(crate) fn note_bytes(&mut self, seq: u64, bytes: u64) {
+        if let Some(e) = self.entries.get_mut(&seq)
+            && bytes > e.bytes
+        {
+            self.dirty_bytes += bytes - e.bytes;
+            e.bytes = bytes;
+        }
+    }
+
     /// Ops up to `seq` skip their start delay from now on.
     pub(crate) fn make_urgent(&mut self, seq: u64, now: Instant) {
         if seq <= self.urgent_upto {
@@ -199,6 +218,8 @@ impl Sched {
     pub(crate) fn succeed(&mut self, seq: u64, now: Instant) {
         self.running -= 1;
         let e = self.entries.remove(&seq).expect("running entry");
+        self.dirty_bytes -= e.bytes;
+        self.applied += 1;
         for p in op::paths(&e.op) {
             if let Some(s) = self.index.get_mut(p) {
                 s.remove(&seq);
