@@ -708,7 +708,6 @@ fn convergence_no_passthrough_mirror() {
 // ----- focused regressions ---------------------------------------------------------------
 
 #[test]
-#[ignore = "BUG: user xattrs set on the mount root never reach src's root (replay uses l*xattr on /proc/self/fd/N, the magic link itself)"]
 fn xattr_on_the_mount_root_reaches_src() {
     if !can_mount("xattr_on_the_mount_root_reaches_src") {
         return;

@@ -375,12 +375,12 @@ pub(crate) fn fsync_dir(dir: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
 }
 
+/// `/proc/self/fd/<dir>/<name>`. For the directory itself (`name` "."), the trailing
+/// `/.` matters: `l*xattr` on the bare `/proc/self/fd/<dir>` would act on the magic
+/// link, not on the directory it stands for.
 fn proc_path(dir: RawFd, name: &OsStr) -> io::Result<CString> {
-    let mut v = format!("/proc/self/fd/{dir}").into_bytes();
-    if name != "." {
-        v.push(b'/');
-        v.extend_from_slice(name.as_bytes());
-    }
+    let mut v = format!("/proc/self/fd/{dir}/").into_bytes();
+    v.extend_from_slice(name.as_bytes());
     cstr(&v)
 }
 
