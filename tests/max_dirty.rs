@@ -46,7 +46,7 @@ fn overrun(m: &Mounted) -> Vec<u8> {
 }
 
 /// Open `second` for writing in a thread; the receiver gets the open's result.
-fn open_second(m: &Mounted) -> mpsc::Receiver<(std::io::Result<()>, Duration)> {
+fn open_second(m: &Mounted) -> Answer {
     let (tx, rx) = mpsc::channel();
     let p = m.mnt_path("second");
     std::thread::spawn(move || {
@@ -60,17 +60,29 @@ fn open_second(m: &Mounted) -> mpsc::Receiver<(std::io::Result<()>, Duration)> {
     rx
 }
 
-#[test]
-fn writers_wait_while_too_much_waits_for_src() {
-    if !can_mount("writers_wait_while_too_much_waits_for_src") || !bindfs_support::have_bindfs() {
-        return;
+type Answer = mpsc::Receiver<(std::io::Result<()>, Duration)>;
+
+/// The scene of both tests: src paused, 2 MiB written into `big` (over the 1M limit),
+/// and a second writer trying to open `second`. None if mounts cannot run here.
+fn overrun_paused_src(
+    test: &str,
+    src_timeout: &str,
+) -> Option<(BindfsSrc, Mounted, Vec<u8>, Answer)> {
+    if !can_mount(test) || !bindfs_support::have_bindfs() {
+        return None;
     }
-    let Some((bind, m)) = setup("30") else {
-        panic!("bindfs did not start");
-    };
+    let (bind, m) = setup(src_timeout).expect("bindfs starts");
     bind.pause(true);
     let data = overrun(&m);
     let rx = open_second(&m);
+    Some((bind, m, data, rx))
+}
+
+#[test]
+fn writers_wait_while_too_much_waits_for_src() {
+    let Some((bind, m, data, rx)) = overrun_paused_src("writers_wait_while", "30") else {
+        return;
+    };
     // Still waiting after a while: the 2 MiB cannot reach the paused src.
     assert!(
         rx.recv_timeout(Duration::from_millis(1500)).is_err(),
@@ -94,16 +106,9 @@ fn writers_wait_while_too_much_waits_for_src() {
 
 #[test]
 fn a_stalled_src_gives_enospc_and_loses_nothing() {
-    if !can_mount("a_stalled_src_gives_enospc_and_loses_nothing") || !bindfs_support::have_bindfs()
-    {
+    let Some((bind, m, data, rx)) = overrun_paused_src("a_stalled_src", "2") else {
         return;
-    }
-    let Some((bind, m)) = setup("2") else {
-        panic!("bindfs did not start");
     };
-    bind.pause(true);
-    let data = overrun(&m);
-    let rx = open_second(&m);
     let (r, waited) = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the writer is answered, not left hanging");
