@@ -296,10 +296,10 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
     }
 }
 
-/// Hard links are opt-in (`CACHEFS_WB_LINKS=1`): a write through one name of a
-/// multiply-linked file is journaled for that name only, and src copies of the other
-/// names that are not hard links on src (degraded syncs; rclone has none) go stale.
-/// Known limitation, see the writeback module doc.
+/// Hard links are opt-in (`CACHEFS_WB_LINKS=1`): this harness journals a write through
+/// one name of a multiply-linked file for that name only (the core records every name
+/// it knows, see tests/writeback_mount.rs `hard_link_names_all_get_the_change_*`), so
+/// src copies of the other names that are not hard links on src go stale here.
 fn links_enabled() -> bool {
     std::env::var_os("CACHEFS_WB_LINKS").is_some()
 }

@@ -728,6 +728,45 @@ fn xattr_on_the_mount_root_reaches_src() {
     m.stop();
 }
 
+fn hard_link_names_all_get_the_change(extra: &[&str]) {
+    let name = format!("hard_link_names_all_get_the_change {extra:?}");
+    if !can_mount(&name) {
+        return;
+    }
+    let mut args = vec!["-w"];
+    args.extend_from_slice(extra);
+    let m = Mounted::with_dirs(tempdir(), tempdir(), &args);
+    fs::write(m.mnt_path("a"), b"one").unwrap();
+    fs::hard_link(m.mnt_path("a"), m.mnt_path("b")).unwrap();
+    wb_wait_drained(m.dst.path(), DRAIN);
+    // A src without hard links (rclone) holds each name as its own copy.
+    fs::remove_file(m.src_path("b")).unwrap();
+    fs::write(m.src_path("b"), b"one").unwrap();
+    fs::write(m.mnt_path("a"), b"two, through a").unwrap();
+    fs::set_permissions(m.mnt_path("a"), fs::Permissions::from_mode(0o640)).unwrap();
+    wb_wait_drained(m.dst.path(), DRAIN);
+    for n in ["a", "b"] {
+        assert_bytes(
+            &m.src_path(n),
+            b"two, through a",
+            &format!("{name}: src {n}"),
+        );
+        let mode = fs::metadata(m.src_path(n)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640, "{name}: src {n} mode");
+    }
+    m.stop();
+}
+
+#[test]
+fn hard_link_names_all_get_the_change_passthrough() {
+    hard_link_names_all_get_the_change(&[]);
+}
+
+#[test]
+fn hard_link_names_all_get_the_change_no_passthrough() {
+    hard_link_names_all_get_the_change(&["--no-passthrough"]);
+}
+
 /// Deterministic bytes for content checks.
 fn bytes(len: usize, seed: u64) -> Vec<u8> {
     Rng(seed).bytes(len)

@@ -1111,7 +1111,7 @@ impl CacheFs {
             self.dst.set_times(&path, set.atime, set.mtime)?;
         }
         if set.size.is_some() {
-            self.record(Op::Write { path: path.clone() })?;
+            self.record_each_name(ino, &path, |path| Op::Write { path })?;
         }
         if set.mode.is_some()
             || set.uid.is_some()
@@ -1119,7 +1119,7 @@ impl CacheFs {
             || set.atime.is_some()
             || set.mtime.is_some()
         {
-            self.record(Op::SetAttr { path: path.clone() })?;
+            self.record_each_name(ino, &path, |path| Op::SetAttr { path })?;
         }
         let st = self.dst.stat(&path)?.ok_or_else(FsError::not_found)?;
         Ok(attr_of(ino, &st))
@@ -1676,9 +1676,27 @@ impl CacheFs {
             .get(ino)
             .and_then(|n| n.path().map(Path::to_path_buf));
         if let Some(p) = &path {
-            self.record(Op::Write { path: p.clone() })?;
+            self.record_each_name(ino, p, |path| Op::Write { path })?;
         }
         Ok(path)
+    }
+
+    /// Record `op` for `path` and for every other name the mount knows the inode by
+    /// (hard links): replay syncs names, and a src without hard links (rclone) keeps
+    /// each name as its own copy, which must get the new bytes and attributes too.
+    fn record_each_name(&self, ino: u64, path: &Path, op: impl Fn(PathBuf) -> Op) -> FsResult<()> {
+        self.record(op(path.to_path_buf()))?;
+        let others: Vec<PathBuf> = self
+            .inodes
+            .lock()
+            .unwrap()
+            .get(ino)
+            .map(|n| n.paths.iter().filter(|p| *p != path).cloned().collect())
+            .unwrap_or_default();
+        for p in others {
+            self.record(op(p))?;
+        }
+        Ok(())
     }
 
     /// close(): in mirror mode, returns once src has the bytes.

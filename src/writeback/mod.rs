@@ -43,12 +43,14 @@
 //! (a file where the view has a directory, a non-empty directory the view removed):
 //! such src entries are invisible in the view.
 //!
-//! # Known limitation: hard links
-//! A write through one name of a multiply-linked file is journaled for that name only.
-//! Replay rewrites a file in place when both dst and src have it multiply linked, so a
-//! src that keeps the hard link stays right; on a src without hard links (rclone), or
-//! where a degraded sync separated the names, the other names go stale until their own
-//! next op. The fix needs `fs` to record a `Write` for every known name of the inode.
+//! # Hard links
+//! `fs` records a content or attribute change of a multiply-linked file for every name
+//! the mount knows it by (names looked up or created since the mount started). Replay
+//! rewrites a file in place when both dst and src have it multiply linked, so a src
+//! that keeps the hard link stays right; on a src without hard links (rclone), each
+//! name is its own copy and gets its own upload. Limitation: a name of the file that
+//! the mount has not seen since it started (never looked up) is not known to `fs`; on a
+//! src without hard links that copy goes stale until its own next op.
 //!
 //! # Namespace changes and skipped ops
 //! A replay that finds its object gone from dst (renamed away, or its parent was)
