@@ -1,7 +1,8 @@
 //! `--max-dirty`: when more data waits for src than the limit, new writers wait for the
 //! writeback to catch up (backpressure); if nothing reaches src for `--src-timeout`
 //! they get ENOSPC instead of hanging, and nothing already written is lost.
-//! src is a real bindfs mount that is paused (SIGSTOP) to hold the queue.
+//! src is a real bindfs mount that is paused (SIGSTOP) to hold the queue. Waiting
+//! writers never hold the FUSE threads: readers go on meanwhile.
 
 mod bindfs_support;
 mod common;
@@ -24,7 +25,16 @@ fn setup(src_timeout: &str) -> Option<(BindfsSrc, Mounted)> {
     let m = Mounted::with_dirs(
         srcmnt,
         tempdir(),
-        &["-w", "--max-dirty", "1M", "--src-timeout", src_timeout],
+        // One FUSE thread: a writer waiting on it would block every reader.
+        &[
+            "-w",
+            "--max-dirty",
+            "1M",
+            "--src-timeout",
+            src_timeout,
+            "--threads",
+            "1",
+        ],
     );
     std::fs::write(m.mnt_path("big"), b"small").unwrap();
     std::fs::write(m.mnt_path("second"), b"").unwrap();
@@ -89,6 +99,12 @@ fn writers_wait_while_too_much_waits_for_src() {
         "a writer got in over --max-dirty"
     );
     m.wait_for_log("over --max-dirty", Duration::from_secs(5));
+    // Readers (and stat) are served meanwhile, even with a single FUSE thread.
+    let t = Instant::now();
+    assert_eq!(std::fs::read(m.mnt_path("big")).unwrap(), data);
+    assert!(std::fs::metadata(m.mnt_path("second")).is_ok());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(rx.try_recv().is_err(), "the writer is still waiting");
     bind.pause(false);
     let (r, waited) = rx
         .recv_timeout(Duration::from_secs(20))

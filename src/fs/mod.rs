@@ -68,6 +68,15 @@ pub trait ChangeLog: Send + Sync {
     fn throttle(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Whether [`ChangeLog::throttle`] would wait now (a cheap check).
+    fn over_dirty_limit(&self) -> bool {
+        false
+    }
+}
+
+/// Whether an open with these flags lets a writer in (`--max-dirty` applies).
+pub fn opens_for_writing(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
 /// Who is calling (for ownership of new files).
@@ -550,6 +559,13 @@ impl CacheFs {
     /// Since when src has been offline, if it is.
     pub fn src_offline_since(&self) -> Option<SystemTime> {
         *self.src_offline_since.lock().unwrap()
+    }
+
+    /// Whether a writer let in now would wait for the writeback (`--max-dirty`): the
+    /// FUSE adapter then serves that request on a thread of its own, so waiting
+    /// writers never hold every FUSE thread and readers keep being served.
+    pub fn writer_must_wait(&self) -> bool {
+        self.changes.as_ref().is_some_and(|c| c.over_dirty_limit())
     }
 
     /// Wait while too much data waits for src (`--max-dirty`); see [`ChangeLog::throttle`].
@@ -1566,7 +1582,7 @@ impl CacheFs {
     /// reported dirty at once, since its writes will not pass through the daemon.
     pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
         let OpenRequest { flags, for_backing } = req;
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+        if opens_for_writing(flags) {
             self.throttle_writer()?;
         }
         crate::cache::on_open(&self.cache, self, ino, || Ok(self.node_path(ino)?.0))?; // CACHE HOOK

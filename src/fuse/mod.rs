@@ -23,13 +23,23 @@ use fuser::{
 use crate::config::Config;
 use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, Opened, SetAttr, TimeSpec};
 
+/// The arguments of a create request, to serve it on another thread.
+#[derive(Clone, Copy)]
+struct CreateArgs {
+    caller: Caller,
+    parent: INodeNo,
+    mode: u32,
+    umask: u32,
+    flags: i32,
+}
+
 /// The adapter the session drives.
 pub struct FuseAdapter {
     fs: Arc<CacheFs>,
     ttl: Duration,
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
-    passthrough: AtomicBool,
-    backing: Mutex<BackingTable>,
+    passthrough: Arc<AtomicBool>,
+    backing: Arc<Mutex<BackingTable>>,
     /// Told once the kernel's INIT was answered: the mount serves requests.
     ready: Option<crossbeam_channel::Sender<()>>,
 }
@@ -48,10 +58,94 @@ impl FuseAdapter {
         FuseAdapter {
             fs,
             ttl: cfg.attr_ttl,
-            passthrough: AtomicBool::new(cfg.passthrough),
-            backing: Mutex::new(BackingTable::default()),
+            passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
+            backing: Arc::new(Mutex::new(BackingTable::default())),
             ready: None,
         }
+    }
+
+    /// Another handle on the same adapter state, for a request served on its own
+    /// thread.
+    fn share(&self) -> FuseAdapter {
+        FuseAdapter {
+            fs: self.fs.clone(),
+            ttl: self.ttl,
+            passthrough: self.passthrough.clone(),
+            backing: self.backing.clone(),
+            ready: None,
+        }
+    }
+
+    /// create(2): the core creates the file in dst, then as [`FuseAdapter::open_now`].
+    fn create_now(&self, args: CreateArgs, name: &OsStr, reply: ReplyCreate) {
+        let CreateArgs {
+            caller,
+            parent,
+            mode,
+            umask,
+            flags,
+        } = args;
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let (a, fh) = match self.fs.create(
+            caller,
+            parent.0,
+            name,
+            mode,
+            umask,
+            OpenRequest {
+                flags,
+                for_backing: passthrough,
+            },
+        ) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let attr = fuse_attr(&a);
+        if passthrough && let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
+            return reply.created_passthrough(
+                &self.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &id,
+            );
+        }
+        reply.created(
+            &self.ttl,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
+    }
+
+    /// open(2): the core opens (fetching if needed), then the kernel gets a backing
+    /// file (passthrough) or a handle the daemon serves.
+    fn open_now(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let req = OpenRequest {
+            flags: flags.0,
+            for_backing: passthrough,
+        };
+        let Opened { fh, rw, fresh } = match self.fs.open(ino.0, req) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if passthrough
+            && rw
+            && let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f))
+        {
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        }
+        // Only this mount changes dst files, so the kernel's page cache stays valid,
+        // unless the copy was just refetched from src.
+        let keep = if fresh {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), keep);
     }
 
     /// The shared backing id for `ino`, registering the handle's dst file if needed.
@@ -398,29 +492,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let passthrough = self.passthrough.load(Ordering::Relaxed);
-        let req = OpenRequest {
-            flags: flags.0,
-            for_backing: passthrough,
-        };
-        let Opened { fh, rw, fresh } = match self.fs.open(ino.0, req) {
-            Ok(r) => r,
-            Err(e) => return reply.error(errno(e)),
-        };
-        if passthrough
-            && rw
-            && let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f))
-        {
-            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        if crate::fs::opens_for_writing(flags.0) && self.fs.writer_must_wait() {
+            // --max-dirty: wait on a thread of its own, not on a FUSE worker.
+            let me = self.share();
+            std::thread::spawn(move || me.open_now(ino, flags, reply));
+            return;
         }
-        // Only this mount changes dst files, so the kernel's page cache stays valid,
-        // unless the copy was just refetched from src.
-        let keep = if fresh {
-            FopenFlags::empty()
-        } else {
-            FopenFlags::FOPEN_KEEP_CACHE
-        };
-        reply.opened(FileHandle(fh), keep);
+        self.open_now(ino, flags, reply);
     }
 
     fn read(
@@ -452,6 +530,15 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if self.fs.writer_must_wait() {
+            // --max-dirty: wait on a thread of its own, not on a FUSE worker.
+            let (fs, data) = (self.fs.clone(), data.to_vec());
+            std::thread::spawn(move || match fs.write(fh.0, offset, &data) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            });
+            return;
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
@@ -687,39 +774,20 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let passthrough = self.passthrough.load(Ordering::Relaxed);
-        let (a, fh) = match self.fs.create(
-            caller(req),
-            parent.0,
-            name,
+        let args = CreateArgs {
+            caller: caller(req),
+            parent,
             mode,
             umask,
-            OpenRequest {
-                flags,
-                for_backing: passthrough,
-            },
-        ) {
-            Ok(r) => r,
-            Err(e) => return reply.error(errno(e)),
+            flags,
         };
-        let attr = fuse_attr(&a);
-        if passthrough && let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
-            return reply.created_passthrough(
-                &self.ttl,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-                &id,
-            );
+        if self.fs.writer_must_wait() {
+            // --max-dirty: wait on a thread of its own, not on a FUSE worker.
+            let (me, name) = (self.share(), name.to_os_string());
+            std::thread::spawn(move || me.create_now(args, &name, reply));
+            return;
         }
-        reply.created(
-            &self.ttl,
-            &attr,
-            Generation(0),
-            FileHandle(fh),
-            FopenFlags::FOPEN_KEEP_CACHE,
-        );
+        self.create_now(args, name, reply);
     }
 
     fn fallocate(

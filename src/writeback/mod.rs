@@ -747,6 +747,14 @@ impl Writeback {
         sh.sync_upto(target)
     }
 
+    /// Whether [`Writeback::throttle`] would wait now.
+    pub fn over_dirty_limit(&self) -> bool {
+        self.shared.as_ref().is_some_and(|sh| {
+            sh.max_dirty
+                .is_some_and(|limit| lock(&sh.state).sched.dirty_bytes > limit)
+        })
+    }
+
     /// `--max-dirty` backpressure, called before a writer is let in (an open for
     /// writing, a create, a write served by the daemon). Returns at once under the
     /// limit; otherwise waits (start delay waived) while the queue drains, logging
@@ -1023,6 +1031,10 @@ impl crate::fs::ChangeLog for Writeback {
 
     fn throttle(&self) -> io::Result<()> {
         Writeback::throttle(self).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn over_dirty_limit(&self) -> bool {
+        Writeback::over_dirty_limit(self)
     }
 
     /// Only mirror mode waits: with asynchronous writeback, close() and fsync() return
