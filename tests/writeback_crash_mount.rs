@@ -8,17 +8,19 @@
 //!   everything converges with no manual step.
 //! - `cachefs status DST` with and without a daemon, exit status 1 with failed ops.
 
+mod bindfs_support;
 mod common;
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use bindfs_support::BindfsSrc;
 use common::*;
 
 const DRAIN: Duration = Duration::from_secs(60);
@@ -243,76 +245,6 @@ fn kill9_mid_drain_loses_no_fsynced_file_no_passthrough() {
 
 // ----- src failures ---------------------------------------------------------------------------
 
-/// src served through `bindfs -f real mnt`, killable and restartable (as in tests/outage.rs).
-struct BindfsSrc {
-    real: TempDir,
-    mnt: PathBuf,
-    child: Option<Child>,
-}
-
-impl BindfsSrc {
-    fn start(real: TempDir, mnt: &Path) -> BindfsSrc {
-        let mut s = BindfsSrc {
-            real,
-            mnt: mnt.to_path_buf(),
-            child: None,
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let log = self.mnt.with_extension("bindfs.log");
-        let child = Command::new("bindfs")
-            .arg("-f")
-            .arg(self.real.path())
-            .arg(&self.mnt)
-            .stderr(std::fs::File::create(&log).expect("bindfs log"))
-            .spawn()
-            .expect("bindfs is needed (scripts/install-deps.sh installs it)");
-        self.child = Some(child);
-        // Generous: on a loaded 2-core CI machine bindfs can take a while to start.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_fuse_mounted(&self.mnt) {
-            if Instant::now() >= deadline {
-                let status = self
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                panic!(
-                    "bindfs did not mount {} within 30 s (bindfs exit: {status:?}); its stderr:\n{}",
-                    self.mnt.display(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL: the mount stays behind, answering ENOTCONN.
-    fn kill9(&mut self) {
-        let mut child = self.child.take().expect("running");
-        signal(&child, libc::SIGKILL);
-        let _ = child.wait();
-    }
-
-    /// What systemd does with a crashed rclone: clear the dead mount, mount again.
-    fn restart(&mut self) {
-        detach(&self.mnt);
-        self.spawn();
-    }
-}
-
-impl Drop for BindfsSrc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, libc::SIGKILL);
-            let _ = c.wait();
-        }
-        detach(&self.mnt);
-    }
-}
-
 /// src behind bindfs, a mount over it with quick retries.
 fn bindfs_setup(name: &str, extra: &[&str]) -> Option<(BindfsSrc, PathBuf, Mounted)> {
     if !can_mount(name) {
@@ -325,7 +257,8 @@ fn bindfs_setup(name: &str, extra: &[&str]) -> Option<(BindfsSrc, PathBuf, Mount
     ]);
     let real_path = real.path().to_path_buf();
     let srcmnt = tempdir();
-    let bind = BindfsSrc::start(real, srcmnt.path());
+    let bind = BindfsSrc::start(real, srcmnt.path())
+        .expect("bindfs is needed (scripts/install-deps.sh installs it)");
     let mut args = vec!["-w", "-retries", "2", "-retry-delay", "0.2"];
     args.extend_from_slice(extra);
     let m = Mounted::with_dirs(srcmnt, tempdir(), &args);
@@ -399,7 +332,8 @@ fn rename_works_while_src_is_down() {
     let real = dir_with(&[("dir/old", b"old"), ("dir/other", b"o")]);
     let real_path = real.path().to_path_buf();
     let srcmnt = tempdir();
-    let mut bind = BindfsSrc::start(real, srcmnt.path());
+    let mut bind = BindfsSrc::start(real, srcmnt.path())
+        .expect("bindfs is needed (scripts/install-deps.sh installs it)");
     let m = Mounted::with_dirs(
         srcmnt,
         tempdir(),

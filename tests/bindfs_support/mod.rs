@@ -1,6 +1,7 @@
 //! src served through a real bindfs mount that tests kill (SIGKILL, as when rclone
 //! crashes), pause (SIGSTOP, a hung network) and restart. Used by tests/outage.rs,
-//! tests/metrics.rs and tests/status.rs; include with `mod bindfs_support;` next to
+//! tests/metrics.rs, tests/status.rs, tests/max_dirty.rs and
+//! tests/writeback_crash_mount.rs; include with `mod bindfs_support;` next to
 //! `mod common;`.
 #![allow(dead_code)]
 
@@ -34,20 +35,34 @@ impl BindfsSrc {
         s.spawn().then_some(s)
     }
 
+    /// Start bindfs and wait for its mount. `false` if bindfs cannot be run; panics
+    /// with bindfs's stderr if it runs but does not mount within 30 s (generous: on a
+    /// loaded 2-core CI machine bindfs can take a while to start).
     fn spawn(&mut self) -> bool {
+        let log = self.mnt.with_extension("bindfs.log");
         let Ok(child) = Command::new("bindfs")
             .arg("-f")
             .arg(self.real.path())
             .arg(&self.mnt)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).map_or_else(|_| Stdio::null(), Stdio::from))
             .spawn()
         else {
             return false;
         };
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !is_fuse_mounted(&self.mnt) {
-            assert!(Instant::now() < deadline, "bindfs did not mount");
+            if Instant::now() >= deadline {
+                let status = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                panic!(
+                    "bindfs did not mount {} within 30 s (bindfs exit: {status:?}); its stderr:\n{}",
+                    self.mnt.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             sleep(Duration::from_millis(10));
         }
         true
