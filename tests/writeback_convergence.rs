@@ -95,21 +95,6 @@ fn is_empty_view(dir: &Path) -> bool {
     })
 }
 
-/// What the core does to a file it renames or links: its origin record (which src
-/// version it came from) no longer describes src's file at the new name, so it is
-/// dropped (the file is local until uploaded). Without this the harness would hand
-/// the replay records the core never leaves behind.
-fn forget_origin(p: &Path) {
-    if !fs::symlink_metadata(p).is_ok_and(|m| m.is_file()) {
-        return;
-    }
-    let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    for name in [c"trusted.cachefs.origin", c"user.cachefs.origin"] {
-        // SAFETY: valid NUL-terminated path and name.
-        unsafe { libc::removexattr(c.as_ptr(), name.as_ptr()) };
-    }
-}
-
 fn exchange(a: &Path, b: &Path) {
     let ca = CString::new(a.as_os_str().as_encoded_bytes()).unwrap();
     let cb = CString::new(b.as_os_str().as_encoded_bytes()).unwrap();
@@ -258,8 +243,6 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
             }
             if rng.below(4) == 0 && fs::symlink_metadata(&ta).is_ok() {
                 exchange(&fa, &ta);
-                forget_origin(&fa);
-                forget_origin(&ta);
                 return Some(Op::Rename {
                     from,
                     to,
@@ -267,7 +250,6 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
                 });
             }
             fs::rename(&fa, &ta).unwrap();
-            forget_origin(&ta);
             clear_wh(root, &to);
             if rng.below(2) == 0 {
                 fs::write(wh(root, &from), b"").unwrap();
@@ -281,7 +263,6 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
         13 if free && !files.is_empty() && links_enabled() => {
             let f = rng.pick(&files).clone();
             fs::hard_link(root.join(&f), &fresh_abs).unwrap();
-            forget_origin(&fresh_abs);
             clear_wh(root, &fresh);
             Some(Op::Link {
                 existing: f,

@@ -327,6 +327,8 @@ impl CacheFs {
         };
         fs.load_legacy_whiteouts()?;
         copyup::prepare_staging(&fs.dst)?;
+        // Origin records: loaded (and migrated from old xattrs) before the first request.
+        origin::Store::of(&fs.dst)?;
         fs.persist_src_state(None); // src was checked at startup
         Ok(fs)
     }
@@ -667,6 +669,7 @@ impl CacheFs {
         if self.dst.unlink(path).is_err() {
             return false;
         }
+        let _ = origin::clear(&self.dst, path);
         self.inodes.lock().unwrap().detach_path(path);
         true
     }
@@ -702,6 +705,7 @@ impl CacheFs {
             _ => return Ok(None),
         }
         self.dst.unlink(path)?;
+        origin::clear(&self.dst, path)?;
         if let Some(ino) = ino {
             self.inodes.lock().unwrap().clear_dst_ident(ino);
         }
@@ -778,6 +782,7 @@ impl CacheFs {
                     path.display()
                 );
                 self.dst.unlink(path)?;
+                origin::clear(&self.dst, path)?;
                 Ok(Freshness::Gone)
             }
         }
@@ -1326,6 +1331,7 @@ impl CacheFs {
                 self.dst.rmdir(&path)?;
             } else {
                 self.dst.unlink(&path)?;
+                origin::clear(&self.dst, &path)?;
             }
         }
         if src_has {
@@ -1426,11 +1432,11 @@ impl CacheFs {
         // A moved file no longer derives from src's file at its new name: local until
         // writeback uploads it (never refetched, dropped or taken for a conflict
         // because of what src has there).
-        if !from_is_dir {
-            origin::clear(&self.dst, &to)?;
-        }
-        if exchange && dst_found.as_ref().is_some_and(|t| !is_dir(&t.st)) {
-            origin::clear(&self.dst, &from)?;
+        // (Records name their dst object too, so they never follow a rename; clearing
+        // them here keeps the store tidy.)
+        let origins = origin::Store::of(&self.dst)?;
+        for p in [&from, &to] {
+            origins.clear_tree(p)?;
         }
         self.clear_whiteouts(&to)?;
         if !exchange && from_in_src {
@@ -1505,8 +1511,9 @@ impl CacheFs {
         self.ensure_dst_dir(&dir)?;
         self.clear_whiteouts(&new)?;
         self.dst.link(&path, &new)?;
-        // After the link (a failed link must leave the file, and its ctime, alone).
-        origin::clear(&self.dst, &path)?;
+        // A record would apply again once the new link goes, to bytes changed through
+        // it: drop it durably. (After the link: a failed link leaves the file alone.)
+        origin::Store::of(&self.dst)?.clear_durably(&path)?;
         self.inodes.lock().unwrap().add_path(ino, &new);
         let st = self.dst.stat(&new)?.ok_or_else(FsError::not_found)?;
         self.record(Op::Link {
