@@ -20,6 +20,8 @@
 //!   `namespace` (RwLock: write for ops that add/remove/move names, read otherwise)
 //!   -> `copy_flights` -> `inodes` -> `handles`.
 //!   `inodes` and `handles` are held only for table updates, never across I/O.
+//!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
+//!   these and never holding another.
 
 pub mod copyup;
 pub mod error;
