@@ -1,6 +1,7 @@
 //! `--drain-timeout`: at SIGTERM with `-w`, the queue is replayed for at most that long
 //! (the start delay is waived); what is left stays in the journal for the next start.
 
+mod bindfs_support;
 mod common;
 
 use std::time::Duration;
@@ -57,4 +58,63 @@ fn zero_drain_timeout_keeps_the_queue_for_the_next_start() {
         b"kept in the journal"
     );
     m.stop();
+}
+
+/// A src that hangs (SIGSTOP'd bindfs, as a dead network under an rclone mount) while a
+/// replay is inside a src syscall: the drain still ends at `--drain-timeout`, the daemon
+/// exits (abandoning the stuck worker) and the op stays journaled for the next start.
+#[test]
+fn drain_ends_on_time_with_a_hung_src() {
+    if !can_mount("drain_ends_on_time_with_a_hung_src") {
+        return;
+    }
+    assert!(
+        bindfs_support::have_bindfs(),
+        "bindfs is needed (scripts/install-deps.sh installs it)"
+    );
+    let srcmnt = tempdir();
+    let bind = bindfs_support::BindfsSrc::start(tempdir(), srcmnt.path()).expect("bindfs");
+    let mut m = Mounted::with_dirs(
+        srcmnt,
+        tempdir(),
+        &["-w", "-start-delay", "30", "--drain-timeout", "2"],
+    );
+    std::fs::write(m.mnt_path("f"), b"stuck").unwrap();
+    bind.pause(true);
+    // Dropped before `m` (declared after it), also on a failed assertion: cleaning up
+    // behind a stopped src would hang.
+    let resume = Resume(&bind);
+    let t = std::time::Instant::now();
+    m.signal(libc::SIGTERM);
+    let exited = m.wait_exit(Duration::from_secs(15));
+    let took = t.elapsed();
+    drop(resume);
+    assert!(exited.success(), "{}", m.stderr());
+    assert!(took < Duration::from_secs(8), "exit took {took:?}");
+    assert!(
+        m.stderr().contains("stuck in a src call"),
+        "the worker was stuck in src: {}",
+        m.stderr()
+    );
+    assert!(
+        wb_status(m.dst.path()).pending_ops > 0,
+        "the op stays journaled"
+    );
+    // The next start (src answering again) replays it.
+    m.restart(&["-w"]);
+    let s = wb_wait_status(m.dst.path(), Duration::from_secs(20), "drained", |s| {
+        s.pending_ops == 0
+    });
+    assert_eq!(s.code, 0, "{}", s.json);
+    assert_eq!(std::fs::read(m.src_path("f")).unwrap(), b"stuck");
+    m.stop();
+}
+
+/// SIGCONT for a paused bindfs, on drop.
+struct Resume<'a>(&'a bindfs_support::BindfsSrc);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.0.pause(false);
+    }
 }
