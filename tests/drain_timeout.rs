@@ -118,3 +118,81 @@ impl Drop for Resume<'_> {
         self.0.pause(false);
     }
 }
+
+/// `chattr +i` on `p` (stops root too); None where the filesystem cannot.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(p: &std::path::Path) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(p)
+            .status()
+            .is_ok_and(|s| s.success());
+        let guard = ok.then(|| Immutable(p.to_path_buf()));
+        let bites = std::fs::write(p.join(".probe"), b"").is_err();
+        if bites { guard } else { None }
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Ops parked as failed (retries exhausted) cannot progress before the deadline: a
+/// SIGTERM does not wait the drain timeout out for them, neither in the run that
+/// parked them nor after a restart that loaded them from the journal (retried once).
+#[test]
+fn parked_failed_ops_do_not_hold_the_drain() {
+    if !can_mount("parked_failed_ops_do_not_hold_the_drain") {
+        return;
+    }
+    let src = dir_with(&[("ro/keep", b"k")]);
+    let Some(_ro) = Immutable::set(&src.path().join("ro")) else {
+        eprintln!("skipping: chattr +i does not work here");
+        return;
+    };
+    let args = [
+        "-w",
+        "-retries",
+        "2",
+        "-retry-delay",
+        "0.1",
+        "--drain-timeout",
+        "20",
+    ];
+    let mut m = Mounted::with_dirs(src, tempdir(), &args);
+    std::fs::write(m.mnt_path("ro/f"), b"refused").unwrap();
+    let s = wb_wait_status(m.dst.path(), Duration::from_secs(20), "parked", |s| {
+        s.failed_ops > 0
+    });
+    assert_eq!(s.failed_ops, 1, "{}", s.json);
+    for run in ["parked here", "loaded from the journal"] {
+        let t = std::time::Instant::now();
+        m.signal(libc::SIGTERM);
+        assert!(
+            m.wait_exit(Duration::from_secs(25)).success(),
+            "{}",
+            m.stderr()
+        );
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(8),
+            "{run}: exit took {took:?} with a 20 s drain timeout\n{}",
+            m.stderr()
+        );
+        assert_eq!(
+            wb_status(m.dst.path()).failed_ops,
+            1,
+            "{run}: still journaled"
+        );
+        if run == "parked here" {
+            m.restart(&args);
+        }
+    }
+}
