@@ -95,6 +95,16 @@ fn is_empty_view(dir: &Path) -> bool {
     })
 }
 
+/// What the core does when it renames or links: the origin records of both names
+/// (and below them) no longer describe what dst holds there (see `fs::origin`).
+/// Without this the harness would hand the replay records the core never leaves.
+fn forget_origins(root: &Path, paths: &[&Path]) {
+    let store = cachefs::fs::origin::Store::of_root(root).unwrap();
+    for p in paths {
+        store.clear_tree(p).unwrap();
+    }
+}
+
 fn exchange(a: &Path, b: &Path) {
     let ca = CString::new(a.as_os_str().as_encoded_bytes()).unwrap();
     let cb = CString::new(b.as_os_str().as_encoded_bytes()).unwrap();
@@ -243,6 +253,7 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
             }
             if rng.below(4) == 0 && fs::symlink_metadata(&ta).is_ok() {
                 exchange(&fa, &ta);
+                forget_origins(root, &[&from, &to]);
                 return Some(Op::Rename {
                     from,
                     to,
@@ -250,6 +261,7 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
                 });
             }
             fs::rename(&fa, &ta).unwrap();
+            forget_origins(root, &[&from, &to]);
             clear_wh(root, &to);
             if rng.below(2) == 0 {
                 fs::write(wh(root, &from), b"").unwrap();
@@ -263,6 +275,7 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
         13 if free && !files.is_empty() && links_enabled() => {
             let f = rng.pick(&files).clone();
             fs::hard_link(root.join(&f), &fresh_abs).unwrap();
+            forget_origins(root, &[&f]);
             clear_wh(root, &fresh);
             Some(Op::Link {
                 existing: f,

@@ -9,9 +9,10 @@
 //!   through the mount used to get no record at all.
 //! - A record applies only while dst's object at PATH is still ID with a single link. A
 //!   rename, a hard link or a delete-and-recreate therefore turns the file "local" (no
-//!   record) even when a `clear` is lost in a crash; the clears only keep the store tidy
-//!   (and are durable where they guard something: a hard link, a filesystem with no
-//!   birth times where inode numbers are reused).
+//!   record). The core also clears the records it makes stale, durably where the record
+//!   could apply again: on a rename (the file may come back to PATH, changed under its
+//!   other name) and a hard link (the link may go); on a delete only where dst has no
+//!   birth times (a reused inode number would match).
 //! - No record means local: never refetched, dropped or evicted. A missing or torn record
 //!   is always safe. A record never claims "clean" for bytes src does not hold: it is
 //!   written after a fetch is installed in dst, or after an upload's rename on src.
@@ -479,8 +480,8 @@ impl Store {
         }
     }
 
-    /// Forgets the record of `path` (renamed, removed, replaced). Durable only where a
-    /// stale record could apply again: no birth time to tell a reused inode number.
+    /// Forgets the record of `path` (its file was removed). Durable only where a stale
+    /// record could apply again: no birth time to tell a reused inode number.
     pub fn clear(&self, path: &Path) -> io::Result<()> {
         let mut inner = self.inner.lock().unwrap();
         let Some(rec) = inner.map.get(path).copied() else {
@@ -500,17 +501,16 @@ impl Store {
         self.append(&mut inner, Entry::Remove(path.to_path_buf()), true)
     }
 
-    /// Forgets the records of `path` and everything below it (a directory moved).
+    /// Forgets the records of `path` and everything below it (moved away, or replaced
+    /// by a rename), durably: a moved file keeps its identity, and if it came back to
+    /// this path the record would apply again, to bytes changed meanwhile (changes
+    /// under another name mark no record dirty).
     pub fn clear_tree(&self, path: &Path) -> io::Result<()> {
         let mut inner = self.inner.lock().unwrap();
-        let below = subtree(&inner.map, path);
-        if below.is_empty() {
+        if subtree(&inner.map, path).is_empty() {
             return Ok(());
         }
-        let durable = below
-            .iter()
-            .any(|p| inner.map.get(p).is_some_and(|r| r.key.btime.is_none()));
-        self.append(&mut inner, Entry::RemoveTree(path.to_path_buf()), durable)
+        self.append(&mut inner, Entry::RemoveTree(path.to_path_buf()), true)
     }
 
     /// Number of records (tests, metrics).
