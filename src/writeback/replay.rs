@@ -800,6 +800,16 @@ fn rename(
     if op::split(from).is_none() || op::split(to).is_none() {
         return Ok(Outcome::Skipped);
     }
+    // Origin records at either name (or below) describe src entries this rename
+    // replaces or moves away: an earlier replay may have synced a later incarnation
+    // ahead of time, recording the version this rename now replaces, and that record
+    // would take our own rename for somebody else's change (a false conflict). The
+    // files are local until their next upload, as the core left them at the rename.
+    // (Ops on related paths are ordered around this one: none records meanwhile.)
+    if let Ok(store) = origin::Store::of_root(ctx.dst) {
+        let _ = store.clear_tree(from);
+        let _ = store.clear_tree(to);
+    }
     if !exchange {
         if src_has(roots, from)? && move_on_src(ctx, roots, from, to)? {
             return Ok(Outcome::Applied);
