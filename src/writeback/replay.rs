@@ -19,6 +19,12 @@
 //!   (recursively): the view has nothing there at that point of the journal. A whiteout
 //!   or the opaque marker in dst is applied (src entries removed) only by a recursive
 //!   sync; internal names are never created on src.
+//! - Origin records (`fs::origin`, in the state folder; never on the dst file, whose
+//!   ctime the mount shows): after an upload, dst's file records the src version just
+//!   written (clean if dst did not change during the upload, dirty otherwise), files
+//!   created here included; an upload of a dirty file whose src version is no longer
+//!   the recorded one is a conflict (src's version is kept beside it). A replayed
+//!   rename clears the records at both names first: it changes src under them.
 //! - Nothing follows a symlink: see [`super::sys`].
 //! - Owner, mode and xattr changes a src filesystem does not support (rclone) are ignored.
 
