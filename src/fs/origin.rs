@@ -392,12 +392,27 @@ impl Store {
         Ok(())
     }
 
-    /// Appends `e` to the log (fdatasync'd when `durable`) and applies it in memory.
+    /// Applies `e` in memory and appends it to the log, fdatasync'd when `durable`.
+    /// In memory it applies even when the log cannot take it (a dirty mark still
+    /// protects the file while the daemon runs); the error is returned so that a
+    /// durable change can fail the operation that needed it.
     fn append(&self, inner: &mut Inner, e: Entry, durable: bool) -> io::Result<()> {
-        let line = e.encode();
+        let mut line = e.encode();
         inner.apply(e);
+        if inner.log.is_none() {
+            // After a failed append: reopen, and end a line the failure may have torn
+            // (an empty line is skipped at load).
+            inner.log = self
+                .dst
+                .open_file(
+                    &log_path(),
+                    libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC,
+                )
+                .ok();
+            line.insert(0, '\n');
+        }
         let Some(log) = inner.log.as_mut() else {
-            return Ok(());
+            return Err(io::Error::other("the origin record log cannot be opened"));
         };
         let written = log
             .write_all(line.as_bytes())
@@ -412,6 +427,16 @@ impl Store {
             && let Err(e) = self.compact(inner)
         {
             log::warn!("origin records: cannot compact the log: {e}");
+        }
+        Ok(())
+    }
+
+    /// [`Store::append`] for a removal: the change already happened on dst, so a log
+    /// that cannot take it is only logged (the record may then come back at the next
+    /// start, where the dst object check keeps it from applying elsewhere).
+    fn append_removal(&self, inner: &mut Inner, e: Entry, durable: bool) -> io::Result<()> {
+        if let Err(err) = self.append(inner, e, durable) {
+            log::warn!("origin records: a removal is not persisted: {err}");
         }
         Ok(())
     }
@@ -488,7 +513,7 @@ impl Store {
             return Ok(());
         };
         let durable = rec.key.btime.is_none();
-        self.append(&mut inner, Entry::Remove(path.to_path_buf()), durable)
+        self.append_removal(&mut inner, Entry::Remove(path.to_path_buf()), durable)
     }
 
     /// Forgets the record of `path`, durably: the file got a second link, and the
@@ -498,7 +523,7 @@ impl Store {
         if !inner.map.contains_key(path) {
             return Ok(());
         }
-        self.append(&mut inner, Entry::Remove(path.to_path_buf()), true)
+        self.append_removal(&mut inner, Entry::Remove(path.to_path_buf()), true)
     }
 
     /// Forgets the records of `path` and everything below it (moved away, or replaced
@@ -510,7 +535,7 @@ impl Store {
         if subtree(&inner.map, path).is_empty() {
             return Ok(());
         }
-        self.append(&mut inner, Entry::RemoveTree(path.to_path_buf()), true)
+        self.append_removal(&mut inner, Entry::RemoveTree(path.to_path_buf()), true)
     }
 
     /// Number of records (tests, metrics).
