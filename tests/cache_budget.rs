@@ -205,6 +205,38 @@ fn local_files_are_never_evicted() {
     m.stop();
 }
 
+/// With `-w`, files written through the mount are local only until uploaded: then src
+/// holds their bytes, they are clean (origin record in the state folder) and the budget
+/// evicts them like fetched files; they read back from src.
+#[test]
+fn uploaded_local_files_become_evictable() {
+    if !can_mount("uploaded_local_files_become_evictable") {
+        return;
+    }
+    let (src, files) = src_with_files(2, MIB);
+    let m = Mounted::with_dirs(src, tempdir(), &["--cache-size", "4M", "-w"]);
+    let mut written = Vec::new();
+    for i in 0..3 {
+        let name = format!("mine{i}");
+        let data = content(200 + i, 2 * MIB);
+        std::fs::write(m.mnt_path(&name), &data).unwrap();
+        written.push((name, data));
+    }
+    wait_drained(&m, Duration::from_secs(30));
+    // Over the budget with uploaded files only: a fetch makes room by evicting them.
+    wait_until("a fetch fits", Duration::from_secs(10), || {
+        std::fs::read(m.mnt_path(&files[0].0)).is_ok()
+    });
+    assert_same(&m, &files[0].0);
+    wait_until("an uploaded file evicted", Duration::from_secs(10), || {
+        written.iter().any(|(n, _)| !m.dst_path(n).exists())
+    });
+    for (name, data) in &written {
+        assert_eq!(std::fs::read(m.mnt_path(name)).unwrap(), *data, "{name}");
+    }
+    m.stop();
+}
+
 #[test]
 fn pinned_files_stay() {
     if !can_mount("pinned_files_stay") {

@@ -614,7 +614,8 @@ fn reserved_xattrs_cannot_be_set_read_removed_or_listed() {
     let forged = src.path().join("planted");
     assert_eq!(setxattr(&forged, "user.cachefs.origin"), 0, "xattrs on src");
     let m = Mounted::with_dirs(src, tempdir(), &["-w"]);
-    // Copy a file up so that dst holds a real origin record.
+    // Copy a file up (its origin record now lives in the state folder, not in an xattr:
+    // the reads below then see no record, on dst or through the mount).
     assert_eq!(fs::read(m.mnt_path("a")).unwrap(), b"data");
     assert_eq!(fs::read(m.mnt_path("planted")).unwrap(), b"p");
     let record = getxattr(&m.dst_path("a"), "trusted.cachefs.origin");

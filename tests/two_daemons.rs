@@ -158,6 +158,139 @@ fn two_daemons_share_one_src() {
     assert!(b.wait_exit(STOP_TIMEOUT).success(), "{}", b.stderr());
 }
 
+/// Two daemons on one src, both `args`: A over `src` directly, B over a bind mount of
+/// it. Bind the three results in this order (`let (a, b, _bind) = ...`): locals drop in
+/// reverse, so the bind mount goes before B's TempDir is removed (which would
+/// otherwise empty the shared src).
+fn two_on_one_src(src: tempfile::TempDir, args: &[&str]) -> (Mounted, Mounted, BindMount) {
+    let src_path = src.path().to_path_buf();
+    let a = Mounted::with_dirs(src, tempdir(), args);
+    let mut b = Mounted::with_dirs(tempdir(), tempdir(), args);
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(STOP_TIMEOUT).success());
+    let bind = BindMount::new(&src_path, b.src.path());
+    b.restart(args);
+    (a, b, bind)
+}
+
+/// Files created through a mount get an origin record once written back (kept in the
+/// state folder, not on the file), so they are revalidated like fetched ones: A sees
+/// B's later change to a file A created, and A's later edit of it while B changed it
+/// too is a conflict (seen by A), not a silent overwrite of B's version.
+#[test]
+fn files_created_here_are_revalidated_and_conflict_after_writeback() {
+    if !can_mount("files_created_here_are_revalidated_and_conflict_after_writeback") {
+        return;
+    }
+    let src = tempdir();
+    let src_path = src.path().to_path_buf();
+    let args = ["-w", "--revalidate", "1", "--metrics-addr", "127.0.0.1:0"];
+    let (a, b, _bind) = two_on_one_src(src, &args);
+
+    // 1. Created through A, written back; B then changes it: A sees B's bytes.
+    fs::write(a.mnt_path("created"), b"A1").unwrap();
+    wait_until(Duration::from_secs(20), "A's file reaches src", || {
+        read(&src_path.join("created")).as_deref() == Some(b"A1")
+    });
+    wait_drained(&a, Duration::from_secs(20));
+    assert_eq!(read(&b.mnt_path("created")).unwrap(), b"A1");
+    fs::write(b.mnt_path("created"), b"B2, longer").unwrap();
+    wait_until(Duration::from_secs(20), "B's change reaches src", || {
+        read(&src_path.join("created")).as_deref() == Some(b"B2, longer")
+    });
+    let took = wait_until(VISIBLE_WITHIN, "A sees B's change to A's file", || {
+        read(&a.mnt_path("created")).as_deref() == Some(b"B2, longer")
+    });
+    eprintln!("A saw B's change to the file A created {took:?} after it reached src");
+
+    // 2. Created through A, written back, then changed on both sides: A holds it open
+    // (an open file is never refetched), B's version lands on src, then A writes.
+    let conflicts_before = conflicts_total(&a);
+    fs::write(a.mnt_path("made"), b"A's first").unwrap();
+    wait_until(Duration::from_secs(20), "A's file reaches src", || {
+        read(&src_path.join("made")).as_deref() == Some(b"A's first")
+    });
+    wait_drained(&a, Duration::from_secs(20));
+    let held = File::open(a.mnt_path("made")).unwrap();
+    fs::write(b.mnt_path("made"), b"B's version").unwrap();
+    wait_until(Duration::from_secs(20), "B's version reaches src", || {
+        read(&src_path.join("made")).as_deref() == Some(b"B's version")
+    });
+    sleep(REVALIDATE + Duration::from_millis(200));
+    let mut w = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(a.mnt_path("made"))
+        .unwrap();
+    w.write_all(b"A's second").unwrap();
+    drop(w);
+    drop(held);
+    // A's local version wins on src; B's is kept beside it, with a warning on A.
+    wait_until(Duration::from_secs(20), "A's version reaches src", || {
+        read(&src_path.join("made")).as_deref() == Some(b"A's second")
+    });
+    let kept: Vec<String> = names(&src_path)
+        .into_iter()
+        .filter(|n| n.starts_with("made.conflict-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{:?}\n{}", names(&src_path), a.stderr());
+    assert_eq!(read(&src_path.join(&kept[0])).unwrap(), b"B's version");
+    let log = a.wait_for_log("conflict: made changed on src", Duration::from_secs(5));
+    assert!(log.contains(&format!("kept as {}", kept[0])), "{log}");
+    assert!(log.contains("WARN"), "a warning: {log}");
+    assert_eq!(conflicts_total(&a), conflicts_before + 1.0);
+    for m in [&a, &b] {
+        wait_until(
+            VISIBLE_WITHIN,
+            "the conflict shows through both mounts",
+            || {
+                read(&m.mnt_path("made")).as_deref() == Some(b"A's second")
+                    && read(&m.mnt_path(&kept[0])).as_deref() == Some(b"B's version")
+            },
+        );
+    }
+    a.stop();
+    let mut b = b;
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(STOP_TIMEOUT).success(), "{}", b.stderr());
+}
+
+/// Writeback never touches the dst file's inode (pjdfstest -w checks ctimes): a file
+/// created through the mount keeps its ctime across its upload, as seen through the
+/// mount and on dst.
+#[test]
+fn writeback_keeps_the_ctime_of_created_files() {
+    if !can_mount("writeback_keeps_the_ctime_of_created_files") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let m = Mounted::with_dirs(tempdir(), tempdir(), &["-w", "--revalidate", "1"]);
+    let ctime = |p: &Path| {
+        let md = fs::symlink_metadata(p).unwrap();
+        (md.ctime(), md.ctime_nsec())
+    };
+    fs::write(m.mnt_path("f"), b"data").unwrap();
+    fs::create_dir(m.mnt_path("d")).unwrap();
+    fs::write(m.mnt_path("d/g"), b"more").unwrap();
+    let before: Vec<_> = ["f", "d/g"]
+        .iter()
+        .map(|f| (ctime(&m.mnt_path(f)), ctime(&m.dst_path(f))))
+        .collect();
+    wait_drained(&m, Duration::from_secs(20));
+    assert_eq!(read(&m.src_path("d/g")).unwrap(), b"more");
+    // Past the kernel's attribute TTL, so the mount's stat comes from the daemon.
+    sleep(Duration::from_millis(1200));
+    let after: Vec<_> = ["f", "d/g"]
+        .iter()
+        .map(|f| (ctime(&m.mnt_path(f)), ctime(&m.dst_path(f))))
+        .collect();
+    assert_eq!(
+        before, after,
+        "ctimes (mount, dst) before and after writeback"
+    );
+    m.stop();
+}
+
 /// `mount --bind from to`, undone on drop.
 struct BindMount(std::path::PathBuf);
 

@@ -95,18 +95,13 @@ fn is_empty_view(dir: &Path) -> bool {
     })
 }
 
-/// What the core does to a file it renames or links: its origin record (which src
-/// version it came from) no longer describes src's file at the new name, so it is
-/// dropped (the file is local until uploaded). Without this the harness would hand
-/// the replay records the core never leaves behind.
-fn forget_origin(p: &Path) {
-    if !fs::symlink_metadata(p).is_ok_and(|m| m.is_file()) {
-        return;
-    }
-    let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    for name in [c"trusted.cachefs.origin", c"user.cachefs.origin"] {
-        // SAFETY: valid NUL-terminated path and name.
-        unsafe { libc::removexattr(c.as_ptr(), name.as_ptr()) };
+/// What the core does when it renames or links: the origin records of both names
+/// (and below them) no longer describe what dst holds there (see `fs::origin`).
+/// Without this the harness would hand the replay records the core never leaves.
+fn forget_origins(root: &Path, paths: &[&Path]) {
+    let store = cachefs::fs::origin::Store::of_root(root).unwrap();
+    for p in paths {
+        store.clear_tree(p).unwrap();
     }
 }
 
@@ -258,8 +253,7 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
             }
             if rng.below(4) == 0 && fs::symlink_metadata(&ta).is_ok() {
                 exchange(&fa, &ta);
-                forget_origin(&fa);
-                forget_origin(&ta);
+                forget_origins(root, &[&from, &to]);
                 return Some(Op::Rename {
                     from,
                     to,
@@ -267,7 +261,7 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
                 });
             }
             fs::rename(&fa, &ta).unwrap();
-            forget_origin(&ta);
+            forget_origins(root, &[&from, &to]);
             clear_wh(root, &to);
             if rng.below(2) == 0 {
                 fs::write(wh(root, &from), b"").unwrap();
@@ -281,7 +275,7 @@ fn step(rng: &mut Rng, root: &Path) -> Option<Op> {
         13 if free && !files.is_empty() && links_enabled() => {
             let f = rng.pick(&files).clone();
             fs::hard_link(root.join(&f), &fresh_abs).unwrap();
-            forget_origin(&fresh_abs);
+            forget_origins(root, &[&f]);
             clear_wh(root, &fresh);
             Some(Op::Link {
                 existing: f,

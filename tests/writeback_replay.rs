@@ -350,3 +350,31 @@ fn journal_is_compacted() {
     let lines = fs::read_to_string(j).unwrap().lines().count();
     assert!(lines < 100, "{lines} lines after shutdown");
 }
+
+/// A dst file still carrying the origin xattr of a version before the origin record
+/// store (`user.cachefs.origin`, written by non-root daemons) uploads without it; the
+/// user's own xattrs go along.
+#[test]
+fn old_origin_xattrs_never_reach_src() {
+    init_logging();
+    let env = Env::new();
+    let wb = env.start(2);
+    fs::write(env.d("f"), b"data").unwrap();
+    if !set_xattr(&env.d("f"), "user.cachefs.origin", b"v1 4 0 0 1 1") {
+        return; // no user xattrs on this filesystem
+    }
+    assert!(set_xattr(&env.d("f"), "user.mine", b"kept"));
+    rec(&wb, Op::Create { path: p("f") });
+    wait_idle(&wb, T);
+    assert_eq!(fs::read(env.s("f")).unwrap(), b"data");
+    let names = |path: &std::path::Path| {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: buffer valid for its length.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned()
+    };
+    let on_src = names(&env.s("f"));
+    assert!(on_src.contains("user.mine"), "{on_src:?}");
+    assert!(!on_src.contains("cachefs"), "{on_src:?}");
+}

@@ -348,10 +348,11 @@ impl Cache {
         // anything, after checking that the files that cannot go are still there and
         // that big (deletes and truncates here pass through no hook). A trim
         // (`incoming` 0) gets as close to the limits as it can.
-        if incoming > 0 && need > self.index.lock().unwrap().bytes_in(Class::Clean) {
+        // Either way, local files uploaded since become evictable here.
+        if need > self.index.lock().unwrap().bytes_in(Class::Clean) {
             self.refresh_unevictable();
             let need = self.excess(incoming);
-            if need > self.index.lock().unwrap().bytes_in(Class::Clean) {
+            if incoming > 0 && need > self.index.lock().unwrap().bytes_in(Class::Clean) {
                 return Err(need);
             }
         }
@@ -380,7 +381,9 @@ impl Cache {
         }
     }
 
-    /// Takes the sizes of the local and pinned files again (at most once a second).
+    /// Takes the sizes of the local and pinned files again (at most once a second), and
+    /// moves local files that writeback has since uploaded (clean origin record, see
+    /// `fs::origin`) to the evictable class.
     fn refresh_unevictable(&self) {
         {
             let mut last = self.refreshed.lock().unwrap();
@@ -389,15 +392,17 @@ impl Cache {
             }
             *last = Some(Instant::now());
         }
-        let stuck: Vec<PathBuf> = {
+        let stuck: Vec<(PathBuf, Class)> = {
             let ix = self.index.lock().unwrap();
             ix.iter()
                 .filter(|(_, e)| e.class != Class::Clean)
-                .map(|(p, _)| p.clone())
+                .map(|(p, e)| (p.clone(), e.class))
                 .collect()
         };
-        for path in stuck {
+        for (path, class) in stuck {
             let now = self.dst.stat(&path);
+            let uploaded = class == Class::Local
+                && matches!(crate::fs::origin::read(&self.dst, &path), Ok(Some(o)) if !o.dirty);
             let mut ix = self.index.lock().unwrap();
             match now {
                 Ok(Some(st)) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
@@ -406,6 +411,11 @@ impl Cache {
                             &path,
                             Entry {
                                 bytes: st.st_blocks as u64 * 512,
+                                class: if uploaded && e.class == Class::Local {
+                                    Class::Clean
+                                } else {
+                                    e.class
+                                },
                                 ..e
                             },
                         );

@@ -311,16 +311,20 @@ fn copy_file(
         &mut to,
     )?;
     copy_user_xattrs(&from, &to)?;
-    let mut record = Origin::of(st);
-    // A partial copy (for a truncate) is already a local change.
-    record.dirty = opts.limit.is_some();
-    origin::write_fd(&to, &record)?;
     ignore_eperm(fchown(&to, st.st_uid, st.st_gid))?;
     fchmod(&to, st.st_mode & 0o7777)?;
     futimens(&to, st)?;
     to.sync_all()?;
     install(dst, &tmp, path, opts.replace)?;
     guard.armed = false;
+    // Once installed (never before: a record must not outlive a failed copy). Without
+    // it the copy is merely local, so a store that cannot record does not fail the copy.
+    let mut record = Origin::of(st);
+    // A partial copy (for a truncate) is already a local change.
+    record.dirty = opts.limit.is_some();
+    if let Err(e) = origin::Store::of(dst).and_then(|s| s.put_fd(path, &to, record)) {
+        log::warn!("{}: cannot record its origin: {e}", path.display());
+    }
     Ok(())
 }
 

@@ -158,6 +158,48 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// What identifies a dst object across renames (inode number, and birth time where the
+/// filesystem keeps one, so that a reused inode number is not taken for the old
+/// object), with its link count and type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ident {
+    pub ino: u64,
+    pub btime: Option<(i64, u32)>,
+    pub nlink: u32,
+    /// `S_IFMT` bits.
+    pub kind: u32,
+}
+
+/// statx of `name` under `dir` (`AT_EMPTY_PATH` with an empty name: `dir` itself),
+/// never following a final symlink.
+pub fn identity_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Ident> {
+    // SAFETY: a zeroed statx is a valid out-buffer.
+    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: valid fd, name and buffer.
+    cvt(unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::STATX_INO | libc::STATX_BTIME | libc::STATX_NLINK | libc::STATX_TYPE,
+            &mut sx,
+        )
+    })?;
+    Ok(Ident {
+        ino: sx.stx_ino,
+        btime: (sx.stx_mask & libc::STATX_BTIME != 0)
+            .then_some((sx.stx_btime.tv_sec, sx.stx_btime.tv_nsec)),
+        nlink: sx.stx_nlink,
+        kind: u32::from(sx.stx_mode) & libc::S_IFMT,
+    })
+}
+
 /// Timestamps for `utimensat`: `None` leaves a time unchanged.
 #[derive(Debug, Clone, Copy)]
 pub enum SetTime {
@@ -292,6 +334,15 @@ impl Layer {
         };
         match r {
             Ok(st) => Ok(Some(st)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The identity of `rel` (see [`Ident`]); `None` if absent.
+    pub fn identity(&self, rel: &Path) -> io::Result<Option<Ident>> {
+        match self.at(rel, identity_at) {
+            Ok(id) => Ok(Some(id)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(e),
         }

@@ -20,6 +20,8 @@
 //!   `namespace` (RwLock: write for ops that add/remove/move names, read otherwise)
 //!   -> `copy_flights` -> `inodes` -> `handles`.
 //!   `inodes` and `handles` are held only for table updates, never across I/O.
+//!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
+//!   these and never holding another.
 
 pub mod copyup;
 pub mod error;
@@ -230,6 +232,9 @@ pub struct CacheFs {
     dst_dev: u64,
     /// Last time the src root was reopened after an outage (rate limit).
     src_reopened: Mutex<Option<std::time::Instant>>,
+    /// Origin records of dst's files (the same store copy-up, the cache and the
+    /// writeback replay use).
+    origins: Arc<origin::Store>,
     /// CACHE HOOK: the cache budget (src/cache/), called from open, ensure_in_dst and
     /// setxattr/removexattr; `None` without a budget or pins.
     cache: Option<Arc<crate::cache::Cache>>,
@@ -317,7 +322,10 @@ impl CacheFs {
         let dst = Arc::new(Layer::open(&cfg.dst)?);
         let dst_dev = dst.stat(Path::new(""))?.map_or(0, |st| st.st_dev);
         let src = Arc::new(Layer::open(&cfg.src)?);
+        // Origin records: loaded (and migrated from old xattrs) before the first request.
+        let origins = origin::Store::of(&dst)?;
         let fs = CacheFs {
+            origins,
             dst,
             src,
             src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
@@ -682,7 +690,7 @@ impl CacheFs {
     /// Drops dst's copy at `path` if it is a clean cached copy with no open handle
     /// (src no longer has it). Whether it was dropped.
     fn drop_if_clean(&self, path: &Path) -> bool {
-        if !matches!(origin::read(&self.dst, path), Ok(Some(o)) if !o.dirty) {
+        if !matches!(self.origins.get(path), Ok(Some(o)) if !o.dirty) {
             return false;
         }
         let ino = self.inodes.lock().unwrap().ino_of(path);
@@ -696,6 +704,7 @@ impl CacheFs {
         if self.dst.unlink(path).is_err() {
             return false;
         }
+        let _ = self.origins.clear(path);
         self.inodes.lock().unwrap().detach_path(path);
         true
     }
@@ -715,7 +724,7 @@ impl CacheFs {
             return Ok(None);
         };
         if st.st_mode & libc::S_IFMT != libc::S_IFREG
-            || !matches!(origin::read(&self.dst, path)?, Some(o) if !o.dirty)
+            || !matches!(self.origins.get(path)?, Some(o) if !o.dirty)
             || self.changes.as_ref().is_some_and(|c| c.has_pending(path))
         {
             return Ok(None);
@@ -731,6 +740,7 @@ impl CacheFs {
             _ => return Ok(None),
         }
         self.dst.unlink(path)?;
+        self.origins.clear(path)?;
         if let Some(ino) = ino {
             self.inodes.lock().unwrap().clear_dst_ident(ino);
         }
@@ -769,7 +779,7 @@ impl CacheFs {
         if self.changes.as_ref().is_some_and(|c| c.has_pending(path)) {
             return Ok(Freshness::Unchanged);
         }
-        let clean = match origin::read(&self.dst, path)? {
+        let clean = match self.origins.get(path)? {
             Some(o) if !o.dirty => o,
             _ => {
                 checked(self);
@@ -807,6 +817,7 @@ impl CacheFs {
                     path.display()
                 );
                 self.dst.unlink(path)?;
+                self.origins.clear(path)?;
                 Ok(Freshness::Gone)
             }
         }
@@ -1099,7 +1110,7 @@ impl CacheFs {
         }
         let _ = caller;
         if kind == Kind::File {
-            origin::mark_dirty(&self.dst, &path)?;
+            self.origins.mark_dirty(&path)?;
         }
         if set.uid.is_some() || set.gid.is_some() {
             self.dst.chown(
@@ -1356,6 +1367,7 @@ impl CacheFs {
                 self.dst.rmdir(&path)?;
             } else {
                 self.dst.unlink(&path)?;
+                self.origins.clear(&path)?;
             }
         }
         if src_has {
@@ -1456,11 +1468,10 @@ impl CacheFs {
         // A moved file no longer derives from src's file at its new name: local until
         // writeback uploads it (never refetched, dropped or taken for a conflict
         // because of what src has there).
-        if !from_is_dir {
-            origin::clear(&self.dst, &to)?;
-        }
-        if exchange && dst_found.as_ref().is_some_and(|t| !is_dir(&t.st)) {
-            origin::clear(&self.dst, &from)?;
+        // (Records name their dst object too, so they never follow a rename; they are
+        // cleared because the moved object could come back to its old name.)
+        for p in [&from, &to] {
+            self.origins.clear_tree(p)?;
         }
         self.clear_whiteouts(&to)?;
         if !exchange && from_in_src {
@@ -1535,8 +1546,9 @@ impl CacheFs {
         self.ensure_dst_dir(&dir)?;
         self.clear_whiteouts(&new)?;
         self.dst.link(&path, &new)?;
-        // After the link (a failed link must leave the file, and its ctime, alone).
-        origin::clear(&self.dst, &path)?;
+        // A record would apply again once the new link goes, to bytes changed through
+        // it: drop it durably. (After the link: a failed link leaves the file alone.)
+        self.origins.clear_durably(&path)?;
         self.inodes.lock().unwrap().add_path(ino, &new);
         let st = self.dst.stat(&new)?.ok_or_else(FsError::not_found)?;
         self.record(Op::Link {
@@ -1675,7 +1687,7 @@ impl CacheFs {
                 .get(h.ino)
                 .and_then(|n| n.path().map(Path::to_path_buf));
             if let Some(p) = &path {
-                origin::mark_dirty(&self.dst, p)?;
+                self.origins.mark_dirty(p)?;
             }
             if self.changes.is_some() {
                 self.record_content(h.ino)?;
@@ -1737,7 +1749,7 @@ impl CacheFs {
         let path = if changed {
             // The dst file now holds data src does not: never refetch over it.
             if let Ok((p, _, _)) = self.node_path(h.ino) {
-                origin::mark_dirty(&self.dst, &p)?;
+                self.origins.mark_dirty(&p)?;
             }
             self.record_content(h.ino)?
         } else {
@@ -1924,7 +1936,7 @@ impl CacheFs {
             self.ensure_in_dst(ino, &path, None)?;
         }
         if kind == Kind::File {
-            origin::mark_dirty(&self.dst, &path)?;
+            self.origins.mark_dirty(&path)?;
         }
         f(&path)?;
         self.record(Op::Xattr { path })

@@ -235,6 +235,10 @@ impl From<io::Error> for WritebackError {
     }
 }
 
+/// At shutdown, how long past the drain's deadline workers get to notice `stop` before
+/// those still inside a src call are abandoned.
+pub const ABANDON_STUCK_WORKERS_AFTER: Duration = Duration::from_secs(1);
+
 /// How often a drain at shutdown reports its progress.
 pub const DRAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -921,7 +925,9 @@ impl Writeback {
 
     /// Stop accepting ops, replay what can be replayed within `max_wait` (start delays
     /// waived, retry backoff kept), then stop the workers (an upload in progress is
-    /// abandoned, its temp file removed) and persist the rest in a compacted journal.
+    /// abandoned, its temp file removed; a worker stuck in a src syscall is abandoned
+    /// [`ABANDON_STUCK_WORKERS_AFTER`] past the deadline, its op left journaled) and
+    /// persist the rest in a compacted journal.
     ///
     /// A drain logs its progress (ops and bytes left) when it begins and every
     /// [`DRAIN_PROGRESS_EVERY`] until it ends.
@@ -995,9 +1001,24 @@ impl Writeback {
         }
         sh.stop.store(true, Ordering::Relaxed);
         sh.wake();
-        let threads = std::mem::take(&mut *lock(&self.threads));
-        for t in threads {
+        // Workers see `stop` between src calls. One stuck inside a src call (a hung
+        // network mount) cannot: it is abandoned (left to the process's exit) and its
+        // op stays in the journal, so the drain stays bounded by `max_wait`.
+        let join_by = deadline.max(Instant::now()) + ABANDON_STUCK_WORKERS_AFTER;
+        let mut threads = std::mem::take(&mut *lock(&self.threads));
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < join_by {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (done, stuck): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
+        for t in done {
             let _ = t.join();
+        }
+        if !stuck.is_empty() {
+            log::warn!(
+                "writeback: {} replay workers are stuck in a src call (src hung?); \
+                 leaving their ops in the journal",
+                stuck.len()
+            );
         }
         let mut st = lock(&sh.state);
         st.shut = true;

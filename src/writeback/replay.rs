@@ -19,17 +19,24 @@
 //!   (recursively): the view has nothing there at that point of the journal. A whiteout
 //!   or the opaque marker in dst is applied (src entries removed) only by a recursive
 //!   sync; internal names are never created on src.
+//! - Origin records (`fs::origin`, in the state folder; never on the dst file, whose
+//!   ctime the mount shows): after an upload, dst's file records the src version just
+//!   written (clean if dst did not change during the upload, dirty otherwise), files
+//!   created here included; an upload of a dirty file whose src version is no longer
+//!   the recorded one is a conflict (src's version is kept beside it). A replayed
+//!   rename clears the records at both names first: it changes src under them.
 //! - Nothing follows a symlink: see [`super::sys`].
 //! - Owner, mode and xattr changes a src filesystem does not support (rclone) are ignored.
 
+use crate::fs::layer;
 use crate::fs::origin::{self, Origin};
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::sys::{self, Id, Stat};
@@ -245,7 +252,13 @@ fn sync_path(
         let st = sys::fstat(roots.dst.as_raw_fd())?;
         let dot = OsStr::new(".");
         if recursive {
-            sync_children(ctx, roots.dst.as_raw_fd(), roots.src.as_raw_fd(), dot)?;
+            sync_children(
+                ctx,
+                Path::new(""),
+                roots.dst.as_raw_fd(),
+                roots.src.as_raw_fd(),
+                dot,
+            )?;
         }
         set_meta(roots.dst.as_raw_fd(), roots.src.as_raw_fd(), dot, &st)?;
         return Ok(Outcome::Applied);
@@ -271,8 +284,10 @@ fn sync_path(
         return reclaim(ctx, roots, &comps);
     }
     let sparent = ensure_src_parent(roots, &comps)?;
+    let dir: PathBuf = comps.iter().collect();
     sync_entry(
         ctx,
+        &dir,
         dparent.as_raw_fd(),
         sparent.as_raw_fd(),
         name,
@@ -296,8 +311,11 @@ fn whited_out(dd: RawFd, name: &OsStr) -> io::Result<bool> {
     Ok(sys::lstat_at(dd, &names::whiteout_name(name))?.is_some())
 }
 
+/// `dir`: the dst-relative path of `dd` (names the origin records).
+#[allow(clippy::too_many_arguments)]
 fn sync_entry(
     ctx: &Ctx,
+    dir: &Path,
     dd: RawFd,
     sd: RawFd,
     name: &OsStr,
@@ -315,13 +333,13 @@ fn sync_entry(
         libc::S_IFREG => {
             if !content && src_type == Some(libc::S_IFREG) {
                 set_meta(dd, sd, name, dst_st)?;
-                refresh_record(dd, sd, name);
+                refresh_record(ctx, &dir.join(name), dd, sd, name);
                 Ok(())
             } else {
                 if src_type == Some(libc::S_IFDIR) {
                     remove_tree(ctx, sd, name)?;
                 }
-                copy_file(ctx, dd, sd, name, src_st.as_ref())
+                copy_file(ctx, &dir.join(name), dd, sd, name, src_st.as_ref())
             }
         }
         libc::S_IFDIR => {
@@ -334,7 +352,7 @@ fn sync_entry(
                 }
             }
             if recursive {
-                sync_children(ctx, dd, sd, name)?;
+                sync_children(ctx, dir, dd, sd, name)?;
             }
             set_meta(dd, sd, name, dst_st)
         }
@@ -385,7 +403,12 @@ fn sync_entry(
 }
 
 /// Recursive part of a directory sync: children of dst's `name` under `dd` onto src's.
-fn sync_children(ctx: &Ctx, dd: RawFd, sd: RawFd, name: &OsStr) -> io::Result<()> {
+fn sync_children(ctx: &Ctx, dir: &Path, dd: RawFd, sd: RawFd, name: &OsStr) -> io::Result<()> {
+    let here = if name == "." {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    };
     let (dchild, schild) = if name == "." {
         (sys::dup(dd)?, sys::dup(sd)?)
     } else {
@@ -410,7 +433,7 @@ fn sync_children(ctx: &Ctx, dd: RawFd, sd: RawFd, name: &OsStr) -> io::Result<()
             continue;
         }
         if let Some(st) = sys::lstat_at(dc, n)? {
-            sync_entry(ctx, dc, sc, n, &st, true, true)?;
+            sync_entry(ctx, &here, dc, sc, n, &st, true, true)?;
         }
     }
     for t in whiteouts {
@@ -448,9 +471,10 @@ fn remove_tree(ctx: &Ctx, dir: RawFd, name: &OsStr) -> io::Result<()> {
     }
 }
 
-/// Copy dst's regular file `name` (under `dd`) to src (under `sd`).
+/// Copy dst's regular file `name` (under `dd`, at `rel` in dst) to src (under `sd`).
 fn copy_file(
     ctx: &Ctx,
+    rel: &Path,
     dd: RawFd,
     sd: RawFd,
     name: &OsStr,
@@ -469,13 +493,13 @@ fn copy_file(
         let n = copy_data(ctx, &mut df, &mut sf)?;
         sf.set_len(n)?;
         finish_file(dd, name, &sf, sd, name, &st)?;
-        record_upload(&df, &st, sd, name);
+        record_upload(ctx, rel, &df, &st, sd, name);
         return Ok(());
     }
-    let fetched_from = origin::read_fd(&df);
-    // Hard links share one record but may be separate files on src: no verdict there.
+    // Records apply to single-link files only (hard links may be separate files on
+    // src): no verdict for the others.
+    let fetched_from = origin_of_open(ctx, rel, &df);
     if let (Some(o), Some(s)) = (fetched_from, src_st)
-        && st.st_nlink == 1
         && o.dirty
         && sys::file_type(s) == libc::S_IFREG
         && !o.same_source(s)
@@ -495,21 +519,31 @@ fn copy_file(
     sys::rename_at(sd, &tmp, sd, name, false)?;
     g.armed = false;
     let _ = sys::fsync_dir(sd);
-    record_upload(&df, &st, sd, name);
+    record_upload(ctx, rel, &df, &st, sd, name);
     Ok(())
+}
+
+/// The origin record of dst's file open as `df` at `rel`, if it applies to that file.
+fn origin_of_open(ctx: &Ctx, rel: &Path, df: &File) -> Option<Origin> {
+    let id = layer::identity_at(df.as_fd(), c"").ok()?;
+    origin::Store::of_root(ctx.dst).ok()?.get_for(rel, &id)
 }
 
 /// Metadata replayed onto src's file changed its identity (mtime): move dst's record to
 /// it, keeping the dirty flag, so the next upload does not take our own replay for
-/// somebody else's change (a false conflict).
-fn refresh_record(dd: RawFd, sd: RawFd, name: &OsStr) {
+/// somebody else's change (a false conflict). A file without a record gets none: src's
+/// bytes are not known to be dst's.
+fn refresh_record(ctx: &Ctx, rel: &Path, dd: RawFd, sd: RawFd, name: &OsStr) {
     let Ok(df) = sys::open_read_at(dd, name) else {
         return;
     };
-    if let (Some(old), Ok(Some(on_src))) = (origin::read_fd(&df), sys::lstat_at(sd, name)) {
+    if let Some(old) = origin_of_open(ctx, rel, &df)
+        && let Ok(Some(on_src)) = sys::lstat_at(sd, name)
+        && let Ok(store) = origin::Store::of_root(ctx.dst)
+    {
         let mut record = Origin::of(&on_src);
         record.dirty = old.dirty;
-        let _ = origin::write_fd(&df, &record);
+        let _ = store.put_fd(rel, &df, record);
     }
 }
 
@@ -547,27 +581,30 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
 /// After an upload: dst's copy now derives from the src version just written, so its
 /// record points there (otherwise the next upload would take our own earlier upload for
 /// somebody else's change: a false conflict). If dst did not change meanwhile, src
-/// holds exactly its bytes and the copy is clean again (revalidated against src,
-/// evictable); otherwise it stays dirty, and the pending write uploads the rest.
+/// holds exactly its bytes and the copy is clean (revalidated against src, evictable);
+/// otherwise it is dirty, and the pending write uploads the rest.
 ///
-/// Only an existing record (a file fetched from src) is updated: writing one changes
-/// the dst file's ctime, which the mount shows, so files created here stay without
-/// (local: never refetched, dropped or evicted).
-fn record_upload(df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
-    if origin::read_fd(df).is_none() {
+/// Files created here get their first record this way (they are then revalidated like
+/// fetched ones). The record goes to the store in the state folder, never on the dst
+/// file (whose ctime the mount shows). A file with several links gets none (local).
+fn record_upload(ctx: &Ctx, rel: &Path, df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
+    let Ok(store) = origin::Store::of_root(ctx.dst) else {
         return;
-    }
+    };
+    let Ok(id) = layer::identity_at(df.as_fd(), c"") else {
+        return;
+    };
     let unchanged = unchanged_since(df, before);
     if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
         let mut record = Origin::of(&on_src);
         record.dirty = !unchanged;
-        let _ = origin::write_fd(df, &record);
+        let _ = store.put(rel, &id, record);
         // A write that landed after the check above (FUSE passthrough writes do not
         // pass through the daemon) must not be left under a clean record: check again
         // after writing it. A later write is followed by a flush that marks it dirty.
         if !record.dirty && !unchanged_since(df, before) {
             record.dirty = true;
-            let _ = origin::write_fd(df, &record);
+            let _ = store.put(rel, &id, record);
         }
     }
 }
@@ -768,6 +805,16 @@ fn rename(
 ) -> io::Result<Outcome> {
     if op::split(from).is_none() || op::split(to).is_none() {
         return Ok(Outcome::Skipped);
+    }
+    // Origin records at either name (or below) describe src entries this rename
+    // replaces or moves away: an earlier replay may have synced a later incarnation
+    // ahead of time, recording the version this rename now replaces, and that record
+    // would take our own rename for somebody else's change (a false conflict). The
+    // files are local until their next upload, as the core left them at the rename.
+    // (Ops on related paths are ordered around this one: none records meanwhile.)
+    if let Ok(store) = origin::Store::of_root(ctx.dst) {
+        let _ = store.clear_tree(from);
+        let _ = store.clear_tree(to);
     }
     if !exchange {
         if src_has(roots, from)? && move_on_src(ctx, roots, from, to)? {

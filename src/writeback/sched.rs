@@ -260,11 +260,20 @@ impl Sched {
         self.schedule(seq, now);
     }
 
-    /// Ready, or due before `deadline`, or running: something can still progress.
+    /// Ready, or running, or due before `deadline` and not parked as failed: something
+    /// can still progress (a drain at shutdown waits for nothing else). A parked op's
+    /// periodic retry does not count: it failed all its attempts, and waiting out the
+    /// drain timeout on it only delays the exit (it stays in the journal, and ops that
+    /// depend on it are blocked anyway). A failed op loaded from the journal is ready
+    /// (not backing off) at shutdown, so it still gets one retry.
     pub(crate) fn can_progress_before(&self, deadline: Instant) -> bool {
         self.running > 0
             || !self.ready.is_empty()
-            || self.delayed.first().is_some_and(|(t, _)| *t <= deadline)
+            || self
+                .delayed
+                .iter()
+                .take_while(|(t, _)| *t <= deadline)
+                .any(|(_, s)| self.entries.get(s).is_some_and(|e| e.fail.is_none()))
     }
 
     /// Whether `seq` (pending) is parked as failed or waits, transitively, on such an op.
@@ -414,6 +423,8 @@ mod tests {
         assert_eq!(s.failure_blocking(2).map(|x| x.0), Some(1));
         assert!(drain(&mut s, now).is_empty());
         assert!(!s.can_progress_before(now));
+        // Its next retry falls before the deadline, but it is parked as failed.
+        assert!(!s.can_progress_before(later));
         assert_eq!(drain(&mut s, later), vec![1]);
         s.succeed(1, later);
         s.make_urgent(2, later);

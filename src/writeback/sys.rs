@@ -404,7 +404,11 @@ pub(crate) fn list_user_xattrs(dir: RawFd, name: &OsStr) -> io::Result<Vec<Vec<u
     }
     Ok(buf
         .split(|b| *b == 0)
-        .filter(|n| n.starts_with(b"user."))
+        // Not cachefs's own (`user.cachefs.origin`, left on dst files by versions
+        // before the origin record store): never uploaded.
+        .filter(|n| {
+            n.starts_with(b"user.") && !crate::fs::origin::is_reserved_xattr(OsStr::from_bytes(n))
+        })
         .map(<[u8]>::to_vec)
         .collect())
 }
