@@ -18,7 +18,7 @@ const MIB: usize = 1 << 20;
 
 /// A mount with `-w --max-dirty 1M` over a bindfs src, with `big` and `second`
 /// already written back (so opening them later needs nothing from src).
-fn setup(src_timeout: &str) -> Option<(BindfsSrc, Mounted)> {
+fn setup(src_timeout: &str) -> Option<(Mounted, BindfsSrc)> {
     let real = dir_with(&[]);
     let srcmnt = tempdir();
     let bind = BindfsSrc::start(real, srcmnt.path())?;
@@ -39,7 +39,7 @@ fn setup(src_timeout: &str) -> Option<(BindfsSrc, Mounted)> {
     std::fs::write(m.mnt_path("big"), b"small").unwrap();
     std::fs::write(m.mnt_path("second"), b"").unwrap();
     wait_drained(&m, Duration::from_secs(20));
-    Some((bind, m))
+    Some((m, bind))
 }
 
 /// Write 2 MiB into `big` while src is paused: more than the limit now waits.
@@ -77,20 +77,20 @@ type Answer = mpsc::Receiver<(std::io::Result<()>, Duration)>;
 fn overrun_paused_src(
     test: &str,
     src_timeout: &str,
-) -> Option<(BindfsSrc, Mounted, Vec<u8>, Answer)> {
+) -> Option<(Mounted, BindfsSrc, Vec<u8>, Answer)> {
     if !can_mount(test) || !bindfs_support::have_bindfs() {
         return None;
     }
-    let (bind, m) = setup(src_timeout).expect("bindfs starts");
+    let (m, bind) = setup(src_timeout).expect("bindfs starts");
     bind.pause(true);
     let data = overrun(&m);
     let rx = open_second(&m);
-    Some((bind, m, data, rx))
+    Some((m, bind, data, rx))
 }
 
 #[test]
 fn writers_wait_while_too_much_waits_for_src() {
-    let Some((bind, m, data, rx)) = overrun_paused_src("writers_wait_while", "30") else {
+    let Some((m, bind, data, rx)) = overrun_paused_src("writers_wait_while", "30") else {
         return;
     };
     // Still waiting after a while: the 2 MiB cannot reach the paused src.
@@ -103,7 +103,12 @@ fn writers_wait_while_too_much_waits_for_src() {
     let t = Instant::now();
     assert_eq!(std::fs::read(m.mnt_path("big")).unwrap(), data);
     assert!(std::fs::metadata(m.mnt_path("second")).is_ok());
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{:?} {}",
+        t.elapsed(),
+        m.stderr()
+    );
     assert!(rx.try_recv().is_err(), "the writer is still waiting");
     bind.pause(false);
     let (r, waited) = rx
@@ -122,7 +127,7 @@ fn writers_wait_while_too_much_waits_for_src() {
 
 #[test]
 fn a_stalled_src_gives_enospc_and_loses_nothing() {
-    let Some((bind, m, data, rx)) = overrun_paused_src("a_stalled_src", "2") else {
+    let Some((m, bind, data, rx)) = overrun_paused_src("a_stalled_src", "2") else {
         return;
     };
     let (r, waited) = rx

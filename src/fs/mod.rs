@@ -786,6 +786,15 @@ impl CacheFs {
                 return Ok(Freshness::Unchanged);
             }
         };
+        // Fetched or uploaded by us within the interval: src held this version then,
+        // so there is nothing to ask src yet (a hung src must not stall the lookup).
+        if self
+            .origins
+            .put_ago(path)
+            .is_some_and(|ago| ago < self.revalidate)
+        {
+            return Ok(Freshness::Unchanged);
+        }
         let Ok(now) = self.src_stat(path) else {
             return Ok(Freshness::Unchanged); // offline: keep serving the cache
         };

@@ -31,7 +31,7 @@
 //! Lock order: the store's mutex is a leaf; it is held across a log append (and its
 //! fdatasync), never across any other I/O or lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -39,6 +39,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::layer::{Ident, Layer, Stat};
 use super::names::{STATE_DIR, is_reserved};
@@ -250,6 +251,10 @@ struct Inner {
     log: Option<File>,
     /// Lines in the log.
     lines: usize,
+    /// When this process last put each record: src held that version then, so a
+    /// revalidation is not due before the interval has passed since (not persisted:
+    /// after a restart every record is checked once).
+    put_at: HashMap<PathBuf, Instant>,
 }
 
 impl Inner {
@@ -259,10 +264,12 @@ impl Inner {
                 self.map.insert(p, r);
             }
             Entry::Remove(p) => {
+                self.put_at.remove(&p);
                 self.map.remove(&p);
             }
             Entry::RemoveTree(p) => {
                 for k in subtree(&self.map, &p) {
+                    self.put_at.remove(&k);
                     self.map.remove(&k);
                 }
             }
@@ -325,6 +332,7 @@ impl Store {
             map: BTreeMap::new(),
             log: None,
             lines: 0,
+            put_at: HashMap::new(),
         };
         match dst.open_file(&log_path(), libc::O_RDONLY) {
             Ok(mut f) => {
@@ -450,6 +458,13 @@ impl Store {
         Ok(id.filter(|id| rec.applies_to(id)).map(|_| rec.origin))
     }
 
+    /// How long ago this process put `path`'s record (a fetch or an upload: src was
+    /// known to hold that version then), if it did.
+    pub fn put_ago(&self, path: &Path) -> Option<Duration> {
+        let inner = self.inner.lock().unwrap();
+        inner.put_at.get(path).map(Instant::elapsed)
+    }
+
     /// The record of `path` if it applies to the dst object `id` (an open file).
     pub fn get_for(&self, path: &Path, id: &Ident) -> Option<Origin> {
         let rec = self.inner.lock().unwrap().map.get(path).copied()?;
@@ -467,6 +482,7 @@ impl Store {
             origin,
         };
         let mut inner = self.inner.lock().unwrap();
+        inner.put_at.insert(path.to_path_buf(), Instant::now());
         if inner.map.get(path) == Some(&rec) {
             return Ok(());
         }
