@@ -163,6 +163,10 @@ pub struct OpenFile {
     writes_bypass: bool,
     /// (mtime, size) of the dst file when its content was last reported.
     reported: Mutex<Option<Version>>,
+    /// Held by a writable handle: uploads meanwhile leave the file's origin record
+    /// dirty (see [`origin::Origin::open_writer`]), since writes after the last report
+    /// reach the journal only at the next flush/fsync/release.
+    _writer: Option<origin::OpenWriter>,
 }
 
 /// A file's version as far as writes can tell: mtime, ctime (s, ns) and size.
@@ -1324,13 +1328,15 @@ impl CacheFs {
                     wanted
                 };
                 let f = self.dst.create_file(p, flags, mode)?;
-                *file.borrow_mut() = Some(f);
+                // Before the Create is journaled: its upload may run at once.
+                let writer = self.origins.writer_opened(&f).ok();
+                *file.borrow_mut() = Some((f, writer));
                 Ok(())
             },
             |path| Op::Create { path },
         )?;
-        let file = file.into_inner().ok_or(FsError::Stale)?;
-        let fh = self.add_handle(attr.ino, file, for_backing);
+        let (file, writer) = file.into_inner().ok_or(FsError::Stale)?;
+        let fh = self.add_handle(attr.ino, file, for_backing, writer);
         if for_backing {
             // No Write record now: the journaled Create already uploads dst's bytes as
             // they are at replay time (one fdatasync per new file, not two). Later
@@ -1569,7 +1575,15 @@ impl CacheFs {
 
     // ----- files -------------------------------------------------------------------
 
-    fn add_handle(&self, ino: u64, file: File, writes_bypass: bool) -> u64 {
+    /// `writer`: the file's [`origin::OpenWriter`], for a writable handle (taken before
+    /// the first change of the handle is journaled).
+    fn add_handle(
+        &self,
+        ino: u64,
+        file: File,
+        writes_bypass: bool,
+        writer: Option<origin::OpenWriter>,
+    ) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.write().unwrap().insert(
             fh,
@@ -1579,6 +1593,7 @@ impl CacheFs {
                 dirty: AtomicBool::new(false),
                 writes_bypass,
                 reported: Mutex::new(None),
+                _writer: writer,
             }),
         );
         fh
@@ -1642,7 +1657,12 @@ impl CacheFs {
             )
         };
         let writer = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let fh = self.add_handle(ino, file, for_backing && writer);
+        let guard = if writer {
+            self.origins.writer_opened(&file).ok()
+        } else {
+            None
+        };
+        let fh = self.add_handle(ino, file, for_backing && writer, guard);
         if for_backing && writer {
             self.note_bypassing_writer(fh)?;
         }

@@ -16,6 +16,10 @@
 //! - No record means local: never refetched, dropped or evicted. A missing or torn record
 //!   is always safe. A record never claims "clean" for bytes src does not hold: it is
 //!   written after a fetch is installed in dst, or after an upload's rename on src.
+//! - A record put while the file is open for writing (an [`OpenWriter`] guard is held)
+//!   is dirty and `open_writer`: writes after the last flush may not be journaled yet
+//!   (passthrough writes bypass the daemon), so after a crash the writeback queues an
+//!   upload of each such file ([`Store::open_writer_paths`]).
 //! - `dirty` is set on the first local change, durably (fdatasync of the log) before the
 //!   change is made. A dirty file is never refetched or dropped because of src (local
 //!   data wins; writeback turns a src that changed too into a conflict).
@@ -78,6 +82,11 @@ pub struct Origin {
     pub mtime_nsec: i64,
     pub ino: u64,
     pub dirty: bool,
+    /// Put while a writer that bypasses the daemon (FUSE passthrough) had the file
+    /// open: src may lack bytes written after this record, and a crash before that
+    /// writer's flush leaves no journal op for them, so the next start queues an
+    /// upload ([`Store::open_writer_paths`]). Implies `dirty`; logged as dirty `2`.
+    pub open_writer: bool,
 }
 
 impl Origin {
@@ -89,6 +98,7 @@ impl Origin {
             mtime_nsec: st.st_mtime_nsec,
             ino: st.st_ino,
             dirty: false,
+            open_writer: false,
         }
     }
 
@@ -113,12 +123,13 @@ impl Origin {
             mtime_nsec: num()?,
             ino: num()? as u64,
             dirty: num()? != 0,
+            open_writer: false,
         })
     }
 }
 
 /// The dst object a record belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     ino: u64,
     btime: Option<(i64, u32)>,
@@ -191,7 +202,8 @@ impl Entry {
                     o.mtime_sec,
                     o.mtime_nsec,
                     o.ino,
-                    u8::from(o.dirty)
+                    // 2: dirty, with a bypassing writer open (older versions read dirty)
+                    if o.open_writer { 2 } else { u8::from(o.dirty) }
                 )
             }
             Entry::Remove(p) => format!("d {}", hex(p.as_os_str().as_bytes())),
@@ -223,12 +235,15 @@ impl Entry {
                     Some((bs.parse().ok()?, bn.parse().ok()?))
                 };
                 let mut num = || it.next()?.parse::<i64>().ok();
+                let (size, mtime_sec, mtime_nsec, src_ino, dirty) =
+                    (num()? as u64, num()?, num()?, num()? as u64, num()?);
                 let origin = Origin {
-                    size: num()? as u64,
-                    mtime_sec: num()?,
-                    mtime_nsec: num()?,
-                    ino: num()? as u64,
-                    dirty: num()? != 0,
+                    size,
+                    mtime_sec,
+                    mtime_nsec,
+                    ino: src_ino,
+                    dirty: dirty != 0,
+                    open_writer: dirty == 2,
                 };
                 Entry::Put(
                     path,
@@ -255,6 +270,9 @@ struct Inner {
     /// revalidation is not due before the interval has passed since (not persisted:
     /// after a restart every record is checked once).
     put_at: HashMap<PathBuf, Instant>,
+    /// dst files open for writes that bypass the daemon (FUSE passthrough), with how
+    /// many such opens each has ([`OpenWriter`] guards).
+    open_writers: HashMap<Key, usize>,
 }
 
 impl Inner {
@@ -288,6 +306,30 @@ fn subtree(map: &BTreeMap<PathBuf, Rec>, top: &Path) -> Vec<PathBuf> {
 pub struct Store {
     dst: Layer,
     inner: Mutex<Inner>,
+}
+
+/// A dst file open for writes that bypass the daemon; see [`Store::writer_opened`].
+pub struct OpenWriter {
+    store: Arc<Store>,
+    key: Key,
+}
+
+impl std::fmt::Debug for OpenWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OpenWriter({:?})", self.key)
+    }
+}
+
+impl Drop for OpenWriter {
+    fn drop(&mut self) {
+        let mut inner = self.store.inner.lock().unwrap();
+        if let Some(n) = inner.open_writers.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                inner.open_writers.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// One store per dst root in this process.
@@ -333,6 +375,7 @@ impl Store {
             log: None,
             lines: 0,
             put_at: HashMap::new(),
+            open_writers: HashMap::new(),
         };
         match dst.open_file(&log_path(), libc::O_RDONLY) {
             Ok(mut f) => {
@@ -473,15 +516,20 @@ impl Store {
 
     /// Records that dst's object `id`, at `path`, derives from `origin`. A dirty record
     /// is durable on return.
-    pub fn put(&self, path: &Path, id: &Ident, origin: Origin) -> io::Result<()> {
+    pub fn put(&self, path: &Path, id: &Ident, mut origin: Origin) -> io::Result<()> {
         if id.kind != libc::S_IFREG || id.nlink != 1 {
             return self.clear(path);
+        }
+        let mut inner = self.inner.lock().unwrap();
+        if inner.open_writers.contains_key(&Key::of(id)) {
+            // Later bytes may not reach the daemon before a crash: never clean now.
+            origin.dirty = true;
+            origin.open_writer = true;
         }
         let rec = Rec {
             key: Key::of(id),
             origin,
         };
-        let mut inner = self.inner.lock().unwrap();
         inner.put_at.insert(path.to_path_buf(), Instant::now());
         if inner.map.get(path) == Some(&rec) {
             return Ok(());
@@ -552,6 +600,42 @@ impl Store {
             return Ok(());
         }
         self.append_removal(&mut inner, Entry::RemoveTree(path.to_path_buf()), true)
+    }
+
+    /// Notes that the dst file open as `f` takes writes that bypass the daemon, until
+    /// the returned guard is dropped (records put meanwhile are `open_writer`).
+    pub fn writer_opened(self: &Arc<Self>, f: &File) -> io::Result<OpenWriter> {
+        let key = Key::of(&super::layer::identity_at(f.as_fd(), c"")?);
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .open_writers
+            .entry(key)
+            .or_insert(0) += 1;
+        Ok(OpenWriter {
+            store: Arc::clone(self),
+            key,
+        })
+    }
+
+    /// Paths whose record was put while a bypassing writer was open (and still applies
+    /// to dst's file there): after a crash, src may lack their last bytes.
+    pub fn open_writer_paths(&self) -> Vec<PathBuf> {
+        let candidates: Vec<(PathBuf, Rec)> = {
+            let inner = self.inner.lock().unwrap();
+            inner
+                .map
+                .iter()
+                .filter(|(_, r)| r.origin.open_writer)
+                .map(|(p, r)| (p.clone(), *r))
+                .collect()
+        };
+        candidates
+            .into_iter()
+            .filter(|(p, r)| matches!(self.dst.identity(p), Ok(Some(id)) if r.applies_to(&id)))
+            .map(|(p, _)| p)
+            .collect()
     }
 
     /// Number of records (tests, metrics).
@@ -629,6 +713,7 @@ mod tests {
             mtime_nsec: 7,
             ino: 99,
             dirty,
+            open_writer: false,
         }
     }
 
@@ -713,6 +798,38 @@ mod tests {
         s.clear(Path::new("f")).unwrap();
         assert!(s.is_empty());
         assert!(fresh_store(d.path()).is_empty());
+    }
+
+    #[test]
+    fn a_record_put_while_a_writer_is_open_stays_dirty_and_is_listed_after_reload() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let f = File::open(d.path().join("f")).unwrap();
+        let path = Path::new("f");
+        {
+            let s = Arc::new(fresh_store(d.path()));
+            let id = s.dst.identity(path).unwrap().unwrap();
+            let _guard = s.writer_opened(&f).unwrap();
+            s.put(path, &id, origin(false)).unwrap();
+            let got = s.get(path).unwrap().unwrap();
+            assert!(got.dirty && got.open_writer, "{got:?}");
+        }
+        // Reloaded (as after kill -9): still listed, and read as dirty.
+        let s = Arc::new(fresh_store(d.path()));
+        assert_eq!(s.open_writer_paths(), vec![PathBuf::from("f")]);
+        assert!(s.get(path).unwrap().unwrap().dirty);
+        // Two opens: dirty until both are closed; then the next put (an upload) is clean.
+        let id = s.dst.identity(path).unwrap().unwrap();
+        let (one, two) = (s.writer_opened(&f).unwrap(), s.writer_opened(&f).unwrap());
+        drop(one);
+        s.put(path, &id, origin(false)).unwrap();
+        assert!(s.get(path).unwrap().unwrap().open_writer);
+        drop(two);
+        s.put(path, &id, origin(false)).unwrap();
+        assert_eq!(s.get(path).unwrap(), Some(origin(false)));
+        assert!(s.open_writer_paths().is_empty());
+        drop(s);
+        assert!(fresh_store(d.path()).open_writer_paths().is_empty());
     }
 
     #[test]

@@ -859,6 +859,31 @@ impl Writeback {
         }
     }
 
+    /// Queues an upload of every file whose origin record was put while a writer
+    /// bypassing the daemon (FUSE passthrough) had it open, unless an op for it is
+    /// already pending. Called at start: such a writer's last bytes reach the journal
+    /// only at its flush, fsync or close, which a crash (kill -9) may have prevented.
+    /// Returns how many were queued.
+    pub fn requeue_open_writers(&self) -> Result<usize, WritebackError> {
+        let Some(sh) = &self.shared else {
+            return Ok(0);
+        };
+        let store = crate::fs::origin::Store::of_root(&sh.dst).map_err(WritebackError::Io)?;
+        let mut queued = 0;
+        for path in store.open_writer_paths() {
+            if !self.has_pending(&path) {
+                self.record(Op::Write { path })?;
+                queued += 1;
+            }
+        }
+        if queued > 0 {
+            log::info!(
+                "writeback: {queued} file(s) were open for writing when the daemon last stopped: queued for upload"
+            );
+        }
+        Ok(queued)
+    }
+
     /// True while an op touching `path` or anything below it is not yet applied on src:
     /// such dst data is dirty and must not be evicted.
     pub fn has_pending(&self, path: &Path) -> bool {
