@@ -546,3 +546,51 @@ fn killed_with_a_writer_open_uploads_its_bytes_at_restart() {
 fn killed_with_a_writer_open_uploads_its_bytes_at_restart_no_passthrough() {
     killed_with_a_writer_open(&["--no-passthrough"]);
 }
+
+/// A crash between a change on dst and its journal record (the daemon changes dst
+/// first): the intent file names the paths, and the next start syncs them, so a file
+/// created and a file deleted in that window still reach src. The crash is staged by
+/// hand: dst as the interrupted create and unlink left it, the intent file as they
+/// wrote it.
+#[test]
+fn changes_a_crash_interrupted_before_their_record_are_synced_at_start() {
+    if !can_mount("interrupted changes") {
+        return;
+    }
+    let src = dir_with(&[("gone", b"old"), ("kept", b"kept")]);
+    let dst = tempdir();
+    fs::write(dst.path().join("made"), b"made before the crash").unwrap();
+    fs::write(dst.path().join(".cachefs-wh.gone"), b"").unwrap();
+    let journal_dir = dst.path().join(".cachefs-state/writeback");
+    fs::create_dir_all(&journal_dir).unwrap();
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    fs::write(
+        journal_dir.join("intents"),
+        format!("{}\n{}\n", hex("made"), hex("gone")),
+    )
+    .unwrap();
+    let m = Mounted::with_dirs(src, dst, &["-w"]);
+    wb_wait_drained(m.dst.path(), DRAIN);
+    let t = Instant::now();
+    while (m.src_path("gone").exists() || !m.src_path("made").exists()) && t.elapsed() < DRAIN {
+        sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        fs::read(m.src_path("made")).unwrap(),
+        b"made before the crash"
+    );
+    assert!(
+        !m.src_path("gone").exists(),
+        "the interrupted unlink never reached src"
+    );
+    assert_eq!(fs::read(m.src_path("kept")).unwrap(), b"kept");
+    assert_eq!(
+        fs::metadata(m.dst.path().join(".cachefs-state/writeback/intents"))
+            .unwrap()
+            .len(),
+        0,
+        "the intent file is emptied once its paths are journaled"
+    );
+    assert_converged(m.mountpoint(), m.src.path(), "interrupted changes");
+    m.stop();
+}

@@ -49,7 +49,7 @@ pub use inodes::{Kind, ROOT};
 use layer::{Layer, SetTime, Stat};
 
 use crate::config::Config;
-use crate::writeback::{ChangeGuard, Op};
+use crate::writeback::{ChangeGuard, IntentGuard, Op};
 
 /// Where the core reports mutations (implemented by the writeback journal).
 pub trait ChangeLog: Send + Sync {
@@ -64,6 +64,11 @@ pub trait ChangeLog: Send + Sync {
     /// op on the strength of a rename it cannot yet see in the journal.
     fn begin_change(&self) -> ChangeGuard<'_> {
         ChangeGuard::none()
+    }
+    /// Called before `paths` change on dst; the guard is kept until the change's op is
+    /// recorded, so a crash in between leaves the paths to resync at the next start.
+    fn intend(&self, _paths: &[&Path]) -> io::Result<IntentGuard<'_>> {
+        Ok(IntentGuard::none())
     }
     /// `--max-dirty` backpressure: returns when a writer may go on (called with no
     /// core lock held); an error answers the writer.
@@ -586,6 +591,15 @@ impl CacheFs {
             c.throttle().map_err(FsError::Journal)?;
         }
         Ok(())
+    }
+
+    /// Notes that `paths` are about to change on dst (see [`ChangeLog::intend`]); hold
+    /// the guard until the change's op is recorded.
+    fn intend(&self, paths: &[&Path]) -> FsResult<IntentGuard<'_>> {
+        match &self.changes {
+            Some(c) => c.intend(paths).map_err(FsError::Journal),
+            None => Ok(IntentGuard::none()),
+        }
     }
 
     fn record(&self, op: Op) -> FsResult<()> {
@@ -1125,6 +1139,7 @@ impl CacheFs {
         if kind == Kind::File {
             self.origins.mark_dirty(&path)?;
         }
+        let _intent = self.intend(&[&path])?;
         if set.uid.is_some() || set.gid.is_some() {
             self.dst.chown(
                 &path,
@@ -1201,6 +1216,7 @@ impl CacheFs {
         }
         self.ensure_dst_dir(&dir)?;
         let parent_st = self.dst.stat(&dir)?.ok_or_else(FsError::not_found)?;
+        let _intent = self.intend(&[&path])?;
         let had_whiteout = self.clear_whiteouts(&path)?;
         make(&path)?;
         let created = self.dst.stat(&path)?.ok_or_else(FsError::not_found)?;
@@ -1376,6 +1392,7 @@ impl CacheFs {
         if src_has {
             self.ensure_dst_dir(&parent_path)?;
         }
+        let _intent = self.intend(&[&path])?;
         if found.layer == Layered::Dst {
             if dir {
                 self.remove_reserved_children(&path)?;
@@ -1469,6 +1486,7 @@ impl CacheFs {
             self.materialize(&to, t)?;
         }
         self.ensure_dst_dir(&to_dir)?;
+        let _intent = self.intend(&[&from, &to])?;
         if let Some(t) = &dst_found
             && !exchange
             && is_dir(&t.st)
@@ -1559,6 +1577,7 @@ impl CacheFs {
         }
         self.ensure_in_dst(ino, &path, None)?;
         self.ensure_dst_dir(&dir)?;
+        let _intent = self.intend(&[&new])?;
         self.clear_whiteouts(&new)?;
         self.dst.link(&path, &new)?;
         // A record would apply again once the new link goes, to bytes changed through
@@ -1688,8 +1707,10 @@ impl CacheFs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.throttle_writer()?;
         let h = self.handle(fh)?;
-        h.file.write_all_at(data, offset)?;
+        // Journaled before the bytes land: a crash in between leaves an op (a write
+        // that then fails only costs an upload of unchanged bytes).
         self.mark_dirty(&h)?;
+        h.file.write_all_at(data, offset)?;
         Ok(data.len() as u32)
     }
 
@@ -1815,6 +1836,7 @@ impl CacheFs {
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let h = self.handle(fh)?;
+        self.mark_dirty(&h)?; // journaled first, as in `write`
         // SAFETY: valid fd.
         let r = unsafe {
             libc::fallocate(
@@ -1827,7 +1849,7 @@ impl CacheFs {
         if r < 0 {
             return Err(io::Error::last_os_error().into());
         }
-        self.mark_dirty(&h)
+        Ok(())
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
@@ -1849,6 +1871,7 @@ impl CacheFs {
         len: u64,
     ) -> FsResult<u64> {
         let (hin, hout) = (self.handle(fh_in)?, self.handle(fh_out)?);
+        self.mark_dirty(&hout)?; // journaled first, as in `write`
         let (mut oi, mut oo) = (off_in as i64, off_out as i64);
         // SAFETY: valid fds and offset pointers.
         let r = unsafe {
@@ -1864,7 +1887,6 @@ impl CacheFs {
         if r < 0 {
             return Err(io::Error::last_os_error().into());
         }
-        self.mark_dirty(&hout)?;
         Ok(r as u64)
     }
 
@@ -1967,6 +1989,7 @@ impl CacheFs {
         if kind == Kind::File {
             self.origins.mark_dirty(&path)?;
         }
+        let _intent = self.intend(&[&path])?;
         f(&path)?;
         self.record(Op::Xattr { path })
     }

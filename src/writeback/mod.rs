@@ -28,6 +28,13 @@
 //!   synced, so some applied ops may replay again (harmless). What replay then copies is
 //!   whatever dst holds after the reboot: file *bytes* are only as durable as the user's
 //!   own fsync on dst made them.
+//! - **A crash between a change on dst and its record:** the core notes the paths in
+//!   the intent file first ([`Writeback::intend`], see `intents`); the next start
+//!   journals a `sync` of each path left there.
+//! - **A file open for writing at a crash:** its last writes may not be journaled (they
+//!   are reported at flush/fsync/release); uploads while it is open leave its origin
+//!   record `open_writer`, and the next start queues an upload of each such file
+//!   ([`Writeback::requeue_open_writers`]).
 //! - A recorded op is removed from the journal only after it was applied on src (src
 //!   file fsynced before its rename). Failed ops stay, marked failed, and are retried.
 //!
@@ -80,6 +87,7 @@
 //! fdatasync. `sync_lock` serialises group commits (fdatasync outside `state`).
 //! `cond` (on `state`) wakes `wait_synced` and `shutdown` waiters on every completion.
 
+mod intents;
 pub mod journal;
 mod op;
 mod replay;
@@ -100,6 +108,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
 use crate::metrics::{self, METRICS};
+pub use intents::IntentGuard;
+use intents::Intents;
 use journal::{FailInfo, Journal, Record};
 use sched::Sched;
 
@@ -314,6 +324,8 @@ struct Shared {
     changes: RwLock<()>,
     /// `--max-dirty`: writers wait while more than this waits for src.
     max_dirty: Option<u64>,
+    /// Changes begun on dst and not journaled yet (see `intents`).
+    intents: Intents,
     /// How long a throttled writer waits with no op reaching src before ENOSPC.
     dirty_stall: Duration,
 }
@@ -603,6 +615,7 @@ impl Writeback {
             }));
         }
         let (journal, live, next_seq) = Journal::open(&cfg.dst)?;
+        let (intents, interrupted) = Intents::open(&journal::dir(&cfg.dst))?;
         let now = Instant::now();
         let mut sched = Sched::default();
         let loaded = live.len();
@@ -649,6 +662,7 @@ impl Writeback {
             changes: RwLock::new(()),
             max_dirty: cfg.max_dirty,
             dirty_stall: cfg.src_timeout.max(Duration::from_secs(1)),
+            intents,
         });
         let workers = (cfg.concurrent as usize).max(1);
         let (job_tx, job_rx) = crossbeam_channel::unbounded();
@@ -667,11 +681,44 @@ impl Writeback {
                 .name("writeback-dispatch".into())
                 .spawn(move || dispatcher(s, job_tx, wake_rx, workers))?,
         );
-        Ok(Arc::new(Writeback {
+        let wb = Arc::new(Writeback {
             shared: Some(sh),
             threads: Mutex::new(threads),
             mirror: cfg.concurrent == 0,
-        }))
+        });
+        wb.resync_interrupted(interrupted)?;
+        Ok(wb)
+    }
+
+    /// Journals a `sync` of every path whose change a crash interrupted (left in the
+    /// intent file), then empties that file.
+    fn resync_interrupted(&self, paths: Vec<PathBuf>) -> Result<(), WritebackError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for path in paths.iter().filter_map(|p| op::normalize_path(p)) {
+            if seen.insert(path.clone()) {
+                self.record(Op::Sync { path })?;
+            }
+        }
+        if !seen.is_empty() {
+            log::info!(
+                "writeback: {} path(s) were being changed when the daemon last stopped: queued a sync of each",
+                seen.len()
+            );
+        }
+        sh.intents.clear()?;
+        Ok(())
+    }
+
+    /// Notes that `paths` are about to change on dst; keep the guard until the change's
+    /// op is journaled (see `intents`).
+    pub fn intend(&self, paths: &[&Path]) -> Result<IntentGuard<'_>, WritebackError> {
+        match &self.shared {
+            Some(sh) => Ok(sh.intents.begin(paths)?),
+            None => Ok(IntentGuard::none()),
+        }
     }
 
     /// Hold across a dst rename and its `record` (see "Namespace changes and skipped
@@ -1073,6 +1120,10 @@ impl crate::fs::ChangeLog for Writeback {
 
     fn begin_change(&self) -> ChangeGuard<'_> {
         Writeback::begin_change(self)
+    }
+
+    fn intend(&self, paths: &[&Path]) -> io::Result<IntentGuard<'_>> {
+        Writeback::intend(self, paths).map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
     fn throttle(&self) -> io::Result<()> {
