@@ -159,6 +159,8 @@ pub(crate) struct Extra {
     pub cache_text: Option<String>,
     /// Unix seconds, for "N ago".
     pub now: u64,
+    /// Partially present (lazily fetched) files: (count, present bytes, total bytes).
+    pub partial: (u64, u64, u64),
 }
 
 impl Extra {
@@ -170,6 +172,7 @@ impl Extra {
             cache_raw: crate::cache::status_raw(dst),
             cache_text: crate::cache::status_text(dst),
             now: src_state::unix_now(std::time::SystemTime::now()),
+            partial: crate::fs::lazy::summary(dst),
         }
     }
 
@@ -187,6 +190,11 @@ impl Extra {
             Some(e) => json_str(out, e),
             None => out.push_str("null"),
         }
+        let _ = write!(
+            out,
+            ",\"partial_files\":{},\"partial_present_bytes\":{},\"partial_total_bytes\":{}",
+            self.partial.0, self.partial.1, self.partial.2
+        );
         let _ = write!(out, ",\"daemon_running\":{},\"cache\":", self.running);
         match self.cache_raw.as_deref().map(str::trim) {
             Some(c) if c.starts_with('{') && c.ends_with('}') => out.push_str(c),
@@ -273,6 +281,11 @@ pub(crate) fn render_all(s: &Summary, x: &Extra, json: bool) -> String {
             Some(c) => out.push_str(c),
             None => out.push_str("cache:          no budget or pins (no cache.json)\n"),
         }
+        let (n, present, total) = x.partial;
+        let _ = writeln!(
+            out,
+            "partial files:  {n} ({present} of {total} bytes present; the rest is fetched on read)"
+        );
         out
     }
 }
