@@ -1357,6 +1357,28 @@ mod tests {
     }
 
     #[test]
+    fn lazy_fetch_flags() {
+        let c = cfg(&with(&[]));
+        assert_eq!((c.lazy_threshold, c.block_size), (64 << 20, 1 << 20));
+        let c = cfg(&with(&["--lazy-threshold", "1G", "-block-size=256K"]));
+        assert_eq!((c.lazy_threshold, c.block_size), (1 << 30, 256 << 10));
+        assert_eq!(cfg(&with(&["--lazy-threshold", "0"])).lazy_threshold, 0);
+        for (args, needle) in [
+            (
+                &["--lazy-threshold", "big"][..],
+                "--lazy-threshold 'big' is not a size",
+            ),
+            (&["--block-size", "1000"][..], "must be a multiple of 4K"),
+            (&["--block-size", "0"][..], "between 4K and 64M"),
+            (&["--block-size", "128M"][..], "between 4K and 64M"),
+            (&["--block-size", "x"][..], "--block-size 'x' is not a size"),
+        ] {
+            let e = fail_with(&with(args), &Fake::default());
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
     fn cache_budget_flags() {
         let c = cfg(&with(&[
             "--cache-size",

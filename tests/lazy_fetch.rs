@@ -329,3 +329,97 @@ fn fsx_on_a_lazily_fetched_file_with_passthrough() {
 fn fsx_on_a_lazily_fetched_file_no_passthrough() {
     fsx_on_lazy(&["--no-passthrough"]);
 }
+
+#[test]
+fn pinned_large_file_is_fetched_whole_not_lazily() {
+    if !can_mount("lazy pinned") {
+        return;
+    }
+    let data = content(13, 70 * MIB);
+    let src = dir_with(&[("big", &data)]);
+    let m = Mounted::with_dirs(src, tempdir(), &["--pin", "big"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !m.dst_path("big").exists() {
+        assert!(Instant::now() < deadline, "the pinned file was not fetched");
+        sleep(Duration::from_millis(50));
+    }
+    assert!(std::fs::read(m.dst_path("big")).unwrap() == data);
+    let j = status_json(m.dst.path());
+    assert_eq!(json_u64(&j, "partial_files"), Some(0), "{j}");
+    m.stop();
+}
+
+#[test]
+fn truncate_of_a_partially_present_file_keeps_the_right_bytes() {
+    if !can_mount("lazy truncate") {
+        return;
+    }
+    let data = content(17, 70 * MIB);
+    let src = dir_with(&[("big", &data)]);
+    let m = Mounted::with_dirs(src, tempdir(), &["-w"]);
+    let p = m.mnt_path("big");
+    assert_eq!(
+        read_at(&p, 5 * MIB, 4096),
+        data[5 * MIB as usize..5 * MIB as usize + 4096]
+    );
+    let cut = 20 * MIB + 5;
+    let c = cpath(&p);
+    // SAFETY: a valid path; truncate(2) without an open handle (setattr on the path).
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), cut as libc::off_t) }, 0);
+    let want = &data[..cut as usize];
+    assert!(
+        std::fs::read(&p).unwrap() == want,
+        "the mount after truncate"
+    );
+    wait_drained(&m, Duration::from_secs(60));
+    sleep(Duration::from_millis(200));
+    assert!(
+        std::fs::read(m.src_path("big")).unwrap() == want,
+        "src after truncate"
+    );
+    m.stop();
+}
+
+#[test]
+fn concurrent_readers_of_one_lazy_file_get_exact_bytes() {
+    if !can_mount("lazy concurrent readers") {
+        return;
+    }
+    let data = std::sync::Arc::new(content(19, 70 * MIB + 3));
+    let src = dir_with(&[("big", &data[..])]);
+    let m = Mounted::with_dirs(src, tempdir(), &[]);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let readers: Vec<_> = (0..6)
+        .map(|i| {
+            let (barrier, data, p) = (barrier.clone(), data.clone(), m.mnt_path("big"));
+            std::thread::spawn(move || {
+                barrier.wait();
+                // Each reader starts elsewhere and wraps around.
+                let f = File::open(&p).unwrap();
+                let len = data.len() as u64;
+                let start = i * 11 * MIB;
+                let mut off = start;
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let n = (buf.len() as u64).min(len - off) as usize;
+                    f.read_exact_at(&mut buf[..n], off).unwrap();
+                    assert!(
+                        buf[..n] == data[off as usize..off as usize + n],
+                        "reader {i} at {off}"
+                    );
+                    off = (off + n as u64) % len;
+                    if off == start {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    // Every block is present now: the next open installs the file at its path.
+    drop(read_at(&m.mnt_path("big"), 0, 1));
+    assert!(std::fs::read(m.dst_path("big")).unwrap() == data[..]);
+    m.stop();
+}

@@ -22,6 +22,11 @@
 //!   `inodes` and `handles` are held only for table updates, never across I/O.
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
 //!   these and never holding another.
+//!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
+//!   `copy_flights` or alone, never holding a core lock; no lock is held across a
+//!   block fetch.
+//! - A partially present file ([`lazy`]) is not at its dst path: for this module it is
+//!   src-only until a copy-up completes and installs it.
 
 pub mod copyup;
 pub mod error;
@@ -1748,6 +1753,20 @@ impl CacheFs {
     /// shares one backing file among all opens of an inode), and a writable open is
     /// reported dirty at once, since its writes will not pass through the daemon.
     pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
+        self.open_inner(ino, req, true)
+    }
+
+    /// Opens a file read-only with its whole content in dst (copied or completed now,
+    /// never lazily): a pin prefetch.
+    pub fn open_whole(&self, ino: u64) -> FsResult<Opened> {
+        let req = OpenRequest {
+            flags: libc::O_RDONLY,
+            for_backing: false,
+        };
+        self.open_inner(ino, req, false)
+    }
+
+    fn open_inner(&self, ino: u64, req: OpenRequest, allow_lazy: bool) -> FsResult<Opened> {
         let OpenRequest { flags, for_backing } = req;
         if opens_for_writing(flags) {
             self.throttle_writer()?;
@@ -1773,7 +1792,8 @@ impl CacheFs {
                 Freshness::Gone => return Err(FsError::not_found()),
             }
         }
-        if !opens_for_writing(flags)
+        if allow_lazy
+            && !opens_for_writing(flags)
             && self.dst.stat(&path)?.is_none()
             && let Some(p) = self.lazy_open(&path)?
         {

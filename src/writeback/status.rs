@@ -277,15 +277,15 @@ pub(crate) fn render_all(s: &Summary, x: &Extra, json: bool) -> String {
     } else {
         let mut out = x.src_line();
         out.push_str(&wb);
-        match &x.cache_text {
-            Some(c) => out.push_str(c),
-            None => out.push_str("cache:          no budget or pins (no cache.json)\n"),
-        }
         let (n, present, total) = x.partial;
         let _ = writeln!(
             out,
             "partial files:  {n} ({present} of {total} bytes present; the rest is fetched on read)"
         );
+        match &x.cache_text {
+            Some(c) => out.push_str(c),
+            None => out.push_str("cache:          no budget or pins (no cache.json)\n"),
+        }
         out
     }
 }
@@ -383,11 +383,16 @@ mod tests {
         let txt = render_all(&s, &x, false);
         assert!(txt.starts_with("src:            unknown"), "{txt}");
         assert!(txt.contains("no cache.json"), "{txt}");
+        assert!(
+            txt.contains("partial files:  0 (0 of 0 bytes present"),
+            "{txt}"
+        );
         let j = render_all(&s, &x, true);
         assert!(
             j.ends_with(
                 ",\"src_online\":null,\"src_since\":null,\"src_offline_since\":null,\
-                 \"src_last_error\":null,\"daemon_running\":false,\"cache\":null}\n"
+                 \"src_last_error\":null,\"partial_files\":0,\"partial_present_bytes\":0,\
+                 \"partial_total_bytes\":0,\"daemon_running\":false,\"cache\":null}\n"
             ),
             "{j}"
         );
