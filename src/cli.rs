@@ -238,6 +238,23 @@ pub struct MountArgs {
     /// (ENOSPC if src takes nothing for --src-timeout).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub max_dirty: Option<String>,
+    /// Files at least this large (e.g. 64M, 1G; 0 turns it off) are not copied whole
+    /// when first opened for reading: blocks are fetched from src as reads need them.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "64M",
+        allow_hyphen_values = true
+    )]
+    pub lazy_threshold: String,
+    /// The unit of a lazy fetch (4K to 64M, a multiple of 4K).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "1M",
+        allow_hyphen_values = true
+    )]
+    pub block_size: String,
 }
 
 /// Flags that take a value, by their long name (also written with one dash).
@@ -259,6 +276,8 @@ const VALUE_FLAGS: &[&str] = &[
     "min-free",
     "pin",
     "max-dirty",
+    "lazy-threshold",
+    "block-size",
 ];
 /// Boolean flags with a long name.
 const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
@@ -596,6 +615,8 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         min_free: cache.min_free,
         pins: cache.pins,
         max_dirty: cache.max_dirty,
+        lazy_threshold: cache.lazy_threshold,
+        block_size: cache.block_size,
     })
 }
 
@@ -606,6 +627,8 @@ pub struct CacheFlags {
     pub min_free: Option<config::MinFree>,
     pub pins: Vec<String>,
     pub max_dirty: Option<u64>,
+    pub lazy_threshold: u64,
+    pub block_size: u64,
 }
 
 /// Validates the cache budget flags of `m`.
@@ -648,11 +671,37 @@ pub fn cache_flags(m: &MountArgs) -> Result<CacheFlags, CliError> {
             ));
         }
     }
+    let lazy_threshold = match budget::parse_size(&m.lazy_threshold) {
+        Ok(n) => n,
+        Err(why) => {
+            return err(format!(
+                "--lazy-threshold '{}' is not a size ({why}); write e.g. --lazy-threshold 64M, or 0 to turn lazy fetch off",
+                m.lazy_threshold
+            ));
+        }
+    };
+    let block_size = match budget::parse_size(&m.block_size) {
+        Ok(n) if (4096..=64 << 20).contains(&n) && n % 4096 == 0 => n,
+        Ok(_) => {
+            return err(format!(
+                "--block-size '{}' must be a multiple of 4K between 4K and 64M; write e.g. --block-size 1M",
+                m.block_size
+            ));
+        }
+        Err(why) => {
+            return err(format!(
+                "--block-size '{}' is not a size ({why}); write e.g. --block-size 1M",
+                m.block_size
+            ));
+        }
+    };
     Ok(CacheFlags {
         cache_size,
         min_free,
         pins: m.pin.clone(),
         max_dirty,
+        lazy_threshold,
+        block_size,
     })
 }
 
@@ -1305,6 +1354,28 @@ mod tests {
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn lazy_fetch_flags() {
+        let c = cfg(&with(&[]));
+        assert_eq!((c.lazy_threshold, c.block_size), (64 << 20, 1 << 20));
+        let c = cfg(&with(&["--lazy-threshold", "1G", "-block-size=256K"]));
+        assert_eq!((c.lazy_threshold, c.block_size), (1 << 30, 256 << 10));
+        assert_eq!(cfg(&with(&["--lazy-threshold", "0"])).lazy_threshold, 0);
+        for (args, needle) in [
+            (
+                &["--lazy-threshold", "big"][..],
+                "--lazy-threshold 'big' is not a size",
+            ),
+            (&["--block-size", "1000"][..], "must be a multiple of 4K"),
+            (&["--block-size", "0"][..], "between 4K and 64M"),
+            (&["--block-size", "128M"][..], "between 4K and 64M"),
+            (&["--block-size", "x"][..], "--block-size 'x' is not a size"),
+        ] {
+            let e = fail_with(&with(args), &Fake::default());
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -57,6 +57,11 @@ pub struct Config {
     /// `--max-dirty`: bytes waiting for src above which new writers wait for the
     /// writeback (backpressure; see `Writeback::throttle`).
     pub max_dirty: Option<u64>,
+    /// `--lazy-threshold`: regular files at least this large are fetched block by block
+    /// on demand instead of copied whole at open (0: never).
+    pub lazy_threshold: u64,
+    /// `--block-size`: the unit of a lazy fetch.
+    pub block_size: u64,
 }
 
 impl Config {
@@ -85,9 +90,17 @@ impl Config {
             min_free: None,
             pins: Vec::new(),
             max_dirty: None,
+            lazy_threshold: DEFAULT_LAZY_THRESHOLD,
+            block_size: DEFAULT_BLOCK_SIZE,
         }
     }
 }
+
+/// Files at least this large are fetched lazily, block by block (64 MiB).
+pub const DEFAULT_LAZY_THRESHOLD: u64 = 64 << 20;
+
+/// The unit of a lazy fetch (1 MiB: one round trip to a bucket, little read-ahead waste).
+pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
 
 /// How long one src call may take before it fails with EIO and src counts as offline.
 /// Long enough for a slow bucket listing, short enough that a hung rclone mount shows.

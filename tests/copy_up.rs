@@ -266,7 +266,9 @@ fn concurrent_first_opens_do_one_atomic_copy() {
     let data = Arc::new(pattern(SIZE, 42));
     let src = dir_with(&[("big/f", &data[..])]);
     let before = snapshot(src.path());
-    let m = Mounted::with_dirs(src, tempdir(), ARGS);
+    // Whole copies: 64 MiB is the default lazy-fetch threshold (tests/lazy_fetch.rs).
+    let args = [ARGS, &["--lazy-threshold", "0"]].concat();
+    let m = Mounted::with_dirs(src, tempdir(), &args);
     let target = m.mnt_path("big/f");
     assert_eq!(lstat(&target).len(), SIZE as u64);
     let ino = lstat(&target).ino();

@@ -55,7 +55,7 @@ use pin::{PIN_XATTR, Pins};
 
 use crate::config::Config;
 use crate::fs::layer::{Layer, Stat};
-use crate::fs::{CacheFs, FsError, FsResult, Kind, OpenRequest, ROOT, names};
+use crate::fs::{CacheFs, FsError, FsResult, Kind, ROOT, names};
 
 /// The cache's state, under dst's state folder.
 pub const STATE_SUBDIR: &str = "cache";
@@ -730,11 +730,8 @@ impl Cache {
                 {
                     return true;
                 }
-                let req = OpenRequest {
-                    flags: libc::O_RDONLY,
-                    for_backing: false,
-                };
-                match fs.open(ino, req) {
+                // Whole files: a pinned file must not stay partially present.
+                match fs.open_whole(ino) {
                     Ok(o) => {
                         let _ = fs.release(o.fh);
                         fetched += 1;
@@ -923,7 +920,7 @@ pub fn status_raw(dst: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::Caller;
+    use crate::fs::{Caller, OpenRequest};
 
     const MIB: usize = 1 << 20;
 

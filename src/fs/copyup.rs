@@ -328,6 +328,37 @@ fn copy_file(
     Ok(())
 }
 
+/// Installs a lazily fetched file: `staged` (in dst, every byte of `[0, limit or its
+/// size)` present) gets src's attributes (`st`, user xattrs from src's open file
+/// `from`), cut to `limit` if given, and is renamed to `path` like a whole copy.
+pub fn install_staged(
+    dst: &Layer,
+    from: &File,
+    staged: &Path,
+    path: &Path,
+    st: &Stat,
+    limit: Option<u64>,
+) -> io::Result<()> {
+    let to = dst.open_file(staged, libc::O_RDWR)?;
+    if let Some(n) = limit
+        && n < to.metadata()?.len()
+    {
+        to.set_len(n)?;
+    }
+    copy_user_xattrs(from, &to)?;
+    ignore_eperm(fchown(&to, st.st_uid, st.st_gid))?;
+    fchmod(&to, st.st_mode & 0o7777)?;
+    futimens(&to, st)?;
+    to.sync_all()?;
+    install(dst, staged, path, false)?;
+    let mut record = Origin::of(st);
+    record.dirty = limit.is_some();
+    if let Err(e) = origin::Store::of(dst).and_then(|s| s.put_fd(path, &to, record)) {
+        log::warn!("{}: cannot record its origin: {e}", path.display());
+    }
+    Ok(())
+}
+
 fn copy_symlink(src: &Layer, dst: &Layer, path: &Path, st: &Stat) -> io::Result<()> {
     let target = src.readlink(path)?;
     let tmp = temp_path(dst, path);

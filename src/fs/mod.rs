@@ -22,11 +22,17 @@
 //!   `inodes` and `handles` are held only for table updates, never across I/O.
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
 //!   these and never holding another.
+//!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
+//!   `copy_flights` or alone, never holding a core lock; no lock is held across a
+//!   block fetch.
+//! - A partially present file ([`lazy`]) is not at its dst path: for this module it is
+//!   src-only until a copy-up completes and installs it.
 
 pub mod copyup;
 pub mod error;
 pub mod inodes;
 pub mod layer;
+pub mod lazy;
 pub mod names;
 pub mod origin;
 pub mod src_pool;
@@ -142,6 +148,9 @@ pub struct Opened {
     pub rw: bool,
     /// The cached copy was just refetched from src: the kernel's cached pages are stale.
     pub fresh: bool,
+    /// A partially present file ([`lazy`]): the daemon must serve its reads (no
+    /// passthrough: the kernel would read unfetched blocks as zeros).
+    pub lazy: bool,
 }
 
 /// One directory listing entry.
@@ -172,6 +181,8 @@ pub struct OpenFile {
     /// dirty (see [`origin::Origin::open_writer`]), since writes after the last report
     /// reach the journal only at the next flush/fsync/release.
     _writer: Option<origin::OpenWriter>,
+    /// A read-only handle on a partially present file: reads fetch missing blocks.
+    lazy: Option<Arc<lazy::Partial>>,
 }
 
 /// A file's version as far as writes can tell: mtime, ctime (s, ns) and size.
@@ -247,6 +258,8 @@ pub struct CacheFs {
     /// CACHE HOOK: the cache budget (src/cache/), called from open, ensure_in_dst and
     /// setxattr/removexattr; `None` without a budget or pins.
     cache: Option<Arc<crate::cache::Cache>>,
+    /// Lazy range fetch of large files (`None` with `--lazy-threshold 0`).
+    lazy: Option<Arc<lazy::Lazy>>,
 }
 
 /// Threads that run src calls; while all are stuck on a stalled src, src calls fail
@@ -333,7 +346,17 @@ impl CacheFs {
         let src = Arc::new(Layer::open(&cfg.src)?);
         // Origin records: loaded (and migrated from old xattrs) before the first request.
         let origins = origin::Store::of(&dst)?;
+        copyup::prepare_staging(&dst)?;
+        let lazy = match cfg.lazy_threshold {
+            0 => None,
+            t => Some(Arc::new(lazy::Lazy::new(
+                Arc::clone(&dst),
+                t,
+                cfg.block_size,
+            )?)),
+        };
         let fs = CacheFs {
+            lazy,
             origins,
             dst,
             src,
@@ -357,7 +380,6 @@ impl CacheFs {
             cache: None, // CACHE HOOK
         };
         fs.load_legacy_whiteouts()?;
-        copyup::prepare_staging(&fs.dst)?;
         fs.persist_src_state(None); // src was checked at startup
         Ok(fs)
     }
@@ -674,6 +696,20 @@ impl CacheFs {
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
         }
+        if let Some(lazy) = &self.lazy
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && lazy.has(path)
+            && let Some(p) = lazy.take(path, &st, || self.open_src_file(path))
+        {
+            log::debug!("copy-up {} (completing its lazy fetch)", path.display());
+            return match self.install_partial(&p, path, &st, limit) {
+                Ok(()) => self.dst.stat(path)?.ok_or_else(FsError::not_found),
+                Err(e) => {
+                    lazy.put_back(p);
+                    Err(e)
+                }
+            };
+        }
         log::debug!("copy-up {}", path.display());
         let opts = copyup::CopyOpts {
             limit,
@@ -681,6 +717,82 @@ impl CacheFs {
         };
         self.copy_from_src(path, st, opts)?;
         self.dst.stat(path)?.ok_or_else(FsError::not_found)
+    }
+
+    /// Fetches what a partially present file still lacks (up to `limit`) and installs
+    /// it at `path` as dst's copy; handles reading it go on with the same bytes.
+    fn install_partial(
+        &self,
+        p: &Arc<lazy::Partial>,
+        path: &Path,
+        st: &Stat,
+        limit: Option<u64>,
+    ) -> FsResult<()> {
+        let end = limit.unwrap_or(p.size).min(p.size);
+        let progress = Arc::new(AtomicU64::new(0));
+        let (pp, counter) = (Arc::clone(p), Arc::clone(&progress));
+        let fetched = self.src_pool.run_watched(Some(progress), move || {
+            let block = pp.block();
+            for b in 0..end.div_ceil(block) {
+                pp.fetch_block(b)?;
+                counter.fetch_add(block, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        if fetched.as_ref().err().is_none_or(is_outage) {
+            crate::metrics::METRICS.src_result(&fetched);
+        }
+        self.src_result(fetched)?;
+        p.seal();
+        let r = copyup::install_staged(&self.dst, p.src(), p.data_rel(), path, st, limit);
+        match r {
+            Ok(()) => {
+                self.lazy.as_ref().unwrap().installed(p);
+                Ok(())
+            }
+            Err(e) => {
+                p.unseal();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// src's file at `path`, read-only (O_NOATIME where allowed), on the src pool.
+    fn open_src_file(&self, path: &Path) -> FsResult<File> {
+        let p = path.to_path_buf();
+        self.src_do(crate::metrics::SrcOp::Fetch, move |s| {
+            match s.open_file(&p, libc::O_RDONLY | libc::O_NOATIME) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => s.open_file(&p, libc::O_RDONLY),
+                r => r,
+            }
+        })
+    }
+
+    /// Opens the src file at `path` for a lazy fetch if it is one (large enough, no
+    /// copy in dst): the partial file, made now if needed. `None`: open it as usual.
+    fn lazy_open(&self, path: &Path) -> FsResult<Option<Arc<lazy::Partial>>> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(None);
+        };
+        let Some(st) = self.src_stat(path)? else {
+            return Ok(None);
+        };
+        if !lazy.applies(&st) {
+            return Ok(None);
+        }
+        let src_file = self.open_src_file(path)?;
+        let partial = {
+            let mut flights = self.copy_flights.lock().unwrap();
+            while flights.contains(path) {
+                flights = self.copy_done.wait(flights).unwrap();
+            }
+            if self.dst.stat(path)?.is_some() {
+                return Ok(None);
+            }
+            lazy.open_or_create(path, &st, move || Ok(src_file))?
+        };
+        // Fully fetched: installed as a normal cached file by the usual open.
+        Ok((!partial.complete()).then_some(partial))
     }
 
     /// Copies src's entry `st` at `path` into dst on the src pool, watched for
@@ -1111,7 +1223,9 @@ impl CacheFs {
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
-        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok()) {
+        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok())
+            && h.lazy.as_ref().is_none_or(|p| p.installed())
+        {
             return Ok(attr_of(
                 ino,
                 &layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?,
@@ -1402,6 +1516,9 @@ impl CacheFs {
                 self.origins.clear(&path)?;
             }
         }
+        if !dir && let Some(lazy) = &self.lazy {
+            lazy.discard(&path);
+        }
         if src_has {
             self.add_whiteout(&path)?;
         }
@@ -1613,9 +1730,28 @@ impl CacheFs {
                 writes_bypass,
                 reported: Mutex::new(None),
                 _writer: writer,
+                lazy: None,
             }),
         );
         fh
+    }
+
+    fn add_lazy_handle(&self, ino: u64, p: Arc<lazy::Partial>) -> FsResult<u64> {
+        let file = p.data.try_clone()?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().unwrap().insert(
+            fh,
+            Arc::new(OpenFile {
+                ino,
+                file,
+                dirty: AtomicBool::new(false),
+                writes_bypass: false,
+                reported: Mutex::new(None),
+                _writer: None,
+                lazy: Some(p),
+            }),
+        );
+        Ok(fh)
     }
 
     /// The open file behind a handle (also used by the FUSE adapter for passthrough).
@@ -1636,6 +1772,20 @@ impl CacheFs {
     /// shares one backing file among all opens of an inode), and a writable open is
     /// reported dirty at once, since its writes will not pass through the daemon.
     pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
+        self.open_inner(ino, req, true)
+    }
+
+    /// Opens a file read-only with its whole content in dst (copied or completed now,
+    /// never lazily): a pin prefetch.
+    pub fn open_whole(&self, ino: u64) -> FsResult<Opened> {
+        let req = OpenRequest {
+            flags: libc::O_RDONLY,
+            for_backing: false,
+        };
+        self.open_inner(ino, req, false)
+    }
+
+    fn open_inner(&self, ino: u64, req: OpenRequest, allow_lazy: bool) -> FsResult<Opened> {
         let OpenRequest { flags, for_backing } = req;
         if opens_for_writing(flags) {
             self.throttle_writer()?;
@@ -1661,6 +1811,19 @@ impl CacheFs {
                 Freshness::Gone => return Err(FsError::not_found()),
             }
         }
+        if allow_lazy
+            && !opens_for_writing(flags)
+            && self.dst.stat(&path)?.is_none()
+            && let Some(p) = self.lazy_open(&path)?
+        {
+            let fh = self.add_lazy_handle(ino, p)?;
+            return Ok(Opened {
+                fh,
+                rw: false,
+                fresh: false,
+                lazy: true,
+            });
+        }
         self.ensure_in_dst(ino, &path, None)?;
         let wanted = open_flags(flags);
         let (file, rw) = if for_backing {
@@ -1685,11 +1848,33 @@ impl CacheFs {
         if for_backing && writer {
             self.note_bypassing_writer(fh)?;
         }
-        Ok(Opened { fh, rw, fresh })
+        Ok(Opened {
+            fh,
+            rw,
+            fresh,
+            lazy: false,
+        })
+    }
+
+    /// Makes `[offset, offset + len)` of a lazy handle's file present (on the src
+    /// pool, bounded by `--src-timeout`).
+    fn lazy_ensure(&self, h: &OpenFile, offset: u64, len: u64) -> FsResult<()> {
+        if let Some(p) = &h.lazy
+            && !p.installed()
+        {
+            let pp = Arc::clone(p);
+            let r = crate::metrics::timed(crate::metrics::SrcOp::Fetch, || {
+                self.src_pool.run(move || pp.ensure(offset, len))
+            });
+            self.src_result(r)?;
+            p.note_read(offset, len);
+        }
+        Ok(())
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.handle(fh)?;
+        self.lazy_ensure(&h, offset, u64::from(size))?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -1854,6 +2039,17 @@ impl CacheFs {
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
         let h = self.handle(fh)?;
+        if let Some(p) = &h.lazy
+            && !p.installed()
+            && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE)
+        {
+            // Unfetched blocks are holes in dst, not in the file: all of it is data.
+            return match offset {
+                o if o < 0 || o as u64 >= p.size => denied(libc::ENXIO),
+                o if whence == libc::SEEK_DATA => Ok(o),
+                _ => Ok(p.size as i64),
+            };
+        }
         // SAFETY: valid fd; SEEK_DATA/SEEK_HOLE answered by dst's filesystem.
         let r = unsafe { libc::lseek(h.file.as_raw_fd(), offset, whence) };
         if r < 0 {
@@ -1871,6 +2067,7 @@ impl CacheFs {
         len: u64,
     ) -> FsResult<u64> {
         let (hin, hout) = (self.handle(fh_in)?, self.handle(fh_out)?);
+        self.lazy_ensure(&hin, off_in, len)?;
         self.mark_dirty(&hout)?; // journaled first, as in `write`
         let (mut oi, mut oo) = (off_in as i64, off_out as i64);
         // SAFETY: valid fds and offset pointers.

@@ -128,19 +128,30 @@ impl FuseAdapter {
             flags: flags.0,
             for_backing: passthrough,
         };
-        let Opened { fh, rw, fresh } = match self.fs.open(ino.0, req) {
+        let Opened {
+            fh,
+            rw,
+            fresh,
+            lazy,
+        } = match self.fs.open(ino.0, req) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
         if passthrough
             && rw
+            && !lazy
             && let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f))
         {
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
         // Only this mount changes dst files, so the kernel's page cache stays valid,
         // unless the copy was just refetched from src.
-        let keep = if fresh {
+        let keep = if lazy && passthrough {
+            // A partially present file: the daemon serves its reads, and the kernel
+            // must not put the inode in caching mode, or a later passthrough open
+            // (after the file is completed in dst) would fail.
+            FopenFlags::FOPEN_DIRECT_IO
+        } else if fresh {
             FopenFlags::empty()
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
@@ -300,6 +311,8 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_write(1024 * 1024);
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Shared mmap of direct-I/O handles (partially present files, see open_now).
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         // readdirplus: a listing also answers the lookups of `ls -l` / `find`.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);

@@ -159,6 +159,8 @@ pub(crate) struct Extra {
     pub cache_text: Option<String>,
     /// Unix seconds, for "N ago".
     pub now: u64,
+    /// Partially present (lazily fetched) files: (count, present bytes, total bytes).
+    pub partial: (u64, u64, u64),
 }
 
 impl Extra {
@@ -170,6 +172,7 @@ impl Extra {
             cache_raw: crate::cache::status_raw(dst),
             cache_text: crate::cache::status_text(dst),
             now: src_state::unix_now(std::time::SystemTime::now()),
+            partial: crate::fs::lazy::summary(dst),
         }
     }
 
@@ -187,6 +190,11 @@ impl Extra {
             Some(e) => json_str(out, e),
             None => out.push_str("null"),
         }
+        let _ = write!(
+            out,
+            ",\"partial_files\":{},\"partial_present_bytes\":{},\"partial_total_bytes\":{}",
+            self.partial.0, self.partial.1, self.partial.2
+        );
         let _ = write!(out, ",\"daemon_running\":{},\"cache\":", self.running);
         match self.cache_raw.as_deref().map(str::trim) {
             Some(c) if c.starts_with('{') && c.ends_with('}') => out.push_str(c),
@@ -269,6 +277,11 @@ pub(crate) fn render_all(s: &Summary, x: &Extra, json: bool) -> String {
     } else {
         let mut out = x.src_line();
         out.push_str(&wb);
+        let (n, present, total) = x.partial;
+        let _ = writeln!(
+            out,
+            "partial files:  {n} ({present} of {total} bytes present; the rest is fetched on read)"
+        );
         match &x.cache_text {
             Some(c) => out.push_str(c),
             None => out.push_str("cache:          no budget or pins (no cache.json)\n"),
@@ -370,11 +383,16 @@ mod tests {
         let txt = render_all(&s, &x, false);
         assert!(txt.starts_with("src:            unknown"), "{txt}");
         assert!(txt.contains("no cache.json"), "{txt}");
+        assert!(
+            txt.contains("partial files:  0 (0 of 0 bytes present"),
+            "{txt}"
+        );
         let j = render_all(&s, &x, true);
         assert!(
             j.ends_with(
                 ",\"src_online\":null,\"src_since\":null,\"src_offline_since\":null,\
-                 \"src_last_error\":null,\"daemon_running\":false,\"cache\":null}\n"
+                 \"src_last_error\":null,\"partial_files\":0,\"partial_present_bytes\":0,\
+                 \"partial_total_bytes\":0,\"daemon_running\":false,\"cache\":null}\n"
             ),
             "{j}"
         );

@@ -1,0 +1,725 @@
+//! Lazy range fetch of large src files (`--lazy-threshold`, `--block-size`).
+//!
+//! A src file at least the threshold large, opened read-only while dst has no copy,
+//! is not copied whole: a sparse "partial" file the size of the src file is made in
+//! the state folder (`.cachefs-state/lazy/<key>.data`) with a persisted map of the
+//! blocks it holds (`<key>.map`). Reads fetch the blocks they need (single flight per
+//! block); sequential reads prefetch a few blocks ahead in the background.
+//!
+//! Invariants:
+//! - A partial file is never at its path in dst: for the rest of the core the file is
+//!   still src-only. Anything that needs dst's copy (an open for writing, a truncate,
+//!   a rename, a link, ...) goes through the core's copy-up, which *consumes* the
+//!   partial: it fetches the missing blocks, gives the file src's attributes and
+//!   installs it with one rename, like a whole copy. Handles reading the partial
+//!   share its inode, so they see the installed file's bytes from then on and never
+//!   fetch again ([`Partial::installed`]).
+//! - A block is marked present in the map only after its bytes are fdatasync'ed in
+//!   the partial file; the map is replaced atomically (temp + rename) and carries a
+//!   checksum. A missing, torn or foreign map means "no block present": blocks are
+//!   fetched again (idempotent). A map is tied to the src version (size, mtime, inode)
+//!   it was fetched from; a changed src discards it.
+//!
+//! Lock order: [`Lazy::table`] -> [`Partial::state`]; [`Partial::map_write`] is taken
+//! with neither held. No lock is held across src I/O.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::layer::{Layer, Stat};
+use super::names::STATE_DIR;
+use super::origin::Origin;
+
+const MAGIC: &[u8; 8] = b"CFSLAZY1";
+/// Blocks fetched ahead of a sequential reader.
+const PREFETCH: u64 = 4;
+/// Background prefetch threads at most (all files together).
+const MAX_PREFETCH_THREADS: usize = 4;
+
+/// The folder (in dst) holding partial files and their maps.
+pub fn lazy_dir() -> PathBuf {
+    Path::new(STATE_DIR).join("lazy")
+}
+
+/// FNV-1a, 64 bits: stable across builds (keys and checksums on disk).
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn key_of(path: &Path) -> String {
+    format!("{:016x}", fnv(path.as_os_str().as_bytes()))
+}
+
+/// The persisted map of a partial file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Map {
+    pub path: PathBuf,
+    pub block: u64,
+    pub origin: (u64, i64, i64, u64),
+    pub present: Vec<u8>,
+}
+
+impl Map {
+    pub fn blocks(&self) -> u64 {
+        self.origin.0.div_ceil(self.block)
+    }
+
+    pub fn has(&self, b: u64) -> bool {
+        self.present
+            .get((b / 8) as usize)
+            .is_some_and(|x| x & (1 << (b % 8)) != 0)
+    }
+
+    fn set(&mut self, b: u64) {
+        self.present[(b / 8) as usize] |= 1 << (b % 8);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.present.iter().map(|b| u64::from(b.count_ones())).sum()
+    }
+
+    /// Bytes of the file the present blocks cover.
+    pub fn present_bytes(&self) -> u64 {
+        let size = self.origin.0;
+        (0..self.blocks())
+            .filter(|b| self.has(*b))
+            .map(|b| self.block.min(size - b * self.block))
+            .sum()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(64 + self.present.len());
+        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(&self.block.to_le_bytes());
+        v.extend_from_slice(&self.origin.0.to_le_bytes());
+        v.extend_from_slice(&self.origin.1.to_le_bytes());
+        v.extend_from_slice(&self.origin.2.to_le_bytes());
+        v.extend_from_slice(&self.origin.3.to_le_bytes());
+        let p = self.path.as_os_str().as_bytes();
+        v.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        v.extend_from_slice(p);
+        v.extend_from_slice(&self.present);
+        let sum = fnv(&v);
+        v.extend_from_slice(&sum.to_le_bytes());
+        v
+    }
+
+    /// `None` for anything but a whole, intact map.
+    pub fn decode(b: &[u8]) -> Option<Map> {
+        if b.len() < 8 + 8 * 5 + 4 + 8 || &b[..8] != MAGIC {
+            return None;
+        }
+        let (body, sum) = b.split_at(b.len() - 8);
+        if fnv(body) != u64::from_le_bytes(sum.try_into().ok()?) {
+            return None;
+        }
+        let u = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap());
+        let block = u(8);
+        let origin = (u(16), u(24) as i64, u(32) as i64, u(40));
+        let plen = u32::from_le_bytes(body[48..52].try_into().unwrap()) as usize;
+        let rest = &body[52..];
+        if block == 0 || rest.len() < plen {
+            return None;
+        }
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(&rest[..plen]));
+        let present = rest[plen..].to_vec();
+        let map = Map {
+            path,
+            block,
+            origin,
+            present,
+        };
+        (map.present.len() as u64 == map.blocks().div_ceil(8)).then_some(map)
+    }
+}
+
+fn origin_key(st: &Stat) -> (u64, i64, i64, u64) {
+    let o = Origin::of(st);
+    (o.size, o.mtime_sec, o.mtime_nsec, o.ino)
+}
+
+struct State {
+    map: Map,
+    inflight: HashSet<u64>,
+    /// Consumed by a copy-up: the data file is now dst's copy, complete.
+    installed: bool,
+    /// Dropped (unlinked name, changed src): the map is no longer written.
+    discarded: bool,
+    /// Where the last read ended and where its sequential run began (sequential read
+    /// detection).
+    last_end: u64,
+    run_start: u64,
+}
+
+/// One partially present file.
+pub struct Partial {
+    pub path: PathBuf,
+    pub size: u64,
+    block: u64,
+    data_rel: PathBuf,
+    map_rel: PathBuf,
+    /// The partial file, read-write.
+    pub data: File,
+    /// src's file, read-only.
+    src: File,
+    dst: Arc<Layer>,
+    state: Mutex<State>,
+    done: Condvar,
+    map_write: Mutex<()>,
+}
+
+impl Partial {
+    pub fn installed(&self) -> bool {
+        self.state.lock().unwrap().installed
+    }
+
+    /// Every block is present.
+    pub fn complete(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        s.installed || s.map.count() == s.map.blocks()
+    }
+
+    pub fn map(&self) -> Map {
+        self.state.lock().unwrap().map.clone()
+    }
+
+    /// Makes the bytes `[offset, offset + len)` present (clipped to the file).
+    pub fn ensure(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = (offset.saturating_add(len)).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        for b in offset / self.block..=(end - 1) / self.block {
+            self.fetch_block(b)?;
+        }
+        Ok(())
+    }
+
+    /// Fetches block `b` unless present (single flight: a second caller waits).
+    pub fn fetch_block(&self, b: u64) -> io::Result<()> {
+        {
+            let mut s = self.state.lock().unwrap();
+            loop {
+                if s.installed || s.map.has(b) {
+                    return Ok(());
+                }
+                if !s.inflight.contains(&b) {
+                    break;
+                }
+                s = self.done.wait(s).unwrap();
+            }
+            s.inflight.insert(b);
+        }
+        let r = self.copy_block(b);
+        let persist = {
+            let mut s = self.state.lock().unwrap();
+            s.inflight.remove(&b);
+            if r.is_ok() {
+                s.map.set(b);
+            }
+            self.done.notify_all();
+            r.is_ok() && !s.discarded && !s.installed
+        };
+        r?;
+        if persist {
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    fn copy_block(&self, b: u64) -> io::Result<()> {
+        let off = b * self.block;
+        let len = self.block.min(self.size - off) as usize;
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            match self.src.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => {
+                    // src shrank under us: never mark bytes we do not have.
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // All-zero blocks stay holes (a sparse src stays sparse in dst).
+        if buf.iter().any(|x| *x != 0) {
+            self.data.write_all_at(&buf, off)?;
+        }
+        // Durable before the map may say "present".
+        self.data.sync_data()
+    }
+
+    /// Writes the map (temp + rename).
+    fn persist(&self) -> io::Result<()> {
+        let _w = self.map_write.lock().unwrap();
+        let bytes = {
+            let s = self.state.lock().unwrap();
+            if s.discarded || s.installed {
+                return Ok(());
+            }
+            s.map.encode()
+        };
+        write_atomic(&self.dst, &self.map_rel, &bytes)
+    }
+
+    /// Called by a read at `[offset, offset+len)`: once a reader has read at least a
+    /// block sequentially, the next blocks not yet present are fetched in the
+    /// background.
+    pub fn note_read(self: &Arc<Self>, offset: u64, len: u64) {
+        let ahead: Vec<u64> = {
+            let mut s = self.state.lock().unwrap();
+            if offset != s.last_end {
+                s.run_start = offset;
+            }
+            s.last_end = offset + len;
+            let sequential = s.last_end - s.run_start >= self.block;
+            if !sequential || s.installed {
+                return;
+            }
+            let first = (offset + len).div_ceil(self.block);
+            (first..first + PREFETCH)
+                .filter(|b| *b < s.map.blocks() && !s.map.has(*b) && !s.inflight.contains(b))
+                .collect()
+        };
+        for b in ahead {
+            if PREFETCH_THREADS.fetch_add(1, Ordering::AcqRel) >= MAX_PREFETCH_THREADS {
+                PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            let p = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("cachefs-prefetch".into())
+                .spawn(move || {
+                    if let Err(e) = p.fetch_block(b) {
+                        log::debug!("{}: prefetch of block {b}: {e}", p.path.display());
+                    }
+                    PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    pub fn block(&self) -> u64 {
+        self.block
+    }
+
+    /// src's file (read-only).
+    pub fn src(&self) -> &File {
+        &self.src
+    }
+
+    /// Before an install: no fetch starts any more and none is in flight.
+    pub fn seal(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.installed = true;
+        while !s.inflight.is_empty() {
+            s = self.done.wait(s).unwrap();
+        }
+    }
+
+    /// A failed install: fetches may go on.
+    pub fn unseal(&self) {
+        self.state.lock().unwrap().installed = false;
+    }
+
+    /// The staged data file (for the install), once every block of `[0, limit)` is
+    /// present.
+    pub fn data_rel(&self) -> &Path {
+        &self.data_rel
+    }
+}
+
+impl std::fmt::Debug for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partial")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+static PREFETCH_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+fn write_atomic(dst: &Layer, rel: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = rel.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = dst.create_file(&tmp, libc::O_WRONLY | libc::O_TRUNC, 0o600)?;
+    f.write_all(bytes)?;
+    drop(f);
+    dst.rename(&tmp, rel, 0)
+}
+
+/// The partial files of one dst.
+pub struct Lazy {
+    dst: Arc<Layer>,
+    pub threshold: u64,
+    pub block: u64,
+    table: Mutex<HashMap<PathBuf, Arc<Partial>>>,
+}
+
+impl Lazy {
+    /// Creates the folder; drops leftovers of a crash that no longer apply (temp maps,
+    /// garbage maps, data without a map, maps of paths dst now holds itself).
+    pub fn new(dst: Arc<Layer>, threshold: u64, block: u64) -> io::Result<Lazy> {
+        match dst.mkdir(&lazy_dir(), 0o700) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+            _ => {}
+        }
+        let lazy = Lazy {
+            dst,
+            threshold,
+            block,
+            table: Mutex::new(HashMap::new()),
+        };
+        lazy.sweep()?;
+        Ok(lazy)
+    }
+
+    fn sweep(&self) -> io::Result<()> {
+        let dir = lazy_dir();
+        let names: Vec<String> = self
+            .dst
+            .read_dir(&dir)?
+            .into_iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect();
+        let mut keep = HashSet::new();
+        for n in &names {
+            if let Some(key) = n.strip_suffix(".map") {
+                let ok = self
+                    .dst
+                    .open_file(&dir.join(n), libc::O_RDONLY)
+                    .ok()
+                    .and_then(|f| read_all(&f).ok())
+                    .and_then(|b| Map::decode(&b))
+                    .is_some_and(|m| {
+                        key_of(&m.path) == key && matches!(self.dst.stat(&m.path), Ok(None))
+                    });
+                if ok {
+                    keep.insert(key.to_string());
+                }
+            }
+        }
+        for n in &names {
+            let key = n.split('.').next().unwrap_or("");
+            if n.ends_with(".tmp") || !keep.contains(key) {
+                let _ = self.dst.unlink(&dir.join(n));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a src file described by `st` is fetched lazily.
+    pub fn applies(&self, st: &Stat) -> bool {
+        self.threshold > 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_size as u64 >= self.threshold
+    }
+
+    /// The partial for `path` (src's file `src_file`, version `st`), made now (a
+    /// sparse file and an empty map) if there is none.
+    pub fn open_or_create(
+        &self,
+        path: &Path,
+        st: &Stat,
+        src_file: impl FnOnce() -> io::Result<File>,
+    ) -> io::Result<Arc<Partial>> {
+        let mut t = self.table.lock().unwrap();
+        self.get_locked_with(&mut t, path, st, src_file)
+    }
+
+    fn get_locked_with(
+        &self,
+        t: &mut HashMap<PathBuf, Arc<Partial>>,
+        path: &Path,
+        st: &Stat,
+        src_file: impl FnOnce() -> io::Result<File>,
+    ) -> io::Result<Arc<Partial>> {
+        // In memory and current?
+        if let Some(p) = t.get(path) {
+            let s = p.state.lock().unwrap();
+            let current = s.map.origin == origin_key(st) && !s.installed;
+            drop(s);
+            if current {
+                return Ok(Arc::clone(p));
+            }
+            let p = t.remove(path).unwrap();
+            self.drop_files(&p);
+        }
+        let key = key_of(path);
+        let (data_rel, map_rel) = rels(&key);
+        let src = src_file()?;
+        // On disk (a previous run) and current?
+        let loaded = self
+            .dst
+            .open_file(&map_rel, libc::O_RDONLY)
+            .ok()
+            .and_then(|f| read_all(&f).ok())
+            .and_then(|b| Map::decode(&b))
+            .filter(|m| m.path == path && m.origin == origin_key(st) && m.block > 0)
+            .and_then(|m| {
+                let f = self.dst.open_file(&data_rel, libc::O_RDWR).ok()?;
+                (f.metadata().ok()?.len() == m.origin.0).then_some((m, f))
+            });
+        let (map, data) = match loaded {
+            Some(x) => x,
+            None => {
+                let _ = self.dst.unlink(&map_rel);
+                let _ = self.dst.unlink(&data_rel);
+                let size = st.st_size as u64;
+                let data = self
+                    .dst
+                    .create_file(&data_rel, libc::O_RDWR | libc::O_TRUNC, 0o600)?;
+                data.set_len(size)?;
+                data.sync_all()?;
+                let map = Map {
+                    path: path.to_path_buf(),
+                    block: self.block,
+                    origin: origin_key(st),
+                    present: vec![0; size.div_ceil(self.block).div_ceil(8) as usize],
+                };
+                write_atomic(&self.dst, &map_rel, &map.encode())?;
+                (map, data)
+            }
+        };
+        let p = Arc::new(Partial {
+            path: path.to_path_buf(),
+            size: map.origin.0,
+            block: map.block,
+            data_rel,
+            map_rel,
+            data,
+            src,
+            dst: Arc::clone(&self.dst),
+            state: Mutex::new(State {
+                map,
+                inflight: HashSet::new(),
+                installed: false,
+                discarded: false,
+                last_end: 0,
+                run_start: 0,
+            }),
+            done: Condvar::new(),
+            map_write: Mutex::new(()),
+        });
+        t.insert(path.to_path_buf(), Arc::clone(&p));
+        Ok(p)
+    }
+
+    /// Takes `path`'s partial out of the table for a copy-up (which installs its data
+    /// file), if there is a current one.
+    pub fn take<E>(
+        &self,
+        path: &Path,
+        st: &Stat,
+        src_file: impl FnOnce() -> Result<File, E>,
+    ) -> Option<Arc<Partial>> {
+        let src = src_file().ok()?;
+        let mut t = self.table.lock().unwrap();
+        let p = self
+            .get_locked_with(&mut t, path, st, move || Ok(src))
+            .ok()?;
+        t.remove(path);
+        Some(p)
+    }
+
+    /// Whether `path` may have a partial (in memory or on disk).
+    pub fn has(&self, path: &Path) -> bool {
+        self.table.lock().unwrap().contains_key(path)
+            || matches!(self.dst.stat(&rels(&key_of(path)).1), Ok(Some(_)))
+    }
+
+    /// After a copy-up installed `p`'s data file: handles read it as it is.
+    pub fn installed(&self, p: &Partial) {
+        let _w = p.map_write.lock().unwrap();
+        let _ = self.dst.unlink(&p.map_rel);
+    }
+
+    /// A failed install: `p` stays the partial of its path.
+    pub fn put_back(&self, p: Arc<Partial>) {
+        self.table.lock().unwrap().insert(p.path.clone(), p);
+    }
+
+    /// Forgets `path`'s partial (its name was removed): open handles keep reading it.
+    pub fn discard(&self, path: &Path) {
+        let p = self.table.lock().unwrap().remove(path);
+        match p {
+            Some(p) => self.drop_files(&p),
+            None => {
+                let (d, m) = rels(&key_of(path));
+                if let Ok(Some(map)) = self
+                    .dst
+                    .open_file(&m, libc::O_RDONLY)
+                    .map(|f| read_all(&f).ok().and_then(|b| Map::decode(&b)))
+                    && map.path == path
+                {
+                    let _ = self.dst.unlink(&m);
+                    let _ = self.dst.unlink(&d);
+                }
+            }
+        }
+    }
+
+    fn drop_files(&self, p: &Partial) {
+        p.state.lock().unwrap().discarded = true;
+        let _w = p.map_write.lock().unwrap();
+        if !p.installed() {
+            let _ = self.dst.unlink(&p.map_rel);
+            let _ = self.dst.unlink(&p.data_rel);
+        }
+    }
+}
+
+fn rels(key: &str) -> (PathBuf, PathBuf) {
+    (
+        lazy_dir().join(format!("{key}.data")),
+        lazy_dir().join(format!("{key}.map")),
+    )
+}
+
+fn read_all(f: &File) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    (&*f).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// The maps in a dst's state folder (for `cachefs status`): (files, present bytes,
+/// total bytes). Unreadable or garbage maps are skipped.
+pub fn summary(dst: &Path) -> (u64, u64, u64) {
+    let dir = dst.join(lazy_dir());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return (0, 0, 0);
+    };
+    let mut out = (0, 0, 0);
+    for e in rd.flatten() {
+        if !e.file_name().as_bytes().ends_with(b".map") {
+            continue;
+        }
+        if let Some(m) = std::fs::read(e.path()).ok().and_then(|b| Map::decode(&b)) {
+            out.0 += 1;
+            out.1 += m.present_bytes();
+            out.2 += m.origin.0;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> Map {
+        Map {
+            path: PathBuf::from("a/big file"),
+            block: 4096,
+            origin: (10 * 4096 + 5, 1_700_000_000, 123, 42),
+            present: vec![0; 2],
+        }
+    }
+
+    #[test]
+    fn map_roundtrips_and_counts() {
+        let mut m = map();
+        assert_eq!(m.blocks(), 11);
+        m.set(0);
+        m.set(10);
+        let d = Map::decode(&m.encode()).unwrap();
+        assert_eq!(d, m);
+        assert!(d.has(0) && d.has(10) && !d.has(5));
+        assert_eq!(d.count(), 2);
+        assert_eq!(d.present_bytes(), 4096 + 5);
+    }
+
+    #[test]
+    fn torn_or_garbage_map_is_rejected() {
+        let mut m = map();
+        m.set(3);
+        let b = m.encode();
+        for cut in 0..b.len() {
+            assert!(Map::decode(&b[..cut]).is_none(), "torn at {cut}");
+        }
+        let mut flipped = b.clone();
+        flipped[60] ^= 0x10;
+        assert!(Map::decode(&flipped).is_none());
+        assert!(Map::decode(b"garbage garbage garbage garbage garbage garbage garbage").is_none());
+    }
+
+    fn setup() -> (tempfile::TempDir, tempfile::TempDir, Arc<Layer>, Stat) {
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 * 4096 + 100)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(s.path().join("f"), &data).unwrap();
+        std::fs::create_dir(d.path().join(STATE_DIR)).unwrap();
+        let dst = Arc::new(Layer::open(d.path()).unwrap());
+        let src = Layer::open(s.path()).unwrap();
+        let st = src.stat(Path::new("f")).unwrap().unwrap();
+        (s, d, dst, st)
+    }
+
+    #[test]
+    fn present_blocks_survive_a_restart_and_garbage_maps_are_dropped() {
+        let (s, d, dst, st) = setup();
+        let srcf = || File::open(s.path().join("f"));
+        let want = std::fs::read(s.path().join("f")).unwrap();
+        {
+            let lazy = Lazy::new(Arc::clone(&dst), 1, 4096).unwrap();
+            let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+            p.ensure(4096 + 10, 10).unwrap();
+            assert!(!p.complete());
+        }
+        // A new daemon: block 1 is present from the map, the others are not.
+        let lazy = Lazy::new(Arc::clone(&dst), 1, 4096).unwrap();
+        let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+        let m = p.map();
+        assert!(m.has(1) && !m.has(0) && !m.has(2) && !m.has(3));
+        assert_eq!(summary(d.path()), (1, 4096, want.len() as u64));
+        p.ensure(0, u64::MAX).unwrap();
+        assert!(p.complete());
+        let mut got = vec![0u8; want.len()];
+        p.data.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, want);
+        drop(p);
+        drop(lazy);
+        // A torn map: the partial starts over, empty.
+        let map_path = d
+            .path()
+            .join(lazy_dir())
+            .join(format!("{}.map", key_of(Path::new("f"))));
+        let b = std::fs::read(&map_path).unwrap();
+        std::fs::write(&map_path, &b[..b.len() - 3]).unwrap();
+        let lazy = Lazy::new(Arc::clone(&dst), 1, 4096).unwrap();
+        assert!(!map_path.exists(), "the sweep drops a garbage map");
+        let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+        assert_eq!(p.map().count(), 0);
+    }
+
+    #[test]
+    fn a_changed_src_discards_the_map() {
+        let (s, _d, dst, st) = setup();
+        let srcf = || File::open(s.path().join("f"));
+        let lazy = Lazy::new(Arc::clone(&dst), 1, 4096).unwrap();
+        let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+        p.ensure(0, 1).unwrap();
+        let mut st2 = st;
+        st2.st_mtime += 1;
+        let p2 = lazy.open_or_create(Path::new("f"), &st2, srcf).unwrap();
+        assert_eq!(p2.map().count(), 0);
+    }
+}
