@@ -16,19 +16,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Deterministic, file-specific content.
-fn content(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// FNV-1a 64 of a byte string.
 fn hash(data: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -18,19 +18,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Deterministic content.
-fn content(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Bytes allocated under `root` (all of dst, state folder included).
 fn allocated(root: &Path) -> u64 {
     let mut total = 0;

@@ -1720,6 +1720,23 @@ impl CacheFs {
         writes_bypass: bool,
         writer: Option<origin::OpenWriter>,
     ) -> u64 {
+        self.insert_handle(ino, file, writes_bypass, writer, None)
+    }
+
+    /// A read-only handle on a partially present file (see [`lazy`]).
+    fn add_lazy_handle(&self, ino: u64, p: Arc<lazy::Partial>) -> FsResult<u64> {
+        let file = p.data.try_clone()?;
+        Ok(self.insert_handle(ino, file, false, None, Some(p)))
+    }
+
+    fn insert_handle(
+        &self,
+        ino: u64,
+        file: File,
+        writes_bypass: bool,
+        writer: Option<origin::OpenWriter>,
+        lazy: Option<Arc<lazy::Partial>>,
+    ) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.write().unwrap().insert(
             fh,
@@ -1730,28 +1747,10 @@ impl CacheFs {
                 writes_bypass,
                 reported: Mutex::new(None),
                 _writer: writer,
-                lazy: None,
+                lazy,
             }),
         );
         fh
-    }
-
-    fn add_lazy_handle(&self, ino: u64, p: Arc<lazy::Partial>) -> FsResult<u64> {
-        let file = p.data.try_clone()?;
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().unwrap().insert(
-            fh,
-            Arc::new(OpenFile {
-                ino,
-                file,
-                dirty: AtomicBool::new(false),
-                writes_bypass: false,
-                reported: Mutex::new(None),
-                _writer: None,
-                lazy: Some(p),
-            }),
-        );
-        Ok(fh)
     }
 
     /// The open file behind a handle (also used by the FUSE adapter for passthrough).

@@ -29,6 +29,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::fs::origin::{hex, unhex};
+
 const FILE: &str = "intents";
 
 struct State {
@@ -42,20 +44,6 @@ struct State {
 /// The intent file of one dst, open for appending.
 pub(crate) struct Intents {
     state: Mutex<State>,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|c| format!("{c:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 impl Intents {
@@ -74,6 +62,7 @@ impl Intents {
         let left = match file.read_to_string(&mut text) {
             Ok(_) => text
                 .lines()
+                .filter(|l| !l.is_empty())
                 .filter_map(unhex)
                 .map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))
                 .collect(),

@@ -385,6 +385,19 @@ pub fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Deterministic, file-specific content (xorshift, one byte per step).
+pub fn content(seed: u64, len: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), different per `seed`.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
