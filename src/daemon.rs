@@ -229,11 +229,9 @@ fn start_writeback(cfg: &Config) -> Result<Option<Writeback>, DaemonError> {
     if !cfg.writeback {
         return Ok(None);
     }
-    let wb = crate::writeback::Writeback::start(cfg)
-        .map_err(|e| DaemonError::Writeback(e.to_string()))?;
-    wb.requeue_open_writers()
-        .map_err(|e| DaemonError::Writeback(e.to_string()))?;
-    Ok(Some(wb))
+    crate::writeback::Writeback::start(cfg)
+        .map(Some)
+        .map_err(|e| DaemonError::Writeback(e.to_string()))
 }
 
 /// `cachefs status DST [--json]`: the exit status of the writeback status report.

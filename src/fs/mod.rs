@@ -1802,17 +1802,19 @@ impl CacheFs {
                 .and_then(|i| t.get(i).map(|n| n.merge_src))
                 .unwrap_or(merges)
         };
+        let lazy_candidate = allow_lazy && self.lazy.is_some() && !opens_for_writing(flags);
+        // One dst stat serves both checks (a refetch below keeps the file in dst).
+        let in_dst = (parent_merges || lazy_candidate) && self.dst.stat(&path)?.is_some();
         let mut fresh = false;
-        if parent_merges && self.dst.stat(&path)?.is_some() {
+        if parent_merges && in_dst {
             match self.revalidate(ino, &path)? {
                 Freshness::Unchanged => {}
                 Freshness::Refetched => fresh = true,
                 Freshness::Gone => return Err(FsError::not_found()),
             }
         }
-        if allow_lazy
-            && !opens_for_writing(flags)
-            && self.dst.stat(&path)?.is_none()
+        if lazy_candidate
+            && !in_dst
             && let Some(p) = self.lazy_open(&path)?
         {
             let fh = self.add_lazy_handle(ino, p)?;

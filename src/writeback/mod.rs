@@ -686,7 +686,9 @@ impl Writeback {
             threads: Mutex::new(threads),
             mirror: cfg.concurrent == 0,
         });
+        // Crash recovery, before the first request: what the journal cannot know.
         wb.resync_interrupted(interrupted)?;
+        wb.requeue_open_writers()?;
         Ok(wb)
     }
 
@@ -908,10 +910,10 @@ impl Writeback {
 
     /// Queues an upload of every file whose origin record was put while a writer
     /// bypassing the daemon (FUSE passthrough) had it open, unless an op for it is
-    /// already pending. Called at start: such a writer's last bytes reach the journal
+    /// already pending. Called by `start`: such a writer's last bytes reach the journal
     /// only at its flush, fsync or close, which a crash (kill -9) may have prevented.
     /// Returns how many were queued.
-    pub fn requeue_open_writers(&self) -> Result<usize, WritebackError> {
+    fn requeue_open_writers(&self) -> Result<usize, WritebackError> {
         let Some(sh) = &self.shared else {
             return Ok(0);
         };
