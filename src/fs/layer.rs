@@ -63,6 +63,16 @@ pub fn is_not_found(e: &io::Error) -> bool {
     )
 }
 
+/// What [`Layer::probe`] found.
+#[derive(Debug, Clone, Copy)]
+pub enum Probe {
+    Found(Stat),
+    /// The parent is there, the name is not.
+    NoName,
+    /// The parent is not there (or is no directory).
+    NoParent,
+}
+
 /// Splits a relative path into (parent, final name). The root has no final name.
 fn split(rel: &Path) -> Option<(&Path, &OsStr)> {
     let name = rel.file_name()?;
@@ -335,6 +345,30 @@ impl Layer {
         match r {
             Ok(st) => Ok(Some(st)),
             Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// lstat of `rel`, telling "no such name" from "no directory to hold it" (a
+    /// missing parent, or one that is not a directory): nothing below that parent
+    /// exists either.
+    pub fn probe(&self, rel: &Path) -> io::Result<Probe> {
+        let Some((parent, name)) = split(rel) else {
+            return fstat(self.root().as_fd()).map(Probe::Found);
+        };
+        let name = cstr(name)?;
+        let r = if parent.as_os_str().is_empty() {
+            statat(self.root().as_fd(), &name)
+        } else {
+            match self.open_dir(parent) {
+                Ok(dir) => statat(dir.as_fd(), &name),
+                Err(e) if is_not_found(&e) => return Ok(Probe::NoParent),
+                Err(e) => return Err(e),
+            }
+        };
+        match r {
+            Ok(st) => Ok(Probe::Found(st)),
+            Err(e) if is_not_found(&e) => Ok(Probe::NoName),
             Err(e) => Err(e),
         }
     }

@@ -35,6 +35,7 @@ pub mod layer;
 pub mod lazy;
 pub mod names;
 pub mod origin;
+pub mod src_absent;
 pub mod src_pool;
 pub mod src_state;
 
@@ -52,7 +53,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use error::{FsError, FsResult};
 pub use inodes::{Kind, ROOT};
-use layer::{Layer, SetTime, Stat};
+use layer::{Layer, Probe, SetTime, Stat};
 
 use crate::config::Config;
 use crate::writeback::{ChangeGuard, IntentGuard, Op};
@@ -83,6 +84,12 @@ pub trait ChangeLog: Send + Sync {
     }
     /// Whether [`ChangeLog::throttle`] would wait now (a cheap check).
     fn over_dirty_limit(&self) -> bool {
+        false
+    }
+    /// Whether close() must wait for src (mirror mode). When it need not, every
+    /// record a close would make is made at release too, so the FUSE adapter can
+    /// turn FLUSH off (one round trip less per close).
+    fn close_waits(&self) -> bool {
         false
     }
 }
@@ -231,6 +238,9 @@ pub struct CacheFs {
     src: Arc<Layer>,
     /// Every src call runs here, bounded by `--src-timeout`.
     src_pool: src_pool::SrcPool,
+    /// What src was just seen not to have (see `src_absent`): spares src a question
+    /// per new name.
+    src_absent: src_absent::SrcAbsent,
     changes: Option<Arc<dyn ChangeLog>>,
     namespace: RwLock<()>,
     inodes: Mutex<inodes::Inodes>,
@@ -361,6 +371,7 @@ impl CacheFs {
             dst,
             src,
             src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
+            src_absent: src_absent::SrcAbsent::new(cfg.attr_ttl),
             changes,
             namespace: RwLock::new(()),
             inodes: Mutex::new(inodes::Inodes::new()),
@@ -454,16 +465,24 @@ impl CacheFs {
                 merge_src,
             }));
         }
-        if !parent_merges || self.whited_out(path)? {
+        if !parent_merges || self.src_absent.covers(path) || self.whited_out(path)? {
             return Ok(None);
         }
-        match self.src_stat(path)? {
-            Some(st) => Ok(Some(Found {
+        let probe = path.to_path_buf();
+        match self.src_do(crate::metrics::SrcOp::Stat, move |s| s.probe(&probe))? {
+            Probe::Found(st) => Ok(Some(Found {
                 layer: Layered::Src,
                 st,
                 merge_src: true,
             })),
-            None => Ok(None),
+            Probe::NoName => {
+                self.src_absent.note(path);
+                Ok(None)
+            }
+            Probe::NoParent => {
+                self.src_absent.note(path.parent().unwrap_or(path));
+                Ok(None)
+            }
         }
     }
 
@@ -513,6 +532,7 @@ impl CacheFs {
                     && self.src_offline.swap(false, Ordering::AcqRel)
                 {
                     *self.src_offline_since.lock().unwrap() = None;
+                    self.src_absent.clear();
                     log::warn!("src {} answers again", self.src.root_path().display());
                     self.persist_src_state(None);
                 }
@@ -590,6 +610,7 @@ impl CacheFs {
         let src = Arc::clone(&self.src);
         let ok = self.src_pool.run(move || src.reopen()).is_ok();
         if ok {
+            self.src_absent.clear();
             log::debug!("reopened src root {}", self.src.root_path().display());
         }
         ok
@@ -626,6 +647,10 @@ impl CacheFs {
 
     fn record(&self, op: Op) -> FsResult<()> {
         if let Some(c) = &self.changes {
+            // src gets these paths at replay: no longer "absent" there.
+            for p in crate::writeback::op_paths(&op) {
+                self.src_absent.forget(p);
+            }
             c.record(op).map_err(FsError::Journal)?;
         }
         Ok(())
@@ -634,10 +659,10 @@ impl CacheFs {
     // ----- copy-up -----------------------------------------------------------------
 
     /// Makes sure directory `path` (visible in the view) exists in dst, creating it and
-    /// its missing ancestors with src's attributes.
-    fn ensure_dst_dir(&self, path: &Path) -> FsResult<()> {
+    /// its missing ancestors with src's attributes. Returns dst's stat of it.
+    fn ensure_dst_dir(&self, path: &Path) -> FsResult<Stat> {
         match self.dst.stat(path)? {
-            Some(st) if is_dir(&st) => return Ok(()),
+            Some(st) if is_dir(&st) => return Ok(st),
             Some(_) => return denied(libc::ENOTDIR),
             None => {}
         }
@@ -656,7 +681,7 @@ impl CacheFs {
             copyup::CopyOpts::default(),
             None,
         )?;
-        Ok(())
+        self.dst.stat(path)?.ok_or_else(FsError::not_found)
     }
 
     /// Makes sure the non-directory at `path` is in dst (single flight per path).
@@ -869,6 +894,7 @@ impl CacheFs {
             Ok(Some(s)) if s.st_mode & libc::S_IFMT == libc::S_IFREG => {}
             _ => return Ok(None),
         }
+        self.src_absent.forget(path);
         self.dst.unlink(path)?;
         self.origins.clear(path)?;
         if let Some(ino) = ino {
@@ -905,6 +931,17 @@ impl CacheFs {
                 n.checked = Some(std::time::Instant::now());
             }
         };
+        // Fetched, uploaded or checked by us within the interval: src held this version
+        // then, so there is nothing to ask src yet (a hung src must not stall the
+        // lookup, and a forgotten inode must not cost a src round trip). Whatever
+        // happened to the record since (dirty, dropped) also means "unchanged".
+        if self
+            .origins
+            .verified_ago(path)
+            .is_some_and(|ago| ago < self.revalidate)
+        {
+            return Ok(Freshness::Unchanged);
+        }
         // Our own pending uploads change src: dst is the authority for such a path.
         if self.changes.as_ref().is_some_and(|c| c.has_pending(path)) {
             return Ok(Freshness::Unchanged);
@@ -916,21 +953,13 @@ impl CacheFs {
                 return Ok(Freshness::Unchanged);
             }
         };
-        // Fetched or uploaded by us within the interval: src held this version then,
-        // so there is nothing to ask src yet (a hung src must not stall the lookup).
-        if self
-            .origins
-            .put_ago(path)
-            .is_some_and(|ago| ago < self.revalidate)
-        {
-            return Ok(Freshness::Unchanged);
-        }
         let Ok(now) = self.src_stat(path) else {
             return Ok(Freshness::Unchanged); // offline: keep serving the cache
         };
         match now {
             Some(st) if clean.same_source(&st) => {
                 checked(self);
+                self.origins.note_verified(path);
                 Ok(Freshness::Unchanged)
             }
             _ if self.has_open_handles(ino) => Ok(Freshness::Unchanged),
@@ -1124,7 +1153,10 @@ impl CacheFs {
             };
             let legacy = self.legacy_whiteouts.lock().unwrap().clone();
             let mut src_names = HashSet::new();
+            // src has this directory: a listing and the lookups after it must agree.
+            self.src_absent.forget(path);
             for e in src_entries {
+                self.src_absent.forget(&path.join(&e.name));
                 src_names.insert(e.name.clone());
                 if names::is_reserved(&e.name)
                     || seen.contains(&e.name)
@@ -1307,14 +1339,15 @@ impl CacheFs {
     }
 
     /// Common path of every operation that creates a name: checks, parent in dst,
-    /// whiteouts, ownership, node registration. `make` creates `path` in dst.
+    /// whiteouts, ownership, node registration. `make` creates `path` in dst, and
+    /// returns its stat when it has it at hand (an open file: one fstat, no lookup).
     fn create_common(
         &self,
         caller: Caller,
         parent: u64,
         name: &OsStr,
         mode: u32,
-        make: impl FnOnce(&Path) -> io::Result<()>,
+        make: impl FnOnce(&Path) -> io::Result<Option<Stat>>,
         op: impl FnOnce(PathBuf) -> Op,
     ) -> FsResult<Attr> {
         check_name(name)?;
@@ -1328,12 +1361,15 @@ impl CacheFs {
             Err(_) if self.src_offline.load(Ordering::Relaxed) => {}
             Err(e) => return Err(e),
         }
-        self.ensure_dst_dir(&dir)?;
-        let parent_st = self.dst.stat(&dir)?.ok_or_else(FsError::not_found)?;
+        let parent_st = self.ensure_dst_dir(&dir)?;
         let _intent = self.intend(&[&path])?;
         let had_whiteout = self.clear_whiteouts(&path)?;
-        make(&path)?;
-        let created = self.dst.stat(&path)?.ok_or_else(FsError::not_found)?;
+        let created = match make(&path)? {
+            Some(st) => st,
+            None => self.dst.stat(&path)?.ok_or_else(FsError::not_found)?,
+        };
+        // Whether the attributes changed since `created` was taken.
+        let mut touched = false;
         if self.is_root {
             // Owned by the caller; a setgid parent gives its group (as the kernel would).
             let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
@@ -1342,6 +1378,7 @@ impl CacheFs {
                 caller.gid
             };
             if created.st_uid != caller.uid || created.st_gid != gid {
+                touched = true;
                 self.dst.chown(&path, caller.uid, gid)?;
                 // chown of a file clears setuid/setgid: put the requested bits back.
                 let want =
@@ -1354,11 +1391,17 @@ impl CacheFs {
         let is_new_dir = is_dir(&created);
         if is_new_dir && had_whiteout {
             // src still has an old directory here: its children must not reappear.
+            touched = true;
             self.mark_opaque(&path)?;
         }
+        let st = if touched {
+            self.dst.stat(&path)?.ok_or_else(FsError::not_found)?
+        } else {
+            created
+        };
         let found = Found {
             layer: Layered::Dst,
-            st: self.dst.stat(&path)?.ok_or_else(FsError::not_found)?,
+            st,
             merge_src: is_new_dir && merges && !had_whiteout,
         };
         self.record(op(path.clone()))?;
@@ -1381,7 +1424,7 @@ impl CacheFs {
             parent,
             name,
             mode,
-            |p| self.dst.mknod(p, mode, rdev as libc::dev_t),
+            |p| self.dst.mknod(p, mode, rdev as libc::dev_t).map(|()| None),
             |path| {
                 if mode & libc::S_IFMT == libc::S_IFREG {
                     Op::Create { path }
@@ -1407,7 +1450,7 @@ impl CacheFs {
             parent,
             name,
             mode,
-            |p| self.dst.mkdir(p, mode),
+            |p| self.dst.mkdir(p, mode).map(|()| None),
             |path| Op::Mkdir { path },
         )
     }
@@ -1425,7 +1468,7 @@ impl CacheFs {
             parent,
             name,
             0o777,
-            |p| self.dst.symlink(target, p),
+            |p| self.dst.symlink(target, p).map(|()| None),
             |path| Op::Symlink { path },
         )
     }
@@ -1458,10 +1501,11 @@ impl CacheFs {
                     wanted
                 };
                 let f = self.dst.create_file(p, flags, mode)?;
+                let st = layer::fstat(std::os::fd::AsFd::as_fd(&f))?;
                 // Before the Create is journaled: its upload may run at once.
                 let writer = self.origins.writer_opened(&f).ok();
                 *file.borrow_mut() = Some((f, writer));
-                Ok(())
+                Ok(Some(st))
             },
             |path| Op::Create { path },
         )?;
@@ -1802,11 +1846,54 @@ impl CacheFs {
                 .and_then(|i| t.get(i).map(|n| n.merge_src))
                 .unwrap_or(merges)
         };
+        let wanted = open_flags(flags);
+        let open_dst = |path: &Path| -> io::Result<(File, bool)> {
+            if for_backing {
+                // Read-write when it may: the backing file is shared per inode, and a
+                // later writer of the inode reuses it.
+                let rw_flags = (wanted & !libc::O_ACCMODE) | libc::O_RDWR;
+                if let Ok(f) = self.dst.open_file(path, rw_flags) {
+                    return Ok((f, true));
+                }
+            }
+            let f = self.dst.open_file(path, wanted)?;
+            Ok((f, wanted & libc::O_ACCMODE == libc::O_RDWR))
+        };
+        // The hot path, a reader of a cached file: open dst's file first (no stat
+        // before it); a revalidation that replaces the file sends us the long way.
+        let mut fresh = false;
+        if !opens_for_writing(flags) && flags & libc::O_TRUNC == 0 {
+            match open_dst(&path) {
+                Ok((file, rw)) => {
+                    let freshness = if parent_merges {
+                        self.revalidate(ino, &path)?
+                    } else {
+                        Freshness::Unchanged
+                    };
+                    match freshness {
+                        Freshness::Unchanged => {
+                            crate::metrics::cache_hit();
+                            let fh = self.add_handle(ino, file, false, None);
+                            return Ok(Opened {
+                                fh,
+                                rw,
+                                fresh: false,
+                                lazy: false,
+                            });
+                        }
+                        Freshness::Refetched => fresh = true,
+                        Freshness::Gone => return Err(FsError::not_found()),
+                    }
+                }
+                Err(e) if layer::is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let lazy_candidate = allow_lazy && self.lazy.is_some() && !opens_for_writing(flags);
         // One dst stat serves both checks (a refetch below keeps the file in dst).
-        let in_dst = (parent_merges || lazy_candidate) && self.dst.stat(&path)?.is_some();
-        let mut fresh = false;
-        if parent_merges && in_dst {
+        let in_dst =
+            fresh || ((parent_merges || lazy_candidate) && self.dst.stat(&path)?.is_some());
+        if parent_merges && in_dst && !fresh {
             match self.revalidate(ino, &path)? {
                 Freshness::Unchanged => {}
                 Freshness::Refetched => fresh = true,
@@ -1826,19 +1913,7 @@ impl CacheFs {
             });
         }
         self.ensure_in_dst(ino, &path, None)?;
-        let wanted = open_flags(flags);
-        let (file, rw) = if for_backing {
-            let rw_flags = (wanted & !libc::O_ACCMODE) | libc::O_RDWR;
-            match self.dst.open_file(&path, rw_flags) {
-                Ok(f) => (f, true),
-                Err(_) => (self.dst.open_file(&path, wanted)?, false),
-            }
-        } else {
-            (
-                self.dst.open_file(&path, wanted)?,
-                wanted & libc::O_ACCMODE == libc::O_RDWR,
-            )
-        };
+        let (file, rw) = open_dst(&path)?;
         let writer = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let guard = if writer {
             self.origins.writer_opened(&file).ok()
@@ -1961,6 +2036,13 @@ impl CacheFs {
             self.record(op(p))?;
         }
         Ok(())
+    }
+
+    /// Whether close() has work to do here ([`CacheFs::flush`]): only in mirror mode,
+    /// where it waits for src. Otherwise release does the same work (the open-writer
+    /// guard covers a crash in between), and FLUSH may be turned off.
+    pub fn flush_needed(&self) -> bool {
+        self.changes.as_ref().is_some_and(|c| c.close_waits())
     }
 
     /// close(): in mirror mode, returns once src has the bytes.
@@ -2148,10 +2230,13 @@ impl CacheFs {
     ) -> FsResult<R> {
         let _ns = self.namespace.read().unwrap();
         let (path, _, _) = self.node_path(ino)?;
-        if self.dst.stat(&path)?.is_some() {
-            Ok(f(&self.dst, &path)?)
-        } else {
-            self.src_do(crate::metrics::SrcOp::Stat, move |s| f(s, &path))
+        // dst first, with no stat before it: "not found" is the one answer that means
+        // dst has no such entry (the xattr calls never give it otherwise).
+        match f(&self.dst, &path) {
+            Err(e) if layer::is_not_found(&e) => {
+                self.src_do(crate::metrics::SrcOp::Stat, move |s| f(s, &path))
+            }
+            r => Ok(r?),
         }
     }
 

@@ -266,10 +266,12 @@ struct Inner {
     log: Option<File>,
     /// Lines in the log.
     lines: usize,
-    /// When this process last put each record: src held that version then, so a
-    /// revalidation is not due before the interval has passed since (not persisted:
-    /// after a restart every record is checked once).
-    put_at: HashMap<PathBuf, Instant>,
+    /// When this process last knew src to hold each record's version (it put the
+    /// record after a fetch or an upload, or a revalidation found src unchanged): a
+    /// revalidation is not due before the interval has passed since. Kept by path, so
+    /// it outlives the kernel forgetting the inode (a page-cache drop, a big walk).
+    /// Not persisted: after a restart every record is checked once.
+    verified_at: HashMap<PathBuf, Instant>,
     /// dst files open for writes that bypass the daemon (FUSE passthrough), with how
     /// many such opens each has ([`OpenWriter`] guards).
     open_writers: HashMap<Key, usize>,
@@ -282,12 +284,12 @@ impl Inner {
                 self.map.insert(p, r);
             }
             Entry::Remove(p) => {
-                self.put_at.remove(&p);
+                self.verified_at.remove(&p);
                 self.map.remove(&p);
             }
             Entry::RemoveTree(p) => {
                 for k in subtree(&self.map, &p) {
-                    self.put_at.remove(&k);
+                    self.verified_at.remove(&k);
                     self.map.remove(&k);
                 }
             }
@@ -374,7 +376,7 @@ impl Store {
             map: BTreeMap::new(),
             log: None,
             lines: 0,
-            put_at: HashMap::new(),
+            verified_at: HashMap::new(),
             open_writers: HashMap::new(),
         };
         match dst.open_file(&log_path(), libc::O_RDONLY) {
@@ -501,11 +503,19 @@ impl Store {
         Ok(id.filter(|id| rec.applies_to(id)).map(|_| rec.origin))
     }
 
-    /// How long ago this process put `path`'s record (a fetch or an upload: src was
-    /// known to hold that version then), if it did.
-    pub fn put_ago(&self, path: &Path) -> Option<Duration> {
+    /// How long ago this process last knew src to hold `path`'s recorded version (see
+    /// `Inner::verified_at`), if it did.
+    pub fn verified_ago(&self, path: &Path) -> Option<Duration> {
         let inner = self.inner.lock().unwrap();
-        inner.put_at.get(path).map(Instant::elapsed)
+        inner.verified_at.get(path).map(Instant::elapsed)
+    }
+
+    /// A revalidation found src still holding `path`'s recorded version.
+    pub fn note_verified(&self, path: &Path) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.map.contains_key(path) {
+            inner.verified_at.insert(path.to_path_buf(), Instant::now());
+        }
     }
 
     /// The record of `path` if it applies to the dst object `id` (an open file).
@@ -530,7 +540,7 @@ impl Store {
             key: Key::of(id),
             origin,
         };
-        inner.put_at.insert(path.to_path_buf(), Instant::now());
+        inner.verified_at.insert(path.to_path_buf(), Instant::now());
         if inner.map.get(path) == Some(&rec) {
             return Ok(());
         }

@@ -566,6 +566,11 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if !self.fs.flush_needed() {
+            // ENOSYS turns FLUSH off for the whole connection: a round trip less on
+            // every close(); release does the work (see `CacheFs::flush_needed`).
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),

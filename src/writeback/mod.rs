@@ -111,6 +111,7 @@ use crate::metrics::{self, METRICS};
 pub use intents::IntentGuard;
 use intents::Intents;
 use journal::{FailInfo, Journal, Record};
+pub(crate) use op::paths as op_paths;
 use sched::Sched;
 
 /// One mutation, by mount-relative path (no leading `/`; "" is the root).
@@ -1150,5 +1151,9 @@ impl crate::fs::ChangeLog for Writeback {
 
     fn has_pending(&self, path: &Path) -> bool {
         Writeback::has_pending(self, path)
+    }
+
+    fn close_waits(&self) -> bool {
+        self.mirror
     }
 }

@@ -71,6 +71,10 @@ fn core_config(src: &std::path::Path, dst: &std::path::Path) -> Config {
         PathBuf::from("/nonexistent"),
     );
     cfg.revalidate = std::time::Duration::ZERO;
+    // The model has no clock: every src change it makes comes after any TTL ran out
+    // (the driver drops its simulated dentry cache then). The core's own TTL-bound
+    // memory of what src lacks (`fs::src_absent`) is turned off the same way.
+    cfg.attr_ttl = std::time::Duration::ZERO;
     cfg
 }
 
