@@ -8,7 +8,14 @@
 //!   yields an error (ELOOP/EXDEV/ENOTDIR), never the target's contents, and never a
 //!   write outside the root. On kernels without openat2 the walk is done one
 //!   component at a time with `O_NOFOLLOW`.
-//! - A `Layer` holds no locks and no caches: it is a thin, safe wrapper over syscalls.
+//! - A `Layer` is a thin, safe wrapper over syscalls. Its one cache, on dst only
+//!   ([`Layer::open_caching_dirs`]), keeps `O_PATH` fds of recently used directories
+//!   so that a burst of calls in one directory does not walk the path again for each
+//!   (an openat2 per call). An entry is at most [`DIR_FD_TTL`] old, and this layer's
+//!   own rename and rmdir drop the entries of every directory they move or remove
+//!   (a generation counter keeps an fd opened before such a change from being cached
+//!   after it). A cached fd always names a directory beneath the root. src never
+//!   caches: other machines rename there behind our back. One leaf lock.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -16,13 +23,31 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// `struct stat` of an entry, never following a final symlink.
 pub type Stat = libc::stat;
 
 /// Whether openat2 is known to be unavailable (ENOSYS): then walk component by component.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// How long a cached directory fd is used before the path is walked again: bounds
+/// what a change made to dst behind the daemon's back (not through this layer) can
+/// confuse.
+pub const DIR_FD_TTL: Duration = Duration::from_secs(2);
+/// Most directory fds kept open (the table is emptied when full).
+const DIR_FD_MAX: usize = 512;
+
+/// Recently used directory fds by relative path (see the module docs).
+#[derive(Debug, Default)]
+struct DirFds {
+    map: HashMap<PathBuf, (Arc<OwnedFd>, Instant)>,
+    /// Bumped by every invalidation: an fd opened before one is not cached.
+    generation: u64,
+}
 
 /// A directory root; every operation stays beneath it.
 #[derive(Debug)]
@@ -31,6 +56,8 @@ pub struct Layer {
     /// was restarted (e.g. rclone died and systemd started it again).
     root: std::sync::RwLock<std::sync::Arc<OwnedFd>>,
     root_path: PathBuf,
+    /// Cached directory fds (dst only).
+    dirs: Option<Mutex<DirFds>>,
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -256,7 +283,58 @@ impl Layer {
             // SAFETY: fresh fd.
             root: std::sync::RwLock::new(std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })),
             root_path: root.to_path_buf(),
+            dirs: None,
         })
+    }
+
+    /// Like [`Layer::open`], keeping fds of recently used directories (see the module
+    /// docs). Only for a tree that changes through this layer alone (dst).
+    pub fn open_caching_dirs(root: &Path) -> io::Result<Layer> {
+        let mut l = Layer::open(root)?;
+        l.dirs = Some(Mutex::new(DirFds::default()));
+        Ok(l)
+    }
+
+    /// The directory `rel` (`""`: the root), from the cache when it has it.
+    fn dir(&self, rel: &Path) -> io::Result<Arc<OwnedFd>> {
+        if rel.as_os_str().is_empty() {
+            return Ok(self.root());
+        }
+        let Some(dirs) = &self.dirs else {
+            return self.open_dir(rel).map(Arc::new);
+        };
+        let generation = {
+            let mut d = dirs.lock().unwrap();
+            if let Some((fd, at)) = d.map.get(rel) {
+                if at.elapsed() < DIR_FD_TTL {
+                    return Ok(Arc::clone(fd));
+                }
+                d.map.remove(rel);
+            }
+            d.generation
+        };
+        let fd = Arc::new(self.open_dir(rel)?);
+        let mut d = dirs.lock().unwrap();
+        if d.generation == generation {
+            if d.map.len() >= DIR_FD_MAX {
+                d.map.clear();
+            }
+            d.map
+                .insert(rel.to_path_buf(), (Arc::clone(&fd), Instant::now()));
+        }
+        Ok(fd)
+    }
+
+    /// Drops the cached fds of `rel` and every directory below it (after a change that
+    /// moved or removed them).
+    fn forget_dirs(&self, rel: &Path) {
+        if let Some(dirs) = &self.dirs {
+            let mut d = dirs.lock().unwrap();
+            d.generation += 1;
+            if !d.map.is_empty() {
+                d.map.retain(|k, _| !k.starts_with(rel));
+            }
+        }
     }
 
     /// The current root fd (held for the duration of one operation).
@@ -270,6 +348,7 @@ impl Layer {
         fstat(fresh.root().as_fd())?;
         let fd = fresh.root();
         *self.root.write().unwrap() = fd;
+        self.forget_dirs(Path::new(""));
         Ok(())
     }
 
@@ -327,12 +406,8 @@ impl Layer {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
         let name = cstr(name)?;
-        if parent.as_os_str().is_empty() {
-            f(self.root().as_fd(), &name)
-        } else {
-            let dir = self.open_dir(parent)?;
-            f(dir.as_fd(), &name)
-        }
+        let dir = self.dir(parent)?;
+        f(dir.as_fd(), &name)
     }
 
     /// lstat of `rel`; `Ok(None)` when nothing is there.
@@ -357,14 +432,10 @@ impl Layer {
             return fstat(self.root().as_fd()).map(Probe::Found);
         };
         let name = cstr(name)?;
-        let r = if parent.as_os_str().is_empty() {
-            statat(self.root().as_fd(), &name)
-        } else {
-            match self.open_dir(parent) {
-                Ok(dir) => statat(dir.as_fd(), &name),
-                Err(e) if is_not_found(&e) => return Ok(Probe::NoParent),
-                Err(e) => return Err(e),
-            }
+        let r = match self.dir(parent) {
+            Ok(dir) => statat(dir.as_fd(), &name),
+            Err(e) if is_not_found(&e) => return Ok(Probe::NoParent),
+            Err(e) => return Err(e),
         };
         match r {
             Ok(st) => Ok(Probe::Found(st)),
@@ -384,7 +455,11 @@ impl Layer {
 
     /// Opens the file `rel` with open(2) flags (never following a symlink).
     pub fn open_file(&self, rel: &Path, flags: libc::c_int) -> io::Result<File> {
-        Ok(File::from(self.open_beneath(rel, flags)?))
+        if rel.as_os_str().is_empty() {
+            return Ok(File::from(self.open_beneath(rel, flags)?));
+        }
+        // The parent beneath the root, then the name with O_NOFOLLOW.
+        self.at(rel, |d, n| openat(d, n, flags, 0).map(File::from))
     }
 
     /// Creates and opens a regular file (O_CREAT|O_EXCL).
@@ -447,13 +522,23 @@ impl Layer {
 
     pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
         // SAFETY: valid dirfd and name.
-        self.at(rel, |d, n| {
+        let r = self.at(rel, |d, n| {
             cvt(unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
-        })
+        });
+        self.forget_dirs(rel);
+        r
     }
 
     /// renameat2 within this layer; `flags` are RENAME_NOREPLACE / RENAME_EXCHANGE.
     pub fn rename(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
+        let r = self.rename_uncached(from, to, flags);
+        // After the call (see `DirFds::generation`): both names may have been dirs.
+        self.forget_dirs(from);
+        self.forget_dirs(to);
+        r
+    }
+
+    fn rename_uncached(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
         self.at(from, |fd, fname| {
             self.at(to, |td, tname| {
                 // SAFETY: valid dirfds and names.
@@ -558,6 +643,20 @@ impl Layer {
 
     /// getxattr; `None` value buffer asks for the size.
     pub fn getxattr(&self, rel: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
+        if !NO_GETXATTRAT.load(Ordering::Relaxed) {
+            let r = match split(rel) {
+                None => getxattrat(self.root().as_fd(), c"", libc::AT_EMPTY_PATH, name),
+                Some(_) => self.at(rel, |d, n| {
+                    getxattrat(d, n, libc::AT_SYMLINK_NOFOLLOW, name)
+                }),
+            };
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    NO_GETXATTRAT.store(true, Ordering::Relaxed)
+                }
+                r => return r,
+            }
+        }
         let fd = self.open_beneath(rel, libc::O_PATH)?;
         getxattr_fd(fd.as_fd(), name)
     }
@@ -653,6 +752,78 @@ pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
             kind,
             ino: d_ino,
         });
+    }
+}
+
+/// Whether getxattrat(2) (Linux 6.13+) is known to be missing: then xattrs are read
+/// through `/proc/self/fd` paths.
+static NO_GETXATTRAT: AtomicBool = AtomicBool::new(false);
+
+/// getxattrat(2)'s syscall number (the same on every architecture but alpha).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const SYS_GETXATTRAT: libc::c_long = 464;
+
+/// `struct xattr_args` of getxattrat(2).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+/// getxattrat(2) of `name` at (`dir`, `path`) with `at_flags`: no `/proc` path walk.
+/// ENOSYS where the kernel (or this build's architecture) lacks it.
+fn getxattrat(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    at_flags: libc::c_int,
+    name: &OsStr,
+) -> io::Result<Vec<u8>> {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        let n = cstr(name)?;
+        let call = |buf: &mut [u8]| {
+            let args = XattrArgs {
+                value: buf.as_mut_ptr() as u64,
+                size: buf.len() as u32,
+                flags: 0,
+            };
+            // SAFETY: valid dirfd, NUL-terminated strings, and an args struct whose
+            // value buffer is `size` writable bytes.
+            cvt_ssize(unsafe {
+                libc::syscall(
+                    SYS_GETXATTRAT,
+                    dir.as_raw_fd(),
+                    path.as_ptr(),
+                    at_flags,
+                    n.as_ptr(),
+                    &args as *const XattrArgs,
+                    std::mem::size_of::<XattrArgs>(),
+                )
+            } as libc::ssize_t)
+        };
+        // Most values are small: one call with a stack-sized buffer, the size query
+        // only when it does not fit.
+        let mut buf = vec![0u8; 256];
+        loop {
+            match call(&mut buf) {
+                Ok(len) => {
+                    buf.truncate(len);
+                    return Ok(buf);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
+                    let size = call(&mut [])?;
+                    buf = vec![0u8; size.max(buf.len() * 2)];
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (dir, path, at_flags, name);
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 }
 

@@ -351,7 +351,7 @@ impl CacheFs {
         // daemon's own umask must not strip bits again.
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(0) };
-        let dst = Arc::new(Layer::open(&cfg.dst)?);
+        let dst = Arc::new(Layer::open_caching_dirs(&cfg.dst)?);
         let dst_dev = dst.stat(Path::new(""))?.map_or(0, |st| st.st_dev);
         let src = Arc::new(Layer::open(&cfg.src)?);
         // Origin records: loaded (and migrated from old xattrs) before the first request.
