@@ -427,3 +427,140 @@ fn bad_cache_flags_exit_2_with_one_line() {
         assert!(mount_type(&std::fs::canonicalize(mnt.path()).unwrap()).is_none());
     }
 }
+
+/// Allocated bytes of the partial files of lazy fetch (`.cachefs-state/lazy/*.data`).
+fn partial_usage(dst: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dst.join(".cachefs-state/lazy")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| e.file_name().as_bytes().ends_with(b".data"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|md| md.blocks() * 512)
+        .sum()
+}
+
+/// The data file of `rel`'s partial (its key: FNV-1a of the mount-relative path).
+fn partial_data(dst: &Path, rel: &str) -> PathBuf {
+    dst.join(format!(
+        ".cachefs-state/lazy/{:016x}.data",
+        hash(rel.as_bytes())
+    ))
+}
+
+/// Reads `len` bytes at `off` through `f` and compares them with `want`.
+fn check_at(f: &std::fs::File, want: &[u8], off: u64, len: usize, what: &str) {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, off)
+        .unwrap_or_else(|e| panic!("{what}: read at {off}: {e}"));
+    assert!(
+        buf == want[off as usize..off as usize + len],
+        "{what}: bytes at {off} differ from src"
+    );
+}
+
+#[test]
+fn partial_files_count_against_the_budget_and_idle_ones_are_evicted() {
+    if !can_mount("partial_files_count_against_the_budget_and_idle_ones_are_evicted") {
+        return;
+    }
+    let (budget, block, size, n) = (24 * MIB, MIB, 16 * MIB, 6u64);
+    let src = tempdir();
+    let mut want = Vec::new();
+    for i in 0..n {
+        want.push(content(100 + i, size));
+        write_file(src.path(), &format!("big{i}"), &want[i as usize]);
+    }
+    let m = Mounted::with_dirs(
+        src,
+        tempdir(),
+        &[
+            "--cache-size",
+            "24M",
+            "--lazy-threshold",
+            "4M",
+            "--block-size",
+            "1M",
+        ],
+    );
+    let dst = m.dst.path().to_path_buf();
+    let cached = || usage(&dst) + partial_usage(&dst);
+    let within = |what: &str| {
+        let used = cached();
+        assert!(
+            used <= budget + block,
+            "{what}: dst holds {used} bytes (visible files and partial files), over the budget plus one block"
+        );
+    };
+    // big0 stays open for reading all along.
+    let held = std::fs::File::open(m.mnt_path("big0")).unwrap();
+    for off in [123, 5 * MIB + 4000, 9 * MIB + 77] {
+        check_at(&held, &want[0], off, 4096, "held big0");
+    }
+    assert!(partial_data(&dst, "big0").exists(), "big0 is read lazily");
+    assert!(!m.dst_path("big0").exists());
+    let mut probe = 0u64;
+    for round in 0..2 {
+        for i in 1..n {
+            let name = format!("big{i}");
+            let f = std::fs::File::open(m.mnt_path(&name)).unwrap();
+            // 8 distinct blocks at varied offsets, one read across a block boundary.
+            for j in 0..8u64 {
+                let blk = (j * 5 + i * 3 + round) % 16;
+                let off = blk * MIB + (j * 37 + i * 11) % 900 * 1024;
+                check_at(&f, &want[i as usize], off, 64 << 10, &name);
+                within(&format!("round {round}, {name} block {blk}"));
+            }
+            check_at(&f, &want[i as usize], 3 * MIB - 100, 8192, &name);
+            drop(f);
+            within(&format!("round {round}, after closing {name}"));
+            // The held reader reads on, old blocks and new ones, exactly.
+            probe = (probe + 7 * MIB + 4096 * 13) % (size - 4096);
+            check_at(&held, &want[0], probe, 4096, "held big0");
+            check_at(&held, &want[0], 5 * MIB + 4000, 4096, "held big0");
+            assert!(
+                partial_data(&dst, "big0").exists(),
+                "the partial of the open big0 was evicted"
+            );
+            if round == 0 && i == 3 {
+                // 3 x 8 blocks of closed files and big0's went through 24M: the
+                // least recently used idle partial went.
+                assert!(
+                    !partial_data(&dst, "big1").exists(),
+                    "big1's idle partial file was not evicted"
+                );
+            }
+        }
+    }
+    // An evicted file reads again (a fresh partial), exactly.
+    let f = std::fs::File::open(m.mnt_path("big1")).unwrap();
+    check_at(&f, &want[1], 11 * MIB + 5, 4096, "big1 again");
+    drop(f);
+    within("the end");
+    for off in [123, 9 * MIB + 77, size - 4096] {
+        check_at(&held, &want[0], off, 4096, "held big0");
+    }
+    // cachefs status: the usage includes the partial files.
+    wait_until(
+        "cache.json with partial files",
+        Duration::from_secs(5),
+        || status_num(&dst, "partial_bytes").is_some_and(|p| p > 0 && p == partial_usage(&dst)),
+    );
+    let used = status_num(&dst, "usage_bytes").unwrap();
+    let partial = status_num(&dst, "partial_bytes").unwrap();
+    assert!(
+        used >= partial && used <= budget + block,
+        "{used} {partial}"
+    );
+    assert!(status_num(&dst, "evictions").unwrap() >= 5);
+    let out = std::process::Command::new(cachefs_bin())
+        .arg("status")
+        .arg(&dst)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("partial file(s) of lazy fetch"), "{text}");
+    drop(held);
+    m.stop();
+}

@@ -3,6 +3,9 @@
 //!
 //! Invariants:
 //! - `usage` is the sum of `bytes` over all entries; `by_class` sums per class.
+//! - Entries are dst-relative paths: a visible file's own path, or for a partial file of
+//!   lazy fetch its data file `.cachefs-state/lazy/<key>.data`
+//!   ([`crate::fs::lazy::is_data_rel`]); `partial`/`partial_files` sum those.
 //! - `order` holds `(stamp, path)` exactly for the `Clean` entries, so the first
 //!   element is the least recently used evictable candidate.
 //! - Stamps are nanoseconds since the Unix epoch, so in-memory uses, persisted uses and
@@ -40,6 +43,8 @@ pub struct Index {
     clean: u64,
     local: u64,
     pinned: u64,
+    partial: u64,
+    partial_files: usize,
 }
 
 impl Index {
@@ -72,7 +77,21 @@ impl Index {
         self.entries.get(path)
     }
 
-    fn account(&mut self, e: &Entry, add: bool) {
+    /// Bytes and number of the partial files (of every class).
+    pub fn partials(&self) -> (u64, usize) {
+        (self.partial, self.partial_files)
+    }
+
+    fn account(&mut self, path: &Path, e: &Entry, add: bool) {
+        if crate::fs::lazy::is_data_rel(path) {
+            if add {
+                self.partial += e.bytes;
+                self.partial_files += 1;
+            } else {
+                self.partial -= e.bytes;
+                self.partial_files -= 1;
+            }
+        }
         let slot = match e.class {
             Class::Clean => &mut self.clean,
             Class::Local => &mut self.local,
@@ -90,7 +109,7 @@ impl Index {
     /// Adds or replaces the entry for `path`.
     pub fn insert(&mut self, path: &Path, e: Entry) {
         self.remove(path);
-        self.account(&e, true);
+        self.account(path, &e, true);
         if e.class == Class::Clean {
             self.order.insert((e.stamp, path.to_path_buf()));
         }
@@ -99,7 +118,7 @@ impl Index {
 
     pub fn remove(&mut self, path: &Path) -> Option<Entry> {
         let old = self.entries.remove(path)?;
-        self.account(&old, false);
+        self.account(path, &old, false);
         if old.class == Class::Clean {
             self.order.remove(&(old.stamp, path.to_path_buf()));
         }
@@ -186,5 +205,23 @@ mod tests {
         ix.insert(Path::new("a"), e(1, 9, Class::Clean));
         assert_eq!(ix.usage(), 71);
         assert_eq!(ix.len(), 3);
+    }
+
+    #[test]
+    fn partial_files_are_ordinary_lru_entries_and_summed() {
+        let mut ix = Index::new();
+        let part = crate::fs::lazy::data_rel_of(Path::new("big"));
+        ix.insert(Path::new("a"), e(10, 2, Class::Clean));
+        ix.insert(&part, e(4096, 1, Class::Clean));
+        assert_eq!(ix.partials(), (4096, 1));
+        assert_eq!(ix.usage(), 4106);
+        let none = |_: &Path| false;
+        assert_eq!(ix.oldest(1, &none), vec![part.clone()]);
+        ix.insert(&part, e(8192, 3, Class::Clean));
+        assert_eq!(ix.partials(), (8192, 1));
+        assert_eq!(ix.oldest(1, &none), vec![PathBuf::from("a")]);
+        ix.remove(&part);
+        assert_eq!(ix.partials(), (0, 0));
+        assert_eq!(ix.usage(), 10);
     }
 }

@@ -13,12 +13,30 @@
 //! - [`Cache::xattr_changed`] from setxattr/removexattr: a pin xattr changed, so the
 //!   pins are read again and pinned trees are prefetched.
 //!
-//! Eviction always goes through [`CacheFs::evict`], which refuses dirty, local, open
-//! and pending-writeback files by construction; this module only decides what to try
-//! and when. Pinned files are never tried.
+//! Partial files of lazy fetch (`fs::lazy`, issue 5) are cache entries too, under
+//! their data file's dst-relative name `.cachefs-state/lazy/<key>.data`:
+//! - the cache is their [`crate::fs::lazy::Usage`] hook: a partial made, loaded or
+//!   grown by a fetched block reports its allocated bytes (a use), a discarded,
+//!   installed or evicted one is removed;
+//! - a lazy open does not make room for the whole file (it may be larger than the
+//!   budget); instead [`Cache::reserve`] runs before a read fetches missing blocks:
+//!   it makes room for them like a fetch (evicting clean files and idle partials) and
+//!   reserves the bytes until the fetch reported them, so concurrent fetches cannot
+//!   all take the same room; with no room to be made the read fails with ENOSPC.
+//!   Background prefetch only reserves room that is free without evicting
+//!   ([`Cache::try_reserve`]), else it is skipped;
+//! - they are evicted with the clean files, least recently used first (a use: an
+//!   open or close of a handle on it, or a block fetched), through
+//!   [`CacheFs::evict_partial`], which refuses a partial held by a handle or being
+//!   installed. Partials of pinned paths are never tried.
+//!
+//! Eviction always goes through [`CacheFs::evict`] (or `evict_partial`), which refuses
+//! dirty, local, open and pending-writeback files by construction; this module only
+//! decides what to try and when. Pinned files are never tried.
 //!
 //! Usage: the sum of the allocated bytes of every regular file in dst outside the
-//! reserved names, clean or local. Copy-ups and evictions update it at once; other
+//! reserved names, clean or local, and of the partial files' data files. Copy-ups,
+//! block fetches and evictions update it at once; other
 //! growth (local writes, which pass through no hook, e.g. under FUSE passthrough) is
 //! picked up by a reconciling rescan of dst, every [`RESCAN_MIN`] or 20 times as long
 //! as the last scan took. `--min-free` is checked against statvfs of dst at every
@@ -29,9 +47,10 @@
 //! files through the core's public API, at start, after a pin xattr change and every
 //! [`PREFETCH_EVERY`]).
 //!
-//! Lock order: `evicting` -> (the core's locks, inside `CacheFs::evict`) ; `index`,
-//! `wake` and `scan_info` are leaf locks, never held across a call into the core or
-//! any I/O.
+//! Lock order: `evicting` -> (the core's locks, inside `CacheFs::evict` and
+//! `CacheFs::evict_partial`) ; `index`, `wake` and `scan_info` are leaf locks, never
+//! held across a call into the core or any I/O. The lazy [`crate::fs::lazy::Usage`]
+//! hook takes `index` under a partial's state lock (and the lazy table), as a leaf.
 //!
 //! `--max-dirty` is enforced by the writeback queue (`Writeback::throttle`); the cache
 //! only shows the limit in `cache.json`.
@@ -55,7 +74,7 @@ use pin::{PIN_XATTR, Pins};
 
 use crate::config::Config;
 use crate::fs::layer::{Layer, Stat};
-use crate::fs::{CacheFs, FsError, FsResult, Kind, ROOT, names};
+use crate::fs::{CacheFs, FsError, FsResult, Kind, ROOT, lazy, names};
 
 /// The cache's state, under dst's state folder.
 pub const STATE_SUBDIR: &str = "cache";
@@ -131,6 +150,23 @@ pub struct Cache {
     persisted_stamp: AtomicU64,
     /// When `cache.json` was last written, and its numbers then.
     status_written: Mutex<Option<(Instant, String)>>,
+    /// Bytes reserved for lazy block fetches in flight ([`Cache::reserve`]): counted as
+    /// used until the fetch reported them. Changed under `index`.
+    pending: AtomicU64,
+}
+
+/// Room reserved for a lazy block fetch; given back when dropped (after the fetch
+/// reported the partial's new size).
+pub struct Reserved {
+    cache: Arc<Cache>,
+    bytes: u64,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let _ix = self.cache.index.lock().unwrap();
+        self.cache.pending.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 fn now_nanos() -> u64 {
@@ -173,6 +209,7 @@ impl Cache {
             refreshed: Mutex::new(None),
             persisted_stamp: AtomicU64::new(0),
             status_written: Mutex::new(None),
+            pending: AtomicU64::new(0),
         };
         let persisted = std::fs::read(cache.lru_path())
             .map(|d| scan::decode_last_use(&d))
@@ -217,8 +254,16 @@ impl Cache {
     /// Hook at the top of `CacheFs::open` (no core lock held): records the use of
     /// `path`, and before a fetch of a file dst does not have yet, makes room for it.
     /// Fails with ENOSPC when the limits cannot be met even by evicting every clean,
-    /// closed, unpinned file.
-    pub fn before_open(&self, fs: &CacheFs, ino: u64, path: &Path) -> FsResult<()> {
+    /// closed, unpinned file. `lazy_from`: the open may be lazy for files at least
+    /// this large; such a file gets no room now (its blocks do, as they are fetched),
+    /// only the use of its partial is recorded.
+    pub fn before_open(
+        &self,
+        fs: &CacheFs,
+        ino: u64,
+        path: &Path,
+        lazy_from: Option<u64>,
+    ) -> FsResult<()> {
         let stamp = self.stamp();
         if self.index.lock().unwrap().touch(path, stamp) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -237,6 +282,13 @@ impl Cache {
             _ => return Ok(()), // not a file to fetch; open says what is wrong
         };
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        if lazy_from.is_some_and(|t| attr.size >= t) {
+            self.index
+                .lock()
+                .unwrap()
+                .touch(&lazy::data_rel_of(path), stamp);
+            return Ok(());
+        }
         if !self.limits.any() {
             return Ok(());
         }
@@ -319,6 +371,80 @@ impl Cache {
             .is_some_and(|p| pin::pinned_by_xattr(&self.dst, p))
     }
 
+    /// Records a use of a partial file (a handle on it closed).
+    pub fn partial_used(&self, data_rel: &Path) {
+        let stamp = self.stamp();
+        self.index.lock().unwrap().touch(data_rel, stamp);
+    }
+
+    /// Before a lazy read fetches `bytes` of missing blocks of the partial `data_rel`:
+    /// makes room for them (evicting like a fetch) and reserves it until the returned
+    /// guard is dropped. ENOSPC when no room can be made.
+    pub fn reserve(
+        self: &Arc<Self>,
+        fs: &CacheFs,
+        data_rel: &Path,
+        bytes: u64,
+    ) -> FsResult<Option<Reserved>> {
+        if !self.limits.any() || bytes == 0 {
+            return Ok(None);
+        }
+        // Concurrent fetches may take the room made here first: try again a few times.
+        for _ in 0..8 {
+            if let Some(r) = self.try_reserve(bytes) {
+                return Ok(Some(r));
+            }
+            if let Err(short) = self.make_room(fs, bytes) {
+                self.counters.enospc.fetch_add(1, Ordering::Relaxed);
+                let ix = self.index.lock().unwrap();
+                let (partial, _) = ix.partials();
+                log::warn!(
+                    "cannot fetch {} of {}: ENOSPC, the cache limits leave no room ({} short; dst holds {}: {} local, {} pinned, {} clean but open or pending, {} in partial files)",
+                    human(bytes),
+                    lazy::path_of(&self.dst, data_rel)
+                        .unwrap_or_else(|| data_rel.to_path_buf())
+                        .display(),
+                    human(short),
+                    human(ix.usage()),
+                    human(ix.bytes_in(Class::Local)),
+                    human(ix.bytes_in(Class::Pinned)),
+                    human(ix.bytes_in(Class::Clean)),
+                    human(partial),
+                );
+                return enospc();
+            }
+        }
+        self.counters.enospc.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "cannot fetch {} of {}: ENOSPC, concurrent fetches keep taking the room made",
+            human(bytes),
+            data_rel.display()
+        );
+        enospc()
+    }
+
+    /// Reserves `bytes` for a block fetch if they fit within the limits as they are
+    /// (no eviction).
+    pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reserved> {
+        if !self.limits.any() {
+            return Some(Reserved {
+                cache: Arc::clone(self),
+                bytes: 0,
+            });
+        }
+        let space = self.space();
+        let ix = self.index.lock().unwrap();
+        let pending = self.pending.load(Ordering::Acquire);
+        if self.limits.excess(ix.usage(), bytes + pending, space) > 0 {
+            return None;
+        }
+        self.pending.fetch_add(bytes, Ordering::AcqRel);
+        Some(Reserved {
+            cache: Arc::clone(self),
+            bytes,
+        })
+    }
+
     /// Whether `path` is pinned now (glob, or xattr on it or an ancestor).
     pub fn is_pinned(&self, path: &Path) -> bool {
         self.pins.matches(path) || pin::pinned_by_xattr(&self.dst, path)
@@ -331,10 +457,13 @@ impl Cache {
         self.dst.statvfs().ok().map(|s| Space::of(&s))
     }
 
-    /// Bytes to free before `incoming` more bytes may enter dst (0: none).
+    /// Bytes to free before `incoming` more bytes may enter dst (0: none). Room
+    /// reserved for lazy fetches in flight counts as taken.
     fn excess(&self, incoming: u64) -> u64 {
-        let usage = self.index.lock().unwrap().usage();
-        self.limits.excess(usage, incoming, self.space())
+        let space = self.space();
+        let ix = self.index.lock().unwrap();
+        let pending = self.pending.load(Ordering::Acquire);
+        self.limits.excess(ix.usage(), incoming + pending, space)
     }
 
     /// Evicts least recently used clean, closed, unpinned files until `incoming` more
@@ -429,6 +558,9 @@ impl Cache {
 
     /// One eviction attempt; keeps the index right whatever the outcome.
     fn try_evict(&self, fs: &CacheFs, path: &Path) {
+        if lazy::is_data_rel(path) {
+            return self.try_evict_partial(fs, path);
+        }
         if self.is_pinned(path) {
             self.index.lock().unwrap().set_class(path, Class::Pinned);
             return;
@@ -457,6 +589,35 @@ impl Cache {
                 Err(_) => {}
             },
             Err(e) => log::debug!("cache: cannot evict {}: {e}", path.display()),
+        }
+    }
+
+    /// One eviction attempt of a partial file (its data file `data_rel`).
+    fn try_evict_partial(&self, fs: &CacheFs, data_rel: &Path) {
+        let path = lazy::path_of(&self.dst, data_rel);
+        if path.as_ref().is_some_and(|p| self.is_pinned(p)) {
+            self.index
+                .lock()
+                .unwrap()
+                .set_class(data_rel, Class::Pinned);
+            return;
+        }
+        match fs.evict_partial(data_rel, path.as_deref()) {
+            Ok(Some(freed)) => {
+                self.index.lock().unwrap().remove(data_rel);
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::METRICS.evictions.inc();
+                self.counters
+                    .evicted_bytes
+                    .fetch_add(freed, Ordering::Relaxed);
+                log::debug!(
+                    "cache: evicted the partial file of {} ({})",
+                    path.unwrap_or_else(|| data_rel.to_path_buf()).display(),
+                    human(freed)
+                );
+            }
+            Ok(None) => {} // open, being installed, or src offline: later
+            Err(e) => log::debug!("cache: cannot evict {}: {e}", data_rel.display()),
         }
     }
 
@@ -518,7 +679,7 @@ impl Cache {
 
     /// The numbers `cachefs status` shows, as one JSON object.
     pub fn status_json(&self) -> String {
-        let (usage, files, clean, local, pinned) = {
+        let (usage, files, clean, local, pinned, (partial, partial_files)) = {
             let ix = self.index.lock().unwrap();
             (
                 ix.usage(),
@@ -526,6 +687,7 @@ impl Cache {
                 ix.bytes_in(Class::Clean),
                 ix.bytes_in(Class::Local),
                 ix.bytes_in(Class::Pinned),
+                ix.partials(),
             )
         };
         let space = self.dst.statvfs().ok().map(|s| Space::of(&s));
@@ -536,6 +698,7 @@ impl Cache {
             concat!(
                 "{{\"version\":1,\"updated_unix\":{},\"pid\":{},",
                 "\"usage_bytes\":{},\"files\":{},\"clean_bytes\":{},\"local_bytes\":{},\"pinned_bytes\":{},",
+                "\"partial_bytes\":{},\"partial_files\":{},",
                 "\"budget_bytes\":{},\"min_free\":{},\"min_free_bytes\":{},\"free_bytes\":{},\"max_dirty_bytes\":{},",
                 "\"pin_globs\":{},\"hits\":{},\"misses\":{},\"fetches\":{},\"fetched_bytes\":{},",
                 "\"evictions\":{},\"evicted_bytes\":{},\"enospc\":{}}}\n"
@@ -547,6 +710,8 @@ impl Cache {
             clean,
             local,
             pinned,
+            partial,
+            partial_files,
             opt(self.limits.budget),
             self.limits
                 .min_free
@@ -831,11 +996,45 @@ pub fn on_open(
     cache: &Option<Arc<Cache>>,
     fs: &CacheFs,
     ino: u64,
+    lazy_from: Option<u64>,
     path: impl FnOnce() -> FsResult<PathBuf>,
 ) -> FsResult<()> {
     match cache {
-        Some(c) => c.before_open(fs, ino, &path()?),
+        Some(c) => c.before_open(fs, ino, &path()?, lazy_from),
         None => Ok(()),
+    }
+}
+
+/// Hook before a lazy read fetches missing blocks (`missing()`: their bytes, only
+/// asked with a cache): see [`Cache::reserve`]. Hold the guard until the fetch is done.
+#[inline]
+pub fn on_lazy_fetch(
+    cache: &Option<Arc<Cache>>,
+    fs: &CacheFs,
+    data_rel: &Path,
+    missing: impl FnOnce() -> u64,
+) -> FsResult<Option<Reserved>> {
+    match cache {
+        Some(c) => c.reserve(fs, data_rel, missing()),
+        None => Ok(None),
+    }
+}
+
+/// Hook before background prefetch fetches `bytes`: a guard to hold across the fetch
+/// when they fit without evicting (always without a cache), `None` to skip it.
+#[inline]
+pub fn on_prefetch(cache: &Option<Arc<Cache>>, bytes: u64) -> Option<Box<dyn Send>> {
+    match cache {
+        Some(c) => c.try_reserve(bytes).map(|r| Box::new(r) as Box<dyn Send>),
+        None => Some(Box::new(())),
+    }
+}
+
+/// Hook when a handle on a partial file closes: see [`Cache::partial_used`].
+#[inline]
+pub fn on_partial_used(cache: &Option<Arc<Cache>>, data_rel: &Path) {
+    if let Some(c) = cache {
+        c.partial_used(data_rel);
     }
 }
 
@@ -862,6 +1061,36 @@ pub fn on_release(cache: &Option<Arc<Cache>>, path: impl FnOnce() -> FsResult<Pa
 pub fn on_xattr(cache: &Option<Arc<Cache>>, name: &OsStr) {
     if let Some(c) = cache {
         c.xattr_changed(name);
+    }
+}
+
+impl lazy::Usage for Cache {
+    fn partial_grew(&self, data_rel: &Path, path: &Path, bytes: u64) {
+        let stamp = self.stamp();
+        let mut ix = self.index.lock().unwrap();
+        let e = match ix.get(data_rel).copied() {
+            Some(e) => Entry {
+                bytes,
+                stamp: e.stamp.max(stamp),
+                ..e
+            },
+            // Globs only here (no I/O under the partial's lock); a pin xattr is
+            // checked before any eviction.
+            None => Entry {
+                bytes,
+                stamp,
+                class: if self.pins.matches(path) {
+                    Class::Pinned
+                } else {
+                    Class::Clean
+                },
+            },
+        };
+        ix.insert(data_rel, e);
+    }
+
+    fn partial_gone(&self, data_rel: &Path) {
+        self.index.lock().unwrap().remove(data_rel);
     }
 }
 
@@ -896,6 +1125,12 @@ pub fn status_text(dst: &Path) -> Option<String> {
         h(num("local_bytes")),
         h(num("pinned_bytes")),
     );
+    if let Some(n) = num("partial_files").filter(|n| *n > 0) {
+        out += &format!(
+            "cache: {} of the usage in {n} partial file(s) of lazy fetch (evictable when not open)\n",
+            h(num("partial_bytes")),
+        );
+    }
     out += &format!(
         "cache: since start: {} hits, {} misses, {} fetches ({}), {} evictions ({}), {} ENOSPC\n",
         num("hits").unwrap_or(0),
@@ -1112,6 +1347,156 @@ mod tests {
         read_file(&fs, "f1").unwrap();
         assert!(!s.cfg.dst.join("d/x").exists());
         fs.forget(d, 1);
+    }
+
+    /// Allocated bytes of dst's partial data files.
+    fn partial_usage(dst: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(rd) = std::fs::read_dir(dst.join(lazy::lazy_dir())) else {
+            return 0;
+        };
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".data"))
+            .map(|e| e.metadata().unwrap().blocks() * 512)
+            .sum()
+    }
+
+    const KIB: u64 = 1024;
+
+    /// Lazy fetch of 1 MiB files in 64 KiB blocks under a 512 KiB budget.
+    fn lazy_setup(files: usize) -> Setup {
+        let mut s = setup(files);
+        s.cfg.cache_size = Some(512 * KIB);
+        s.cfg.lazy_threshold = 256 * KIB;
+        s.cfg.block_size = 64 * KIB;
+        s
+    }
+
+    fn open_ro(fs: &CacheFs, name: &str) -> (u64, u64) {
+        let ino = fs.lookup(ROOT, OsStr::new(name)).unwrap().ino;
+        let req = OpenRequest {
+            flags: libc::O_RDONLY,
+            for_backing: false,
+        };
+        let o = fs.open(ino, req).unwrap();
+        assert!(o.lazy, "{name} is opened lazily");
+        (ino, o.fh)
+    }
+
+    fn close(fs: &CacheFs, (ino, fh): (u64, u64)) {
+        fs.release(fh).unwrap();
+        fs.forget(ino, 1);
+    }
+
+    /// Reads 4 KiB at block `b` (+ 100 bytes) of file `i` through handle `fh`.
+    fn read_block(fs: &CacheFs, fh: u64, i: usize, b: u64) -> FsResult<()> {
+        let off = b * 64 * KIB + 100;
+        let got = fs.read(fh, off, 4096)?;
+        let want = &content(i, MIB)[off as usize..off as usize + 4096];
+        assert!(got == want, "f{i} block {b}: bytes differ from src");
+        Ok(())
+    }
+
+    #[test]
+    fn partial_files_count_and_idle_ones_are_evicted_lru_first() {
+        let s = lazy_setup(6);
+        let (fs, cache) = mount(&s.cfg);
+        let budget = s.cfg.cache_size.unwrap();
+        let block = s.cfg.block_size;
+        // f0 stays open all along: 3 blocks of it.
+        let held = open_ro(&fs, "f0");
+        for b in [1, 7, 12] {
+            read_block(&fs, held.1, 0, b).unwrap();
+        }
+        let held_data = s.cfg.dst.join(lazy::data_rel_of(Path::new("f0")));
+        for i in 1..6 {
+            let h = open_ro(&fs, &format!("f{i}"));
+            for b in [0, 3, 5, 9, 14] {
+                read_block(&fs, h.1, i, b).unwrap();
+                let used = partial_usage(&s.cfg.dst) + dst_usage(&s.cfg.dst);
+                assert!(used <= budget + block, "f{i} block {b}: {used} used");
+                assert_eq!(cache.index.lock().unwrap().usage(), used);
+            }
+            close(&fs, h);
+            // The held partial keeps its blocks and reads on.
+            read_block(&fs, held.1, 0, 7).unwrap();
+            assert!(held_data.exists());
+        }
+        // 5 files x 5 blocks went through a budget of 8 blocks: the oldest idle
+        // partials went, the newest stays, the held one too.
+        for gone in ["f1", "f2", "f3"] {
+            let d = s.cfg.dst.join(lazy::data_rel_of(Path::new(gone)));
+            assert!(!d.exists(), "{gone}'s partial was evicted");
+            assert!(!d.with_extension("map").exists());
+        }
+        assert!(s.cfg.dst.join(lazy::data_rel_of(Path::new("f5"))).exists());
+        assert_eq!(
+            cache.index.lock().unwrap().partials().0,
+            partial_usage(&s.cfg.dst)
+        );
+        let json = cache.status_json();
+        assert!(!json.contains("\"evictions\":0,"), "{json}");
+        assert!(
+            json.contains(&format!("\"usage_bytes\":{}", partial_usage(&s.cfg.dst))),
+            "{json}"
+        );
+        // An evicted file starts over with a fresh partial.
+        let h = open_ro(&fs, "f1");
+        read_block(&fs, h.1, 1, 3).unwrap();
+        close(&fs, h);
+        for b in [1, 7, 12, 15] {
+            read_block(&fs, held.1, 0, b).unwrap();
+        }
+        close(&fs, held);
+    }
+
+    #[test]
+    fn a_partial_bigger_than_the_budget_opens_and_fails_with_enospc_only_when_full() {
+        let s = lazy_setup(2);
+        let (fs, cache) = mount(&s.cfg);
+        // Whole-file room would be 1 MiB > 512 KiB: a lazy open needs none.
+        let held = open_ro(&fs, "f0");
+        for b in 0..8 {
+            read_block(&fs, held.1, 0, b).unwrap();
+        }
+        // The budget is full of blocks of the open f0: a new block has no room.
+        let e = read_block(&fs, held.1, 0, 9).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        let other = open_ro(&fs, "f1");
+        let e = read_block(&fs, other.1, 1, 0).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        // Nothing was lost: present blocks still read.
+        for b in 0..8 {
+            read_block(&fs, held.1, 0, b).unwrap();
+        }
+        assert!(cache.status_json().contains("\"enospc\":2"));
+        // Closed, f0's partial may go: f1 reads.
+        close(&fs, held);
+        read_block(&fs, other.1, 1, 0).unwrap();
+        assert!(!s.cfg.dst.join(lazy::data_rel_of(Path::new("f0"))).exists());
+        close(&fs, other);
+    }
+
+    #[test]
+    fn restart_counts_partial_files_from_disk() {
+        let s = lazy_setup(1);
+        {
+            let (fs, cache) = mount(&s.cfg);
+            let h = open_ro(&fs, "f0");
+            for b in [2, 4] {
+                read_block(&fs, h.1, 0, b).unwrap();
+            }
+            close(&fs, h);
+            cache.persist();
+        }
+        let (_fs, cache) = mount(&s.cfg);
+        let ix = cache.index.lock().unwrap();
+        assert_eq!(ix.partials(), (partial_usage(&s.cfg.dst), 1));
+        assert!(ix.partials().0 >= 2 * 64 * KIB);
+        assert_eq!(
+            ix.oldest(1, &|_| false),
+            vec![lazy::data_rel_of(Path::new("f0"))]
+        );
     }
 
     #[test]

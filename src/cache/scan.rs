@@ -2,7 +2,9 @@
 //! reconciliation, now and then while mounted), and the persisted last-use times.
 //!
 //! - Reserved names (`.cachefs-*`: state folder, whiteouts, temp files, opaque markers)
-//!   are never counted, listed or evicted.
+//!   are never counted, listed or evicted, except the data files of lazy fetch's
+//!   partial files (`.cachefs-state/lazy/<key>.data`, see `fs::lazy`): they count, by
+//!   that dst-relative name, and are evictable unless their path is pinned.
 //! - Only regular files count; a file with several names counts once.
 //! - Every access goes through the dst [`Layer`] (no symlink is ever followed).
 //! - Last use: the persisted time if the index file has the path, else the newest of
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 use super::lru::{Class, Entry};
 use super::pin::{Pins, has_pin_xattr};
 use crate::fs::layer::{Layer, Stat};
-use crate::fs::{names, origin};
+use crate::fs::{lazy, names, origin};
 
 /// What a walk of dst found.
 #[derive(Debug, Default)]
@@ -64,7 +66,43 @@ pub fn scan(dst: &Layer, pins: &Pins, last_use: &HashMap<PathBuf, u64>) -> Scan 
         &mut seen_links,
         &mut out,
     );
+    partials(dst, pins, last_use, &mut out);
     out
+}
+
+/// The partial files of lazy fetch (their data files; maps are a few KiB and not
+/// counted).
+fn partials(dst: &Layer, pins: &Pins, last_use: &HashMap<PathBuf, u64>, out: &mut Scan) {
+    let dir = lazy::lazy_dir();
+    let Ok(entries) = dst.read_dir(&dir) else {
+        return;
+    };
+    for e in entries {
+        let rel = dir.join(&e.name);
+        if !lazy::is_data_rel(&rel) {
+            continue;
+        }
+        let Ok(Some(st)) = dst.stat(&rel) else {
+            continue;
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            continue;
+        }
+        let pinned = lazy::path_of(dst, &rel)
+            .is_some_and(|p| pins.matches(&p) || super::pin::pinned_by_xattr(dst, &p));
+        let stamp = last_use
+            .get(&rel)
+            .copied()
+            .unwrap_or_else(|| seed_stamp(&st));
+        out.entries.push((
+            rel,
+            Entry {
+                bytes: st.st_blocks as u64 * 512,
+                stamp,
+                class: if pinned { Class::Pinned } else { Class::Clean },
+            },
+        ));
+    }
 }
 
 fn walk(

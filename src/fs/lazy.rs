@@ -20,8 +20,18 @@
 //!   fetched again (idempotent). A map is tied to the src version (size, mtime, inode)
 //!   it was fetched from; a changed src discards it.
 //!
-//! Lock order: [`Lazy::table`] -> [`Partial::state`]; [`Partial::map_write`] is taken
-//! with neither held. No lock is held across src I/O.
+//! - Budget (issue 5): when the cache budget is on, every partial data file is an
+//!   entry of the cache's usage index under its key `.cachefs-state/lazy/<key>.data`
+//!   ([`data_rel_of`]). The [`Usage`] hook is told the data file's allocated bytes when
+//!   a partial is made or loaded and after every block fetched, and is told when the
+//!   files are gone (discarded, installed, evicted). A partial is evicted only through
+//!   [`Lazy::evict_idle`]: it must be unused (no handle or prefetch holds its `Arc`, so
+//!   only the table does) and not being installed (the core checks `copy_flights`).
+//!   Room for a block is made by the core before the fetch (`CacheFs::lazy_ensure`);
+//!   background prefetch only fetches when there is room without evicting.
+//!
+//! Lock order: [`Lazy::table`] -> [`Partial::map_write`] -> [`Partial::state`] -> the
+//! [`Usage`] hook (the cache's index, a leaf). No lock is held across src I/O.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -30,7 +40,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use super::layer::{Layer, Stat};
 use super::names::STATE_DIR;
@@ -59,6 +69,44 @@ fn fnv(bytes: &[u8]) -> u64 {
 
 fn key_of(path: &Path) -> String {
     format!("{:016x}", fnv(path.as_os_str().as_bytes()))
+}
+
+/// The data file (dst-relative) of `path`'s partial: its key in the cache's index.
+pub fn data_rel_of(path: &Path) -> PathBuf {
+    rels(&key_of(path)).0
+}
+
+/// Whether dst-relative `rel` names a partial data file (a key of [`data_rel_of`]).
+pub fn is_data_rel(rel: &Path) -> bool {
+    rel.parent() == Some(lazy_dir().as_path()) && rel.extension().is_some_and(|e| e == "data")
+}
+
+fn map_rel_of(data_rel: &Path) -> PathBuf {
+    data_rel.with_extension("map")
+}
+
+/// The mount path whose partial has data file `data_rel`, from its map (`None`: no
+/// intact map of that key).
+pub fn path_of(dst: &Layer, data_rel: &Path) -> Option<PathBuf> {
+    let key = data_rel.file_stem()?.to_str()?;
+    let f = dst.open_file(&map_rel_of(data_rel), libc::O_RDONLY).ok()?;
+    let map = Map::decode(&read_all(&f).ok()?)?;
+    (key_of(&map.path) == key).then_some(map.path)
+}
+
+/// Told how much dst space partial files take (the cache budget). Called with the
+/// partial's state lock held: implementations must not call back into the core.
+pub trait Usage: Send + Sync {
+    /// `path`'s partial, data file `data_rel`, now allocates `bytes` (made, loaded or
+    /// a block fetched: a use).
+    fn partial_grew(&self, data_rel: &Path, path: &Path, bytes: u64);
+    /// The partial's files are gone (or no longer a partial: installed at its path).
+    fn partial_gone(&self, data_rel: &Path);
+}
+
+fn allocated(f: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().map_or(0, |m| m.blocks() * 512)
 }
 
 /// The persisted map of a partial file.
@@ -177,6 +225,8 @@ pub struct Partial {
     state: Mutex<State>,
     done: Condvar,
     map_write: Mutex<()>,
+    /// The cache budget's hook, if there is a budget.
+    usage: Option<Arc<dyn Usage>>,
 }
 
 impl Partial {
@@ -192,6 +242,23 @@ impl Partial {
 
     pub fn map(&self) -> Map {
         self.state.lock().unwrap().map.clone()
+    }
+
+    /// Bytes of the blocks of `[offset, offset + len)` that are neither present nor
+    /// being fetched (what a read there would add to dst).
+    pub fn missing(&self, offset: u64, len: u64) -> u64 {
+        let end = (offset.saturating_add(len)).min(self.size);
+        if offset >= end {
+            return 0;
+        }
+        let s = self.state.lock().unwrap();
+        if s.installed {
+            return 0;
+        }
+        (offset / self.block..=(end - 1) / self.block)
+            .filter(|b| !s.map.has(*b) && !s.inflight.contains(b))
+            .map(|b| self.block.min(self.size - b * self.block))
+            .sum()
     }
 
     /// Makes the bytes `[offset, offset + len)` present (clipped to the file).
@@ -229,7 +296,13 @@ impl Partial {
                 s.map.set(b);
             }
             self.done.notify_all();
-            r.is_ok() && !s.discarded && !s.installed
+            let live = r.is_ok() && !s.discarded && !s.installed;
+            // Under the state lock: reports of one partial arrive in order, and none
+            // after it was discarded (which reports "gone").
+            if live && let Some(u) = &self.usage {
+                u.partial_grew(&self.data_rel, &self.path, allocated(&self.data));
+            }
+            live
         };
         r?;
         if persist {
@@ -277,8 +350,14 @@ impl Partial {
 
     /// Called by a read at `[offset, offset+len)`: once a reader has read at least a
     /// block sequentially, the next blocks not yet present are fetched in the
-    /// background.
-    pub fn note_read(self: &Arc<Self>, offset: u64, len: u64) {
+    /// background, each only if `room(bytes)` gives a guard (the cache budget's
+    /// reservation, held until the block is fetched; prefetch never evicts).
+    pub fn note_read(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        room: &dyn Fn(u64) -> Option<Box<dyn Send>>,
+    ) {
         let ahead: Vec<u64> = {
             let mut s = self.state.lock().unwrap();
             if offset != s.last_end {
@@ -299,10 +378,15 @@ impl Partial {
                 PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
+            let Some(guard) = room(self.block.min(self.size - b * self.block)) else {
+                PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
             let p = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name("cachefs-prefetch".into())
                 .spawn(move || {
+                    let _room = guard;
                     if let Err(e) = p.fetch_block(b) {
                         log::debug!("{}: prefetch of block {b}: {e}", p.path.display());
                     }
@@ -371,6 +455,8 @@ pub struct Lazy {
     pub threshold: u64,
     pub block: u64,
     table: Mutex<HashMap<PathBuf, Arc<Partial>>>,
+    /// The cache budget's hook (set before the mount serves requests).
+    usage: OnceLock<Arc<dyn Usage>>,
 }
 
 impl Lazy {
@@ -386,6 +472,7 @@ impl Lazy {
             threshold,
             block,
             table: Mutex::new(HashMap::new()),
+            usage: OnceLock::new(),
         };
         lazy.sweep()?;
         Ok(lazy)
@@ -423,6 +510,17 @@ impl Lazy {
             }
         }
         Ok(())
+    }
+
+    /// Attaches the cache budget: partials made from now on report their size.
+    pub fn set_usage(&self, usage: Arc<dyn Usage>) {
+        let _ = self.usage.set(usage);
+    }
+
+    fn gone(&self, data_rel: &Path) {
+        if let Some(u) = self.usage.get() {
+            u.partial_gone(data_rel);
+        }
     }
 
     /// Whether a src file described by `st` is fetched lazily.
@@ -517,7 +615,11 @@ impl Lazy {
             }),
             done: Condvar::new(),
             map_write: Mutex::new(()),
+            usage: self.usage.get().cloned(),
         });
+        if let Some(u) = &p.usage {
+            u.partial_grew(&p.data_rel, path, allocated(&p.data));
+        }
         t.insert(path.to_path_buf(), Arc::clone(&p));
         Ok(p)
     }
@@ -549,6 +651,7 @@ impl Lazy {
     pub fn installed(&self, p: &Partial) {
         let _w = p.map_write.lock().unwrap();
         let _ = self.dst.unlink(&p.map_rel);
+        self.gone(&p.data_rel);
     }
 
     /// A failed install: `p` stays the partial of its path.
@@ -571,6 +674,7 @@ impl Lazy {
                 {
                     let _ = self.dst.unlink(&m);
                     let _ = self.dst.unlink(&d);
+                    self.gone(&d);
                 }
             }
         }
@@ -582,7 +686,46 @@ impl Lazy {
         if !p.installed() {
             let _ = self.dst.unlink(&p.map_rel);
             let _ = self.dst.unlink(&p.data_rel);
+            self.gone(&p.data_rel);
         }
+    }
+
+    /// Evicts the partial whose data file is `data_rel` if nobody uses it: no handle or
+    /// prefetch holds it (the table's is the only reference). Its data and map are
+    /// deleted; the next open of its path starts a fresh partial. The caller makes sure
+    /// no copy-up is installing it (it holds `copy_flights` without the partial's path
+    /// in it; a partial being installed is out of the table but its map names the
+    /// path). Returns the bytes freed, or `None` when it is in use.
+    pub fn evict_idle(&self, data_rel: &Path) -> io::Result<Option<u64>> {
+        let mut t = self.table.lock().unwrap();
+        // The table is small (partials opened by this run): look by data file.
+        let known = t
+            .iter()
+            .find(|(_, p)| p.data_rel == data_rel)
+            .map(|(path, p)| (path.clone(), Arc::strong_count(p)));
+        if let Some((path, refs)) = known {
+            if refs > 1 {
+                return Ok(None);
+            }
+            let p = t.remove(&path).unwrap();
+            let freed = allocated(&p.data);
+            self.drop_files(&p);
+            return Ok(Some(freed));
+        }
+        // Only on disk (a previous run's, not opened since): nobody can be reading it.
+        let freed = self
+            .dst
+            .stat(data_rel)?
+            .map_or(0, |st| st.st_blocks as u64 * 512);
+        let _ = self.dst.unlink(&map_rel_of(data_rel));
+        match self.dst.unlink(data_rel) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+            _ => {}
+        }
+        // Still under the table lock: a new partial of the key reports after this.
+        self.gone(data_rel);
+        drop(t);
+        Ok(Some(freed))
     }
 }
 

@@ -23,8 +23,10 @@
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
 //!   these and never holding another.
 //!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
-//!   `copy_flights` or alone, never holding a core lock; no lock is held across a
-//!   block fetch.
+//!   `copy_flights` or alone (`evict_partial` holds `copy_flights` so that no copy-up
+//!   installs the partial it evicts), never holding a core lock; no lock is held
+//!   across a block fetch. A partial's state lock may call the cache budget's
+//!   [`lazy::Usage`] hook, which only takes the cache's leaf index lock.
 //! - A partially present file ([`lazy`]) is not at its dst path: for this module it is
 //!   src-only until a copy-up completes and installs it.
 
@@ -397,6 +399,9 @@ impl CacheFs {
 
     /// CACHE HOOK: attaches the cache budget (before mounting).
     pub fn set_cache(&mut self, cache: Arc<crate::cache::Cache>) {
+        if let Some(lazy) = &self.lazy {
+            lazy.set_usage(Arc::clone(&cache) as Arc<dyn lazy::Usage>);
+        }
         self.cache = Some(cache);
     }
 
@@ -902,6 +907,30 @@ impl CacheFs {
         }
         log::debug!("evicted {}", path.display());
         Ok(Some(st.st_blocks as u64 * 512))
+    }
+
+    /// Evicts an idle partial file of lazy fetch (a cache budget decision): its data
+    /// file `data_rel`, of the mount path `path` its map names. Refused (`None`) while
+    /// a handle or a prefetch holds it, while a copy-up of `path` runs (it may be
+    /// installing it), and while src is offline (its blocks could not be fetched
+    /// again). Returns the bytes freed in dst.
+    pub fn evict_partial(&self, data_rel: &Path, path: Option<&Path>) -> FsResult<Option<u64>> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(None);
+        };
+        if self.src_offline.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let flights = self.copy_flights.lock().unwrap();
+        if path.is_some_and(|p| flights.contains(p)) {
+            return Ok(None);
+        }
+        let freed = lazy.evict_idle(data_rel)?;
+        drop(flights);
+        if freed.is_some() {
+            log::debug!("evicted the partial file {}", data_rel.display());
+        }
+        Ok(freed)
     }
 
     fn has_open_handles(&self, ino: u64) -> bool {
@@ -1833,7 +1862,13 @@ impl CacheFs {
         if opens_for_writing(flags) {
             self.throttle_writer()?;
         }
-        crate::cache::on_open(&self.cache, self, ino, || Ok(self.node_path(ino)?.0))?; // CACHE HOOK
+        let lazy_from = match &self.lazy {
+            Some(l) if allow_lazy && !opens_for_writing(flags) => Some(l.threshold),
+            _ => None,
+        };
+        crate::cache::on_open(&self.cache, self, ino, lazy_from, || {
+            Ok(self.node_path(ino)?.0)
+        })?; // CACHE HOOK
         let _ns = self.namespace.read().unwrap();
         let (path, kind, merges) = self.node_path(ino)?;
         if kind == Kind::Dir {
@@ -1933,17 +1968,24 @@ impl CacheFs {
     }
 
     /// Makes `[offset, offset + len)` of a lazy handle's file present (on the src
-    /// pool, bounded by `--src-timeout`).
+    /// pool, bounded by `--src-timeout`), after the cache budget made room for the
+    /// blocks it lacks (ENOSPC if it cannot: nothing is fetched).
     fn lazy_ensure(&self, h: &OpenFile, offset: u64, len: u64) -> FsResult<()> {
         if let Some(p) = &h.lazy
             && !p.installed()
         {
+            // CACHE HOOK: the reservation is held until the blocks are reported.
+            let _room = crate::cache::on_lazy_fetch(&self.cache, self, p.data_rel(), || {
+                p.missing(offset, len)
+            })?;
             let pp = Arc::clone(p);
             let r = crate::metrics::timed(crate::metrics::SrcOp::Fetch, || {
                 self.src_pool.run(move || pp.ensure(offset, len))
             });
             self.src_result(r)?;
-            p.note_read(offset, len);
+            p.note_read(offset, len, &|bytes| {
+                crate::cache::on_prefetch(&self.cache, bytes) // CACHE HOOK
+            });
         }
         Ok(())
     }
@@ -2095,7 +2137,12 @@ impl CacheFs {
         let h = self.handles.write().unwrap().remove(&fh);
         match h {
             Some(h) => {
-                crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)); // CACHE HOOK
+                match &h.lazy {
+                    Some(p) if !p.installed() => {
+                        crate::cache::on_partial_used(&self.cache, p.data_rel()) // CACHE HOOK
+                    }
+                    _ => crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)), // CACHE HOOK
+                }
                 self.sync_out(&h)
             }
             None => Err(FsError::Stale),
