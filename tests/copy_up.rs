@@ -454,6 +454,9 @@ fn failed_copy_on_a_full_dst_leaves_nothing_behind() {
     assert_eq!(fs::read(m.mnt_path("d/small")).unwrap(), b"small");
     assert_eq!(names(&m.dst_path("d")), ["small"]);
     drop(_tmpfs);
+    // The daemon keeps directory fds for up to DIR_FD_TTL; a change to dst made behind
+    // its back (here: a filesystem unmounted from under dst/d) is seen after that.
+    std::thread::sleep(cachefs::fs::layer::DIR_FD_TTL);
     // With room again, the copy succeeds.
     assert!(
         fs::read(m.mnt_path("d/big")).unwrap() == big,
