@@ -35,7 +35,7 @@ Environment (defaults in parentheses, --quick values after /):
   TREE_ENTRIES (100000/10000) entries of the memory tree walk
   SLOW_MB (256/32) slow-src file  SLOW_DELAY_MS (20) one-way delay (RTT = 2x)
   SLOW_RATE_MBIT (empty = no cap) slow link rate cap
-  REPEAT (3/1) runs of each main-table test; the median is shown
+  REPEAT (5/1) runs of each main-table test; the median is shown
   CACHEFS_BIN (target/release/cachefs; built with cargo if missing unless NO_BUILD=1)
   CACHEFS_ARGS extra cachefs flags   NO_INSTALL=1 skip apt-get
 EOF
@@ -59,7 +59,7 @@ done
 if [ "$QUICK" = 1 ]; then
     d_big=128 d_write=128 d_rand=32 d_nsmall=500 d_ndirs=10 d_tree=10000 d_slow=32 d_rep=1
 else
-    d_big=1024 d_write=1024 d_rand=256 d_nsmall=5000 d_ndirs=50 d_tree=100000 d_slow=256 d_rep=3
+    d_big=1024 d_write=1024 d_rand=256 d_nsmall=5000 d_ndirs=50 d_tree=100000 d_slow=256 d_rep=5
 fi
 REPEAT=${REPEAT:-$d_rep}
 BIG_MB=${BIG_MB:-$d_big}
