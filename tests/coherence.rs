@@ -113,3 +113,40 @@ fn origin_record_is_invisible_and_untouchable() {
     }
     m.stop();
 }
+
+/// A same-size change in src, seen by a daemon-served (no passthrough) mount whose
+/// kernel page cache still holds the old bytes: the refetch must not leave them
+/// there (the lookup that refetches is not the open that reads).
+fn same_size_src_change_is_read_fresh(extra: &[&str]) {
+    let src = dir_with(&[("f", b"old bytes 1"), ("g", b"old bytes 1")]);
+    let mut args = vec!["--revalidate", "1"];
+    args.extend_from_slice(extra);
+    let m = Mounted::with_dirs(src, tempdir(), &args);
+    assert_eq!(read(&m, "f"), "old bytes 1");
+    assert_eq!(read(&m, "g"), "old bytes 1");
+    write_file(m.src.path(), "f", "new bytes 2");
+    write_file(m.src.path(), "g", "new bytes 2");
+    sleep(Duration::from_millis(1500));
+    // A stat first (the lookup revalidates and refetches), then a read.
+    assert_eq!(std::fs::metadata(m.mnt_path("f")).unwrap().len(), 11);
+    assert_eq!(read(&m, "f"), "new bytes 2", "stat, then read");
+    // A read straight away (the open revalidates).
+    assert_eq!(read(&m, "g"), "new bytes 2", "read");
+    m.stop();
+}
+
+#[test]
+fn same_size_src_change_is_read_fresh_no_passthrough() {
+    if !can_mount("same_size_src_change_is_read_fresh_no_passthrough") {
+        return;
+    }
+    same_size_src_change_is_read_fresh(&["--no-passthrough"]);
+}
+
+#[test]
+fn same_size_src_change_is_read_fresh_passthrough() {
+    if !can_mount("same_size_src_change_is_read_fresh_passthrough") {
+        return;
+    }
+    same_size_src_change_is_read_fresh(&[]);
+}

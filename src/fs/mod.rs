@@ -21,7 +21,7 @@
 //!   -> `copy_flights` -> `inodes` -> `handles`.
 //!   `inodes` and `handles` are held only for table updates, never across I/O.
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
-//!   these and never holding another.
+//!   these and never holding another; so are `refetched` and `src_absent`'s table.
 //!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
 //!   `copy_flights` or alone (`evict_partial` holds `copy_flights` so that no copy-up
 //!   installs the partial it evicts), never holding a core lock; no lock is held
@@ -243,6 +243,9 @@ pub struct CacheFs {
     /// What src was just seen not to have (see `src_absent`): spares src a question
     /// per new name.
     src_absent: src_absent::SrcAbsent,
+    /// Files revalidation replaced in dst since their last open: that open tells the
+    /// kernel to drop its cached pages (no FOPEN_KEEP_CACHE). A leaf lock.
+    refetched: Mutex<HashSet<u64>>,
     changes: Option<Arc<dyn ChangeLog>>,
     namespace: RwLock<()>,
     inodes: Mutex<inodes::Inodes>,
@@ -374,6 +377,7 @@ impl CacheFs {
             src,
             src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
             src_absent: src_absent::SrcAbsent::new(cfg.attr_ttl),
+            refetched: Mutex::new(HashSet::new()),
             changes,
             namespace: RwLock::new(()),
             inodes: Mutex::new(inodes::Inodes::new()),
@@ -1006,6 +1010,9 @@ impl CacheFs {
                     self.inodes.lock().unwrap().set_dst_ident(ino, ident(&st));
                 }
                 checked(self);
+                // The kernel may hold the old bytes in its page cache: the next open
+                // must not keep them, also when this refetch ran in a lookup.
+                self.refetched.lock().unwrap().insert(ino);
                 Ok(Freshness::Refetched)
             }
             _ => {
@@ -1912,7 +1919,7 @@ impl CacheFs {
                             return Ok(Opened {
                                 fh,
                                 rw,
-                                fresh: false,
+                                fresh: self.take_refetched(ino),
                                 lazy: false,
                             });
                         }
@@ -1962,7 +1969,7 @@ impl CacheFs {
         Ok(Opened {
             fh,
             rw,
-            fresh,
+            fresh: fresh | self.take_refetched(ino),
             lazy: false,
         })
     }
@@ -2078,6 +2085,12 @@ impl CacheFs {
             self.record(op(p))?;
         }
         Ok(())
+    }
+
+    /// Whether `ino` was refetched since its last open (and forgets it).
+    fn take_refetched(&self, ino: u64) -> bool {
+        let mut r = self.refetched.lock().unwrap();
+        !r.is_empty() && r.remove(&ino)
     }
 
     /// Whether close() has work to do here ([`CacheFs::flush`]): only in mirror mode,
