@@ -170,3 +170,63 @@ fn stalled_src_times_out_and_the_mount_stays_responsive() {
     );
     m.stop();
 }
+
+/// rclone's unit clears a crashed mount with `fusermount -uz`: src's path is then the
+/// empty directory under it until rclone mounts again. That directory is not src:
+/// cachefs must stay offline (cached files shown and readable, none dropped as
+/// "deleted in src"), and use the new mount once it is there.
+#[test]
+fn an_unmounted_src_leaves_an_empty_dir_that_is_not_taken_for_src() {
+    if !can_mount("an_unmounted_src_leaves_an_empty_dir_that_is_not_taken_for_src") {
+        return;
+    }
+    if !bindfs_support::have_bindfs() {
+        panic!("bindfs is needed (scripts/install-deps.sh installs it)");
+    }
+    let real = dir_with(&[("cached", b"cached bytes"), ("uncached", b"only in src")]);
+    let srcmnt = tempdir();
+    let mut bind = BindfsSrc::start(real, srcmnt.path()).expect("bindfs starts");
+    let m = Mounted::with_dirs(srcmnt, tempdir(), &["--revalidate", "1"]);
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    let list = |m: &Mounted| {
+        let mut v: Vec<_> = std::fs::read_dir(m.mnt_path(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(list(&m), ["cached", "uncached"]);
+
+    bind.kill9();
+    detach(&bind.mnt);
+    // Past the kernel's TTL and the revalidation interval.
+    sleep(Duration::from_millis(1500));
+    assert_eq!(
+        list(&m),
+        ["cached"],
+        "the empty mountpoint is not an empty src"
+    );
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    assert!(m.dst_path("cached").exists(), "the clean copy was kept");
+    assert!(
+        m.stderr().contains("no longer a mount point"),
+        "{}",
+        m.stderr()
+    );
+
+    bind.restart();
+    sleep(Duration::from_millis(1500));
+    assert_eq!(list(&m), ["cached", "uncached"]);
+    assert_eq!(
+        std::fs::read(m.mnt_path("uncached")).unwrap(),
+        b"only in src"
+    );
+    m.stop();
+}

@@ -16,6 +16,9 @@
 //!   (a generation counter keeps an fd opened before such a change from being cached
 //!   after it). A cached fd always names a directory beneath the root. src never
 //!   caches: other machines rename there behind our back. One leaf lock.
+//! - A root that was a mount root when opened is only ever replaced
+//!   ([`Layer::reopen`]) by a mount root: an unmounted src leaves an empty
+//!   directory at its path, and that must never be taken for an empty src.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -58,6 +61,29 @@ pub struct Layer {
     root_path: PathBuf,
     /// Cached directory fds (dst only).
     dirs: Option<Mutex<DirFds>>,
+    /// The root was the root of a mount when first opened (an rclone mount, say):
+    /// [`Layer::reopen`] then accepts only a mount root again, never the empty
+    /// directory an unmounted mount leaves at that path.
+    mount_root: bool,
+}
+
+/// Whether the directory behind `fd` is the root of a mount (statx
+/// `STATX_ATTR_MOUNT_ROOT`, Linux 5.8+; `false` where the kernel does not say).
+fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: a zeroed statx is a valid out-buffer.
+    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, empty name with AT_EMPTY_PATH, and buffer.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_BASIC_STATS,
+            &mut sx,
+        )
+    };
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    r == 0 && sx.stx_attributes_mask & bit != 0 && sx.stx_attributes & bit != 0
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -279,9 +305,11 @@ impl Layer {
                 libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
             )
         })?;
+        // SAFETY: fresh fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Layer {
-            // SAFETY: fresh fd.
-            root: std::sync::RwLock::new(std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })),
+            mount_root: is_mount_root(fd.as_fd()),
+            root: std::sync::RwLock::new(std::sync::Arc::new(fd)),
             root_path: root.to_path_buf(),
             dirs: None,
         })
@@ -343,9 +371,14 @@ impl Layer {
     }
 
     /// Opens the root path again, so that a filesystem mounted anew there is used.
+    /// Fails with ENOTCONN when the root was a mount root and the path no longer is
+    /// one (the mount is gone and left its empty mountpoint: that is not src).
     pub fn reopen(&self) -> io::Result<()> {
         let fresh = Layer::open(&self.root_path)?;
         fstat(fresh.root().as_fd())?;
+        if self.mount_root && !fresh.mount_root {
+            return Err(io::Error::from_raw_os_error(libc::ENOTCONN));
+        }
         let fd = fresh.root();
         *self.root.write().unwrap() = fd;
         self.forget_dirs(Path::new(""));

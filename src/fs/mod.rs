@@ -246,6 +246,8 @@ pub struct CacheFs {
     /// Files revalidation replaced in dst since their last open: that open tells the
     /// kernel to drop its cached pages (no FOPEN_KEEP_CACHE). A leaf lock.
     refetched: Mutex<HashSet<u64>>,
+    /// src's root was a mount root and the path now is a plain directory (logged once).
+    src_unmounted: AtomicBool,
     changes: Option<Arc<dyn ChangeLog>>,
     namespace: RwLock<()>,
     inodes: Mutex<inodes::Inodes>,
@@ -378,6 +380,7 @@ impl CacheFs {
             src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
             src_absent: src_absent::SrcAbsent::new(cfg.attr_ttl),
             refetched: Mutex::new(HashSet::new()),
+            src_unmounted: AtomicBool::new(false),
             changes,
             namespace: RwLock::new(()),
             inodes: Mutex::new(inodes::Inodes::new()),
@@ -617,12 +620,27 @@ impl CacheFs {
         }
         *last = Some(std::time::Instant::now());
         let src = Arc::clone(&self.src);
-        let ok = self.src_pool.run(move || src.reopen()).is_ok();
-        if ok {
-            self.src_absent.clear();
-            log::debug!("reopened src root {}", self.src.root_path().display());
+        match self.src_pool.run(move || src.reopen()) {
+            Ok(()) => {
+                self.src_absent.clear();
+                self.src_unmounted.store(false, Ordering::Relaxed);
+                log::debug!("reopened src root {}", self.src.root_path().display());
+                true
+            }
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ENOTCONN)
+                    && !self.src_unmounted.swap(true, Ordering::Relaxed)
+                {
+                    log::warn!(
+                        "src {} is no longer a mount point (its filesystem was unmounted, an \
+                         empty directory is left): treating src as offline until it is mounted \
+                         again, cached files keep working",
+                        self.src.root_path().display()
+                    );
+                }
+                false
+            }
         }
-        ok
     }
 
     /// Since when src has been offline, if it is.
