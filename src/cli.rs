@@ -255,6 +255,10 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub block_size: String,
+    /// Complete lazily fetched files in the background once opened, with room the
+    /// cache limits leave free (never evicting for it).
+    #[arg(long)]
+    pub lazy_fill: bool,
 }
 
 /// Flags that take a value, by their long name (also written with one dash).
@@ -280,7 +284,14 @@ const VALUE_FLAGS: &[&str] = &[
     "block-size",
 ];
 /// Boolean flags with a long name.
-const BOOL_LONG_FLAGS: &[&str] = &["log", "no-passthrough", "json", "help", "version"];
+const BOOL_LONG_FLAGS: &[&str] = &[
+    "log",
+    "no-passthrough",
+    "lazy-fill",
+    "json",
+    "help",
+    "version",
+];
 /// Boolean flags with a one-letter name (GoCacheFS's `-w`, `-d`; clap's `-h`, `-V`).
 const BOOL_SHORT_FLAGS: &[&str] = &["w", "d", "h", "V"];
 
@@ -617,6 +628,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         max_dirty: cache.max_dirty,
         lazy_threshold: cache.lazy_threshold,
         block_size: cache.block_size,
+        lazy_fill: cache.lazy_fill,
     })
 }
 
@@ -629,6 +641,7 @@ pub struct CacheFlags {
     pub max_dirty: Option<u64>,
     pub lazy_threshold: u64,
     pub block_size: u64,
+    pub lazy_fill: bool,
 }
 
 /// Validates the cache budget flags of `m`.
@@ -695,6 +708,12 @@ pub fn cache_flags(m: &MountArgs) -> Result<CacheFlags, CliError> {
             ));
         }
     };
+    if m.lazy_fill && lazy_threshold == 0 {
+        return err(
+            "--lazy-fill completes lazily fetched files, and --lazy-threshold 0 turns lazy fetch off: drop one of them"
+                .to_string(),
+        );
+    }
     Ok(CacheFlags {
         cache_size,
         min_free,
@@ -702,6 +721,7 @@ pub fn cache_flags(m: &MountArgs) -> Result<CacheFlags, CliError> {
         max_dirty,
         lazy_threshold,
         block_size,
+        lazy_fill: m.lazy_fill,
     })
 }
 
@@ -1363,6 +1383,8 @@ mod tests {
         let c = cfg(&with(&["--lazy-threshold", "1G", "-block-size=256K"]));
         assert_eq!((c.lazy_threshold, c.block_size), (1 << 30, 256 << 10));
         assert_eq!(cfg(&with(&["--lazy-threshold", "0"])).lazy_threshold, 0);
+        assert!(!c.lazy_fill);
+        assert!(cfg(&with(&["-lazy-fill"])).lazy_fill);
         for (args, needle) in [
             (
                 &["--lazy-threshold", "big"][..],
@@ -1372,6 +1394,10 @@ mod tests {
             (&["--block-size", "0"][..], "between 4K and 64M"),
             (&["--block-size", "128M"][..], "between 4K and 64M"),
             (&["--block-size", "x"][..], "--block-size 'x' is not a size"),
+            (
+                &["--lazy-fill", "--lazy-threshold", "0"][..],
+                "--lazy-fill completes lazily fetched files",
+            ),
         ] {
             let e = fail_with(&with(args), &Fake::default());
             assert!(e.contains(needle), "{args:?}: {e}");

@@ -62,6 +62,8 @@ pub struct Config {
     pub lazy_threshold: u64,
     /// `--block-size`: the unit of a lazy fetch.
     pub block_size: u64,
+    /// `--lazy-fill`: complete partially present files in the background.
+    pub lazy_fill: bool,
 }
 
 impl Config {
@@ -92,6 +94,7 @@ impl Config {
             max_dirty: None,
             lazy_threshold: DEFAULT_LAZY_THRESHOLD,
             block_size: DEFAULT_BLOCK_SIZE,
+            lazy_fill: false,
         }
     }
 }

@@ -409,6 +409,11 @@ fn bad_cache_flags_exit_2_with_one_line() {
             "1G",
             "which needs -w: add -w or drop --max-dirty",
         ),
+        (
+            "--lazy-threshold=0",
+            "--lazy-fill",
+            "--lazy-fill completes lazily fetched files",
+        ),
     ] {
         let out = std::process::Command::new(cachefs_bin())
             .arg("-src")

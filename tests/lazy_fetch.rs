@@ -410,3 +410,51 @@ fn concurrent_readers_of_one_lazy_file_get_exact_bytes() {
     assert!(std::fs::read(m.dst_path("big")).unwrap() == data[..]);
     m.stop();
 }
+
+/// How many bytes of the partial files `cachefs status` counts as present.
+fn present_bytes(dst: &Path) -> u64 {
+    json_u64(&status_json(dst), "partial_present_bytes").unwrap_or(0)
+}
+
+#[test]
+fn lazy_fill_completes_an_opened_file_in_the_background() {
+    if !can_mount("lazy fill") {
+        return;
+    }
+    let len = 24 * MIB;
+    let data = content(11, len);
+    // Without --lazy-fill, a 4 KiB read leaves the rest of the file in src.
+    let m = Mounted::with_dirs(
+        dir_with(&[("big", &data)]),
+        tempdir(),
+        &["--lazy-threshold", "4M"],
+    );
+    assert_eq!(read_at(&m.mnt_path("big"), 0, 4096), data[..4096]);
+    sleep(Duration::from_millis(1500));
+    let present = present_bytes(m.dst.path());
+    assert!(present > 0 && present < len / 2, "present {present}");
+    m.stop();
+
+    // With it, the rest arrives in the background, and the next open installs the
+    // file at its path: an ordinary cached file.
+    let m = Mounted::with_dirs(
+        dir_with(&[("big", &data)]),
+        tempdir(),
+        &["--lazy-threshold", "4M", "--lazy-fill"],
+    );
+    assert_eq!(read_at(&m.mnt_path("big"), 0, 4096), data[..4096]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while present_bytes(m.dst.path()) < len {
+        assert!(
+            Instant::now() < deadline,
+            "not filled in 30 s: {} of {len} bytes present",
+            present_bytes(m.dst.path())
+        );
+        sleep(Duration::from_millis(100));
+    }
+    assert!(!m.dst_path("big").exists(), "still a partial until opened");
+    assert!(std::fs::read(m.mnt_path("big")).unwrap() == data, "bytes");
+    assert!(m.dst_path("big").exists(), "installed at its path");
+    assert!(std::fs::read(m.dst_path("big")).unwrap() == data);
+    m.stop();
+}

@@ -39,7 +39,7 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use super::layer::{Layer, Stat};
@@ -53,6 +53,9 @@ const MAGIC: &[u8; 8] = b"CFSLAZY1";
 const PREFETCH: u64 = 16;
 /// Background prefetch threads at most (all files together; each holds one block).
 const MAX_PREFETCH_THREADS: usize = 16;
+/// Background fillers (`--lazy-fill`) at most, all files together: one block at a
+/// time each, behind the readers' fetches and prefetch.
+const MAX_FILLERS: usize = 2;
 
 /// The folder (in dst) holding partial files and their maps.
 pub fn lazy_dir() -> PathBuf {
@@ -227,6 +230,8 @@ pub struct Partial {
     state: Mutex<State>,
     done: Condvar,
     map_write: Mutex<()>,
+    /// A background filler runs for this partial (`--lazy-fill`).
+    filling: AtomicBool,
     /// The cache budget's hook, if there is a budget.
     usage: Option<Arc<dyn Usage>>,
 }
@@ -400,6 +405,65 @@ impl Partial {
         }
     }
 
+    /// `--lazy-fill`: fetches the blocks no read has fetched, first to last, on a
+    /// thread of its own (one per partial, [`MAX_FILLERS`] in all; none is started
+    /// when that many run). Each block only if `room(bytes)` gives a guard (the cache
+    /// budget's reservation, which never evicts for it). Stops at the first failure,
+    /// when room runs out, or once the partial is installed or discarded. The next
+    /// open of the completed file installs it at its path like a whole copy.
+    pub fn fill_in_background(
+        self: &Arc<Self>,
+        room: impl Fn(u64) -> Option<Box<dyn Send>> + Send + 'static,
+    ) {
+        if self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if FILLERS.fetch_add(1, Ordering::AcqRel) >= MAX_FILLERS {
+            FILLERS.fetch_sub(1, Ordering::AcqRel);
+            self.filling.store(false, Ordering::Release);
+            return;
+        }
+        let p = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("cachefs-fill".into())
+            .spawn(move || {
+                p.fill(&room);
+                p.filling.store(false, Ordering::Release);
+                FILLERS.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            FILLERS.fetch_sub(1, Ordering::AcqRel);
+            self.filling.store(false, Ordering::Release);
+        }
+    }
+
+    fn fill(&self, room: &dyn Fn(u64) -> Option<Box<dyn Send>>) {
+        let blocks = self.size.div_ceil(self.block);
+        for b in 0..blocks {
+            {
+                let s = self.state.lock().unwrap();
+                if s.installed || s.discarded {
+                    return;
+                }
+                if s.map.has(b) {
+                    continue;
+                }
+            }
+            let Some(_room) = room(self.block.min(self.size - b * self.block)) else {
+                log::debug!(
+                    "{}: fill stopped, no room in the cache",
+                    self.path.display()
+                );
+                return;
+            };
+            if let Err(e) = self.fetch_block(b) {
+                log::debug!("{}: fill stopped at block {b}: {e}", self.path.display());
+                return;
+            }
+        }
+        log::debug!("{}: filled in the background", self.path.display());
+    }
+
     pub fn block(&self) -> u64 {
         self.block
     }
@@ -440,6 +504,8 @@ impl std::fmt::Debug for Partial {
 }
 
 static PREFETCH_THREADS: AtomicUsize = AtomicUsize::new(0);
+/// Background fillers running (all files together).
+static FILLERS: AtomicUsize = AtomicUsize::new(0);
 
 fn write_atomic(dst: &Layer, rel: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = rel.as_os_str().to_owned();
@@ -617,6 +683,7 @@ impl Lazy {
             }),
             done: Condvar::new(),
             map_write: Mutex::new(()),
+            filling: AtomicBool::new(false),
             usage: self.usage.get().cloned(),
         });
         if let Some(u) = &p.usage {

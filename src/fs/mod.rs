@@ -277,6 +277,8 @@ pub struct CacheFs {
     cache: Option<Arc<crate::cache::Cache>>,
     /// Lazy range fetch of large files (`None` with `--lazy-threshold 0`).
     lazy: Option<Arc<lazy::Lazy>>,
+    /// `--lazy-fill`: partials are completed in the background once opened.
+    lazy_fill: bool,
 }
 
 /// Threads that run src calls; while all are stuck on a stalled src, src calls fail
@@ -374,6 +376,7 @@ impl CacheFs {
         };
         let fs = CacheFs {
             lazy,
+            lazy_fill: cfg.lazy_fill,
             origins,
             dst,
             src,
@@ -1964,6 +1967,11 @@ impl CacheFs {
             && !in_dst
             && let Some(p) = self.lazy_open(&path)?
         {
+            if self.lazy_fill {
+                let cache = self.cache.clone();
+                // CACHE HOOK: room that is free without evicting, as for prefetch.
+                p.fill_in_background(move |bytes| crate::cache::on_prefetch(&cache, bytes));
+            }
             let fh = self.add_lazy_handle(ino, p)?;
             return Ok(Opened {
                 fh,
