@@ -1,25 +1,64 @@
 //! Inode numbers of the mount, stable for the life of the mount.
 //!
+//! The table is a tree, as libfuse keeps it: a node stores its link (parent node + name),
+//! not its path; full paths are built on demand by walking parents ([`Inodes::path`]).
+//!
 //! Invariants:
 //! - Inode numbers are allocated from a counter and never reused, so the kernel's
-//!   generation number is always 0. The root is [`ROOT`].
-//! - A node is reached by one or more mount-relative paths (more than one only for hard
-//!   links). `by_path[p] == ino` iff `p` is in `nodes[ino].paths`.
-//! - A node's number survives copy-up (src -> dst) and rename: both only edit paths.
-//! - Nodes the kernel has forgotten stay while a path reaches them (numbers stay stable);
-//!   a node with no path left (unlinked, replaced) is dropped once the kernel forgets it.
-//! - `by_path` is ordered by path components, so a directory's descendants are the
-//!   contiguous range right after it: subtree operations cost O(subtree + log n).
-//! - Hard links in dst: `by_dst_ident[(dev, ino)]` maps a dst inode to the one node
-//!   that all its names share, so `st_ino` is the same through every link.
+//!   generation number is always 0. The root is [`ROOT`]. Nodes live in a slab
+//!   (`slots`); a slot, unlike an inode number, is reused once its node is dropped.
+//! - A node has at most one *primary* link (`parent`, `name`); `parent == NONE` means
+//!   it has no link at all (unlinked, replaced, or inside a detached directory). Extra
+//!   links (dst hard links; files only) live in `extra_links` / `extra_index`, in the
+//!   order they were added; when the primary link goes, the first extra link becomes
+//!   primary (it is the name used for path-based calls).
+//! - `by_link` indexes every primary link by (parent slot, name) and `by_ino` every
+//!   node by inode number. `children` of a node counts the links (primary and extra)
+//!   whose parent it is; a node is dropped only when it has no link, no kernel
+//!   reference and no linked child, so a parent stays while it has linked children.
+//! - A node is reachable iff walking its primary parents ends at the root; only a
+//!   reachable node has a path. Detaching a directory detaches every link below it
+//!   (its descendants report no path; those the kernel still knows stay until forgotten).
+//! - A node's number survives copy-up (src -> dst) and rename: rename moves one link (a
+//!   directory's subtree follows by itself, it is a re-parent).
+//! - Nodes the kernel has forgotten stay while a link reaches them (numbers stay
+//!   stable); a node with no link left is dropped once the kernel forgets it.
+//! - Hard links in dst: `by_dst_ident[(dev, ino)]` maps a dst inode to the one node that
+//!   all its names share, so `st_ino` is the same through every link. The dst identity
+//!   and the revalidation time are kept aside (`dst`) for the non-directory nodes that
+//!   have them, so a src-only node costs nothing there.
+//!
+//! - Each directory keeps the nodes whose primary link is in it in an intrusive
+//!   doubly-linked list (`first_child`, `next`, `prev`), for subtree walks.
+//!
+//! Memory: a node is one 64-byte slot plus two 4-byte index entries (names of up to
+//! 22 bytes are stored inline, longer ones in one allocation); ~80 B per entry, against
+//! ~300 B for the former table of full paths (measured: see the commit log).
+//!
+//! Complexity: lookup by inode O(1); `ino_of(path)` and `path(ino)` O(depth); `upsert`,
+//! `add_path`, `rename` (also of a directory: a re-parent) and `exchange` O(depth).
+//! Detaching a directory that still has linked children and `clear_merge_below` cost
+//! O(subtree + hard links) (extra links are found by a scan of `extra_index`).
 //!
 //! Locking: the table is guarded by one mutex in `CacheFs`; nothing here blocks or does I/O.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use hashbrown::HashTable;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The root directory's inode number (FUSE_ROOT_ID).
 pub const ROOT: u64 = 1;
+
+/// The root's slot.
+const ROOT_SLOT: u32 = 0;
+/// "No parent": a node without a (primary) link.
+const NONE: u32 = u32::MAX;
+/// Deeper than any real path (PATH_MAX allows 2048 components): a guard against cycles.
+const MAX_DEPTH: usize = 4096;
 
 /// What kind of object a node is; a node never changes kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,34 +88,101 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Node {
-    pub kind: Kind,
-    /// Live paths; `paths[0]` is the one used for path-based calls.
-    pub paths: Vec<PathBuf>,
-    /// Kernel references (lookups not yet forgotten).
-    pub lookups: u64,
-    /// Directories: whether src is consulted for this directory's children.
-    pub merge_src: bool,
-    /// Identity of the dst object, for hard-link sharing.
-    pub dst_ident: Option<(u64, u64)>,
-    /// Files: when the cached copy was last compared with src (revalidation).
-    pub checked: Option<std::time::Instant>,
+/// A name of one directory entry: up to 22 bytes inline (no allocation), else boxed.
+/// The representation is canonical (inline iff short), so derived `Eq`/`Hash` are sound.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Name {
+    Inline(u8, [u8; 22]),
+    Heap(Box<[u8]>),
 }
 
-impl Node {
-    /// The path used for path-based calls, or `None` once every name is gone.
-    pub fn path(&self) -> Option<&Path> {
-        self.paths.first().map(PathBuf::as_path)
+impl Name {
+    fn new(b: &[u8]) -> Name {
+        if b.len() <= 22 {
+            let mut buf = [0u8; 22];
+            buf[..b.len()].copy_from_slice(b);
+            Name::Inline(b.len() as u8, buf)
+        } else {
+            Name::Heap(b.into())
+        }
     }
+
+    fn empty() -> Name {
+        Name::Inline(0, [0; 22])
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Name::Inline(len, buf) => &buf[..*len as usize],
+            Name::Heap(b) => b,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    ino: u64,
+    /// Kernel references (lookups not yet forgotten).
+    pub lookups: u64,
+    /// The primary link's name (empty without a link).
+    name: Name,
+    /// The primary link's parent slot, or `NONE`.
+    parent: u32,
+    /// Links (primary or extra) whose parent is this node.
+    children: u32,
+    /// The list of nodes whose primary link is in this directory: its head, and this
+    /// node's neighbours in its parent's list (`NONE` at the ends).
+    first_child: u32,
+    next: u32,
+    prev: u32,
+    pub kind: Kind,
+    /// Directories: whether src is consulted for this directory's children.
+    pub merge_src: bool,
+    /// Whether `extra_links` has an entry for this node.
+    more_links: bool,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Used(Node),
+    /// A free slot, and the next free one (or `NONE`).
+    Free(u32),
+}
+
+/// Kept aside for the (non-directory) nodes that live in dst or were revalidated.
+#[derive(Debug, Default, Clone, Copy)]
+struct DstInfo {
+    /// Identity of the dst object, for hard-link sharing.
+    ident: Option<(u64, u64)>,
+    /// Files: when the cached copy was last compared with src (revalidation).
+    checked: Option<Instant>,
+}
+
+/// Where one link of a node is: its primary link or its `i`th extra link.
+#[derive(Debug, Clone, Copy)]
+enum LinkPos {
+    Primary,
+    Extra(usize),
 }
 
 #[derive(Debug)]
 pub struct Inodes {
-    nodes: HashMap<u64, Node>,
-    by_path: BTreeMap<PathBuf, u64>,
-    by_dst_ident: HashMap<(u64, u64), u64>,
+    slots: Vec<Slot>,
+    /// Head of the free slot list, or `NONE`.
+    free: u32,
+    /// Slots by inode number.
+    by_ino: HashTable<u32>,
+    /// Slots by primary link (parent slot, name).
+    by_link: HashTable<u32>,
+    /// Extra links (parent slot, name) of hard-linked nodes, by slot, in order added.
+    extra_links: HashMap<u32, Vec<(u32, Name)>>,
+    /// Slots by extra link.
+    extra_index: HashMap<(u32, Name), u32>,
+    dst: HashMap<u32, DstInfo>,
+    by_dst_ident: HashMap<(u64, u64), u32>,
+    hasher: RandomState,
     next: u64,
+    live: usize,
 }
 
 impl Default for Inodes {
@@ -85,40 +191,444 @@ impl Default for Inodes {
     }
 }
 
+fn ino_hash(ino: u64) -> u64 {
+    // Fibonacci hashing: sequential numbers spread over the high bits too.
+    ino.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn link_hash(hasher: &RandomState, parent: u32, name: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write_u32(parent);
+    h.write(name);
+    h.finish()
+}
+
+fn node_in(slots: &[Slot], s: u32) -> &Node {
+    match &slots[s as usize] {
+        Slot::Used(n) => n,
+        Slot::Free(_) => unreachable!("slot {s} is free"),
+    }
+}
+
+/// A path's parent and last name; `None` for the root ("") and odd paths.
+fn split(path: &Path) -> Option<(&Path, &[u8])> {
+    match path.components().next_back()? {
+        Component::Normal(name) => Some((path.parent().unwrap_or(Path::new("")), name.as_bytes())),
+        _ => None,
+    }
+}
+
 impl Inodes {
     pub fn new() -> Inodes {
-        let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT,
-            Node {
-                kind: Kind::Dir,
-                paths: vec![PathBuf::new()],
-                lookups: 1,
-                merge_src: true,
-                dst_ident: None,
-                checked: None,
-            },
-        );
-        let mut by_path = BTreeMap::new();
-        by_path.insert(PathBuf::new(), ROOT);
+        let root = Node {
+            ino: ROOT,
+            lookups: 1,
+            name: Name::empty(),
+            parent: NONE,
+            children: 0,
+            first_child: NONE,
+            next: NONE,
+            prev: NONE,
+            kind: Kind::Dir,
+            merge_src: true,
+            more_links: false,
+        };
+        let mut by_ino = HashTable::new();
+        by_ino.insert_unique(ino_hash(ROOT), ROOT_SLOT, |_| ino_hash(ROOT));
         Inodes {
-            nodes,
-            by_path,
+            slots: vec![Slot::Used(root)],
+            free: NONE,
+            by_ino,
+            by_link: HashTable::new(),
+            extra_links: HashMap::new(),
+            extra_index: HashMap::new(),
+            dst: HashMap::new(),
             by_dst_ident: HashMap::new(),
+            hasher: RandomState::new(),
             next: ROOT + 1,
+            live: 1,
         }
     }
 
+    // ----- slots ---------------------------------------------------------------------
+
+    fn node(&self, s: u32) -> &Node {
+        node_in(&self.slots, s)
+    }
+
+    fn node_mut(&mut self, s: u32) -> &mut Node {
+        match &mut self.slots[s as usize] {
+            Slot::Used(n) => n,
+            Slot::Free(_) => unreachable!("slot {s} is free"),
+        }
+    }
+
+    fn slot_of(&self, ino: u64) -> Option<u32> {
+        let slots = &self.slots;
+        self.by_ino
+            .find(ino_hash(ino), |&s| node_in(slots, s).ino == ino)
+            .copied()
+    }
+
+    /// A new node without a link.
+    fn alloc(&mut self, kind: Kind, merge_src: bool, lookups: u64) -> u32 {
+        let ino = self.next;
+        self.next += 1;
+        let node = Node {
+            ino,
+            lookups,
+            name: Name::empty(),
+            parent: NONE,
+            children: 0,
+            first_child: NONE,
+            next: NONE,
+            prev: NONE,
+            kind,
+            merge_src,
+            more_links: false,
+        };
+        let s = if self.free != NONE {
+            let s = self.free;
+            self.free = match self.slots[s as usize] {
+                Slot::Free(next) => next,
+                Slot::Used(_) => unreachable!("free list points at a used slot"),
+            };
+            self.slots[s as usize] = Slot::Used(node);
+            s
+        } else {
+            let s = u32::try_from(self.slots.len())
+                .ok()
+                .filter(|&s| s != NONE)
+                .expect("fewer than 2^32 - 1 live nodes");
+            self.slots.push(Slot::Used(node));
+            s
+        };
+        let slots = &self.slots;
+        self.by_ino
+            .insert_unique(ino_hash(ino), s, |&x| ino_hash(node_in(slots, x).ino));
+        self.live += 1;
+        s
+    }
+
+    /// Drops a node that has no link and no linked child.
+    fn remove_node(&mut self, s: u32) {
+        let n = self.node(s);
+        debug_assert!(s != ROOT_SLOT && n.parent == NONE && n.children == 0 && !n.more_links);
+        debug_assert!(n.first_child == NONE);
+        let ino = n.ino;
+        if let Ok(e) = self.by_ino.find_entry(ino_hash(ino), |&x| x == s) {
+            e.remove();
+        }
+        if let Some(d) = self.dst.remove(&s)
+            && let Some(id) = d.ident
+            && self.by_dst_ident.get(&id) == Some(&s)
+        {
+            self.by_dst_ident.remove(&id);
+        }
+        self.slots[s as usize] = Slot::Free(self.free);
+        self.free = s;
+        self.live -= 1;
+    }
+
+    /// After `s` lost a link or a reference: drops it if nothing holds it any more, and
+    /// forgets its dst identity once it has no name (a new file that reuses its dst
+    /// inode number is another file, not a hard link of this one).
+    fn settle(&mut self, s: u32) {
+        if s == ROOT_SLOT {
+            return;
+        }
+        let n = self.node(s);
+        if n.parent != NONE {
+            return;
+        }
+        if n.lookups == 0 && n.children == 0 {
+            self.remove_node(s);
+        } else if let Some(id) = self.dst.get(&s).and_then(|d| d.ident)
+            && self.by_dst_ident.get(&id) == Some(&s)
+        {
+            self.by_dst_ident.remove(&id);
+        }
+    }
+
+    // ----- links -------------------------------------------------------------------
+
+    /// The node linked as `name` in directory slot `parent`.
+    fn child(&self, parent: u32, name: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        let h = link_hash(&self.hasher, parent, name);
+        if let Some(&s) = self.by_link.find(h, |&s| {
+            let n = node_in(slots, s);
+            n.parent == parent && n.name.as_bytes() == name
+        }) {
+            return Some(s);
+        }
+        if self.extra_index.is_empty() {
+            return None;
+        }
+        self.extra_index.get(&(parent, Name::new(name))).copied()
+    }
+
+    /// The slot at `path`, if a reachable node has that path.
+    fn resolve(&self, path: &Path) -> Option<u32> {
+        let mut s = ROOT_SLOT;
+        for c in path.components() {
+            match c {
+                Component::Normal(name) => s = self.child(s, name.as_bytes())?,
+                Component::CurDir => {}
+                _ => return None,
+            }
+        }
+        Some(s)
+    }
+
+    /// The directory slot at `dir`, creating missing directories on the way (without
+    /// kernel references: they are numbered now, as a listing numbers its entries).
+    /// `None` if a node on the way is not a directory (nothing can be linked below it).
+    fn resolve_dir(&mut self, dir: &Path) -> Option<u32> {
+        let mut s = ROOT_SLOT;
+        for c in dir.components() {
+            if let Component::Normal(name) = c {
+                s = match self.child(s, name.as_bytes()) {
+                    Some(c) if self.node(c).kind == Kind::Dir => c,
+                    Some(_) => return None,
+                    None => {
+                        let c = self.alloc(Kind::Dir, true, 0);
+                        self.link(c, LinkPos::Primary, s, Name::new(name.as_bytes()));
+                        c
+                    }
+                };
+            }
+        }
+        Some(s)
+    }
+
+    /// Where the link (`parent`, `name`) of `s` is among its links.
+    fn link_pos(&self, s: u32, parent: u32, name: &[u8]) -> Option<LinkPos> {
+        let n = self.node(s);
+        if n.parent == parent && n.name.as_bytes() == name {
+            return Some(LinkPos::Primary);
+        }
+        self.extra_links
+            .get(&s)?
+            .iter()
+            .position(|(p, m)| *p == parent && m.as_bytes() == name)
+            .map(LinkPos::Extra)
+    }
+
+    /// Takes the link at `pos` of `s` out of the indexes and the node (not the counts).
+    fn unindex(&mut self, s: u32, pos: LinkPos) -> (u32, Name) {
+        match pos {
+            LinkPos::Primary => {
+                let n = self.node(s);
+                let h = link_hash(&self.hasher, n.parent, n.name.as_bytes());
+                if let Ok(e) = self.by_link.find_entry(h, |&x| x == s) {
+                    e.remove();
+                }
+                let n = self.node_mut(s);
+                let old = (n.parent, std::mem::replace(&mut n.name, Name::empty()));
+                let (next, prev) = (n.next, n.prev);
+                (n.parent, n.next, n.prev) = (NONE, NONE, NONE);
+                if prev == NONE {
+                    self.node_mut(old.0).first_child = next;
+                } else {
+                    self.node_mut(prev).next = next;
+                }
+                if next != NONE {
+                    self.node_mut(next).prev = prev;
+                }
+                old
+            }
+            LinkPos::Extra(i) => {
+                let links = self.extra_links.get_mut(&s).expect("node has extra links");
+                let (p, name) = links.remove(i);
+                if links.is_empty() {
+                    self.extra_links.remove(&s);
+                    self.node_mut(s).more_links = false;
+                }
+                self.extra_index.remove(&(p, name.clone()));
+                (p, name)
+            }
+        }
+    }
+
+    /// Gives `s` the link (`parent`, `name`): as its primary link (which must be free)
+    /// or as extra link `i`. Counts the child in `parent`.
+    fn link(&mut self, s: u32, pos: LinkPos, parent: u32, name: Name) {
+        self.node_mut(parent).children += 1;
+        match pos {
+            LinkPos::Primary => {
+                debug_assert_eq!(self.node(s).parent, NONE);
+                let h = link_hash(&self.hasher, parent, name.as_bytes());
+                let next = self.node(parent).first_child;
+                let n = self.node_mut(s);
+                n.parent = parent;
+                n.name = name;
+                (n.next, n.prev) = (next, NONE);
+                if next != NONE {
+                    self.node_mut(next).prev = s;
+                }
+                self.node_mut(parent).first_child = s;
+                let (slots, hasher) = (&self.slots, &self.hasher);
+                self.by_link.insert_unique(h, s, |&x| {
+                    let n = node_in(slots, x);
+                    link_hash(hasher, n.parent, n.name.as_bytes())
+                });
+            }
+            LinkPos::Extra(i) => {
+                self.extra_index.insert((parent, name.clone()), s);
+                let links = self.extra_links.entry(s).or_default();
+                links.insert(i.min(links.len()), (parent, name));
+                self.node_mut(s).more_links = true;
+            }
+        }
+    }
+
+    /// Removes the link (`parent`, `name`) of `s`; the first extra link, if any, becomes
+    /// primary. Then the node and its old parent are settled.
+    fn unlink(&mut self, s: u32, parent: u32, name: &[u8]) {
+        let Some(pos) = self.link_pos(s, parent, name) else {
+            return;
+        };
+        self.unindex(s, pos);
+        self.node_mut(parent).children -= 1;
+        if matches!(pos, LinkPos::Primary) && self.node(s).more_links {
+            let (p, next) = self.unindex(s, LinkPos::Extra(0));
+            self.node_mut(p).children -= 1;
+            self.link(s, LinkPos::Primary, p, next);
+        }
+        self.settle(s);
+        self.settle(parent);
+    }
+
+    /// Whether `s` is strictly below `top` (following primary links).
+    fn is_below(&self, s: u32, top: u32) -> bool {
+        let mut x = self.node(s).parent;
+        for _ in 0..MAX_DEPTH {
+            if x == NONE {
+                return false;
+            }
+            if x == top {
+                return true;
+            }
+            x = self.node(x).parent;
+        }
+        false
+    }
+
+    /// Every link below directory `top` (primary and extra): O(subtree + hard links).
+    fn links_below(&self, top: u32) -> Vec<(u32, u32, Name)> {
+        let mut out = Vec::new();
+        let mut dirs = vec![top];
+        while let Some(d) = dirs.pop() {
+            let mut c = self.node(d).first_child;
+            while c != NONE {
+                let n = self.node(c);
+                out.push((c, d, n.name.clone()));
+                if n.first_child != NONE {
+                    dirs.push(c);
+                }
+                c = n.next;
+            }
+        }
+        for ((p, name), &s) in &self.extra_index {
+            if *p == top || self.is_below(*p, top) {
+                out.push((s, *p, name.clone()));
+            }
+        }
+        out
+    }
+
+    /// The name at `parent`/`name` is gone; a directory's links below go with it.
+    fn detach_at(&mut self, parent: u32, name: &[u8]) {
+        let Some(s) = self.child(parent, name) else {
+            return;
+        };
+        let below = if self.node(s).children > 0 {
+            self.links_below(s)
+        } else {
+            Vec::new()
+        };
+        // Keep `s` while its descendants are detached (an extra reference).
+        self.node_mut(s).lookups += 1;
+        self.unlink(s, parent, name);
+        for (c, p, n) in below {
+            self.unlink(c, p, n.as_bytes());
+        }
+        self.node_mut(s).lookups -= 1;
+        self.settle(s);
+    }
+
+    /// Takes every link of `s` out (primary first, then the extra ones in order).
+    fn take_links(&mut self, s: u32) -> Vec<(u32, Name)> {
+        let mut out = Vec::new();
+        if self.node(s).parent != NONE {
+            out.push(self.unindex(s, LinkPos::Primary));
+        }
+        while self.node(s).more_links {
+            out.push(self.unindex(s, LinkPos::Extra(0)));
+        }
+        for (p, _) in &out {
+            self.node_mut(*p).children -= 1;
+        }
+        out
+    }
+
+    // ----- the public operations ------------------------------------------------------
+
     pub fn get(&self, ino: u64) -> Option<&Node> {
-        self.nodes.get(&ino)
+        self.slot_of(ino).map(|s| self.node(s))
     }
 
     pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
-        self.nodes.get_mut(&ino)
+        self.slot_of(ino).map(|s| self.node_mut(s))
     }
 
     pub fn ino_of(&self, path: &Path) -> Option<u64> {
-        self.by_path.get(path).copied()
+        self.resolve(path).map(|s| self.node(s).ino)
+    }
+
+    /// The path of slot `s` through its primary links, or `None` if it is unreachable.
+    fn slot_path(&self, s: u32) -> Option<PathBuf> {
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut x = s;
+        while x != ROOT_SLOT {
+            let n = self.node(x);
+            if n.parent == NONE || names.len() >= MAX_DEPTH {
+                return None;
+            }
+            names.push(n.name.as_bytes());
+            x = n.parent;
+        }
+        let mut p = PathBuf::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+        for name in names.iter().rev() {
+            p.push(OsStr::from_bytes(name));
+        }
+        Some(p)
+    }
+
+    /// The path used for path-based calls, or `None` once every name is gone (or the
+    /// node is inside a detached directory). The root's path is "".
+    pub fn path(&self, ino: u64) -> Option<PathBuf> {
+        self.slot_path(self.slot_of(ino)?)
+    }
+
+    /// Every path of `ino`: the one used for path-based calls first, then the other
+    /// names (hard links) in the order they were added.
+    pub fn paths(&self, ino: u64) -> Vec<PathBuf> {
+        let Some(s) = self.slot_of(ino) else {
+            return Vec::new();
+        };
+        let mut out: Vec<PathBuf> = self.slot_path(s).into_iter().collect();
+        for (p, name) in self.extra_links.get(&s).into_iter().flatten() {
+            if let Some(dir) = self.slot_path(*p) {
+                out.push(dir.join(OsStr::from_bytes(name.as_bytes())));
+            }
+        }
+        out
+    }
+
+    fn ident_of(&self, s: u32) -> Option<(u64, u64)> {
+        self.dst.get(&s).and_then(|d| d.ident)
     }
 
     /// The node for `path` as just found on disk, creating it if needed, and adding
@@ -132,172 +642,257 @@ impl Inodes {
         dst_ident: Option<(u64, u64)>,
         lookups: u64,
     ) -> u64 {
-        if let Some(ino) = self.by_path.get(path).copied() {
-            let node = self.nodes.get_mut(&ino).expect("by_path points at a node");
-            let same_object = match (node.dst_ident, dst_ident) {
+        let Some((dir, name)) = split(path) else {
+            // The root (or a path that names no entry): the root node.
+            let root = self.node_mut(ROOT_SLOT);
+            root.lookups += lookups;
+            root.merge_src = merge_src;
+            return ROOT;
+        };
+        let Some(parent) = self.resolve_dir(dir) else {
+            // Below a non-directory (never so for a path the kernel names): no link.
+            let s = self.alloc(kind, merge_src, lookups);
+            let ino = self.node(s).ino;
+            self.settle(s);
+            return ino;
+        };
+        if let Some(s) = self.child(parent, name) {
+            let same_object = match (self.ident_of(s), dst_ident) {
                 (Some(a), Some(b)) => a == b || kind == Kind::Dir,
                 _ => true,
             };
-            if node.kind == kind && same_object {
-                node.lookups += lookups;
-                node.merge_src = merge_src;
-                if node.dst_ident.is_none()
+            if self.node(s).kind == kind && same_object {
+                let n = self.node_mut(s);
+                n.lookups += lookups;
+                n.merge_src = merge_src;
+                let ino = n.ino;
+                // A directory's dst identity is never used (no hard links): not kept.
+                if kind != Kind::Dir
+                    && self.ident_of(s).is_none()
                     && let Some(id) = dst_ident
                 {
-                    node.dst_ident = Some(id);
-                    if kind != Kind::Dir {
-                        self.by_dst_ident.insert(id, ino);
-                    }
+                    self.dst.entry(s).or_default().ident = Some(id);
+                    self.by_dst_ident.insert(id, s);
                 }
                 return ino;
             }
-            self.detach_path(path);
+            self.detach_at(parent, name);
         }
         if kind != Kind::Dir
             && let Some(id) = dst_ident
-            && let Some(ino) = self.by_dst_ident.get(&id).copied()
-            && let Some(node) = self.nodes.get_mut(&ino)
+            && let Some(s) = self.by_dst_ident.get(&id).copied()
         {
-            node.lookups += lookups;
-            node.paths.push(path.to_path_buf());
-            self.by_path.insert(path.to_path_buf(), ino);
-            return ino;
+            self.node_mut(s).lookups += lookups;
+            let pos = if self.node(s).parent == NONE {
+                LinkPos::Primary
+            } else {
+                LinkPos::Extra(usize::MAX)
+            };
+            self.link(s, pos, parent, Name::new(name));
+            return self.node(s).ino;
         }
-        let ino = self.next;
-        self.next += 1;
-        self.nodes.insert(
-            ino,
-            Node {
-                kind,
-                paths: vec![path.to_path_buf()],
-                lookups,
-                merge_src,
-                dst_ident,
-                checked: None,
-            },
-        );
-        self.by_path.insert(path.to_path_buf(), ino);
+        let s = self.alloc(kind, merge_src, lookups);
+        self.link(s, LinkPos::Primary, parent, Name::new(name));
         if kind != Kind::Dir
             && let Some(id) = dst_ident
         {
-            self.by_dst_ident.insert(id, ino);
+            self.dst.entry(s).or_default().ident = Some(id);
+            self.by_dst_ident.insert(id, s);
         }
-        ino
+        self.node(s).ino
     }
 
     /// Records that `ino` now lives in dst as `ident` (after a copy-up).
     pub fn set_dst_ident(&mut self, ino: u64, ident: (u64, u64)) {
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            if let Some(old) = node.dst_ident.replace(ident)
-                && self.by_dst_ident.get(&old) == Some(&ino)
-            {
-                self.by_dst_ident.remove(&old);
-            }
-            if node.kind != Kind::Dir {
-                self.by_dst_ident.insert(ident, ino);
-            }
+        let Some(s) = self.slot_of(ino) else {
+            return;
+        };
+        if let Some(old) = self.ident_of(s)
+            && self.by_dst_ident.get(&old) == Some(&s)
+        {
+            self.by_dst_ident.remove(&old);
+        }
+        if self.node(s).kind != Kind::Dir {
+            self.dst.entry(s).or_default().ident = Some(ident);
+            self.by_dst_ident.insert(ident, s);
         }
     }
 
     /// `ino` no longer lives in dst (evicted): it is src-backed again.
     pub fn clear_dst_ident(&mut self, ino: u64) {
-        if let Some(node) = self.nodes.get_mut(&ino)
-            && let Some(old) = node.dst_ident.take()
-            && self.by_dst_ident.get(&old) == Some(&ino)
+        let Some(s) = self.slot_of(ino) else {
+            return;
+        };
+        if let Some(d) = self.dst.get_mut(&s)
+            && let Some(old) = d.ident.take()
         {
-            self.by_dst_ident.remove(&old);
+            if d.checked.is_none() {
+                self.dst.remove(&s);
+            }
+            if self.by_dst_ident.get(&old) == Some(&s) {
+                self.by_dst_ident.remove(&old);
+            }
         }
+    }
+
+    /// Notes that `ino`'s cached copy was compared with src just now.
+    pub fn mark_checked(&mut self, ino: u64) {
+        if let Some(s) = self.slot_of(ino) {
+            self.dst.entry(s).or_default().checked = Some(Instant::now());
+        }
+    }
+
+    /// Whether `ino`'s cached copy was compared with src less than `within` ago.
+    pub fn checked_within(&self, ino: u64, within: Duration) -> bool {
+        self.slot_of(ino)
+            .and_then(|s| self.dst.get(&s))
+            .and_then(|d| d.checked)
+            .is_some_and(|c| c.elapsed() < within)
     }
 
     /// Adds a name to an existing node (hard link).
     pub fn add_path(&mut self, ino: u64, path: &Path) {
         self.detach_path(path);
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            node.paths.push(path.to_path_buf());
-            self.by_path.insert(path.to_path_buf(), ino);
-        }
-    }
-
-    /// The name `path` is gone (unlink, rmdir, replaced by rename). Descendant paths of
-    /// a removed directory go too.
-    pub fn detach_path(&mut self, path: &Path) {
-        let Some(ino) = self.by_path.remove(path) else {
+        let (Some(s), Some((dir, name))) = (self.slot_of(ino), split(path)) else {
             return;
         };
-        let mut drop_node = false;
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            node.paths.retain(|p| p != path);
-            drop_node = node.paths.is_empty() && node.lookups == 0;
-            if node.kind == Kind::Dir {
-                let children: Vec<PathBuf> = self
-                    .subtree(path)
-                    .filter(|(p, _)| p.as_path() != path)
-                    .map(|(p, _)| p.clone())
-                    .collect();
-                for c in children {
-                    self.detach_path(&c);
-                }
-            }
+        let Some(parent) = self.resolve_dir(dir) else {
+            return;
+        };
+        if parent == s || self.is_below(parent, s) {
+            return; // a directory into its own subtree
         }
-        if drop_node {
-            self.remove_node(ino);
-        } else if let Some(node) = self.nodes.get(&ino)
-            && node.paths.is_empty()
-            && let Some(id) = node.dst_ident
-            && self.by_dst_ident.get(&id) == Some(&ino)
+        let pos = if self.node(s).parent == NONE {
+            LinkPos::Primary
+        } else {
+            LinkPos::Extra(usize::MAX)
+        };
+        self.link(s, pos, parent, Name::new(name));
+    }
+
+    /// The name `path` is gone (unlink, rmdir, replaced by rename). Descendants of a
+    /// removed directory lose their links too.
+    pub fn detach_path(&mut self, path: &Path) {
+        if let Some((dir, name)) = split(path)
+            && let Some(parent) = self.resolve(dir)
         {
-            // Unlinked but still known to the kernel: a new file that reuses its dst
-            // inode number is another file, not a hard link of this one.
-            self.by_dst_ident.remove(&id);
+            self.detach_at(parent, name);
         }
     }
 
-    /// Renames `from` to `to` for the node there and every descendant path.
+    /// Renames `from` to `to` (replacing whatever `to` named): the node keeps its number,
+    /// and a directory's descendants move with it.
     pub fn rename(&mut self, from: &Path, to: &Path) {
-        let moved: Vec<(PathBuf, u64)> = self.subtree(from).map(|(p, i)| (p.clone(), *i)).collect();
-        for (old, ino) in moved {
-            // Not `to.join("")`: that would be "to/", and "file/" opens as ENOTDIR.
-            let rest = old.strip_prefix(from).expect("filtered by prefix");
-            let new = if rest.as_os_str().is_empty() {
-                to.to_path_buf()
-            } else {
-                to.join(rest)
-            };
-            self.by_path.remove(&old);
-            if let Some(node) = self.nodes.get_mut(&ino) {
-                for p in node.paths.iter_mut() {
-                    if *p == old {
-                        *p = new.clone();
-                    }
-                }
-            }
-            self.by_path.insert(new, ino);
+        let Some((fdir, fname)) = split(from) else {
+            return;
+        };
+        let Some(fparent) = self.resolve(fdir) else {
+            return;
+        };
+        let Some(s) = self.child(fparent, fname) else {
+            return;
+        };
+        let Some((tdir, tname)) = split(to) else {
+            return;
+        };
+        let Some(tparent) = self.resolve_dir(tdir) else {
+            return;
+        };
+        if tparent == s || self.is_below(tparent, s) {
+            return; // into itself (the kernel refuses this: EINVAL)
         }
+        if (tparent, tname) == (fparent, fname) {
+            return;
+        }
+        if let Some(t) = self.child(tparent, tname)
+            && self.is_below(s, t)
+        {
+            return; // over one of its own ancestors (the kernel refuses this)
+        }
+        self.detach_at(tparent, tname);
+        let Some(pos) = self.link_pos(s, fparent, fname) else {
+            return;
+        };
+        self.unindex(s, pos);
+        self.node_mut(fparent).children -= 1;
+        self.link(s, pos, tparent, Name::new(tname));
     }
 
     /// RENAME_EXCHANGE: `a` and `b` swap places (with their descendants).
     pub fn exchange(&mut self, a: &Path, b: &Path) {
-        let tmp = PathBuf::from("\0exchange");
-        self.rename(a, &tmp);
-        self.rename(b, a);
-        self.rename(&tmp, b);
+        let here = |t: &Self, p: &Path| -> Option<(u32, Name, u32)> {
+            let (dir, name) = split(p)?;
+            let parent = t.resolve(dir)?;
+            Some((parent, Name::new(name), t.child(parent, name)?))
+        };
+        match (here(self, a), here(self, b)) {
+            (Some(_), None) => self.rename(a, b),
+            (None, Some(_)) => self.rename(b, a),
+            (Some((ap, an, sa)), Some((bp, bn, sb))) => {
+                if sa == sb && (ap, &an) == (bp, &bn) {
+                    return;
+                }
+                if self.is_below(bp, sa) || self.is_below(ap, sb) || bp == sa || ap == sb {
+                    return; // one inside the other (the kernel refuses this: EINVAL)
+                }
+                if sa == sb {
+                    // Two names of one node: they trade places in its list of links.
+                    let idx = |pos| match pos {
+                        LinkPos::Primary => 0,
+                        LinkPos::Extra(i) => i + 1,
+                    };
+                    let (Some(pa), Some(pb)) = (
+                        self.link_pos(sa, ap, an.as_bytes()),
+                        self.link_pos(sa, bp, bn.as_bytes()),
+                    ) else {
+                        return;
+                    };
+                    let mut links = self.take_links(sa);
+                    links.swap(idx(pa), idx(pb));
+                    for (p, name) in links {
+                        let pos = if self.node(sa).parent == NONE {
+                            LinkPos::Primary
+                        } else {
+                            LinkPos::Extra(usize::MAX)
+                        };
+                        self.link(sa, pos, p, name);
+                    }
+                    return;
+                }
+                let (Some(pa), Some(pb)) = (
+                    self.link_pos(sa, ap, an.as_bytes()),
+                    self.link_pos(sb, bp, bn.as_bytes()),
+                ) else {
+                    return;
+                };
+                self.unindex(sa, pa);
+                self.unindex(sb, pb);
+                self.node_mut(ap).children -= 1;
+                self.node_mut(bp).children -= 1;
+                self.link(sa, pa, bp, bn);
+                self.link(sb, pb, ap, an);
+            }
+            (None, None) => {}
+        }
     }
 
     /// No directory at or below `dir` consults src any more (it moved, complete, in dst).
     pub fn clear_merge_below(&mut self, dir: &Path) {
-        let below: Vec<u64> = self.subtree(dir).map(|(_, i)| *i).collect();
-        for ino in below {
-            if let Some(n) = self.nodes.get_mut(&ino) {
-                n.merge_src = false;
-            }
+        let Some(top) = self.resolve(dir) else {
+            return;
+        };
+        self.node_mut(top).merge_src = false;
+        if self.node(top).children == 0 {
+            return;
         }
-    }
-
-    /// `dir` and every path below it (contiguous in component order).
-    fn subtree<'a>(&'a self, dir: &'a Path) -> impl Iterator<Item = (&'a PathBuf, &'a u64)> + 'a {
-        self.by_path
-            .range::<Path, _>((std::ops::Bound::Included(dir), std::ops::Bound::Unbounded))
-            .take_while(move |(p, _)| p.starts_with(dir))
+        let below: Vec<u32> = self
+            .links_below(top)
+            .into_iter()
+            .map(|(s, _, _)| s)
+            .collect();
+        for s in below {
+            self.node_mut(s).merge_src = false;
+        }
     }
 
     /// The kernel dropped `n` references.
@@ -305,36 +900,68 @@ impl Inodes {
         if ino == ROOT {
             return;
         }
-        if let Some(node) = self.nodes.get_mut(&ino) {
+        if let Some(s) = self.slot_of(ino) {
+            let node = self.node_mut(s);
             node.lookups = node.lookups.saturating_sub(n);
-            if node.lookups == 0 && node.paths.is_empty() {
-                self.remove_node(ino);
-            }
-        }
-    }
-
-    fn remove_node(&mut self, ino: u64) {
-        if let Some(node) = self.nodes.remove(&ino)
-            && let Some(id) = node.dst_ident
-            && self.by_dst_ident.get(&id) == Some(&ino)
-        {
-            self.by_dst_ident.remove(&id);
+            self.settle(s);
         }
     }
 
     /// Number of nodes (for status and tests).
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.live == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checks the table's invariants (see the module docs).
+    fn check(t: &Inodes) {
+        let mut count = 0;
+        for (i, slot) in t.slots.iter().enumerate() {
+            let Slot::Used(n) = slot else { continue };
+            let s = i as u32;
+            count += 1;
+            assert_eq!(t.slot_of(n.ino), Some(s));
+            let mut links = 0;
+            let mut c = n.first_child;
+            let mut prev = NONE;
+            while c != NONE {
+                let k = t.node(c);
+                assert_eq!((k.parent, k.prev), (s, prev));
+                links += 1;
+                (prev, c) = (c, k.next);
+            }
+            links += t.extra_index.keys().filter(|(p, _)| *p == s).count();
+            assert_eq!(n.children as usize, links, "children of slot {s}");
+            if n.parent != NONE {
+                assert_eq!(t.child(n.parent, n.name.as_bytes()), Some(s));
+            } else {
+                assert!(!n.more_links);
+                assert!(s == ROOT_SLOT || n.lookups > 0 || n.children > 0);
+            }
+            assert_eq!(n.more_links, t.extra_links.contains_key(&s));
+        }
+        assert_eq!(count, t.len());
+        assert_eq!(t.by_ino.len(), count);
+        let primary = t
+            .slots
+            .iter()
+            .filter(|x| matches!(x, Slot::Used(n) if n.parent != NONE));
+        assert_eq!(t.by_link.len(), primary.count());
+        let extra: usize = t.extra_links.values().map(Vec::len).sum();
+        assert_eq!(t.extra_index.len(), extra);
+        for (id, &s) in &t.by_dst_ident {
+            assert_eq!(t.dst.get(&s).and_then(|d| d.ident), Some(*id));
+            assert!(t.node(s).parent != NONE || t.node(s).lookups > 0);
+        }
+    }
 
     fn p(s: &str) -> &Path {
         Path::new(s)
@@ -351,10 +978,11 @@ mod tests {
         assert_eq!(t.ino_of(p("e")), Some(d));
         assert_eq!(t.ino_of(p("e/f")), Some(f));
         assert_eq!(t.ino_of(p("d/f")), None);
-        assert_eq!(t.get(f).unwrap().path(), Some(p("e/f")));
+        assert_eq!(t.path(f).as_deref(), Some(p("e/f")));
         t.rename(p("e/f"), p("g"));
         // Exactly "g", not "g/" (which opens as ENOTDIR for a file).
-        assert_eq!(t.get(f).unwrap().path().unwrap().as_os_str(), "g");
+        assert_eq!(t.path(f).unwrap().as_os_str(), "g");
+        check(&t);
     }
 
     #[test]
@@ -364,7 +992,8 @@ mod tests {
         let b = t.upsert(p("b"), Kind::File, true, Some((1, 7)), 1);
         assert_eq!(a, b);
         t.detach_path(p("a"));
-        assert_eq!(t.get(a).unwrap().path(), Some(p("b")));
+        assert_eq!(t.path(a).as_deref(), Some(p("b")));
+        check(&t);
     }
 
     #[test]
@@ -378,6 +1007,7 @@ mod tests {
         assert!(t.get(f).is_none());
         t.forget(d, 1);
         assert!(t.get(d).is_some(), "still reachable by path: number kept");
+        check(&t);
     }
 
     #[test]
@@ -386,10 +1016,17 @@ mod tests {
         for path in ["a", "a/b", "a/b/c", "a/b0", "a/bc", "a/b/c/d", "ab"] {
             t.upsert(p(path), Kind::Dir, true, None, 1);
         }
-        let got: Vec<_> = t.subtree(p("a/b")).map(|(p, _)| p.clone()).collect();
-        assert_eq!(got, [p("a/b"), p("a/b/c"), p("a/b/c/d")]);
+        let top = t.resolve(p("a/b")).unwrap();
+        let mut got: Vec<_> = t
+            .links_below(top)
+            .into_iter()
+            .map(|(s, _, _)| t.slot_path(s).unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(got, [p("a/b/c"), p("a/b/c/d")]);
         t.rename(p("a/b"), p("z"));
         assert!(t.ino_of(p("z/c/d")).is_some() && t.ino_of(p("a/b0")).is_some());
+        check(&t);
     }
 
     #[test]
@@ -402,5 +1039,231 @@ mod tests {
         assert_eq!(t.ino_of(p("b")), Some(a));
         assert_eq!(t.ino_of(p("b/c")), Some(ac));
         assert_eq!(t.ino_of(p("a")), Some(b));
+        check(&t);
+    }
+
+    #[test]
+    fn rename_of_a_directory_is_a_reparent() {
+        let mut t = Inodes::new();
+        let a = t.upsert(p("a"), Kind::Dir, true, None, 1);
+        let b = t.upsert(p("a/b"), Kind::Dir, true, None, 0);
+        let f = t.upsert(p("a/b/f"), Kind::File, true, None, 0);
+        let x = t.upsert(p("x"), Kind::Dir, true, None, 1);
+        t.rename(p("a/b"), p("x/y"));
+        assert_eq!(t.path(f).as_deref(), Some(p("x/y/f")));
+        assert_eq!(t.ino_of(p("x/y/f")), Some(f));
+        assert_eq!(t.ino_of(p("x/y")), Some(b));
+        assert_eq!(t.ino_of(p("a/b")), None);
+        assert_eq!(t.ino_of(p("a/b/f")), None);
+        // Forgotten nodes keep their numbers while a path reaches them.
+        t.forget(a, 1);
+        t.forget(x, 1);
+        assert_eq!(t.ino_of(p("x/y/f")), Some(f));
+        assert_eq!(t.ino_of(p("a")), Some(a));
+        // Into its own subtree: refused, nothing moves.
+        t.rename(p("x"), p("x/y/z"));
+        assert_eq!(t.path(x).as_deref(), Some(p("x")));
+        assert_eq!(t.path(f).as_deref(), Some(p("x/y/f")));
+        assert_eq!(t.len(), 5);
+        check(&t);
+    }
+
+    #[test]
+    fn a_detached_directory_takes_its_subtree_along() {
+        let mut t = Inodes::new();
+        let d = t.upsert(p("d"), Kind::Dir, true, None, 1);
+        let e = t.upsert(p("d/e"), Kind::Dir, true, None, 0);
+        let f = t.upsert(p("d/e/f"), Kind::File, true, None, 1); // the kernel holds it
+        let g = t.upsert(p("d/e/g"), Kind::File, true, None, 0);
+        let len = t.len();
+        // Replaced behind our back by a file: the directory and all below it detach.
+        let d2 = t.upsert(p("d"), Kind::File, true, None, 1);
+        assert_ne!(d2, d);
+        for i in [d, f] {
+            assert!(t.get(i).is_some(), "the kernel still knows {i}");
+            assert_eq!(t.path(i), None);
+        }
+        for i in [e, g] {
+            assert!(t.get(i).is_none(), "{i} is unreferenced and unreachable");
+        }
+        assert_eq!(t.ino_of(p("d/e/f")), None);
+        assert_eq!(t.len(), len - 2 + 1);
+        t.forget(f, 1);
+        t.forget(d, 1);
+        assert!(t.get(f).is_none() && t.get(d).is_none());
+        assert_eq!(t.len(), 2);
+        // Numbers are never reused (slots are).
+        let h = t.upsert(p("h"), Kind::File, true, None, 0);
+        assert!(h > d2);
+        check(&t);
+    }
+
+    #[test]
+    fn a_parent_stays_while_it_has_linked_children() {
+        let mut t = Inodes::new();
+        let d = t.upsert(p("d"), Kind::Dir, true, None, 1);
+        let f = t.upsert(p("d/f"), Kind::File, true, None, 1);
+        t.forget(d, 1);
+        assert_eq!(t.ino_of(p("d")), Some(d));
+        // Unlinking the child leaves the (still linked) parent alone.
+        t.detach_path(p("d/f"));
+        assert!(t.get(f).is_some() && t.path(f).is_none());
+        assert_eq!(t.ino_of(p("d")), Some(d));
+        t.forget(f, 1);
+        assert!(t.get(f).is_none());
+        t.detach_path(p("d"));
+        assert!(t.get(d).is_none());
+        assert_eq!(t.len(), 1);
+        check(&t);
+    }
+
+    #[test]
+    fn hard_links_keep_their_order_through_unlink_rename_and_exchange() {
+        let mut t = Inodes::new();
+        t.upsert(p("d"), Kind::Dir, true, None, 1);
+        let a = t.upsert(p("a"), Kind::File, true, Some((1, 7)), 1);
+        t.add_path(a, p("d/b"));
+        assert_eq!(t.upsert(p("c"), Kind::File, true, Some((1, 7)), 1), a);
+        assert_eq!(t.paths(a), [p("a"), p("d/b"), p("c")]);
+        assert_eq!(t.ino_of(p("d/b")), Some(a));
+        // An extra link renames in place.
+        t.rename(p("d/b"), p("d/b2"));
+        assert_eq!(t.paths(a), [p("a"), p("d/b2"), p("c")]);
+        // Exchanging two names of one file swaps them in the list.
+        t.exchange(p("a"), p("c"));
+        assert_eq!(t.paths(a), [p("c"), p("d/b2"), p("a")]);
+        // The primary name goes: the next one is used for path-based calls.
+        t.detach_path(p("c"));
+        assert_eq!(t.path(a).as_deref(), Some(p("d/b2")));
+        assert_eq!(t.paths(a), [p("d/b2"), p("a")]);
+        // A directory holding a link goes: that link goes with it, the file stays.
+        t.detach_path(p("d"));
+        assert_eq!(t.paths(a), [p("a")]);
+        t.detach_path(p("a"));
+        assert!(t.paths(a).is_empty());
+        // Unlinked but still open: its dst inode number now names another file.
+        let other = t.upsert(p("n"), Kind::File, true, Some((1, 7)), 1);
+        assert_ne!(other, a);
+        t.forget(a, 3);
+        assert!(t.get(a).is_none());
+        assert_eq!(
+            t.len(),
+            3,
+            "root, n, and the detached d the kernel still knows"
+        );
+        check(&t);
+    }
+
+    #[test]
+    fn exchange_of_a_directory_and_a_missing_name_is_a_rename() {
+        let mut t = Inodes::new();
+        let a = t.upsert(p("a"), Kind::Dir, true, None, 1);
+        let f = t.upsert(p("a/f"), Kind::File, true, None, 1);
+        t.exchange(p("a"), p("b"));
+        assert_eq!(t.path(a).as_deref(), Some(p("b")));
+        assert_eq!(t.path(f).as_deref(), Some(p("b/f")));
+        t.clear_merge_below(p("b"));
+        assert!(!t.get(a).unwrap().merge_src && !t.get(f).unwrap().merge_src);
+        check(&t);
+    }
+
+    #[test]
+    fn long_names_and_checked_times() {
+        let mut t = Inodes::new();
+        let long = "x".repeat(200);
+        let f = t.upsert(Path::new(&long), Kind::File, true, None, 1);
+        assert_eq!(t.ino_of(Path::new(&long)), Some(f));
+        assert_eq!(t.path(f).unwrap().as_os_str(), long.as_str());
+        assert!(!t.checked_within(f, Duration::from_secs(60)));
+        t.mark_checked(f);
+        assert!(t.checked_within(f, Duration::from_secs(60)));
+        assert!(!t.checked_within(f, Duration::ZERO));
+        check(&t);
+    }
+
+    #[test]
+    fn a_node_is_small() {
+        assert!(
+            std::mem::size_of::<Slot>() <= 64,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
+    }
+
+    /// Random operations on a small namespace keep the invariants, and every node's
+    /// paths lead back to it.
+    #[test]
+    fn random_operations_keep_the_invariants() {
+        for seed in 1..=8 {
+            random_operations(0x2545_F491_4F6C_DD1D_u64.wrapping_mul(seed));
+        }
+    }
+
+    fn random_operations(mut seed: u64) {
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let names = [
+            "a", "b", "a/b", "a/c", "b/a", "a/b/c", "b/a/c", "c", "a/b/d",
+        ];
+        let mut t = Inodes::new();
+        let mut known: Vec<u64> = Vec::new();
+        for _ in 0..3_000 {
+            let path = p(names[rnd(names.len() as u64) as usize]);
+            let other = p(names[rnd(names.len() as u64) as usize]);
+            match rnd(9) {
+                0 | 1 => {
+                    let kind = if rnd(2) == 0 { Kind::Dir } else { Kind::File };
+                    let id = (rnd(2) == 0).then(|| (1, rnd(4)));
+                    let ino = t.upsert(path, kind, true, id, rnd(2));
+                    if !known.contains(&ino) {
+                        known.push(ino);
+                    }
+                }
+                2 => t.detach_path(path),
+                3 => {
+                    if !other.starts_with(path) && !path.starts_with(other) {
+                        t.detach_path(other);
+                        t.rename(path, other);
+                    }
+                }
+                4 => {
+                    if !other.starts_with(path) && !path.starts_with(other) {
+                        t.exchange(path, other);
+                    }
+                }
+                5 => {
+                    if let Some(ino) = t.ino_of(path)
+                        && t.get(ino).unwrap().kind == Kind::File
+                    {
+                        t.add_path(ino, other);
+                    }
+                }
+                6 => {
+                    if let Some(&ino) = known.get(rnd(known.len() as u64 + 1) as usize) {
+                        t.forget(ino, 1);
+                    }
+                }
+                7 => t.clear_merge_below(path),
+                _ => {
+                    if let Some(ino) = t.ino_of(path) {
+                        if rnd(2) == 0 {
+                            t.set_dst_ident(ino, (1, rnd(4)));
+                        } else {
+                            t.clear_dst_ident(ino);
+                        }
+                    }
+                }
+            }
+            check(&t);
+            for &ino in &known {
+                for q in t.paths(ino) {
+                    assert_eq!(t.ino_of(&q), Some(ino), "{}", q.display());
+                }
+            }
+        }
     }
 }

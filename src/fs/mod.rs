@@ -433,8 +433,9 @@ impl CacheFs {
     fn node_path(&self, ino: u64) -> FsResult<(PathBuf, Kind, bool)> {
         let t = self.inodes.lock().unwrap();
         let node = t.get(ino).ok_or(FsError::Stale)?;
-        let path = node.path().ok_or_else(FsError::not_found)?;
-        Ok((path.to_path_buf(), node.kind, node.merge_src))
+        let (kind, merge_src) = (node.kind, node.merge_src);
+        let path = t.path(ino).ok_or_else(FsError::not_found)?;
+        Ok((path, kind, merge_src))
     }
 
     fn dir_path(&self, ino: u64) -> FsResult<(PathBuf, bool)> {
@@ -740,9 +741,7 @@ impl CacheFs {
         crate::cache::on_fetched(&self.cache, path, &st); // CACHE HOOK
         let mut t = self.inodes.lock().unwrap();
         t.set_dst_ident(ino, ident(&st));
-        if let Some(n) = t.get_mut(ino) {
-            n.checked = Some(std::time::Instant::now());
-        }
+        t.mark_checked(ino);
         Ok(st)
     }
 
@@ -973,7 +972,7 @@ impl CacheFs {
             let t = self.inodes.lock().unwrap();
             match t.get(ino) {
                 Some(n) if n.kind == Kind::File => {
-                    if n.checked.is_some_and(|c| c.elapsed() < self.revalidate) {
+                    if t.checked_within(ino, self.revalidate) {
                         return Ok(Freshness::Unchanged);
                     }
                 }
@@ -981,9 +980,7 @@ impl CacheFs {
             }
         }
         let checked = |fs: &CacheFs| {
-            if let Some(n) = fs.inodes.lock().unwrap().get_mut(ino) {
-                n.checked = Some(std::time::Instant::now());
-            }
+            fs.inodes.lock().unwrap().mark_checked(ino);
         };
         // Fetched, uploaded or checked by us within the interval: src held this version
         // then, so there is nothing to ask src yet (a hung src must not stall the
@@ -2066,12 +2063,7 @@ impl CacheFs {
     /// refetched over), and the content change is recorded (durably).
     fn mark_dirty(&self, h: &OpenFile) -> FsResult<()> {
         if !h.dirty.swap(true, Ordering::AcqRel) {
-            let path = self
-                .inodes
-                .lock()
-                .unwrap()
-                .get(h.ino)
-                .and_then(|n| n.path().map(Path::to_path_buf));
+            let path = self.inodes.lock().unwrap().path(h.ino);
             if let Some(p) = &path {
                 self.origins.mark_dirty(p)?;
             }
@@ -2083,12 +2075,7 @@ impl CacheFs {
     }
 
     fn record_content(&self, ino: u64) -> FsResult<Option<PathBuf>> {
-        let path = self
-            .inodes
-            .lock()
-            .unwrap()
-            .get(ino)
-            .and_then(|n| n.path().map(Path::to_path_buf));
+        let path = self.inodes.lock().unwrap().path(ino);
         if let Some(p) = &path {
             self.record_each_name(ino, p, |path| Op::Write { path })?;
         }
@@ -2100,13 +2087,8 @@ impl CacheFs {
     /// each name as its own copy, which must get the new bytes and attributes too.
     fn record_each_name(&self, ino: u64, path: &Path, op: impl Fn(PathBuf) -> Op) -> FsResult<()> {
         self.record(op(path.to_path_buf()))?;
-        let others: Vec<PathBuf> = self
-            .inodes
-            .lock()
-            .unwrap()
-            .get(ino)
-            .map(|n| n.paths.iter().filter(|p| *p != path).cloned().collect())
-            .unwrap_or_default();
+        let mut others = self.inodes.lock().unwrap().paths(ino);
+        others.retain(|p| p != path);
         for p in others {
             self.record(op(p))?;
         }
