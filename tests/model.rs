@@ -440,9 +440,10 @@ fn smoke() {
     ]);
 }
 
-/// BUG: a non-directory renamed while the kernel holds its inode keeps a trailing
-/// slash in its node path (`Inodes::rename` does `to.join("")` = "a/"), so every
-/// path-based call on it afterwards (open, setattr, readlink, link) fails with ENOTDIR.
+/// Regression (fixed): a non-directory renamed while the kernel held its inode kept a
+/// trailing slash in its node path (the old path-keyed `Inodes::rename` did
+/// `to.join("")` = "a/"), so every path-based call on it afterwards (open, setattr,
+/// readlink, link) failed with ENOTDIR. The table now stores (parent, name) links.
 #[test]
 fn renamed_file_opens() {
     check(&[
