@@ -1922,6 +1922,8 @@ impl CacheFs {
         // The hot path, a reader of a cached file: open dst's file first (no stat
         // before it); a revalidation that replaces the file sends us the long way.
         let mut fresh = false;
+        // Whether dst has the file, when the hot path already found out.
+        let mut known_in_dst = None;
         if !opens_for_writing(flags) && flags & libc::O_TRUNC == 0 {
             match open_dst(&path) {
                 Ok((file, rw)) => {
@@ -1941,18 +1943,23 @@ impl CacheFs {
                                 lazy: false,
                             });
                         }
-                        Freshness::Refetched => fresh = true,
+                        Freshness::Refetched => {
+                            fresh = true;
+                            known_in_dst = Some(true);
+                        }
                         Freshness::Gone => return Err(FsError::not_found()),
                     }
                 }
-                Err(e) if layer::is_not_found(&e) => {}
+                Err(e) if layer::is_not_found(&e) => known_in_dst = Some(false),
                 Err(e) => return Err(e.into()),
             }
         }
         let lazy_candidate = allow_lazy && self.lazy.is_some() && !opens_for_writing(flags);
-        // One dst stat serves both checks (a refetch below keeps the file in dst).
-        let in_dst =
-            fresh || ((parent_merges || lazy_candidate) && self.dst.stat(&path)?.is_some());
+        // One dst stat serves both checks (a refetch keeps the file in dst).
+        let in_dst = match known_in_dst {
+            Some(known) => known,
+            None => (parent_merges || lazy_candidate) && self.dst.stat(&path)?.is_some(),
+        };
         if parent_merges && in_dst && !fresh {
             match self.revalidate(ino, &path)? {
                 Freshness::Unchanged => {}
