@@ -445,16 +445,10 @@ impl Layer {
 
     /// lstat of `rel`; `Ok(None)` when nothing is there.
     pub fn stat(&self, rel: &Path) -> io::Result<Option<Stat>> {
-        let r = if rel.as_os_str().is_empty() {
-            fstat(self.root().as_fd())
-        } else {
-            self.at(rel, statat)
-        };
-        match r {
-            Ok(st) => Ok(Some(st)),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(match self.probe(rel)? {
+            Probe::Found(st) => Some(st),
+            Probe::NoName | Probe::NoParent => None,
+        })
     }
 
     /// lstat of `rel`, telling "no such name" from "no directory to hold it" (a
@@ -836,8 +830,8 @@ fn getxattrat(
                 )
             } as libc::ssize_t)
         };
-        // Most values are small: one call with a stack-sized buffer, the size query
-        // only when it does not fit.
+        // Most values are small: one call with a 256-byte buffer, the size query only
+        // when it does not fit.
         let mut buf = vec![0u8; 256];
         loop {
             match call(&mut buf) {
