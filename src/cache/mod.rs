@@ -294,21 +294,29 @@ impl Cache {
         }
         let need = on_disk(attr.size);
         if let Err(short) = self.make_room(fs, need) {
-            self.counters.enospc.fetch_add(1, Ordering::Relaxed);
-            let ix = self.index.lock().unwrap();
-            log::warn!(
-                "cannot fetch {} ({}): ENOSPC, the cache limits leave no room ({} short; dst holds {}: {} local, {} pinned, {} clean but open or pending)",
-                path.display(),
-                human(attr.size),
-                human(short),
-                human(ix.usage()),
-                human(ix.bytes_in(Class::Local)),
-                human(ix.bytes_in(Class::Pinned)),
-                human(ix.bytes_in(Class::Clean)),
+            return self.no_room(
+                format_args!("{} ({})", path.display(), human(attr.size)),
+                short,
             );
-            return enospc();
         }
         Ok(())
+    }
+
+    /// ENOSPC for a fetch of `what` that the limits leave no room for (`short` bytes
+    /// missing), counted and logged with what dst holds.
+    fn no_room<T>(&self, what: std::fmt::Arguments<'_>, short: u64) -> FsResult<T> {
+        self.counters.enospc.fetch_add(1, Ordering::Relaxed);
+        let ix = self.index.lock().unwrap();
+        log::warn!(
+            "cannot fetch {what}: ENOSPC, the cache limits leave no room ({} short; dst holds {}: {} local, {} pinned, {} clean but open or pending, {} in partial files)",
+            human(short),
+            human(ix.usage()),
+            human(ix.bytes_in(Class::Local)),
+            human(ix.bytes_in(Class::Pinned)),
+            human(ix.bytes_in(Class::Clean)),
+            human(ix.partials().0),
+        );
+        enospc()
     }
 
     /// Hook after a copy-up put src's file at `path` into dst (`st`: dst's stat).
@@ -395,23 +403,12 @@ impl Cache {
                 return Ok(Some(r));
             }
             if let Err(short) = self.make_room(fs, bytes) {
-                self.counters.enospc.fetch_add(1, Ordering::Relaxed);
-                let ix = self.index.lock().unwrap();
-                let (partial, _) = ix.partials();
-                log::warn!(
-                    "cannot fetch {} of {}: ENOSPC, the cache limits leave no room ({} short; dst holds {}: {} local, {} pinned, {} clean but open or pending, {} in partial files)",
-                    human(bytes),
-                    lazy::path_of(&self.dst, data_rel)
-                        .unwrap_or_else(|| data_rel.to_path_buf())
-                        .display(),
-                    human(short),
-                    human(ix.usage()),
-                    human(ix.bytes_in(Class::Local)),
-                    human(ix.bytes_in(Class::Pinned)),
-                    human(ix.bytes_in(Class::Clean)),
-                    human(partial),
+                let path = lazy::path_of(&self.dst, data_rel);
+                let path = path.as_deref().unwrap_or(data_rel);
+                return self.no_room(
+                    format_args!("{} of {}", human(bytes), path.display()),
+                    short,
                 );
-                return enospc();
             }
         }
         self.counters.enospc.fetch_add(1, Ordering::Relaxed);
@@ -434,8 +431,7 @@ impl Cache {
         }
         let space = self.space();
         let ix = self.index.lock().unwrap();
-        let pending = self.pending.load(Ordering::Acquire);
-        if self.limits.excess(ix.usage(), bytes + pending, space) > 0 {
+        if self.excess_locked(&ix, bytes, space) > 0 {
             return None;
         }
         self.pending.fetch_add(bytes, Ordering::AcqRel);
@@ -461,7 +457,11 @@ impl Cache {
     /// reserved for lazy fetches in flight counts as taken.
     fn excess(&self, incoming: u64) -> u64 {
         let space = self.space();
-        let ix = self.index.lock().unwrap();
+        self.excess_locked(&self.index.lock().unwrap(), incoming, space)
+    }
+
+    /// [`Cache::excess`] with `index` held (`pending` changes under it).
+    fn excess_locked(&self, ix: &Index, incoming: u64, space: Option<Space>) -> u64 {
         let pending = self.pending.load(Ordering::Acquire);
         self.limits.excess(ix.usage(), incoming + pending, space)
     }
