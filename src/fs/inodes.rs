@@ -631,6 +631,22 @@ impl Inodes {
         self.dst.get(&s).and_then(|d| d.ident)
     }
 
+    /// Records slot `s` (a non-directory) as dst object `id`: its hard links join it.
+    fn index_ident(&mut self, s: u32, id: (u64, u64)) {
+        self.dst.entry(s).or_default().ident = Some(id);
+        self.by_dst_ident.insert(id, s);
+    }
+
+    /// Where a new name of slot `s` goes: its primary link if it has none, else after
+    /// its other names.
+    fn new_link_pos(&self, s: u32) -> LinkPos {
+        if self.node(s).parent == NONE {
+            LinkPos::Primary
+        } else {
+            LinkPos::Extra(usize::MAX)
+        }
+    }
+
     /// The node for `path` as just found on disk, creating it if needed, and adding
     /// `lookups` kernel references. A node of another kind at that path (replaced behind
     /// our back) is detached first; a dst hard link of a known node joins that node.
@@ -671,8 +687,7 @@ impl Inodes {
                     && self.ident_of(s).is_none()
                     && let Some(id) = dst_ident
                 {
-                    self.dst.entry(s).or_default().ident = Some(id);
-                    self.by_dst_ident.insert(id, s);
+                    self.index_ident(s, id);
                 }
                 return ino;
             }
@@ -683,12 +698,7 @@ impl Inodes {
             && let Some(s) = self.by_dst_ident.get(&id).copied()
         {
             self.node_mut(s).lookups += lookups;
-            let pos = if self.node(s).parent == NONE {
-                LinkPos::Primary
-            } else {
-                LinkPos::Extra(usize::MAX)
-            };
-            self.link(s, pos, parent, Name::new(name));
+            self.link(s, self.new_link_pos(s), parent, Name::new(name));
             return self.node(s).ino;
         }
         let s = self.alloc(kind, merge_src, lookups);
@@ -696,8 +706,7 @@ impl Inodes {
         if kind != Kind::Dir
             && let Some(id) = dst_ident
         {
-            self.dst.entry(s).or_default().ident = Some(id);
-            self.by_dst_ident.insert(id, s);
+            self.index_ident(s, id);
         }
         self.node(s).ino
     }
@@ -713,8 +722,7 @@ impl Inodes {
             self.by_dst_ident.remove(&old);
         }
         if self.node(s).kind != Kind::Dir {
-            self.dst.entry(s).or_default().ident = Some(ident);
-            self.by_dst_ident.insert(ident, s);
+            self.index_ident(s, ident);
         }
     }
 
@@ -762,12 +770,7 @@ impl Inodes {
         if parent == s || self.is_below(parent, s) {
             return; // a directory into its own subtree
         }
-        let pos = if self.node(s).parent == NONE {
-            LinkPos::Primary
-        } else {
-            LinkPos::Extra(usize::MAX)
-        };
-        self.link(s, pos, parent, Name::new(name));
+        self.link(s, self.new_link_pos(s), parent, Name::new(name));
     }
 
     /// The name `path` is gone (unlink, rmdir, replaced by rename). Descendants of a
@@ -850,12 +853,7 @@ impl Inodes {
                     let mut links = self.take_links(sa);
                     links.swap(idx(pa), idx(pb));
                     for (p, name) in links {
-                        let pos = if self.node(sa).parent == NONE {
-                            LinkPos::Primary
-                        } else {
-                            LinkPos::Extra(usize::MAX)
-                        };
-                        self.link(sa, pos, p, name);
+                        self.link(sa, self.new_link_pos(sa), p, name);
                     }
                     return;
                 }
