@@ -1306,6 +1306,8 @@ impl CacheFs {
 
     pub fn forget(&self, ino: u64, n: u64) {
         self.inodes.lock().unwrap().forget(ino, n);
+        // The kernel evicted the inode, and its cached pages with it.
+        self.take_refetched(ino);
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
