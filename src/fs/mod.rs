@@ -1207,10 +1207,11 @@ impl CacheFs {
             };
             let legacy = self.legacy_whiteouts.lock().unwrap().clone();
             let mut src_names = HashSet::new();
-            // src has this directory: a listing and the lookups after it must agree.
-            self.src_absent.forget(path);
+            // src has this directory and these names: a listing and the lookups after
+            // it must agree.
+            self.src_absent
+                .listed(path, src_entries.iter().map(|e| e.name.as_os_str()));
             for e in src_entries {
-                self.src_absent.forget(&path.join(&e.name));
                 src_names.insert(e.name.clone());
                 if names::is_reserved(&e.name)
                     || seen.contains(&e.name)

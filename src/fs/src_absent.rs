@@ -14,6 +14,7 @@
 //! [`MAX_ENTRIES`] (it is emptied when full). One leaf lock.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -85,6 +86,25 @@ impl SrcAbsent {
         }
     }
 
+    /// src listed directory `dir` with `names` in it: forget `dir`, its ancestors and
+    /// those children. One lock, and nothing at all when the table is empty (the
+    /// common case: no path is built per listed name).
+    pub fn listed<'a>(&self, dir: &Path, names: impl Iterator<Item = &'a OsStr>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut seen = self.seen.lock().unwrap();
+        if seen.is_empty() {
+            return;
+        }
+        for p in dir.ancestors() {
+            seen.remove(p);
+        }
+        for name in names {
+            seen.remove(&dir.join(name));
+        }
+    }
+
     /// Forget everything (src was replaced or came back from an outage).
     pub fn clear(&self) {
         self.seen.lock().unwrap().clear();
@@ -121,6 +141,18 @@ mod tests {
         assert!(a.covers(Path::new("x")));
         a.clear();
         assert!(!a.covers(Path::new("x")));
+    }
+
+    #[test]
+    fn a_listing_forgets_the_directory_and_the_names_it_shows() {
+        let a = SrcAbsent::new(Duration::from_secs(10));
+        a.note(Path::new("d/f"));
+        a.note(Path::new("d/g"));
+        a.note(Path::new("e"));
+        a.listed(Path::new("d"), [OsStr::new("f")].into_iter());
+        assert!(!a.covers(Path::new("d/f")));
+        assert!(a.covers(Path::new("d/g")));
+        assert!(a.covers(Path::new("e")));
     }
 
     #[test]
