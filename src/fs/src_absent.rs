@@ -74,16 +74,7 @@ impl SrcAbsent {
 
     /// Something is (or may now be) at `path` on src: forget it and its ancestors.
     pub fn forget(&self, path: &Path) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut seen = self.seen.lock().unwrap();
-        if seen.is_empty() {
-            return;
-        }
-        for p in path.ancestors() {
-            seen.remove(p);
-        }
+        self.listed(path, std::iter::empty());
     }
 
     /// src listed directory `dir` with `names` in it: forget `dir`, its ancestors and
