@@ -27,6 +27,7 @@ use log::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::fs::CacheFs;
+use crate::fs::layer::Layer;
 
 /// How often the main loop checks whether the session ended (external unmount).
 const POLL: Duration = Duration::from_millis(100);
@@ -161,8 +162,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // After blocking signals (its threads inherit the mask); before mounting, so a
     // taken port fails the start with nothing mounted.
     let metrics = start_metrics(&cfg)?;
-    let wb = start_writeback(&cfg)?;
-    let result = mount_and_serve(&cfg, wb.clone(), &signals);
+    // One src gateway for the view and writeback replay alike (the mount-root rule).
+    let src = crate::fs::src_state::open_src(&cfg.src, &cfg.dst)
+        .map(Arc::new)
+        .map_err(|e| DaemonError::Fs(format!("src {}: {e}", cfg.src.display())))?;
+    let wb = start_writeback(&cfg, &src)?;
+    let result = mount_and_serve(&cfg, src, wb.clone(), &signals);
     sd_notify("STOPPING=1\nSTATUS=stopping");
     if let Some(wb) = &wb {
         // Drain only after a clean unmount; after a failure or a forced exit the
@@ -225,11 +230,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 type Writeback = Arc<crate::writeback::Writeback>;
 
 /// Start the writeback journal and workers when `-w` is given.
-fn start_writeback(cfg: &Config) -> Result<Option<Writeback>, DaemonError> {
+fn start_writeback(cfg: &Config, src: &Arc<Layer>) -> Result<Option<Writeback>, DaemonError> {
     if !cfg.writeback {
         return Ok(None);
     }
-    crate::writeback::Writeback::start(cfg)
+    crate::writeback::Writeback::start_with_src(cfg, Arc::clone(src))
         .map(Some)
         .map_err(|e| DaemonError::Writeback(e.to_string()))
 }
@@ -249,11 +254,13 @@ enum Stop {
 
 fn mount_and_serve(
     cfg: &Config,
+    src: Arc<Layer>,
     wb: Option<Writeback>,
     signals: &Signals,
 ) -> Result<Stop, DaemonError> {
     let changes = wb.clone().map(|w| w as Arc<dyn crate::fs::ChangeLog>);
-    let mut fs = CacheFs::new(cfg, changes).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    let mut fs =
+        CacheFs::with_src(cfg, changes, src).map_err(|e| DaemonError::Fs(e.to_string()))?;
     // The cache budget (src/cache/): usage rebuilt from dst before mounting.
     let cache = crate::cache::Cache::open(cfg)
         .map_err(|e| DaemonError::Fs(format!("cache budget: {e}")))?;

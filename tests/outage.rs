@@ -230,3 +230,113 @@ fn an_unmounted_src_leaves_an_empty_dir_that_is_not_taken_for_src() {
     );
     m.stop();
 }
+
+/// Mounts a fresh tmpfs at `dir`.
+fn mount_tmpfs(dir: &std::path::Path) {
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "cachefs-test-src"])
+        .arg(dir)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount tmpfs at {}", dir.display());
+}
+
+/// Unmounts whatever is at `dir` when dropped (the test's src).
+struct Unmount<'a>(&'a std::path::Path);
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        while detach(self.0) {}
+    }
+}
+
+fn bare_entries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+/// Writeback replays through the same src gateway as the view: when src's filesystem
+/// is detached (rclone died and its unit ran `fusermount3 -uz`), the bare directory
+/// left at its path is not src. Before, replay opened src by path, wrote the queued
+/// changes into that directory and marked them done: nothing reached the bucket, and
+/// rclone then refused to mount over the non-empty directory.
+#[test]
+fn writeback_never_replays_into_the_bare_directory_of_an_unmounted_src() {
+    if !can_mount("writeback_never_replays_into_the_bare_directory_of_an_unmounted_src") {
+        return;
+    }
+    let srcdir = tempdir();
+    let src = std::fs::canonicalize(srcdir.path()).unwrap();
+    mount_tmpfs(&src);
+    let _unmount = Unmount(&src);
+    let m = Mounted::with_dirs(srcdir, tempdir(), &["-w", "--src-timeout", "2"]);
+    std::fs::write(m.mnt_path("before"), b"before").unwrap();
+    wait_drained(&m, Duration::from_secs(30));
+    assert_eq!(std::fs::read(src.join("before")).unwrap(), b"before");
+
+    assert!(detach(&src));
+    std::fs::write(m.mnt_path("during"), b"written while src was gone").unwrap();
+    std::fs::create_dir(m.mnt_path("dir")).unwrap();
+    sleep(Duration::from_secs(3));
+    assert_eq!(bare_entries(&src), Vec::<String>::new(), "{}", m.stderr());
+    let (_, json) = hostile_status(m.dst.path());
+    assert!(json_u64(&json, "pending_ops").unwrap() >= 2, "{json}");
+
+    // The filesystem comes back (a new, empty one: the queue makes it whole).
+    mount_tmpfs(&src);
+    let (_, json) = wait_status(m.dst.path(), Duration::from_secs(60), |j| {
+        json_u64(j, "pending_ops") == Some(0)
+    });
+    assert_eq!(json_u64(&json, "failed_ops"), Some(0), "{json}");
+    assert_eq!(
+        std::fs::read(src.join("during")).unwrap(),
+        b"written while src was gone"
+    );
+    assert!(src.join("dir").is_dir());
+    m.stop();
+}
+
+/// A cachefs started while src's filesystem is not mounted (yet), where one was mounted
+/// when it last ran, does not take the bare directory for src: it starts offline, and
+/// writes reach the filesystem once it is mounted.
+#[test]
+fn a_start_before_src_is_mounted_does_not_take_the_bare_directory() {
+    if !can_mount("a_start_before_src_is_mounted_does_not_take_the_bare_directory") {
+        return;
+    }
+    let srcdir = tempdir();
+    let src = std::fs::canonicalize(srcdir.path()).unwrap();
+    mount_tmpfs(&src);
+    let _unmount = Unmount(&src);
+    let mut m = Mounted::with_dirs(srcdir, tempdir(), &["-w"]);
+    std::fs::write(m.mnt_path("a"), b"a").unwrap();
+    wait_drained(&m, Duration::from_secs(30));
+    m.signal(libc::SIGTERM);
+    m.wait_exit(Duration::from_secs(30));
+
+    assert!(detach(&src));
+    m.restart(&["-w"]);
+    assert_eq!(
+        std::fs::read(m.mnt_path("a")).unwrap(),
+        b"a",
+        "the cached copy is served"
+    );
+    std::fs::write(m.mnt_path("b"), b"b").unwrap();
+    sleep(Duration::from_secs(2));
+    assert_eq!(bare_entries(&src), Vec::<String>::new(), "{}", m.stderr());
+    assert!(m.stderr().contains("is not one now"), "{}", m.stderr());
+    let (_, json) = hostile_status(m.dst.path());
+    assert!(
+        json.contains("\"src_online\":false"),
+        "status shows src offline: {json}"
+    );
+
+    mount_tmpfs(&src);
+    let (_, json) = wait_status(m.dst.path(), Duration::from_secs(60), |j| {
+        json_u64(j, "pending_ops") == Some(0)
+    });
+    assert_eq!(json_u64(&json, "failed_ops"), Some(0), "{json}");
+    assert_eq!(std::fs::read(src.join("b")).unwrap(), b"b");
+    m.stop();
+}

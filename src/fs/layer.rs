@@ -18,7 +18,11 @@
 //!   caches: other machines rename there behind our back. One leaf lock.
 //! - A root that was a mount root when opened is only ever replaced
 //!   ([`Layer::reopen`]) by a mount root: an unmounted src leaves an empty
-//!   directory at its path, and that must never be taken for an empty src.
+//!   directory at its path, and that must never be taken for an empty src. A src
+//!   that was a mount root when cachefs last ran ([`Layer::open_src`]) but is a bare
+//!   directory now starts with no root at all: every call fails with ENOTCONN (src is
+//!   offline) until a reopen finds a mount there. The view and writeback replay share
+//!   one src `Layer`, so both follow this rule.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -57,7 +61,8 @@ struct DirFds {
 pub struct Layer {
     /// The root directory; replaced by [`Layer::reopen`] when a mount at `root_path`
     /// was restarted (e.g. rclone died and systemd started it again).
-    root: std::sync::RwLock<std::sync::Arc<OwnedFd>>,
+    /// `None`: src must be a mount root and is not one (yet): see the module docs.
+    root: std::sync::RwLock<Option<std::sync::Arc<OwnedFd>>>,
     root_path: PathBuf,
     /// Cached directory fds (dst only).
     dirs: Option<Mutex<DirFds>>,
@@ -309,9 +314,55 @@ impl Layer {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Layer {
             mount_root: is_mount_root(fd.as_fd()),
-            root: std::sync::RwLock::new(std::sync::Arc::new(fd)),
+            root: std::sync::RwLock::new(Some(std::sync::Arc::new(fd))),
             root_path: root.to_path_buf(),
             dirs: None,
+        })
+    }
+
+    /// Opens src's root. `was_mount_root`: src was a mount root when cachefs last ran
+    /// (an rclone mount, say). If it is not one now, the mount is not there (yet) and
+    /// the directory at that path is not src: the layer starts with no root (every
+    /// call fails with ENOTCONN) and only [`Layer::reopen`] of a mount root gives it one.
+    pub fn open_src(root: &Path, was_mount_root: bool) -> io::Result<Layer> {
+        let mut l = Layer::open(root)?;
+        if was_mount_root && !l.mount_root {
+            l.mount_root = true;
+            *l.root.get_mut().unwrap() = None;
+        }
+        Ok(l)
+    }
+
+    /// Whether this layer's root must be (and, while it has one, is) a mount root.
+    pub fn is_mount_root(&self) -> bool {
+        self.mount_root
+    }
+
+    /// A new fd of the current root (`O_PATH`), for code that resolves paths itself
+    /// beneath it (writeback replay). ENOTCONN while the layer has no root.
+    pub fn root_fd(&self) -> io::Result<OwnedFd> {
+        self.root()?.try_clone()
+    }
+
+    /// Like [`Layer::root_fd`], after checking that the root's path still leads to
+    /// that root: a filesystem detached from src's path (`umount -l`) can go on
+    /// answering through an fd opened before, but it is no longer src. If the path
+    /// leads elsewhere, or the root fails (a dead mount), the root is reopened there (a
+    /// mount root only, as [`Layer::reopen`]). Two stats: for writeback replay, not for
+    /// every view call.
+    pub fn root_fd_checked(&self) -> io::Result<OwnedFd> {
+        use std::os::unix::fs::MetadataExt;
+        let current = self.root().and_then(|fd| {
+            let here = fstat(fd.as_fd())?;
+            let there = std::fs::metadata(&self.root_path)?;
+            if (there.dev(), there.ino()) != (here.st_dev, here.st_ino) {
+                return Err(io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            fd.try_clone()
+        });
+        current.or_else(|_| {
+            self.reopen()?;
+            self.root_fd()
         })
     }
 
@@ -326,7 +377,7 @@ impl Layer {
     /// The directory `rel` (`""`: the root), from the cache when it has it.
     fn dir(&self, rel: &Path) -> io::Result<Arc<OwnedFd>> {
         if rel.as_os_str().is_empty() {
-            return Ok(self.root());
+            return self.root();
         }
         let Some(dirs) = &self.dirs else {
             return self.open_dir(rel).map(Arc::new);
@@ -365,9 +416,14 @@ impl Layer {
         }
     }
 
-    /// The current root fd (held for the duration of one operation).
-    fn root(&self) -> std::sync::Arc<OwnedFd> {
-        std::sync::Arc::clone(&self.root.read().unwrap())
+    /// The current root fd (held for the duration of one operation); ENOTCONN while
+    /// there is none (src's mount is not there: see [`Layer::open_src`]).
+    fn root(&self) -> io::Result<std::sync::Arc<OwnedFd>> {
+        self.root
+            .read()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN))
     }
 
     /// Opens the root path again, so that a filesystem mounted anew there is used.
@@ -375,12 +431,12 @@ impl Layer {
     /// one (the mount is gone and left its empty mountpoint: that is not src).
     pub fn reopen(&self) -> io::Result<()> {
         let fresh = Layer::open(&self.root_path)?;
-        fstat(fresh.root().as_fd())?;
+        let fd = fresh.root()?;
+        fstat(fd.as_fd())?;
         if self.mount_root && !fresh.mount_root {
             return Err(io::Error::from_raw_os_error(libc::ENOTCONN));
         }
-        let fd = fresh.root();
-        *self.root.write().unwrap() = fd;
+        *self.root.write().unwrap() = Some(fd);
         self.forget_dirs(Path::new(""));
         Ok(())
     }
@@ -399,10 +455,10 @@ impl Layer {
     pub fn open_beneath(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
         if rel.as_os_str().is_empty() {
             let c = CString::new(".").unwrap();
-            return openat(self.root().as_fd(), &c, flags, 0);
+            return openat(self.root()?.as_fd(), &c, flags, 0);
         }
         if !NO_OPENAT2.load(Ordering::Relaxed) {
-            match openat2(self.root().as_fd(), &cstr(rel.as_os_str())?, flags) {
+            match openat2(self.root()?.as_fd(), &cstr(rel.as_os_str())?, flags) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                     NO_OPENAT2.store(true, Ordering::Relaxed)
                 }
@@ -410,7 +466,7 @@ impl Layer {
             }
         }
         // Fallback: one component at a time, O_NOFOLLOW each.
-        let root = self.root();
+        let root = self.root()?;
         let mut dir: Option<OwnedFd> = None;
         let comps: Vec<_> = rel.components().collect();
         for (i, comp) in comps.iter().enumerate() {
@@ -456,7 +512,7 @@ impl Layer {
     /// exists either.
     pub fn probe(&self, rel: &Path) -> io::Result<Probe> {
         let Some((parent, name)) = split(rel) else {
-            return fstat(self.root().as_fd()).map(Probe::Found);
+            return fstat(self.root()?.as_fd()).map(Probe::Found);
         };
         let name = cstr(name)?;
         let r = match self.dir(parent) {
@@ -656,7 +712,7 @@ impl Layer {
         f: impl FnOnce(BorrowedFd<'_>, &CStr, libc::c_int) -> io::Result<R>,
     ) -> io::Result<R> {
         if rel.as_os_str().is_empty() {
-            f(self.root().as_fd(), c"", libc::AT_EMPTY_PATH)
+            f(self.root()?.as_fd(), c"", libc::AT_EMPTY_PATH)
         } else {
             self.at(rel, |d, n| f(d, n, 0))
         }
@@ -672,7 +728,7 @@ impl Layer {
     pub fn getxattr(&self, rel: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
         if !NO_GETXATTRAT.load(Ordering::Relaxed) {
             let r = match split(rel) {
-                None => getxattrat(self.root().as_fd(), c"", libc::AT_EMPTY_PATH, name),
+                None => getxattrat(self.root()?.as_fd(), c"", libc::AT_EMPTY_PATH, name),
                 Some(_) => self.at(rel, |d, n| {
                     getxattrat(d, n, libc::AT_SYMLINK_NOFOLLOW, name)
                 }),

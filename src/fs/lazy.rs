@@ -17,7 +17,7 @@
 //! - A block is marked present in the map only after its bytes are fdatasync'ed in
 //!   the partial file; the map is replaced atomically (temp + rename) and carries a
 //!   checksum. A missing, torn or foreign map means "no block present": blocks are
-//!   fetched again (idempotent). A map is tied to the src version (size, mtime, inode)
+//!   fetched again (idempotent). A map is tied to the src version (size, mtime)
 //!   it was fetched from; a changed src discards it.
 //!
 //! - Budget (issue 5): when the cache budget is on, every partial data file is an
@@ -197,9 +197,11 @@ impl Map {
     }
 }
 
+/// The src version a map is tied to: size and mtime, as [`Origin::same_source`] (the
+/// last field, once the inode number, stays 0 so that the map format is unchanged).
 fn origin_key(st: &Stat) -> (u64, i64, i64, u64) {
     let o = Origin::of(st);
-    (o.size, o.mtime_sec, o.mtime_nsec, o.ino)
+    (o.size, o.mtime_sec, o.mtime_nsec, 0)
 }
 
 struct State {

@@ -286,7 +286,7 @@ pub struct CacheFs {
 const SRC_WORKERS: usize = 16;
 
 /// Errors that mean "src is unreachable" rather than "src says no".
-fn is_outage(e: &io::Error) -> bool {
+pub(crate) fn is_outage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(
@@ -356,13 +356,23 @@ fn check_name(name: &OsStr) -> FsResult<()> {
 impl CacheFs {
     /// Opens both roots and loads GoCacheFS whiteouts from dst's root.
     pub fn new(cfg: &Config, changes: Option<Arc<dyn ChangeLog>>) -> FsResult<CacheFs> {
+        let src = Arc::new(src_state::open_src(&cfg.src, &cfg.dst)?);
+        CacheFs::with_src(cfg, changes, src)
+    }
+
+    /// Like [`CacheFs::new`], with src's layer given: the one writeback replays through
+    /// too (see [`src_state::open_src`]).
+    pub fn with_src(
+        cfg: &Config,
+        changes: Option<Arc<dyn ChangeLog>>,
+        src: Arc<Layer>,
+    ) -> FsResult<CacheFs> {
         // Modes passed by the kernel are final (it applied the caller's umask); the
         // daemon's own umask must not strip bits again.
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(0) };
         let dst = Arc::new(Layer::open_caching_dirs(&cfg.dst)?);
         let dst_dev = dst.stat(Path::new(""))?.map_or(0, |st| st.st_dev);
-        let src = Arc::new(Layer::open(&cfg.src)?);
         // Origin records: loaded (and migrated from old xattrs) before the first request.
         let origins = origin::Store::of(&dst)?;
         copyup::prepare_staging(&dst)?;
@@ -403,7 +413,15 @@ impl CacheFs {
             cache: None, // CACHE HOOK
         };
         fs.load_legacy_whiteouts()?;
-        fs.persist_src_state(None); // src was checked at startup
+        match fs.src.root_fd() {
+            Ok(_) => fs.persist_src_state(None), // src was checked at startup
+            Err(e) => {
+                fs.src_offline.store(true, Ordering::Relaxed);
+                fs.src_unmounted.store(true, Ordering::Relaxed);
+                *fs.src_offline_since.lock().unwrap() = Some(SystemTime::now());
+                fs.persist_src_state(Some(&e));
+            }
+        }
         Ok(fs)
     }
 
@@ -628,6 +646,9 @@ impl CacheFs {
             Ok(()) => {
                 self.src_absent.clear();
                 self.src_unmounted.store(false, Ordering::Relaxed);
+                if self.src.is_mount_root() {
+                    src_state::remember_mounted(self.dst.root_path());
+                }
                 log::debug!("reopened src root {}", self.src.root_path().display());
                 true
             }

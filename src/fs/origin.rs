@@ -102,11 +102,15 @@ impl Origin {
         }
     }
 
-    /// Whether src's file (`st`) is still the version this copy came from.
+    /// Whether src's file (`st`) is still the version this copy came from: the same
+    /// size and modification time. The inode number is not part of a version: rclone
+    /// (and most network filesystems behind FUSE) numbers inodes by path or by cache
+    /// entry, so a file renamed there, or re-read after its directory cache expired,
+    /// shows a new number for the same object. Taking that for a change made false
+    /// conflicts and refetches of a node's own uploads.
     pub fn same_source(&self, st: &Stat) -> bool {
         let now = Origin::of(st);
-        (self.size, self.mtime_sec, self.mtime_nsec, self.ino)
-            == (now.size, now.mtime_sec, now.mtime_nsec, now.ino)
+        (self.size, self.mtime_sec, self.mtime_nsec) == (now.size, now.mtime_sec, now.mtime_nsec)
     }
 
     /// The old xattr format (read only, for the migration).

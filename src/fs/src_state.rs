@@ -19,6 +19,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::layer::Layer;
 use super::names::STATE_DIR;
 
 /// The file name in the state folder.
@@ -150,6 +151,47 @@ pub fn write(dst: &Path, state: &SrcState) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The marker file in the state folder: src was a mount root when a daemon last ran.
+pub const MOUNTED_MARKER: &str = "src-is-a-mount";
+
+/// Opens src's root for the view and writeback alike (one [`Layer`] for both), with
+/// the mount-root rule: if src was a mount root when a daemon last ran on `dst` (the
+/// marker) and is a bare directory now, src's mount is missing and the layer starts
+/// offline ([`Layer::open_src`]). A src that is a mount root now leaves the marker.
+/// To use a plain directory where a mount used to be, remove the marker.
+pub fn open_src(src: &Path, dst: &Path) -> io::Result<Layer> {
+    let marker = dst.join(STATE_DIR).join(MOUNTED_MARKER);
+    let layer = Layer::open_src(src, marker.exists())?;
+    if layer.root_fd().is_err() {
+        log::warn!(
+            "src {} was a mount point when cachefs last ran and is not one now (is rclone \
+             mounted yet?): src counts as offline until a filesystem is mounted there; cached \
+             files keep working and writeback waits. If src is now meant to be a plain \
+             directory, remove {}",
+            src.display(),
+            marker.display()
+        );
+    } else if layer.is_mount_root() {
+        remember_mounted(dst);
+    }
+    Ok(layer)
+}
+
+/// Leaves the marker that src is a mount root (see [`open_src`]).
+pub fn remember_mounted(dst: &Path) {
+    let dir = dst.join(STATE_DIR);
+    let marker = dir.join(MOUNTED_MARKER);
+    if !marker.exists() {
+        let made = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&marker, b""));
+        if let Err(e) = made {
+            log::warn!(
+                "cannot record that src is a mount point ({}): {e}",
+                marker.display()
+            );
+        }
+    }
 }
 
 /// The state `dst`'s daemon last wrote, if any.

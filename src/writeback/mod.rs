@@ -307,7 +307,9 @@ struct Inner {
 }
 
 struct Shared {
-    src: PathBuf,
+    /// src, shared with the view: the same root and mount-root rule (see
+    /// [`crate::fs::layer::Layer::open_src`]).
+    src: Arc<crate::fs::layer::Layer>,
     dst: PathBuf,
     attempts: u32,
     retry_delay: Duration,
@@ -443,7 +445,15 @@ impl Shared {
             .set(st.sched.dirty_bytes as i64);
     }
 
-    fn complete(&self, job: Job, result: io::Result<replay::Outcome>, took: Duration) {
+    /// Records a replay's result. `src_offline`: it failed because src is unreachable
+    /// (not counted as an attempt; retried every [`OFFLINE_RETRY`]).
+    fn complete(
+        &self,
+        job: Job,
+        result: io::Result<replay::Outcome>,
+        took: Duration,
+        src_offline: bool,
+    ) {
         let now = Instant::now();
         let kind = op::kind(&job.op);
         let paths: Vec<String> = op::paths(&job.op).iter().map(|p| show(p)).collect();
@@ -481,6 +491,11 @@ impl Shared {
                 if e.kind() == io::ErrorKind::Interrupted && self.stop.load(Ordering::Relaxed) =>
             {
                 st.sched.retry(job.seq, now, None, false, now);
+            }
+            Err(e) if src_offline => {
+                log::debug!("writeback {kind} {what} waits for src: {e}");
+                st.sched
+                    .retry(job.seq, now + OFFLINE_RETRY, None, false, now);
             }
             Err(e) => {
                 let already = st.sched.entries[&job.seq].fail.is_some();
@@ -535,6 +550,10 @@ impl Shared {
     }
 }
 
+/// How often an op that found src unreachable tries again (each try first checks src's
+/// root, one stat, so a returning src is used within this long).
+const OFFLINE_RETRY: Duration = Duration::from_secs(1);
+
 fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: usize) {
     loop {
         if sh.stop.load(Ordering::Relaxed) {
@@ -588,6 +607,12 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             tmp_counter: std::cell::Cell::new(0),
         };
         let r = replay::apply(&ctx, &job.op, &job.ids);
+        // An outage is not the op's failure: src itself is unreachable (its mount is
+        // gone or dead). The op waits for src without spending an attempt. The check
+        // also takes a new mount at src's path (rclone restarted); the layer refuses
+        // the bare directory a dead mount leaves.
+        let src_offline =
+            matches!(&r, Err(e) if crate::fs::is_outage(e)) && sh.src.root_fd_checked().is_err();
         if matches!(r, Ok(replay::Outcome::Skipped)) {
             // Wait out namespace changes not yet recorded: their follow-ups must see
             // this op before it leaves the queue.
@@ -599,7 +624,7 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
         if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
             METRICS.src_result(&r);
         }
-        sh.complete(job, r, took);
+        sh.complete(job, r, took, src_offline);
     }
 }
 
@@ -615,6 +640,16 @@ impl Writeback {
                 mirror: false,
             }));
         }
+        let src = crate::fs::src_state::open_src(&cfg.src, &cfg.dst)?;
+        Self::start_with_src(cfg, Arc::new(src))
+    }
+
+    /// Like [`Writeback::start`] with `-w`, replaying through `src`: the layer the view
+    /// uses ([`crate::fs::src_state::open_src`]).
+    pub fn start_with_src(
+        cfg: &Config,
+        src: Arc<crate::fs::layer::Layer>,
+    ) -> Result<Arc<Writeback>, WritebackError> {
         let (journal, live, next_seq) = Journal::open(&cfg.dst)?;
         let (intents, interrupted) = Intents::open(&journal::dir(&cfg.dst))?;
         let now = Instant::now();
@@ -648,7 +683,7 @@ impl Writeback {
         }
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let sh = Arc::new(Shared {
-            src: cfg.src.clone(),
+            src,
             dst: cfg.dst.clone(),
             attempts: cfg.retries.max(1),
             retry_delay: cfg.retry_delay,

@@ -53,7 +53,8 @@ pub(crate) enum Outcome {
 
 /// The two roots and the stop flag of one replay.
 pub(crate) struct Ctx<'a> {
-    pub src: &'a Path,
+    /// src, as the view sees it (one gateway: an unmounted src is offline here too).
+    pub src: &'a layer::Layer,
     pub dst: &'a Path,
     pub stop: &'a AtomicBool,
     /// `.cachefs-tmp.wb.<instance>.<seq>.`
@@ -73,7 +74,7 @@ fn interrupted() -> io::Error {
 /// Apply `op` to src. `ids`: the dst objects it refers to (see `op::id_paths`).
 pub(crate) fn apply(ctx: &Ctx, op: &Op, ids: &[Option<Id>; 2]) -> io::Result<Outcome> {
     let roots = Roots {
-        src: sys::open_root(ctx.src)?,
+        src: ctx.src.root_fd_checked()?,
         dst: sys::open_root(ctx.dst)?,
     };
     let [id0, id1] = *ids;
@@ -516,11 +517,27 @@ fn copy_file(
     copy_data(ctx, &mut df, &mut sf)?;
     finish_file(dd, name, &sf, sd, &tmp, &st)?;
     drop(sf);
+    // src has no compare-and-swap: look again right before replacing, so that a version
+    // another machine stored while this upload ran is kept, not overwritten. What is
+    // left is the gap between this look and the rename, plus however stale src's own
+    // view is (rclone's --dir-cache-time): docs/SEMANTICS.md.
+    if fetched_from.is_some_and(|o| o.dirty)
+        && let Some(now) = sys::lstat_at(sd, name)?
+        && sys::file_type(&now) == libc::S_IFREG
+        && src_st.is_none_or(|before| !same_version(before, &now))
+    {
+        keep_conflicting_src_version(sd, name)?;
+    }
     sys::rename_at(sd, &tmp, sd, name, false)?;
     g.armed = false;
     let _ = sys::fsync_dir(sd);
     record_upload(ctx, rel, &df, &st, sd, name);
     Ok(())
+}
+
+/// Whether two stats of src's file show the same version (as [`Origin::same_source`]).
+fn same_version(a: &Stat, b: &Stat) -> bool {
+    Origin::of(a).same_source(b)
 }
 
 /// The origin record of dst's file open as `df` at `rel`, if it applies to that file.
