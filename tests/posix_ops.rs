@@ -515,6 +515,44 @@ fn xattrs_on_an_uncached_file() {
     });
 }
 
+/// The mount's root answers every xattr call as any directory does (`ls -l MOUNT` asks
+/// for `security.selinux` and the ACL names; xfstests generic/069 runs `getfattr` on it).
+#[test]
+fn xattrs_on_the_mount_root() {
+    if !can_mount("xattrs_on_the_mount_root") {
+        return;
+    }
+    with_mount(tempdir(), tempdir(), |m| {
+        let root = m.mountpoint();
+        // A name the root does not have: ENODATA, as `ls -l` expects.
+        assert_eq!(getxattr(root, "user.none"), Err(libc::ENODATA));
+        assert_eq!(listxattr(root), Vec::<String>::new());
+        setxattr(root, "user.r", b"root value").unwrap();
+        assert_eq!(getxattr(root, "user.r"), Ok(b"root value".to_vec()));
+        assert_eq!(listxattr(root), ["user.r"]);
+        assert_eq!(
+            user_xattrs(m.dst.path()),
+            [("user.r".to_string(), b"root value".to_vec())]
+        );
+        removexattr(root, "user.r").unwrap();
+        assert_eq!(getxattr(root, "user.r"), Err(libc::ENODATA));
+        assert_eq!(removexattr(root, "user.r"), Err(libc::ENODATA));
+        assert_eq!(listxattr(root), Vec::<String>::new());
+        // What `ls -l` does, end to end: no "Bad file descriptor" on stderr.
+        let out = std::process::Command::new("ls")
+            .arg("-ld")
+            .arg(root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "ls -ld {}: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
 #[test]
 fn access_follows_the_mode_bits() {
     if !can_mount("access_follows_the_mode_bits") {
