@@ -553,6 +553,39 @@ fn xattrs_on_the_mount_root() {
     });
 }
 
+/// cachefs implements no ioctl: each fails with ENOTTY (what isatty(3), lsattr and
+/// tools probing for features expect), quietly: no log line per call.
+#[test]
+fn ioctls_fail_with_enotty_and_are_not_logged() {
+    if !can_mount("ioctls_fail_with_enotty_and_are_not_logged") {
+        return;
+    }
+    with_mount(dir_with(&[("f", b"f")]), tempdir(), |m| {
+        fs::write(m.mnt_path("new"), b"n").unwrap();
+        fs::create_dir(m.mnt_path("d")).unwrap();
+        let paths = [m.mnt_path("f"), m.mnt_path("new"), m.mnt_path("d")];
+        for p in paths.iter().map(|p| p.as_path()).chain([m.mountpoint()]) {
+            let f = fs::File::open(p).unwrap();
+            for cmd in [libc::TCGETS, libc::FS_IOC_GETFLAGS] {
+                for _ in 0..10 {
+                    let mut buf = [0u8; 256];
+                    // SAFETY: valid fd; the buffer is larger than either command's
+                    // argument.
+                    let r = unsafe { libc::ioctl(f.as_raw_fd(), cmd, buf.as_mut_ptr()) };
+                    assert_eq!(
+                        (r, last_errno()),
+                        (-1, libc::ENOTTY),
+                        "ioctl {cmd:#x} on {}",
+                        p.display()
+                    );
+                }
+            }
+        }
+        let log = m.stderr();
+        assert!(!log.contains("ioctl"), "the daemon logged ioctls:\n{log}");
+    });
+}
+
 #[test]
 fn access_follows_the_mode_bits() {
     if !can_mount("access_follows_the_mode_bits") {
