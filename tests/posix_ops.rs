@@ -365,6 +365,53 @@ fn rmdir_merged_src_only_and_whited_out_dirs() {
     });
 }
 
+/// An open directory whose name went (rmdir, or another directory renamed over it)
+/// still answers fstat, with `st_nlink` 0, as an unlinked open file does (xfstests
+/// generic/035); a directory only src has included.
+#[test]
+fn fstat_of_an_open_directory_after_rmdir_or_rename_over_it() {
+    if !can_mount("fstat_of_an_open_directory_after_rmdir_or_rename_over_it") {
+        return;
+    }
+    let src = tempdir();
+    mkdirs(src.path(), "from_src");
+    with_mount(src, tempdir(), |m| {
+        for d in ["gone", "over", "mover"] {
+            fs::create_dir(m.mnt_path(d)).unwrap();
+        }
+        fs::set_permissions(m.mnt_path("over"), fs::Permissions::from_mode(0o711)).unwrap();
+        let gone = fs::File::open(m.mnt_path("gone")).unwrap();
+        let over = fs::File::open(m.mnt_path("over")).unwrap();
+        let mover = fs::File::open(m.mnt_path("mover")).unwrap();
+        let from_src = fs::File::open(m.mnt_path("from_src")).unwrap();
+        let ino_over = over.metadata().unwrap().ino();
+
+        fs::remove_dir(m.mnt_path("gone")).unwrap();
+        fs::rename(m.mnt_path("mover"), m.mnt_path("over")).unwrap();
+        fs::remove_dir(m.mnt_path("from_src")).unwrap();
+
+        for (what, f) in [
+            ("rmdir", &gone),
+            ("renamed over", &over),
+            ("src's", &from_src),
+        ] {
+            let md = f
+                .metadata()
+                .unwrap_or_else(|e| panic!("fstat of the open {what} directory: {e}"));
+            assert!(md.is_dir(), "{what}");
+            assert_eq!(md.nlink(), 0, "{what}: st_nlink");
+        }
+        let md = over.metadata().unwrap();
+        assert_eq!((md.ino(), md.mode() & 0o7777), (ino_over, 0o711));
+        // The directory moved onto the name is alive and well.
+        assert!(mover.metadata().unwrap().nlink() >= 2);
+        assert_eq!(
+            mover.metadata().unwrap().ino(),
+            lstat(&m.mnt_path("over")).ino()
+        );
+    });
+}
+
 #[test]
 fn rename_noreplace_is_eexist() {
     if !can_mount("rename_noreplace_is_eexist") {
