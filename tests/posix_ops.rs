@@ -412,6 +412,61 @@ fn fstat_of_an_open_directory_after_rmdir_or_rename_over_it() {
     });
 }
 
+/// Every name readdir(3) gives until the end of the stream.
+fn read_to_end(dir: *mut libc::DIR) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: a valid DIR*; the entry is read before the next call.
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let name = name.to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}
+
+/// rewinddir(3) lists afresh: names made and removed since opendir show as they are
+/// now (xfstests generic/471); without a rewind the open stream keeps its listing.
+#[test]
+fn rewinddir_shows_names_made_after_opendir() {
+    if !can_mount("rewinddir_shows_names_made_after_opendir") {
+        return;
+    }
+    let src = dir_with(&[("d/src_old", b"s"), ("d/src_gone", b"s")]);
+    with_mount(src, tempdir(), |m| {
+        fs::write(m.mnt_path("d/old"), b"o").unwrap();
+        let c = cpath(&m.mnt_path("d"));
+        // SAFETY: valid path.
+        let dir = unsafe { libc::opendir(c.as_ptr()) };
+        assert!(
+            !dir.is_null(),
+            "opendir: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(read_to_end(dir), ["old", "src_gone", "src_old"]);
+        let new: Vec<String> = (0..300).map(|i| format!("new{i:03}")).collect();
+        for n in &new {
+            fs::write(m.mnt_path(&format!("d/{n}")), b"n").unwrap();
+        }
+        fs::remove_file(m.mnt_path("d/src_gone")).unwrap();
+        // SAFETY: a valid DIR*.
+        unsafe { libc::rewinddir(dir) };
+        let mut want: Vec<String> = new.clone();
+        want.extend(["old".to_string(), "src_old".to_string()]);
+        want.sort();
+        assert_eq!(read_to_end(dir), want, "after rewinddir");
+        // SAFETY: a valid DIR*, not used again.
+        unsafe { libc::closedir(dir) };
+    });
+}
+
 #[test]
 fn rename_noreplace_is_eexist() {
     if !can_mount("rename_noreplace_is_eexist") {

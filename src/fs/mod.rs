@@ -211,7 +211,10 @@ fn version_of(st: &Stat) -> Version {
 
 struct DirHandle {
     ino: u64,
-    items: Arc<[DirItem]>,
+    /// The listing readdir pages through; taken afresh at a rewind.
+    items: Mutex<Arc<[DirItem]>>,
+    /// readdir was called: offset 0 again means a rewind.
+    read: AtomicBool,
     /// The directory's attributes when its name went (rmdir, or a directory renamed
     /// over it), with no link: fstat of the open directory still answers.
     gone: Mutex<Option<Attr>>,
@@ -2288,6 +2291,22 @@ impl CacheFs {
 
     /// Snapshots the merged listing of a directory; readdir pages through it.
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let items = self.list_dir(ino)?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dir_handles.lock().unwrap().insert(
+            fh,
+            Arc::new(DirHandle {
+                ino,
+                items: Mutex::new(items),
+                read: AtomicBool::new(false),
+                gone: Mutex::new(None),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// The merged listing of directory `ino`, every entry numbered.
+    fn list_dir(&self, ino: u64) -> FsResult<Arc<[DirItem]>> {
         let _ns = self.namespace.read().unwrap();
         let (path, merges) = self.dir_path(ino)?;
         let mut items = self.list_merged(&path, merges)?;
@@ -2304,20 +2323,14 @@ impl CacheFs {
                 };
             }
         }
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.dir_handles.lock().unwrap().insert(
-            fh,
-            Arc::new(DirHandle {
-                ino,
-                items: items.into(),
-                gone: Mutex::new(None),
-            }),
-        );
-        Ok(fh)
+        Ok(items.into())
     }
 
-    /// Entries from `offset` on (offset k = the k-th entry after "." and "..").
-    pub fn readdir(&self, fh: u64) -> FsResult<Arc<[DirItem]>> {
+    /// The listing to serve a readdir at `offset` from (the caller skips to it). The
+    /// handle's snapshot keeps a listing read in several calls consistent; offset 0
+    /// on a handle already read is a rewind (rewinddir, seekdir to the start), which
+    /// lists afresh, as a local filesystem shows names made since opendir.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Arc<[DirItem]>> {
         let h = self
             .dir_handles
             .lock()
@@ -2325,7 +2338,17 @@ impl CacheFs {
             .get(&fh)
             .cloned()
             .ok_or(FsError::Stale)?;
-        Ok(h.items.clone())
+        if h.read.swap(true, Ordering::Relaxed) && offset == 0 {
+            // A directory whose name went is empty (only its handles know it).
+            let items = if h.gone.lock().unwrap().is_some() {
+                Arc::from([])
+            } else {
+                self.list_dir(h.ino)?
+            };
+            *h.items.lock().unwrap() = Arc::clone(&items);
+            return Ok(items);
+        }
+        Ok(Arc::clone(&h.items.lock().unwrap()))
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -624,7 +624,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let items = match self.fs.readdir(fh.0) {
+        let items = match self.fs.readdir(fh.0, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(errno(e)),
         };
@@ -660,7 +660,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let items = match self.fs.readdir(fh.0) {
+        let items = match self.fs.readdir(fh.0, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(errno(e)),
         };
