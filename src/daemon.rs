@@ -13,6 +13,8 @@
 //!   `--drain-timeout` (default 20 s), and [`run`] returns `Ok` (exit 0). An external `umount` ends
 //!   the session the same way.
 //! - Mount failures come back as a [`DaemonError`] whose message says what to do.
+//! - Before touching anything else, the daemon takes dst's lock ([`crate::dst_lock`]) and
+//!   holds it until it exits: a second daemon on the same dst is refused, in every mode.
 
 use std::ffi::CString;
 use std::fmt;
@@ -32,9 +34,15 @@ use crate::fs::layer::Layer;
 /// How often the main loop checks whether the session ended (external unmount).
 const POLL: Duration = Duration::from_millis(100);
 
-/// Why the daemon could not run (exit status 1).
+/// Why the daemon could not run (exit status: [`DaemonError::exit_code`]).
 #[derive(Debug)]
 pub enum DaemonError {
+    /// Another daemon serves this dst (exit status 2, like a mountpoint that is
+    /// already mounted: the command line names a directory that is taken).
+    DstInUse {
+        dst: PathBuf,
+        holder: crate::dst_lock::Holder,
+    },
     /// Blocking the shutdown signals failed.
     Signals(io::Error),
     /// The writeback journal/workers could not start.
@@ -55,9 +63,33 @@ pub enum DaemonError {
     },
 }
 
+impl DaemonError {
+    /// 2 for a directory the command line names that another daemon holds (nothing was
+    /// mounted or written), 1 for every other failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            DaemonError::DstInUse { .. } => crate::cli::EXIT_USAGE,
+            _ => 1,
+        }
+    }
+}
+
 impl fmt::Display for DaemonError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            DaemonError::DstInUse { dst, holder } => {
+                let who = match (holder.pid, &holder.mountpoint) {
+                    (Some(pid), Some(m)) => format!(" (pid {pid}, mounted at {})", m.display()),
+                    (Some(pid), None) => format!(" (pid {pid})"),
+                    (None, _) => String::new(),
+                };
+                write!(
+                    f,
+                    "-dst {} is in use by another cachefs{who}; two daemons on one dst \
+                     would diverge: stop that one first or use another -dst",
+                    dst.display()
+                )
+            }
             DaemonError::Signals(e) => write!(f, "cannot block shutdown signals: {e}"),
             DaemonError::Writeback(e) => write!(f, "cannot start writeback: {e}"),
             DaemonError::Fs(e) => write!(f, "cannot open the cache: {e}"),
@@ -154,6 +186,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     init_logging(cfg.debug);
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0) };
+    // Held until we return: writeback drains with it, after the unmount.
+    let _dst_lock = take_dst_lock(&cfg)?;
     raise_nofile_limit();
     // Before any thread is spawned, so that every thread inherits the blocked mask.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
@@ -187,6 +221,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         info!("cachefs exiting: {} unmounted", cfg.mountpoint.display());
     }
     result.map(|_| ())
+}
+
+/// dst's lock (see [`crate::dst_lock`]); a dst that cannot hold one (read-only, say) is
+/// reported as the cache it is.
+fn take_dst_lock(cfg: &Config) -> Result<crate::dst_lock::DstLock, DaemonError> {
+    use crate::dst_lock::LockError;
+    crate::dst_lock::acquire(&cfg.dst, &cfg.mountpoint).map_err(|e| match e {
+        LockError::Busy(holder) => DaemonError::DstInUse {
+            dst: cfg.dst.clone(),
+            holder,
+        },
+        LockError::Io(e) => DaemonError::Fs(e.to_string()),
+    })
 }
 
 /// Tells systemd (Type=notify units) about our state: a datagram to `$NOTIFY_SOCKET`,

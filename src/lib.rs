@@ -3,7 +3,8 @@
 //!
 //! Layers, outermost first (each has its own error type, mapped to errno in one place,
 //! [`fs::FsError::errno`]):
-//! - `cli` / `daemon`: command line, validation, mounting, signals.
+//! - `cli` / `daemon`: command line, validation, mounting, signals; `dst_lock`: one
+//!   daemon per dst.
 //! - `fuse`: the thin `fuser::Filesystem` adapter; the only module that knows fuser types.
 //! - `fs`: the layered view (lookup, inodes, handles, whiteouts, copy-up) over two
 //!   directory roots, with no fuser types.
@@ -15,6 +16,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dst_lock;
 pub mod fs;
 pub mod fuse;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! The `cachefs` binary: parse the command line, then run the daemon or a subcommand.
-//! Exit status: 0 clean exit, 1 runtime failure, 2 bad command line (nothing mounted).
+//! Exit status: 0 clean exit, 1 runtime failure, 2 bad command line or a dst another
+//! daemon serves (nothing mounted).
 
 use cachefs::cli::{self, Action};
 use cachefs::daemon;
@@ -19,7 +20,7 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 daemon::print_error(&e);
-                1
+                e.exit_code()
             }
         },
     };

@@ -454,6 +454,57 @@ fn status_needs_a_directory() {
     assert_usage_error(&run(&[&"status"]), &["<DST>"]);
 }
 
+/// A second daemon on a dst another daemon serves is refused, whatever the modes of
+/// the two (with or without -w): exit 2, one line naming the other daemon, nothing
+/// mounted, and the first one keeps serving (xfstests generic/732: two views of one
+/// dst diverge).
+#[test]
+fn a_second_daemon_on_the_same_dst_is_refused() {
+    if !can_mount("a_second_daemon_on_the_same_dst_is_refused") {
+        return;
+    }
+    let none: &[&str] = &[];
+    for (first, second) in [
+        (none, none),
+        (none, &["-w"]),
+        (&["-w"], none),
+        (&["-w"], &["-w"]),
+    ] {
+        let a = Mounted::start(first);
+        std::fs::write(a.mnt_path("f"), b"through a").unwrap();
+        let (src2, mnt2) = (tempdir(), tempdir());
+        let out = run_cmd(
+            Command::new(cachefs_bin())
+                .arg("-src")
+                .arg(p(&src2))
+                .arg("-dst")
+                .arg(p(&a.dst))
+                .arg("-mountpoint")
+                .arg(p(&mnt2))
+                .args(second),
+        );
+        let pid = format!("pid {}", a.pid().unwrap());
+        let dst = std::fs::canonicalize(a.dst.path()).unwrap();
+        let what = format!("first {first:?}, second {second:?}");
+        let err = assert_usage_error(
+            &out,
+            &[
+                &format!("-dst {} is in use by another cachefs", dst.display()),
+                &pid,
+                &a.mountpoint().display().to_string(),
+            ],
+        );
+        eprintln!("{what}: {err}");
+        assert_not_mounted(mnt2.path());
+        assert_eq!(
+            std::fs::read(a.mnt_path("f")).unwrap(),
+            b"through a",
+            "{what}"
+        );
+        a.stop();
+    }
+}
+
 // ---- Mounted: the accepted spellings really mount, and every way of stopping exits 0 ----
 
 #[test]

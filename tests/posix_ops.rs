@@ -365,6 +365,108 @@ fn rmdir_merged_src_only_and_whited_out_dirs() {
     });
 }
 
+/// An open directory whose name went (rmdir, or another directory renamed over it)
+/// still answers fstat, with `st_nlink` 0, as an unlinked open file does (xfstests
+/// generic/035); a directory only src has included.
+#[test]
+fn fstat_of_an_open_directory_after_rmdir_or_rename_over_it() {
+    if !can_mount("fstat_of_an_open_directory_after_rmdir_or_rename_over_it") {
+        return;
+    }
+    let src = tempdir();
+    mkdirs(src.path(), "from_src");
+    with_mount(src, tempdir(), |m| {
+        for d in ["gone", "over", "mover"] {
+            fs::create_dir(m.mnt_path(d)).unwrap();
+        }
+        fs::set_permissions(m.mnt_path("over"), fs::Permissions::from_mode(0o711)).unwrap();
+        let gone = fs::File::open(m.mnt_path("gone")).unwrap();
+        let over = fs::File::open(m.mnt_path("over")).unwrap();
+        let mover = fs::File::open(m.mnt_path("mover")).unwrap();
+        let from_src = fs::File::open(m.mnt_path("from_src")).unwrap();
+        let ino_over = over.metadata().unwrap().ino();
+
+        fs::remove_dir(m.mnt_path("gone")).unwrap();
+        fs::rename(m.mnt_path("mover"), m.mnt_path("over")).unwrap();
+        fs::remove_dir(m.mnt_path("from_src")).unwrap();
+
+        for (what, f) in [
+            ("rmdir", &gone),
+            ("renamed over", &over),
+            ("src's", &from_src),
+        ] {
+            let md = f
+                .metadata()
+                .unwrap_or_else(|e| panic!("fstat of the open {what} directory: {e}"));
+            assert!(md.is_dir(), "{what}");
+            assert_eq!(md.nlink(), 0, "{what}: st_nlink");
+        }
+        let md = over.metadata().unwrap();
+        assert_eq!((md.ino(), md.mode() & 0o7777), (ino_over, 0o711));
+        // The directory moved onto the name is alive and well.
+        assert!(mover.metadata().unwrap().nlink() >= 2);
+        assert_eq!(
+            mover.metadata().unwrap().ino(),
+            lstat(&m.mnt_path("over")).ino()
+        );
+    });
+}
+
+/// Every name readdir(3) gives until the end of the stream.
+fn read_to_end(dir: *mut libc::DIR) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: a valid DIR*; the entry is read before the next call.
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let name = name.to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}
+
+/// rewinddir(3) lists afresh: names made and removed since opendir show as they are
+/// now (xfstests generic/471); without a rewind the open stream keeps its listing.
+#[test]
+fn rewinddir_shows_names_made_after_opendir() {
+    if !can_mount("rewinddir_shows_names_made_after_opendir") {
+        return;
+    }
+    let src = dir_with(&[("d/src_old", b"s"), ("d/src_gone", b"s")]);
+    with_mount(src, tempdir(), |m| {
+        fs::write(m.mnt_path("d/old"), b"o").unwrap();
+        let c = cpath(&m.mnt_path("d"));
+        // SAFETY: valid path.
+        let dir = unsafe { libc::opendir(c.as_ptr()) };
+        assert!(
+            !dir.is_null(),
+            "opendir: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(read_to_end(dir), ["old", "src_gone", "src_old"]);
+        let new: Vec<String> = (0..300).map(|i| format!("new{i:03}")).collect();
+        for n in &new {
+            fs::write(m.mnt_path(&format!("d/{n}")), b"n").unwrap();
+        }
+        fs::remove_file(m.mnt_path("d/src_gone")).unwrap();
+        // SAFETY: a valid DIR*.
+        unsafe { libc::rewinddir(dir) };
+        let mut want: Vec<String> = new.clone();
+        want.extend(["old".to_string(), "src_old".to_string()]);
+        want.sort();
+        assert_eq!(read_to_end(dir), want, "after rewinddir");
+        // SAFETY: a valid DIR*, not used again.
+        unsafe { libc::closedir(dir) };
+    });
+}
+
 #[test]
 fn rename_noreplace_is_eexist() {
     if !can_mount("rename_noreplace_is_eexist") {
@@ -512,6 +614,77 @@ fn xattrs_on_an_uncached_file() {
             [("user.n".to_string(), b"new value".to_vec())]
         );
         assert_eq!(fs::read(&f).unwrap(), b"f");
+    });
+}
+
+/// The mount's root answers every xattr call as any directory does (`ls -l MOUNT` asks
+/// for `security.selinux` and the ACL names; xfstests generic/069 runs `getfattr` on it).
+#[test]
+fn xattrs_on_the_mount_root() {
+    if !can_mount("xattrs_on_the_mount_root") {
+        return;
+    }
+    with_mount(tempdir(), tempdir(), |m| {
+        let root = m.mountpoint();
+        // A name the root does not have: ENODATA, as `ls -l` expects.
+        assert_eq!(getxattr(root, "user.none"), Err(libc::ENODATA));
+        assert_eq!(listxattr(root), Vec::<String>::new());
+        setxattr(root, "user.r", b"root value").unwrap();
+        assert_eq!(getxattr(root, "user.r"), Ok(b"root value".to_vec()));
+        assert_eq!(listxattr(root), ["user.r"]);
+        assert_eq!(
+            user_xattrs(m.dst.path()),
+            [("user.r".to_string(), b"root value".to_vec())]
+        );
+        removexattr(root, "user.r").unwrap();
+        assert_eq!(getxattr(root, "user.r"), Err(libc::ENODATA));
+        assert_eq!(removexattr(root, "user.r"), Err(libc::ENODATA));
+        assert_eq!(listxattr(root), Vec::<String>::new());
+        // What `ls -l` does, end to end: no "Bad file descriptor" on stderr.
+        let out = std::process::Command::new("ls")
+            .arg("-ld")
+            .arg(root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "ls -ld {}: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// cachefs implements no ioctl: each fails with ENOTTY (what isatty(3), lsattr and
+/// tools probing for features expect), quietly: no log line per call.
+#[test]
+fn ioctls_fail_with_enotty_and_are_not_logged() {
+    if !can_mount("ioctls_fail_with_enotty_and_are_not_logged") {
+        return;
+    }
+    with_mount(dir_with(&[("f", b"f")]), tempdir(), |m| {
+        fs::write(m.mnt_path("new"), b"n").unwrap();
+        fs::create_dir(m.mnt_path("d")).unwrap();
+        let paths = [m.mnt_path("f"), m.mnt_path("new"), m.mnt_path("d")];
+        for p in paths.iter().map(|p| p.as_path()).chain([m.mountpoint()]) {
+            let f = fs::File::open(p).unwrap();
+            for cmd in [libc::TCGETS, libc::FS_IOC_GETFLAGS] {
+                for _ in 0..10 {
+                    let mut buf = [0u8; 256];
+                    // SAFETY: valid fd; the buffer is larger than either command's
+                    // argument.
+                    let r = unsafe { libc::ioctl(f.as_raw_fd(), cmd, buf.as_mut_ptr()) };
+                    assert_eq!(
+                        (r, last_errno()),
+                        (-1, libc::ENOTTY),
+                        "ioctl {cmd:#x} on {}",
+                        p.display()
+                    );
+                }
+            }
+        }
+        let log = m.stderr();
+        assert!(!log.contains("ioctl"), "the daemon logged ioctls:\n{log}");
     });
 }
 

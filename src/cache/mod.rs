@@ -957,7 +957,7 @@ fn walk_view(
 ) -> bool {
     let items = match fs.opendir(ino) {
         Ok(fh) => {
-            let items = fs.readdir(fh);
+            let items = fs.readdir(fh, 0);
             fs.releasedir(fh);
             match items {
                 Ok(i) => i,

@@ -728,7 +728,9 @@ impl Layer {
     pub fn getxattr(&self, rel: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
         if !NO_GETXATTRAT.load(Ordering::Relaxed) {
             let r = match split(rel) {
-                None => getxattrat(self.root()?.as_fd(), c"", libc::AT_EMPTY_PATH, name),
+                // The root as "." beneath itself, never as `AT_EMPTY_PATH` on the root's
+                // `O_PATH` fd: getxattrat refuses that with EBADF (Linux 6.18).
+                None => getxattrat(self.root()?.as_fd(), c".", 0, name),
                 Some(_) => self.at(rel, |d, n| {
                     getxattrat(d, n, libc::AT_SYMLINK_NOFOLLOW, name)
                 }),

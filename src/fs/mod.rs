@@ -20,6 +20,8 @@
 //!   `namespace` (RwLock: write for ops that add/remove/move names, read otherwise)
 //!   -> `copy_flights` -> `inodes` -> `handles`.
 //!   `inodes` and `handles` are held only for table updates, never across I/O.
+//!   `dir_handles` (then a directory handle's own locks) is a leaf: taken under
+//!   `namespace` at most, never holding `inodes` or `handles`.
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
 //!   these and never holding another; so are `refetched` and `src_absent`'s table.
 //!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
@@ -208,7 +210,14 @@ fn version_of(st: &Stat) -> Version {
 }
 
 struct DirHandle {
-    items: Arc<[DirItem]>,
+    ino: u64,
+    /// The listing readdir pages through; taken afresh at a rewind.
+    items: Mutex<Arc<[DirItem]>>,
+    /// readdir was called: offset 0 again means a rewind.
+    read: AtomicBool,
+    /// The directory's attributes when its name went (rmdir, or a directory renamed
+    /// over it), with no link: fstat of the open directory still answers.
+    gone: Mutex<Option<Attr>>,
 }
 
 /// What revalidation did to a cached file.
@@ -536,15 +545,7 @@ impl CacheFs {
     /// left (unlinked or replaced while open) is answered from an open handle.
     fn stat_node(&self, ino: u64) -> FsResult<Attr> {
         let path = match self.node_path(ino) {
-            Err(FsError::Denied(libc::ENOENT)) => {
-                let handles = self.handles.read().unwrap();
-                let h = handles.values().find(|h| h.ino == ino);
-                let h = h.ok_or_else(FsError::not_found)?;
-                return Ok(attr_of(
-                    ino,
-                    &layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?,
-                ));
-            }
+            Err(FsError::Denied(libc::ENOENT)) => return self.stat_nameless(ino),
             r => r?.0,
         };
         if let Some(st) = self.dst.stat(&path)? {
@@ -553,6 +554,38 @@ impl CacheFs {
         match self.src_stat(&path)? {
             Some(st) => Ok(attr_of(ino, &st)),
             None => Err(FsError::not_found()),
+        }
+    }
+
+    /// A node with no name left, from an open handle: a file's dst fd, or what an open
+    /// directory kept when its name went ([`CacheFs::keep_attr_of_open_dir`]).
+    fn stat_nameless(&self, ino: u64) -> FsResult<Attr> {
+        if let Some(h) = self.handles.read().unwrap().values().find(|h| h.ino == ino) {
+            return Ok(attr_of(
+                ino,
+                &layer::fstat(std::os::fd::AsFd::as_fd(&h.file))?,
+            ));
+        }
+        let dirs = self.dir_handles.lock().unwrap();
+        dirs.values()
+            .filter(|h| h.ino == ino)
+            .find_map(|h| *h.gone.lock().unwrap())
+            .ok_or_else(FsError::not_found)
+    }
+
+    /// Before the directory at `path` (stat `st`) loses its name: its open handles
+    /// keep its attributes with no link, as an unlinked file's open fd does (a dst
+    /// directory's fd would not do for one that only src has, and costs an fd per
+    /// opendir).
+    fn keep_attr_of_open_dir(&self, path: &Path, st: &Stat) {
+        let Some(ino) = self.inodes.lock().unwrap().ino_of(path) else {
+            return;
+        };
+        let dirs = self.dir_handles.lock().unwrap();
+        for h in dirs.values().filter(|h| h.ino == ino) {
+            let mut attr = attr_of(ino, st);
+            attr.nlink = 0;
+            *h.gone.lock().unwrap() = Some(attr);
         }
     }
 
@@ -1644,6 +1677,9 @@ impl CacheFs {
         if src_has {
             self.add_whiteout(&path)?;
         }
+        if dir {
+            self.keep_attr_of_open_dir(&path, &found.st);
+        }
         self.inodes.lock().unwrap().detach_path(&path);
         self.record(if dir {
             Op::Rmdir { path }
@@ -1755,6 +1791,9 @@ impl CacheFs {
         }
         if exchange && dst_found.as_ref().is_some_and(|t| is_dir(&t.st)) {
             self.mark_opaque(&from)?;
+        }
+        if !exchange && let Some(t) = dst_found.as_ref().filter(|t| is_dir(&t.st)) {
+            self.keep_attr_of_open_dir(&to, &t.st);
         }
         {
             let mut t = self.inodes.lock().unwrap();
@@ -2273,6 +2312,22 @@ impl CacheFs {
 
     /// Snapshots the merged listing of a directory; readdir pages through it.
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let items = self.list_dir(ino)?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dir_handles.lock().unwrap().insert(
+            fh,
+            Arc::new(DirHandle {
+                ino,
+                items: Mutex::new(items),
+                read: AtomicBool::new(false),
+                gone: Mutex::new(None),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// The merged listing of directory `ino`, every entry numbered.
+    fn list_dir(&self, ino: u64) -> FsResult<Arc<[DirItem]>> {
         let _ns = self.namespace.read().unwrap();
         let (path, merges) = self.dir_path(ino)?;
         let mut items = self.list_merged(&path, merges)?;
@@ -2289,18 +2344,14 @@ impl CacheFs {
                 };
             }
         }
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.dir_handles.lock().unwrap().insert(
-            fh,
-            Arc::new(DirHandle {
-                items: items.into(),
-            }),
-        );
-        Ok(fh)
+        Ok(items.into())
     }
 
-    /// Entries from `offset` on (offset k = the k-th entry after "." and "..").
-    pub fn readdir(&self, fh: u64) -> FsResult<Arc<[DirItem]>> {
+    /// The listing to serve a readdir at `offset` from (the caller skips to it). The
+    /// handle's snapshot keeps a listing read in several calls consistent; offset 0
+    /// on a handle already read is a rewind (rewinddir, seekdir to the start), which
+    /// lists afresh, as a local filesystem shows names made since opendir.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Arc<[DirItem]>> {
         let h = self
             .dir_handles
             .lock()
@@ -2308,7 +2359,17 @@ impl CacheFs {
             .get(&fh)
             .cloned()
             .ok_or(FsError::Stale)?;
-        Ok(h.items.clone())
+        if h.read.swap(true, Ordering::Relaxed) && offset == 0 {
+            // A directory whose name went is empty (only its handles know it).
+            let items = if h.gone.lock().unwrap().is_some() {
+                Arc::from([])
+            } else {
+                self.list_dir(h.ino)?
+            };
+            *h.items.lock().unwrap() = Arc::clone(&items);
+            return Ok(items);
+        }
+        Ok(Arc::clone(&h.items.lock().unwrap()))
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -15,9 +15,10 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BackgroundSession, BackingId, BsdFileFlags, Config as FuseConfig,
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::config::Config;
@@ -623,7 +624,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let items = match self.fs.readdir(fh.0) {
+        let items = match self.fs.readdir(fh.0, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(errno(e)),
         };
@@ -659,7 +660,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let items = match self.fs.readdir(fh.0) {
+        let items = match self.fs.readdir(fh.0, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(errno(e)),
         };
@@ -773,6 +774,24 @@ impl Filesystem for FuseAdapter {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// cachefs implements no ioctl: ENOTTY ("not a supported ioctl") is what callers
+    /// probing for one expect (isatty, lsattr), where ENOSYS would make fuser log a
+    /// warning per call.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        log::trace!("ioctl {cmd:#x}: ENOTTY");
+        reply.error(Errno::ENOTTY);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

@@ -305,8 +305,6 @@ pub(crate) struct Journal {
     len: u64,
     /// Lines in the file (for the compaction heuristic).
     pub lines: u64,
-    /// Held for the life of the journal: one daemon per dst.
-    _lock: File,
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -320,25 +318,10 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 impl Journal {
     /// Open (creating if needed) and load the journal of `dst`; truncates a torn tail.
+    /// One writer per dst: the daemon holds dst's lock ([`crate::dst_lock`]) first.
     pub(crate) fn open(dst: &Path) -> io::Result<(Journal, BTreeMap<u64, Live>, u64)> {
         let dir = dir(dst);
         std::fs::create_dir_all(&dir)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(dir.join("lock"))?;
-        super::sys::try_lock(&lock).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("{}: journal in use by another cachefs", dir.display()),
-                )
-            } else {
-                e
-            }
-        })?;
         let path = dir.join("journal");
         let mut file = open_append(&path)?;
         let mut data = Vec::new();
@@ -358,7 +341,6 @@ impl Journal {
             file: Arc::new(file),
             len: valid,
             lines,
-            _lock: lock,
         };
         if valid == 0 {
             j.append(&line(HEADER))?;
@@ -512,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn open_truncates_torn_tail_and_locks() {
+    fn open_truncates_torn_tail() {
         let t = tempfile::tempdir().unwrap();
         {
             let (mut j, live, next) = Journal::open(t.path()).unwrap();
@@ -524,7 +506,6 @@ mod tests {
                 ids: [None, None],
             }))
             .unwrap();
-            assert!(Journal::open(t.path()).is_err(), "second opener must fail");
         }
         let jp = dir(t.path()).join("journal");
         let mut f = OpenOptions::new().append(true).open(&jp).unwrap();

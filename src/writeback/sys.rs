@@ -457,12 +457,6 @@ pub(crate) fn remove_xattr(dir: RawFd, name: &OsStr, attr: &[u8]) -> io::Result<
     cvt(unsafe { libc::lremovexattr(p.as_ptr(), a.as_ptr()) }).map(drop)
 }
 
-/// Take an exclusive, non-blocking flock on `f`.
-pub(crate) fn try_lock(f: &File) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    cvt(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }).map(drop)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -452,7 +452,7 @@ impl Driver {
                 .fs
                 .opendir(dino)
                 .map_err(|e| format!("opendir({dir:?}): {e}"))?;
-            let items = self.fs.readdir(fh);
+            let items = self.fs.readdir(fh, 0);
             self.fs.releasedir(fh);
             let items = items.map_err(|e| format!("readdir({dir:?}): {e}"))?;
             for item in items.iter() {
