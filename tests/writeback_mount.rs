@@ -16,6 +16,7 @@
 //!
 //! Crash and src-failure tests: tests/writeback_crash_mount.rs.
 
+mod bindfs_support;
 mod common;
 
 use std::ffi::CString;
@@ -1388,4 +1389,54 @@ fn fsx_in_writeback_mode_then_src_equals_the_mount() {
 #[test]
 fn fsx_in_mirror_mode_no_passthrough_then_src_equals_the_mount() {
     fsx_writeback(&["-concurrent", "0", "--no-passthrough"]);
+}
+
+/// When close() returns, a change is on src or visibly pending (`cachefs status`), also
+/// with FUSE passthrough, where the daemon never sees the writes. Without FLUSH the
+/// RELEASE that journals them is asynchronous: close() returned while it still waited
+/// in the daemon's queue, and `status` said "drained" with src holding the empty file
+/// the create had uploaded. The test holds the daemon's only FUSE thread on a read of
+/// a paused src while the file is closed.
+#[test]
+fn a_closed_change_is_on_src_or_pending_when_close_returns() {
+    if !can_mount("a_closed_change_is_on_src_or_pending_when_close_returns") {
+        return;
+    }
+    let real = dir_with(&[("slow", b"only in src")]);
+    let srcmnt = tempdir();
+    let bind = bindfs_support::BindfsSrc::start(real, srcmnt.path()).expect("bindfs starts");
+    let m = Mounted::with_dirs(
+        srcmnt,
+        tempdir(),
+        &["-w", "--threads", "1", "--src-timeout", "3"],
+    );
+    fs::write(m.mnt_path("warm"), b"a first close").unwrap();
+    assert!(m.mnt_path("slow").exists());
+    wait_drained(&m, Duration::from_secs(30));
+
+    let mut f = File::create(m.mnt_path("f")).unwrap();
+    f.write_all(b"the bytes of f").unwrap();
+    wait_drained(&m, Duration::from_secs(30)); // the create is on src (an empty file)
+    bind.pause(true);
+    let reader = {
+        let p = m.mnt_path("slow");
+        std::thread::spawn(move || fs::read(p))
+    };
+    sleep(Duration::from_millis(300)); // the only FUSE thread now waits on src
+    drop(f); // close()
+    let s = wb_status(m.dst.path());
+    let on_src = fs::read(bind.real.path().join("f")).ok();
+    bind.pause(false);
+    let _ = reader.join();
+    assert!(
+        s.pending_ops > 0 || on_src.as_deref() == Some(&b"the bytes of f"[..]),
+        "close() returned, the queue was empty and src had {on_src:?}: {}",
+        s.json
+    );
+    wait_drained(&m, Duration::from_secs(30));
+    assert_eq!(
+        fs::read(bind.real.path().join("f")).unwrap(),
+        b"the bytes of f"
+    );
+    m.stop();
 }

@@ -41,6 +41,7 @@ pub mod names;
 pub mod origin;
 pub mod src_absent;
 pub mod src_pool;
+pub mod src_probe;
 pub mod src_state;
 
 use std::collections::{HashMap, HashSet};
@@ -88,12 +89,6 @@ pub trait ChangeLog: Send + Sync {
     }
     /// Whether [`ChangeLog::throttle`] would wait now (a cheap check).
     fn over_dirty_limit(&self) -> bool {
-        false
-    }
-    /// Whether close() must wait for src (mirror mode). When it need not, every
-    /// record a close would make is made at release too, so the FUSE adapter can
-    /// turn FLUSH off (one round trip less per close).
-    fn close_waits(&self) -> bool {
         false
     }
 }
@@ -249,6 +244,8 @@ pub struct CacheFs {
     src: Arc<Layer>,
     /// Every src call runs here, bounded by `--src-timeout`.
     src_pool: src_pool::SrcPool,
+    /// Health checks of an offline src (see [`CacheFs::src_gate`]).
+    src_probe: Arc<src_probe::SrcProbe>,
     /// What src was just seen not to have (see `src_absent`): spares src a question
     /// per new name.
     src_absent: src_absent::SrcAbsent,
@@ -293,6 +290,15 @@ pub struct CacheFs {
 /// Threads that run src calls; while all are stuck on a stalled src, src calls fail
 /// at once.
 const SRC_WORKERS: usize = 16;
+
+/// Longest a lookup or open waits for src to revalidate a cached file: past it, the
+/// cached copy is served and the question goes on in the background (a hung bucket
+/// must not stall reads of what dst holds).
+const REVALIDATE_WAIT: Duration = Duration::from_millis(300);
+
+/// Longest a src call waits for the probe of an offline src (at most one a second):
+/// a src that is back answers within it, a hung one does not.
+const PROBE_WAIT: Duration = Duration::from_millis(250);
 
 /// Errors that mean "src is unreachable" rather than "src says no".
 pub(crate) fn is_outage(e: &io::Error) -> bool {
@@ -400,6 +406,7 @@ impl CacheFs {
             dst,
             src,
             src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
+            src_probe: src_probe::SrcProbe::new(),
             src_absent: src_absent::SrcAbsent::new(cfg.attr_ttl),
             refetched: Mutex::new(HashSet::new()),
             src_unmounted: AtomicBool::new(false),
@@ -512,7 +519,7 @@ impl CacheFs {
             return Ok(None);
         }
         let probe = path.to_path_buf();
-        match self.src_do(crate::metrics::SrcOp::Stat, move |s| s.probe(&probe))? {
+        match self.src_do(crate::metrics::SrcOp::Stat, path, move |s| s.probe(&probe))? {
             Probe::Found(st) => Ok(Some(Found {
                 layer: Layered::Src,
                 st,
@@ -607,6 +614,7 @@ impl CacheFs {
             }
             Err(e) if is_outage(&e) => {
                 if !self.src_offline.swap(true, Ordering::AcqRel) {
+                    self.src_probe.reset();
                     *self.src_offline_since.lock().unwrap() = Some(SystemTime::now());
                     log::warn!(
                         "src {} is offline ({e}): cached files keep working, uncached ones fail with EIO",
@@ -642,12 +650,18 @@ impl CacheFs {
     fn src_do<T: Send + 'static>(
         &self,
         op: crate::metrics::SrcOp,
+        path: &Path,
         f: impl Fn(&Layer) -> io::Result<T> + Send + Sync + 'static,
     ) -> FsResult<T> {
+        self.src_gate()?;
         let f = Arc::new(f);
         let attempt = || {
             let (src, f) = (Arc::clone(&self.src), Arc::clone(&f));
-            crate::metrics::src_op(op, || self.src_pool.run(move || f(&src)))
+            let r = crate::metrics::src_op(op, || self.src_pool.run(move || f(&src)));
+            if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT)) {
+                self.src_probe.note_timeout(path);
+            }
+            r
         };
         match attempt() {
             Err(e)
@@ -661,10 +675,67 @@ impl CacheFs {
         }
     }
 
+    /// While src is offline, src calls fail at once with EIO rather than each waiting
+    /// for a src that may hang (only the calls that found the outage waited). At most
+    /// once a second a call probes src ([`src_probe`]) and waits [`PROBE_WAIT`] for
+    /// it; when src answers (then or later, in the background) the call is let
+    /// through, and its success marks src online.
+    fn src_gate(&self) -> FsResult<()> {
+        if !self.src_offline.load(Ordering::Relaxed)
+            || self.src_probe.take_answer()
+            || self.src_probe.probe(&self.src_pool, &self.src, PROBE_WAIT)
+        {
+            return Ok(());
+        }
+        Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+    }
+
     /// lstat on src.
     fn src_stat(&self, path: &Path) -> FsResult<Option<Stat>> {
-        let path = path.to_path_buf();
-        self.src_do(crate::metrics::SrcOp::Stat, move |s| s.stat(&path))
+        let p = path.to_path_buf();
+        self.src_do(crate::metrics::SrcOp::Stat, path, move |s| s.stat(&p))
+    }
+
+    /// lstat on src for a revalidation: `None` when src has not answered within
+    /// [`REVALIDATE_WAIT`] (the question goes on in the background; the caller serves
+    /// the cached copy rather than wait for a src that may hang).
+    fn src_stat_for_revalidation(&self, path: &Path) -> Option<FsResult<Option<Stat>>> {
+        if let Err(e) = self.src_gate() {
+            return Some(Err(e));
+        }
+        if self.src_probe.is_slow() {
+            return None; // an earlier question is still unanswered
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let (src, p, probe, finished) = (
+            Arc::clone(&self.src),
+            path.to_path_buf(),
+            Arc::clone(&self.src_probe),
+            Arc::clone(&done),
+        );
+        let r = crate::metrics::src_op(crate::metrics::SrcOp::Stat, || {
+            let asked = self.src_pool.run_bounded(REVALIDATE_WAIT, move || {
+                let r = src.stat(&p);
+                finished.store(true, Ordering::Release);
+                probe.clear_slow();
+                r
+            });
+            asked.unwrap_or_else(|| Err(io::Error::from_raw_os_error(libc::EINPROGRESS)))
+        });
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                self.src_probe.mark_slow();
+                if done.load(Ordering::Acquire) {
+                    self.src_probe.clear_slow(); // it answered just after the bound
+                }
+                log::debug!(
+                    "{}: src is slow to answer; serving the cached copy",
+                    path.display()
+                );
+                None
+            }
+            r => Some(self.src_result(r)),
+        }
     }
 
     /// Reopens src's root, at most once a second. Whether it was reopened.
@@ -836,6 +907,7 @@ impl CacheFs {
         st: &Stat,
         limit: Option<u64>,
     ) -> FsResult<()> {
+        self.src_gate()?;
         let end = limit.unwrap_or(p.size).min(p.size);
         let progress = Arc::new(AtomicU64::new(0));
         let (pp, counter) = (Arc::clone(p), Arc::clone(&progress));
@@ -868,7 +940,7 @@ impl CacheFs {
     /// src's file at `path`, read-only (O_NOATIME where allowed), on the src pool.
     fn open_src_file(&self, path: &Path) -> FsResult<File> {
         let p = path.to_path_buf();
-        self.src_do(crate::metrics::SrcOp::Fetch, move |s| {
+        self.src_do(crate::metrics::SrcOp::Fetch, path, move |s| {
             match s.open_file(&p, libc::O_RDONLY | libc::O_NOATIME) {
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => s.open_file(&p, libc::O_RDONLY),
                 r => r,
@@ -906,6 +978,7 @@ impl CacheFs {
     /// Copies src's entry `st` at `path` into dst on the src pool, watched for
     /// progress: a large file may take longer than the timeout.
     fn copy_from_src(&self, path: &Path, st: Stat, opts: copyup::CopyOpts) -> FsResult<()> {
+        self.src_gate()?;
         let progress = Arc::new(AtomicU64::new(0));
         let (src, dst, p, counter) = (
             Arc::clone(&self.src),
@@ -1058,8 +1131,11 @@ impl CacheFs {
                 return Ok(Freshness::Unchanged);
             }
         };
-        let Ok(now) = self.src_stat(path) else {
-            return Ok(Freshness::Unchanged); // offline: keep serving the cache
+        let Some(Ok(now)) = self.src_stat_for_revalidation(path) else {
+            // Offline or slow to answer: keep serving the cache, and ask again only
+            // after another interval.
+            checked(self);
+            return Ok(Freshness::Unchanged);
         };
         match now {
             Some(st) if clean.same_source(&st) => {
@@ -1244,7 +1320,7 @@ impl CacheFs {
         }
         if merge_src && !opaque {
             let dir = path.to_path_buf();
-            let listed = self.src_do(crate::metrics::SrcOp::Readdir, move |s| {
+            let listed = self.src_do(crate::metrics::SrcOp::Readdir, path, move |s| {
                 match s.read_dir(&dir) {
                     Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
                     r => r,
@@ -1443,7 +1519,8 @@ impl CacheFs {
         match self.dst.readlink(&path) {
             Ok(t) => Ok(t),
             Err(e) if layer::is_not_found(&e) => {
-                self.src_do(crate::metrics::SrcOp::Stat, move |s| s.readlink(&path))
+                let p = path.clone();
+                self.src_do(crate::metrics::SrcOp::Stat, &path, move |s| s.readlink(&p))
             }
             Err(e) => Err(e.into()),
         }
@@ -2074,6 +2151,9 @@ impl CacheFs {
         if let Some(p) = &h.lazy
             && !p.installed()
         {
+            if p.missing(offset, len) > 0 {
+                self.src_gate()?; // blocks already present are served while src is offline
+            }
             // CACHE HOOK: the reservation is held until the blocks are reported.
             let _room = crate::cache::on_lazy_fetch(&self.cache, self, p.data_rel(), || {
                 p.missing(offset, len)
@@ -2171,11 +2251,14 @@ impl CacheFs {
         !r.is_empty() && r.remove(&ino)
     }
 
-    /// Whether close() has work to do here ([`CacheFs::flush`]): only in mirror mode,
-    /// where it waits for src. Otherwise release does the same work (the open-writer
-    /// guard covers a crash in between), and FLUSH may be turned off.
+    /// Whether close() has work to do here ([`CacheFs::flush`]): with writeback. A
+    /// change must be journaled (visibly pending) by the time close() returns, and
+    /// with FUSE passthrough only the daemon's look at the file at close tells it
+    /// changed; RELEASE, which does the same, is asynchronous (close() does not wait
+    /// for it). In mirror mode close() also waits for src. Without writeback there is
+    /// nothing to do and FLUSH may be turned off.
     pub fn flush_needed(&self) -> bool {
-        self.changes.as_ref().is_some_and(|c| c.close_waits())
+        self.changes.is_some()
     }
 
     /// close(): in mirror mode, returns once src has the bytes.
@@ -2394,7 +2477,8 @@ impl CacheFs {
         // dst has no such entry (the xattr calls never give it otherwise).
         match f(&self.dst, &path) {
             Err(e) if layer::is_not_found(&e) => {
-                self.src_do(crate::metrics::SrcOp::Stat, move |s| f(s, &path))
+                let p = path.clone();
+                self.src_do(crate::metrics::SrcOp::Stat, &path, move |s| f(s, &p))
             }
             r => Ok(r?),
         }

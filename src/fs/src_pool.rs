@@ -59,6 +59,52 @@ impl SrcPool {
         }
     }
 
+    /// Runs `f` on a worker with nobody waiting for it (a probe). Counted as busy
+    /// while it runs, so that stuck background work also makes calls fail at once.
+    /// With no timeout (no workers), on a thread of its own.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) {
+        if self.timeout.is_zero() {
+            let _ = std::thread::Builder::new()
+                .name("cachefs-src-probe".into())
+                .spawn(f);
+            return;
+        }
+        let busy = Arc::clone(&self.busy);
+        busy.fetch_add(1, Ordering::AcqRel);
+        let job: Job = Box::new(move || {
+            f();
+            busy.fetch_sub(1, Ordering::AcqRel);
+        });
+        if self.jobs.send(job).is_err() {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Runs `f` and waits at most `bound` (never more than the timeout) for it: `None`
+    /// when it has not finished by then. It goes on in the background and its result
+    /// is dropped. For questions whose answer can wait (revalidation).
+    pub fn run_bounded<T: Send + 'static>(
+        &self,
+        bound: Duration,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Option<io::Result<T>> {
+        if self.timeout.is_zero() || bound >= self.timeout {
+            return Some(self.run(f));
+        }
+        if self.busy.load(Ordering::Acquire) >= self.workers {
+            return Some(Err(timed_out()));
+        }
+        let (tx, rx) = bounded(1);
+        self.spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(bound) {
+            Ok(r) => Some(r),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Err(timed_out())),
+        }
+    }
+
     /// Runs `f` with the timeout.
     pub fn run<T: Send + 'static>(
         &self,
@@ -152,6 +198,32 @@ mod tests {
             Ok("done")
         });
         assert_eq!(r.unwrap(), "done");
+    }
+
+    #[test]
+    fn a_bounded_call_returns_at_its_bound_and_goes_on() {
+        let pool = SrcPool::new(2, Duration::from_secs(5));
+        let done = Arc::new(AtomicU64::new(0));
+        let d = Arc::clone(&done);
+        let t = Instant::now();
+        let r = pool.run_bounded(Duration::from_millis(50), move || {
+            std::thread::sleep(Duration::from_millis(300));
+            d.store(1, Ordering::Relaxed);
+            Ok(())
+        });
+        assert!(r.is_none() && t.elapsed() < Duration::from_millis(250));
+        assert_eq!(
+            pool.run_bounded(Duration::from_millis(500), || Ok(5))
+                .unwrap()
+                .unwrap(),
+            5
+        );
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(
+            done.load(Ordering::Relaxed),
+            1,
+            "the slow call finished in the background"
+        );
     }
 
     #[test]

@@ -1187,8 +1187,4 @@ impl crate::fs::ChangeLog for Writeback {
     fn has_pending(&self, path: &Path) -> bool {
         Writeback::has_pending(self, path)
     }
-
-    fn close_waits(&self) -> bool {
-        self.mirror
-    }
 }
