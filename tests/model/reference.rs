@@ -1,5 +1,5 @@
-//! The reference model: the layered view as plain maps, written from DESIGN.md section 1
-//! and the rules in `src/fs/mod.rs`, with no I/O.
+//! The reference model: the layered view as plain maps, written from docs/SEMANTICS.md
+//! section 1 and the rules in `src/fs/mod.rs`, with no I/O.
 //!
 //! - `src`: what the slow directory holds (a tree: every parent of a key is a `Dir`).
 //! - `up`: what dst holds (the upper layer), also a tree. A dst `Dir` may be opaque.
