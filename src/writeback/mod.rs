@@ -462,6 +462,12 @@ impl Shared {
         let mut st = lock(&self.state);
         match result {
             Ok(outcome) => {
+                if st.sched.entries[&job.seq].fail.is_some() {
+                    log::info!(
+                        "writeback {kind} {what} succeeded at attempt {} (it was parked as failed)",
+                        job.attempt
+                    );
+                }
                 st.sched.succeed(job.seq, now);
                 METRICS.writeback_replayed.inc();
                 Self::publish_depth(&st);
@@ -512,11 +518,24 @@ impl Shared {
                         errno: e.raw_os_error().unwrap_or(libc::EIO),
                         message: e.to_string(),
                     };
-                    let wait = retry::park_interval(self.retry_delay, self.attempts);
-                    log::error!(
-                        "writeback {kind} {what} failed after {} attempts: {e}; kept in the journal, retrying every {wait:?}",
-                        job.attempt
-                    );
+                    // Parked: retried on a growing schedule, logged once here (and once
+                    // more when it finally succeeds), not at every retry.
+                    let parked_failures = job.attempt.saturating_sub(self.attempts);
+                    let wait = retry::park_interval(self.retry_delay, parked_failures);
+                    if already {
+                        log::debug!(
+                            "writeback {kind} {what} (parked) failed again at attempt {}: {e}; next retry in {wait:?}",
+                            job.attempt
+                        );
+                    } else {
+                        log::error!(
+                            "writeback {kind} {what} failed after {} attempts: {e}; parked: kept in the \
+                             journal and retried in {wait:?}, then at doubling intervals up to {:?} \
+                             and at the next start (`cachefs status` lists it)",
+                            job.attempt,
+                            retry::MAX_BACKOFF
+                        );
+                    }
                     let line = journal::encode(&Record::Failed {
                         seq: job.seq,
                         fail: fail.clone(),
@@ -533,10 +552,18 @@ impl Shared {
                 } else {
                     let wait = retry::backoff(self.retry_delay, job.attempt);
                     if !self.log {
-                        log::warn!(
-                            "writeback {kind} {what} attempt {} failed: {e}; retrying in {wait:?}",
-                            job.attempt
-                        );
+                        if job.attempt == 1 {
+                            log::warn!(
+                                "writeback {kind} {what} attempt 1 of {} failed: {e}; retrying in {wait:?}",
+                                self.attempts
+                            );
+                        } else {
+                            log::debug!(
+                                "writeback {kind} {what} attempt {} of {} failed: {e}; retrying in {wait:?}",
+                                job.attempt,
+                                self.attempts
+                            );
+                        }
                     }
                     METRICS.writeback_retries.inc();
                     st.sched.retry(job.seq, now + wait, None, true, now);
