@@ -87,6 +87,7 @@
 //! fdatasync. `sync_lock` serialises group commits (fdatasync outside `state`).
 //! `cond` (on `state`) wakes `wait_synced` and `shutdown` waiters on every completion.
 
+mod caps;
 mod intents;
 pub mod journal;
 mod op;
@@ -95,6 +96,7 @@ mod retry;
 mod sched;
 pub mod status;
 mod sys;
+mod unrep;
 
 use std::fmt;
 use std::io;
@@ -331,6 +333,13 @@ struct Shared {
     intents: Intents,
     /// How long a throttled writer waits with no op reaching src before ENOSPC.
     dirty_stall: Duration,
+    /// What src can hold (see `caps`).
+    caps: caps::Caps,
+    /// Paths whose dst state src cannot hold (see `unrep`). Lock order: after `state`.
+    unrep: Mutex<unrep::Store>,
+    /// How many paths were reported not representable since start (to log only the
+    /// first ones one by one).
+    unrep_logged: std::sync::atomic::AtomicU64,
 }
 
 /// Held (shared) across a dst rename and its [`Writeback::record`]; see the
@@ -451,6 +460,7 @@ impl Shared {
         &self,
         job: Job,
         result: io::Result<replay::Outcome>,
+        notes: Vec<unrep::Note>,
         took: Duration,
         src_offline: bool,
     ) {
@@ -469,9 +479,12 @@ impl Shared {
                     );
                 }
                 st.sched.succeed(job.seq, now);
+                self.note_unrepresentable(&job.op, &notes);
                 METRICS.writeback_replayed.inc();
                 Self::publish_depth(&st);
-                let r = if outcome == replay::Outcome::Applied {
+                let r = if notes.iter().any(|n| n.found != 0) {
+                    "ok-partly-not-representable"
+                } else if outcome == replay::Outcome::Applied {
                     "ok"
                 } else {
                     "skipped"
@@ -577,6 +590,42 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Updates the list of paths src cannot hold after `op` was applied with `notes`,
+    /// and logs what is newly found (one line per path for the first ones, then one
+    /// line per thousand).
+    fn note_unrepresentable(&self, op: &Op, notes: &[unrep::Note]) {
+        let mut u = lock(&self.unrep);
+        match op {
+            Op::Unlink { path } | Op::Rmdir { path } => u.remove_tree(path),
+            Op::Rename { from, to, exchange } => u.rename(from, to, *exchange),
+            _ => {}
+        }
+        let ms = status::now_ms();
+        for n in notes {
+            let new = u.apply(n, ms);
+            if new == 0 {
+                continue;
+            }
+            let count = self.unrep_logged.fetch_add(1, Ordering::Relaxed) + 1;
+            if count <= 20 {
+                log::warn!(
+                    "writeback: {} not representable on src ({}: {}): kept in dst only, not \
+                     retried; `cachefs status` lists it",
+                    show(&n.path),
+                    unrep::names(new).join(", "),
+                    n.detail
+                );
+            } else if count.is_multiple_of(1000) {
+                log::warn!(
+                    "writeback: {count} paths found not representable on src since start \
+                     (`cachefs status` lists them)"
+                );
+            }
+        }
+    }
+}
+
 /// How often an op that found src unreachable tries again (each try first checks src's
 /// root, one stat, so a returning src is used within this long).
 const OFFLINE_RETRY: Duration = Duration::from_secs(1);
@@ -618,6 +667,38 @@ fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: u
     }
 }
 
+/// Finds src's capabilities in the background (see `caps`): at once, and while src is
+/// offline or fails the probe, again after 1 s, 2 s, 4 s ... 60 s. Ends with the daemon.
+fn probe_src(sh: std::sync::Weak<Shared>) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        {
+            let Some(sh) = sh.upgrade() else { return };
+            if sh.stop.load(Ordering::Relaxed) || sh.caps.get().is_some() {
+                return;
+            }
+            let r = sh
+                .src
+                .root_fd_checked()
+                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsRawFd::as_raw_fd(&root)));
+            match r {
+                Ok(_) => return,
+                Err(e) => log::debug!(
+                    "writeback: cannot probe src's capabilities yet ({e}); trying again in {wait:?}"
+                ),
+            }
+        }
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+            if sh.upgrade().is_none_or(|s| s.stop.load(Ordering::Relaxed)) {
+                return;
+            }
+        }
+        wait = (wait * 2).min(Duration::from_secs(60));
+    }
+}
+
 fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
     for job in jobs.iter() {
         let t = metrics::Timer::start();
@@ -632,8 +713,12 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
                 job.seq
             ),
             tmp_counter: std::cell::Cell::new(0),
+            caps: &sh.caps,
+            attrs_op: matches!(job.op, Op::SetAttr { .. }),
+            notes: std::cell::RefCell::new(Vec::new()),
         };
         let r = replay::apply(&ctx, &job.op, &job.ids);
+        let notes = ctx.notes.take();
         // An outage is not the op's failure: src itself is unreachable (its mount is
         // gone or dead). The op waits for src without spending an attempt. The check
         // also takes a new mount at src's path (rclone restarted); the layer refuses
@@ -651,7 +736,7 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
         if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
             METRICS.src_result(&r);
         }
-        sh.complete(job, r, took, src_offline);
+        sh.complete(job, r, notes, took, src_offline);
     }
 }
 
@@ -709,14 +794,18 @@ impl Writeback {
             log::info!("writeback: resuming {loaded} pending ops from the journal");
         }
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let instance = journal::instance_id(&cfg.dst)?;
         let sh = Arc::new(Shared {
+            caps: caps::Caps::new(&instance, &cfg.src, &cfg.dst),
+            unrep: Mutex::new(unrep::Store::open(&cfg.dst)?),
+            unrep_logged: std::sync::atomic::AtomicU64::new(0),
             src,
             dst: cfg.dst.clone(),
             attempts: cfg.retries.max(1),
             retry_delay: cfg.retry_delay,
             start_delay: cfg.start_delay,
             log: cfg.log_writeback,
-            instance: journal::instance_id(&cfg.dst)?,
+            instance,
             state: Mutex::new(inner),
             cond: Condvar::new(),
             sync_lock: Mutex::new(()),
@@ -744,6 +833,11 @@ impl Writeback {
                 .name("writeback-dispatch".into())
                 .spawn(move || dispatcher(s, job_tx, wake_rx, workers))?,
         );
+        // Not joined: it may sit in a call to a hung src; it holds no lock meanwhile.
+        let weak = Arc::downgrade(&sh);
+        std::thread::Builder::new()
+            .name("writeback-probe".into())
+            .spawn(move || probe_src(weak))?;
         let wb = Arc::new(Writeback {
             shared: Some(sh),
             threads: Mutex::new(threads),

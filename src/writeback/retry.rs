@@ -76,7 +76,10 @@ mod tests {
         assert_eq!(park_interval(Duration::ZERO, 1), MIN_PARK * 2);
         assert_eq!(park_interval(Duration::ZERO, 3), MIN_PARK * 8);
         assert_eq!(park_interval(Duration::ZERO, 40), MAX_BACKOFF);
-        assert_eq!(park_interval(Duration::from_secs(60), 0), Duration::from_secs(60));
+        assert_eq!(
+            park_interval(Duration::from_secs(60), 0),
+            Duration::from_secs(60)
+        );
         assert_eq!(park_interval(Duration::from_secs(60), 5), MAX_BACKOFF);
     }
 }
