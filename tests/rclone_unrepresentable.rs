@@ -318,12 +318,6 @@ fn rclone_retries_n_means_n_then_parked_with_backoff() {
         s.failed_ops == 1
     });
     assert_eq!(s.code, 1, "{}", s.json);
-    assert_eq!(
-        json_u64(&s.json, "not_representable"),
-        Some(0),
-        "{}",
-        s.json
-    );
     let parked = Instant::now();
     assert_eq!(
         attempts(&node.log(), "/x"),
@@ -342,6 +336,15 @@ fn rclone_retries_n_means_n_then_parked_with_backoff() {
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(errors.len(), 1, "one ERROR line, when parked: {errors:#?}");
     assert!(errors[0].contains("/x") && errors[0].contains("parked"));
+    // Failed (will retry), not "not representable".
+    let s = wb_status(&node.dst);
+    assert_eq!((s.code, s.failed_ops), (1, 1), "{}", s.json);
+    assert_eq!(
+        json_u64(&s.json, "not_representable"),
+        Some(0),
+        "{}",
+        s.json
+    );
     // Repaired: the next scheduled retry uploads it, and says so once.
     drop(guard);
     wb_wait_status(&node.dst, Duration::from_secs(60), "retried", |s| {

@@ -667,12 +667,17 @@ fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: u
     }
 }
 
+/// How long the start waits for the first try of the capability probe.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
 /// Finds src's capabilities in the background (see `caps`): at once, and while src is
 /// offline or fails the probe, again after 1 s, 2 s, 4 s ... 60 s. Ends with the daemon.
-fn probe_src(sh: std::sync::Weak<Shared>) {
+/// `tried` hears once, after the first try.
+fn probe_src(sh: std::sync::Weak<Shared>, tried: Sender<()>) {
     let mut wait = Duration::from_secs(1);
+    let mut tried = Some(tried);
     loop {
-        {
+        let done = {
             let Some(sh) = sh.upgrade() else { return };
             if sh.stop.load(Ordering::Relaxed) || sh.caps.get().is_some() {
                 return;
@@ -681,12 +686,18 @@ fn probe_src(sh: std::sync::Weak<Shared>) {
                 .src
                 .root_fd_checked()
                 .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsRawFd::as_raw_fd(&root)));
-            match r {
-                Ok(_) => return,
-                Err(e) => log::debug!(
+            if let Err(e) = &r {
+                log::debug!(
                     "writeback: cannot probe src's capabilities yet ({e}); trying again in {wait:?}"
-                ),
+                );
             }
+            r.is_ok()
+        };
+        if let Some(t) = tried.take() {
+            let _ = t.try_send(());
+        }
+        if done {
+            return;
         }
         let until = Instant::now() + wait;
         while Instant::now() < until {
@@ -834,10 +845,21 @@ impl Writeback {
                 .spawn(move || dispatcher(s, job_tx, wake_rx, workers))?,
         );
         // Not joined: it may sit in a call to a hung src; it holds no lock meanwhile.
+        // The start waits for its first try, at most PROBE_WAIT.
         let weak = Arc::downgrade(&sh);
+        let (tried_tx, tried_rx) = crossbeam_channel::bounded(1);
         std::thread::Builder::new()
             .name("writeback-probe".into())
-            .spawn(move || probe_src(weak))?;
+            .spawn(move || probe_src(weak, tried_tx))?;
+        if matches!(
+            tried_rx.recv_timeout(PROBE_WAIT),
+            Err(RecvTimeoutError::Timeout)
+        ) {
+            log::info!(
+                "writeback: src does not answer the capability probe within {PROBE_WAIT:?}; \
+                 probing in the background"
+            );
+        }
         let wb = Arc::new(Writeback {
             shared: Some(sh),
             threads: Mutex::new(threads),
