@@ -126,6 +126,42 @@ fn rclone_symlink_is_kept_in_dst_and_reported_not_retried() {
     no_internal_objects(&bucket);
 }
 
+/// After rclone is restarted with `--links` (and cachefs after it), symlinks listed as
+/// not representable are uploaded (as rclone's `NAME.rclonelink` objects) and leave
+/// the list.
+#[test]
+fn rclone_symlink_is_uploaded_once_rclone_runs_with_links() {
+    if !can_mount("rclone_symlink_is_uploaded_once_rclone_runs_with_links") {
+        return;
+    }
+    let bucket = Bucket::start();
+    let mut node = Node::start(&bucket, &["-w"]);
+    fs::write(node.path("f"), b"target\n").unwrap();
+    std::os::unix::fs::symlink("f", node.path("l")).unwrap();
+    node.wait_drained(DRAIN);
+    assert_reported(&node, "/l", "symlink");
+    node.stop_cachefs();
+    node.rclone.kill9();
+    node.rclone.set_extra(&["--links"]);
+    node.rclone
+        .restart()
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    node.restart_cachefs();
+    assert!(
+        node.log().contains("can hold: symlinks yes"),
+        "{}",
+        node.log()
+    );
+    node.wait_drained(DRAIN);
+    let (code, json) = status_json(&node.dst);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json_u64(&json, "not_representable"), Some(0), "{json}");
+    assert_eq!(keys(&bucket), ["f", "l.rclonelink"], "{}", node.logs());
+    let out = bucket.rclone_cmd(&["cat", &bucket.remote("l.rclonelink")]);
+    assert_eq!(out.stdout, b"f");
+    assert_eq!(fs::read_link(node.path("l")).unwrap(), Path::new("f"));
+}
+
 #[test]
 fn rclone_fifo_is_kept_in_dst_and_reported() {
     if !can_mount("rclone_fifo_is_kept_in_dst_and_reported") {

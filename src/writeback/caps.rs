@@ -14,10 +14,14 @@
 //! directory whether or not the backend stores it (S3 and GCS without directory
 //! markers do not). For `fuse.rclone` src that capability is reported as unknown.
 //!
-//! The probe runs in the background at start (the start never waits for src); while
-//! src is offline it is retried. A replay that needs an answer before it is known
-//! probes itself ([`Caps::get_or_probe`]): src answers then, or the op waits for src
-//! as any op does. The result is logged in one line and written to
+//! When: before the first op is replayed on src after a start (a mount that changes
+//! nothing never writes to src), by the worker about to replay it
+//! ([`Caps::get_or_probe`]; an offline src fails that op as offline, without spending
+//! an attempt, and the next replay probes again; a hung src holds that worker as the
+//! op would have). If the list of paths not representable on src is not empty, at
+//! start instead, in a background thread the start waits for at most 2 s (retried
+//! while src is offline), so that what src can hold now is synced (rclone restarted
+//! with `--links`). The result is logged in one line and written to
 //! `dst/.cachefs-state/writeback/src-caps` (one JSON object) for `cachefs status`.
 //! It is not probed again while the daemon runs: restart cachefs after changing how
 //! src is mounted (rclone's `--links`, say).

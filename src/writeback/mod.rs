@@ -15,7 +15,9 @@
 //!   src is never touched, and an existing journal is left alone.
 //!
 //! Pieces: [`journal`] (on-disk format), `sched` (causal queue), `replay` (applying an
-//! op to src), `retry` (backoff), `sys` (no-follow syscalls), [`status`] (the CLI view).
+//! op to src), `retry` (backoff), `sys` (no-follow syscalls), [`status`] (the CLI view),
+//! `caps` (what src can hold, probed at start), `unrep` (paths whose dst state src
+//! cannot hold: kept in dst, reported, not retried).
 //!
 //! # What survives
 //! - **Process crash (kill -9, panic, OOM):** every op whose `record` returned, and any
@@ -671,8 +673,8 @@ fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: u
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 /// Finds src's capabilities in the background (see `caps`): at once, and while src is
-/// offline or fails the probe, again after 1 s, 2 s, 4 s ... 60 s. Ends with the daemon.
-/// `tried` hears once, after the first try.
+/// offline or fails the probe, again after 1 s, 2 s, 4 s ... 60 s, unless a replay
+/// probed meanwhile. Ends with the daemon. `tried` hears once, after the first try.
 fn probe_src(sh: std::sync::Weak<Shared>, tried: Sender<()>) {
     let mut wait = Duration::from_secs(1);
     let mut tried = Some(tried);
@@ -728,6 +730,17 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             attrs_op: matches!(job.op, Op::SetAttr { .. }),
             notes: std::cell::RefCell::new(Vec::new()),
         };
+        if sh.caps.get().is_none() {
+            // The first replay probes what src can hold (an offline src fails the op
+            // below just the same, and the next one probes again).
+            if let Err(e) = sh
+                .src
+                .root_fd_checked()
+                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsRawFd::as_raw_fd(&root)))
+            {
+                log::debug!("writeback: cannot probe src's capabilities yet: {e}");
+            }
+        }
         let r = replay::apply(&ctx, &job.op, &job.ids);
         let notes = ctx.notes.take();
         // An outage is not the op's failure: src itself is unreachable (its mount is
@@ -844,21 +857,27 @@ impl Writeback {
                 .name("writeback-dispatch".into())
                 .spawn(move || dispatcher(s, job_tx, wake_rx, workers))?,
         );
-        // Not joined: it may sit in a call to a hung src; it holds no lock meanwhile.
-        // The start waits for its first try, at most PROBE_WAIT.
-        let weak = Arc::downgrade(&sh);
-        let (tried_tx, tried_rx) = crossbeam_channel::bounded(1);
-        std::thread::Builder::new()
-            .name("writeback-probe".into())
-            .spawn(move || probe_src(weak, tried_tx))?;
-        if matches!(
-            tried_rx.recv_timeout(PROBE_WAIT),
-            Err(RecvTimeoutError::Timeout)
-        ) {
-            log::info!(
-                "writeback: src does not answer the capability probe within {PROBE_WAIT:?}; \
-                 probing in the background"
-            );
+        // src's capabilities are probed before the first replay (see `worker`), so a
+        // mount that changes nothing leaves src untouched. With paths listed as not
+        // representable, they are probed now (src may have changed: rclone restarted
+        // with --links), in a thread the start waits for at most PROBE_WAIT. Not
+        // joined: it may sit in a call to a hung src; it holds no lock meanwhile.
+        let probe_now = !lock(&sh.unrep).map.is_empty();
+        if probe_now {
+            let weak = Arc::downgrade(&sh);
+            let (tried_tx, tried_rx) = crossbeam_channel::bounded(1);
+            std::thread::Builder::new()
+                .name("writeback-probe".into())
+                .spawn(move || probe_src(weak, tried_tx))?;
+            if matches!(
+                tried_rx.recv_timeout(PROBE_WAIT),
+                Err(RecvTimeoutError::Timeout)
+            ) {
+                log::info!(
+                    "writeback: src does not answer the capability probe within {PROBE_WAIT:?}; \
+                     probing in the background"
+                );
+            }
         }
         let wb = Arc::new(Writeback {
             shared: Some(sh),
@@ -868,7 +887,48 @@ impl Writeback {
         // Crash recovery, before the first request: what the journal cannot know.
         wb.resync_interrupted(interrupted)?;
         wb.requeue_open_writers()?;
+        wb.resync_now_representable()?;
         Ok(wb)
+    }
+
+    /// Journals a `sync` of every path listed as not representable for a reason src
+    /// can hold now (rclone restarted with `--links`, say), if the probe answered
+    /// during the start. A hard link stays a copy (a sync does not link).
+    fn resync_now_representable(&self) -> Result<(), WritebackError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let Some(c) = sh.caps.get() else {
+            return Ok(());
+        };
+        let fixed = [
+            (c.symlinks, unrep::SYMLINK),
+            (c.special_files, unrep::SPECIAL),
+            (c.chmod, unrep::MODE),
+            (c.chown, unrep::OWNER),
+            (c.utimes, unrep::MTIME),
+            (c.user_xattrs, unrep::XATTRS),
+        ]
+        .iter()
+        .filter(|(can, _)| *can)
+        .fold(0, |acc, (_, bit)| acc | bit);
+        let paths: Vec<PathBuf> = lock(&sh.unrep)
+            .map
+            .iter()
+            .filter(|(_, e)| e.what & fixed != 0)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in &paths {
+            self.record(Op::Sync { path: path.clone() })?;
+        }
+        if !paths.is_empty() {
+            log::info!(
+                "writeback: src can now hold what {} path(s) listed as not representable \
+                 need: queued a sync of each",
+                paths.len()
+            );
+        }
+        Ok(())
     }
 
     /// Journals a `sync` of every path whose change a crash interrupted (left in the
@@ -1167,6 +1227,13 @@ impl Writeback {
                 .map_or("-".to_string(), |a| format!("{a}s ago")),
             s.failed.len()
         );
+        let unrep = lock(&sh.unrep).map.len();
+        if unrep > 0 {
+            log::info!(
+                "writeback: {unrep} paths not representable on src (kept in dst only; \
+                 `cachefs status` lists them)"
+            );
+        }
         for (kind, paths, attempts, _, msg) in s.failed.iter().take(50) {
             let p: Vec<String> = paths.iter().map(|p| show(p)).collect();
             log::info!(

@@ -62,7 +62,7 @@ pub(crate) fn advice(what: u16) -> Vec<&'static str> {
     if what & SYMLINK != 0 {
         v.push(
             "symlink: kept in dst only; run rclone with --links to store symlinks \
-             (then restart cachefs and touch -h the link), or replace it by a copy",
+             (then restart cachefs: it uploads them), or replace it by a copy",
         );
     }
     if what & SPECIAL != 0 {
