@@ -520,6 +520,47 @@ mod tests {
     }
 
     #[test]
+    fn not_representable_paths_are_listed_apart_from_failures_and_exit_0() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(journal::dir(t.path())).unwrap();
+        std::fs::write(
+            super::super::unrep::path(t.path()),
+            "+ 1000 1 /l symlink%20to%20f\n+ 2000 18 /k mode%200600\n",
+        )
+        .unwrap();
+        std::fs::write(
+            super::super::caps::file(t.path()),
+            "{\"symlinks\":false,\"special_files\":false,\"hard_links\":false,\
+             \"user_xattrs\":false,\"chmod\":false,\"chown\":false,\"utimes\":true,\
+             \"empty_dirs\":null,\"fstype\":\"fuse.rclone\"}\n",
+        )
+        .unwrap();
+        let s = summarize(t.path(), std::iter::empty());
+        let x = Extra::read(t.path());
+        let txt = render_all(&s, &x, false);
+        assert!(txt.contains("failed ops:     0\n"), "{txt}");
+        assert!(txt.contains("src can hold:   symlinks no"), "{txt}");
+        assert!(txt.contains("not representable on src: 2\n"), "{txt}");
+        assert!(
+            txt.contains("NOT REPRESENTABLE /l (symlink): symlink to f"),
+            "{txt}"
+        );
+        assert!(
+            txt.contains("NOT REPRESENTABLE /k (mode, owner): mode 0600"),
+            "{txt}"
+        );
+        assert!(txt.contains("what to do: symlink:") && txt.contains("--links"));
+        let j = render_all(&s, &x, true);
+        assert!(j.contains("\"not_representable\":2,"), "{j}");
+        assert!(
+            j.contains("{\"path\":\"/l\",\"what\":[\"symlink\"],\"detail\":\"symlink to f\",\"since_ms\":1000}"),
+            "{j}"
+        );
+        assert!(j.contains("\"src_caps\":{\"symlinks\":false,"), "{j}");
+        assert_eq!(run(t.path(), true), 0, "not a failure");
+    }
+
+    #[test]
     fn missing_journal_is_empty_and_ok() {
         let t = tempfile::tempdir().unwrap();
         assert_eq!(run(t.path(), true), 0);
