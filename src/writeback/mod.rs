@@ -604,6 +604,9 @@ impl Shared {
             _ => {}
         }
         let ms = status::now_ms();
+        let publish = |u: &unrep::Store| {
+            METRICS.writeback_not_representable.set(u.map.len() as i64);
+        };
         for n in notes {
             let new = u.apply(n, ms);
             if new == 0 {
@@ -625,6 +628,7 @@ impl Shared {
                 );
             }
         }
+        publish(&u);
     }
 }
 
@@ -814,6 +818,10 @@ impl Writeback {
             Shared::compact(&mut inner)?;
         }
         Shared::publish_depth(&inner);
+        let unrep = unrep::Store::open(&cfg.dst)?;
+        METRICS
+            .writeback_not_representable
+            .set(unrep.map.len() as i64);
         if loaded > 0 {
             log::info!("writeback: resuming {loaded} pending ops from the journal");
         }
@@ -821,7 +829,7 @@ impl Writeback {
         let instance = journal::instance_id(&cfg.dst)?;
         let sh = Arc::new(Shared {
             caps: caps::Caps::new(&instance, &cfg.src, &cfg.dst),
-            unrep: Mutex::new(unrep::Store::open(&cfg.dst)?),
+            unrep: Mutex::new(unrep),
             unrep_logged: std::sync::atomic::AtomicU64::new(0),
             src,
             dst: cfg.dst.clone(),
