@@ -125,7 +125,8 @@ pub struct MountArgs {
     /// Write changes back to src in the background (from a durable journal in dst).
     #[arg(short = 'w')]
     pub writeback: bool,
-    /// Attempts per writeback operation before it is parked as failed (retried later).
+    /// Attempts per writeback operation before it is parked as failed (then retried
+    /// 5 s later, doubling up to every 5 min).
     #[arg(
         long,
         value_name = "N",

@@ -24,6 +24,7 @@
 //! | `cachefs_writeback_replayed_total` | counter | writeback ops replayed on src successfully |
 //! | `cachefs_writeback_retries_total` | counter | writeback attempts that failed and were scheduled again |
 //! | `cachefs_writeback_failures_total` | counter | writeback ops that exhausted their retries and were parked as failed |
+//! | `cachefs_writeback_not_representable` | gauge | paths whose dst state src cannot hold (kept in dst, listed by `cachefs status`) |
 //! | `cachefs_conflicts_total` | counter | files changed in dst and in src; src's version was kept under a conflict name |
 //! | `cachefs_src_errors_total{kind}` | counter | src operations that failed, by `kind`: `timeout`, `eio`, `enotconn`, `other` |
 //! | `cachefs_src_online` | gauge | 1 while src answers; 0 after a src operation failed with ENOTCONN or a timeout |
@@ -315,6 +316,7 @@ pub struct Metrics {
     pub writeback_replayed: Counter,
     pub writeback_retries: Counter,
     pub writeback_failures: Counter,
+    pub writeback_not_representable: Gauge,
     pub conflicts: Counter,
     pub src_online: Gauge,
     src_errors: [Counter; 4],
@@ -341,6 +343,7 @@ impl Metrics {
             writeback_replayed: Counter::new(),
             writeback_retries: Counter::new(),
             writeback_failures: Counter::new(),
+            writeback_not_representable: Gauge::new(0),
             conflicts: Counter::new(),
             src_online: Gauge::new(1),
             src_errors: [const { Counter::new() }; 4],
@@ -447,6 +450,12 @@ impl Metrics {
             "cachefs_writeback_failures_total",
             "Writeback ops that exhausted their retries and were parked as failed.",
             self.writeback_failures.get(),
+        );
+        gauge(
+            o,
+            "cachefs_writeback_not_representable",
+            "Paths whose dst state src cannot hold (symlinks behind rclone...): kept in dst only.",
+            self.writeback_not_representable.get(),
         );
         counter(
             o,
@@ -849,6 +858,7 @@ mod tests {
             "cachefs_writeback_replayed_total 0",
             "cachefs_writeback_retries_total 0",
             "cachefs_writeback_failures_total 0",
+            "cachefs_writeback_not_representable 0",
             "cachefs_conflicts_total 0",
             "cachefs_src_errors_total{kind=\"timeout\"} 0",
             "cachefs_src_errors_total{kind=\"eio\"} 0",

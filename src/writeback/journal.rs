@@ -96,7 +96,7 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-fn encode_bytes(out: &mut String, b: &[u8]) {
+pub(crate) fn encode_bytes(out: &mut String, b: &[u8]) {
     for &c in b {
         if c > b' ' && c < 0x7f && c != b'%' {
             out.push(c as char);
@@ -106,7 +106,7 @@ fn encode_bytes(out: &mut String, b: &[u8]) {
     }
 }
 
-fn decode_bytes(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_bytes(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

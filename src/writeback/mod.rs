@@ -15,7 +15,9 @@
 //!   src is never touched, and an existing journal is left alone.
 //!
 //! Pieces: [`journal`] (on-disk format), `sched` (causal queue), `replay` (applying an
-//! op to src), `retry` (backoff), `sys` (no-follow syscalls), [`status`] (the CLI view).
+//! op to src), `retry` (backoff), `sys` (no-follow syscalls), [`status`] (the CLI view),
+//! `caps` (what src can hold, probed at start), `unrep` (paths whose dst state src
+//! cannot hold: kept in dst, reported, not retried).
 //!
 //! # What survives
 //! - **Process crash (kill -9, panic, OOM):** every op whose `record` returned, and any
@@ -87,6 +89,7 @@
 //! fdatasync. `sync_lock` serialises group commits (fdatasync outside `state`).
 //! `cond` (on `state`) wakes `wait_synced` and `shutdown` waiters on every completion.
 
+mod caps;
 mod intents;
 pub mod journal;
 mod op;
@@ -95,6 +98,7 @@ mod retry;
 mod sched;
 pub mod status;
 mod sys;
+mod unrep;
 
 use std::fmt;
 use std::io;
@@ -331,6 +335,13 @@ struct Shared {
     intents: Intents,
     /// How long a throttled writer waits with no op reaching src before ENOSPC.
     dirty_stall: Duration,
+    /// What src can hold (see `caps`).
+    caps: caps::Caps,
+    /// Paths whose dst state src cannot hold (see `unrep`). Lock order: after `state`.
+    unrep: Mutex<unrep::Store>,
+    /// How many paths were reported not representable since start (to log only the
+    /// first ones one by one).
+    unrep_logged: std::sync::atomic::AtomicU64,
 }
 
 /// Held (shared) across a dst rename and its [`Writeback::record`]; see the
@@ -451,6 +462,7 @@ impl Shared {
         &self,
         job: Job,
         result: io::Result<replay::Outcome>,
+        notes: Vec<unrep::Note>,
         took: Duration,
         src_offline: bool,
     ) {
@@ -462,10 +474,19 @@ impl Shared {
         let mut st = lock(&self.state);
         match result {
             Ok(outcome) => {
+                if st.sched.entries[&job.seq].fail.is_some() {
+                    log::info!(
+                        "writeback {kind} {what} succeeded at attempt {} (it was parked as failed)",
+                        job.attempt
+                    );
+                }
                 st.sched.succeed(job.seq, now);
+                self.note_unrepresentable(&job.op, &notes);
                 METRICS.writeback_replayed.inc();
                 Self::publish_depth(&st);
-                let r = if outcome == replay::Outcome::Applied {
+                let r = if notes.iter().any(|n| n.found != 0) {
+                    "ok-partly-not-representable"
+                } else if outcome == replay::Outcome::Applied {
                     "ok"
                 } else {
                     "skipped"
@@ -512,11 +533,24 @@ impl Shared {
                         errno: e.raw_os_error().unwrap_or(libc::EIO),
                         message: e.to_string(),
                     };
-                    let wait = retry::park_interval(self.retry_delay, self.attempts);
-                    log::error!(
-                        "writeback {kind} {what} failed after {} attempts: {e}; kept in the journal, retrying every {wait:?}",
-                        job.attempt
-                    );
+                    // Parked: retried on a growing schedule, logged once here (and once
+                    // more when it finally succeeds), not at every retry.
+                    let parked_failures = job.attempt.saturating_sub(self.attempts);
+                    let wait = retry::park_interval(self.retry_delay, parked_failures);
+                    if already {
+                        log::debug!(
+                            "writeback {kind} {what} (parked) failed again at attempt {}: {e}; next retry in {wait:?}",
+                            job.attempt
+                        );
+                    } else {
+                        log::error!(
+                            "writeback {kind} {what} failed after {} attempts: {e}; parked: kept in the \
+                             journal and retried in {wait:?}, then at doubling intervals up to {:?} \
+                             and at the next start (`cachefs status` lists it)",
+                            job.attempt,
+                            retry::MAX_BACKOFF
+                        );
+                    }
                     let line = journal::encode(&Record::Failed {
                         seq: job.seq,
                         fail: fail.clone(),
@@ -533,10 +567,18 @@ impl Shared {
                 } else {
                     let wait = retry::backoff(self.retry_delay, job.attempt);
                     if !self.log {
-                        log::warn!(
-                            "writeback {kind} {what} attempt {} failed: {e}; retrying in {wait:?}",
-                            job.attempt
-                        );
+                        if job.attempt == 1 {
+                            log::warn!(
+                                "writeback {kind} {what} attempt 1 of {} failed: {e}; retrying in {wait:?}",
+                                self.attempts
+                            );
+                        } else {
+                            log::debug!(
+                                "writeback {kind} {what} attempt {} of {} failed: {e}; retrying in {wait:?}",
+                                job.attempt,
+                                self.attempts
+                            );
+                        }
                     }
                     METRICS.writeback_retries.inc();
                     st.sched.retry(job.seq, now + wait, None, true, now);
@@ -547,6 +589,46 @@ impl Shared {
         drop(st);
         self.cond.notify_all();
         self.wake();
+    }
+}
+
+impl Shared {
+    /// Updates the list of paths src cannot hold after `op` was applied with `notes`,
+    /// and logs what is newly found (one line per path for the first ones, then one
+    /// line per thousand).
+    fn note_unrepresentable(&self, op: &Op, notes: &[unrep::Note]) {
+        let mut u = lock(&self.unrep);
+        match op {
+            Op::Unlink { path } | Op::Rmdir { path } => u.remove_tree(path),
+            Op::Rename { from, to, exchange } => u.rename(from, to, *exchange),
+            _ => {}
+        }
+        let ms = status::now_ms();
+        let publish = |u: &unrep::Store| {
+            METRICS.writeback_not_representable.set(u.map.len() as i64);
+        };
+        for n in notes {
+            let new = u.apply(n, ms);
+            if new == 0 {
+                continue;
+            }
+            let count = self.unrep_logged.fetch_add(1, Ordering::Relaxed) + 1;
+            if count <= 20 {
+                log::warn!(
+                    "writeback: {} not representable on src ({}: {}): kept in dst only, not \
+                     retried; `cachefs status` lists it",
+                    show(&n.path),
+                    unrep::names(new).join(", "),
+                    n.detail
+                );
+            } else if count.is_multiple_of(1000) {
+                log::warn!(
+                    "writeback: {count} paths found not representable on src since start \
+                     (`cachefs status` lists them)"
+                );
+            }
+        }
+        publish(&u);
     }
 }
 
@@ -591,6 +673,49 @@ fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>, workers: u
     }
 }
 
+/// How long the start waits for the first try of the capability probe.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Finds src's capabilities in the background (see `caps`): at once, and while src is
+/// offline or fails the probe, again after 1 s, 2 s, 4 s ... 60 s, unless a replay
+/// probed meanwhile. Ends with the daemon. `tried` hears once, after the first try.
+fn probe_src(sh: std::sync::Weak<Shared>, tried: Sender<()>) {
+    let mut wait = Duration::from_secs(1);
+    let mut tried = Some(tried);
+    loop {
+        let done = {
+            let Some(sh) = sh.upgrade() else { return };
+            if sh.stop.load(Ordering::Relaxed) || sh.caps.get().is_some() {
+                return;
+            }
+            let r = sh
+                .src
+                .root_fd_checked()
+                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsRawFd::as_raw_fd(&root)));
+            if let Err(e) = &r {
+                log::debug!(
+                    "writeback: cannot probe src's capabilities yet ({e}); trying again in {wait:?}"
+                );
+            }
+            r.is_ok()
+        };
+        if let Some(t) = tried.take() {
+            let _ = t.try_send(());
+        }
+        if done {
+            return;
+        }
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+            if sh.upgrade().is_none_or(|s| s.stop.load(Ordering::Relaxed)) {
+                return;
+            }
+        }
+        wait = (wait * 2).min(Duration::from_secs(60));
+    }
+}
+
 fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
     for job in jobs.iter() {
         let t = metrics::Timer::start();
@@ -605,8 +730,23 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
                 job.seq
             ),
             tmp_counter: std::cell::Cell::new(0),
+            caps: &sh.caps,
+            attrs_op: matches!(job.op, Op::SetAttr { .. }),
+            notes: std::cell::RefCell::new(Vec::new()),
         };
+        if sh.caps.get().is_none() {
+            // The first replay probes what src can hold (an offline src fails the op
+            // below just the same, and the next one probes again).
+            if let Err(e) = sh
+                .src
+                .root_fd_checked()
+                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsRawFd::as_raw_fd(&root)))
+            {
+                log::debug!("writeback: cannot probe src's capabilities yet: {e}");
+            }
+        }
         let r = replay::apply(&ctx, &job.op, &job.ids);
+        let notes = ctx.notes.take();
         // An outage is not the op's failure: src itself is unreachable (its mount is
         // gone or dead). The op waits for src without spending an attempt. The check
         // also takes a new mount at src's path (rclone restarted); the layer refuses
@@ -624,7 +764,7 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
         if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
             METRICS.src_result(&r);
         }
-        sh.complete(job, r, took, src_offline);
+        sh.complete(job, r, notes, took, src_offline);
     }
 }
 
@@ -678,18 +818,26 @@ impl Writeback {
             Shared::compact(&mut inner)?;
         }
         Shared::publish_depth(&inner);
+        let unrep = unrep::Store::open(&cfg.dst)?;
+        METRICS
+            .writeback_not_representable
+            .set(unrep.map.len() as i64);
         if loaded > 0 {
             log::info!("writeback: resuming {loaded} pending ops from the journal");
         }
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let instance = journal::instance_id(&cfg.dst)?;
         let sh = Arc::new(Shared {
+            caps: caps::Caps::new(&instance, &cfg.src, &cfg.dst),
+            unrep: Mutex::new(unrep),
+            unrep_logged: std::sync::atomic::AtomicU64::new(0),
             src,
             dst: cfg.dst.clone(),
             attempts: cfg.retries.max(1),
             retry_delay: cfg.retry_delay,
             start_delay: cfg.start_delay,
             log: cfg.log_writeback,
-            instance: journal::instance_id(&cfg.dst)?,
+            instance,
             state: Mutex::new(inner),
             cond: Condvar::new(),
             sync_lock: Mutex::new(()),
@@ -717,6 +865,28 @@ impl Writeback {
                 .name("writeback-dispatch".into())
                 .spawn(move || dispatcher(s, job_tx, wake_rx, workers))?,
         );
+        // src's capabilities are probed before the first replay (see `worker`), so a
+        // mount that changes nothing leaves src untouched. With paths listed as not
+        // representable, they are probed now (src may have changed: rclone restarted
+        // with --links), in a thread the start waits for at most PROBE_WAIT. Not
+        // joined: it may sit in a call to a hung src; it holds no lock meanwhile.
+        let probe_now = !lock(&sh.unrep).map.is_empty();
+        if probe_now {
+            let weak = Arc::downgrade(&sh);
+            let (tried_tx, tried_rx) = crossbeam_channel::bounded(1);
+            std::thread::Builder::new()
+                .name("writeback-probe".into())
+                .spawn(move || probe_src(weak, tried_tx))?;
+            if matches!(
+                tried_rx.recv_timeout(PROBE_WAIT),
+                Err(RecvTimeoutError::Timeout)
+            ) {
+                log::info!(
+                    "writeback: src does not answer the capability probe within {PROBE_WAIT:?}; \
+                     probing in the background"
+                );
+            }
+        }
         let wb = Arc::new(Writeback {
             shared: Some(sh),
             threads: Mutex::new(threads),
@@ -725,7 +895,48 @@ impl Writeback {
         // Crash recovery, before the first request: what the journal cannot know.
         wb.resync_interrupted(interrupted)?;
         wb.requeue_open_writers()?;
+        wb.resync_now_representable()?;
         Ok(wb)
+    }
+
+    /// Journals a `sync` of every path listed as not representable for a reason src
+    /// can hold now (rclone restarted with `--links`, say), if the probe answered
+    /// during the start. A hard link stays a copy (a sync does not link).
+    fn resync_now_representable(&self) -> Result<(), WritebackError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let Some(c) = sh.caps.get() else {
+            return Ok(());
+        };
+        let fixed = [
+            (c.symlinks, unrep::SYMLINK),
+            (c.special_files, unrep::SPECIAL),
+            (c.chmod, unrep::MODE),
+            (c.chown, unrep::OWNER),
+            (c.utimes, unrep::MTIME),
+            (c.user_xattrs, unrep::XATTRS),
+        ]
+        .iter()
+        .filter(|(can, _)| *can)
+        .fold(0, |acc, (_, bit)| acc | bit);
+        let paths: Vec<PathBuf> = lock(&sh.unrep)
+            .map
+            .iter()
+            .filter(|(_, e)| e.what & fixed != 0)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in &paths {
+            self.record(Op::Sync { path: path.clone() })?;
+        }
+        if !paths.is_empty() {
+            log::info!(
+                "writeback: src can now hold what {} path(s) listed as not representable \
+                 need: queued a sync of each",
+                paths.len()
+            );
+        }
+        Ok(())
     }
 
     /// Journals a `sync` of every path whose change a crash interrupted (left in the
@@ -1024,6 +1235,13 @@ impl Writeback {
                 .map_or("-".to_string(), |a| format!("{a}s ago")),
             s.failed.len()
         );
+        let unrep = lock(&sh.unrep).map.len();
+        if unrep > 0 {
+            log::info!(
+                "writeback: {unrep} paths not representable on src (kept in dst only; \
+                 `cachefs status` lists them)"
+            );
+        }
         for (kind, paths, attempts, _, msg) in s.failed.iter().take(50) {
             let p: Vec<String> = paths.iter().map(|p| show(p)).collect();
             log::info!(

@@ -26,7 +26,12 @@
 //!   the recorded one is a conflict (src's version is kept beside it). A replayed
 //!   rename clears the records at both names first: it changes src under them.
 //! - Nothing follows a symlink: see [`super::sys`].
-//! - Owner, mode and xattr changes a src filesystem does not support (rclone) are ignored.
+//! - What src cannot hold (see `caps`) is not tried, or not retried: a symlink or special
+//!   file on a src without them is kept in dst only (and whatever src had at that path
+//!   is removed: the view replaced it); a hard link on a src without them is a copy; a
+//!   mode, owner, mtime or user xattrs src does not keep are left as src shows them.
+//!   Each is noted in [`Ctx::notes`] (`unrep`: "not representable on src"), and the op
+//!   succeeds.
 
 use crate::fs::layer;
 use crate::fs::origin::{self, Origin};
@@ -39,9 +44,12 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::caps::{Caps, SrcCaps};
 use super::sys::{self, Id, Stat};
+use super::unrep::{self, Note};
 use super::{Op, op};
 use crate::fs::names;
+use std::cell::RefCell;
 
 /// What a replay did (for the `-log` line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +68,14 @@ pub(crate) struct Ctx<'a> {
     /// `.cachefs-tmp.wb.<instance>.<seq>.`
     pub tmp_prefix: String,
     pub tmp_counter: Cell<u32>,
+    /// What src can hold (probed once).
+    pub caps: &'a Caps,
+    /// The op is a chmod/chown/utimens (`SetAttr`): src's mode, owner and mtime are
+    /// compared with dst's.
+    pub attrs_op: bool,
+    /// What this replay found src cannot hold, per path synced (and, with nothing
+    /// found, that a path is representable again).
+    pub notes: RefCell<Vec<Note>>,
 }
 
 struct Roots {
@@ -94,6 +110,24 @@ pub(crate) fn apply(ctx: &Ctx, op: &Op, ids: &[Option<Id>; 2]) -> io::Result<Out
 }
 
 impl Ctx<'_> {
+    /// src's capabilities (probed now if not known yet).
+    fn caps(&self) -> io::Result<SrcCaps> {
+        if let Some(c) = self.caps.get() {
+            return Ok(c);
+        }
+        let root = self.src.root_fd_checked()?;
+        self.caps.get_or_probe(root.as_raw_fd())
+    }
+
+    fn note(&self, path: PathBuf, checked: u16, found: u16, detail: String) {
+        self.notes.borrow_mut().push(Note {
+            path,
+            checked,
+            found,
+            detail,
+        });
+    }
+
     /// The next temp name of this op: `.cachefs-tmp.wb.<instance>.<seq>.<n>`. Names are
     /// a function of the op, so the replay of an op interrupted by a crash reuses (and so
     /// reclaims) the temp file it left in src.
@@ -335,13 +369,13 @@ fn sync_entry(
             if !content && src_type == Some(libc::S_IFREG) {
                 set_meta(dd, sd, name, dst_st)?;
                 refresh_record(ctx, &dir.join(name), dd, sd, name);
-                Ok(())
             } else {
                 if src_type == Some(libc::S_IFDIR) {
                     remove_tree(ctx, sd, name)?;
                 }
-                copy_file(ctx, &dir.join(name), dd, sd, name, src_st.as_ref())
+                copy_file(ctx, &dir.join(name), dd, sd, name, src_st.as_ref())?;
             }
+            note_meta(ctx, &dir.join(name), dd, sd, name, dst_st)
         }
         libc::S_IFDIR => {
             match src_type {
@@ -355,12 +389,25 @@ fn sync_entry(
             if recursive {
                 sync_children(ctx, dir, dd, sd, name)?;
             }
-            set_meta(dd, sd, name, dst_st)
+            set_meta(dd, sd, name, dst_st)?;
+            note_meta(ctx, &dir.join(name), dd, sd, name, dst_st)
         }
         libc::S_IFLNK => {
             let target = sys::readlink_keeping_atime(dd, name)?;
             if src_type == Some(libc::S_IFLNK) && sys::readlink_at(sd, name)? == target {
+                ctx.note(dir.join(name), unrep::ALL, 0, String::new());
                 return set_meta(dd, sd, name, dst_st);
+            }
+            if !ctx.caps()?.symlinks {
+                return keep_in_dst_only(
+                    ctx,
+                    &dir.join(name),
+                    sd,
+                    name,
+                    src_st.is_some(),
+                    unrep::SYMLINK,
+                    format!("symlink to {}", target.to_string_lossy()),
+                );
             }
             if src_type == Some(libc::S_IFDIR) {
                 remove_tree(ctx, sd, name)?;
@@ -375,13 +422,33 @@ fn sync_entry(
             set_meta_as(dd, name, sd, &tmp, dst_st)?;
             sys::rename_at(sd, &tmp, sd, name, false)?;
             g.armed = false;
+            ctx.note(dir.join(name), unrep::ALL, 0, String::new());
             Ok(())
         }
         _ => {
             let same = src_st
                 .is_some_and(|s| sys::file_type(&s) == ftype && (s.st_rdev == dst_st.st_rdev));
             if same {
+                ctx.note(dir.join(name), unrep::ALL, 0, String::new());
                 return set_meta(dd, sd, name, dst_st);
+            }
+            if !ctx.caps()?.special_files {
+                let kind = match ftype {
+                    libc::S_IFIFO => "fifo",
+                    libc::S_IFSOCK => "socket",
+                    libc::S_IFCHR => "character device",
+                    libc::S_IFBLK => "block device",
+                    _ => "special file",
+                };
+                return keep_in_dst_only(
+                    ctx,
+                    &dir.join(name),
+                    sd,
+                    name,
+                    src_st.is_some(),
+                    unrep::SPECIAL,
+                    kind.to_string(),
+                );
             }
             if src_type == Some(libc::S_IFDIR) {
                 remove_tree(ctx, sd, name)?;
@@ -398,9 +465,102 @@ fn sync_entry(
             set_meta_as(dd, name, sd, &tmp, dst_st)?;
             sys::rename_at(sd, &tmp, sd, name, false)?;
             g.armed = false;
+            ctx.note(dir.join(name), unrep::ALL, 0, String::new());
             Ok(())
         }
     }
+}
+
+/// dst's `rel` (a symlink or special file) is something src cannot hold: it stays in
+/// dst only. Whatever src still has at that name is stale (the view replaced it; had
+/// src been able to hold the new entry, it would have replaced it too), so it goes.
+fn keep_in_dst_only(
+    ctx: &Ctx,
+    rel: &Path,
+    sd: RawFd,
+    name: &OsStr,
+    src_has_it: bool,
+    what: u16,
+    detail: String,
+) -> io::Result<()> {
+    if src_has_it {
+        remove_tree(ctx, sd, name)?;
+    }
+    ctx.note(rel.to_path_buf(), unrep::ALL, what, detail);
+    Ok(())
+}
+
+/// Whether src showing mode `s` for dst's mode `d` loses something that matters: src
+/// lets group or others read what dst does not, or drops execute, setuid, setgid or
+/// sticky bits. (rclone shows every file with its `--umask` mode: a 0644 file shown as
+/// 0664 is not worth a report, a 0600 one shown as 0664 is.)
+fn mode_loss_matters(d: u32, s: u32) -> bool {
+    (s & !d & 0o044) != 0 || (d & !s & 0o7111) != 0
+}
+
+/// After a regular file or directory was synced: note what of dst's metadata src does
+/// not show (see `unrep`). Mode: when the loss matters, or after a chmod/chown/utimens
+/// whatever the difference; owner and mtime: after a chmod/chown/utimens only (every
+/// file rclone shows has its `--uid`/`--gid`). User xattrs and hard links: always.
+fn note_meta(
+    ctx: &Ctx,
+    rel: &Path,
+    dd: RawFd,
+    sd: RawFd,
+    name: &OsStr,
+    dst_st: &Stat,
+) -> io::Result<()> {
+    let Some(s) = sys::lstat_at(sd, name)? else {
+        return Ok(());
+    };
+    let mut checked = unrep::SYMLINK | unrep::SPECIAL | unrep::MODE | unrep::XATTRS;
+    let mut found = 0;
+    let mut detail = Vec::new();
+    let (dm, sm) = (dst_st.st_mode & 0o7777, s.st_mode & 0o7777);
+    if dm != sm && (ctx.attrs_op || mode_loss_matters(dm, sm)) {
+        found |= unrep::MODE;
+        detail.push(format!("mode {dm:04o} (src shows {sm:04o})"));
+    }
+    if ctx.attrs_op {
+        checked |= unrep::OWNER | unrep::MTIME;
+        if (dst_st.st_uid, dst_st.st_gid) != (s.st_uid, s.st_gid) {
+            found |= unrep::OWNER;
+            detail.push(format!(
+                "owner {}:{} (src shows {}:{})",
+                dst_st.st_uid, dst_st.st_gid, s.st_uid, s.st_gid
+            ));
+        }
+        if dst_st.st_mtime != s.st_mtime {
+            found |= unrep::MTIME;
+            detail.push(format!(
+                "mtime {} (src shows {})",
+                dst_st.st_mtime, s.st_mtime
+            ));
+        }
+    }
+    let want = sys::list_user_xattrs(dd, name).unwrap_or_default();
+    if !want.is_empty() {
+        let missing = match sys::list_user_xattrs(sd, name) {
+            Ok(have) => want.iter().filter(|a| !have.contains(a)).count(),
+            Err(_) => want.len(),
+        };
+        if missing > 0 {
+            found |= unrep::XATTRS;
+            detail.push(format!("{missing} user xattrs"));
+        }
+    }
+    if sys::file_type(dst_st) == libc::S_IFREG {
+        checked |= unrep::HARD_LINK;
+        if dst_st.st_nlink > 1 && !ctx.caps()?.hard_links {
+            found |= unrep::HARD_LINK;
+            detail.push(format!(
+                "hard link ({} names in dst; a copy on src)",
+                dst_st.st_nlink
+            ));
+        }
+    }
+    ctx.note(rel.to_path_buf(), checked, found, detail.join(", "));
+    Ok(())
 }
 
 /// Recursive part of a directory sync: children of dst's `name` under `dd` onto src's.
@@ -726,7 +886,8 @@ fn link(
         Err(e) if sys::is_gone(&e) => return Ok(Outcome::Skipped),
         Err(e) => return Err(e),
     }
-    if let Ok(ep) = sys::walk(&roots.src, &ec)
+    if ctx.caps()?.hard_links
+        && let Ok(ep) = sys::walk(&roots.src, &ec)
         && let Some(est) = sys::lstat_at(ep.as_raw_fd(), en)?
         && sys::file_type(&est) != libc::S_IFDIR
     {
@@ -740,7 +901,7 @@ fn link(
                     return Ok(Outcome::Skipped);
                 }
             }
-            Err(_) => {} // no hard links on this src (rclone...): copy instead
+            Err(_) => {} // refused here: copy instead
         }
     }
     sync_path(ctx, roots, new, id, true, false)

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 /// No single wait is longer than this.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Parked (failed) ops are retried at least this far apart.
-pub(crate) const MIN_PARK: Duration = Duration::from_secs(1);
+/// The first retry of a parked (failed) op waits at least this long; later ones wait
+/// twice as long as the one before, up to [`MAX_BACKOFF`].
+pub(crate) const MIN_PARK: Duration = Duration::from_secs(5);
 
 static RNG: AtomicU64 = AtomicU64::new(0);
 
@@ -48,9 +49,11 @@ pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
     Duration::from_nanos(nanos - nanos / 4 + jitter).min(MAX_BACKOFF)
 }
 
-/// How long a parked op waits between later retries.
-pub(crate) fn park_interval(base: Duration, retries: u32) -> Duration {
-    exp(base, retries + 1).clamp(MIN_PARK, MAX_BACKOFF)
+/// How long a parked op waits before its next retry, after `parked_failures` failed
+/// retries since it was parked (0 when it is parked): `max(base, MIN_PARK) * 2^k`, capped
+/// at [`MAX_BACKOFF`]. With the default `-retry-delay 0`: 5 s, 10 s, 20 s, ... 5 min.
+pub(crate) fn park_interval(base: Duration, parked_failures: u32) -> Duration {
+    exp(base.max(MIN_PARK), parked_failures + 1).min(MAX_BACKOFF)
 }
 
 #[cfg(test)]
@@ -69,7 +72,14 @@ mod tests {
             assert!(d >= e * 3 / 4 && d <= e * 5 / 4, "{d:?} vs {e:?}");
         }
         assert_eq!(backoff(Duration::ZERO, 3), Duration::ZERO);
-        assert_eq!(park_interval(Duration::ZERO, 5), MIN_PARK);
+        assert_eq!(park_interval(Duration::ZERO, 0), MIN_PARK);
+        assert_eq!(park_interval(Duration::ZERO, 1), MIN_PARK * 2);
+        assert_eq!(park_interval(Duration::ZERO, 3), MIN_PARK * 8);
+        assert_eq!(park_interval(Duration::ZERO, 40), MAX_BACKOFF);
+        assert_eq!(
+            park_interval(Duration::from_secs(60), 0),
+            Duration::from_secs(60)
+        );
         assert_eq!(park_interval(Duration::from_secs(60), 5), MAX_BACKOFF);
     }
 }

@@ -137,6 +137,13 @@ pub(crate) fn render(s: &Summary, json: bool) -> String {
             None => out.push_str("oldest pending: -\n"),
         }
         let _ = writeln!(out, "failed ops:     {}", s.failed.len());
+        if !s.failed.is_empty() {
+            out.push_str(
+                "  (failed and will retry: each is retried 5 s after it was parked, then at \
+                 doubling intervals up to 5 min, and at the next start; fix what the error \
+                 says and it goes through)\n",
+            );
+        }
         for (kind, paths, attempts, _, msg) in &s.failed {
             let p: Vec<String> = paths.iter().map(|p| show(p)).collect();
             let _ = writeln!(
@@ -161,7 +168,15 @@ pub(crate) struct Extra {
     pub now: u64,
     /// Partially present (lazily fetched) files: (count, present bytes, total bytes).
     pub partial: (u64, u64, u64),
+    /// Paths whose dst state src cannot hold (see `unrep`).
+    pub unrep: std::collections::BTreeMap<PathBuf, super::unrep::Entry>,
+    /// What src can hold, as last probed.
+    pub caps: Option<super::caps::SrcCaps>,
 }
+
+/// At most this many not-representable paths are listed (the count is always whole).
+const UNREP_LIST_MAX: usize = 1000;
+const UNREP_TEXT_MAX: usize = 20;
 
 impl Extra {
     pub(crate) fn read(dst: &Path) -> Extra {
@@ -173,6 +188,76 @@ impl Extra {
             cache_text: crate::cache::status_text(dst),
             now: src_state::unix_now(std::time::SystemTime::now()),
             partial: crate::fs::lazy::summary(dst),
+            unrep: super::unrep::read(dst),
+            caps: super::caps::read(dst),
+        }
+    }
+
+    fn unrep_json(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            ",\"not_representable\":{},\"not_representable_paths\":[",
+            self.unrep.len()
+        );
+        for (i, (p, e)) in self.unrep.iter().take(UNREP_LIST_MAX).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"path\":");
+            json_str(out, &show(p));
+            out.push_str(",\"what\":[");
+            for (j, n) in super::unrep::names(e.what).iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                json_str(out, n);
+            }
+            out.push_str("],\"detail\":");
+            json_str(out, &e.detail);
+            let _ = write!(out, ",\"since_ms\":{}}}", e.ms);
+        }
+        out.push_str("],\"src_caps\":");
+        match &self.caps {
+            Some(c) => out.push_str(&c.to_json()),
+            None => out.push_str("null"),
+        }
+    }
+
+    fn unrep_text(&self, out: &mut String) {
+        if let Some(c) = &self.caps {
+            let _ = writeln!(out, "src can hold:   {}", c.describe());
+        }
+        let _ = writeln!(out, "not representable on src: {}", self.unrep.len());
+        if self.unrep.is_empty() {
+            return;
+        }
+        out.push_str(
+            "  (src cannot store these: kept in dst only, shown by the mount, not retried, \
+             not an error; other paths are not held up)\n",
+        );
+        let mut all = 0;
+        for (p, e) in self.unrep.iter().take(UNREP_TEXT_MAX) {
+            all |= e.what;
+            let _ = writeln!(
+                out,
+                "  NOT REPRESENTABLE {} ({}): {}",
+                show(p),
+                super::unrep::names(e.what).join(", "),
+                e.detail
+            );
+        }
+        if self.unrep.len() > UNREP_TEXT_MAX {
+            for e in self.unrep.values().skip(UNREP_TEXT_MAX) {
+                all |= e.what;
+            }
+            let _ = writeln!(
+                out,
+                "  ... and {} more (`cachefs status --json` lists up to {UNREP_LIST_MAX})",
+                self.unrep.len() - UNREP_TEXT_MAX
+            );
+        }
+        for a in super::unrep::advice(all) {
+            let _ = writeln!(out, "  what to do: {a}");
         }
     }
 
@@ -195,6 +280,7 @@ impl Extra {
             ",\"partial_files\":{},\"partial_present_bytes\":{},\"partial_total_bytes\":{}",
             self.partial.0, self.partial.1, self.partial.2
         );
+        self.unrep_json(out);
         let _ = write!(out, ",\"daemon_running\":{},\"cache\":", self.running);
         match self.cache_raw.as_deref().map(str::trim) {
             Some(c) if c.starts_with('{') && c.ends_with('}') => out.push_str(c),
@@ -277,6 +363,7 @@ pub(crate) fn render_all(s: &Summary, x: &Extra, json: bool) -> String {
     } else {
         let mut out = x.src_line();
         out.push_str(&wb);
+        x.unrep_text(&mut out);
         let (n, present, total) = x.partial;
         let _ = writeln!(
             out,
@@ -392,7 +479,8 @@ mod tests {
             j.ends_with(
                 ",\"src_online\":null,\"src_since\":null,\"src_offline_since\":null,\
                  \"src_last_error\":null,\"partial_files\":0,\"partial_present_bytes\":0,\
-                 \"partial_total_bytes\":0,\"daemon_running\":false,\"cache\":null}\n"
+                 \"partial_total_bytes\":0,\"not_representable\":0,\"not_representable_paths\":[],\
+                 \"src_caps\":null,\"daemon_running\":false,\"cache\":null}\n"
             ),
             "{j}"
         );
@@ -429,6 +517,47 @@ mod tests {
             render_all(&s, &x, false)
                 .contains("[last known state: cachefs (pid 4000000) is not running]")
         );
+    }
+
+    #[test]
+    fn not_representable_paths_are_listed_apart_from_failures_and_exit_0() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(journal::dir(t.path())).unwrap();
+        std::fs::write(
+            super::super::unrep::path(t.path()),
+            "+ 1000 1 /l symlink%20to%20f\n+ 2000 18 /k mode%200600\n",
+        )
+        .unwrap();
+        std::fs::write(
+            super::super::caps::file(t.path()),
+            "{\"symlinks\":false,\"special_files\":false,\"hard_links\":false,\
+             \"user_xattrs\":false,\"chmod\":false,\"chown\":false,\"utimes\":true,\
+             \"empty_dirs\":null,\"fstype\":\"fuse.rclone\"}\n",
+        )
+        .unwrap();
+        let s = summarize(t.path(), std::iter::empty());
+        let x = Extra::read(t.path());
+        let txt = render_all(&s, &x, false);
+        assert!(txt.contains("failed ops:     0\n"), "{txt}");
+        assert!(txt.contains("src can hold:   symlinks no"), "{txt}");
+        assert!(txt.contains("not representable on src: 2\n"), "{txt}");
+        assert!(
+            txt.contains("NOT REPRESENTABLE /l (symlink): symlink to f"),
+            "{txt}"
+        );
+        assert!(
+            txt.contains("NOT REPRESENTABLE /k (mode, owner): mode 0600"),
+            "{txt}"
+        );
+        assert!(txt.contains("what to do: symlink:") && txt.contains("--links"));
+        let j = render_all(&s, &x, true);
+        assert!(j.contains("\"not_representable\":2,"), "{j}");
+        assert!(
+            j.contains("{\"path\":\"/l\",\"what\":[\"symlink\"],\"detail\":\"symlink to f\",\"since_ms\":1000}"),
+            "{j}"
+        );
+        assert!(j.contains("\"src_caps\":{\"symlinks\":false,"), "{j}");
+        assert_eq!(run(t.path(), true), 0, "not a failure");
     }
 
     #[test]

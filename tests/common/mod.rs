@@ -45,7 +45,12 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The binary under test.
 pub fn cachefs_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cachefs")
+    // `CACHEFS_TEST_BIN` runs the tests against another build (an older commit's, to
+    // check that a new test fails there).
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CACHEFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cachefs").into())
+    })
 }
 
 /// Whether this process can mount FUSE (root and /dev/fuse). Prints why not, for the log.

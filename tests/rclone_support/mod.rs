@@ -377,6 +377,11 @@ impl RcloneMount {
         self.spawn()
     }
 
+    /// The extra rclone flags of the next [`RcloneMount::restart`] (e.g. `--links`).
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// rclone's own upload queue (`vfs/stats` diskCache): uploads queued + in progress.
     pub fn uploads_pending(&self) -> Option<u64> {
         let out = Command::new(&self.rclone)
