@@ -71,8 +71,10 @@ Examples:
   cachefs -src /dirA -dst /dirB -mountpoint /mnt/mirror -w -concurrent 0
   cachefs status /mnt/uploads-cache --json
 
-Stop with SIGTERM, SIGINT or SIGHUP (or unmount MOUNTPOINT): cachefs unmounts, drains \
-the writeback queue for a bounded time, keeps the rest in the journal, and exits 0.
+Stop with SIGTERM or SIGINT (or unmount MOUNTPOINT): cachefs unmounts, drains the \
+writeback queue for a bounded time, keeps the rest in the journal, and exits 0. SIGHUP \
+does not stop it: it reopens SRC's root (picks up a SRC mounted anew at its path) and \
+logs the status summary; SIGUSR1 logs the summary only.
 Exit status: 0 clean exit, 1 runtime failure, 2 bad command line.";
 
 /// The raw command line, after single-dash flags were rewritten (see [`rewrite_args`]).
