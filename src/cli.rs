@@ -75,6 +75,7 @@ Stop with SIGTERM or SIGINT (or unmount MOUNTPOINT): cachefs unmounts, drains th
 writeback queue for a bounded time, keeps the rest in the journal, and exits 0. SIGHUP \
 does not stop it: it reopens SRC's root (picks up a SRC mounted anew at its path) and \
 logs the status summary; SIGUSR1 logs the summary only.
+Durations take units: 500ms, 30s, 5m, 1h, 1h30m; a plain number is seconds (0.5 too).
 Exit status: 0 clean exit, 1 runtime failure, 2 bad command line.";
 
 /// The raw command line, after single-dash flags were rewritten (see [`rewrite_args`]).
@@ -143,18 +144,19 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub concurrent: String,
-    /// Base delay in seconds between writeback attempts (exponential backoff, jitter).
+    /// Base delay between writeback attempts (exponential backoff, jitter), e.g. 2s.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "0",
         allow_hyphen_values = true
     )]
     pub retry_delay: String,
-    /// Seconds to wait before replaying a writeback operation.
+    /// How long to wait before replaying a writeback operation (changes in that window
+    /// are coalesced), e.g. 5s.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "0",
         allow_hyphen_values = true
     )]
@@ -176,10 +178,10 @@ pub struct MountArgs {
     /// FUSE worker threads [default: one per core, 2 to 8].
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub threads: Option<String>,
-    /// Seconds the kernel may cache entries and attributes (fractions allowed).
+    /// How long the kernel may cache entries and attributes, e.g. 1s or 200ms.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "1",
         allow_hyphen_values = true
     )]
@@ -187,29 +189,31 @@ pub struct MountArgs {
     /// Never use FUSE passthrough (serve all reads and writes through the daemon).
     #[arg(long)]
     pub no_passthrough: bool,
-    /// Seconds one src call may take before it fails with EIO and src counts as
-    /// offline (0: wait forever). Copies fail only after this long with no progress.
+    /// How long one src call may take before it fails with EIO and src counts as
+    /// offline, e.g. 30s (0: wait forever). Copies fail only after this long with no
+    /// progress.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "30",
         allow_hyphen_values = true
     )]
     pub src_timeout: String,
     /// With -w: at shutdown (SIGTERM, unmount), how long to keep replaying the queue on
-    /// src before exiting; what is left stays in the journal for the next start.
+    /// src before exiting, e.g. 20s; what is left stays in the journal for the next start.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "20",
         allow_hyphen_values = true
     )]
     pub drain_timeout: String,
-    /// Seconds after which a clean cached file is compared with src again on its next
-    /// lookup or open (refetched if src changed, dropped if src deleted it); 0: never.
+    /// After this long (e.g. 60s, 5m), a clean cached file is compared with src again on
+    /// its next lookup or open (refetched if src changed, dropped if src deleted it);
+    /// 0: never.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "60",
         allow_hyphen_values = true
     )]
@@ -362,7 +366,7 @@ fn clap_error(e: clap::Error) -> Result<Action, CliError> {
     err(msg)
 }
 
-/// `--retry-delay <SECONDS>` -> `-retry-delay` (how GoCacheFS users know the flag).
+/// `--retry-delay <DURATION>` -> `-retry-delay` (how GoCacheFS users know the flag).
 fn go_flag(clap_arg: &str) -> String {
     let name = clap_arg.split([' ', '=']).next().unwrap_or(clap_arg);
     name.strip_prefix('-')
@@ -575,12 +579,12 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
 
     let retries = parse_count("retries", &m.retries)?;
     let concurrent = parse_count("concurrent", &m.concurrent)?;
-    let retry_delay = parse_seconds("retry-delay", &m.retry_delay)?;
-    let start_delay = parse_seconds("start-delay", &m.start_delay)?;
-    let attr_ttl = parse_seconds("attr-ttl", &m.attr_ttl)?;
-    let src_timeout = parse_seconds("src-timeout", &m.src_timeout)?;
-    let revalidate = parse_seconds("revalidate", &m.revalidate)?;
-    let drain_timeout = parse_seconds("drain-timeout", &m.drain_timeout)?;
+    let retry_delay = parse_duration("retry-delay", &m.retry_delay)?;
+    let start_delay = parse_duration("start-delay", &m.start_delay)?;
+    let attr_ttl = parse_duration("attr-ttl", &m.attr_ttl)?;
+    let src_timeout = parse_duration("src-timeout", &m.src_timeout)?;
+    let revalidate = parse_duration("revalidate", &m.revalidate)?;
+    let drain_timeout = parse_duration("drain-timeout", &m.drain_timeout)?;
     let threads = match &m.threads {
         None => config::default_threads(),
         Some(t) => parse_threads(t)?,
@@ -745,20 +749,65 @@ pub fn parse_count(flag: &str, v: &str) -> Result<u32, CliError> {
     })
 }
 
-/// A number of seconds >= 0, fractions allowed (`-retry-delay`, `-start-delay`, `--attr-ttl`).
-pub fn parse_seconds(flag: &str, v: &str) -> Result<Duration, CliError> {
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .map_or_else(
-            || {
-                err(format!(
-                    "-{flag} '{v}' is not a number of seconds >= 0; write e.g. -{flag} 3 or -{flag} 0.5"
-                ))
-            },
-            Ok,
-        )
+/// A duration >= 0 (`-retry-delay`, `-start-delay`, `--attr-ttl`, `--src-timeout`,
+/// `--drain-timeout`, `--revalidate`), written as rclone and Go write them: a number
+/// with a unit (`500ms`, `30s`, `5m`, `1h`, `1d`, `1.5h`, `1h30m`; also `us`, `ns`), or
+/// a plain number of seconds, fractions allowed (`2`, `0.5`), as GoCacheFS took it.
+pub fn parse_duration(flag: &str, v: &str) -> Result<Duration, CliError> {
+    duration(v.trim()).map_or_else(
+        || {
+            err(format!(
+                "-{flag} '{v}' is not a duration >= 0; write e.g. -{flag} 30s, -{flag} 500ms, \
+                 -{flag} 5m, -{flag} 1h, or a number of seconds (-{flag} 3, -{flag} 0.5)"
+            ))
+        },
+        Ok,
+    )
+}
+
+/// See [`parse_duration`]; `None` for anything else (negative, NaN, no unit between two
+/// numbers, an unknown unit, an overflow).
+fn duration(s: &str) -> Option<Duration> {
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let is_num = |c: char| c.is_ascii_digit() || c == '.';
+    let mut total: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let n = rest.find(|c| !is_num(c)).unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(n);
+        let u = tail.find(is_num).unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(u);
+        let nanos_per: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "d" => 86_400_000_000_000,
+            _ => return None,
+        };
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+            return None;
+        }
+        let int: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        let frac = if frac.is_empty() {
+            0
+        } else {
+            let f: f64 = format!("0.{frac}").parse().ok()?;
+            (f * nanos_per as f64).round() as u128
+        };
+        total = total.checked_add(int.checked_mul(nanos_per)?.checked_add(frac)?)?;
+        rest = next;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).ok()?;
+    Some(Duration::new(secs, (total % 1_000_000_000) as u32))
 }
 
 /// `--threads`: 1 to 1024.
@@ -1203,6 +1252,71 @@ mod tests {
                 "{flag} {bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let ms = Duration::from_millis;
+        for (v, want) in [
+            ("0", Duration::ZERO),
+            ("2", ms(2000)),
+            ("0.5", ms(500)),
+            (" 1.25 ", ms(1250)),
+            ("500ms", ms(500)),
+            ("30s", ms(30_000)),
+            ("1.5s", ms(1500)),
+            ("5m", ms(300_000)),
+            ("1h", ms(3_600_000)),
+            ("1.5h", ms(5_400_000)),
+            ("1h30m", ms(5_400_000)),
+            ("2m30s", ms(150_000)),
+            ("1d", ms(86_400_000)),
+            ("0s", Duration::ZERO),
+            (".5s", ms(500)),
+            ("250us", Duration::from_micros(250)),
+            ("10ns", Duration::from_nanos(10)),
+        ] {
+            assert_eq!(parse_duration("x", v).unwrap(), want, "{v}");
+        }
+        for bad in [
+            "",
+            "s",
+            "-1s",
+            "-2",
+            "1x",
+            "5 m",
+            "1.2.3s",
+            "NaN",
+            "inf",
+            "1h-5m",
+            "1e3s",
+            "m5",
+            "99999999999999999999999h",
+        ] {
+            let e = parse_duration("revalidate", bad).unwrap_err().to_string();
+            assert!(
+                e.contains("is not a duration") && e.contains("-revalidate 30s"),
+                "{bad}: {e}"
+            );
+        }
+        let c = cfg(&with(&[
+            "--attr-ttl",
+            "250ms",
+            "-retry-delay=2s",
+            "-start-delay",
+            "1m",
+            "--src-timeout=1h",
+            "--drain-timeout",
+            "45s",
+            "--revalidate",
+            "5m",
+        ]));
+        assert_eq!(c.attr_ttl, ms(250));
+        assert_eq!(c.retry_delay, ms(2000));
+        assert_eq!(c.start_delay, ms(60_000));
+        assert_eq!(c.src_timeout, ms(3_600_000));
+        assert_eq!(c.drain_timeout, ms(45_000));
+        assert_eq!(c.revalidate, ms(300_000));
     }
 
     #[test]

@@ -380,7 +380,7 @@ fn bad_numbers() {
         ("-retries", "many"),
         ("-retries", "-1"),
         ("-concurrent", "2.5"),
-        ("-retry-delay", "3s"),
+        ("-retry-delay", "3sec"),
         ("-start-delay", "-1"),
         ("--threads", "0"),
         ("--attr-ttl", "inf"),
@@ -644,6 +644,55 @@ fn sighup_reopens_src_and_keeps_the_mount() {
     let st = m.wait_exit(STOP_TIMEOUT);
     assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
     assert!(mount_type(m.mountpoint()).is_none());
+}
+
+/// Durations take units (as rclone's flags do) on a real mount; a bad one is a usage
+/// error naming the fix.
+#[test]
+fn durations_with_units() {
+    let d = dirs();
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &p(&d.mnt),
+        &"--revalidate",
+        &"5x",
+    ]);
+    assert_usage_error(&out, &["-revalidate '5x' is not a duration", "30s"]);
+    assert_not_mounted(p(&d.mnt));
+
+    if !can_mount("durations_with_units") {
+        return;
+    }
+    let m = Mounted::start(&[
+        "-d",
+        "-w",
+        "--attr-ttl",
+        "500ms",
+        "--revalidate=5m",
+        "-src-timeout",
+        "1h",
+        "--drain-timeout",
+        "45s",
+        "-retry-delay=1.5",
+        "-start-delay",
+        "0s",
+    ]);
+    let log = m.wait_for_log("configuration:", Duration::from_secs(10));
+    for want in [
+        "attr_ttl: 500ms",
+        "revalidate: 300s",
+        "src_timeout: 3600s",
+        "drain_timeout: 45s",
+        "retry_delay: 1.5s",
+        "start_delay: 0ns",
+    ] {
+        assert!(log.contains(want), "lacks {want}:\n{log}");
+    }
+    m.stop();
 }
 
 #[test]
