@@ -3,10 +3,10 @@
 //!
 //! Guarantees:
 //! - Process setup happens before any thread exists: logging (env_logger on stderr; `-d` =
-//!   debug, else info; `RUST_LOG` overrides; no colors unless stderr is a terminal; under
-//!   systemd, `<N>` syslog priority prefixes and no timestamps), umask 0 (the core sets
-//!   every mode explicitly and relies on it), RLIMIT_NOFILE soft limit raised to the hard
-//!   limit, and SIGINT/SIGTERM/SIGHUP/SIGUSR1 blocked in every thread so only [`run`]'s
+//!   debug, else info; `RUST_LOG` overrides; no colors unless stderr is a terminal; when
+//!   stderr is the journal stream systemd connected, `<N>` syslog priority prefixes and no
+//!   timestamps), umask 0 (the core sets every mode explicitly and relies on it),
+//!   RLIMIT_NOFILE soft limit raised to the hard limit, and SIGINT/SIGTERM/SIGHUP/SIGUSR1 blocked in every thread so only [`run`]'s
 //!   loop receives them (synchronously, with `sigtimedwait`: no async-signal-safety
 //!   concerns).
 //! - SIGTERM or SIGINT unmounts the filesystem (lazily, with a warning, if it is busy: open
@@ -177,14 +177,56 @@ fn mount_errno(e: &io::Error) -> Option<i32> {
 }
 
 /// Print a fatal error for `main`: one line on stderr, with the syslog "error" priority
-/// prefix under systemd so journald records it as an error.
+/// prefix when stderr goes to journald (see [`syslog_prefixes`]) so it records it as an
+/// error.
 pub fn print_error(e: &DaemonError) {
-    let prio = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        "<3>"
-    } else {
-        ""
-    };
+    let prio = if syslog_prefixes() { "<3>" } else { "" };
     eprintln!("{prio}cachefs: {e}");
+}
+
+/// Forces (`1`) or forbids (`0`) `<N>` syslog priority prefixes on log lines, whatever
+/// stderr is. The fstab helper sets it to 1 when it pipes the log into
+/// `logger --prio-prefix`.
+pub const SYSLOG_PREFIX_ENV: &str = "CACHEFS_SYSLOG_PREFIX";
+
+/// Whether log lines start with a `<N>` syslog priority prefix (and carry no timestamp):
+/// as [`SYSLOG_PREFIX_ENV`] says, else when stderr *is* the journal stream systemd
+/// connected. systemd.exec(5): `JOURNAL_STREAM` holds the device and inode of that
+/// stream, for comparing with stderr; the variable alone proves nothing, since children
+/// inherit it (mount(8) run by a .mount unit, then the fstab helper piping cachefs into
+/// logger or a file), and there the prefixes would be printed literally.
+fn syslog_prefixes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        match std::env::var(SYSLOG_PREFIX_ENV).as_deref() {
+            Ok("1") => return true,
+            Ok("0") => return false,
+            _ => {}
+        }
+        let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+            return false;
+        };
+        // SAFETY: fd 2 is only borrowed for an fstat; it stays open for the process.
+        let stderr = unsafe { std::os::fd::BorrowedFd::borrow_raw(2) };
+        fd_is_stream(stderr, &stream.to_string_lossy())
+    })
+}
+
+/// Whether `fd` is the file `stream` ("DEV:INO", in decimal, as in `JOURNAL_STREAM`) names.
+fn fd_is_stream(fd: std::os::fd::BorrowedFd<'_>, stream: &str) -> bool {
+    use std::os::fd::AsRawFd;
+    let Some((dev, ino)) = stream.trim().split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // SAFETY: fstat writes into a zeroed stat; the fd is valid for the call.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    st.st_dev == dev && st.st_ino == ino
 }
 
 /// Mount and serve until a signal or an external unmount; `Ok` means a clean exit.
@@ -589,8 +631,9 @@ fn signal_name(sig: libc::c_int) -> &'static str {
 }
 
 /// env_logger on stderr: `-d` = debug, else info; `RUST_LOG` overrides. Colors only on a
-/// terminal. Under systemd (`JOURNAL_STREAM` set) lines carry `<N>` priority prefixes and
-/// no timestamp, since journald adds its own.
+/// terminal. When stderr goes to journald (or `logger --prio-prefix`: see
+/// [`syslog_prefixes`]) lines carry `<N>` priority prefixes and no timestamp, since
+/// the journal adds its own.
 fn init_logging(debug: bool) {
     // fuser::mnt warns "Unmount failed: EINVAL" when it retries an unmount that the
     // daemon already did (its drop-time check); the daemon reports unmount errors itself.
@@ -601,7 +644,7 @@ fn init_logging(debug: bool) {
     };
     let mut b =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
+    if syslog_prefixes() {
         b.format(|buf, rec| {
             let prio = match rec.level() {
                 log::Level::Error => 3,
@@ -687,6 +730,23 @@ mod tests {
             assert!(e(libc::ENOENT).contains("apt-get install fuse3"));
         }
         assert!(e(libc::ENOENT).contains("fuse3"));
+    }
+
+    #[test]
+    fn journal_stream_must_name_the_fd() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let f = tempfile::tempfile().unwrap();
+        let m = f.metadata().unwrap();
+        let fd = f.as_fd();
+        assert!(fd_is_stream(fd, &format!("{}:{}", m.dev(), m.ino())));
+        assert!(fd_is_stream(fd, &format!("{}:{}\n", m.dev(), m.ino())));
+        // Inherited from a parent whose stderr was the journal: another file.
+        assert!(!fd_is_stream(fd, &format!("{}:{}", m.dev(), m.ino() + 1)));
+        assert!(!fd_is_stream(fd, &format!("{}:{}", m.dev() + 1, m.ino())));
+        for junk in ["", "1", "a:b", "12:", ":34", "1:2:3"] {
+            assert!(!fd_is_stream(fd, junk), "{junk:?}");
+        }
     }
 
     #[test]
