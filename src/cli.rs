@@ -111,7 +111,154 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the man page (roff), generated from these definitions: `cachefs man |
+    /// man -l -`. For packaging.
+    #[command(hide = true)]
+    Man,
+    /// Print a completion script for SHELL (bash, zsh, fish), generated from these
+    /// definitions. For packaging.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: CompletionShell,
+    },
 }
+
+/// The shells `cachefs completions` writes scripts for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script for `shell`, from the clap definitions (so it cannot drift).
+pub fn completions(shell: CompletionShell) -> String {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let sh = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(sh, &mut Cli::command(), "cachefs", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The man page cachefs(1), in roff: clap_mangen's sections from the clap definitions
+/// (so every flag is there, with its help text), plus the sections a daemon's page
+/// needs that clap does not model.
+pub fn man_page() -> String {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let man = clap_mangen::Man::new(cmd);
+    // .TH by hand: clap_mangen drops an empty date field, which shifts the others (no
+    // build date: the page is reproducible).
+    let mut page = concat!(
+        ".TH CACHEFS 1 \"\" \"cachefs ",
+        env!("CARGO_PKG_VERSION"),
+        "\" \"User Commands\"\n"
+    )
+    .to_string();
+    let mut out = Vec::new();
+    let rendered = man.render_name_section(&mut out).and_then(|()| {
+        out.extend_from_slice(MAN_SYNOPSIS.as_bytes());
+        man.render_description_section(&mut out)?;
+        man.render_options_section(&mut out)
+    });
+    rendered.expect("writing to a Vec cannot fail");
+    page.push_str(&String::from_utf8_lossy(&out));
+    page.push_str(MAN_EXTRA);
+    page
+}
+
+/// The man page's synopsis (clap's lists every flag without its value).
+const MAN_SYNOPSIS: &str = r#".SH SYNOPSIS
+\fBcachefs\fR \fB\-src\fR \fIDIR\fR \fB\-dst\fR \fIDIR\fR \fB\-mountpoint\fR \fIDIR\fR [\fIFLAGS\fR]
+.br
+\fBcachefs status\fR \fIDST\fR [\fB\-\-json\fR]
+"#;
+
+/// The man page's hand-written sections (roff). Flags are described by clap.
+const MAN_EXTRA: &str = r#".SH "GO-STYLE FLAGS"
+Every flag can be written the GoCacheFS (Go \fBflag\fR package) way or the GNU way:
+\fB\-src /a\fR, \fB\-src=/a\fR, \fB\-\-src /a\fR and \fB\-\-src=/a\fR are the same;
+boolean flags also accept \fB\-w=true\fR and \fB\-w=false\fR; \fB\-o\fR also takes
+libfuse's attached form \fB\-oallow_other\fR.
+.PP
+Durations take a unit, as rclone's flags do: \fB500ms\fR, \fB30s\fR, \fB5m\fR,
+\fB1h\fR, \fB1d\fR, \fB1h30m\fR (also \fBus\fR, \fBns\fR); a plain number is
+seconds, fractions allowed. Sizes take binary units: \fB4K\fR, \fB500M\fR,
+\fB20G\fR, \fB1T\fR.
+.SH COMMANDS
+.TP
+\fBcachefs status\fR \fIDST\fR [\fB\-\-json\fR]
+Report the state kept in a cache directory, with or without a running daemon:
+src online or offline, the writeback queue (pending and failed operations), the
+cache budget. \fB\-\-json\fR prints one machine\-readable object. Exit status 0 when
+no writeback operation has failed, 1 when failed operations exist, 2 when the
+journal cannot be read. An offline src is shown, not judged: the daemon learns that
+src is back only at its next call to it.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Unmount (lazily, with a warning, if the mount is busy), drain the writeback queue for
+at most \fB\-\-drain\-timeout\fR, keep the rest in the journal, exit 0. A second
+signal exits at once. \fBumount\fR \fIMOUNTPOINT\fR does the same.
+.TP
+\fBSIGHUP\fR
+Reopen src's root, so that a src mounted anew at its path is used from then on, and
+log the status summary. Never unmounts (\fBsystemctl reload\fR).
+.TP
+\fBSIGUSR1\fR
+Log the status summary: src online or offline, the writeback queue, failed operations.
+.SH "EXIT STATUS"
+.TP
+\fB0\fR
+Clean stop.
+.TP
+\fB1\fR
+Runtime failure (the mount failed, dst unusable, the metrics address taken).
+.TP
+\fB2\fR
+Bad command line, or a \fB\-dst\fR another cachefs serves; nothing was mounted.
+Service managers should not restart on it (systemd: \fBRestartPreventExitStatus=2\fR).
+.SH ENVIRONMENT
+.TP
+\fBRUST_LOG\fR
+Log filter (e.g. \fBdebug\fR, \fBcachefs=debug\fR); overrides \fB\-d\fR.
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd for \fBType=notify\fR units: cachefs sends \fBREADY=1\fR once the
+mount answers and \fBSTOPPING=1\fR at shutdown.
+.TP
+\fBJOURNAL_STREAM\fR
+Set by systemd: when it names cachefs's stderr, log lines carry \fB<N>\fR priority
+prefixes and no timestamps.
+.TP
+\fBCACHEFS_SYSLOG_PREFIX\fR
+\fB1\fR forces those prefixes (for \fBlogger \-\-prio\-prefix\fR), \fB0\fR forbids them.
+.SH FILES
+.TP
+\fIDST\fB/.cachefs\-state/\fR
+cachefs's state in the cache directory: the lock (one daemon per dst), the
+writeback journal, src's last known state, the cache budget.
+.TP
+\fB/sbin/mount.fuse.cachefs\fR
+The helper for \fBmount \-t fuse.cachefs\fR \fISRC MOUNTPOINT\fR \fB\-o dst=\fR\fIDST\fR[,\fBw\fR,...]
+and fstab lines.
+.SH EXAMPLES
+.nf
+cachefs \-src /mnt/uploads\-gcs \-dst /var/cache/uploads \e
+    \-mountpoint /var/www/html/wp\-content/uploads \-w \-\-revalidate 60s
+cachefs status /var/cache/uploads \-\-json
+mount \-t fuse.cachefs /mnt/nfs/share /srv/view \-o dst=/srv/cache,w
+.fi
+.SH "SEE ALSO"
+\fBmount\fR(8), \fBfstab\fR(5), \fBsystemd.service\fR(5), \fBrclone\fR(1);
+/usr/share/doc/cachefs/ (README.md, PRODUCTION.md, SEMANTICS.md, CACHE.md, METRICS.md).
+"#;
 
 /// The mount flags, as given.
 #[derive(Args, Debug, Default, Clone)]
@@ -298,6 +445,8 @@ const BOOL_LONG_FLAGS: &[&str] = &[
     "help",
     "version",
 ];
+/// Subcommands: the first word that is not a flag (then positional words may follow).
+const SUBCOMMANDS: &[&[u8]] = &[b"status", b"man", b"completions"];
 /// Boolean flags with a one-letter name (GoCacheFS's `-w`, `-d`; clap's `-h`, `-V`).
 const BOOL_SHORT_FLAGS: &[&str] = &["w", "d", "h", "V"];
 
@@ -323,6 +472,8 @@ where
     };
     match cli.command {
         Some(Command::Status { dst, json }) => Ok(Action::Status { dst, json }),
+        Some(Command::Man) => Ok(Action::Print(man_page())),
+        Some(Command::Completions { shell }) => Ok(Action::Print(completions(shell))),
         None => validate(&cli.mount, probe).map(|c| Action::Mount(Box::new(c))),
     }
 }
@@ -343,6 +494,17 @@ fn clap_error(e: clap::Error) -> Result<Action, CliError> {
         }
         (ErrorKind::InvalidSubcommand, Some(a)) => {
             format!("unknown argument '{a}'; run 'cachefs --help' to list the flags")
+        }
+        (ErrorKind::InvalidValue, Some(a)) if a.starts_with('<') => {
+            let value = match e.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(v)) => v.clone(),
+                _ => String::new(),
+            };
+            let valid = match e.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(v)) => v.join(", "),
+                _ => String::new(),
+            };
+            format!("'{value}' is not a valid {a}; use one of: {valid}")
         }
         (ErrorKind::InvalidValue, Some(a)) | (ErrorKind::NoEquals, Some(a)) => format!(
             "flag {} needs a value; write it as {} VALUE",
@@ -401,7 +563,7 @@ pub fn rewrite_args(argv: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
             break;
         }
         if !bytes.starts_with(b"-") || bytes == b"-" {
-            if out.len() == 1 && bytes == b"status" {
+            if out.len() == 1 && SUBCOMMANDS.contains(&bytes) {
                 status = true;
             } else if !status {
                 return err(unexpected_msg(&arg));

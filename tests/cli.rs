@@ -737,3 +737,112 @@ fn busy_mount_is_detached_and_daemon_exits_when_released() {
     assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
     m.wait_for_log("is busy; detaching it lazily", Duration::ZERO);
 }
+
+/// `cachefs man` is generated from the clap definitions: every flag is on the page,
+/// and groff renders it without warnings.
+#[test]
+fn man_page_documents_every_flag() {
+    use clap::CommandFactory;
+    let out = run(&[&"man"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.starts_with(".TH CACHEFS 1 "), "{page}");
+    let cmd = cachefs::cli::Cli::command();
+    let status = cmd.find_subcommand("status").unwrap().clone();
+    let mut checked = 0;
+    for arg in cmd.get_arguments().chain(status.get_arguments()) {
+        if arg.is_hide_set() {
+            continue;
+        }
+        if let Some(long) = arg.get_long() {
+            let roff = format!("\\-\\-{}", long.replace('-', "\\-"));
+            assert!(page.contains(&roff), "the man page lacks --{long}");
+            checked += 1;
+        }
+        if let Some(short) = arg.get_short() {
+            assert!(
+                page.contains(&format!("\\-{short}")),
+                "the man page lacks -{short}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 25, "only {checked} flags");
+    for section in [
+        "SYNOPSIS",
+        "OPTIONS",
+        "SIGNALS",
+        "\"EXIT STATUS\"",
+        "ENVIRONMENT",
+        "FILES",
+    ] {
+        assert!(
+            page.contains(&format!(".SH {section}")),
+            "no {section} section"
+        );
+    }
+    // The hidden packaging subcommands stay off the page and out of --help.
+    assert!(!page.contains("completions"));
+    let help = run(&[&"--help"]);
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("completions"));
+
+    let groff = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut groff) = groff else {
+        eprintln!("groff is not installed: not rendering the page");
+        return;
+    };
+    use std::io::Write;
+    groff
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = groff.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `cachefs completions SHELL` for bash, zsh and fish, from the clap definitions.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for (shell, check) in [("bash", "-n"), ("zsh", "-n"), ("fish", "--no-execute")] {
+        let out = run(&[&"completions", &shell]);
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in ["revalidate", "lazy-fill", "mountpoint", "status"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+        // A syntax check where the shell is installed.
+        let dir = tempdir();
+        let file = dir.path().join("completion");
+        std::fs::write(&file, &script).unwrap();
+        match Command::new(shell).arg(check).arg(&file).output() {
+            Ok(o) => assert!(
+                o.status.success(),
+                "{shell}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(_) => eprintln!("{shell} is not installed: no syntax check"),
+        }
+    }
+    assert_usage_error(
+        &run(&[&"completions", &"tcsh"]),
+        &["'tcsh' is not a valid <SHELL>", "bash, zsh, fish"],
+    );
+}
