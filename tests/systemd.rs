@@ -206,3 +206,43 @@ fn example_units_say_what_production_needs() {
         "{cache_dir}"
     );
 }
+
+/// The Debian package's template unit (packaging/systemd/cachefs@.service) passes
+/// `systemd-analyze verify` as an instance, and says what a production unit must.
+#[test]
+fn packaged_template_unit_passes_verify() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("packaging/systemd/cachefs@.service")).unwrap();
+    for want in [
+        "Type=notify",
+        "EnvironmentFile=/etc/cachefs/%i.conf",
+        "RestartPreventExitStatus=2",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecStart=/usr/bin/cachefs -src ${SRC} -dst ${DST} -mountpoint ${MOUNTPOINT} $CACHEFS_ARGS",
+    ] {
+        assert!(text.lines().any(|l| l == want), "the template lacks {want}");
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping the verify: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempdir();
+    std::fs::write(
+        dir.path().join("cachefs@.service"),
+        text.replace("/usr/bin/cachefs", cachefs_bin()),
+    )
+    .unwrap();
+    // --man=no: the man page is installed by the package, not here.
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("cachefs@uploads.service"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("cachefs@"), "{stderr}");
+}
