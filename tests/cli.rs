@@ -846,3 +846,73 @@ fn completions_for_bash_zsh_and_fish() {
         &["'tcsh' is not a valid <SHELL>", "bash, zsh, fish"],
     );
 }
+
+/// The top-level keys of a JSON object (no general parser: strings and nesting only).
+fn json_top_keys(json: &str) -> Vec<String> {
+    let (mut depth, mut in_str, mut esc) = (0, false, false);
+    let (mut keys, mut cur, mut expect_key) = (Vec::new(), String::new(), false);
+    for c in json.chars() {
+        if in_str {
+            match (esc, c) {
+                (true, _) => esc = false,
+                (false, '\\') => esc = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            if depth == 1 && expect_key && in_str {
+                cur.push(c);
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' | '[' => {
+                depth += 1;
+                expect_key = depth == 1;
+            }
+            '}' | ']' => depth -= 1,
+            ',' if depth == 1 => expect_key = true,
+            ':' if depth == 1 && expect_key => {
+                keys.push(std::mem::take(&mut cur));
+                expect_key = false;
+            }
+            _ => {}
+        }
+    }
+    keys
+}
+
+/// docs/PRODUCTION.md lists the keys `cachefs status --json` prints, all of them, and
+/// says what its exit status judges.
+#[test]
+fn status_json_keys_match_the_docs() {
+    let d = dirs();
+    let out = run(&[&"status", &p(&d.dst), &"--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let real = json_top_keys(&String::from_utf8(out.stdout).unwrap());
+    assert!(real.contains(&"pending_ops".to_string()), "{real:?}");
+
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/PRODUCTION.md"))
+            .unwrap();
+    let start = doc
+        .find("- `--json` prints one object:")
+        .expect("the --json bullet");
+    let bullet = &doc[start..];
+    let bullet = &bullet[..bullet[2..].find("\n- ").map_or(bullet.len(), |e| e + 2)];
+    let documented: Vec<String> = bullet
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        real, documented,
+        "real (left) vs docs/PRODUCTION.md (right)"
+    );
+    assert!(
+        doc.contains("- Exit status: 0 no failed writeback ops; 1 failed writeback ops exist;"),
+        "the exit status text"
+    );
+}
