@@ -246,3 +246,49 @@ fn packaged_template_unit_passes_verify() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("cachefs@"), "{stderr}");
 }
+
+/// Under systemd, stderr *is* the journal stream JOURNAL_STREAM names (dev:ino):
+/// log lines then carry `<N>` priority prefixes and no timestamps.
+#[test]
+fn journal_stream_naming_stderr_gets_priority_prefixes() {
+    if !can_mount("journal_stream_naming_stderr_gets_priority_prefixes") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (src, dst, mnt, logs) = (tempdir(), tempdir(), tempdir(), tempdir());
+    let log = logs.path().join("stderr");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut child = Command::new(cachefs_bin())
+        .args(["-src", src.path().to_str().unwrap()])
+        .args(["-dst", dst.path().to_str().unwrap()])
+        .args(["-mountpoint", mnt.path().to_str().unwrap()])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("cachefs mounted")
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "no mount");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&child, libc::SIGTERM);
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("<6>") || l.starts_with("<4>") || l.starts_with("<7>")),
+        "{text}"
+    );
+    assert!(
+        text.contains("<6>cachefs::daemon: cachefs mounted"),
+        "{text}"
+    );
+}
