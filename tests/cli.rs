@@ -1,6 +1,7 @@
 //! The command line as users meet it: the real binary, bad input (exit 2, one helpful line,
 //! nothing mounted), GoCacheFS-style flags on a real mount, signals and external unmount.
 
+mod bindfs_support;
 mod common;
 
 use std::os::unix::fs::symlink;
@@ -644,6 +645,48 @@ fn sighup_reopens_src_and_keeps_the_mount() {
     let st = m.wait_exit(STOP_TIMEOUT);
     assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
     assert!(mount_type(m.mountpoint()).is_none());
+}
+
+/// SIGHUP with a hung src (bindfs stopped): the reopen is given up after
+/// --src-timeout, the mount keeps serving cached files, a second SIGHUP does not pile
+/// up another stuck reopen, and SIGTERM still stops the daemon at once.
+#[test]
+fn sighup_with_a_hung_src_neither_blocks_nor_unmounts() {
+    if !can_mount("sighup_with_a_hung_src_neither_blocks_nor_unmounts")
+        || !bindfs_support::have_bindfs()
+    {
+        return;
+    }
+    let srcmnt = tempdir();
+    let bind =
+        bindfs_support::BindfsSrc::start(dir_with(&[("cached", b"cached bytes")]), srcmnt.path())
+            .expect("bindfs starts");
+    let mut m = Mounted::with_dirs(srcmnt, tempdir(), &["--src-timeout", "1"]);
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+
+    bind.pause(true);
+    std::thread::sleep(Duration::from_millis(1500)); // the kernel's attributes of src expire
+    m.signal(libc::SIGHUP);
+    let log = m.wait_for_log("did not answer within 1s", Duration::from_secs(10));
+    assert!(log.contains("keeping the current src root"), "{log}");
+    assert!(is_fuse_mounted(m.mountpoint()));
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    m.signal(libc::SIGHUP);
+    m.wait_for_log("the previous reopen of src", Duration::from_secs(10));
+
+    let t = std::time::Instant::now();
+    m.signal(libc::SIGTERM);
+    let st = m.wait_exit(STOP_TIMEOUT);
+    assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(mount_type(m.mountpoint()).is_none());
+    bind.pause(false);
 }
 
 /// Durations take units (as rclone's flags do) on a real mount; a bad one is a usage
