@@ -329,7 +329,7 @@ pub struct MountArgs {
     #[arg(
         long,
         value_name = "DURATION",
-        default_value = "1",
+        default_value = "1s",
         allow_hyphen_values = true
     )]
     pub attr_ttl: String,
@@ -342,7 +342,7 @@ pub struct MountArgs {
     #[arg(
         long,
         value_name = "DURATION",
-        default_value = "30",
+        default_value = "30s",
         allow_hyphen_values = true
     )]
     pub src_timeout: String,
@@ -351,7 +351,7 @@ pub struct MountArgs {
     #[arg(
         long,
         value_name = "DURATION",
-        default_value = "20",
+        default_value = "20s",
         allow_hyphen_values = true
     )]
     pub drain_timeout: String,
@@ -361,7 +361,7 @@ pub struct MountArgs {
     #[arg(
         long,
         value_name = "DURATION",
-        default_value = "60",
+        default_value = "60s",
         allow_hyphen_values = true
     )]
     pub revalidate: String,

@@ -6,9 +6,9 @@
 //!   debug, else info; `RUST_LOG` overrides; no colors unless stderr is a terminal; when
 //!   stderr is the journal stream systemd connected, `<N>` syslog priority prefixes and no
 //!   timestamps), umask 0 (the core sets every mode explicitly and relies on it),
-//!   RLIMIT_NOFILE soft limit raised to the hard limit, and SIGINT/SIGTERM/SIGHUP/SIGUSR1 blocked in every thread so only [`run`]'s
-//!   loop receives them (synchronously, with `sigtimedwait`: no async-signal-safety
-//!   concerns).
+//!   RLIMIT_NOFILE soft limit raised to the hard limit, and SIGINT/SIGTERM/SIGHUP/SIGUSR1
+//!   blocked in every thread so only [`run`]'s loop receives them (synchronously, with
+//!   `sigtimedwait`: no async-signal-safety concerns).
 //! - SIGTERM or SIGINT unmounts the filesystem (lazily, with a warning, if it is busy: open
 //!   files keep working until closed; a second signal exits at once), drains writeback for
 //!   at most `--drain-timeout` (default 20 s), and [`run`] returns `Ok` (exit 0). An
