@@ -3,7 +3,9 @@
 #   /tmp/cachefs-demo/src   the "slow" directory (stands in for an rclone mount)
 #   /tmp/cachefs-demo/dst   the cache directory
 #   /tmp/cachefs-demo/mnt   the mount: src's files, copied into dst on first read
-# cachefs keeps running in the background; the script says how to stop it.
+# cachefs keeps running in the background; the script says how to stop it. Each
+# start begins from a clean demo (src, dst and mnt are made anew), so every run
+# tells the same story.
 #
 # Usage: scripts/demo.sh [start]   build, mount, show ls and cat through the mount
 #        scripts/demo.sh stop      unmount and stop the demo daemon
@@ -30,6 +32,7 @@ stop() {
       [[ $i -eq 50 ]] && kill -TERM "$pid" 2>/dev/null
       sleep 0.1
     done
+    kill -0 "$pid" 2>/dev/null && die "the demo daemon (pid $pid) does not exit; stop it by hand"
     rm -f "$PIDFILE"
   fi
 }
@@ -51,6 +54,10 @@ echo "== building cachefs (cargo build --release)"
 BIN="$(cachefs_bin)"
 
 stop # a previous demo, if any
+# Start from a clean demo: a second run must not find the first run's files in dst.
+# Only the demo's own entries are removed, and only once nothing is mounted there.
+is_mounted "$MNT" && die "$MNT is still mounted; run '$0 stop' or 'umount -l $MNT' first"
+rm -rf "${DEMO:?}/src" "${DEMO:?}/dst" "$MNT" "$LOGFILE"
 mkdir -p "$DEMO/src/photos" "$DEMO/dst" "$MNT"
 echo "hello from the slow side" >"$DEMO/src/hello.txt"
 head -c 1048576 /dev/urandom >"$DEMO/src/photos/big.bin"
@@ -68,7 +75,13 @@ show_dst() { local l; l="$(ls "$DEMO/dst")"; echo "${l:-(empty)}"; }
 echo "== dst before any read: nothing is cached yet"
 show_dst
 echo "== ls -l $MNT"
-ls -l "$MNT"
+# Nothing may go to stderr (an error here, say from getxattr on the mount root, is a bug).
+ls -l "$MNT" 2>"$DEMO/ls.err" || true
+if [[ -s "$DEMO/ls.err" ]]; then
+  cat "$DEMO/ls.err" >&2
+  die "ls -l $MNT printed an error (above); the daemon's log is $LOGFILE"
+fi
+rm -f "$DEMO/ls.err"
 echo "== cat $MNT/hello.txt"
 cat "$MNT/hello.txt"
 echo "== dst after the read: hello.txt was copied in when it was opened"

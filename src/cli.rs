@@ -71,8 +71,11 @@ Examples:
   cachefs -src /dirA -dst /dirB -mountpoint /mnt/mirror -w -concurrent 0
   cachefs status /mnt/uploads-cache --json
 
-Stop with SIGTERM, SIGINT or SIGHUP (or unmount MOUNTPOINT): cachefs unmounts, drains \
-the writeback queue for a bounded time, keeps the rest in the journal, and exits 0.
+Stop with SIGTERM or SIGINT (or unmount MOUNTPOINT): cachefs unmounts, drains the \
+writeback queue for a bounded time, keeps the rest in the journal, and exits 0. SIGHUP \
+does not stop it: it reopens SRC's root (picks up a SRC mounted anew at its path) and \
+logs the status summary; SIGUSR1 logs the summary only.
+Durations take units: 500ms, 30s, 5m, 1h, 1h30m; a plain number is seconds (0.5 too).
 Exit status: 0 clean exit, 1 runtime failure, 2 bad command line.";
 
 /// The raw command line, after single-dash flags were rewritten (see [`rewrite_args`]).
@@ -108,7 +111,154 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the man page (roff), generated from these definitions: `cachefs man |
+    /// man -l -`. For packaging.
+    #[command(hide = true)]
+    Man,
+    /// Print a completion script for SHELL (bash, zsh, fish), generated from these
+    /// definitions. For packaging.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: CompletionShell,
+    },
 }
+
+/// The shells `cachefs completions` writes scripts for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script for `shell`, from the clap definitions (so it cannot drift).
+pub fn completions(shell: CompletionShell) -> String {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let sh = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(sh, &mut Cli::command(), "cachefs", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The man page cachefs(1), in roff: clap_mangen's sections from the clap definitions
+/// (so every flag is there, with its help text), plus the sections a daemon's page
+/// needs that clap does not model.
+pub fn man_page() -> String {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let man = clap_mangen::Man::new(cmd);
+    // .TH by hand: clap_mangen drops an empty date field, which shifts the others (no
+    // build date: the page is reproducible).
+    let mut page = concat!(
+        ".TH CACHEFS 1 \"\" \"cachefs ",
+        env!("CARGO_PKG_VERSION"),
+        "\" \"User Commands\"\n"
+    )
+    .to_string();
+    let mut out = Vec::new();
+    let rendered = man.render_name_section(&mut out).and_then(|()| {
+        out.extend_from_slice(MAN_SYNOPSIS.as_bytes());
+        man.render_description_section(&mut out)?;
+        man.render_options_section(&mut out)
+    });
+    rendered.expect("writing to a Vec cannot fail");
+    page.push_str(&String::from_utf8_lossy(&out));
+    page.push_str(MAN_EXTRA);
+    page
+}
+
+/// The man page's synopsis (clap's lists every flag without its value).
+const MAN_SYNOPSIS: &str = r#".SH SYNOPSIS
+\fBcachefs\fR \fB\-src\fR \fIDIR\fR \fB\-dst\fR \fIDIR\fR \fB\-mountpoint\fR \fIDIR\fR [\fIFLAGS\fR]
+.br
+\fBcachefs status\fR \fIDST\fR [\fB\-\-json\fR]
+"#;
+
+/// The man page's hand-written sections (roff). Flags are described by clap.
+const MAN_EXTRA: &str = r#".SH "GO-STYLE FLAGS"
+Every flag can be written the GoCacheFS (Go \fBflag\fR package) way or the GNU way:
+\fB\-src /a\fR, \fB\-src=/a\fR, \fB\-\-src /a\fR and \fB\-\-src=/a\fR are the same;
+boolean flags also accept \fB\-w=true\fR and \fB\-w=false\fR; \fB\-o\fR also takes
+libfuse's attached form \fB\-oallow_other\fR.
+.PP
+Durations take a unit, as rclone's flags do: \fB500ms\fR, \fB30s\fR, \fB5m\fR,
+\fB1h\fR, \fB1d\fR, \fB1h30m\fR (also \fBus\fR, \fBns\fR); a plain number is
+seconds, fractions allowed. Sizes take binary units: \fB4K\fR, \fB500M\fR,
+\fB20G\fR, \fB1T\fR.
+.SH COMMANDS
+.TP
+\fBcachefs status\fR \fIDST\fR [\fB\-\-json\fR]
+Report the state kept in a cache directory, with or without a running daemon:
+src online or offline, the writeback queue (pending and failed operations), the
+cache budget. \fB\-\-json\fR prints one machine\-readable object. Exit status 0 when
+no writeback operation has failed, 1 when failed operations exist, 2 when the
+journal cannot be read. An offline src is shown, not judged: the daemon learns that
+src is back only at its next call to it.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Unmount (lazily, with a warning, if the mount is busy), drain the writeback queue for
+at most \fB\-\-drain\-timeout\fR, keep the rest in the journal, exit 0. A second
+signal exits at once. \fBumount\fR \fIMOUNTPOINT\fR does the same.
+.TP
+\fBSIGHUP\fR
+Reopen src's root, so that a src mounted anew at its path is used from then on, and
+log the status summary. Never unmounts (\fBsystemctl reload\fR).
+.TP
+\fBSIGUSR1\fR
+Log the status summary: src online or offline, the writeback queue, failed operations.
+.SH "EXIT STATUS"
+.TP
+\fB0\fR
+Clean stop.
+.TP
+\fB1\fR
+Runtime failure (the mount failed, dst unusable, the metrics address taken).
+.TP
+\fB2\fR
+Bad command line, or a \fB\-dst\fR another cachefs serves; nothing was mounted.
+Service managers should not restart on it (systemd: \fBRestartPreventExitStatus=2\fR).
+.SH ENVIRONMENT
+.TP
+\fBRUST_LOG\fR
+Log filter (e.g. \fBdebug\fR, \fBcachefs=debug\fR); overrides \fB\-d\fR.
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd for \fBType=notify\fR units: cachefs sends \fBREADY=1\fR once the
+mount answers and \fBSTOPPING=1\fR at shutdown.
+.TP
+\fBJOURNAL_STREAM\fR
+Set by systemd: when it names cachefs's stderr, log lines carry \fB<N>\fR priority
+prefixes and no timestamps.
+.TP
+\fBCACHEFS_SYSLOG_PREFIX\fR
+\fB1\fR forces those prefixes (for \fBlogger \-\-prio\-prefix\fR), \fB0\fR forbids them.
+.SH FILES
+.TP
+\fIDST\fB/.cachefs\-state/\fR
+cachefs's state in the cache directory: the lock (one daemon per dst), the
+writeback journal, src's last known state, the cache budget.
+.TP
+\fB/sbin/mount.fuse.cachefs\fR
+The helper for \fBmount \-t fuse.cachefs\fR \fISRC MOUNTPOINT\fR \fB\-o dst=\fR\fIDST\fR[,\fBw\fR,...]
+and fstab lines.
+.SH EXAMPLES
+.nf
+cachefs \-src /mnt/uploads\-gcs \-dst /var/cache/uploads \e
+    \-mountpoint /var/www/html/wp\-content/uploads \-w \-\-revalidate 60s
+cachefs status /var/cache/uploads \-\-json
+mount \-t fuse.cachefs /mnt/nfs/share /srv/view \-o dst=/srv/cache,w
+.fi
+.SH "SEE ALSO"
+\fBmount\fR(8), \fBfstab\fR(5), \fBsystemd.service\fR(5), \fBrclone\fR(1);
+/usr/share/doc/cachefs/ (README.md, PRODUCTION.md, SEMANTICS.md, CACHE.md, METRICS.md).
+"#;
 
 /// The mount flags, as given.
 #[derive(Args, Debug, Default, Clone)]
@@ -142,18 +292,19 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub concurrent: String,
-    /// Base delay in seconds between writeback attempts (exponential backoff, jitter).
+    /// Base delay between writeback attempts (exponential backoff, jitter), e.g. 2s.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "0",
         allow_hyphen_values = true
     )]
     pub retry_delay: String,
-    /// Seconds to wait before replaying a writeback operation.
+    /// How long to wait before replaying a writeback operation (changes in that window
+    /// are coalesced), e.g. 5s.
     #[arg(
         long,
-        value_name = "SECONDS",
+        value_name = "DURATION",
         default_value = "0",
         allow_hyphen_values = true
     )]
@@ -175,41 +326,43 @@ pub struct MountArgs {
     /// FUSE worker threads [default: one per core, 2 to 8].
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub threads: Option<String>,
-    /// Seconds the kernel may cache entries and attributes (fractions allowed).
+    /// How long the kernel may cache entries and attributes, e.g. 1s or 200ms.
     #[arg(
         long,
-        value_name = "SECONDS",
-        default_value = "1",
+        value_name = "DURATION",
+        default_value = "1s",
         allow_hyphen_values = true
     )]
     pub attr_ttl: String,
     /// Never use FUSE passthrough (serve all reads and writes through the daemon).
     #[arg(long)]
     pub no_passthrough: bool,
-    /// Seconds one src call may take before it fails with EIO and src counts as
-    /// offline (0: wait forever). Copies fail only after this long with no progress.
+    /// How long one src call may take before it fails with EIO and src counts as
+    /// offline, e.g. 30s (0: wait forever). Copies fail only after this long with no
+    /// progress.
     #[arg(
         long,
-        value_name = "SECONDS",
-        default_value = "30",
+        value_name = "DURATION",
+        default_value = "30s",
         allow_hyphen_values = true
     )]
     pub src_timeout: String,
     /// With -w: at shutdown (SIGTERM, unmount), how long to keep replaying the queue on
-    /// src before exiting; what is left stays in the journal for the next start.
+    /// src before exiting, e.g. 20s; what is left stays in the journal for the next start.
     #[arg(
         long,
-        value_name = "SECONDS",
-        default_value = "20",
+        value_name = "DURATION",
+        default_value = "20s",
         allow_hyphen_values = true
     )]
     pub drain_timeout: String,
-    /// Seconds after which a clean cached file is compared with src again on its next
-    /// lookup or open (refetched if src changed, dropped if src deleted it); 0: never.
+    /// After this long (e.g. 60s, 5m), a clean cached file is compared with src again on
+    /// its next lookup or open (refetched if src changed, dropped if src deleted it);
+    /// 0: never.
     #[arg(
         long,
-        value_name = "SECONDS",
-        default_value = "60",
+        value_name = "DURATION",
+        default_value = "60s",
         allow_hyphen_values = true
     )]
     pub revalidate: String,
@@ -293,6 +446,8 @@ const BOOL_LONG_FLAGS: &[&str] = &[
     "help",
     "version",
 ];
+/// Subcommands: the first word that is not a flag (then positional words may follow).
+const SUBCOMMANDS: &[&[u8]] = &[b"status", b"man", b"completions"];
 /// Boolean flags with a one-letter name (GoCacheFS's `-w`, `-d`; clap's `-h`, `-V`).
 const BOOL_SHORT_FLAGS: &[&str] = &["w", "d", "h", "V"];
 
@@ -318,6 +473,8 @@ where
     };
     match cli.command {
         Some(Command::Status { dst, json }) => Ok(Action::Status { dst, json }),
+        Some(Command::Man) => Ok(Action::Print(man_page())),
+        Some(Command::Completions { shell }) => Ok(Action::Print(completions(shell))),
         None => validate(&cli.mount, probe).map(|c| Action::Mount(Box::new(c))),
     }
 }
@@ -338,6 +495,17 @@ fn clap_error(e: clap::Error) -> Result<Action, CliError> {
         }
         (ErrorKind::InvalidSubcommand, Some(a)) => {
             format!("unknown argument '{a}'; run 'cachefs --help' to list the flags")
+        }
+        (ErrorKind::InvalidValue, Some(a)) if a.starts_with('<') => {
+            let value = match e.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(v)) => v.clone(),
+                _ => String::new(),
+            };
+            let valid = match e.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(v)) => v.join(", "),
+                _ => String::new(),
+            };
+            format!("'{value}' is not a valid {a}; use one of: {valid}")
         }
         (ErrorKind::InvalidValue, Some(a)) | (ErrorKind::NoEquals, Some(a)) => format!(
             "flag {} needs a value; write it as {} VALUE",
@@ -361,7 +529,7 @@ fn clap_error(e: clap::Error) -> Result<Action, CliError> {
     err(msg)
 }
 
-/// `--retry-delay <SECONDS>` -> `-retry-delay` (how GoCacheFS users know the flag).
+/// `--retry-delay <DURATION>` -> `-retry-delay` (how GoCacheFS users know the flag).
 fn go_flag(clap_arg: &str) -> String {
     let name = clap_arg.split([' ', '=']).next().unwrap_or(clap_arg);
     name.strip_prefix('-')
@@ -396,7 +564,7 @@ pub fn rewrite_args(argv: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
             break;
         }
         if !bytes.starts_with(b"-") || bytes == b"-" {
-            if out.len() == 1 && bytes == b"status" {
+            if out.len() == 1 && SUBCOMMANDS.contains(&bytes) {
                 status = true;
             } else if !status {
                 return err(unexpected_msg(&arg));
@@ -574,12 +742,12 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
 
     let retries = parse_count("retries", &m.retries)?;
     let concurrent = parse_count("concurrent", &m.concurrent)?;
-    let retry_delay = parse_seconds("retry-delay", &m.retry_delay)?;
-    let start_delay = parse_seconds("start-delay", &m.start_delay)?;
-    let attr_ttl = parse_seconds("attr-ttl", &m.attr_ttl)?;
-    let src_timeout = parse_seconds("src-timeout", &m.src_timeout)?;
-    let revalidate = parse_seconds("revalidate", &m.revalidate)?;
-    let drain_timeout = parse_seconds("drain-timeout", &m.drain_timeout)?;
+    let retry_delay = parse_duration("retry-delay", &m.retry_delay)?;
+    let start_delay = parse_duration("start-delay", &m.start_delay)?;
+    let attr_ttl = parse_duration("attr-ttl", &m.attr_ttl)?;
+    let src_timeout = parse_duration("src-timeout", &m.src_timeout)?;
+    let revalidate = parse_duration("revalidate", &m.revalidate)?;
+    let drain_timeout = parse_duration("drain-timeout", &m.drain_timeout)?;
     let threads = match &m.threads {
         None => config::default_threads(),
         Some(t) => parse_threads(t)?,
@@ -744,20 +912,65 @@ pub fn parse_count(flag: &str, v: &str) -> Result<u32, CliError> {
     })
 }
 
-/// A number of seconds >= 0, fractions allowed (`-retry-delay`, `-start-delay`, `--attr-ttl`).
-pub fn parse_seconds(flag: &str, v: &str) -> Result<Duration, CliError> {
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .map_or_else(
-            || {
-                err(format!(
-                    "-{flag} '{v}' is not a number of seconds >= 0; write e.g. -{flag} 3 or -{flag} 0.5"
-                ))
-            },
-            Ok,
-        )
+/// A duration >= 0 (`-retry-delay`, `-start-delay`, `--attr-ttl`, `--src-timeout`,
+/// `--drain-timeout`, `--revalidate`), written as rclone and Go write them: a number
+/// with a unit (`500ms`, `30s`, `5m`, `1h`, `1d`, `1.5h`, `1h30m`; also `us`, `ns`), or
+/// a plain number of seconds, fractions allowed (`2`, `0.5`), as GoCacheFS took it.
+pub fn parse_duration(flag: &str, v: &str) -> Result<Duration, CliError> {
+    duration(v.trim()).map_or_else(
+        || {
+            err(format!(
+                "-{flag} '{v}' is not a duration >= 0; write e.g. -{flag} 30s, -{flag} 500ms, \
+                 -{flag} 5m, -{flag} 1h, or a number of seconds (-{flag} 3, -{flag} 0.5)"
+            ))
+        },
+        Ok,
+    )
+}
+
+/// See [`parse_duration`]; `None` for anything else (negative, NaN, no unit between two
+/// numbers, an unknown unit, an overflow).
+fn duration(s: &str) -> Option<Duration> {
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let is_num = |c: char| c.is_ascii_digit() || c == '.';
+    let mut total: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let n = rest.find(|c| !is_num(c)).unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(n);
+        let u = tail.find(is_num).unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(u);
+        let nanos_per: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "d" => 86_400_000_000_000,
+            _ => return None,
+        };
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+            return None;
+        }
+        let int: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        let frac = if frac.is_empty() {
+            0
+        } else {
+            let f: f64 = format!("0.{frac}").parse().ok()?;
+            (f * nanos_per as f64).round() as u128
+        };
+        total = total.checked_add(int.checked_mul(nanos_per)?.checked_add(frac)?)?;
+        rest = next;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).ok()?;
+    Some(Duration::new(secs, (total % 1_000_000_000) as u32))
 }
 
 /// `--threads`: 1 to 1024.
@@ -1202,6 +1415,71 @@ mod tests {
                 "{flag} {bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let ms = Duration::from_millis;
+        for (v, want) in [
+            ("0", Duration::ZERO),
+            ("2", ms(2000)),
+            ("0.5", ms(500)),
+            (" 1.25 ", ms(1250)),
+            ("500ms", ms(500)),
+            ("30s", ms(30_000)),
+            ("1.5s", ms(1500)),
+            ("5m", ms(300_000)),
+            ("1h", ms(3_600_000)),
+            ("1.5h", ms(5_400_000)),
+            ("1h30m", ms(5_400_000)),
+            ("2m30s", ms(150_000)),
+            ("1d", ms(86_400_000)),
+            ("0s", Duration::ZERO),
+            (".5s", ms(500)),
+            ("250us", Duration::from_micros(250)),
+            ("10ns", Duration::from_nanos(10)),
+        ] {
+            assert_eq!(parse_duration("x", v).unwrap(), want, "{v}");
+        }
+        for bad in [
+            "",
+            "s",
+            "-1s",
+            "-2",
+            "1x",
+            "5 m",
+            "1.2.3s",
+            "NaN",
+            "inf",
+            "1h-5m",
+            "1e3s",
+            "m5",
+            "99999999999999999999999h",
+        ] {
+            let e = parse_duration("revalidate", bad).unwrap_err().to_string();
+            assert!(
+                e.contains("is not a duration") && e.contains("-revalidate 30s"),
+                "{bad}: {e}"
+            );
+        }
+        let c = cfg(&with(&[
+            "--attr-ttl",
+            "250ms",
+            "-retry-delay=2s",
+            "-start-delay",
+            "1m",
+            "--src-timeout=1h",
+            "--drain-timeout",
+            "45s",
+            "--revalidate",
+            "5m",
+        ]));
+        assert_eq!(c.attr_ttl, ms(250));
+        assert_eq!(c.retry_delay, ms(2000));
+        assert_eq!(c.start_delay, ms(60_000));
+        assert_eq!(c.src_timeout, ms(3_600_000));
+        assert_eq!(c.drain_timeout, ms(45_000));
+        assert_eq!(c.revalidate, ms(300_000));
     }
 
     #[test]

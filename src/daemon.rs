@@ -3,15 +3,21 @@
 //!
 //! Guarantees:
 //! - Process setup happens before any thread exists: logging (env_logger on stderr; `-d` =
-//!   debug, else info; `RUST_LOG` overrides; no colors unless stderr is a terminal; under
-//!   systemd, `<N>` syslog priority prefixes and no timestamps), umask 0 (the core sets
-//!   every mode explicitly and relies on it), RLIMIT_NOFILE soft limit raised to the hard
-//!   limit, and SIGINT/SIGTERM/SIGHUP blocked in every thread so only [`run`]'s loop
-//!   receives them (synchronously, with `sigtimedwait`: no async-signal-safety concerns).
-//! - A signal unmounts the filesystem (lazily, with a warning, if it is busy: open files keep
-//!   working until closed; a second signal exits at once), drains writeback for at most
-//!   `--drain-timeout` (default 20 s), and [`run`] returns `Ok` (exit 0). An external `umount` ends
-//!   the session the same way.
+//!   debug, else info; `RUST_LOG` overrides; no colors unless stderr is a terminal; when
+//!   stderr is the journal stream systemd connected, `<N>` syslog priority prefixes and no
+//!   timestamps), umask 0 (the core sets every mode explicitly and relies on it),
+//!   RLIMIT_NOFILE soft limit raised to the hard limit, and SIGINT/SIGTERM/SIGHUP/SIGUSR1
+//!   blocked in every thread so only [`run`]'s loop receives them (synchronously, with
+//!   `sigtimedwait`: no async-signal-safety concerns).
+//! - SIGTERM or SIGINT unmounts the filesystem (lazily, with a warning, if it is busy: open
+//!   files keep working until closed; a second signal exits at once), drains writeback for
+//!   at most `--drain-timeout` (default 20 s), and [`run`] returns `Ok` (exit 0). An
+//!   external `umount` ends the session the same way.
+//! - SIGHUP never unmounts: it reopens src's root (a src mounted anew at its path is used
+//!   from then on, even while a detached old mount still answers) and logs the status
+//!   summary (src online or offline, the writeback queue), then keeps serving. A src that
+//!   hangs cannot hold the loop: the reopen waits at most `--src-timeout` (5 s if 0).
+//!   SIGUSR1 logs the same summary without the reopen.
 //! - Mount failures come back as a [`DaemonError`] whose message says what to do.
 //! - Before touching anything else, the daemon takes dst's lock ([`crate::dst_lock`]) and
 //!   holds it until it exits: a second daemon on the same dst is refused, in every mode.
@@ -171,14 +177,56 @@ fn mount_errno(e: &io::Error) -> Option<i32> {
 }
 
 /// Print a fatal error for `main`: one line on stderr, with the syslog "error" priority
-/// prefix under systemd so journald records it as an error.
+/// prefix when stderr goes to journald (see [`syslog_prefixes`]) so it records it as an
+/// error.
 pub fn print_error(e: &DaemonError) {
-    let prio = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        "<3>"
-    } else {
-        ""
-    };
+    let prio = if syslog_prefixes() { "<3>" } else { "" };
     eprintln!("{prio}cachefs: {e}");
+}
+
+/// Forces (`1`) or forbids (`0`) `<N>` syslog priority prefixes on log lines, whatever
+/// stderr is. The fstab helper sets it to 1 when it pipes the log into
+/// `logger --prio-prefix`.
+pub const SYSLOG_PREFIX_ENV: &str = "CACHEFS_SYSLOG_PREFIX";
+
+/// Whether log lines start with a `<N>` syslog priority prefix (and carry no timestamp):
+/// as [`SYSLOG_PREFIX_ENV`] says, else when stderr *is* the journal stream systemd
+/// connected. systemd.exec(5): `JOURNAL_STREAM` holds the device and inode of that
+/// stream, for comparing with stderr; the variable alone proves nothing, since children
+/// inherit it (mount(8) run by a .mount unit, then the fstab helper piping cachefs into
+/// logger or a file), and there the prefixes would be printed literally.
+fn syslog_prefixes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        match std::env::var(SYSLOG_PREFIX_ENV).as_deref() {
+            Ok("1") => return true,
+            Ok("0") => return false,
+            _ => {}
+        }
+        let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+            return false;
+        };
+        // SAFETY: fd 2 is only borrowed for an fstat; it stays open for the process.
+        let stderr = unsafe { std::os::fd::BorrowedFd::borrow_raw(2) };
+        fd_is_stream(stderr, &stream.to_string_lossy())
+    })
+}
+
+/// Whether `fd` is the file `stream` ("DEV:INO", in decimal, as in `JOURNAL_STREAM`) names.
+fn fd_is_stream(fd: std::os::fd::BorrowedFd<'_>, stream: &str) -> bool {
+    use std::os::fd::AsRawFd;
+    let Some((dev, ino)) = stream.trim().split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // SAFETY: fstat writes into a zeroed stat; the fd is valid for the call.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    st.st_dev == dev && st.st_ino == ino
 }
 
 /// Mount and serve until a signal or an external unmount; `Ok` means a clean exit.
@@ -306,8 +354,8 @@ fn mount_and_serve(
     signals: &Signals,
 ) -> Result<Stop, DaemonError> {
     let changes = wb.clone().map(|w| w as Arc<dyn crate::fs::ChangeLog>);
-    let mut fs =
-        CacheFs::with_src(cfg, changes, src).map_err(|e| DaemonError::Fs(e.to_string()))?;
+    let mut fs = CacheFs::with_src(cfg, changes, Arc::clone(&src))
+        .map_err(|e| DaemonError::Fs(e.to_string()))?;
     // The cache budget (src/cache/): usage rebuilt from dst before mounting.
     let cache = crate::cache::Cache::open(cfg)
         .map_err(|e| DaemonError::Fs(format!("cache budget: {e}")))?;
@@ -318,6 +366,17 @@ fn mount_and_serve(
     if let Some(c) = &cache {
         c.start(Arc::downgrade(&fs));
     }
+    let hup = Hup {
+        src,
+        fs: Arc::clone(&fs),
+        wb: wb.clone(),
+        timeout: if cfg.src_timeout.is_zero() {
+            HUP_REOPEN_TIMEOUT
+        } else {
+            cfg.src_timeout
+        },
+        pending: None,
+    };
     let mounted = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
         mountpoint: cfg.mountpoint.clone(),
         source,
@@ -340,7 +399,7 @@ fn mount_and_serve(
         cfg.mountpoint.display(),
         writeback_mode(cfg)
     );
-    let stop = serve(session, signals, &cfg.mountpoint, wb.as_ref());
+    let stop = serve(session, signals, &cfg.mountpoint, hup);
     if let Some(c) = &cache {
         c.shutdown(); // persist the LRU and cache.json
     }
@@ -356,20 +415,94 @@ pub fn writeback_mode(cfg: &Config) -> String {
     }
 }
 
+/// How long SIGHUP's reopen of src's root may take with `--src-timeout 0`.
+const HUP_REOPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What SIGHUP and SIGUSR1 act on.
+struct Hup {
+    /// src's root, shared by the view and writeback replay.
+    src: Arc<Layer>,
+    fs: Arc<CacheFs>,
+    wb: Option<Writeback>,
+    /// How long to wait for src's root to reopen.
+    timeout: Duration,
+    /// A reopen that outlived `timeout` (src hangs): its result, once it has one.
+    pending: Option<crossbeam_channel::Receiver<io::Result<()>>>,
+}
+
+impl Hup {
+    /// SIGHUP: reopen src's root, then log the summary. The reopen runs on a thread of
+    /// its own so that a hung src cannot keep this loop from seeing SIGTERM.
+    fn reload(&mut self) {
+        let root = self.src.root_path().display().to_string();
+        let still_waiting = self
+            .pending
+            .as_ref()
+            .is_some_and(|rx| rx.try_recv().is_err_and(|e| e.is_empty()));
+        if still_waiting {
+            warn!("SIGHUP: the previous reopen of src {root} is still waiting for src");
+        } else {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let src = Arc::clone(&self.src);
+            let spawned = std::thread::Builder::new()
+                .name("cachefs-sighup".into())
+                .spawn(move || {
+                    let _ = tx.send(src.reopen());
+                });
+            self.pending = None;
+            match spawned {
+                Err(e) => warn!("SIGHUP: cannot reopen src {root}: {e}"),
+                Ok(_) => match rx.recv_timeout(self.timeout) {
+                    Ok(Ok(())) => info!("SIGHUP: reopened src {root}"),
+                    Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOTCONN) => warn!(
+                        "SIGHUP: src {root} is not a mount point now; keeping the current src root"
+                    ),
+                    Ok(Err(e)) => warn!(
+                        "SIGHUP: cannot reopen src {root} ({e}); keeping the current src root"
+                    ),
+                    Err(_) => {
+                        warn!(
+                            "SIGHUP: src {root} did not answer within {:?}; keeping the current src root",
+                            self.timeout
+                        );
+                        self.pending = Some(rx);
+                    }
+                },
+            }
+        }
+        self.summary("SIGHUP");
+    }
+
+    /// SIGUSR1 (and SIGHUP): src's state and the writeback queue, in the log.
+    fn summary(&self, sig: &str) {
+        let root = self.src.root_path().display();
+        match self.fs.src_offline_since() {
+            None => info!("{sig}: src {root} is online"),
+            Some(t) => {
+                let ago = t.elapsed().unwrap_or_default().as_secs();
+                info!("{sig}: src {root} is OFFLINE (since {ago}s ago)");
+            }
+        }
+        match &self.wb {
+            Some(wb) => wb.log_summary(),
+            None => info!("{sig}: writeback is off (no -w); nothing queued"),
+        }
+    }
+}
+
 fn serve(
     session: fuser::BackgroundSession,
     signals: &Signals,
     mnt: &Path,
-    wb: Option<&Writeback>,
+    mut hup: Hup,
 ) -> Result<Stop, DaemonError> {
     let m = mnt.display();
     let signal = loop {
         match signals.wait(POLL).map_err(DaemonError::Signals)? {
             // SIGUSR1: log the writeback queue (as GoCacheFS did), keep serving.
-            Some(libc::SIGUSR1) => match wb {
-                Some(wb) => wb.log_summary(),
-                None => info!("SIGUSR1: writeback is off (no -w); nothing queued"),
-            },
+            Some(libc::SIGUSR1) => hup.summary("SIGUSR1"),
+            // SIGHUP: reopen src's root and log the summary, keep serving.
+            Some(libc::SIGHUP) => hup.reload(),
             Some(sig) => break Some(sig),
             None => {}
         }
@@ -417,6 +550,10 @@ fn serve(
     }
     while !session.guard.is_finished() {
         if let Some(again) = signals.wait(POLL).map_err(DaemonError::Signals)? {
+            if again == libc::SIGHUP || again == libc::SIGUSR1 {
+                hup.summary(signal_name(again));
+                continue;
+            }
             warn!(
                 "received {} again; exiting now: files still open in the detached mount \
                  fail with ENOTCONN",
@@ -488,13 +625,15 @@ fn signal_name(sig: libc::c_int) -> &'static str {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
         libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
         _ => "a signal",
     }
 }
 
 /// env_logger on stderr: `-d` = debug, else info; `RUST_LOG` overrides. Colors only on a
-/// terminal. Under systemd (`JOURNAL_STREAM` set) lines carry `<N>` priority prefixes and
-/// no timestamp, since journald adds its own.
+/// terminal. When stderr goes to journald (or `logger --prio-prefix`: see
+/// [`syslog_prefixes`]) lines carry `<N>` priority prefixes and no timestamp, since
+/// the journal adds its own.
 fn init_logging(debug: bool) {
     // fuser::mnt warns "Unmount failed: EINVAL" when it retries an unmount that the
     // daemon already did (its drop-time check); the daemon reports unmount errors itself.
@@ -505,7 +644,7 @@ fn init_logging(debug: bool) {
     };
     let mut b =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
+    if syslog_prefixes() {
         b.format(|buf, rec| {
             let prio = match rec.level() {
                 log::Level::Error => 3,
@@ -591,6 +730,23 @@ mod tests {
             assert!(e(libc::ENOENT).contains("apt-get install fuse3"));
         }
         assert!(e(libc::ENOENT).contains("fuse3"));
+    }
+
+    #[test]
+    fn journal_stream_must_name_the_fd() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let f = tempfile::tempfile().unwrap();
+        let m = f.metadata().unwrap();
+        let fd = f.as_fd();
+        assert!(fd_is_stream(fd, &format!("{}:{}", m.dev(), m.ino())));
+        assert!(fd_is_stream(fd, &format!("{}:{}\n", m.dev(), m.ino())));
+        // Inherited from a parent whose stderr was the journal: another file.
+        assert!(!fd_is_stream(fd, &format!("{}:{}", m.dev(), m.ino() + 1)));
+        assert!(!fd_is_stream(fd, &format!("{}:{}", m.dev() + 1, m.ino())));
+        for junk in ["", "1", "a:b", "12:", ":34", "1:2:3"] {
+            assert!(!fd_is_stream(fd, junk), "{junk:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The command line as users meet it: the real binary, bad input (exit 2, one helpful line,
 //! nothing mounted), GoCacheFS-style flags on a real mount, signals and external unmount.
 
+mod bindfs_support;
 mod common;
 
 use std::os::unix::fs::symlink;
@@ -380,7 +381,7 @@ fn bad_numbers() {
         ("-retries", "many"),
         ("-retries", "-1"),
         ("-concurrent", "2.5"),
-        ("-retry-delay", "3s"),
+        ("-retry-delay", "3sec"),
         ("-start-delay", "-1"),
         ("--threads", "0"),
         ("--attr-ttl", "inf"),
@@ -569,17 +570,172 @@ fn double_dash_flags_mount() {
 }
 
 #[test]
-fn sighup_and_sigint_exit_zero() {
-    if !can_mount("sighup_and_sigint_exit_zero") {
+fn sigint_exits_zero() {
+    if !can_mount("sigint_exits_zero") {
         return;
     }
-    for sig in [libc::SIGHUP, libc::SIGINT] {
-        let mut m = Mounted::start(&[]);
-        m.signal(sig);
-        let st = m.wait_exit(STOP_TIMEOUT);
-        assert!(st.success(), "signal {sig}: {st}; stderr:\n{}", m.stderr());
-        assert!(mount_type(m.mountpoint()).is_none());
+    let mut m = Mounted::start(&[]);
+    m.signal(libc::SIGINT);
+    let st = m.wait_exit(STOP_TIMEOUT);
+    assert!(st.success(), "SIGINT: {st}; stderr:\n{}", m.stderr());
+    assert!(mount_type(m.mountpoint()).is_none());
+}
+
+fn mount_tmpfs(dir: &Path) {
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "cachefs-test-src"])
+        .arg(dir)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount tmpfs at {}", dir.display());
+}
+
+/// SIGHUP does not unmount: the daemon reopens src's root and logs its summary. A src
+/// mounted anew at its path (rclone restarted after `umount -l`, while the detached old
+/// mount still answers through the root cachefs holds) is used from then on.
+#[test]
+fn sighup_reopens_src_and_keeps_the_mount() {
+    if !can_mount("sighup_reopens_src_and_keeps_the_mount") {
+        return;
     }
+    let srcdir = tempdir();
+    let src = std::fs::canonicalize(srcdir.path()).unwrap();
+    mount_tmpfs(&src);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            while detach(&self.0) {}
+        }
+    }
+    let _unmount = Unmount(src.clone());
+    std::fs::write(src.join("old"), b"old src").unwrap();
+    let mut m = Mounted::with_dirs(srcdir, tempdir(), &["-w", "--attr-ttl", "0"]);
+    assert_eq!(std::fs::read(m.mnt_path("old")).unwrap(), b"old src");
+
+    // A new src at the same path; the detached old one still answers.
+    assert!(detach(&src));
+    mount_tmpfs(&src);
+    std::fs::write(src.join("seen-before"), b"new").unwrap();
+    std::fs::write(src.join("seen-after"), b"new src").unwrap();
+    assert!(
+        !m.mnt_path("seen-before").exists(),
+        "the old src root is still in use before SIGHUP"
+    );
+
+    m.signal(libc::SIGHUP);
+    let log = m.wait_for_log("is online", Duration::from_secs(10));
+    assert!(log.contains("SIGHUP: reopened src"), "{log}");
+    assert!(
+        log.contains("SIGHUP: src ") && log.contains("is online"),
+        "{log}"
+    );
+    assert!(is_fuse_mounted(m.mountpoint()), "SIGHUP unmounted:\n{log}");
+    assert_eq!(std::fs::read(m.mnt_path("seen-after")).unwrap(), b"new src");
+    // A cached file keeps being served; writes still reach (the new) src.
+    assert_eq!(std::fs::read(m.mnt_path("old")).unwrap(), b"old src");
+    std::fs::write(m.mnt_path("written"), b"after HUP").unwrap();
+    wb_wait_drained(m.dst.path(), Duration::from_secs(30));
+    assert_eq!(std::fs::read(src.join("written")).unwrap(), b"after HUP");
+
+    // A second SIGHUP is as harmless; SIGTERM still stops it cleanly.
+    m.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(is_fuse_mounted(m.mountpoint()));
+    m.signal(libc::SIGTERM);
+    let st = m.wait_exit(STOP_TIMEOUT);
+    assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
+    assert!(mount_type(m.mountpoint()).is_none());
+}
+
+/// SIGHUP with a hung src (bindfs stopped): the reopen is given up after
+/// --src-timeout, the mount keeps serving cached files, a second SIGHUP does not pile
+/// up another stuck reopen, and SIGTERM still stops the daemon at once.
+#[test]
+fn sighup_with_a_hung_src_neither_blocks_nor_unmounts() {
+    if !can_mount("sighup_with_a_hung_src_neither_blocks_nor_unmounts")
+        || !bindfs_support::have_bindfs()
+    {
+        return;
+    }
+    let srcmnt = tempdir();
+    let bind =
+        bindfs_support::BindfsSrc::start(dir_with(&[("cached", b"cached bytes")]), srcmnt.path())
+            .expect("bindfs starts");
+    let mut m = Mounted::with_dirs(srcmnt, tempdir(), &["--src-timeout", "1"]);
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+
+    bind.pause(true);
+    std::thread::sleep(Duration::from_millis(1500)); // the kernel's attributes of src expire
+    m.signal(libc::SIGHUP);
+    let log = m.wait_for_log("did not answer within 1s", Duration::from_secs(10));
+    assert!(log.contains("keeping the current src root"), "{log}");
+    assert!(is_fuse_mounted(m.mountpoint()));
+    assert_eq!(
+        std::fs::read(m.mnt_path("cached")).unwrap(),
+        b"cached bytes"
+    );
+    m.signal(libc::SIGHUP);
+    m.wait_for_log("the previous reopen of src", Duration::from_secs(10));
+
+    let t = std::time::Instant::now();
+    m.signal(libc::SIGTERM);
+    let st = m.wait_exit(STOP_TIMEOUT);
+    assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(mount_type(m.mountpoint()).is_none());
+    bind.pause(false);
+}
+
+/// Durations take units (as rclone's flags do) on a real mount; a bad one is a usage
+/// error naming the fix.
+#[test]
+fn durations_with_units() {
+    let d = dirs();
+    let out = run(&[
+        &"-src",
+        &p(&d.src),
+        &"-dst",
+        &p(&d.dst),
+        &"-mountpoint",
+        &p(&d.mnt),
+        &"--revalidate",
+        &"5x",
+    ]);
+    assert_usage_error(&out, &["-revalidate '5x' is not a duration", "30s"]);
+    assert_not_mounted(p(&d.mnt));
+
+    if !can_mount("durations_with_units") {
+        return;
+    }
+    let m = Mounted::start(&[
+        "-d",
+        "-w",
+        "--attr-ttl",
+        "500ms",
+        "--revalidate=5m",
+        "-src-timeout",
+        "1h",
+        "--drain-timeout",
+        "45s",
+        "-retry-delay=1.5",
+        "-start-delay",
+        "0s",
+    ]);
+    let log = m.wait_for_log("configuration:", Duration::from_secs(10));
+    for want in [
+        "attr_ttl: 500ms",
+        "revalidate: 300s",
+        "src_timeout: 3600s",
+        "drain_timeout: 45s",
+        "retry_delay: 1.5s",
+        "start_delay: 0ns",
+    ] {
+        assert!(log.contains(want), "lacks {want}:\n{log}");
+    }
+    m.stop();
 }
 
 #[test]
@@ -623,4 +779,183 @@ fn busy_mount_is_detached_and_daemon_exits_when_released() {
     let st = m.wait_exit(STOP_TIMEOUT);
     assert!(st.success(), "{st}; stderr:\n{}", m.stderr());
     m.wait_for_log("is busy; detaching it lazily", Duration::ZERO);
+}
+
+/// `cachefs man` is generated from the clap definitions: every flag is on the page,
+/// and groff renders it without warnings.
+#[test]
+fn man_page_documents_every_flag() {
+    use clap::CommandFactory;
+    let out = run(&[&"man"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.starts_with(".TH CACHEFS 1 "), "{page}");
+    let cmd = cachefs::cli::Cli::command();
+    let status = cmd.find_subcommand("status").unwrap().clone();
+    let mut checked = 0;
+    for arg in cmd.get_arguments().chain(status.get_arguments()) {
+        if arg.is_hide_set() {
+            continue;
+        }
+        if let Some(long) = arg.get_long() {
+            let roff = format!("\\-\\-{}", long.replace('-', "\\-"));
+            assert!(page.contains(&roff), "the man page lacks --{long}");
+            checked += 1;
+        }
+        if let Some(short) = arg.get_short() {
+            assert!(
+                page.contains(&format!("\\-{short}")),
+                "the man page lacks -{short}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 25, "only {checked} flags");
+    for section in [
+        "SYNOPSIS",
+        "OPTIONS",
+        "SIGNALS",
+        "\"EXIT STATUS\"",
+        "ENVIRONMENT",
+        "FILES",
+    ] {
+        assert!(
+            page.contains(&format!(".SH {section}")),
+            "no {section} section"
+        );
+    }
+    // The hidden packaging subcommands stay off the page and out of --help.
+    assert!(!page.contains("completions"));
+    let help = run(&[&"--help"]);
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("completions"));
+
+    let groff = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut groff) = groff else {
+        eprintln!("groff is not installed: not rendering the page");
+        return;
+    };
+    use std::io::Write;
+    groff
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = groff.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `cachefs completions SHELL` for bash, zsh and fish, from the clap definitions.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for (shell, check) in [("bash", "-n"), ("zsh", "-n"), ("fish", "--no-execute")] {
+        let out = run(&[&"completions", &shell]);
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in ["revalidate", "lazy-fill", "mountpoint", "status"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+        // A syntax check where the shell is installed.
+        let dir = tempdir();
+        let file = dir.path().join("completion");
+        std::fs::write(&file, &script).unwrap();
+        match Command::new(shell).arg(check).arg(&file).output() {
+            Ok(o) => assert!(
+                o.status.success(),
+                "{shell}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(_) => eprintln!("{shell} is not installed: no syntax check"),
+        }
+    }
+    assert_usage_error(
+        &run(&[&"completions", &"tcsh"]),
+        &["'tcsh' is not a valid <SHELL>", "bash, zsh, fish"],
+    );
+}
+
+/// The top-level keys of a JSON object (no general parser: strings and nesting only).
+fn json_top_keys(json: &str) -> Vec<String> {
+    let (mut depth, mut in_str, mut esc) = (0, false, false);
+    let (mut keys, mut cur, mut expect_key) = (Vec::new(), String::new(), false);
+    for c in json.chars() {
+        if in_str {
+            match (esc, c) {
+                (true, _) => esc = false,
+                (false, '\\') => esc = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            if depth == 1 && expect_key && in_str {
+                cur.push(c);
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' | '[' => {
+                depth += 1;
+                expect_key = depth == 1;
+            }
+            '}' | ']' => depth -= 1,
+            ',' if depth == 1 => expect_key = true,
+            ':' if depth == 1 && expect_key => {
+                keys.push(std::mem::take(&mut cur));
+                expect_key = false;
+            }
+            _ => {}
+        }
+    }
+    keys
+}
+
+/// docs/PRODUCTION.md lists the keys `cachefs status --json` prints, all of them, and
+/// says what its exit status judges.
+#[test]
+fn status_json_keys_match_the_docs() {
+    let d = dirs();
+    let out = run(&[&"status", &p(&d.dst), &"--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let real = json_top_keys(&String::from_utf8(out.stdout).unwrap());
+    assert!(real.contains(&"pending_ops".to_string()), "{real:?}");
+
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/PRODUCTION.md"))
+            .unwrap();
+    let start = doc
+        .find("- `--json` prints one object:")
+        .expect("the --json bullet");
+    let bullet = &doc[start..];
+    let bullet = &bullet[..bullet[2..].find("\n- ").map_or(bullet.len(), |e| e + 2)];
+    let documented: Vec<String> = bullet
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        real, documented,
+        "real (left) vs docs/PRODUCTION.md (right)"
+    );
+    assert!(
+        doc.contains("- Exit status: 0 no failed writeback ops; 1 failed writeback ops exist;"),
+        "the exit status text"
+    );
 }

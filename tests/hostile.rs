@@ -984,11 +984,12 @@ fn cli_bad_timeouts() {
     for (flag, v) in [
         ("--src-timeout", "soon"),
         ("--src-timeout", "-3"),
-        ("--revalidate", "1m"),
+        ("--revalidate", "1 minute"),
+        ("--revalidate", "1m-5s"),
         ("--attr-ttl", "NaN"),
     ] {
         let out = run_cli(&[&"-src", &s, &"-dst", &ds, &"-mountpoint", &mn, &flag, &v]);
-        usage_error(&out, "is not a number of seconds >= 0");
+        usage_error(&out, "is not a duration >= 0");
     }
 }
 

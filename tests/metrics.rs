@@ -290,3 +290,39 @@ fn a_dead_src_shows_as_offline_with_errors() {
     // before cachefs reopens it: that is counted, so errors are not compared here.)
     m.stop();
 }
+
+/// docs/METRICS.md's table lists exactly the metric families the binary serves, each
+/// with its type (no mount needed: the registry renders every family from the start).
+#[test]
+fn every_metric_served_is_documented_and_vice_versa() {
+    use std::collections::BTreeMap;
+    let served: BTreeMap<String, String> = cachefs::metrics::render()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let (name, kind) = l.split_once(' ').unwrap();
+            (name.to_string(), kind.to_string())
+        })
+        .collect();
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/METRICS.md"),
+    )
+    .unwrap();
+    let documented: BTreeMap<String, String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `cachefs_"))
+        .map(|l| {
+            let mut cells = l.split('|');
+            let name = format!(
+                "cachefs_{}",
+                cells.next().unwrap().trim().trim_end_matches('`')
+            );
+            (name, cells.next().unwrap().trim().to_string())
+        })
+        .collect();
+    assert!(served.len() >= 10, "{served:?}");
+    assert_eq!(
+        served, documented,
+        "served (left) and documented in docs/METRICS.md (right) differ"
+    );
+}

@@ -117,6 +117,21 @@ fn example_units_pass_systemd_analyze_verify() {
         units.push(to);
     }
     assert_eq!(units.len(), 2, "{units:?}");
+    // The web server drop-in, on a stand-in web server unit.
+    let web = dir.path().join("apache2.service");
+    std::fs::write(
+        &web,
+        "[Unit]\nDescription=stand-in web server\n[Service]\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    let dropins = dir.path().join("apache2.service.d");
+    std::fs::create_dir(&dropins).unwrap();
+    std::fs::copy(
+        examples.join("apache2.service.d/cachefs-uploads.conf"),
+        dropins.join("cachefs-uploads.conf"),
+    )
+    .unwrap();
+    units.push(web);
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&units)
@@ -127,7 +142,153 @@ fn example_units_pass_systemd_analyze_verify() {
     // Warnings (unknown keys, bad values) do not fail verify: none may name our units.
     let ours: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.contains("cachefs-uploads") || l.contains("rclone-gcs-uploads"))
+        .filter(|l| {
+            l.contains("cachefs-uploads")
+                || l.contains("rclone-gcs-uploads")
+                || l.contains("apache2")
+        })
         .collect();
     assert!(ours.is_empty(), "{stderr}");
+}
+
+/// What the example units must say, whether or not systemd-analyze is here.
+#[test]
+fn example_units_say_what_production_needs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd");
+    let read = |p: &str| std::fs::read_to_string(dir.join(p)).unwrap();
+    // Directives only (comments explain what is not there).
+    let directives = |text: &str| -> Vec<String> {
+        text.replace("\\\n", " ")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    };
+    let cachefs = directives(&read("cachefs-uploads.service"));
+    // A bad command line (exit 2) must not restart forever.
+    assert!(
+        cachefs.contains(&"RestartPreventExitStatus=2".to_string()),
+        "{cachefs:?}"
+    );
+    assert!(
+        cachefs
+            .iter()
+            .any(|l| l.starts_with("ExecReload=/bin/kill -HUP"))
+    );
+
+    let web = directives(&read("apache2.service.d/cachefs-uploads.conf"));
+    for want in [
+        "Requires=cachefs-uploads.service",
+        "After=cachefs-uploads.service",
+    ] {
+        assert!(
+            web.contains(&want.to_string()),
+            "drop-in lacks {want}: {web:?}"
+        );
+    }
+
+    let rclone = directives(&read("rclone-gcs-uploads.service"));
+    let exec = rclone
+        .iter()
+        .find(|l| l.starts_with("ExecStart="))
+        .expect("ExecStart");
+    // cachefs (root) is the only user of the rclone mount: no --allow-other.
+    assert!(!exec.contains("--allow-other"), "{exec}");
+    // rclone's write-back queue on persistent disk.
+    let cache_dir = exec
+        .split_whitespace()
+        .skip_while(|w| *w != "--cache-dir")
+        .nth(1)
+        .expect("--cache-dir");
+    assert!(
+        cache_dir.starts_with("/var/") && !cache_dir.starts_with("/var/tmp"),
+        "{cache_dir}"
+    );
+}
+
+/// The Debian package's template unit (packaging/systemd/cachefs@.service) passes
+/// `systemd-analyze verify` as an instance, and says what a production unit must.
+#[test]
+fn packaged_template_unit_passes_verify() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("packaging/systemd/cachefs@.service")).unwrap();
+    for want in [
+        "Type=notify",
+        "EnvironmentFile=/etc/cachefs/%i.conf",
+        "RestartPreventExitStatus=2",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecStart=/usr/bin/cachefs -src ${SRC} -dst ${DST} -mountpoint ${MOUNTPOINT} $CACHEFS_ARGS",
+    ] {
+        assert!(text.lines().any(|l| l == want), "the template lacks {want}");
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping the verify: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempdir();
+    std::fs::write(
+        dir.path().join("cachefs@.service"),
+        text.replace("/usr/bin/cachefs", cachefs_bin()),
+    )
+    .unwrap();
+    // --man=no: the man page is installed by the package, not here.
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("cachefs@uploads.service"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("cachefs@"), "{stderr}");
+}
+
+/// Under systemd, stderr *is* the journal stream JOURNAL_STREAM names (dev:ino):
+/// log lines then carry `<N>` priority prefixes and no timestamps.
+#[test]
+fn journal_stream_naming_stderr_gets_priority_prefixes() {
+    if !can_mount("journal_stream_naming_stderr_gets_priority_prefixes") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (src, dst, mnt, logs) = (tempdir(), tempdir(), tempdir(), tempdir());
+    let log = logs.path().join("stderr");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut child = Command::new(cachefs_bin())
+        .args(["-src", src.path().to_str().unwrap()])
+        .args(["-dst", dst.path().to_str().unwrap()])
+        .args(["-mountpoint", mnt.path().to_str().unwrap()])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("cachefs mounted")
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "no mount");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&child, libc::SIGTERM);
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("<6>") || l.starts_with("<4>") || l.starts_with("<7>")),
+        "{text}"
+    );
+    assert!(
+        text.contains("<6>cachefs::daemon: cachefs mounted"),
+        "{text}"
+    );
 }
