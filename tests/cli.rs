@@ -943,7 +943,20 @@ fn status_json_keys_match_the_docs() {
         .expect("the --json bullet");
     let bullet = &doc[start..];
     let bullet = &bullet[..bullet[2..].find("\n- ").map_or(bullet.len(), |e| e + 2)];
-    let documented: Vec<String> = bullet
+    // Top-level keys only: what a key's value holds is described in parentheses.
+    let mut depth = 0usize;
+    let top: String = bullet
+        .chars()
+        .filter(|c| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                _ => return depth == 0,
+            }
+            false
+        })
+        .collect();
+    let documented: Vec<String> = top
         .split('`')
         .skip(1)
         .step_by(2)
