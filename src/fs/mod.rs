@@ -658,9 +658,7 @@ impl CacheFs {
         let attempt = || {
             let (src, f) = (Arc::clone(&self.src), Arc::clone(&f));
             let r = crate::metrics::src_op(op, || self.src_pool.run(move || f(&src)));
-            if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT)) {
-                self.src_probe.note_timeout(path);
-            }
+            self.note_if_timed_out(&r, path);
             r
         };
         match attempt() {
@@ -688,6 +686,14 @@ impl CacheFs {
             return Ok(());
         }
         Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+    }
+
+    /// A src call on `path` ran into `--src-timeout`: the probes of the coming outage
+    /// ask about that path (a question the remote itself must answer).
+    fn note_if_timed_out<T>(&self, r: &io::Result<T>, path: &Path) {
+        if matches!(r, Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT)) {
+            self.src_probe.note_timeout(path);
+        }
     }
 
     /// lstat on src.
@@ -919,6 +925,7 @@ impl CacheFs {
             }
             Ok(())
         });
+        self.note_if_timed_out(&fetched, path);
         if fetched.as_ref().err().is_none_or(is_outage) {
             crate::metrics::METRICS.src_result(&fetched);
         }
@@ -989,6 +996,7 @@ impl CacheFs {
         let copied = self.src_pool.run_watched(Some(progress), move || {
             copyup::copy_entry(&src, &dst, &p, &st, opts, Some(&counter))
         });
+        self.note_if_timed_out(&copied, path);
         // Timed by the caller (`SrcOp::Fetch`); dst's own errors (ENOSPC) are not src's.
         if copied.as_ref().err().is_none_or(is_outage) {
             crate::metrics::METRICS.src_result(&copied);
