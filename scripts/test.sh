@@ -11,13 +11,19 @@
 #             passthrough where the kernel has it, cachefs --no-passthrough)
 #   fsx       scripts/fsx.sh --daemon-io (uncached, block-mode and new files,
 #             with and without passthrough)
+#   xfstests  scripts/xfstests.sh --targets cachefs,cachefs-w: the fast subset
+#             (tests/xfstests/fast) through cachefs and cachefs -w against
+#             libfuse's passthrough_ll (xfstests and libfuse built once from
+#             ../shared/thirdparty/ into target/thirdparty/; about 5 minutes)
 # Prints a summary, exits non-zero if any step failed, leaves no mount behind.
 #
-# Usage: scripts/test.sh [--no-writeback] [--no-deps] [--no-external] [--fsx-ops N]
+# Usage: scripts/test.sh [--no-writeback] [--no-deps] [--no-external]
+#          [--no-xfstests] [--fsx-ops N]
 #   --no-writeback skip the pjdfstest and fsx runs against `cachefs -w` and
 #                  mirror mode (on by default)
 #   --no-deps      skip install-deps.sh
-#   --no-external  skip pjdfstest and fsx
+#   --no-external  skip pjdfstest, fsx and xfstests
+#   --no-xfstests  skip xfstests (--xfstests: run it, the default)
 # Environment: WRITEBACK_SUITES=0 is the same as --no-writeback.
 set -euo pipefail
 # shellcheck source=scripts/common.sh
@@ -27,13 +33,15 @@ cd "$REPO_ROOT"
 # pjdfstest and fsx also run against `cachefs -w` and mirror mode (-w
 # -concurrent 0) unless WRITEBACK_SUITES=0 or --no-writeback.
 WRITEBACK="${WRITEBACK_SUITES:-1}"
-DEPS=1 EXTERNAL=1 FSX_OPS=20000
+DEPS=1 EXTERNAL=1 FSX_OPS=20000 XFSTESTS=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --writeback) WRITEBACK=1 ;;
     --no-writeback) WRITEBACK=0 ;;
     --no-deps) DEPS=0 ;;
     --no-external) EXTERNAL=0 ;;
+    --xfstests) XFSTESTS=1 ;;
+    --no-xfstests) XFSTESTS=0 ;;
     --fsx-ops) FSX_OPS="$2"; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
@@ -113,14 +121,23 @@ fi
 if [[ $EXTERNAL -eq 0 ]]; then
   skip pjdfstest "--no-external"
   skip fsx "--no-external"
+  skip xfstests "--no-external"
 elif [[ $BUILT -eq 0 ]]; then
   skip pjdfstest "the build failed"
   skip fsx "the build failed"
+  skip xfstests "the build failed"
 else
   suite_flags=(--daemon-io)
   [[ $WRITEBACK -eq 1 ]] && suite_flags+=(--writeback)
   step pjdfstest ./scripts/pjdfstest.sh "${suite_flags[@]}" --results "$RESULTS/pjdfstest" || true
   step fsx ./scripts/fsx.sh "${suite_flags[@]}" --ops "$FSX_OPS" --results "$RESULTS/fsx" || true
+  if [[ $XFSTESTS -eq 1 ]]; then
+    xfs_flags=(--targets "cachefs,cachefs-w" --reuse-baseline --results "$RESULTS/xfstests")
+    [[ $DEPS -eq 1 ]] || xfs_flags+=(--no-deps)
+    step xfstests ./scripts/xfstests.sh "${xfs_flags[@]}" || true
+  else
+    skip xfstests "--no-xfstests"
+  fi
 fi
 
 printf '\n==> summary (%ss in all; logs in target/test-results/)\n' $(($(date +%s) - T0))
@@ -130,5 +147,6 @@ grep -hE '^(Summary|\s+Summary) ' "$RESULTS/tests.log" 2>/dev/null | tail -n1 | 
 grep -hE '^test result: ' "$RESULTS/tests.log" 2>/dev/null | sed 's/^/  rust tests: /' || true
 [[ -f "$RESULTS/pjdfstest/summary.txt" ]] && sed 's/^/  pjdfstest /' "$RESULTS/pjdfstest/summary.txt"
 [[ -f "$RESULTS/fsx/summary.txt" ]] && tail -n1 "$RESULTS/fsx/summary.txt" | sed 's/^fsx: /  fsx checks: /'
+[[ -f "$RESULTS/xfstests/summary.txt" ]] && sed -n 's/^  \(.*\)/  xfstests \1/p' "$RESULTS/xfstests/summary.txt"
 echo "steps: $PASS_N passed, $FAIL_N failed, $SKIP_N skipped"
 [[ $FAIL_N -eq 0 ]]

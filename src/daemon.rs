@@ -512,8 +512,7 @@ fn serve(
     };
     let Some(sig) = signal else {
         info!("{m} was unmounted externally");
-        return session
-            .join()
+        return join_unmounted(session)
             .map(|_| Stop::Clean)
             .map_err(DaemonError::Session);
     };
@@ -562,10 +561,27 @@ fn serve(
             return Ok(Stop::Forced);
         }
     }
-    session
-        .join()
+    join_unmounted(session)
         .map(|_| Stop::Clean)
         .map_err(DaemonError::Session)
+}
+
+/// Join a session whose mount is gone (its thread has finished: the kernel ended the
+/// connection) without unmounting the mountpoint again. fuser 0.18's `join` drops the
+/// session's `Mount`, whose check "is it still mounted?" reads POLLERR on /dev/fuse
+/// (which means the connection is gone) as "mounted" and so calls umount2(mountpoint):
+/// that unmounts whatever is mounted there by then, typically the next cachefs mount
+/// when `umount M; mount M` run back to back (fixed in fuser after 0.18). So the
+/// `Mount` and the /dev/fuse handle of the dead connection are leaked instead: one
+/// file descriptor until the process exits, shortly after.
+fn join_unmounted(session: fuser::BackgroundSession) -> io::Result<()> {
+    let session = std::mem::ManuallyDrop::new(session);
+    // SAFETY: `guard` is read out exactly once, and `session` is never used or dropped
+    // afterwards (ManuallyDrop), so the JoinHandle has a single owner.
+    let guard = unsafe { std::ptr::read(&session.guard) };
+    guard
+        .join()
+        .map_err(|_| io::Error::other("filesystem background thread panicked"))?
 }
 
 fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {

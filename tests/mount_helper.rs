@@ -180,10 +180,18 @@ fn options_become_cachefs_flags() {
     assert!(out.status.success(), "{stderr}");
     let want = format!(
         "mount.fuse.cachefs: {} -src /srv/src -mountpoint / -w --revalidate 5 --concurrent 4 \
-         --pin *.jpg --metrics-addr 127.0.0.1:9477 -dst /srv/cache -o allow_other,noatime\n",
+         --pin *.jpg --metrics-addr 127.0.0.1:9477 -dst /srv/cache -o allow_other,noatime,dev,suid\n",
         cachefs_bin()
     );
     assert_eq!(stderr, want);
+
+    // mount(8) passes nodev / nosuid but never dev / suid (its defaults).
+    let out = run_helper(&["/srv/src", "/", "-f", "-v", "-o", "dst=/c,nodev,nosuid,ro"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.ends_with(" -dst /c -o nodev,nosuid,ro\n"),
+        "{stderr}"
+    );
 
     let out = run_helper(&["/srv/src", "/", "-o", "w"]);
     assert_eq!(out.status.code(), Some(1));
@@ -250,6 +258,118 @@ fn mounts_in_the_background_and_stops_at_umount() {
         assert!(t.elapsed() < STOP_TIMEOUT, "cachefs did not exit:\n{text}");
         sleep(Duration::from_millis(50));
     }
+}
+
+/// The source (fsname) of the mount at `mountpoint`, from /proc/self/mountinfo.
+fn mount_source(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().rev().find_map(|line| {
+        (line.split(' ').nth(4)? == mountpoint.to_str()?).then(|| {
+            line.split_once(" - ")?
+                .1
+                .split(' ')
+                .nth(1)
+                .map(str::to_string)
+        })?
+    })
+}
+
+/// `NAME MNT -o src=SRC,dst=DST` (xfstests' TEST_DEV style): NAME is the mount's
+/// source; `-o remount,ro` / `remount,rw` change the flags of the running mount
+/// instead of starting a second daemon.
+#[test]
+fn src_option_names_the_mount_and_remount_changes_flags() {
+    if !can_mount("src_option_names_the_mount_and_remount_changes_flags") {
+        return;
+    }
+    let (src, dst, mnt, logs) = (tempdir(), tempdir(), tempdir(), tempdir());
+    write_file(src.path(), "hello", "from src");
+    let log = logs.path().join("cachefs.log");
+    let name = format!("helper-test-{}", std::process::id());
+    let mnt_s = mnt.path().to_str().unwrap();
+    let opts = format!(
+        "src={},dst={},logfile={}",
+        src.path().display(),
+        dst.path().display(),
+        log.display()
+    );
+    let out = run_helper(&[&name, mnt_s, "-o", &opts]);
+    let mountpoint = std::fs::canonicalize(mnt.path()).unwrap();
+    let _cleanup = Detach(mountpoint.clone());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mount_source(&mountpoint).as_deref(), Some(name.as_str()));
+    assert_eq!(
+        std::fs::read(mountpoint.join("hello")).unwrap(),
+        b"from src"
+    );
+
+    let out = run_helper(&[&name, mnt_s, "-o", &format!("remount,ro,{opts}")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = std::fs::write(mountpoint.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let out = run_helper(&[&name, mnt_s, "-o", "remount,rw"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(mountpoint.join("new"), b"x").unwrap();
+    // Still the one daemon, its flags otherwise unchanged (dev and suid, the defaults
+    // of a mount by mount(8), added by the helper as mount.fuse3 does).
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("cachefs mounted").count(), 1, "{text}");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == mountpoint.to_str())
+        .unwrap();
+    assert!(line.contains(" rw,relatime "), "{line}");
+
+    let st = Command::new("umount").arg(&name).status().unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("cachefs exiting")
+    {
+        assert!(t.elapsed() < STOP_TIMEOUT, "cachefs did not exit");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// A daemon that fails at start: the helper reports its real exit status (2, a bad
+/// command line), with or without logfile=.
+#[test]
+fn reports_the_daemons_exit_status() {
+    let (dst, mnt, logs) = (tempdir(), tempdir(), tempdir());
+    let missing = dst.path().join("no-such-src");
+    let mnt_s = mnt.path().to_str().unwrap();
+    let log = logs.path().join("cachefs.log");
+    for opts in [
+        format!("dst={}", dst.path().display()),
+        format!("dst={},logfile={}", dst.path().display(), log.display()),
+    ] {
+        let out = run_helper(&[missing.to_str().unwrap(), mnt_s, "-o", &opts]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("cachefs exited (status 2)"),
+            "{opts}: {stderr}"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("no-such-src")
+    );
 }
 
 struct Detach(PathBuf);

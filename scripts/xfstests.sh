@@ -1,0 +1,422 @@
+#!/usr/bin/env bash
+# Run xfstests (fstests) through cachefs and through libfuse's passthrough_ll,
+# the baseline (a plain FUSE passthrough of the same local file system), as
+# FSTYP=fuse targets (see README.fuse in xfstests):
+#   passthrough_ll  libfuse's example/passthrough_ll (the baseline)
+#   cachefs         cachefs (FUSE passthrough where the kernel has it)
+#   cachefs-nopt    cachefs --no-passthrough (the daemon serves all I/O)
+#   cachefs-w       cachefs -w (writeback to src)
+#   cachefs-mirror  cachefs -w -concurrent 0 (mirror mode)
+# Each target gets fresh src and dst dirs for its TEST and its SCRATCH mount.
+# mount(8) mounts cachefs through its helper (examples/mount.fuse.cachefs,
+# installed as /sbin/mount.fuse.cachefs) as `NAME MNT -o src=..,dst=..`, so
+# that the mount's source is TEST_DEV / SCRATCH_DEV, as xfstests expects.
+# xfstests and libfuse are built once, from the tarballs in ../shared/thirdparty/
+# beside the repository (or cloned from upstream), into target/thirdparty/.
+#
+# Prints, per target, passed/failed/not-run counts and wall time, then the
+# tests that pass on the baseline and fail on cachefs (and the reverse). Exits
+# non-zero if a test passes on the baseline and fails on a cachefs target,
+# unless tests/xfstests/known-failures lists it for that target. A per-test
+# watchdog kills a test that runs too long (and, if its processes hang in the
+# file system, that target's FUSE daemons): it fails, the run goes on.
+#
+# Usage: scripts/xfstests.sh [--fast | -g GROUP | TEST...] [--targets LIST]
+#          [--no-baseline] [--results DIR] [--timeout SECS] [--build-only]
+#          [--no-deps]
+#   --fast         the fast subset, tests/xfstests/fast (the default)
+#   -g GROUP       an xfstests group, e.g. quick (11-14 min per target)
+#   TEST...        tests by name, e.g. generic/001 generic/035
+#   --targets LIST comma-separated cachefs targets (default: all four);
+#                  the baseline passthrough_ll runs too unless --no-baseline
+#                  (then every failure not in known-failures counts)
+#   --reuse-baseline reuse the baseline's last results for the same tests,
+#                  kernel, xfstests, libfuse and wrapper (kept in
+#                  target/thirdparty/baseline/) instead of running it again
+#   --timeout SECS the watchdog's limit per test (default 300)
+#   --build-only   build xfstests and libfuse (if not built yet), then exit
+#   --no-deps      do not run install-deps.sh --xfstests-only
+# Environment: CACHEFS_BIN (default target/release/cachefs), THIRDPARTY_DIR
+#   (default ../shared/thirdparty beside the repo), XFSTESTS_BUILD_DIR
+#   (default target/thirdparty), TEST_TMPDIR (where mounts go, default /tmp).
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+ALL_TARGETS=(cachefs cachefs-nopt cachefs-w cachefs-mirror)
+BASELINE_TARGET=passthrough_ll
+TARGETS=("${ALL_TARGETS[@]}")
+BASELINE=1 REUSE_BASELINE=0 TIMEOUT=300 BUILD_ONLY=0 DEPS=1
+RESULTS="$REPO_ROOT/target/test-results/xfstests"
+SELECTION=() # what check gets: test names or -g GROUP
+FAST_LIST="$REPO_ROOT/tests/xfstests/fast"
+KNOWN_FAILURES="$REPO_ROOT/tests/xfstests/known-failures"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --fast) SELECTION=() ;;
+    -g) SELECTION=(-g "$2"); shift ;;
+    --targets) IFS=, read -r -a TARGETS <<<"$2"; shift ;;
+    --no-baseline) BASELINE=0 ;;
+    --reuse-baseline) REUSE_BASELINE=1 ;;
+    --results) RESULTS="$2"; shift ;;
+    --timeout) TIMEOUT="$2"; shift ;;
+    --build-only) BUILD_ONLY=1 ;;
+    --no-deps) DEPS=0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) die "unknown argument: $1 (see --help)" ;;
+    */*) SELECTION+=("$1") ;;
+    *) die "not a test name (DIR/NUMBER): $1" ;;
+  esac
+  shift
+done
+for t in "${TARGETS[@]}"; do
+  [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target $t (known: ${ALL_TARGETS[*]})"
+done
+if [[ ${#SELECTION[@]} -eq 0 ]]; then
+  mapfile -t SELECTION < <(sed 's/#.*//' "$FAST_LIST" | awk 'NF { print $1 }')
+fi
+
+[[ $(id -u) -eq 0 ]] || die "xfstests must run as root (it mounts and switches users)"
+if [[ $DEPS -eq 1 ]]; then "$REPO_ROOT/scripts/install-deps.sh" --xfstests-only; fi
+
+# ---- build xfstests and libfuse (once) -----------------------------------
+THIRDPARTY_DIR="${THIRDPARTY_DIR:-$REPO_ROOT/../shared/thirdparty}"
+BUILD_DIR="${XFSTESTS_BUILD_DIR:-$REPO_ROOT/target/thirdparty}"
+# Used only without the tarballs: the commits the tarballs were made from.
+XFSTESTS_GIT=https://git.kernel.org/pub/scm/fs/xfs/xfstests-dev.git
+XFSTESTS_COMMIT=63a29724a85f1999e49bf0a9bf0d22643b6116e5
+LIBFUSE_GIT=https://github.com/libfuse/libfuse.git
+LIBFUSE_COMMIT=e8d407ce93bf0d87efe7bbfafdfbd3c471597a02
+
+# unpack NAME GIT COMMIT: print the source dir of NAME, unpacked from
+# THIRDPARTY_DIR/NAME-*.tar.gz (the newest) or cloned, under BUILD_DIR.
+unpack() {
+  local name="$1" git="$2" commit="$3" tarball="" dir
+  if [[ -d "$THIRDPARTY_DIR" ]]; then
+    tarball="$(find "$THIRDPARTY_DIR" -maxdepth 1 -name "$name-*.tar.gz" | sort | tail -n1)"
+  fi
+  if [[ -n "$tarball" ]]; then
+    dir="$BUILD_DIR/$(basename "$tarball" .tar.gz)"
+    if [[ ! -d "$dir" ]]; then
+      log "unpacking $tarball"
+      rm -rf "$dir.tmp"
+      mkdir -p "$dir.tmp"
+      tar -xzf "$tarball" -C "$dir.tmp" --strip-components=1
+      mv "$dir.tmp" "$dir"
+    fi
+  else
+    dir="$BUILD_DIR/$name-${commit:0:7}"
+    if [[ ! -d "$dir" ]]; then
+      log "no $name tarball in $THIRDPARTY_DIR; cloning $git"
+      rm -rf "$dir.tmp"
+      git clone --quiet "$git" "$dir.tmp"
+      git -C "$dir.tmp" checkout --quiet "$commit"
+      mv "$dir.tmp" "$dir"
+    fi
+  fi
+  printf '%s\n' "$dir"
+}
+
+build_thirdparty() {
+  mkdir -p "$BUILD_DIR"
+  LIBFUSE_DIR="$(unpack libfuse "$LIBFUSE_GIT" "$LIBFUSE_COMMIT")"
+  PASSTHROUGH_LL="$LIBFUSE_DIR/build/example/passthrough_ll"
+  if [[ ! -x "$PASSTHROUGH_LL" ]]; then
+    log "building libfuse's passthrough_ll in $LIBFUSE_DIR (meson + ninja)"
+    (
+      cd "$LIBFUSE_DIR"
+      rm -rf build
+      meson setup build -Dutils=false -Dtests=false -Dexamples=true >build.log 2>&1 ||
+        { tail -n 30 build.log >&2; exit 1; }
+      ninja -C build -j2 example/passthrough_ll >>build.log 2>&1 ||
+        { tail -n 30 build.log >&2; exit 1; }
+    ) || die "libfuse build failed (log: $LIBFUSE_DIR/build.log)"
+  fi
+  XFSTESTS_DIR="$(unpack xfstests "$XFSTESTS_GIT" "$XFSTESTS_COMMIT")"
+  if [[ ! -f "$XFSTESTS_DIR/.built" ]]; then
+    log "building xfstests in $XFSTESTS_DIR (make -j2, about 3 minutes)"
+    (cd "$XFSTESTS_DIR" && make -j2 >build.log 2>&1) ||
+      { tail -n 30 "$XFSTESTS_DIR/build.log" >&2; die "xfstests build failed (log: $XFSTESTS_DIR/build.log)"; }
+    touch "$XFSTESTS_DIR/.built"
+  fi
+  log "xfstests: $XFSTESTS_DIR; passthrough_ll: $PASSTHROUGH_LL"
+}
+build_thirdparty
+[[ $BUILD_ONLY -eq 0 ]] || exit 0
+
+BIN="$(cachefs_bin)"
+BIN="$(realpath "$BIN")"
+
+# ---- mount helpers --------------------------------------------------------
+# mount(8) runs /sbin/mount.fuse.SUBTYPE SOURCE MNT -o OPTIONS for -t fuse.SUBTYPE.
+# cachefs: the repository's helper, finding the binary through CACHEFS_BIN.
+install -m 755 "$REPO_ROOT/examples/mount.fuse.cachefs" /sbin/mount.fuse.cachefs
+export CACHEFS_BIN="$BIN"
+# passthrough_ll: as README.fuse says (the source becomes fsname=).
+# Plus what the cachefs helper does: the highest open-files limit allowed, a
+# remount changes the mount's flags (with -i: no helper) instead of starting a
+# second passthrough_ll, and dev,suid unless nodev / nosuid are given.
+cat >/sbin/mount.fuse.passthrough_ll <<EOF
+#!/bin/bash
+# Installed by cachefs's scripts/xfstests.sh (xfstests' README.fuse).
+ulimit -n 1048576 2>/dev/null || ulimit -n "\$(ulimit -Hn)"
+if [[ ",\$*," =~ [,\ ]remount[,\ ] ]]; then
+  mnt="\$(realpath "\$2")"
+  cur="\$(awk -v m="\$mnt" '\$5 == m { o = \$6 } END { print o }' /proc/self/mountinfo)"
+  want="\$(tr ',' '\n' <<<"\${*:4}" | grep -xE 'ro|rw|(no)?(exec|suid|dev|atime|diratime|relatime|strictatime|lazytime)|sync|async|dirsync' | paste -sd, -)"
+  exec mount -i -o "remount,\$cur\${want:+,\$want}" "\$mnt"
+fi
+# mount(8) passes nodev / nosuid but never dev / suid: add them as mount.fuse3 does.
+extra=()
+[[ ",\${*:4}," == *,nodev,* ]] || extra+=(-o dev)
+[[ ",\${*:4}," == *,nosuid,* ]] || extra+=(-o suid)
+exec "$PASSTHROUGH_LL" -ofsname="\$@" "\${extra[@]}"
+EOF
+chmod 755 /sbin/mount.fuse.passthrough_ll
+
+# ---- the run ------------------------------------------------------------
+mkdir -p "$RESULTS"
+RESULTS="$(cd "$RESULTS" && pwd)"
+WORK="$(mktemp -d "${TEST_TMPDIR:-/tmp}/xfs.XXXXXX")"
+chmod 755 "$WORK" # xfstests' users (fsgqa) must reach the mounts
+WATCHDOG_PID=""
+
+# daemon_pids: the FUSE daemons serving this run (their command lines name WORK).
+daemon_pids() {
+  pgrep -f -- "$WORK/" || true
+}
+
+# shellcheck disable=SC2317 # invoked by the trap
+cleanup() {
+  local rc=$? p
+  if [[ -n "$WATCHDOG_PID" ]]; then kill "$WATCHDOG_PID" 2>/dev/null || true; fi
+  if [[ -n "$CHILD_PID" ]]; then kill -TERM "$CHILD_PID" 2>/dev/null || true; fi
+  unmount_all_under "$WORK"
+  for p in $(daemon_pids); do reap_any "$p" 30; done
+  if [[ -n "$CHILD_PID" ]]; then reap "$CHILD_PID" 10; fi
+  if [[ -z "$(mounts_under "$WORK")" ]]; then rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# reap_any PID SECS: like reap, for a process that is not our child (the mount
+# helpers start the daemons): wait, SIGTERM after 5 s, SIGKILL after SECS.
+reap_any() {
+  local pid="$1" secs="$2" i
+  for ((i = 0; i < secs * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    [[ $i -eq 50 ]] && kill -TERM "$pid" 2>/dev/null
+    sleep 0.1
+  done
+  log "pid $pid did not exit after ${secs}s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+# descendants PID: PID and every process below it.
+descendants() {
+  ps -e -o pid=,ppid= | awk -v root="$1" '
+    { parent[$1] = $2 }
+    END {
+      for (p in parent) {
+        q = p
+        while (q != "" && q != 0 && q != 1) { if (q == root) { print p; break }; q = parent[q] }
+      }
+    }'
+}
+
+# watchdog CHECK_PID TARGET_DIR: every 5 s, find the test check is running (the
+# process `/bin/bash .../tests/DIR/NUMBER` below CHECK_PID); past TIMEOUT seconds kill
+# it and what it started; if they are still there 10 s later (stuck in the file
+# system), kill this run's FUSE daemons, which fails their pending requests.
+watchdog() {
+  local check_pid="$1" tdir="$2" pid et name p i
+  while kill -0 "$check_pid" 2>/dev/null; do
+    sleep 5
+    read -r pid et name < <(
+      ps -e -o pid=,etimes=,args= | awk -v pids=" $(descendants "$check_pid" | tr '\n' ' ') " '
+        index(pids, " " $1 " ") && $NF ~ /(^|\/)tests\/[^\/]+\/[0-9]+$/ && $(NF-1) ~ /bash$/ {
+          n = split($NF, part, "/"); print $1, $2, part[n-1] "/" part[n]; exit
+        }'
+    ) || continue
+    [[ -n "${pid:-}" && $et -gt $TIMEOUT ]] || continue
+    log "watchdog: $name has run ${et}s (limit ${TIMEOUT}s); killing it"
+    echo "$name: killed by the watchdog after ${et}s" >>"$tdir/watchdog.log"
+    local victims
+    victims="$(descendants "$pid")"
+    # shellcheck disable=SC2086 # a list of pids
+    kill -KILL $victims 2>/dev/null || true
+    for ((i = 0; i < 10; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "watchdog: $name is stuck; killing the FUSE daemons of this target"
+      echo "$name: stuck after SIGKILL; FUSE daemons killed" >>"$tdir/watchdog.log"
+      for p in $(daemon_pids); do kill -KILL "$p" 2>/dev/null || true; done
+      # The mounts are dead now; check unmounts and mounts them again.
+    fi
+  done
+}
+
+# write_config TARGET DIR: xfstests' local.config for TARGET, mounts under DIR.
+write_config() {
+  local target="$1" d="$2" subtype opts_t opts_s extra=""
+  case "$target" in
+    passthrough_ll)
+      subtype=passthrough_ll
+      opts_t="source=$d/test/src,allow_other,default_permissions"
+      opts_s="source=$d/scratch/src,allow_other,default_permissions"
+      ;;
+    cachefs*)
+      subtype=cachefs
+      case "$target" in
+        cachefs-nopt) extra=",no-passthrough" ;;
+        cachefs-w) extra=",w" ;;
+        cachefs-mirror) extra=",w,concurrent=0" ;;
+      esac
+      opts_t="src=$d/test/src,dst=$d/test/dst,logfile=$RESULTS/$target/test.daemon.log$extra"
+      opts_s="src=$d/scratch/src,dst=$d/scratch/dst,logfile=$RESULTS/$target/scratch.daemon.log$extra"
+      ;;
+  esac
+  cat >"$d/local.config" <<EOF
+# xfstests config written by cachefs's scripts/xfstests.sh for $target
+export FSTYP=fuse
+export FUSE_SUBTYP=.$subtype
+export TEST_DEV=xfs-$target-test
+export TEST_DIR=$d/test/mnt
+export SCRATCH_DEV=xfs-$target-scratch
+export SCRATCH_MNT=$d/scratch/mnt
+export TEST_FS_MOUNT_OPTS="-o $opts_t"
+export MOUNT_OPTIONS="-o $opts_s"
+export RESULT_BASE=$RESULTS/$target/results
+EOF
+}
+
+# list_field LOG PREFIX: the tests on check's summary line "PREFIX: a b c".
+list_field() {
+  sed -n "s/^$1: //p" "$2" | tail -n1 | tr ' ' '\n' | sed '/^$/d' | sort -u
+}
+
+declare -A SUMMARY
+# run_target TARGET: run check for TARGET; leaves TARGET/{ran,failed,notrun,passed}.
+run_target() {
+  local target="$1"
+  local d="$WORK/$target" tdir="$RESULTS/$target" rc=0 t0 t1 p
+  rm -rf "$tdir"
+  mkdir -p "$tdir" "$d/test/src" "$d/test/dst" "$d/test/mnt" \
+    "$d/scratch/src" "$d/scratch/dst" "$d/scratch/mnt"
+  chmod -R 755 "$d"
+  write_config "$target" "$d"
+  cp "$d/local.config" "$tdir/local.config"
+  log "xfstests on $target: ${SELECTION[*]} (log: $tdir/check.log)"
+  t0=$(date +%s)
+  (cd "$XFSTESTS_DIR" && exec env HOST_OPTIONS="$d/local.config" ./check "${SELECTION[@]}") \
+    </dev/null >"$tdir/check.log" 2>&1 &
+  CHILD_PID=$!
+  watchdog "$CHILD_PID" "$tdir" &
+  WATCHDOG_PID=$!
+  wait "$CHILD_PID" || rc=$?
+  CHILD_PID=""
+  kill "$WATCHDOG_PID" 2>/dev/null || true
+  wait "$WATCHDOG_PID" 2>/dev/null || true
+  WATCHDOG_PID=""
+  t1=$(date +%s)
+  # Leave nothing mounted; the daemons exit once unmounted.
+  unmount_all_under "$d"
+  for p in $(daemon_pids); do reap_any "$p" 30; done
+
+  list_field "Ran" "$tdir/check.log" >"$tdir/ran"
+  list_field "Failures" "$tdir/check.log" >"$tdir/failed"
+  list_field "Not run" "$tdir/check.log" >"$tdir/notrun"
+  # check counts the tests it did not run in "Ran" too.
+  comm -23 "$tdir/ran" <(sort -u "$tdir/failed" "$tdir/notrun") >"$tdir/passed"
+  local note=""
+  if ! grep -qE '^(Passed all|Failed) [0-9]+ ' "$tdir/check.log" ||
+    grep -qx 'Interrupted!' "$tdir/check.log"; then
+    note=" (check did not finish, exit $rc: see its log)"
+    tail -n 20 "$tdir/check.log" >&2
+  fi
+  [[ -s "$tdir/watchdog.log" ]] && note+=" (watchdog: $(wc -l <"$tdir/watchdog.log") killed)"
+  SUMMARY[$target]="$(printf '%-15s %4d passed %4d failed %4d not run %6ss%s' "$target:" \
+    "$(wc -l <"$tdir/passed")" "$(wc -l <"$tdir/failed")" "$(wc -l <"$tdir/notrun")" \
+    $((t1 - t0)) "$note")"
+  log "${SUMMARY[$target]}"
+  if [[ -s "$tdir/failed" ]]; then log "$target failed: $(tr '\n' ' ' <"$tdir/failed")"; fi
+}
+
+# known TARGET: the tests known-failures lists for TARGET.
+known() {
+  sed 's/#.*//' "$KNOWN_FAILURES" |
+    awk -v t="$1" 'NF >= 2 { n = split($2, ts, ","); for (i = 1; i <= n; i++) if (ts[i] == "all" || ts[i] == t) print $1 }' |
+    sort -u
+}
+
+# The baseline's results depend only on these; --reuse-baseline keeps them here.
+BASELINE_KEY="$(
+  {
+    uname -r
+    printf '%s\n' "${SELECTION[@]}" "$XFSTESTS_DIR" "$LIBFUSE_DIR"
+    cat /sbin/mount.fuse.passthrough_ll
+  } | sha256sum | cut -c1-16
+)"
+BASELINE_CACHE="$BUILD_DIR/baseline/$BASELINE_KEY"
+
+ORDER=()
+if [[ $BASELINE -eq 1 ]]; then ORDER+=("$BASELINE_TARGET"); fi
+ORDER+=("${TARGETS[@]}")
+for t in "${ORDER[@]}"; do
+  if [[ $t == "$BASELINE_TARGET" && $REUSE_BASELINE -eq 1 && -f "$BASELINE_CACHE/summary" ]]; then
+    log "$t: reusing the results of $(cat "$BASELINE_CACHE/date") ($BASELINE_CACHE)"
+    rm -rf "${RESULTS:?}/$t"
+    mkdir -p "$RESULTS/$t"
+    cp "$BASELINE_CACHE"/{ran,failed,notrun,passed} "$RESULTS/$t/"
+    SUMMARY[$t]="$(cat "$BASELINE_CACHE/summary") (reused from $(cat "$BASELINE_CACHE/date"))"
+    continue
+  fi
+  run_target "$t"
+  if [[ $t == "$BASELINE_TARGET" && ${SUMMARY[$t]} != *"did not finish"* ]]; then
+    rm -rf "$BASELINE_CACHE"
+    mkdir -p "$BASELINE_CACHE"
+    cp "$RESULTS/$t"/{ran,failed,notrun,passed} "$BASELINE_CACHE/"
+    printf '%s\n' "${SUMMARY[$t]}" >"$BASELINE_CACHE/summary"
+    date -u '+%Y-%m-%d %H:%M UTC' >"$BASELINE_CACHE/date"
+  fi
+done
+
+# ---- the comparison -------------------------------------------------------
+words() { tr '\n' ' ' | sed 's/ $//'; }
+FAILED=0
+SUMMARY_FILE="$RESULTS/summary.txt"
+{
+  echo "xfstests results ($(date -u '+%Y-%m-%d %H:%M UTC'); tests: ${SELECTION[*]}):"
+  for t in "${ORDER[@]}"; do echo "  ${SUMMARY[$t]}"; done
+} >"$SUMMARY_FILE"
+B="$RESULTS/$BASELINE_TARGET"
+for t in "${TARGETS[@]}"; do
+  T="$RESULTS/$t"
+  if [[ $BASELINE -eq 1 ]]; then
+    worse="$(comm -12 "$B/passed" "$T/failed")"
+    better="$(comm -12 "$B/failed" "$T/passed")"
+  else
+    worse="$(cat "$T/failed")"
+    better=""
+  fi
+  new="$(comm -23 <(sed '/^$/d' <<<"$worse") <(known "$t") | words)"
+  listed="$(comm -12 <(sed '/^$/d' <<<"$worse") <(known "$t") | words)"
+  fixed="$(comm -12 <(known "$t") "$T/passed" | words)"
+  better="$(words <<<"$better")"
+  skipped=""
+  if [[ $BASELINE -eq 1 ]]; then skipped="$(comm -12 "$B/passed" "$T/notrun" | words)"; fi
+  {
+    if [[ -n "$new" && $BASELINE -eq 1 ]]; then echo "$t FAILS where $BASELINE_TARGET passes: $new"; fi
+    if [[ -n "$new" && $BASELINE -eq 0 ]]; then echo "$t FAILS (not in known-failures): $new"; fi
+    if [[ -n "$listed" ]]; then echo "$t fails (listed in known-failures): $listed"; fi
+    if [[ -n "$better" ]]; then echo "$t passes where $BASELINE_TARGET fails: $better"; fi
+    if [[ -n "$skipped" ]]; then echo "$t does not run (a feature it lacks) where $BASELINE_TARGET passes: $skipped"; fi
+    if [[ -n "$fixed" ]]; then echo "$t passes these known failures (remove them from the list?): $fixed"; fi
+  } >>"$SUMMARY_FILE"
+  [[ -z "$new" ]] || FAILED=1
+done
+cat "$SUMMARY_FILE"
+exit "$FAILED"
