@@ -464,6 +464,21 @@ fn rewinddir_shows_names_made_after_opendir() {
         assert_eq!(read_to_end(dir), want, "after rewinddir");
         // SAFETY: a valid DIR*, not used again.
         unsafe { libc::closedir(dir) };
+
+        // xfstests generic/471: names made between opendir and the first readdir (the
+        // listing used to be taken at opendir).
+        // SAFETY: valid path.
+        let dir = unsafe { libc::opendir(c.as_ptr()) };
+        assert!(!dir.is_null());
+        fs::write(m.mnt_path("d/after_opendir"), b"a").unwrap();
+        // SAFETY: a valid DIR*.
+        unsafe { libc::rewinddir(dir) };
+        assert!(
+            read_to_end(dir).contains(&"after_opendir".to_string()),
+            "a name made after opendir, before the first readdir"
+        );
+        // SAFETY: a valid DIR*, not used again.
+        unsafe { libc::closedir(dir) };
     });
 }
 

@@ -206,10 +206,10 @@ fn version_of(st: &Stat) -> Version {
 
 struct DirHandle {
     ino: u64,
-    /// The listing readdir pages through; taken afresh at a rewind.
-    items: Mutex<Arc<[DirItem]>>,
-    /// readdir was called: offset 0 again means a rewind.
-    read: AtomicBool,
+    /// The listing readdir pages through: taken at the first readdir, not at opendir
+    /// (names made between the two show, as on a local filesystem), and afresh at every
+    /// readdir from offset 0 (a rewind). `None` until the first readdir.
+    items: Mutex<Option<Arc<[DirItem]>>>,
     /// The directory's attributes when its name went (rmdir, or a directory renamed
     /// over it), with no link: fstat of the open directory still answers.
     gone: Mutex<Option<Attr>>,
@@ -2403,14 +2403,16 @@ impl CacheFs {
 
     /// Snapshots the merged listing of a directory; readdir pages through it.
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let items = self.list_dir(ino)?;
+        {
+            let _ns = self.namespace.read().unwrap();
+            self.dir_path(ino)?; // the same errors as a listing (ENOENT, ENOTDIR)
+        }
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.dir_handles.lock().unwrap().insert(
             fh,
             Arc::new(DirHandle {
                 ino,
-                items: Mutex::new(items),
-                read: AtomicBool::new(false),
+                items: Mutex::new(None),
                 gone: Mutex::new(None),
             }),
         );
@@ -2439,8 +2441,8 @@ impl CacheFs {
     }
 
     /// The listing to serve a readdir at `offset` from (the caller skips to it). The
-    /// handle's snapshot keeps a listing read in several calls consistent; offset 0
-    /// on a handle already read is a rewind (rewinddir, seekdir to the start), which
+    /// handle's snapshot keeps a listing read in several calls consistent; a readdir
+    /// from offset 0 (the first one, or after rewinddir or a seekdir to the start)
     /// lists afresh, as a local filesystem shows names made since opendir.
     pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Arc<[DirItem]>> {
         let h = self
@@ -2450,17 +2452,19 @@ impl CacheFs {
             .get(&fh)
             .cloned()
             .ok_or(FsError::Stale)?;
-        if h.read.swap(true, Ordering::Relaxed) && offset == 0 {
-            // A directory whose name went is empty (only its handles know it).
-            let items = if h.gone.lock().unwrap().is_some() {
-                Arc::from([])
-            } else {
-                self.list_dir(h.ino)?
-            };
-            *h.items.lock().unwrap() = Arc::clone(&items);
-            return Ok(items);
+        if offset != 0
+            && let Some(items) = &*h.items.lock().unwrap()
+        {
+            return Ok(Arc::clone(items));
         }
-        Ok(Arc::clone(&h.items.lock().unwrap()))
+        // A directory whose name went is empty (only its handles know it).
+        let items = if h.gone.lock().unwrap().is_some() {
+            Arc::from([])
+        } else {
+            self.list_dir(h.ino)?
+        };
+        *h.items.lock().unwrap() = Some(Arc::clone(&items));
+        Ok(items)
     }
 
     pub fn releasedir(&self, fh: u64) {
