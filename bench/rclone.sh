@@ -45,6 +45,7 @@ fi
 
 PIDS=()
 MOUNTS=()
+FAILED=0
 log() { echo "[$(date +%T)] $*" >&2; }
 cleanup() {
     local m p
@@ -54,7 +55,7 @@ cleanup() {
     done
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    if [ "$KEEP" = 1 ]; then log "kept $W"; else rm -rf "$W"; fi
+    if [ "$KEEP" = 1 ] || [ "$FAILED" = 1 ]; then log "kept $W (logs)"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -106,12 +107,14 @@ cachefs_mount() { # SRC DST MNT NAME
 }
 
 declare -A R
+FAILED=0
 # measure KEY FILE: uncached read (first 4 KiB ms, MB/s), caches dropped, second read MB/s
 measure() {
     local key=$1 f=$2 out ttfb secs bytes
     drop_caches
     if ! out=$("$PY" "$LIB" ttfb "$f" 2>"$W/measure.err"); then
-        log "  $key: FAILED: $(tail -1 "$W/measure.err")"
+        log "  $key: FAILED: $(tail -3 "$W/measure.err" | tr '\n' ' ')"
+        FAILED=1
         R[$key.ttfb]+="n/a "; R[$key.mbps]+="n/a "; R[$key.again]+="n/a "; return
     fi
     read -r ttfb secs bytes <<< "$out"

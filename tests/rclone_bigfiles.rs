@@ -110,3 +110,70 @@ fn uncached_big_object_reads_whole_through_rclone_and_then_locally() {
         "src was declared offline during the read:\n{log}"
     );
 }
+
+/// `--src-timeout` bounds a wait without progress, not a read: while the bucket is
+/// hung (SIGSTOP), a reader of a big object gets EIO about `--src-timeout` after the
+/// bytes stop coming, not never; once the bucket answers again the object reads
+/// whole, with the right bytes.
+#[test]
+fn a_hung_bucket_fails_a_big_read_after_src_timeout_and_it_reads_again_after() {
+    if !can_mount("a_hung_bucket_fails_a_big_read_after_src_timeout_and_it_reads_again_after") {
+        return;
+    }
+    let size = 128 * MIB;
+    let mut bucket = Bucket::start();
+    let data = pattern(size, 0x5a11);
+    bucket.put("hung.bin", &data);
+    let node = Node::start(&bucket, &["--src-timeout", "3"]);
+    let mut f = File::open(node.path("hung.bin")).unwrap();
+    let mut buf = vec![0u8; MIB];
+    let mut at = 0;
+    while at < 8 * MIB {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read at {at}: {e}\n{}", node.logs()));
+        assert!(buf[..n] == data[at..at + n], "bytes at {at}+{n}");
+        at += n;
+    }
+    bucket.pause();
+    let t = Instant::now();
+    // What rclone and cachefs read ahead still comes; then the wait for src fails.
+    let err = loop {
+        match f.read(&mut buf) {
+            Ok(0) => panic!("EOF at {at} while the bucket is hung"),
+            Ok(n) => {
+                assert!(buf[..n] == data[at..at + n], "bytes at {at}+{n}");
+                at += n;
+            }
+            Err(e) => break e,
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the read neither failed nor ended while the bucket was hung (at {at})\n{}",
+            node.logs()
+        );
+    };
+    eprintln!("hung bucket: EIO at {at} after {:?} ({err})", t.elapsed());
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(at < size, "the whole object came while the bucket was hung");
+    drop(f);
+    bucket.resume();
+    // rclone and cachefs recover by themselves: a new open reads it whole.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match std::fs::read(node.path("hung.bin")) {
+            Ok(got) => {
+                assert!(got == data, "bytes differ after the bucket came back");
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no read 60 s after the bucket came back: {e}\n{}",
+                    node.logs()
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
