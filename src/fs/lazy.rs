@@ -296,8 +296,8 @@ pub struct Partial {
     map_rel: PathBuf,
     /// The partial file, read-write.
     pub data: File,
-    /// src's file, read-only (its xattrs are copied at install; the first stream reads
-    /// a duplicate of it).
+    /// src's file, read-only: its xattrs are copied at install (streams read
+    /// descriptors of their own, or duplicates of it without an opener).
     src: File,
     /// Opens src's file for another stream (`None`: streams share duplicates of `src`).
     opener: Option<Opener>,
@@ -536,10 +536,9 @@ impl Partial {
 
     /// A descriptor for a stream: src's file opened again (checked to be the version
     /// this partial is of), or a duplicate of the first one.
-    fn open_src(&self, first: bool) -> io::Result<File> {
-        let opener = match &self.opener {
-            Some(o) if !first => o,
-            _ => return self.src.try_clone(),
+    fn open_src(&self) -> io::Result<File> {
+        let Some(opener) = &self.opener else {
+            return self.src.try_clone();
         };
         let f = opener()?;
         let st = f.metadata()?;
@@ -562,11 +561,7 @@ impl Partial {
     /// syncing), at an error (recorded for its waiters) or when the partial is
     /// installed.
     fn run_stream(self: Arc<Self>, i: usize) {
-        let (mut file, first) = {
-            let mut s = self.state.lock().unwrap();
-            let st = &mut s.streams[i];
-            (st.file.take(), i == 0 && st.fails == 0)
-        };
+        let mut file = self.state.lock().unwrap().streams[i].file.take();
         let mut piece = FIRST_PIECE;
         let mut unsynced: Vec<u64> = Vec::new();
         let mut synced = Instant::now();
@@ -586,14 +581,21 @@ impl Partial {
                 if self.next_piece(&mut s, i, 0).is_some() {
                     continue;
                 }
+                // Keep the descriptor for the next run while a handle may read on;
+                // with none left (only the table and running workers hold the
+                // partial), close it: an idle rclone handle holds a request and its
+                // read-ahead buffer.
+                let workers = s.streams.iter().filter(|st| st.running).count();
                 let st = &mut s.streams[i];
                 st.running = false;
-                st.file = file;
+                if Arc::strong_count(&self) > 1 + workers {
+                    st.file = file;
+                }
                 self.done.notify_all();
                 return;
             };
             if file.is_none() {
-                match self.open_src(first) {
+                match self.open_src() {
                     Ok(f) => file = Some(f),
                     Err(e) => break e,
                 }
@@ -719,6 +721,20 @@ impl Partial {
     /// survives a crash.
     pub fn flush(&self) -> io::Result<()> {
         self.flush_blocks(0, self.size.div_ceil(self.block))
+    }
+
+    /// A handle closed: idle streams close their descriptors (an idle rclone handle
+    /// holds a request and its read-ahead buffer); a reader that goes on opens new ones.
+    pub fn close_idle(&self) {
+        let files: Vec<File> = {
+            let mut s = self.state.lock().unwrap();
+            s.streams
+                .iter_mut()
+                .filter(|st| !st.running)
+                .filter_map(|st| st.file.take())
+                .collect()
+        };
+        drop(files);
     }
 
     /// Makes the ready blocks of `[first, end)` durable.

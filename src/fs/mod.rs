@@ -2225,6 +2225,7 @@ impl CacheFs {
                         if let Err(e) = p.flush() {
                             log::warn!("{}: cannot sync its partial file: {e}", p.path.display());
                         }
+                        p.close_idle();
                         crate::cache::on_partial_used(&self.cache, p.data_rel()) // CACHE HOOK
                     }
                     _ => crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)), // CACHE HOOK
