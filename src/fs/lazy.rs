@@ -3,8 +3,18 @@
 //! A src file at least the threshold large, opened read-only while dst has no copy,
 //! is not copied whole: a sparse "partial" file the size of the src file is made in
 //! the state folder (`.cachefs-state/lazy/<key>.data`) with a persisted map of the
-//! blocks it holds (`<key>.map`). Reads fetch the blocks they need (single flight per
-//! block); sequential reads prefetch a few blocks ahead in the background.
+//! blocks it holds (`<key>.map`). Reads wait for the blocks they need; sequential
+//! reads are read ahead of.
+//!
+//! Streams: src is only ever read through [`Stream`]s, each a descriptor of its own
+//! read strictly in order by one worker thread at a time (at most [`MAX_STREAMS`] per
+//! file). A remote src such as rclone's VFS serves in-order reads of a descriptor as
+//! one streamed request and turns every out-of-order read into a new ranged request,
+//! so a read is given to the stream that reaches its block in order, or to an idle or
+//! new stream positioned there ([`Partial::ensure`]); a sequential reader's stream
+//! reads on ahead ([`Partial::note_read`]). One block is filled by one stream at a
+//! time (`inflight`); the others skip it. Readers wait on a condvar, bounded by
+//! `--src-timeout` without progress of their stream.
 //!
 //! Invariants:
 //! - A partial file is never at its path in dst: for the rest of the core the file is
@@ -14,8 +24,11 @@
 //!   installs it with one rename, like a whole copy. Handles reading the partial
 //!   share its inode, so they see the installed file's bytes from then on and never
 //!   fetch again ([`Partial::installed`]).
-//! - A block is marked present in the map only after its bytes are fdatasync'ed in
-//!   the partial file; the map is replaced atomically (temp + rename) and carries a
+//! - A block is *ready* (readable from the partial file) once a stream wrote it, and
+//!   marked present in the map only after its bytes are fdatasync'ed in the partial
+//!   file (streams in batches, off their thread; a read whose blocks are not all in
+//!   the map syncs every ready block before it returns, and so does the close of a
+//!   handle); the map is replaced atomically (temp + rename) and carries a
 //!   checksum. A missing, torn or foreign map means "no block present": blocks are
 //!   fetched again (idempotent). A map is tied to the src version (size, mtime)
 //!   it was fetched from; a changed src discards it.
@@ -25,13 +38,15 @@
 //!   ([`data_rel_of`]). The [`Usage`] hook is told the data file's allocated bytes when
 //!   a partial is made or loaded and after every block fetched, and is told when the
 //!   files are gone (discarded, installed, evicted). A partial is evicted only through
-//!   [`Lazy::evict_idle`]: it must be unused (no handle or prefetch holds its `Arc`, so
-//!   only the table does) and not being installed (the core checks `copy_flights`).
+//!   [`Lazy::evict_idle`]: it must be unused (no handle or stream worker holds its
+//!   `Arc`, so only the table does) and not being installed (the core checks `copy_flights`).
 //!   Room for a block is made by the core before the fetch (`CacheFs::lazy_ensure`);
-//!   background prefetch only fetches when there is room without evicting.
+//!   read-ahead only extends a stream over blocks with room free without evicting
+//!   (their reservations live in the stream until each block is written).
 //!
 //! Lock order: [`Lazy::table`] -> [`Partial::map_write`] -> [`Partial::state`] -> the
-//! [`Usage`] hook (the cache's index, a leaf). No lock is held across src I/O.
+//! [`Usage`] hook and the read-ahead's room reservations (the cache's index, a leaf).
+//! No lock is held across src I/O or an fdatasync.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -386,21 +401,22 @@ impl Partial {
         let mut watch: Option<(usize, u64)> = None;
         let mut seen = (usize::MAX, u64::MAX);
         let mut since = Instant::now();
-        let mut waited = false;
         loop {
             let first = (offset / self.block..=(end - 1) / self.block)
                 .find(|b| !self.readable(&s, *b, end.min(self.block_end(*b))));
             let Some(b) = first else {
+                // A read returns only durable bytes, as with a whole copy: if a block
+                // it reads is not in the map yet, every ready block is synced now
+                // (one fdatasync, usually for a whole read-ahead window).
+                let unsynced = !s.installed
+                    && !s.discarded
+                    && (offset / self.block..=(end - 1) / self.block).any(|b| !s.map.has(b));
                 drop(s);
-                if waited {
-                    // Fetched for this read: durable (in the map) before it returns,
-                    // as a whole copy would be. Reads that read-ahead served do not
-                    // wait, and their blocks are synced in batches.
-                    self.flush_blocks(offset / self.block, (end - 1) / self.block + 1)?;
+                if unsynced {
+                    self.flush()?;
                 }
                 return Ok(());
             };
-            waited = true;
             if let Some((i, fails)) = watch
                 && s.streams[i].fails != fails
             {
@@ -646,11 +662,23 @@ impl Partial {
                 self.done.notify_all();
             }
             piece = (piece * 2).min(MAX_PIECE);
-            if (unsynced.len() as u64 * self.block >= SYNC_BATCH
-                || synced.elapsed() >= SYNC_EVERY && !unsynced.is_empty())
-                && let Err(e) = self.commit(&mut unsynced)
+            if unsynced.len() as u64 * self.block >= SYNC_BATCH
+                || synced.elapsed() >= SYNC_EVERY && !unsynced.is_empty()
             {
-                break e;
+                // On a thread of its own: the stream reads on meanwhile (an
+                // fdatasync here would stall src, and rclone's request with it).
+                let (p, mut blocks) = (Arc::clone(&self), std::mem::take(&mut unsynced));
+                let spawned = std::thread::Builder::new()
+                    .name("cachefs-sync".into())
+                    .spawn(move || {
+                        if let Err(e) = p.commit(&mut blocks) {
+                            log::warn!("{}: sync: {e}", p.path.display());
+                        }
+                    });
+                if let Err(e) = spawned {
+                    // The blocks stay ready; the next flush or stop syncs them.
+                    log::warn!("{}: cannot start a sync thread: {e}", self.path.display());
+                }
             }
             if unsynced.is_empty() {
                 synced = Instant::now();
@@ -763,7 +791,13 @@ impl Partial {
             for b in blocks.drain(..) {
                 s.map.set(b);
             }
-            !s.discarded && !s.installed
+            let live = !s.discarded && !s.installed;
+            // Writeback may have allocated metadata blocks since the blocks were
+            // reported: report the synced size (under the state lock, as always).
+            if live && let Some(u) = &self.usage {
+                u.partial_grew(&self.data_rel, &self.path, allocated(&self.data));
+            }
+            live
         };
         if live {
             self.persist()?;
