@@ -3,8 +3,18 @@
 //! A src file at least the threshold large, opened read-only while dst has no copy,
 //! is not copied whole: a sparse "partial" file the size of the src file is made in
 //! the state folder (`.cachefs-state/lazy/<key>.data`) with a persisted map of the
-//! blocks it holds (`<key>.map`). Reads fetch the blocks they need (single flight per
-//! block); sequential reads prefetch a few blocks ahead in the background.
+//! blocks it holds (`<key>.map`). Reads wait for the blocks they need; sequential
+//! reads are read ahead of.
+//!
+//! Streams: src is only ever read through [`Stream`]s, each a descriptor of its own
+//! read strictly in order by one worker thread at a time (at most [`MAX_STREAMS`] per
+//! file). A remote src such as rclone's VFS serves in-order reads of a descriptor as
+//! one streamed request and turns every out-of-order read into a new ranged request,
+//! so a read is given to the stream that reaches its block in order, or to an idle or
+//! new stream positioned there ([`Partial::ensure`]); a sequential reader's stream
+//! reads on ahead ([`Partial::note_read`]). One block is filled by one stream at a
+//! time (`inflight`); the others skip it. Readers wait on a condvar, bounded by
+//! `--src-timeout` without progress of their stream.
 //!
 //! Invariants:
 //! - A partial file is never at its path in dst: for the rest of the core the file is
@@ -14,8 +24,11 @@
 //!   installs it with one rename, like a whole copy. Handles reading the partial
 //!   share its inode, so they see the installed file's bytes from then on and never
 //!   fetch again ([`Partial::installed`]).
-//! - A block is marked present in the map only after its bytes are fdatasync'ed in
-//!   the partial file; the map is replaced atomically (temp + rename) and carries a
+//! - A block is *ready* (readable from the partial file) once a stream wrote it, and
+//!   marked present in the map only after its bytes are fdatasync'ed in the partial
+//!   file (streams in batches, off their thread; a read whose blocks are not all in
+//!   the map syncs every ready block before it returns, and so does the close of a
+//!   handle); the map is replaced atomically (temp + rename) and carries a
 //!   checksum. A missing, torn or foreign map means "no block present": blocks are
 //!   fetched again (idempotent). A map is tied to the src version (size, mtime)
 //!   it was fetched from; a changed src discards it.
@@ -25,13 +38,15 @@
 //!   ([`data_rel_of`]). The [`Usage`] hook is told the data file's allocated bytes when
 //!   a partial is made or loaded and after every block fetched, and is told when the
 //!   files are gone (discarded, installed, evicted). A partial is evicted only through
-//!   [`Lazy::evict_idle`]: it must be unused (no handle or prefetch holds its `Arc`, so
-//!   only the table does) and not being installed (the core checks `copy_flights`).
+//!   [`Lazy::evict_idle`]: it must be unused (no handle or stream worker holds its
+//!   `Arc`, so only the table does) and not being installed (the core checks `copy_flights`).
 //!   Room for a block is made by the core before the fetch (`CacheFs::lazy_ensure`);
-//!   background prefetch only fetches when there is room without evicting.
+//!   read-ahead only extends a stream over blocks with room free without evicting
+//!   (their reservations live in the stream until each block is written).
 //!
 //! Lock order: [`Lazy::table`] -> [`Partial::map_write`] -> [`Partial::state`] -> the
-//! [`Usage`] hook (the cache's index, a leaf). No lock is held across src I/O.
+//! [`Usage`] hook and the read-ahead's room reservations (the cache's index, a leaf).
+//! No lock is held across src I/O or an fdatasync.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -41,20 +56,34 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use super::layer::{Layer, Stat};
 use super::names::STATE_DIR;
 use super::origin::Origin;
 
 const MAGIC: &[u8; 8] = b"CFSLAZY1";
-/// Blocks fetched ahead of a sequential reader. A slow src is a high-latency one: the
-/// more blocks in flight, the more of its bandwidth a reader gets (bench/compare.sh's
-/// slow src, 40 ms RTT: 18.5 MB/s with 4, 26 MB/s with 16; reading src directly 6 MB/s).
-const PREFETCH: u64 = 16;
-/// Background prefetch threads at most (all files together; each holds one block).
-const MAX_PREFETCH_THREADS: usize = 16;
-/// Background fillers (`--lazy-fill`) at most, all files together: one block at a
-/// time each, behind the readers' fetches and prefetch.
+/// Streams (src descriptors, each read in order by one thread at a time) per partial.
+const MAX_STREAMS: usize = 4;
+/// Read-ahead past a sequential reader (at least two blocks). It only has to keep one
+/// stream busy: a remote src (rclone) streams a sequential read on one descriptor
+/// itself, with its own read-ahead.
+const READAHEAD: u64 = 32 << 20;
+/// A reader of a block prefers an idle stream at most this far before it (at least two
+/// blocks): that stream skips forward on its descriptor.
+const JOIN: u64 = 8 << 20;
+/// A stream's first read from src, and its largest (within one block): small first so
+/// that a waiting reader's bytes arrive after the src's first-byte latency, not after a
+/// whole block.
+const FIRST_PIECE: u64 = 128 << 10;
+const MAX_PIECE: u64 = 1 << 20;
+/// A stream makes its blocks durable (fdatasync, then the map) every this many bytes
+/// or this often, and whenever it stops; so does the close of a handle
+/// ([`Partial::flush`]).
+const SYNC_BATCH: u64 = 16 << 20;
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Background fillers (`--lazy-fill`) at most, all files together: one stream each,
+/// behind the readers' fetches and read-ahead.
 const MAX_FILLERS: usize = 2;
 
 /// The folder (in dst) holding partial files and their maps.
@@ -204,9 +233,62 @@ fn origin_key(st: &Stat) -> (u64, i64, i64, u64) {
     (o.size, o.mtime_sec, o.mtime_nsec, 0)
 }
 
+fn bit(set: &[u8], b: u64) -> bool {
+    set.get((b / 8) as usize)
+        .is_some_and(|x| x & (1 << (b % 8)) != 0)
+}
+
+fn set_bit(set: &mut [u8], b: u64) {
+    set[(b / 8) as usize] |= 1 << (b % 8);
+}
+
+/// One reader of src: a descriptor of its own, read strictly in order from `pos` up to
+/// `until` by one worker thread at a time. See the module docs ("Streams").
+struct Stream {
+    /// The next byte it reads. A block boundary, except inside block `cur`.
+    pos: u64,
+    /// It reads on up to here (a block boundary or the file's end), then idles.
+    until: u64,
+    /// The block it is filling: inflight, bytes `[cur * block, pos)` written.
+    cur: Option<u64>,
+    /// A worker thread runs it (it holds the descriptor meanwhile).
+    running: bool,
+    /// Its src descriptor while idle (`None`: not opened yet, or dropped after an error).
+    file: Option<File>,
+    /// Cache budget reservations of the read-ahead blocks it will fetch.
+    guards: HashMap<u64, Box<dyn Send>>,
+    /// Failures so far, and the last one's errno: a waiter fails with it.
+    fails: u64,
+    last_err: i32,
+    /// Bytes moved so far, and when it last moved (or started): progress for waiters.
+    moved: u64,
+    last_move: Instant,
+    /// When it was last given work (the least recently used idle stream is reused).
+    used: u64,
+}
+
+impl Stream {
+    /// Whether this stream's current run brings block `b`: it is filling it, or it
+    /// runs and `b` is before its `until` or at most a block past it.
+    fn brings(&self, b: u64, block: u64) -> bool {
+        self.cur == Some(b)
+            || (self.running && self.pos <= b * block && b * block <= self.until + block)
+    }
+}
+
 struct State {
+    /// Blocks durable in the data file (fdatasync'ed): what the map file says.
     map: Map,
+    /// Blocks whose bytes are in the data file (maybe not synced yet): what reads may
+    /// use. A superset of the map's present blocks.
+    ready: Vec<u8>,
+    /// Blocks a stream is filling.
     inflight: HashSet<u64>,
+    streams: Vec<Stream>,
+    /// Work handed out (for [`Stream::used`]).
+    tick: u64,
+    /// Bytes moved by all streams (progress of a waiter that has no stream yet).
+    progress: u64,
     /// Consumed by a copy-up: the data file is now dst's copy, complete.
     installed: bool,
     /// Dropped (unlinked name, changed src): the map is no longer written.
@@ -217,6 +299,9 @@ struct State {
     run_start: u64,
 }
 
+/// Opens src's file again (a descriptor for one more stream).
+pub type Opener = Box<dyn Fn() -> io::Result<File> + Send + Sync>;
+
 /// One partially present file.
 pub struct Partial {
     pub path: PathBuf,
@@ -226,10 +311,17 @@ pub struct Partial {
     map_rel: PathBuf,
     /// The partial file, read-write.
     pub data: File,
-    /// src's file, read-only.
+    /// src's file, read-only: its xattrs are copied at install (streams read
+    /// descriptors of their own, or duplicates of it without an opener).
     src: File,
+    /// Opens src's file for another stream (`None`: streams share duplicates of `src`).
+    opener: Option<Opener>,
+    /// `--src-timeout`: a wait for a stream fails after this long without progress
+    /// (zero: waits forever).
+    timeout: Duration,
     dst: Arc<Layer>,
     state: Mutex<State>,
+    /// Notified whenever a stream moves, fails or stops.
     done: Condvar,
     map_write: Mutex<()>,
     /// A background filler runs for this partial (`--lazy-fill`).
@@ -243,7 +335,7 @@ impl Partial {
         self.state.lock().unwrap().installed
     }
 
-    /// Every block is present.
+    /// Every block is present (durable).
     pub fn complete(&self) -> bool {
         let s = self.state.lock().unwrap();
         s.installed || s.map.count() == s.map.blocks()
@@ -253,8 +345,22 @@ impl Partial {
         self.state.lock().unwrap().map.clone()
     }
 
+    /// Read-ahead past a sequential reader, in bytes (at least two blocks).
+    fn readahead(&self) -> u64 {
+        READAHEAD.max(2 * self.block).div_ceil(self.block) * self.block
+    }
+
+    /// See [`JOIN`].
+    fn join(&self) -> u64 {
+        JOIN.max(2 * self.block)
+    }
+
+    fn block_end(&self, b: u64) -> u64 {
+        ((b + 1) * self.block).min(self.size)
+    }
+
     /// Bytes of the blocks of `[offset, offset + len)` that are neither present nor
-    /// being fetched (what a read there would add to dst).
+    /// being fetched nor reserved by read-ahead (what a read there would add to dst).
     pub fn missing(&self, offset: u64, len: u64) -> u64 {
         let end = (offset.saturating_add(len)).min(self.size);
         if offset >= end {
@@ -265,83 +371,438 @@ impl Partial {
             return 0;
         }
         (offset / self.block..=(end - 1) / self.block)
-            .filter(|b| !s.map.has(*b) && !s.inflight.contains(b))
+            .filter(|b| {
+                !bit(&s.ready, *b)
+                    && !s.inflight.contains(b)
+                    && !s.streams.iter().any(|st| st.guards.contains_key(b))
+            })
             .map(|b| self.block.min(self.size - b * self.block))
             .sum()
     }
 
-    /// Makes the bytes `[offset, offset + len)` present (clipped to the file).
-    pub fn ensure(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// Whether bytes `[.., to)` of block `b` can be read from the data file now.
+    fn readable(&self, s: &State, b: u64, to: u64) -> bool {
+        s.installed
+            || bit(&s.ready, b)
+            || s.streams.iter().any(|st| st.cur == Some(b) && st.pos >= to)
+    }
+
+    /// Makes the bytes `[offset, offset + len)` readable in the data file (clipped to
+    /// the file): a stream that will reach them in order brings them, else an idle
+    /// or new stream starts at the first missing block. Fails with the stream's error,
+    /// or ETIMEDOUT when the stream it waits for moved no byte for the timeout.
+    pub fn ensure(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
         let end = (offset.saturating_add(len)).min(self.size);
         if offset >= end {
             return Ok(());
         }
-        for b in offset / self.block..=(end - 1) / self.block {
-            self.fetch_block(b)?;
+        let need_until = self.block_end((end - 1) / self.block);
+        let mut s = self.state.lock().unwrap();
+        let mut watch: Option<(usize, u64)> = None;
+        let mut seen = (usize::MAX, u64::MAX);
+        let mut since = Instant::now();
+        loop {
+            let first = (offset / self.block..=(end - 1) / self.block)
+                .find(|b| !self.readable(&s, *b, end.min(self.block_end(*b))));
+            let Some(b) = first else {
+                // A read returns only durable bytes, as with a whole copy: if a block
+                // it reads is not in the map yet, every ready block is synced now
+                // (one fdatasync, usually for a whole read-ahead window).
+                let unsynced = !s.installed
+                    && !s.discarded
+                    && (offset / self.block..=(end - 1) / self.block).any(|b| !s.map.has(b));
+                drop(s);
+                if unsynced {
+                    self.flush()?;
+                }
+                return Ok(());
+            };
+            if let Some((i, fails)) = watch
+                && s.streams[i].fails != fails
+            {
+                return Err(io::Error::from_raw_os_error(s.streams[i].last_err));
+            }
+            let token = match self.assign(&mut s, b, need_until) {
+                Some(i) => {
+                    watch = Some((i, s.streams[i].fails));
+                    let st = &s.streams[i];
+                    if st.running
+                        && !self.timeout.is_zero()
+                        && st.last_move.elapsed() >= self.timeout
+                    {
+                        // Stuck in src already: fail now rather than wait again.
+                        return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+                    }
+                    (i, st.moved)
+                }
+                None => (usize::MAX, s.progress),
+            };
+            if token != seen {
+                seen = token;
+                since = Instant::now();
+            } else if !self.timeout.is_zero() && since.elapsed() >= self.timeout {
+                return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+            }
+            s = if self.timeout.is_zero() {
+                self.done.wait(s).unwrap()
+            } else {
+                let left = self.timeout.saturating_sub(since.elapsed());
+                self.done
+                    .wait_timeout(s, left.max(Duration::from_millis(10)))
+                    .unwrap()
+                    .0
+            };
         }
-        Ok(())
     }
 
-    /// Fetches block `b` unless present (single flight: a second caller waits).
-    pub fn fetch_block(&self, b: u64) -> io::Result<()> {
+    /// Gives block `b` (and on up to `until`) to a stream: one that reaches it in
+    /// order, else the least recently used idle one (moved there), else a new one (at
+    /// most [`MAX_STREAMS`]). Starts its worker if it has none. `None`: every stream is
+    /// busy elsewhere (the caller waits for one).
+    fn assign(self: &Arc<Self>, s: &mut State, b: u64, until: u64) -> Option<usize> {
+        let i = self.stream_for(s, b)?;
+        s.tick += 1;
+        let tick = s.tick;
+        let st = &mut s.streams[i];
+        st.until = st.until.max(until);
+        st.used = tick;
+        self.start(s, i);
+        Some(i)
+    }
+
+    /// The stream to bring block `b`, moved there if it was idle elsewhere (see
+    /// [`Partial::assign`]). An idle stream at most [`JOIN`] before `b` is preferred:
+    /// it skips forward on its descriptor (rclone serves a short forward skip from
+    /// what it has read ahead, without a new request).
+    fn stream_for(&self, s: &mut State, b: u64) -> Option<usize> {
+        let (block, join) = (self.block, self.join());
+        if let Some((i, _)) = s
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, st)| st.brings(b, block))
+            .max_by_key(|(_, st)| st.pos)
+        {
+            return Some(i);
+        }
+        let idle = |st: &&Stream| !st.running;
+        let near = s
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, st)| idle(st) && st.pos <= b * block && b * block - st.pos <= join)
+            .max_by_key(|(_, st)| st.pos)
+            .map(|(i, _)| i);
+        let lru = || {
+            s.streams
+                .iter()
+                .enumerate()
+                .filter(|(_, st)| idle(st))
+                .min_by_key(|(_, st)| st.used)
+                .map(|(i, _)| i)
+        };
+        let i = match near.or_else(lru) {
+            Some(i) => i,
+            None if s.streams.len() < MAX_STREAMS => {
+                s.streams.push(Stream {
+                    pos: 0,
+                    until: 0,
+                    cur: None,
+                    running: false,
+                    file: None,
+                    guards: HashMap::new(),
+                    fails: 0,
+                    last_err: libc::EIO,
+                    moved: 0,
+                    last_move: Instant::now(),
+                    used: 0,
+                });
+                s.streams.len() - 1
+            }
+            None => return None,
+        };
+        let st = &mut s.streams[i];
+        st.pos = b * block;
+        st.until = st.pos;
+        st.guards.clear();
+        Some(i)
+    }
+
+    /// Starts stream `i`'s worker unless it runs.
+    fn start(self: &Arc<Self>, s: &mut State, i: usize) {
+        let st = &mut s.streams[i];
+        if st.running || st.pos >= st.until {
+            return;
+        }
+        st.running = true;
+        st.last_move = Instant::now();
+        let p = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("cachefs-fetch".into())
+            .spawn(move || p.run_stream(i));
+        if let Err(e) = spawned {
+            log::warn!("{}: cannot start a fetch thread: {e}", self.path.display());
+            let st = &mut s.streams[i];
+            st.running = false;
+            st.fails += 1;
+            st.last_err = e.raw_os_error().unwrap_or(libc::EIO);
+            st.until = st.pos;
+        }
+    }
+
+    /// A descriptor for a stream: src's file opened again (checked to be the version
+    /// this partial is of), or a duplicate of the first one.
+    fn open_src(&self) -> io::Result<File> {
+        let Some(opener) = &self.opener else {
+            return self.src.try_clone();
+        };
+        let f = opener()?;
+        let st = f.metadata()?;
+        use std::os::unix::fs::MetadataExt;
+        let origin = self.state.lock().unwrap().map.origin;
+        if st.len() != origin.0 || (st.mtime(), st.mtime_nsec()) != (origin.1, origin.2) {
+            log::warn!(
+                "{}: src changed while it was being fetched",
+                self.path.display()
+            );
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(f)
+    }
+
+    /// Stream `i`'s worker: reads src in order, in growing pieces (the first small, so
+    /// that a waiting reader gets its bytes early), skipping blocks that are ready or
+    /// that another stream fills; marks blocks ready as they complete and makes them
+    /// durable in batches ([`SYNC_BATCH`]). Exits when it reaches `until` (after
+    /// syncing), at an error (recorded for its waiters) or when the partial is
+    /// installed.
+    fn run_stream(self: Arc<Self>, i: usize) {
+        let mut file = self.state.lock().unwrap().streams[i].file.take();
+        let mut piece = FIRST_PIECE;
+        let mut unsynced: Vec<u64> = Vec::new();
+        let mut synced = Instant::now();
+        let mut buf = Vec::new();
+        let failed = loop {
+            let next = {
+                let mut s = self.state.lock().unwrap();
+                self.next_piece(&mut s, i, piece)
+            };
+            let Some((pos, len)) = next else {
+                // Idle (or installed): make the batch durable, then stop unless more
+                // work came meanwhile (decided under the lock, with `running`).
+                if let Err(e) = self.commit(&mut unsynced) {
+                    break e;
+                }
+                let mut s = self.state.lock().unwrap();
+                if self.next_piece(&mut s, i, 0).is_some() {
+                    continue;
+                }
+                // Keep the descriptor for the next run while a handle may read on;
+                // with none left (only the table and running workers hold the
+                // partial), close it: an idle rclone handle holds a request and its
+                // read-ahead buffer.
+                let workers = s.streams.iter().filter(|st| st.running).count();
+                let st = &mut s.streams[i];
+                st.running = false;
+                if Arc::strong_count(&self) > 1 + workers {
+                    st.file = file;
+                }
+                self.done.notify_all();
+                return;
+            };
+            if file.is_none() {
+                match self.open_src() {
+                    Ok(f) => file = Some(f),
+                    Err(e) => break e,
+                }
+            }
+            buf.resize(len as usize, 0);
+            if let Err(e) = read_exact_at(file.as_ref().unwrap(), &mut buf, pos) {
+                break e;
+            }
+            // All-zero runs stay holes (a sparse src stays sparse in dst).
+            if buf.iter().any(|x| *x != 0)
+                && let Err(e) = self.data.write_all_at(&buf, pos)
+            {
+                break e;
+            }
+            {
+                let mut s = self.state.lock().unwrap();
+                let State {
+                    streams,
+                    ready,
+                    inflight,
+                    progress,
+                    discarded,
+                    installed,
+                    ..
+                } = &mut *s;
+                let st = &mut streams[i];
+                st.pos = pos + len;
+                st.moved += len;
+                st.last_move = Instant::now();
+                *progress += len;
+                if let Some(b) = st.cur
+                    && st.pos == self.block_end(b)
+                {
+                    st.cur = None;
+                    st.guards.remove(&b);
+                    set_bit(ready, b);
+                    inflight.remove(&b);
+                    unsynced.push(b);
+                    // Under the state lock: reports of one partial arrive in order,
+                    // and none after it was discarded (which reports "gone").
+                    if !*discarded
+                        && !*installed
+                        && let Some(u) = &self.usage
+                    {
+                        u.partial_grew(&self.data_rel, &self.path, allocated(&self.data));
+                    }
+                }
+                self.done.notify_all();
+            }
+            piece = (piece * 2).min(MAX_PIECE);
+            if unsynced.len() as u64 * self.block >= SYNC_BATCH
+                || synced.elapsed() >= SYNC_EVERY && !unsynced.is_empty()
+            {
+                // On a thread of its own: the stream reads on meanwhile (an
+                // fdatasync here would stall src, and rclone's request with it).
+                let (p, mut blocks) = (Arc::clone(&self), std::mem::take(&mut unsynced));
+                let spawned = std::thread::Builder::new()
+                    .name("cachefs-sync".into())
+                    .spawn(move || {
+                        if let Err(e) = p.commit(&mut blocks) {
+                            log::warn!("{}: sync: {e}", p.path.display());
+                        }
+                    });
+                if let Err(e) = spawned {
+                    // The blocks stay ready; the next flush or stop syncs them.
+                    log::warn!("{}: cannot start a sync thread: {e}", self.path.display());
+                }
+            }
+            if unsynced.is_empty() {
+                synced = Instant::now();
+            }
+        };
+        let e = failed;
+        log::debug!("{}: fetch stream {i}: {e}", self.path.display());
         {
             let mut s = self.state.lock().unwrap();
-            loop {
-                if s.installed || s.map.has(b) {
-                    return Ok(());
-                }
-                if !s.inflight.contains(&b) {
-                    break;
-                }
-                s = self.done.wait(s).unwrap();
+            let State {
+                streams, inflight, ..
+            } = &mut *s;
+            let st = &mut streams[i];
+            if let Some(b) = st.cur.take() {
+                inflight.remove(&b);
+                st.pos = b * self.block;
             }
-            s.inflight.insert(b);
+            st.fails += 1;
+            st.last_err = e.raw_os_error().unwrap_or(libc::EIO);
+            st.until = st.pos;
+            st.guards.clear();
+            st.running = false;
+            // The descriptor is dropped: the next run opens a fresh one.
+            self.done.notify_all();
         }
-        let r = self.copy_block(b);
-        let persist = {
+        if let Err(e) = self.commit(&mut unsynced) {
+            log::debug!("{}: sync: {e}", self.path.display());
+        }
+    }
+
+    /// Stream `i`'s next piece, at most `piece` bytes (0: only whether there is one):
+    /// skips ready blocks and blocks another stream fills, takes the next block as
+    /// inflight. `None`: it reached `until`, or the partial was installed.
+    fn next_piece(&self, s: &mut State, i: usize, piece: u64) -> Option<(u64, u64)> {
+        if s.installed {
+            return None;
+        }
+        let State {
+            streams,
+            ready,
+            inflight,
+            ..
+        } = s;
+        let st = &mut streams[i];
+        loop {
+            if st.pos >= st.until.min(self.size) {
+                return None;
+            }
+            if st.cur.is_none() {
+                let b = st.pos / self.block;
+                if bit(ready, b) || inflight.contains(&b) {
+                    st.pos = self.block_end(b);
+                    st.guards.remove(&b);
+                    continue;
+                }
+                if piece == 0 {
+                    return Some((st.pos, 0));
+                }
+                inflight.insert(b);
+                st.cur = Some(b);
+            }
+            let b = st.cur.unwrap();
+            return Some((st.pos, piece.min(self.block_end(b) - st.pos)));
+        }
+    }
+
+    /// Makes every ready block durable (a handle closes): what was read through it
+    /// survives a crash.
+    pub fn flush(&self) -> io::Result<()> {
+        self.flush_blocks(0, self.size.div_ceil(self.block))
+    }
+
+    /// A handle closed: idle streams close their descriptors (an idle rclone handle
+    /// holds a request and its read-ahead buffer); a reader that goes on opens new ones.
+    pub fn close_idle(&self) {
+        let files: Vec<File> = {
             let mut s = self.state.lock().unwrap();
-            s.inflight.remove(&b);
-            if r.is_ok() {
+            s.streams
+                .iter_mut()
+                .filter(|st| !st.running)
+                .filter_map(|st| st.file.take())
+                .collect()
+        };
+        drop(files);
+    }
+
+    /// Makes the ready blocks of `[first, end)` durable.
+    fn flush_blocks(&self, first: u64, end: u64) -> io::Result<()> {
+        let mut blocks: Vec<u64> = {
+            let s = self.state.lock().unwrap();
+            if s.installed || s.discarded {
+                return Ok(());
+            }
+            (first..end)
+                .filter(|b| bit(&s.ready, *b) && !s.map.has(*b))
+                .collect()
+        };
+        self.commit(&mut blocks)
+    }
+
+    /// Makes `blocks` (ready, written) durable: fdatasync, then the map says present.
+    fn commit(&self, blocks: &mut Vec<u64>) -> io::Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        // Durable before the map may say "present".
+        self.data.sync_data()?;
+        let live = {
+            let mut s = self.state.lock().unwrap();
+            for b in blocks.drain(..) {
                 s.map.set(b);
             }
-            self.done.notify_all();
-            let live = r.is_ok() && !s.discarded && !s.installed;
-            // Under the state lock: reports of one partial arrive in order, and none
-            // after it was discarded (which reports "gone").
+            let live = !s.discarded && !s.installed;
+            // Writeback may have allocated metadata blocks since the blocks were
+            // reported: report the synced size (under the state lock, as always).
             if live && let Some(u) = &self.usage {
                 u.partial_grew(&self.data_rel, &self.path, allocated(&self.data));
             }
             live
         };
-        r?;
-        if persist {
+        if live {
             self.persist()?;
         }
         Ok(())
-    }
-
-    fn copy_block(&self, b: u64) -> io::Result<()> {
-        let off = b * self.block;
-        let len = self.block.min(self.size - off) as usize;
-        let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            match self.src.read_at(&mut buf[done..], off + done as u64) {
-                Ok(0) => {
-                    // src shrank under us: never mark bytes we do not have.
-                    return Err(io::Error::from_raw_os_error(libc::EIO));
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        // All-zero blocks stay holes (a sparse src stays sparse in dst).
-        if buf.iter().any(|x| *x != 0) {
-            self.data.write_all_at(&buf, off)?;
-        }
-        // Durable before the map may say "present".
-        self.data.sync_data()
     }
 
     /// Writes the map (temp + rename).
@@ -357,54 +818,70 @@ impl Partial {
         write_atomic(&self.dst, &self.map_rel, &bytes)
     }
 
-    /// Called by a read at `[offset, offset+len)`: once a reader has read at least a
-    /// block sequentially, the next blocks not yet present are fetched in the
-    /// background, each only if `room(bytes)` gives a guard (the cache budget's
-    /// reservation, held until the block is fetched; prefetch never evicts).
+    /// Called after a read at `[offset, offset+len)` was served: once a reader has read
+    /// at least a block sequentially, the stream ahead of it (or an idle or new one, at
+    /// the first missing block) reads on in order past the read: twice the run so far,
+    /// from two blocks up to [`READAHEAD`].
+    /// Each read-ahead block only if `room(bytes)` gives a guard (the cache budget's
+    /// reservation, held until the block is fetched; read-ahead never evicts).
     pub fn note_read(
         self: &Arc<Self>,
         offset: u64,
         len: u64,
         room: &dyn Fn(u64) -> Option<Box<dyn Send>>,
     ) {
-        let ahead: Vec<u64> = {
-            let mut s = self.state.lock().unwrap();
-            if offset != s.last_end {
-                s.run_start = offset;
-            }
+        let mut s = self.state.lock().unwrap();
+        // The kernel sends a sequential reader's reads several at a time, so they
+        // may arrive a little out of order: a read continues the run if it starts at
+        // most a block past its end and does not end before its start.
+        if offset > s.last_end + self.block || offset + len < s.run_start {
+            s.run_start = offset;
             s.last_end = offset + len;
-            let sequential = s.last_end - s.run_start >= self.block;
-            if !sequential || s.installed {
-                return;
-            }
-            let first = (offset + len).div_ceil(self.block);
-            (first..first + PREFETCH)
-                .filter(|b| *b < s.map.blocks() && !s.map.has(*b) && !s.inflight.contains(b))
-                .collect()
-        };
-        for b in ahead {
-            if PREFETCH_THREADS.fetch_add(1, Ordering::AcqRel) >= MAX_PREFETCH_THREADS {
-                PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
-                return;
-            }
-            let Some(guard) = room(self.block.min(self.size - b * self.block)) else {
-                PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
-                return;
-            };
-            let p = Arc::clone(self);
-            let spawned = std::thread::Builder::new()
-                .name("cachefs-prefetch".into())
-                .spawn(move || {
-                    let _room = guard;
-                    if let Err(e) = p.fetch_block(b) {
-                        log::debug!("{}: prefetch of block {b}: {e}", p.path.display());
-                    }
-                    PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
-                });
-            if spawned.is_err() {
-                PREFETCH_THREADS.fetch_sub(1, Ordering::AcqRel);
-            }
+        } else {
+            s.last_end = s.last_end.max(offset + len);
         }
+        let sequential = s.last_end - s.run_start >= self.block;
+        let end = (offset + len).min(self.size);
+        if !sequential || s.installed || end >= self.size {
+            return;
+        }
+        // Ramps up like the kernel's read-ahead: twice the run so far, at most
+        // READAHEAD (a random reader whose reads the kernel rounds up to a block does
+        // not pull in a whole window each time).
+        let run = s.last_end - s.run_start;
+        let ahead = (2 * run).clamp(2 * self.block, self.readahead());
+        let target = (end + ahead).min(self.size);
+        let target = self.block_end((target - 1) / self.block);
+        let Some(c) = (end / self.block..target.div_ceil(self.block))
+            .find(|b| !bit(&s.ready, *b) && !s.inflight.contains(b))
+        else {
+            return;
+        };
+        let Some(i) = self.stream_for(&mut s, c) else {
+            return;
+        };
+        // Reserve room for the blocks this extends the stream over.
+        let from = s.streams[i].until.max(c * self.block) / self.block;
+        let mut until = s.streams[i].until.max(c * self.block);
+        for b in from..target.div_ceil(self.block) {
+            let free = !bit(&s.ready, b)
+                && !s.inflight.contains(&b)
+                && !s.streams.iter().any(|st| st.guards.contains_key(&b));
+            if free {
+                // The cache's index lock is a leaf below the state lock.
+                let Some(guard) = room(self.block_end(b) - b * self.block) else {
+                    break;
+                };
+                s.streams[i].guards.insert(b, guard);
+            }
+            until = self.block_end(b);
+        }
+        s.tick += 1;
+        let tick = s.tick;
+        let st = &mut s.streams[i];
+        st.until = st.until.max(until);
+        st.used = tick;
+        self.start(&mut s, i);
     }
 
     /// `--lazy-fill`: fetches the blocks no read has fetched, first to last, on a
@@ -439,29 +916,48 @@ impl Partial {
         }
     }
 
-    fn fill(&self, room: &dyn Fn(u64) -> Option<Box<dyn Send>>) {
+    /// Fetches the missing blocks in runs (up to [`READAHEAD`] each, so that one
+    /// stream reads them in order), with room for each block.
+    fn fill(self: &Arc<Self>, room: &dyn Fn(u64) -> Option<Box<dyn Send>>) {
         let blocks = self.size.div_ceil(self.block);
-        for b in 0..blocks {
+        let run = self.readahead() / self.block;
+        let mut b = 0;
+        while b < blocks {
             {
                 let s = self.state.lock().unwrap();
                 if s.installed || s.discarded {
                     return;
                 }
-                if s.map.has(b) {
+                if bit(&s.ready, b) {
+                    b += 1;
                     continue;
                 }
             }
-            let Some(_room) = room(self.block.min(self.size - b * self.block)) else {
+            let mut guards = Vec::new();
+            let mut end = b;
+            while end < blocks && end - b < run {
+                if bit(&self.state.lock().unwrap().ready, end) {
+                    break;
+                }
+                let Some(g) = room(self.block_end(end) - end * self.block) else {
+                    break;
+                };
+                guards.push(g);
+                end += 1;
+            }
+            if end == b {
                 log::debug!(
                     "{}: fill stopped, no room in the cache",
                     self.path.display()
                 );
                 return;
-            };
-            if let Err(e) = self.fetch_block(b) {
+            }
+            if let Err(e) = self.ensure(b * self.block, (end - b) * self.block) {
                 log::debug!("{}: fill stopped at block {b}: {e}", self.path.display());
                 return;
             }
+            drop(guards);
+            b = end;
         }
         log::debug!("{}: filled in the background", self.path.display());
     }
@@ -484,6 +980,14 @@ impl Partial {
         }
     }
 
+    /// Waits until no stream runs (their blocks are durable and in the map).
+    pub fn quiesce(&self) {
+        let mut s = self.state.lock().unwrap();
+        while s.streams.iter().any(|st| st.running) {
+            s = self.done.wait(s).unwrap();
+        }
+    }
+
     /// A failed install: fetches may go on.
     pub fn unseal(&self) {
         self.state.lock().unwrap().installed = false;
@@ -496,6 +1000,21 @@ impl Partial {
     }
 }
 
+/// Reads exactly `buf.len()` bytes at `off` (EIO if src ends early: never mark bytes we
+/// do not have).
+fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl std::fmt::Debug for Partial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Partial")
@@ -505,7 +1024,6 @@ impl std::fmt::Debug for Partial {
     }
 }
 
-static PREFETCH_THREADS: AtomicUsize = AtomicUsize::new(0);
 /// Background fillers running (all files together).
 static FILLERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -522,6 +1040,11 @@ fn write_atomic(dst: &Layer, rel: &Path, bytes: &[u8]) -> io::Result<()> {
 /// The partial files of one dst.
 pub struct Lazy {
     dst: Arc<Layer>,
+    /// src, to open a src file again for another stream (`None`: streams share
+    /// duplicates of the descriptor the partial was opened with).
+    src: Option<Arc<Layer>>,
+    /// `--src-timeout` (see [`Partial::ensure`]).
+    timeout: Duration,
     pub threshold: u64,
     pub block: u64,
     table: Mutex<HashMap<PathBuf, Arc<Partial>>>,
@@ -539,6 +1062,8 @@ impl Lazy {
         }
         let lazy = Lazy {
             dst,
+            src: None,
+            timeout: Duration::ZERO,
             threshold,
             block,
             table: Mutex::new(HashMap::new()),
@@ -580,6 +1105,14 @@ impl Lazy {
             }
         }
         Ok(())
+    }
+
+    /// Streams open `src`'s files themselves (one descriptor each), and a wait for a
+    /// stream fails after `timeout` without progress (zero: never).
+    pub fn with_src(mut self, src: Arc<Layer>, timeout: Duration) -> Lazy {
+        self.src = Some(src);
+        self.timeout = timeout;
+        self
     }
 
     /// Attaches the cache budget: partials made from now on report their size.
@@ -666,6 +1199,17 @@ impl Lazy {
                 (map, data)
             }
         };
+        let opener = self.src.as_ref().map(|layer| {
+            let (layer, path) = (Arc::clone(layer), path.to_path_buf());
+            Box::new(
+                move || match layer.open_file(&path, libc::O_RDONLY | libc::O_NOATIME) {
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                        layer.open_file(&path, libc::O_RDONLY)
+                    }
+                    r => r,
+                },
+            ) as Opener
+        });
         let p = Arc::new(Partial {
             path: path.to_path_buf(),
             size: map.origin.0,
@@ -674,10 +1218,16 @@ impl Lazy {
             map_rel,
             data,
             src,
+            opener,
+            timeout: self.timeout,
             dst: Arc::clone(&self.dst),
             state: Mutex::new(State {
+                ready: map.present.clone(),
                 map,
                 inflight: HashSet::new(),
+                streams: Vec::new(),
+                tick: 0,
+                progress: 0,
                 installed: false,
                 discarded: false,
                 last_end: 0,
@@ -896,6 +1446,8 @@ mod tests {
             let lazy = Lazy::new(Arc::clone(&dst), 1, 4096).unwrap();
             let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
             p.ensure(4096 + 10, 10).unwrap();
+            // The block is readable at once and durable once its stream stopped.
+            p.quiesce();
             assert!(!p.complete());
         }
         // A new daemon: block 1 is present from the map, the others are not.
@@ -905,6 +1457,7 @@ mod tests {
         assert!(m.has(1) && !m.has(0) && !m.has(2) && !m.has(3));
         assert_eq!(summary(d.path()), (1, 4096, want.len() as u64));
         p.ensure(0, u64::MAX).unwrap();
+        p.quiesce();
         assert!(p.complete());
         let mut got = vec![0u8; want.len()];
         p.data.read_exact_at(&mut got, 0).unwrap();

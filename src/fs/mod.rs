@@ -393,11 +393,10 @@ impl CacheFs {
         copyup::prepare_staging(&dst)?;
         let lazy = match cfg.lazy_threshold {
             0 => None,
-            t => Some(Arc::new(lazy::Lazy::new(
-                Arc::clone(&dst),
-                t,
-                cfg.block_size,
-            )?)),
+            t => Some(Arc::new(
+                lazy::Lazy::new(Arc::clone(&dst), t, cfg.block_size)?
+                    .with_src(Arc::clone(&src), cfg.src_timeout),
+            )),
         };
         let fs = CacheFs {
             lazy,
@@ -915,16 +914,9 @@ impl CacheFs {
     ) -> FsResult<()> {
         self.src_gate()?;
         let end = limit.unwrap_or(p.size).min(p.size);
-        let progress = Arc::new(AtomicU64::new(0));
-        let (pp, counter) = (Arc::clone(p), Arc::clone(&progress));
-        let fetched = self.src_pool.run_watched(Some(progress), move || {
-            let block = pp.block();
-            for b in 0..end.div_ceil(block) {
-                pp.fetch_block(b)?;
-                counter.fetch_add(block, Ordering::Relaxed);
-            }
-            Ok(())
-        });
+        // Streams read what is missing in order; fails only after --src-timeout
+        // without progress.
+        let fetched = p.ensure(0, end);
         self.note_if_timed_out(&fetched, path);
         if fetched.as_ref().err().is_none_or(is_outage) {
             crate::metrics::METRICS.src_result(&fetched);
@@ -2166,10 +2158,9 @@ impl CacheFs {
             let _room = crate::cache::on_lazy_fetch(&self.cache, self, p.data_rel(), || {
                 p.missing(offset, len)
             })?;
-            let pp = Arc::clone(p);
-            let r = crate::metrics::timed(crate::metrics::SrcOp::Fetch, || {
-                self.src_pool.run(move || pp.ensure(offset, len))
-            });
+            // Waits for a stream of src reads (never a src call on this thread),
+            // bounded by --src-timeout without progress.
+            let r = crate::metrics::timed(crate::metrics::SrcOp::Fetch, || p.ensure(offset, len));
             self.src_result(r)?;
             p.note_read(offset, len, &|bytes| {
                 crate::cache::on_prefetch(&self.cache, bytes) // CACHE HOOK
@@ -2321,6 +2312,11 @@ impl CacheFs {
             Some(h) => {
                 match &h.lazy {
                     Some(p) if !p.installed() => {
+                        // What was read through it is durable in the partial's map.
+                        if let Err(e) = p.flush() {
+                            log::warn!("{}: cannot sync its partial file: {e}", p.path.display());
+                        }
+                        p.close_idle();
                         crate::cache::on_partial_used(&self.cache, p.data_rel()) // CACHE HOOK
                     }
                     _ => crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)), // CACHE HOOK
