@@ -273,15 +273,48 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
 /// dst's lock (see [`crate::dst_lock`]); a dst that cannot hold one (read-only, say) is
 /// reported as the cache it is.
+///
+/// A holder whose mountpoint is no longer mounted is on its way out (unmounted, now
+/// draining its writeback queue): then this waits for it, up to its drain timeout and
+/// a margin, so that `umount M; mount M` works. A holder still mounted is refused at
+/// once.
 fn take_dst_lock(cfg: &Config) -> Result<crate::dst_lock::DstLock, DaemonError> {
     use crate::dst_lock::LockError;
-    crate::dst_lock::acquire(&cfg.dst, &cfg.mountpoint).map_err(|e| match e {
-        LockError::Busy(holder) => DaemonError::DstInUse {
-            dst: cfg.dst.clone(),
-            holder,
-        },
-        LockError::Io(e) => DaemonError::Fs(e.to_string()),
-    })
+    let deadline = std::time::Instant::now() + cfg.drain_timeout + Duration::from_secs(10);
+    let mut told = false;
+    loop {
+        match crate::dst_lock::acquire(&cfg.dst, &cfg.mountpoint) {
+            Ok(lock) => return Ok(lock),
+            Err(LockError::Busy(holder))
+                if std::time::Instant::now() < deadline && holder_is_exiting(&holder) =>
+            {
+                if !std::mem::replace(&mut told, true) {
+                    info!(
+                        "{}: waiting for the previous cachefs (pid {}) to finish exiting",
+                        cfg.dst.display(),
+                        holder.pid.map_or("?".into(), |p| p.to_string())
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(LockError::Busy(holder)) => {
+                return Err(DaemonError::DstInUse {
+                    dst: cfg.dst.clone(),
+                    holder,
+                });
+            }
+            Err(LockError::Io(e)) => return Err(DaemonError::Fs(e.to_string())),
+        }
+    }
+}
+
+/// Whether the daemon holding a dst's lock no longer has its mount (it is exiting).
+fn holder_is_exiting(holder: &crate::dst_lock::Holder) -> bool {
+    let Some(mnt) = &holder.mountpoint else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|info| crate::cli::check_not_mounted(mnt, &info).is_ok())
 }
 
 /// Tells systemd (Type=notify units) about our state: a datagram to `$NOTIFY_SOCKET`,
