@@ -295,7 +295,12 @@ fn rclone_unrepresentable_op_does_not_block_later_ops() {
     assert_eq!(json_u64(&json, "not_representable"), Some(2), "{json}");
     assert!(unrep_entry(&json, "/moved/l").is_some(), "{json}");
     assert!(unrep_entry(&json, "/moved/p").is_some(), "{json}");
-    assert_eq!(fs::read_link(node.path("moved/l")).unwrap(), Path::new("a"));
+    let link = fs::read_link(node.path("moved/l"));
+    assert!(
+        link.as_ref().is_ok_and(|t| t == Path::new("a")),
+        "the symlink moved with its directory: {link:?}\n{}",
+        node.logs()
+    );
     // Removing the directory clears them.
     for n in ["l", "p", "a", "b"] {
         fs::remove_file(node.path(&format!("moved/{n}"))).unwrap();

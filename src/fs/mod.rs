@@ -1145,7 +1145,16 @@ impl CacheFs {
             }
             _ if self.has_open_handles(ino) => Ok(Freshness::Unchanged),
             Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                log::info!("{}: changed in src, refetching", path.display());
+                log::info!(
+                    "{}: changed in src, refetching (src: {} bytes, mtime {}.{:09}; the copy came from {} bytes, mtime {}.{:09})",
+                    path.display(),
+                    st.st_size,
+                    st.st_mtime,
+                    st.st_mtime_nsec,
+                    clean.size,
+                    clean.mtime_sec,
+                    clean.mtime_nsec
+                );
                 let opts = copyup::CopyOpts {
                     limit: None,
                     replace: true,
