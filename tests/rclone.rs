@@ -134,6 +134,11 @@ fn one_node_makes_no_false_conflicts_or_refetches() {
             f.write_all(part).unwrap();
         }
     }
+    // The renames below come once rclone has uploaded the files. Renamed while
+    // rclone's own upload of them was still running, up/0.jpg and up/1.jpg once stayed
+    // in the bucket under their old names after everything had drained (seen in a CI
+    // run; an open bug, not yet understood: docs/PRODUCTION.md section 4b).
+    node.wait_drained(DRAIN);
     for i in 0..10 {
         fs::rename(
             node.path(&format!("up/{i}.jpg")),
