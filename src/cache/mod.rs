@@ -131,9 +131,12 @@ struct ScanInfo {
 pub struct Cache {
     dst: Layer,
     dst_path: PathBuf,
-    limits: Limits,
+    /// `--cache-size` and `--min-free`; changed at runtime by [`Cache::set_limits`]
+    /// (a leaf lock).
+    limits: Mutex<Limits>,
     pins: Pins,
-    max_dirty: Option<u64>,
+    /// `--max-dirty`, for `cache.json` (enforced by writeback). A leaf lock.
+    max_dirty: Mutex<Option<u64>>,
     index: Mutex<Index>,
     /// Held by whoever runs an eviction pass (one at a time).
     evicting: Mutex<()>,
@@ -195,9 +198,9 @@ impl Cache {
         let cache = Cache {
             dst: Layer::open(&cfg.dst)?,
             dst_path: cfg.dst.clone(),
-            limits,
+            limits: Mutex::new(limits),
             pins,
-            max_dirty: cfg.max_dirty,
+            max_dirty: Mutex::new(cfg.max_dirty),
             index: Mutex::new(Index::new()),
             evicting: Mutex::new(()),
             counters: Counters::default(),
@@ -289,7 +292,7 @@ impl Cache {
                 .touch(&lazy::data_rel_of(path), stamp);
             return Ok(());
         }
-        if !self.limits.any() {
+        if !self.limits().any() {
             return Ok(());
         }
         let need = on_disk(attr.size);
@@ -394,7 +397,7 @@ impl Cache {
         data_rel: &Path,
         bytes: u64,
     ) -> FsResult<Option<Reserved>> {
-        if !self.limits.any() || bytes == 0 {
+        if !self.limits().any() || bytes == 0 {
             return Ok(None);
         }
         // Concurrent fetches may take the room made here first: try again a few times.
@@ -423,7 +426,7 @@ impl Cache {
     /// Reserves `bytes` for a block fetch if they fit within the limits as they are
     /// (no eviction).
     pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reserved> {
-        if !self.limits.any() {
+        if !self.limits().any() {
             return Some(Reserved {
                 cache: Arc::clone(self),
                 bytes: 0,
@@ -441,6 +444,31 @@ impl Cache {
         })
     }
 
+    /// The limits in force.
+    fn limits(&self) -> Limits {
+        *self.limits.lock().unwrap()
+    }
+
+    /// Changes `--cache-size` and `--min-free` at runtime (`None`: no limit) and wakes
+    /// the maintenance thread, which evicts down to the new limits within a tick.
+    pub fn set_limits(&self, budget: Option<u64>, min_free: Option<budget::MinFree>) {
+        *self.limits.lock().unwrap() = Limits { budget, min_free };
+        *self.status_written.lock().unwrap() = None;
+        self.wake_cv.notify_all();
+    }
+
+    /// `--cache-size` and `--min-free` in force.
+    pub fn current_limits(&self) -> (Option<u64>, Option<budget::MinFree>) {
+        let l = self.limits();
+        (l.budget, l.min_free)
+    }
+
+    /// The `--max-dirty` shown in `cache.json` (writeback enforces it).
+    pub fn set_max_dirty_shown(&self, max_dirty: Option<u64>) {
+        *self.max_dirty.lock().unwrap() = max_dirty;
+        *self.status_written.lock().unwrap() = None;
+    }
+
     /// Whether `path` is pinned now (glob, or xattr on it or an ancestor).
     pub fn is_pinned(&self, path: &Path) -> bool {
         self.pins.matches(path) || pin::pinned_by_xattr(&self.dst, path)
@@ -449,7 +477,7 @@ impl Cache {
     // ----- eviction --------------------------------------------------------------------
 
     fn space(&self) -> Option<Space> {
-        self.limits.min_free?;
+        self.limits().min_free?;
         self.dst.statvfs().ok().map(|s| Space::of(&s))
     }
 
@@ -463,7 +491,7 @@ impl Cache {
     /// [`Cache::excess`] with `index` held (`pending` changes under it).
     fn excess_locked(&self, ix: &Index, incoming: u64, space: Option<Space>) -> u64 {
         let pending = self.pending.load(Ordering::Acquire);
-        self.limits.excess(ix.usage(), incoming + pending, space)
+        self.limits().excess(ix.usage(), incoming + pending, space)
     }
 
     /// Evicts least recently used clean, closed, unpinned files until `incoming` more
@@ -712,17 +740,17 @@ impl Cache {
             pinned,
             partial,
             partial_files,
-            opt(self.limits.budget),
-            self.limits
+            opt(self.limits().budget),
+            self.limits()
                 .min_free
                 .map_or("null".into(), |m| format!("\"{m}\"")),
             opt(self
-                .limits
+                .limits()
                 .min_free
                 .zip(space)
                 .map(|(m, s)| m.bytes_of(s.total))),
             opt(space.map(|s| s.avail)),
-            opt(self.max_dirty),
+            opt(*self.max_dirty.lock().unwrap()),
             self.pins.len(),
             n(&c.hits),
             n(&c.misses),
@@ -817,7 +845,7 @@ impl Cache {
                 self.wake.lock().unwrap().prefetch = true;
                 self.wake_cv.notify_all();
             }
-            if self.limits.any()
+            if self.limits().any()
                 && let Err(short) = self.make_room(&fs, 0)
             {
                 let mut warned = self.warned.lock().unwrap();

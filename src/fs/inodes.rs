@@ -750,6 +750,14 @@ impl Inodes {
         }
     }
 
+    /// Forgets every "compared with src" time (a revalidation asked for now; the
+    /// origin store's verified times decide which files are really asked again).
+    pub fn uncheck_all(&mut self) {
+        for d in self.dst.values_mut() {
+            d.checked = None;
+        }
+    }
+
     /// Whether `ino`'s cached copy was compared with src less than `within` ago.
     pub fn checked_within(&self, ino: u64, within: Duration) -> bool {
         self.slot_of(ino)

@@ -1268,6 +1268,21 @@ impl Lazy {
             || matches!(self.dst.stat(&rels(&key_of(path)).1), Ok(Some(_)))
     }
 
+    /// `path`'s partial, if it has one: (bytes present, file size), from the live
+    /// partial when one is open, else from its map on disk (for `cachefs ctl state`).
+    pub fn progress(&self, path: &Path) -> Option<(u64, u64)> {
+        let live = self.table.lock().unwrap().get(path).cloned();
+        let map = match live {
+            Some(p) => p.map(),
+            None => {
+                let (_, m) = rels(&key_of(path));
+                let f = self.dst.open_file(&m, libc::O_RDONLY).ok()?;
+                Map::decode(&read_all(&f).ok()?).filter(|m| m.path == path)?
+            }
+        };
+        Some((map.present_bytes(), map.origin.0))
+    }
+
     /// After a copy-up installed `p`'s data file: handles read it as it is.
     pub fn installed(&self, p: &Partial) {
         let _w = p.map_write.lock().unwrap();

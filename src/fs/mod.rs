@@ -269,8 +269,9 @@ pub struct CacheFs {
     /// Set while src fails with an outage error (dead mount, I/O error, timeout).
     src_offline: AtomicBool,
     src_offline_since: Mutex<Option<SystemTime>>,
-    /// `--revalidate` interval (zero: never).
-    revalidate: Duration,
+    /// `--revalidate` interval in nanoseconds (zero: never); changed at runtime
+    /// through [`CacheFs::set_revalidate`].
+    revalidate_ns: AtomicU64,
     /// dst's device number (identity of dst objects listed by readdir).
     dst_dev: u64,
     /// Last time the src root was reopened after an outage (rate limit).
@@ -299,6 +300,22 @@ const REVALIDATE_WAIT: Duration = Duration::from_millis(300);
 /// Longest a src call waits for the probe of an offline src (at most one a second):
 /// a src that is back answers within it, a hung one does not.
 const PROBE_WAIT: Duration = Duration::from_millis(250);
+
+/// What dst holds for one mount path ([`CacheFs::cached_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cached {
+    /// Nothing: the path is served from src (or does not exist).
+    No,
+    /// A directory.
+    Dir,
+    /// A regular file; `clean` when it is an unchanged copy of src's version (an
+    /// origin record), else local or changed here (dirty).
+    File { bytes: u64, clean: bool },
+    /// A partial file of lazy fetch: `present` of `size` bytes fetched.
+    Partial { present: u64, size: u64 },
+    /// A symlink or special file.
+    Other,
+}
 
 /// Errors that mean "src is unreachable" rather than "src says no".
 pub(crate) fn is_outage(e: &io::Error) -> bool {
@@ -423,7 +440,9 @@ impl CacheFs {
             src_offline: AtomicBool::new(false),
             src_offline_since: Mutex::new(None),
             src_reopened: Mutex::new(None),
-            revalidate: cfg.revalidate,
+            revalidate_ns: AtomicU64::new(
+                u64::try_from(cfg.revalidate.as_nanos()).unwrap_or(u64::MAX),
+            ),
             dst_dev,
             cache: None, // CACHE HOOK
         };
@@ -1084,6 +1103,47 @@ impl CacheFs {
         Ok(freed)
     }
 
+    /// The `--revalidate` interval in force (zero: never).
+    pub fn revalidate_every(&self) -> Duration {
+        Duration::from_nanos(self.revalidate_ns.load(Ordering::Relaxed))
+    }
+
+    /// Changes the `--revalidate` interval at runtime: the next lookup or open uses it.
+    pub fn set_revalidate(&self, every: Duration) {
+        let ns = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
+        self.revalidate_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Makes the clean cached files at or below `path` ("" for all) due for a
+    /// comparison with src at their next lookup or open (refetched if src changed,
+    /// dropped if src deleted them), and forgets the names src was seen to lack.
+    /// Nothing is compared here: no src call, no lock held for long. With
+    /// `--revalidate 0` (never) nothing is compared later either.
+    pub fn expire(&self, path: &Path) {
+        self.origins.forget_verified_under(path);
+        self.inodes.lock().unwrap().uncheck_all();
+        self.src_absent.clear();
+    }
+
+    /// What dst holds for the mount path `path`, for `cachefs ctl state`. Reads dst
+    /// and the core's records only (never src).
+    pub fn cached_state(&self, path: &Path) -> FsResult<Cached> {
+        if let Some((present, size)) = self.lazy.as_ref().and_then(|l| l.progress(path)) {
+            return Ok(Cached::Partial { present, size });
+        }
+        let Some(st) = self.dst.stat(path)? else {
+            return Ok(Cached::No);
+        };
+        Ok(match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => Cached::Dir,
+            libc::S_IFREG => Cached::File {
+                bytes: st.st_size as u64,
+                clean: matches!(self.origins.get(path)?, Some(o) if !o.dirty),
+            },
+            _ => Cached::Other,
+        })
+    }
+
     fn has_open_handles(&self, ino: u64) -> bool {
         self.handles.read().unwrap().values().any(|h| h.ino == ino)
     }
@@ -1092,14 +1152,15 @@ impl CacheFs {
     /// revalidation interval: refetches it if src changed, drops it if src deleted it.
     /// Files with open handles, local (dirty) files and an offline src are left alone.
     fn revalidate(&self, ino: u64, path: &Path) -> FsResult<Freshness> {
-        if self.revalidate.is_zero() {
+        let every = self.revalidate_every();
+        if every.is_zero() {
             return Ok(Freshness::Unchanged);
         }
         {
             let t = self.inodes.lock().unwrap();
             match t.get(ino) {
                 Some(n) if n.kind == Kind::File => {
-                    if t.checked_within(ino, self.revalidate) {
+                    if t.checked_within(ino, every) {
                         return Ok(Freshness::Unchanged);
                     }
                 }
@@ -1116,7 +1177,7 @@ impl CacheFs {
         if self
             .origins
             .verified_ago(path)
-            .is_some_and(|ago| ago < self.revalidate)
+            .is_some_and(|ago| ago < every)
         {
             return Ok(Freshness::Unchanged);
         }
@@ -1366,7 +1427,7 @@ impl CacheFs {
                 let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
             }
             // Clean cached copies of files src deleted (another machine's delete).
-            if !self.revalidate.is_zero() {
+            if !self.revalidate_every().is_zero() {
                 out.retain(|(name, kind, dst_ino)| {
                     dst_ino.is_none()
                         || *kind != libc::S_IFREG

@@ -514,6 +514,13 @@ impl Store {
         inner.verified_at.get(path).map(Instant::elapsed)
     }
 
+    /// Forgets when src was last known to hold the records at or below `path` (""
+    /// for all): their next lookup or open compares them with src again.
+    pub fn forget_verified_under(&self, path: &Path) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.verified_at.retain(|p, _| !p.starts_with(path));
+    }
+
     /// A revalidation found src still holding `path`'s recorded version.
     pub fn note_verified(&self, path: &Path) {
         let mut inner = self.inner.lock().unwrap();

@@ -103,7 +103,7 @@ mod unrep;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -329,8 +329,9 @@ struct Shared {
     /// Shared: a dst namespace change and its record in progress; exclusive: a worker
     /// retiring a skipped op (see "Namespace changes and skipped ops").
     changes: RwLock<()>,
-    /// `--max-dirty`: writers wait while more than this waits for src.
-    max_dirty: Option<u64>,
+    /// `--max-dirty`: writers wait while more than this waits for src. `u64::MAX`: no
+    /// limit. Changed at runtime by [`Writeback::set_max_dirty`].
+    max_dirty: AtomicU64,
     /// Changes begun on dst and not journaled yet (see `intents`).
     intents: Intents,
     /// How long a throttled writer waits with no op reaching src before ENOSPC.
@@ -341,7 +342,7 @@ struct Shared {
     unrep: Mutex<unrep::Store>,
     /// How many paths were reported not representable since start (to log only the
     /// first ones one by one).
-    unrep_logged: std::sync::atomic::AtomicU64,
+    unrep_logged: AtomicU64,
 }
 
 /// Held (shared) across a dst rename and its [`Writeback::record`]; see the
@@ -353,6 +354,23 @@ impl ChangeGuard<'_> {
     pub fn none() -> ChangeGuard<'static> {
         ChangeGuard(None)
     }
+}
+
+/// The queue's numbers at one moment ([`Writeback::counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Ops journaled and not yet applied on src (failed ones included).
+    pub pending: u64,
+    /// Of those, ops parked as failed (their attempts exhausted).
+    pub failed: u64,
+    /// Ops being replayed now.
+    pub running: u64,
+    /// File data waiting for upload (what `--max-dirty` bounds).
+    pub dirty_bytes: u64,
+    /// Ops applied on src since start.
+    pub applied: u64,
+    /// File data of the ops applied since start.
+    pub uploaded_bytes: u64,
 }
 
 /// The writeback queue: journal + replay workers. See the module doc.
@@ -385,6 +403,11 @@ fn show(p: &Path) -> String {
 }
 
 impl Shared {
+    /// `--max-dirty` in force.
+    fn max_dirty(&self) -> Option<u64> {
+        Some(self.max_dirty.load(Ordering::Relaxed)).filter(|&m| m != u64::MAX)
+    }
+
     /// dst identities of the objects `op` syncs, as dst is right now.
     fn ids_of(&self, op: &Op) -> [Option<sys::Id>; 2] {
         op::id_paths(op).map(|p| p.and_then(|p| sys::identity_path(&self.dst.join(p))))
@@ -844,7 +867,7 @@ impl Writeback {
             wake: wake_tx,
             stop: AtomicBool::new(false),
             changes: RwLock::new(()),
-            max_dirty: cfg.max_dirty,
+            max_dirty: AtomicU64::new(cfg.max_dirty.unwrap_or(u64::MAX)),
             dirty_stall: cfg.src_timeout.max(Duration::from_secs(1)),
             intents,
         });
@@ -1047,10 +1070,58 @@ impl Writeback {
         sh.sync_upto(target)
     }
 
+    /// Changes `--max-dirty` at runtime (`None`: no limit); waiting writers see the
+    /// new limit at once.
+    pub fn set_max_dirty(&self, max_dirty: Option<u64>) {
+        if let Some(sh) = &self.shared {
+            sh.max_dirty
+                .store(max_dirty.unwrap_or(u64::MAX), Ordering::Relaxed);
+            let _st = lock(&sh.state);
+            sh.cond.notify_all();
+        }
+    }
+
+    /// `--max-dirty` in force.
+    pub fn max_dirty(&self) -> Option<u64> {
+        self.shared.as_ref().and_then(|sh| sh.max_dirty())
+    }
+
+    /// Retries every op parked as failed now, instead of at its periodic retry
+    /// (`cachefs ctl DST retry`). How many were parked.
+    pub fn retry_failed_now(&self) -> usize {
+        let Some(sh) = &self.shared else {
+            return 0;
+        };
+        let n = lock(&sh.state).sched.retry_failed_now(Instant::now());
+        sh.wake();
+        n
+    }
+
+    /// The queue's numbers now (for the control channel).
+    pub fn counters(&self) -> QueueCounters {
+        let Some(sh) = &self.shared else {
+            return QueueCounters::default();
+        };
+        let st = lock(&sh.state);
+        QueueCounters {
+            pending: st.sched.entries.len() as u64,
+            failed: st
+                .sched
+                .entries
+                .values()
+                .filter(|e| e.fail.is_some())
+                .count() as u64,
+            running: st.sched.running as u64,
+            dirty_bytes: st.sched.dirty_bytes,
+            applied: st.sched.applied,
+            uploaded_bytes: st.sched.uploaded_bytes,
+        }
+    }
+
     /// Whether [`Writeback::throttle`] would wait now.
     pub fn over_dirty_limit(&self) -> bool {
         self.shared.as_ref().is_some_and(|sh| {
-            sh.max_dirty
+            sh.max_dirty()
                 .is_some_and(|limit| lock(&sh.state).sched.dirty_bytes > limit)
         })
     }
@@ -1065,7 +1136,7 @@ impl Writeback {
         let Some(sh) = &self.shared else {
             return Ok(());
         };
-        let Some(limit) = sh.max_dirty else {
+        let Some(mut limit) = sh.max_dirty() else {
             return Ok(());
         };
         let mut st = lock(&sh.state);
@@ -1083,6 +1154,8 @@ impl Writeback {
         sh.wake();
         let (mut applied, mut progress_at) = (st.sched.applied, Instant::now());
         loop {
+            // A runtime change (`cachefs ctl DST set max-dirty`) applies to waiters too.
+            limit = sh.max_dirty().unwrap_or(u64::MAX);
             if st.sched.dirty_bytes <= limit {
                 log::info!(
                     "writeback: back under --max-dirty after {:.1}s",

@@ -62,6 +62,9 @@ pub(crate) struct Sched {
     pub dirty_bytes: u64,
     /// Ops applied since start (progress, for waiters on `dirty_bytes`).
     pub applied: u64,
+    /// Sum of `bytes` over the ops applied since start: file data uploaded to src
+    /// (for `cachefs status --watch`).
+    pub uploaded_bytes: u64,
 }
 
 impl Sched {
@@ -163,6 +166,26 @@ impl Sched {
         }
     }
 
+    /// Ops parked as failed become due now (`cachefs ctl DST retry`), instead of at
+    /// their periodic retry; order is kept (only ops with no blockers are delayed).
+    /// How many.
+    pub(crate) fn retry_failed_now(&mut self, now: Instant) -> usize {
+        let parked: Vec<(Instant, u64)> = self
+            .delayed
+            .iter()
+            .filter(|(_, s)| self.entries.get(s).is_some_and(|e| e.fail.is_some()))
+            .copied()
+            .collect();
+        for k in &parked {
+            self.delayed.remove(k);
+            if let Some(e) = self.entries.get_mut(&k.1) {
+                e.not_before = now;
+            }
+            self.ready.insert(k.1);
+        }
+        parked.len()
+    }
+
     /// Move due delayed ops to ready; the next instant something becomes due.
     pub(crate) fn promote(&mut self, now: Instant) -> Option<Instant> {
         while let Some(&(t, s)) = self.delayed.first() {
@@ -220,6 +243,7 @@ impl Sched {
         let e = self.entries.remove(&seq).expect("running entry");
         self.dirty_bytes -= e.bytes;
         self.applied += 1;
+        self.uploaded_bytes += e.bytes;
         for p in op::paths(&e.op) {
             if let Some(s) = self.index.get_mut(p) {
                 s.remove(&seq);
