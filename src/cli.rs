@@ -35,6 +35,20 @@ pub enum Action {
     Mount(Box<Config>),
     /// `cachefs status DST [--json]`: report the writeback queue of a cache directory.
     Status { dst: PathBuf, json: bool },
+    /// `cachefs status DST --watch`: live rates from the running daemon.
+    Watch {
+        dst: PathBuf,
+        interval: Duration,
+        count: Option<u64>,
+    },
+    /// `cachefs ctl DST COMMAND`: a request to the running daemon.
+    Ctl {
+        dst: PathBuf,
+        ctl: crate::control::client::Ctl,
+        json: bool,
+    },
+    /// `cachefs warmup PATH...`.
+    Warmup(crate::control::warmup::Warmup),
     /// `--help` or `--version`: print this to stdout and exit 0.
     Print(String),
 }
@@ -108,8 +122,55 @@ pub enum Command {
         #[arg(value_name = "DST")]
         dst: PathBuf,
         /// Print machine-readable JSON instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Show live rates from the running daemon (hits, misses, bytes fetched and
+        /// uploaded per second, queue, src latency), refreshed in place on a terminal,
+        /// one line per interval otherwise.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: seconds between refreshes (a duration: 1s, 500ms, 2).
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "1s",
+            requires = "watch"
+        )]
+        interval: String,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
+    /// Control the daemon serving DST, without unmounting: retry failed writeback,
+    /// revalidate, pin, evict, change limits, show per-path state. Only root or the
+    /// user the daemon runs as may (a Unix socket in DST's state folder).
+    Ctl {
+        /// The cache directory (the -dst of the running mount).
+        #[arg(value_name = "DST")]
+        dst: PathBuf,
+        /// Print the daemon's answers as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// Fetch files into the cache ahead of use, through the mount (honouring the
+    /// daemon's locks and cache budget), with progress; or drop clean cached copies
+    /// (--evict). Exit status 1 if any file failed.
+    Warmup {
+        /// Files or directories inside a cachefs mount.
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+        /// Warm (or evict) everything below the directories given.
+        #[arg(long)]
+        recursive: bool,
+        /// Drop the clean cached copies instead (dirty, pending, pinned or open files
+        /// stay); asks the daemon, so --dst is needed.
+        #[arg(long, requires = "dst")]
+        evict: bool,
+        /// The mount's cache directory (for --evict).
+        #[arg(long, value_name = "DST")]
+        dst: Option<PathBuf>,
     },
     /// Print the man page (roff), generated from these definitions: `cachefs man |
     /// man -l -`. For packaging.
@@ -122,6 +183,78 @@ pub enum Command {
         #[arg(value_enum, value_name = "SHELL")]
         shell: CompletionShell,
     },
+}
+
+/// `cachefs ctl DST COMMAND`. PATHs are inside the mount (absolute, or relative to the
+/// current directory in the mount) or relative to the mount's root.
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// The daemon's pid, mountpoint and the limits in force.
+    Info,
+    /// The daemon's counters since start, as JSON.
+    Stats,
+    /// Per-path state: cached, partial N%, dirty, not cached; pending upload, pinned.
+    State {
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Also every path below, as dst holds them.
+        #[arg(long)]
+        recursive: bool,
+    },
+    /// Retry the writeback ops parked as failed now.
+    Retry,
+    /// Compare the cached files at or below PATH with src at their next use (refetch
+    /// changed ones, drop deleted ones), and forget names src was seen to lack.
+    Revalidate {
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Pin PATH (fetched ahead, never evicted): the user.cachefs.pin xattr.
+    Pin {
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Unpin PATH.
+    Unpin {
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Drop clean cached copies at PATH (dirty, pending, pinned, open files stay).
+    Evict {
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+        /// Also everything below.
+        #[arg(long)]
+        recursive: bool,
+    },
+    /// Change a limit now, without remounting: cache-size, min-free, max-dirty
+    /// (sizes, or none) or revalidate (a duration).
+    Set {
+        #[arg(value_enum, value_name = "NAME")]
+        name: Setting,
+        #[arg(value_name = "VALUE", allow_hyphen_values = true)]
+        value: String,
+    },
+}
+
+/// What `cachefs ctl DST set` changes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    CacheSize,
+    MinFree,
+    MaxDirty,
+    Revalidate,
+}
+
+impl Setting {
+    fn name(self) -> &'static str {
+        match self {
+            Setting::CacheSize => "cache-size",
+            Setting::MinFree => "min-free",
+            Setting::MaxDirty => "max-dirty",
+            Setting::Revalidate => "revalidate",
+        }
+    }
 }
 
 /// The shells `cachefs completions` writes scripts for.
@@ -177,7 +310,11 @@ pub fn man_page() -> String {
 const MAN_SYNOPSIS: &str = r#".SH SYNOPSIS
 \fBcachefs\fR \fB\-src\fR \fIDIR\fR \fB\-dst\fR \fIDIR\fR \fB\-mountpoint\fR \fIDIR\fR [\fIFLAGS\fR]
 .br
-\fBcachefs status\fR \fIDST\fR [\fB\-\-json\fR]
+\fBcachefs status\fR \fIDST\fR [\fB\-\-json\fR | \fB\-\-watch\fR [\fB\-\-interval\fR \fIDURATION\fR] [\fB\-\-count\fR \fIN\fR]]
+.br
+\fBcachefs ctl\fR \fIDST\fR [\fB\-\-json\fR] \fICOMMAND\fR [\fIARGS\fR]
+.br
+\fBcachefs warmup\fR [\fB\-\-recursive\fR] [\fB\-\-evict\fR \fB\-\-dst\fR \fIDST\fR] \fIPATH\fR...
 "#;
 
 /// The man page's hand-written sections (roff). Flags are described by clap.
@@ -200,6 +337,37 @@ cache budget. \fB\-\-json\fR prints one machine\-readable object. Exit status 0 
 no writeback operation has failed, 1 when failed operations exist, 2 when the
 journal cannot be read. An offline src is shown, not judged: the daemon learns that
 src is back only at its next call to it.
+.TP
+\fBcachefs status\fR \fIDST\fR \fB\-\-watch\fR [\fB\-\-interval\fR \fIDURATION\fR] [\fB\-\-count\fR \fIN\fR]
+Live rates from the running daemon, over its control channel: cache hits and misses
+per second, bytes fetched from src and uploaded to it per second, the writeback queue
+(pending, failed, dirty bytes), the mean src call latency, src online or not.
+Redrawn in place on a terminal every \fB\-\-interval\fR (default 1s); one plain line
+per interval otherwise. \fB\-\-count\fR stops after \fIN\fR refreshes.
+.TP
+\fBcachefs ctl\fR \fIDST\fR [\fB\-\-json\fR] \fICOMMAND\fR
+Steer the daemon serving \fIDST\fR without unmounting, over the Unix socket
+\fIDST\fB/.cachefs\-state/control.sock\fR (mode 0600; the daemon also checks the
+caller's uid with SO_PEERCRED: only root and the user it runs as are answered).
+\fIPATH\fRs are paths through the mount, or relative to the mount's root.
+Commands: \fBinfo\fR (pid, mountpoint, limits in force); \fBstats\fR (counters, JSON);
+\fBstate\fR [\fB\-\-recursive\fR] \fIPATH\fR... (\fBcached\fR, \fBpartial\fR \fIN\fR%,
+\fBdirty\fR, \fBnot cached\fR; \fBpending upload\fR, \fBpinned\fR); \fBretry\fR (retry
+failed writeback ops now); \fBrevalidate\fR \fIPATH\fR... (compare with src at next use);
+\fBpin\fR / \fBunpin\fR \fIPATH\fR...; \fBevict\fR [\fB\-\-recursive\fR] \fIPATH\fR...
+(drop clean copies); \fBset\fR \fBcache\-size\fR|\fBmin\-free\fR|\fBmax\-dirty\fR
+\fISIZE\fR|\fBnone\fR, \fBset revalidate\fR \fIDURATION\fR (at once, no remount;
+a smaller \fBcache\-size\fR evicts down to it within a second).
+\fB\-\-json\fR prints the daemon's answers. Exit status 0 done, 1 failed or refused,
+2 bad arguments.
+.TP
+\fBcachefs warmup\fR [\fB\-\-recursive\fR] \fIPATH\fR...
+Fetch files into dst ahead of use by reading them whole through the mount, so the
+daemon's own locks and cache budget apply. A progress bar on a terminal (files,
+bytes, rate, ETA), plain lines otherwise. Exit status 1 if any file failed (a file
+that does not fit the budget fails with ENOSPC; a src error with EIO).
+\fB\-\-evict\fR \fB\-\-dst\fR \fIDST\fR drops the clean cached copies of the same files
+instead (dirty, pending, pinned and open files stay, and are listed).
 .SH SIGNALS
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
@@ -243,7 +411,8 @@ prefixes and no timestamps.
 .TP
 \fIDST\fB/.cachefs\-state/\fR
 cachefs's state in the cache directory: the lock (one daemon per dst), the
-writeback journal, src's last known state, the cache budget.
+writeback journal, src's last known state, the cache budget, the control socket
+\fBcontrol.sock\fR.
 .TP
 \fB/sbin/mount.fuse.cachefs\fR
 The helper for \fBmount \-t fuse.cachefs\fR \fISRC MOUNTPOINT\fR \fB\-o dst=\fR\fIDST\fR[,\fBw\fR,...]
@@ -436,6 +605,8 @@ const VALUE_FLAGS: &[&str] = &[
     "max-dirty",
     "lazy-threshold",
     "block-size",
+    "interval",
+    "count",
 ];
 /// Boolean flags with a long name.
 const BOOL_LONG_FLAGS: &[&str] = &[
@@ -443,11 +614,14 @@ const BOOL_LONG_FLAGS: &[&str] = &[
     "no-passthrough",
     "lazy-fill",
     "json",
+    "watch",
+    "recursive",
+    "evict",
     "help",
     "version",
 ];
 /// Subcommands: the first word that is not a flag (then positional words may follow).
-const SUBCOMMANDS: &[&[u8]] = &[b"status", b"man", b"completions"];
+const SUBCOMMANDS: &[&[u8]] = &[b"status", b"man", b"completions", b"ctl", b"warmup"];
 /// Boolean flags with a one-letter name (GoCacheFS's `-w`, `-d`; clap's `-h`, `-V`).
 const BOOL_SHORT_FLAGS: &[&str] = &["w", "d", "h", "V"];
 
@@ -472,7 +646,58 @@ where
         Err(e) => return clap_error(e),
     };
     match cli.command {
-        Some(Command::Status { dst, json }) => Ok(Action::Status { dst, json }),
+        Some(Command::Status {
+            dst,
+            json,
+            watch: true,
+            interval,
+            count,
+        }) => {
+            let _ = json;
+            let interval = parse_duration("interval", &interval)?;
+            if interval.is_zero() {
+                return err("--interval must be more than 0; write e.g. --interval 1s");
+            }
+            Ok(Action::Watch {
+                dst,
+                interval,
+                count,
+            })
+        }
+        Some(Command::Status { dst, json, .. }) => Ok(Action::Status { dst, json }),
+        Some(Command::Ctl { dst, json, command }) => {
+            use crate::control::client::Ctl;
+            let ctl = match command {
+                CtlCommand::Info => Ctl::Info,
+                CtlCommand::Stats => Ctl::Stats,
+                CtlCommand::State { paths, recursive } => Ctl::State { paths, recursive },
+                CtlCommand::Retry => Ctl::Retry,
+                CtlCommand::Revalidate { paths } => Ctl::Revalidate { paths },
+                CtlCommand::Pin { paths } => Ctl::Pin { paths },
+                CtlCommand::Unpin { paths } => Ctl::Unpin { paths },
+                CtlCommand::Evict { paths, recursive } => Ctl::Evict { paths, recursive },
+                CtlCommand::Set { name, value } => {
+                    // Checked here so a bad value is a usage error before connecting.
+                    crate::control::client::set_request(name.name(), &value).map_err(CliError)?;
+                    Ctl::Set {
+                        name: name.name().to_string(),
+                        value,
+                    }
+                }
+            };
+            Ok(Action::Ctl { dst, ctl, json })
+        }
+        Some(Command::Warmup {
+            paths,
+            recursive,
+            evict,
+            dst,
+        }) => Ok(Action::Warmup(crate::control::warmup::Warmup {
+            paths,
+            recursive,
+            evict,
+            dst,
+        })),
         Some(Command::Man) => Ok(Action::Print(man_page())),
         Some(Command::Completions { shell }) => Ok(Action::Print(completions(shell))),
         None => validate(&cli.mount, probe).map(|c| Action::Mount(Box::new(c))),

@@ -432,7 +432,11 @@ fn mount_and_serve(
         cfg.mountpoint.display(),
         writeback_mode(cfg)
     );
+    let control = start_control(cfg, &hup.fs, &cache, &wb);
     let stop = serve(session, signals, &cfg.mountpoint, hup);
+    if let Some(c) = control {
+        c.stop();
+    }
     if let Some(c) = &cache {
         c.shutdown(); // persist the LRU and cache.json
     }
@@ -445,6 +449,37 @@ pub fn writeback_mode(cfg: &Config) -> String {
         (false, _) => "off".into(),
         (true, 0) => "mirror".into(),
         (true, n) => format!("on {n} workers"),
+    }
+}
+
+/// The control channel (`cachefs ctl`, `warmup --evict`, `status --watch`); a
+/// daemon that cannot open it serves anyway, with a warning.
+fn start_control(
+    cfg: &Config,
+    fs: &Arc<CacheFs>,
+    cache: &Option<Arc<crate::cache::Cache>>,
+    wb: &Option<Writeback>,
+) -> Option<crate::control::Server> {
+    let path = crate::control::socket_path(&cfg.dst);
+    let target = crate::control::Target {
+        fs: Arc::clone(fs),
+        cache: cache.clone(),
+        wb: wb.clone(),
+        dst: cfg.dst.clone(),
+        mountpoint: cfg.mountpoint.clone(),
+    };
+    match crate::control::Server::start(&path, target) {
+        Ok(s) => {
+            debug!("control channel at {}", path.display());
+            Some(s)
+        }
+        Err(e) => {
+            warn!(
+                "cannot open the control channel at {} ({e}); cachefs ctl will not reach this daemon",
+                path.display()
+            );
+            None
+        }
     }
 }
 

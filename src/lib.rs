@@ -10,11 +10,14 @@
 //!   directory roots, with no fuser types.
 //! - `cache`: the cache budget (usage, LRU eviction, pinning) over the core.
 //! - `writeback`: the durable journal and the workers that replay it on src.
+//! - `control`: the control channel of a running daemon (a Unix socket in dst) and the
+//!   commands that use it: `cachefs ctl`, `cachefs warmup`, `cachefs status --watch`.
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
 
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dst_lock;
 pub mod fs;

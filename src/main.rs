@@ -3,7 +3,7 @@
 //! daemon serves (nothing mounted).
 
 use cachefs::cli::{self, Action};
-use cachefs::daemon;
+use cachefs::{control, daemon};
 
 fn main() {
     let code = match cli::parse(std::env::args_os()) {
@@ -16,6 +16,13 @@ fn main() {
             0
         }
         Ok(Action::Status { dst, json }) => daemon::run_status(&dst, json),
+        Ok(Action::Watch {
+            dst,
+            interval,
+            count,
+        }) => control::watch::run(&dst, interval, count),
+        Ok(Action::Ctl { dst, ctl, json }) => control::client::run_ctl(&dst, &ctl, json),
+        Ok(Action::Warmup(w)) => control::warmup::run(&w),
         Ok(Action::Mount(cfg)) => match daemon::run(*cfg) {
             Ok(()) => 0,
             Err(e) => {

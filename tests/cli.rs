@@ -795,9 +795,22 @@ fn man_page_documents_every_flag() {
     let page = String::from_utf8(out.stdout).unwrap();
     assert!(page.starts_with(".TH CACHEFS 1 "), "{page}");
     let cmd = cachefs::cli::Cli::command();
-    let status = cmd.find_subcommand("status").unwrap().clone();
+    // Every visible subcommand's flags too (ctl's nested commands included).
+    let mut cmds = vec![cmd.clone()];
+    let mut args = Vec::new();
+    while let Some(c) = cmds.pop() {
+        args.extend(c.get_arguments().cloned());
+        cmds.extend(c.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    }
+    for sub in ["status", "ctl", "warmup"] {
+        assert!(cmd.find_subcommand(sub).is_some(), "no {sub} subcommand");
+        assert!(
+            page.contains(&format!("cachefs {sub}")),
+            "the man page lacks cachefs {sub}"
+        );
+    }
     let mut checked = 0;
-    for arg in cmd.get_arguments().chain(status.get_arguments()) {
+    for arg in &args {
         if arg.is_hide_set() {
             continue;
         }

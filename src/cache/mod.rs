@@ -584,6 +584,40 @@ impl Cache {
         }
     }
 
+    /// Evicts `path`'s clean copy (or, `partial`, its partial file) now, on request
+    /// (`cachefs warmup --evict`), keeping the index and the counters right. Pinned
+    /// paths stay (`None`), as does whatever [`CacheFs::evict`] refuses.
+    pub fn evict_now(&self, fs: &CacheFs, path: &Path, partial: bool) -> FsResult<Option<u64>> {
+        if self.is_pinned(path) {
+            return Ok(None);
+        }
+        let _pass = self.evicting.lock().unwrap();
+        let key = if partial {
+            lazy::data_rel_of(path)
+        } else {
+            path.to_path_buf()
+        };
+        let r = if partial {
+            fs.evict_partial(&key, Some(path))
+        } else {
+            fs.evict(path)
+        };
+        if let Ok(Some(freed)) = &r {
+            self.index.lock().unwrap().remove(&key);
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::METRICS.evictions.inc();
+            self.counters
+                .evicted_bytes
+                .fetch_add(*freed, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Bytes the index counts as used in dst now.
+    pub fn usage(&self) -> u64 {
+        self.index.lock().unwrap().usage()
+    }
+
     /// One eviction attempt; keeps the index right whatever the outcome.
     fn try_evict(&self, fs: &CacheFs, path: &Path) {
         if lazy::is_data_rel(path) {
