@@ -44,11 +44,17 @@ impl Conn {
     pub fn call(&mut self, req: &Value) -> Result<Value, ControlError> {
         let mut line = req.to_string();
         line.push('\n');
-        self.stream
-            .write_all(line.as_bytes())
-            .map_err(ControlError::Io)?;
+        // A refusing daemon answers at once and closes: its answer may be waiting
+        // even when the write failed (EPIPE).
+        let written = self.stream.write_all(line.as_bytes());
         let mut reply = String::new();
-        match self.reader.read_line(&mut reply) {
+        let read = self.reader.read_line(&mut reply);
+        if let Err(e) = written
+            && !matches!(read, Ok(n) if n > 0)
+        {
+            return Err(ControlError::Io(e));
+        }
+        match read {
             Ok(0) => {
                 return Err(ControlError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
