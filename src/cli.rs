@@ -168,7 +168,8 @@ pub enum Command {
         /// stay); asks the daemon, so --dst is needed.
         #[arg(long, requires = "dst")]
         evict: bool,
-        /// The mount's cache directory (for --evict).
+        /// The mount's cache directory: needed by --evict; when fetching, files larger
+        /// than the daemon's --cache-size then fail at once, unread.
         #[arg(long, value_name = "DST")]
         dst: Option<PathBuf>,
     },
@@ -314,7 +315,7 @@ const MAN_SYNOPSIS: &str = r#".SH SYNOPSIS
 .br
 \fBcachefs ctl\fR \fIDST\fR [\fB\-\-json\fR] \fICOMMAND\fR [\fIARGS\fR]
 .br
-\fBcachefs warmup\fR [\fB\-\-recursive\fR] [\fB\-\-evict\fR \fB\-\-dst\fR \fIDST\fR] \fIPATH\fR...
+\fBcachefs warmup\fR [\fB\-\-recursive\fR] [\fB\-\-dst\fR \fIDST\fR [\fB\-\-evict\fR]] \fIPATH\fR...
 "#;
 
 /// The man page's hand-written sections (roff). Flags are described by clap.
@@ -366,8 +367,10 @@ Fetch files into dst ahead of use by reading them whole through the mount, so th
 daemon's own locks and cache budget apply. A progress bar on a terminal (files,
 bytes, rate, ETA), plain lines otherwise. Exit status 1 if any file failed (a file
 that does not fit the budget fails with ENOSPC; a src error with EIO).
-\fB\-\-evict\fR \fB\-\-dst\fR \fIDST\fR drops the clean cached copies of the same files
-instead (dirty, pending, pinned and open files stay, and are listed).
+With \fB\-\-dst\fR \fIDST\fR, a file larger than the daemon's \fB\-\-cache\-size\fR
+fails at once, unread. \fB\-\-evict\fR \fB\-\-dst\fR \fIDST\fR drops the clean cached
+copies of the same files instead (dirty, pending, pinned and open files stay, and are
+listed).
 .SH SIGNALS
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR

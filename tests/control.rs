@@ -447,6 +447,16 @@ fn warmup_fetches_reports_and_evicts() {
     assert!(summary.contains("warmed 1 of 2 files"), "{summary}");
     assert!(summary.trim_end().ends_with("; 1 failed"), "{summary}");
     assert!(m.dst_path("f2").exists());
+    // With --dst, a file over the whole budget fails unread: nothing is evicted for it.
+    let before = usage(&dst);
+    let out = cachefs(&[&"warmup", &"--dst", &dst, &m.mnt_path("huge")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("is more than --cache-size 5M); not read"),
+        "{err}"
+    );
+    assert_eq!(usage(&dst), before);
 
     // --evict drops the clean copies, keeps a dirty file.
     std::fs::write(m.mnt_path("dir/mine"), b"local").unwrap();

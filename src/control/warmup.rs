@@ -6,6 +6,10 @@
 //! warmup cannot get around any of them, and it needs nothing of the daemon but the
 //! mount. Files are read whole (a lazily fetched file becomes complete).
 //!
+//! With `--dst DST` warmup also asks the daemon for its `--cache-size` first: a file
+//! larger than the whole budget fails at once, unread (reading it would evict other
+//! files for blocks that cannot all stay).
+//!
 //! `--evict` asks the daemon over the control channel (which needs its dst) to drop
 //! the clean cached copies and partial files of the same paths; dirty files, files
 //! waiting for upload, pinned and open files stay, and are listed.
@@ -55,7 +59,7 @@ pub fn run(w: &Warmup) -> i32 {
     let r = if w.evict {
         evict(w, &files)
     } else {
-        Ok(fetch(&files))
+        budget(w).map(|limit| fetch(&files, limit))
     };
     match r {
         Ok(code) => code,
@@ -183,7 +187,18 @@ fn rate(bytes: u64, d: Duration) -> String {
     format!("{}/s", human((bytes as f64 / s) as u64))
 }
 
-fn fetch(files: &[Item]) -> i32 {
+/// With `--dst`: the daemon's `--cache-size`, so that a file larger than the whole
+/// budget fails without being read (reading it would evict other files for blocks
+/// that cannot all stay).
+fn budget(w: &Warmup) -> Result<Option<u64>, ControlError> {
+    let Some(dst) = &w.dst else {
+        return Ok(None);
+    };
+    let info = client::call(dst, &json!({"cmd": "info"}))?;
+    Ok(info.get("cache_size").and_then(serde_json::Value::as_u64))
+}
+
+fn fetch(files: &[Item], limit: Option<u64>) -> i32 {
     let total: u64 = files.iter().map(|i| i.size).sum();
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(
@@ -205,9 +220,16 @@ fn fetch(files: &[Item]) -> i32 {
     for (i, item) in files.iter().enumerate() {
         bar.set_message(format!("files {}/{}", i + 1, files.len()));
         let t = Instant::now();
-        let r = read_whole(&item.path, |n| {
-            bar.inc(n);
-        });
+        let r = match limit {
+            Some(l) if item.size > l => Err(std::io::Error::other(format!(
+                "does not fit in the cache ({} is more than --cache-size {}); not read",
+                human(item.size),
+                human(l)
+            ))),
+            _ => read_whole(&item.path, |n| {
+                bar.inc(n);
+            }),
+        };
         match r {
             Ok(n) => {
                 done_bytes += n;
