@@ -301,6 +301,10 @@ fn per_path_state_and_pins() {
     assert_eq!(state_of(&dst, "small"), "not cached");
     ctl_ok(&dst, &["unpin", "dir"]);
     assert_eq!(state_of(&dst, "dir/x"), "cached");
+    // A symlink in dst is reported, never followed.
+    std::os::unix::fs::symlink("/etc", m.mnt_path("ln")).unwrap();
+    let out = ctl_ok(&dst, &["state", "--recursive", "ln"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
     // JSON for scripts.
     let json = ctl_ok(&dst, &["--json", "state", "--recursive", "dir"]);
     assert!(json.contains("\"path\":\"dir/x\""), "{json}");

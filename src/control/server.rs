@@ -354,18 +354,15 @@ fn state(t: &Target, p: &Path, recursive: bool) -> Value {
     json!({"paths": out})
 }
 
-/// The names dst holds in the directory `p`, sorted (cachefs's own left out). A
-/// read-only listing of dst: what is only in src is not cached, so not listed.
+/// The names dst holds in the directory `p`, sorted (cachefs's own left out). What
+/// is only in src is not cached, so not listed.
 fn children(t: &Target, p: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(t.dst.join(p)) else {
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = rd
-        .flatten()
-        .map(|e| e.file_name())
-        .filter(|n| !crate::fs::names::is_reserved(n))
-        .map(|n| p.join(n))
-        .collect();
+    let mut v: Vec<PathBuf> =
+        t.fs.cached_children(p)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| p.join(n))
+            .collect();
     v.sort();
     v
 }

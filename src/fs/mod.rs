@@ -1125,6 +1125,19 @@ impl CacheFs {
         self.src_absent.clear();
     }
 
+    /// The names dst holds in the directory `path`, cachefs's own (state, whiteouts)
+    /// left out, for `cachefs ctl state --recursive`. Resolved beneath dst with no
+    /// symlink followed, like every dst path.
+    pub fn cached_children(&self, path: &Path) -> FsResult<Vec<OsString>> {
+        Ok(self
+            .dst
+            .read_dir(path)?
+            .into_iter()
+            .map(|e| e.name)
+            .filter(|n| !names::is_reserved(n))
+            .collect())
+    }
+
     /// What dst holds for the mount path `path`, for `cachefs ctl state`. Reads dst
     /// and the core's records only (never src).
     pub fn cached_state(&self, path: &Path) -> FsResult<Cached> {
