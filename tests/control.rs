@@ -249,6 +249,7 @@ fn per_path_state_and_pins() {
     write_file(src.path(), "big", content(2, 4 * MIB));
     write_file(src.path(), "other", content(3, 1000));
     write_file(src.path(), "dir/x", content(4, 1000));
+    write_file(src.path(), "deep/er/big2", content(5, 2 * MIB));
     let m = Mounted::with_dirs(
         src,
         tempdir(),
@@ -269,6 +270,9 @@ fn per_path_state_and_pins() {
     // One block of the big file: a partial file.
     let mut f = std::fs::File::open(m.mnt_path("big")).unwrap();
     let mut buf = vec![0u8; 65536];
+    f.read_exact(&mut buf).unwrap();
+    drop(f);
+    let mut f = std::fs::File::open(m.mnt_path("deep/er/big2")).unwrap();
     f.read_exact(&mut buf).unwrap();
     drop(f);
     std::fs::write(m.mnt_path("new"), b"local").unwrap();
@@ -301,6 +305,11 @@ fn per_path_state_and_pins() {
     assert_eq!(state_of(&dst, "small"), "not cached");
     ctl_ok(&dst, &["unpin", "dir"]);
     assert_eq!(state_of(&dst, "dir/x"), "cached");
+    // A recursive listing shows partial files too (they live in the state folder),
+    // also below a directory only src has.
+    let all = ctl_ok(&dst, &["state", "--recursive", "/"]);
+    assert!(all.contains("/big\tpartial "), "{all}");
+    assert!(all.contains("/deep/er/big2\tpartial "), "{all}");
     // A symlink in dst is reported, never followed.
     std::os::unix::fs::symlink("/etc", m.mnt_path("ln")).unwrap();
     let out = ctl_ok(&dst, &["state", "--recursive", "ln"]);

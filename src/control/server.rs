@@ -338,6 +338,11 @@ fn words(t: &Target, p: &Path) -> Result<Vec<String>, String> {
 
 fn state(t: &Target, p: &Path, recursive: bool) -> Value {
     let mut out = Vec::new();
+    let partials = if recursive {
+        t.fs.partial_paths_under(p)
+    } else {
+        Vec::new()
+    };
     let mut todo = vec![p.to_path_buf()];
     while let Some(p) = todo.pop() {
         if out.len() >= MAX_PATHS {
@@ -348,22 +353,29 @@ fn state(t: &Target, p: &Path, recursive: bool) -> Value {
             Err(e) => out.push(json!({"path": p.to_string_lossy(), "error": e})),
         }
         if recursive {
-            todo.extend(children(t, &p).into_iter().rev());
+            todo.extend(children(t, &p, &partials).into_iter().rev());
         }
     }
     json!({"paths": out})
 }
 
-/// The names dst holds in the directory `p`, sorted (cachefs's own left out). What
-/// is only in src is not cached, so not listed.
-fn children(t: &Target, p: &Path) -> Vec<PathBuf> {
+/// The names dst holds in the directory `p`, and those leading to `partials` (partial
+/// files of lazy fetch, which live in the state folder); sorted, cachefs's own names
+/// left out. What is only in src is not cached, so not listed.
+fn children(t: &Target, p: &Path, partials: &[PathBuf]) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> =
         t.fs.cached_children(p)
             .unwrap_or_default()
             .into_iter()
             .map(|n| p.join(n))
             .collect();
+    // The next name towards each partial below `p` (its directory may be src's only).
+    v.extend(partials.iter().filter_map(|q| {
+        let first = q.strip_prefix(p).ok()?.iter().next()?;
+        Some(p.join(first))
+    }));
     v.sort();
+    v.dedup();
     v
 }
 
@@ -435,6 +447,17 @@ fn evict_all(t: &Target, req: &Value, recursive: bool) -> Result<Value, String> 
         ))?],
     };
     let (mut evicted, mut freed, mut kept, mut errors) = (0u64, 0u64, Vec::new(), Vec::new());
+    let partials = if recursive {
+        let mut all: Vec<PathBuf> = paths
+            .iter()
+            .flat_map(|p| t.fs.partial_paths_under(p))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    } else {
+        Vec::new()
+    };
     let mut todo: Vec<PathBuf> = paths.into_iter().rev().collect();
     let mut seen = 0usize;
     while let Some(p) = todo.pop() {
@@ -448,7 +471,9 @@ fn evict_all(t: &Target, req: &Value, recursive: bool) -> Result<Value, String> 
                 freed += n;
             }
             Ok(Evicted::NotCached) => {}
-            Ok(Evicted::Dir) if recursive => todo.extend(children(t, &p).into_iter().rev()),
+            Ok(Evicted::Dir) if recursive => {
+                todo.extend(children(t, &p, &partials).into_iter().rev())
+            }
             Ok(Evicted::Dir) => {}
             Ok(Evicted::Kept(why)) => kept.push(json!({"path": p.to_string_lossy(), "why": why})),
             Err(e) => errors.push(json!({"path": p.to_string_lossy(), "error": e})),

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::client::Conn;
 use crate::cache::budget::human;
 
 fn num(v: &Value, k: &str) -> f64 {
@@ -118,23 +117,19 @@ fn clock() -> String {
 }
 
 /// Runs the view every `interval`, `count` times (forever if `None`); the exit status.
+/// Each poll is a connection of its own: a watcher holds none of the daemon's
+/// connection slots between polls, whatever its interval.
 pub fn run(dst: &Path, interval: Duration, count: Option<u64>) -> i32 {
-    let mut conn = match Conn::connect(dst) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("cachefs: {e}");
-            return e.exit_code();
-        }
-    };
-    let tty = std::io::stdout().is_terminal();
     let req = json!({"cmd": "stats"});
-    let mut prev = match conn.call(&req) {
+    let poll = || super::client::call(dst, &req);
+    let mut prev = match poll() {
         Ok(v) => v,
         Err(e) => {
             eprintln!("cachefs: {e}");
             return e.exit_code();
         }
     };
+    let tty = std::io::stdout().is_terminal();
     if !tty {
         println!("{HEADER}");
     }
@@ -144,7 +139,7 @@ pub fn run(dst: &Path, interval: Duration, count: Option<u64>) -> i32 {
             return 0;
         }
         std::thread::sleep(interval);
-        let now = match conn.call(&req) {
+        let now = match poll() {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("cachefs: {e}");

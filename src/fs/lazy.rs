@@ -1283,6 +1283,37 @@ impl Lazy {
         Some((map.present_bytes(), map.origin.0))
     }
 
+    /// The mount paths at or below `prefix` ("" for all) that have a partial, sorted:
+    /// the live ones and those with an intact map on disk.
+    pub fn paths_under(&self, prefix: &Path) -> Vec<PathBuf> {
+        let mut out: std::collections::BTreeSet<PathBuf> = self
+            .table
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|p| p.starts_with(prefix))
+            .cloned()
+            .collect();
+        for e in self.dst.read_dir(&lazy_dir()).unwrap_or_default() {
+            let rel = lazy_dir().join(&e.name);
+            if rel.extension().is_none_or(|x| x != "map") {
+                continue;
+            }
+            let map = self
+                .dst
+                .open_file(&rel, libc::O_RDONLY)
+                .ok()
+                .and_then(|f| read_all(&f).ok())
+                .and_then(|b| Map::decode(&b));
+            if let Some(m) = map
+                && m.path.starts_with(prefix)
+            {
+                out.insert(m.path);
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// After a copy-up installed `p`'s data file: handles read it as it is.
     pub fn installed(&self, p: &Partial) {
         let _w = p.map_write.lock().unwrap();

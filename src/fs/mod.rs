@@ -1138,6 +1138,14 @@ impl CacheFs {
             .collect())
     }
 
+    /// The mount paths at or below `path` that have a partial file of lazy fetch
+    /// (they are not in dst's tree), sorted.
+    pub fn partial_paths_under(&self, path: &Path) -> Vec<PathBuf> {
+        self.lazy
+            .as_ref()
+            .map_or_else(Vec::new, |l| l.paths_under(path))
+    }
+
     /// What dst holds for the mount path `path`, for `cachefs ctl state`. Reads dst
     /// and the core's records only (never src).
     pub fn cached_state(&self, path: &Path) -> FsResult<Cached> {
