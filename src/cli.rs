@@ -538,6 +538,17 @@ pub struct MountArgs {
         allow_hyphen_values = true
     )]
     pub revalidate: String,
+    /// With -w: how long after a file was renamed away or deleted on src its old name
+    /// is looked at again, to remove a copy src kept there (rclone can keep one when the
+    /// rename or delete came during its own upload). Set it above rclone's
+    /// --dir-cache-time plus --vfs-write-back; 0: never look.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "6m",
+        allow_hyphen_values = true
+    )]
+    pub src_settle: String,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9477. Use a
     /// loopback address: the endpoint has no authentication.
     #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
@@ -601,6 +612,7 @@ const VALUE_FLAGS: &[&str] = &[
     "src-timeout",
     "drain-timeout",
     "revalidate",
+    "src-settle",
     "metrics-addr",
     "cache-size",
     "min-free",
@@ -976,6 +988,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
     let src_timeout = parse_duration("src-timeout", &m.src_timeout)?;
     let revalidate = parse_duration("revalidate", &m.revalidate)?;
     let drain_timeout = parse_duration("drain-timeout", &m.drain_timeout)?;
+    let src_settle = parse_duration("src-settle", &m.src_settle)?;
     let threads = match &m.threads {
         None => config::default_threads(),
         Some(t) => parse_threads(t)?,
@@ -1026,6 +1039,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         lazy_threshold: cache.lazy_threshold,
         block_size: cache.block_size,
         lazy_fill: cache.lazy_fill,
+        src_settle,
     })
 }
 

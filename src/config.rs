@@ -64,6 +64,10 @@ pub struct Config {
     pub block_size: u64,
     /// `--lazy-fill`: complete partially present files in the background.
     pub lazy_fill: bool,
+    /// `--src-settle`: how long after replay renamed away or deleted a file on src it
+    /// looks at that name again, for a copy src kept (zero: never; see
+    /// `writeback::leftovers`).
+    pub src_settle: Duration,
 }
 
 impl Config {
@@ -95,6 +99,7 @@ impl Config {
             lazy_threshold: DEFAULT_LAZY_THRESHOLD,
             block_size: DEFAULT_BLOCK_SIZE,
             lazy_fill: false,
+            src_settle: DEFAULT_SRC_SETTLE,
         }
     }
 }
@@ -112,6 +117,10 @@ pub const DEFAULT_SRC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Revalidation interval: other machines' written-back changes show within a minute,
 /// while a busy cached file costs at most one src stat a minute.
 pub const DEFAULT_REVALIDATE: Duration = Duration::from_secs(60);
+
+/// Leftover checks after `--src-settle`: above rclone's default `--dir-cache-time`
+/// (5m), so its listing of the name was read again since the rename or delete.
+pub const DEFAULT_SRC_SETTLE: Duration = Duration::from_secs(360);
 
 /// FUSE worker threads by default: one per core, at least 2, at most 8.
 pub fn default_threads() -> usize {

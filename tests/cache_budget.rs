@@ -466,14 +466,16 @@ fn check_at(f: &std::fs::File, want: &[u8], off: u64, len: usize, what: &str) {
 }
 
 #[test]
-#[ignore = "open bug: since lazy fetch reads through in-order streams with read-ahead, dst \
-            went over --cache-size by more than one block once in CI (26,218,496 B against \
-            24 MiB); run with --run-ignored while it is investigated"]
 fn partial_files_count_against_the_budget_and_idle_ones_are_evicted() {
     if !can_mount("partial_files_count_against_the_budget_and_idle_ones_are_evicted") {
         return;
     }
-    let (budget, block, size, n) = (24 * MIB, MIB, 16 * MIB, 6u64);
+    let (budget, size, n) = (24 * MIB, 16 * MIB, 6u64);
+    // What the filesystem adds on top of the blocks a reservation covers: extent-tree
+    // blocks of the sparse partial files (a few KiB each). A whole fetched block over
+    // the budget is the bug this test once caught (26,218,496 B against 24 MiB: a
+    // read's reservation was given back while its stream still filled the block).
+    let slack = 64 * 1024;
     let src = tempdir();
     let mut want = Vec::new();
     for i in 0..n {
@@ -497,8 +499,8 @@ fn partial_files_count_against_the_budget_and_idle_ones_are_evicted() {
     let within = |what: &str| {
         let used = cached();
         assert!(
-            used <= budget + block,
-            "{what}: dst holds {used} bytes (visible files and partial files), over the budget plus one block"
+            used <= budget + slack,
+            "{what}: dst holds {used} bytes (visible files and partial files), over the budget"
         );
     };
     // big0 stays open for reading all along.
@@ -558,7 +560,7 @@ fn partial_files_count_against_the_budget_and_idle_ones_are_evicted() {
     let used = status_num(&dst, "usage_bytes").unwrap();
     let partial = status_num(&dst, "partial_bytes").unwrap();
     assert!(
-        used >= partial && used <= budget + block,
+        used >= partial && used <= budget + slack,
         "{used} {partial}"
     );
     assert!(status_num(&dst, "evictions").unwrap() >= 5);

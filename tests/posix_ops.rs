@@ -703,6 +703,33 @@ fn ioctls_fail_with_enotty_and_are_not_logged() {
     });
 }
 
+/// poll(2)/epoll on a file of the mount (Go programs such as rclone register every
+/// file they open with epoll): ready at once, as on a local file, and no warning in
+/// the log (fuser's default answer logged "[Not Implemented] poll" for each).
+#[test]
+fn poll_says_ready_and_is_not_logged() {
+    if !can_mount("poll_says_ready_and_is_not_logged") {
+        return;
+    }
+    with_mount(dir_with(&[("f", b"f")]), tempdir(), |m| {
+        fs::write(m.mnt_path("new"), b"n").unwrap();
+        for p in [m.mnt_path("f"), m.mnt_path("new")] {
+            let f = fs::File::open(&p).unwrap();
+            let mut pfd = libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN | libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
+            assert_eq!(n, 1, "poll on {}: {}", p.display(), last_errno());
+            assert!(pfd.revents & libc::POLLIN != 0, "{:#x}", pfd.revents);
+        }
+        let log = m.stderr();
+        assert!(!log.contains("poll"), "the daemon logged polls:\n{log}");
+    });
+}
+
 #[test]
 fn access_follows_the_mode_bits() {
     if !can_mount("access_follows_the_mode_bits") {

@@ -297,6 +297,29 @@ struct State {
     /// detection).
     last_end: u64,
     run_start: u64,
+    /// Budget reservations of reads that returned while a block they touch was still
+    /// being filled (a reader waits only for its bytes, not the whole block): each is
+    /// held until none of its blocks is inflight, so the block's bytes are reported
+    /// to the [`Usage`] hook before its room is given back.
+    held: Vec<Held>,
+}
+
+/// A reservation kept for blocks `first..=last` (see [`State::held`]).
+struct Held {
+    first: u64,
+    last: u64,
+    _guard: Box<dyn Send>,
+}
+
+impl State {
+    /// Gives back the held reservations none of whose blocks is inflight any more
+    /// (fetched and reported, or abandoned by a failed stream). Under the state lock:
+    /// the guards' drop takes the cache's index lock, a leaf below it.
+    fn release_held(&mut self) {
+        let inflight = &self.inflight;
+        self.held
+            .retain(|h| (h.first..=h.last).any(|b| inflight.contains(&b)));
+    }
 }
 
 /// Opens src's file again (a descriptor for one more stream).
@@ -452,6 +475,30 @@ impl Partial {
                     .unwrap()
                     .0
             };
+        }
+    }
+
+    /// After a read of `[offset, offset + len)` returned (or failed): keeps `guard`, the
+    /// budget's reservation for the blocks it fetched, until none of those blocks is
+    /// being filled any more. A read returns as soon as its own bytes are there, while
+    /// its stream still fills the rest of the block; giving the room back then would
+    /// let another fetch take it before the block's bytes are counted.
+    pub fn hold_until_fetched(&self, offset: u64, len: u64, guard: Box<dyn Send>) {
+        let end = (offset.saturating_add(len)).min(self.size);
+        if offset >= end {
+            return;
+        }
+        let (first, last) = (offset / self.block, (end - 1) / self.block);
+        let mut s = self.state.lock().unwrap();
+        if (first..=last).any(|b| s.inflight.contains(&b)) {
+            s.held.push(Held {
+                first,
+                last,
+                _guard: guard,
+            });
+        } else {
+            // Dropped under the state lock: the index lock is a leaf below it.
+            drop(guard);
         }
     }
 
@@ -646,7 +693,9 @@ impl Partial {
                     && st.pos == self.block_end(b)
                 {
                     st.cur = None;
-                    st.guards.remove(&b);
+                    // The block's read-ahead reservation is given back only after its
+                    // bytes are reported below: never is the block in neither.
+                    let guard = st.guards.remove(&b);
                     set_bit(ready, b);
                     inflight.remove(&b);
                     unsynced.push(b);
@@ -658,6 +707,8 @@ impl Partial {
                     {
                         u.partial_grew(&self.data_rel, &self.path, allocated(&self.data));
                     }
+                    drop(guard);
+                    s.release_held();
                 }
                 self.done.notify_all();
             }
@@ -701,6 +752,7 @@ impl Partial {
             st.until = st.pos;
             st.guards.clear();
             st.running = false;
+            s.release_held();
             // The descriptor is dropped: the next run opens a fresh one.
             self.done.notify_all();
         }
@@ -1232,6 +1284,7 @@ impl Lazy {
                 discarded: false,
                 last_end: 0,
                 run_start: 0,
+                held: Vec::new(),
             }),
             done: Condvar::new(),
             map_write: Mutex::new(()),
@@ -1534,5 +1587,113 @@ mod tests {
         st2.st_mtime += 1;
         let p2 = lazy.open_or_create(Path::new("f"), &st2, srcf).unwrap();
         assert_eq!(p2.map().count(), 0);
+    }
+
+    /// The budget's view in these tests: the bytes last reported for the partial.
+    struct Reported(std::sync::atomic::AtomicU64);
+
+    impl Usage for Reported {
+        fn partial_grew(&self, _data_rel: &Path, _path: &Path, bytes: u64) {
+            self.0.store(bytes, Ordering::SeqCst);
+        }
+        fn partial_gone(&self, _data_rel: &Path) {}
+    }
+
+    /// A reservation that, when given back, records what the budget had been told
+    /// by then.
+    struct Room {
+        reported: Arc<Reported>,
+        seen_at_release: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl Drop for Room {
+        fn drop(&mut self) {
+            let now = self.reported.0.load(Ordering::SeqCst);
+            self.seen_at_release.lock().unwrap().push(now);
+        }
+    }
+
+    /// A big src file of non-zero bytes (no holes: a block's allocation is its size).
+    fn big_setup(len: usize) -> (tempfile::TempDir, tempfile::TempDir, Arc<Layer>, Stat) {
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
+        std::fs::write(s.path().join("f"), &data).unwrap();
+        std::fs::create_dir(d.path().join(STATE_DIR)).unwrap();
+        let dst = Arc::new(Layer::open(d.path()).unwrap());
+        let st = Layer::open(s.path())
+            .unwrap()
+            .stat(Path::new("f"))
+            .unwrap()
+            .unwrap();
+        (s, d, dst, st)
+    }
+
+    #[test]
+    fn a_reads_room_is_given_back_only_once_its_block_is_reported() {
+        // A read of 4 KiB returns after the stream's first piece (128 KiB) while the
+        // stream still fills the 8 MiB block: the read's reservation must outlive that,
+        // or another fetch takes the room before the block is counted (dst went over
+        // --cache-size by a block).
+        const BLOCK: u64 = 8 << 20;
+        let (s, _d, dst, st) = big_setup(2 * BLOCK as usize);
+        let srcf = || File::open(s.path().join("f"));
+        let lazy = Lazy::new(Arc::clone(&dst), 1, BLOCK).unwrap();
+        let reported = Arc::new(Reported(Default::default()));
+        lazy.set_usage(Arc::clone(&reported) as Arc<dyn Usage>);
+        let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        p.ensure(100, 4096).unwrap();
+        let room = Room {
+            reported: Arc::clone(&reported),
+            seen_at_release: Arc::clone(&seen),
+        };
+        p.hold_until_fetched(100, 4096, Box::new(room));
+        p.quiesce();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "the reservation was given back once");
+        assert!(
+            seen[0] >= BLOCK,
+            "the reservation was given back when the budget knew of {} bytes, before \
+             the block ({BLOCK} bytes) was counted",
+            seen[0]
+        );
+    }
+
+    #[test]
+    fn read_ahead_room_is_given_back_only_once_its_block_is_reported() {
+        const BLOCK: u64 = 1 << 20;
+        let (s, _d, dst, st) = big_setup(6 * BLOCK as usize);
+        let srcf = || File::open(s.path().join("f"));
+        let lazy = Lazy::new(Arc::clone(&dst), 1, BLOCK).unwrap();
+        let reported = Arc::new(Reported(Default::default()));
+        lazy.set_usage(Arc::clone(&reported) as Arc<dyn Usage>);
+        let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+        // A sequential reader of block 0: read-ahead takes a reservation per block.
+        p.ensure(0, BLOCK).unwrap();
+        p.quiesce();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let rooms = Mutex::new(0u64);
+        p.note_read(0, BLOCK, &|_bytes| {
+            *rooms.lock().unwrap() += 1;
+            Some(Box::new(Room {
+                reported: Arc::clone(&reported),
+                seen_at_release: Arc::clone(&seen),
+            }) as Box<dyn Send>)
+        });
+        p.quiesce();
+        let rooms = *rooms.lock().unwrap();
+        assert!(rooms >= 2, "read-ahead reserved {rooms} blocks");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len() as u64, rooms);
+        // Blocks are fetched in order: block k's room may go once k + 1 blocks count.
+        for (k, at) in seen.iter().enumerate() {
+            assert!(
+                *at >= (k as u64 + 2) * BLOCK,
+                "block {}'s reservation was given back when the budget knew of {at} \
+                 bytes",
+                k + 1
+            );
+        }
     }
 }

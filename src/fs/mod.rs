@@ -2246,12 +2246,16 @@ impl CacheFs {
                 self.src_gate()?; // blocks already present are served while src is offline
             }
             // CACHE HOOK: the reservation is held until the blocks are reported.
-            let _room = crate::cache::on_lazy_fetch(&self.cache, self, p.data_rel(), || {
+            let room = crate::cache::on_lazy_fetch(&self.cache, self, p.data_rel(), || {
                 p.missing(offset, len)
             })?;
             // Waits for a stream of src reads (never a src call on this thread),
             // bounded by --src-timeout without progress.
             let r = crate::metrics::timed(crate::metrics::SrcOp::Fetch, || p.ensure(offset, len));
+            if let Some(room) = room {
+                // The stream may still be filling the read's last block.
+                p.hold_until_fetched(offset, len, Box::new(room));
+            }
             self.src_result(r)?;
             p.note_read(offset, len, &|bytes| {
                 crate::cache::on_prefetch(&self.cache, bytes) // CACHE HOOK

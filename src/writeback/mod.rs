@@ -92,6 +92,7 @@
 mod caps;
 mod intents;
 pub mod journal;
+mod leftovers;
 mod op;
 mod replay;
 mod retry;
@@ -343,6 +344,8 @@ struct Shared {
     /// How many paths were reported not representable since start (to log only the
     /// first ones one by one).
     unrep_logged: AtomicU64,
+    /// Names renamed away or deleted on src, to look at again (see `leftovers`).
+    leftovers: leftovers::Leftovers,
 }
 
 /// Held (shared) across a dst rename and its [`Writeback::record`]; see the
@@ -406,6 +409,11 @@ impl Shared {
     /// `--max-dirty` in force.
     fn max_dirty(&self) -> Option<u64> {
         Some(self.max_dirty.load(Ordering::Relaxed)).filter(|&m| m != u64::MAX)
+    }
+
+    /// A writeback op for `path` (or below it) is queued.
+    fn path_pending(&self, path: &Path) -> bool {
+        op::normalize_path(path).is_some_and(|p| lock(&self.state).sched.has_pending_under(&p))
     }
 
     /// dst identities of the objects `op` syncs, as dst is right now.
@@ -739,6 +747,51 @@ fn probe_src(sh: std::sync::Weak<Shared>, tried: Sender<()>) {
     }
 }
 
+/// Runs the leftover checks as they fall due (see `leftovers`), once a second, until
+/// the writeback is gone. src calls go through the view's layer (an offline or
+/// unmounted src puts the checks back for the next round).
+fn leftover_checks(sh: std::sync::Weak<Shared>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(sh) = sh.upgrade() else { return };
+        if sh.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let due = sh.leftovers.take_due(status::now_ms());
+        if due.is_empty() {
+            sh.leftovers.persist();
+            continue;
+        }
+        let roots = sh
+            .src
+            .root_fd_checked()
+            .and_then(|s| Ok((s, sys::open_root(&sh.dst)?)));
+        let Ok((src, dst)) = roots else {
+            sh.leftovers.put_back(due);
+            continue;
+        };
+        let mut again = Vec::new();
+        for c in due {
+            match leftovers::check(&src, &dst, &c, |p| sh.path_pending(p)) {
+                Ok(leftovers::Found::Removed) => log::info!(
+                    "writeback: removed {} from src: the file renamed away or deleted there \
+                     had come back (src kept a copy of it, as rclone does when its upload \
+                     was under way)",
+                    show(&c.path)
+                ),
+                Ok(leftovers::Found::Clean) => {}
+                Err(e) if crate::fs::is_outage(&e) => again.push(c),
+                Err(e) => log::warn!(
+                    "writeback: cannot check {} on src for a leftover copy: {e}",
+                    show(&c.path)
+                ),
+            }
+        }
+        sh.leftovers.put_back(again);
+        sh.leftovers.persist();
+    }
+}
+
 fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
     for job in jobs.iter() {
         let t = metrics::Timer::start();
@@ -754,6 +807,7 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             ),
             tmp_counter: std::cell::Cell::new(0),
             caps: &sh.caps,
+            leftovers: &sh.leftovers,
             attrs_op: matches!(job.op, Op::SetAttr { .. }),
             notes: std::cell::RefCell::new(Vec::new()),
         };
@@ -854,6 +908,7 @@ impl Writeback {
             caps: caps::Caps::new(&instance, &cfg.src, &cfg.dst),
             unrep: Mutex::new(unrep),
             unrep_logged: std::sync::atomic::AtomicU64::new(0),
+            leftovers: leftovers::Leftovers::open(&cfg.dst, cfg.src_settle),
             src,
             dst: cfg.dst.clone(),
             attempts: cfg.retries.max(1),
@@ -882,6 +937,11 @@ impl Writeback {
                     .spawn(move || worker(s, r))?,
             );
         }
+        // Not joined at shutdown: it may sit in a call to a hung src.
+        let weak = Arc::downgrade(&sh);
+        std::thread::Builder::new()
+            .name("writeback-leftovers".into())
+            .spawn(move || leftover_checks(weak))?;
         let s = sh.clone();
         threads.push(
             std::thread::Builder::new()
@@ -1017,6 +1077,9 @@ impl Writeback {
                     .unwrap_or_default(),
             )
         })?;
+        for p in op::paths(&op) {
+            sh.leftovers.cancel(p);
+        }
         let ids = sh.ids_of(&op);
         let bytes = upload_size(&sh.dst, &op);
         let target = {
@@ -1308,6 +1371,10 @@ impl Writeback {
                 .map_or("-".to_string(), |a| format!("{a}s ago")),
             s.failed.len()
         );
+        let leftovers = sh.leftovers.pending();
+        if leftovers > 0 {
+            log::info!("writeback: {leftovers} leftover checks waiting (see --src-settle)");
+        }
         let unrep = lock(&sh.unrep).map.len();
         if unrep > 0 {
             log::info!(

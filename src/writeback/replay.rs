@@ -70,6 +70,8 @@ pub(crate) struct Ctx<'a> {
     pub tmp_counter: Cell<u32>,
     /// What src can hold (probed once).
     pub caps: &'a Caps,
+    /// Names this replay renamed away or deleted on src are noted here.
+    pub leftovers: &'a super::leftovers::Leftovers,
     /// The op is a chmod/chown/utimens (`SetAttr`): src's mode, owner and mtime are
     /// compared with dst's.
     pub attrs_op: bool,
@@ -853,6 +855,10 @@ fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcom
         return Ok(Outcome::Skipped);
     };
     let is_dir = sys::file_type(&st) == libc::S_IFDIR;
+    if !is_dir {
+        // Noted first: a crash after the unlink must still look again.
+        ctx.leftovers.note(path, &st);
+    }
     if is_dir != dir {
         log::debug!("writeback: {path:?} on src is not what was removed; removing it anyway");
     }
@@ -866,7 +872,36 @@ fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcom
         }
     }
     remove_tree(ctx, sd, name)?;
+    drop_whiteout(roots, &comps, name, sd)?;
     Ok(Outcome::Applied)
+}
+
+/// src no longer has `name` (in src directory `sd`, dst directory `comps`): dst's
+/// whiteout for it hides nothing any more, and would hide what another machine puts
+/// there later. Removed unless dst has an entry there (the view's own).
+fn drop_whiteout(roots: &Roots, comps: &[&OsStr], name: &OsStr, sd: RawFd) -> io::Result<()> {
+    if sys::lstat_at(sd, name)?.is_some() {
+        return Ok(());
+    }
+    let dd = match sys::walk(&roots.dst, comps) {
+        Ok(fd) => fd,
+        Err(e) if sys::is_gone(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if sys::lstat_at(dd.as_raw_fd(), name)?.is_some() {
+        return Ok(());
+    }
+    match sys::unlink_at(dd.as_raw_fd(), &names::whiteout_name(name), false) {
+        Err(e)
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENAMETOOLONG)
+            ) =>
+        {
+            Err(e)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn link(
@@ -909,12 +944,20 @@ fn link(
 
 /// True if src has an entry at `path` (no symlink followed on the way).
 fn src_has(roots: &Roots, path: &Path) -> io::Result<bool> {
-    let Some((comps, name)) = op::split(path) else {
+    if op::split(path).is_none() {
         return Ok(true);
+    }
+    Ok(src_stat(roots, path)?.is_some())
+}
+
+/// src's entry at `path`, if any (no symlink followed on the way).
+fn src_stat(roots: &Roots, path: &Path) -> io::Result<Option<Stat>> {
+    let Some((comps, name)) = op::split(path) else {
+        return Ok(None);
     };
     match sys::walk(&roots.src, &comps) {
-        Ok(d) => Ok(sys::lstat_at(d.as_raw_fd(), name)?.is_some()),
-        Err(e) if sys::is_gone(&e) => Ok(false),
+        Ok(d) => sys::lstat_at(d.as_raw_fd(), name),
+        Err(e) if sys::is_gone(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -995,8 +1038,16 @@ fn rename(
         let _ = store.clear_tree(to);
     }
     if !exchange {
-        if src_has(roots, from)? && move_on_src(ctx, roots, from, to)? {
-            return Ok(Outcome::Applied);
+        if let Some(st) = src_stat(roots, from)? {
+            // Noted first: a crash after the rename must still look again.
+            ctx.leftovers.note(from, &st);
+            if move_on_src(ctx, roots, from, to)? {
+                let (fc, fname) = op::split(from).expect("checked");
+                if let Ok(fp) = sys::walk(&roots.src, &fc) {
+                    drop_whiteout(roots, &fc, fname, fp.as_raw_fd())?;
+                }
+                return Ok(Outcome::Applied);
+            }
         }
         return sync_or_clear(ctx, roots, to, ids[1]);
     }

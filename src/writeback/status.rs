@@ -172,6 +172,8 @@ pub(crate) struct Extra {
     pub unrep: std::collections::BTreeMap<PathBuf, super::unrep::Entry>,
     /// What src can hold, as last probed.
     pub caps: Option<super::caps::SrcCaps>,
+    /// Leftover checks waiting (see `leftovers`): (count, earliest due, unix ms).
+    pub leftovers: (usize, Option<u64>),
 }
 
 /// At most this many not-representable paths are listed (the count is always whole).
@@ -190,6 +192,10 @@ impl Extra {
             partial: crate::fs::lazy::summary(dst),
             unrep: super::unrep::read(dst),
             caps: super::caps::read(dst),
+            leftovers: {
+                let l = super::leftovers::read(dst);
+                (l.len(), l.iter().map(|c| c.due_ms).min())
+            },
         }
     }
 
@@ -281,6 +287,12 @@ impl Extra {
             self.partial.0, self.partial.1, self.partial.2
         );
         self.unrep_json(out);
+        let _ = write!(
+            out,
+            ",\"leftover_checks\":{},\"leftover_checks_next_ms\":{}",
+            self.leftovers.0,
+            num(self.leftovers.1)
+        );
         let _ = write!(out, ",\"daemon_running\":{},\"cache\":", self.running);
         match self.cache_raw.as_deref().map(str::trim) {
             Some(c) if c.starts_with('{') && c.ends_with('}') => out.push_str(c),
@@ -364,6 +376,19 @@ pub(crate) fn render_all(s: &Summary, x: &Extra, json: bool) -> String {
         let mut out = x.src_line();
         out.push_str(&wb);
         x.unrep_text(&mut out);
+        if x.leftovers.0 > 0 {
+            let next = x
+                .leftovers
+                .1
+                .map_or(0, |ms| (ms / 1000).saturating_sub(x.now));
+            let _ = writeln!(
+                out,
+                "leftover checks: {} (names renamed away or deleted on src, looked at again \
+                 after --src-settle for a copy src kept; next in {})",
+                x.leftovers.0,
+                ago(next)
+            );
+        }
         let (n, present, total) = x.partial;
         let _ = writeln!(
             out,
@@ -480,7 +505,8 @@ mod tests {
                 ",\"src_online\":null,\"src_since\":null,\"src_offline_since\":null,\
                  \"src_last_error\":null,\"partial_files\":0,\"partial_present_bytes\":0,\
                  \"partial_total_bytes\":0,\"not_representable\":0,\"not_representable_paths\":[],\
-                 \"src_caps\":null,\"daemon_running\":false,\"cache\":null}\n"
+                 \"src_caps\":null,\"leftover_checks\":0,\"leftover_checks_next_ms\":null,\
+                 \"daemon_running\":false,\"cache\":null}\n"
             ),
             "{j}"
         );

@@ -605,6 +605,8 @@ pub struct WbStatus {
     pub pending_ops: u64,
     pub pending_bytes: u64,
     pub failed_ops: u64,
+    /// Leftover checks waiting (`--src-settle`).
+    pub leftover_checks: u64,
     /// The whole JSON text, for messages.
     pub json: String,
 }
@@ -645,6 +647,7 @@ pub fn wb_status(dst: &Path) -> WbStatus {
         pending_ops: wb_json_u64(&json, "pending_ops"),
         pending_bytes: wb_json_u64(&json, "pending_bytes"),
         failed_ops: wb_json_u64(&json, "failed_ops"),
+        leftover_checks: wb_json_u64(&json, "leftover_checks"),
         json,
     }
 }

@@ -44,6 +44,9 @@ pub const BUCKET: &str = "bed";
 pub const DIR_CACHE: Duration = Duration::from_secs(3);
 /// rclone's `--vfs-write-back` on the bed (rclone's default is 5s).
 pub const RCLONE_WRITE_BACK: Duration = Duration::from_secs(1);
+/// cachefs's `--src-settle` on the bed: above DIR_CACHE plus RCLONE_WRITE_BACK, as the
+/// docs say to set it.
+pub const SRC_SETTLE: &str = "6s";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -485,6 +488,7 @@ impl Node {
             .arg(&self.dst)
             .arg("-mountpoint")
             .arg(&self.mnt)
+            .args(["--src-settle", SRC_SETTLE])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -567,6 +571,25 @@ impl Node {
             || format!("{}\n{}", wb_status(&self.dst).json, self.logs()),
         );
         self.rclone.wait_uploaded(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(5)),
+        );
+    }
+
+    /// [`Node::wait_drained`], then the leftover checks of renamed-away and deleted
+    /// names have run (`--src-settle` after the last one) and rclone uploaded or
+    /// deleted what they changed: nothing cachefs still means to do to the bucket.
+    pub fn wait_settled(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        self.wait_drained(timeout);
+        wait_for(
+            "cachefs's leftover checks done",
+            deadline.saturating_duration_since(Instant::now()),
+            || wb_status(&self.dst).leftover_checks == 0,
+            || format!("{}\n{}", wb_status(&self.dst).json, self.logs()),
+        );
+        self.wait_drained(
             deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_secs(5)),
