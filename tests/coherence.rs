@@ -150,3 +150,42 @@ fn same_size_src_change_is_read_fresh_passthrough() {
     }
     same_size_src_change_is_read_fresh(&[]);
 }
+
+/// src reports the cached copy's own size and mtime under a version other than the one
+/// recorded (rclone reports a file it is still uploading with a local mtime, and the
+/// bucket's, which is the copy's, once the upload is done): that is no change, and the
+/// copy is neither refetched nor dropped (seen once on the rclone test bed: "changed in
+/// src, refetching" for a file the node had just uploaded, its mtime 44 ms apart).
+#[test]
+fn src_settling_on_the_copys_own_mtime_is_no_change() {
+    if !can_mount("src_settling_on_the_copys_own_mtime_is_no_change") {
+        return;
+    }
+    let src = dir_with(&[("f", b"same bytes"), ("g", b"same bytes")]);
+    let m = Mounted::with_dirs(src, tempdir(), &["--revalidate", "1"]);
+    assert_eq!(read(&m, "f"), "same bytes");
+    assert_eq!(read(&m, "g"), "same bytes");
+    let set_mtime = |p: std::path::PathBuf, t: std::time::SystemTime| {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(t).unwrap();
+    };
+    let settled = std::time::SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+    // f: src settles on the copy's own mtime. g (the control): src's mtime moves
+    // elsewhere, a change by the rule "a version is size + mtime".
+    set_mtime(m.dst_path("f"), settled);
+    set_mtime(m.src_path("f"), settled);
+    set_mtime(m.src_path("g"), settled + Duration::from_secs(5));
+    sleep(Duration::from_millis(1500));
+    assert_eq!(read(&m, "f"), "same bytes");
+    assert_eq!(read(&m, "g"), "same bytes");
+    let log = m.stderr();
+    assert!(
+        !log.contains("f: changed in src, refetching"),
+        "the copy was refetched though src holds its size and mtime:\n{log}"
+    );
+    assert!(
+        log.contains("g: changed in src, refetching"),
+        "the control was not refetched:\n{log}"
+    );
+    m.stop();
+}

@@ -1226,6 +1226,26 @@ impl CacheFs {
                 Ok(Freshness::Unchanged)
             }
             _ if self.has_open_handles(ino) => Ok(Freshness::Unchanged),
+            // src shows the copy's own size and mtime: it holds these bytes under a
+            // version it reported differently before (rclone reports a file it is
+            // uploading with a local mtime, and the bucket's once the upload is done).
+            Some(st)
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                    && self.dst.stat(path)?.is_some_and(|d| {
+                        (d.st_size, d.st_mtime, d.st_mtime_nsec)
+                            == (st.st_size, st.st_mtime, st.st_mtime_nsec)
+                    })
+                    && self
+                        .origins
+                        .replace_clean(path, &clean, origin::Origin::of(&st))? =>
+            {
+                log::debug!(
+                    "{}: src settled on the cached copy's own size and mtime",
+                    path.display()
+                );
+                checked(self);
+                Ok(Freshness::Unchanged)
+            }
             Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
                 log::info!(
                     "{}: changed in src, refetching (src: {} bytes, mtime {}.{:09}; the copy came from {} bytes, mtime {}.{:09})",

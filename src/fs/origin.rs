@@ -535,6 +535,27 @@ impl Store {
         rec.applies_to(id).then_some(rec.origin)
     }
 
+    /// Replaces `path`'s clean record `old` by the clean `new` (src settled on another
+    /// version of the same bytes), unless the record changed meanwhile (a writer made
+    /// it dirty, an upload replaced it, the file went): `Ok(false)` then.
+    pub fn replace_clean(&self, path: &Path, old: &Origin, new: Origin) -> io::Result<bool> {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(rec) = inner.map.get(path).copied() else {
+            return Ok(false);
+        };
+        if rec.origin != *old || old.dirty || new.dirty || inner.open_writers.contains_key(&rec.key)
+        {
+            return Ok(false);
+        }
+        inner.verified_at.insert(path.to_path_buf(), Instant::now());
+        let rec = Rec {
+            key: rec.key,
+            origin: new,
+        };
+        self.append(&mut inner, Entry::Put(path.to_path_buf(), rec), false)?;
+        Ok(true)
+    }
+
     /// Records that dst's object `id`, at `path`, derives from `origin`. A dirty record
     /// is durable on return.
     pub fn put(&self, path: &Path, id: &Ident, mut origin: Origin) -> io::Result<()> {
