@@ -101,6 +101,12 @@ impl fmt::Display for DaemonError {
             DaemonError::Fs(e) => write!(f, "cannot open the cache: {e}"),
             DaemonError::Mount { mountpoint, source } => {
                 let m = mountpoint.display();
+                let text = source.to_string();
+                if text.contains("user_allow_other") || text.contains("/dev/fuse is mode") {
+                    // fusermount's refusal, or the checks before it: the text says what
+                    // to do.
+                    return write!(f, "cannot mount at {m}: {source}");
+                }
                 match mount_errno(source) {
                     Some(libc::EPERM) | Some(libc::EACCES) => write!(
                         f,
@@ -244,6 +250,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // After blocking signals (its threads inherit the mask); before mounting, so a
     // taken port fails the start with nothing mounted.
     let metrics = start_metrics(&cfg)?;
+    // A normal user's mount needs /dev/fuse open to them, and -o allow_other needs
+    // user_allow_other: say so before starting anything.
+    crate::fuse::fusermount::check_can_mount(crate::fuse::mount_options(&cfg).1).map_err(
+        |source| DaemonError::Mount {
+            mountpoint: cfg.mountpoint.clone(),
+            source,
+        },
+    )?;
     // One src gateway for the view and writeback replay alike (the mount-root rule).
     let src = crate::fs::src_state::open_src(&cfg.src, &cfg.dst)
         .map(Arc::new)
@@ -551,21 +565,24 @@ fn serve(
     };
 
     info!("received {}, unmounting {m}", signal_name(sig));
-    match umount2(mnt, 0) {
+    // Not root, umount(2) is not permitted: the setuid fusermount3 unmounts, as libfuse
+    // does (see `fuse::fusermount`). Errors keep their kind either way.
+    let as_user = |lazy| crate::fuse::fusermount::unmount(mnt, lazy);
+    let (first, via_fusermount) = match umount2(mnt, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            debug!("umount2 not permitted ({e}); unmounting through fusermount3");
+            (as_user(false), true)
+        }
+        r => (r, false),
+    };
+    match first {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        // EINVAL: not mounted (any more).
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
             debug!("{m} was already unmounted");
         }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            // Not root: fuser unmounts through fusermount3.
-            debug!("umount2 not permitted ({e}); unmounting through fusermount3");
-            return session
-                .umount_and_join()
-                .map(|_| Stop::Clean)
-                .map_err(DaemonError::Session);
-        }
         Err(e) => {
-            if e.raw_os_error() == Some(libc::EBUSY) {
+            if e.kind() == io::ErrorKind::ResourceBusy {
                 warn!(
                     "{m} is busy; detaching it lazily: files open in it keep working until \
                      closed, and cachefs exits then (send {} again to exit now)",
@@ -574,7 +591,12 @@ fn serve(
             } else {
                 warn!("cannot unmount {m} ({e}); detaching it lazily");
             }
-            if let Err(e) = umount2(mnt, libc::MNT_DETACH) {
+            let detached = if via_fusermount {
+                as_user(true)
+            } else {
+                umount2(mnt, libc::MNT_DETACH)
+            };
+            if let Err(e) = detached {
                 error!("cannot detach {m} either ({e}); exiting, which aborts the mount");
                 return Ok(Stop::Forced);
             }

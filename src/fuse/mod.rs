@@ -2,7 +2,9 @@
 //! types and core errors to errno ([`FsError::errno`]), and nothing else.
 //!
 //! Mount policy: `default_permissions` always (the kernel checks modes); as root also
-//! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise.
+//! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise. A normal
+//! user mounts through the setuid `fusermount3` (fuser's fallback after mount(2) fails
+//! with EPERM); what that needs is checked up front ([`fusermount::check_can_mount`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -20,6 +22,8 @@ use fuser::{
     ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
     TimeOrNow, WriteFlags,
 };
+
+pub mod fusermount;
 
 use crate::config::Config;
 use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, Opened, SetAttr, TimeSpec};
@@ -941,6 +945,7 @@ pub struct Mounted {
 }
 
 /// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
+/// [`fusermount::check_can_mount`] first gives the clearer errors.
 pub fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<Mounted> {
     let (mount_options, acl) = mount_options(cfg);
     let mut fc = FuseConfig::default();
