@@ -43,7 +43,7 @@
 //! decision, so it reacts to local writes at once.
 //!
 //! Threads: `cachefs-cache` (once a second: trim to the limits, rescan when due,
-//! write `cache.json`, persist the LRU) and `cachefs-pins` (prefetch of pinned src
+//! publish the cache gauges of `metrics`, write `cache.json`, persist the LRU) and `cachefs-pins` (prefetch of pinned src
 //! files through the core's public API, at start, after a pin xattr change and every
 //! [`PREFETCH_EVERY`]).
 //!
@@ -227,6 +227,7 @@ impl Cache {
             cfg.pins.len(),
         );
         drop(ix);
+        cache.publish_metrics();
         Ok(Some(Arc::new(cache)))
     }
 
@@ -734,6 +735,38 @@ impl Cache {
         )
     }
 
+    /// Sets the cache gauges of [`crate::metrics::METRICS`] (usage, files, pinned and
+    /// partial bytes, the limits, dst's free space): after the start-up scan and once
+    /// a second from the maintenance thread.
+    fn publish_metrics(&self) {
+        let (usage, files, pinned, (partial, _)) = {
+            let ix = self.index.lock().unwrap();
+            (
+                ix.usage(),
+                ix.len(),
+                ix.bytes_in(Class::Pinned),
+                ix.partials(),
+            )
+        };
+        let space = self.dst.statvfs().ok().map(|s| Space::of(&s));
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let m = &crate::metrics::METRICS;
+        m.cache_usage_bytes.set(g(usage));
+        m.cache_files.set(g(files as u64));
+        m.cache_pinned_bytes.set(g(pinned));
+        m.cache_partial_bytes.set(g(partial));
+        m.cache_budget_bytes.set(g(self.limits.budget.unwrap_or(0)));
+        let min_free = self
+            .limits
+            .min_free
+            .zip(space)
+            .map(|(m, s)| m.bytes_of(s.total));
+        m.cache_min_free_bytes.set(g(min_free.unwrap_or(0)));
+        if let Some(s) = space {
+            m.dst_free_bytes.set(g(s.avail));
+        }
+    }
+
     /// Writes `cache.json` when its numbers changed, or a minute after the last write.
     fn write_status(&self) {
         let json = self.status_json();
@@ -834,6 +867,7 @@ impl Cache {
                 }
             }
             drop(fs);
+            self.publish_metrics();
             self.write_status();
             if last_persist.elapsed() >= PERSIST_EVERY {
                 last_persist = Instant::now();
