@@ -331,23 +331,9 @@ fn holder_is_exiting(holder: &crate::dst_lock::Holder) -> bool {
         .is_ok_and(|info| crate::cli::check_not_mounted(mnt, &info).is_ok())
 }
 
-/// Tells systemd (Type=notify units) about our state: a datagram to `$NOTIFY_SOCKET`,
-/// a path or an abstract socket (`@name`). Silent when not run by systemd.
+/// Tells systemd (Type=notify units) about our state (see [`crate::systemd::notify`]).
 pub fn sd_notify(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let bytes = target.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => SocketAddr::from_abstract_name(name),
-        None => SocketAddr::from_pathname(&target),
-    };
-    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
-    if let Err(e) = sent {
-        warn!("cannot notify systemd at {}: {e}", target.to_string_lossy());
-    }
+    crate::systemd::notify(state)
 }
 
 /// Serve `--metrics-addr`, if given (see [`crate::metrics`]).

@@ -11,6 +11,8 @@
 //! - `cache`: the cache budget (usage, LRU eviction, pinning) over the core.
 //! - `writeback`: the durable journal and the workers that replay it on src.
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
+//! - `systemd`: sd_notify (`READY=1`, `STATUS=`, start-up progress with
+//!   `EXTEND_TIMEOUT_USEC=`).
 
 pub mod cache;
 pub mod cli;
@@ -20,4 +22,5 @@ pub mod dst_lock;
 pub mod fs;
 pub mod fuse;
 pub mod metrics;
+pub mod systemd;
 pub mod writeback;

@@ -214,7 +214,24 @@ impl Cache {
         let persisted = std::fs::read(cache.lru_path())
             .map(|d| scan::decode_last_use(&d))
             .unwrap_or_default();
-        cache.rescan(&persisted);
+        // Before READY=1: a large dst takes a while; systemd hears how far it got and
+        // extends the start timeout while the walk moves (see `crate::systemd`).
+        let mut progress = crate::systemd::Progress::new("cache: scanning dst", true);
+        let started = Instant::now();
+        cache.rescan_with(&persisted, &mut |files, bytes| {
+            progress.update(|| format!("{files} files, {} so far", human(bytes)))
+        });
+        let (files, usage) = {
+            let ix = cache.index.lock().unwrap();
+            (ix.len(), ix.usage())
+        };
+        progress.finish(false, || {
+            format!(
+                "done: {files} files, {} in {:.1}s",
+                human(usage),
+                started.elapsed().as_secs_f64()
+            )
+        });
         let ix = cache.index.lock().unwrap();
         log::info!(
             "cache: {} in {} files in dst (budget {}, min free {}, {} pinned, {} local); {} pin glob(s)",
@@ -627,9 +644,14 @@ impl Cache {
     /// Walks dst and reconciles the index with it (`last_use`: persisted times, used
     /// for paths the index does not know).
     fn rescan(&self, last_use: &HashMap<PathBuf, u64>) {
+        self.rescan_with(last_use, &mut |_, _| {});
+    }
+
+    /// [`Cache::rescan`], calling `tick(files, bytes)` as the walk counts files.
+    fn rescan_with(&self, last_use: &HashMap<PathBuf, u64>, tick: &mut dyn FnMut(usize, u64)) {
         let started = Instant::now();
         let started_stamp = now_nanos();
-        let found = scan::scan(&self.dst, &self.pins, last_use);
+        let found = scan::scan_with(&self.dst, &self.pins, last_use, tick);
         let mut fresh = Index::new();
         let mut ix = self.index.lock().unwrap();
         for (path, mut e) in found.entries {
@@ -916,6 +938,8 @@ impl Cache {
         }
         let mut fetched = 0u64;
         let mut bytes = 0u64;
+        // `systemctl status` shows how far it got (after READY=1 too: no timeout then).
+        let mut progress = crate::systemd::Progress::new("cache: prefetching pinned files", false);
         for (root, all) in roots {
             let Some(ino) = lookup_path(fs, &root) else {
                 continue;
@@ -935,6 +959,7 @@ impl Cache {
                         let _ = fs.release(o.fh);
                         fetched += 1;
                         bytes += size;
+                        progress.update(|| format!("{fetched} files, {} so far", human(bytes)));
                         true
                     }
                     Err(e) if e.errno() == libc::ENOSPC => {
@@ -958,6 +983,9 @@ impl Cache {
                 break;
             }
         }
+        progress.finish(false, || {
+            format!("done: {fetched} files, {}; serving", human(bytes))
+        });
         if fetched > 0 {
             log::info!(
                 "cache: prefetched {fetched} pinned file(s), {}",
