@@ -602,9 +602,17 @@ fn serve(
             return Ok(Stop::Forced);
         }
     }
-    join_unmounted(session)
-        .map(|_| Stop::Clean)
-        .map_err(DaemonError::Session)
+    match join_unmounted(session) {
+        Ok(()) => Ok(Stop::Clean),
+        // We unmounted it: the kernel ending the connection with ECONNABORTED rather
+        // than ENODEV (seen after a lazy detach through fusermount3 once its last file
+        // closed, under load) is still the end we asked for.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            debug!("{m}: the kernel aborted the FUSE connection after the unmount ({e})");
+            Ok(Stop::Clean)
+        }
+        Err(e) => Err(DaemonError::Session(e)),
+    }
 }
 
 /// Join a session whose mount is gone (its thread has finished: the kernel ended the

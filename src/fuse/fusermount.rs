@@ -17,7 +17,9 @@
 //!   for a normal user unless `/etc/fuse.conf` has a `user_allow_other` line.
 //! - [`unmount`]: `fusermount3 -u [-z] -- MOUNTPOINT`, for the daemon when umount(2) is
 //!   not permitted (not root): first a normal unmount, so a busy mount is reported and
-//!   detached lazily as root's is, not detached silently.
+//!   detached lazily as root's is, not detached silently. The binary: `$FUSERMOUNT_PATH`
+//!   (as fuser honours it), else `fusermount3` then `fusermount` on `PATH` or in
+//!   `/usr/bin`, `/bin`, `/usr/sbin`, `/sbin`.
 //!
 //! Invariant: the checks only read (`/dev/fuse` is opened and closed, `/etc/fuse.conf`
 //! read); root passes both.
