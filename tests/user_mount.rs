@@ -60,7 +60,7 @@ fn chown_r(p: &Path) {
 
 /// Runs `script` (sh, `set -e`) in a private mount namespace whose `/dev/fuse` has mode
 /// `dev_mode` and, with `fuse_conf`, whose `/etc/fuse.conf` has that text. In the
-/// script: `$T` is `tree`, `$BIN` the cachefs binary, `$AS_USER` runs a command as
+/// script: `$T` is `tree`, `$BIN` a copy of the cachefs binary in it, `$AS_USER` runs a command as
 /// nobody. Returns (exit code, stdout + stderr).
 fn in_namespace(
     tree: &Path,
@@ -88,10 +88,15 @@ fn in_namespace(
          wait_mounted() {{ for i in $(seq 100); do grep -q \" $1 \" /proc/self/mountinfo && return 0; sleep 0.1; done; echo 'not mounted'; return 1; }}\n\
          {script}"
     );
+    // A copy nobody can run wherever the build is (a checkout under /root is not).
+    let bin = tree.join("cachefs");
+    if !bin.exists() {
+        std::fs::copy(cachefs_bin(), &bin).unwrap();
+    }
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &full])
         .env("T", tree)
-        .env("BIN", cachefs_bin())
+        .env("BIN", &bin)
         .output()
         .expect("run unshare");
     let text = format!(
