@@ -101,6 +101,12 @@ impl fmt::Display for DaemonError {
             DaemonError::Fs(e) => write!(f, "cannot open the cache: {e}"),
             DaemonError::Mount { mountpoint, source } => {
                 let m = mountpoint.display();
+                let text = source.to_string();
+                if text.contains("user_allow_other") || text.contains("/dev/fuse is mode") {
+                    // fusermount's refusal, or the checks before it: the text says what
+                    // to do.
+                    return write!(f, "cannot mount at {m}: {source}");
+                }
                 match mount_errno(source) {
                     Some(libc::EPERM) | Some(libc::EACCES) => write!(
                         f,
@@ -244,6 +250,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // After blocking signals (its threads inherit the mask); before mounting, so a
     // taken port fails the start with nothing mounted.
     let metrics = start_metrics(&cfg)?;
+    // A normal user's mount needs /dev/fuse open to them, and -o allow_other needs
+    // user_allow_other: say so before starting anything.
+    crate::fuse::fusermount::check_can_mount(crate::fuse::mount_options(&cfg).1).map_err(
+        |source| DaemonError::Mount {
+            mountpoint: cfg.mountpoint.clone(),
+            source,
+        },
+    )?;
     // One src gateway for the view and writeback replay alike (the mount-root rule).
     let src = crate::fs::src_state::open_src(&cfg.src, &cfg.dst)
         .map(Arc::new)
@@ -317,23 +331,9 @@ fn holder_is_exiting(holder: &crate::dst_lock::Holder) -> bool {
         .is_ok_and(|info| crate::cli::check_not_mounted(mnt, &info).is_ok())
 }
 
-/// Tells systemd (Type=notify units) about our state: a datagram to `$NOTIFY_SOCKET`,
-/// a path or an abstract socket (`@name`). Silent when not run by systemd.
+/// Tells systemd (Type=notify units) about our state (see [`crate::systemd::notify`]).
 pub fn sd_notify(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let bytes = target.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => SocketAddr::from_abstract_name(name),
-        None => SocketAddr::from_pathname(&target),
-    };
-    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
-    if let Err(e) = sent {
-        warn!("cannot notify systemd at {}: {e}", target.to_string_lossy());
-    }
+    crate::systemd::notify(state)
 }
 
 /// Serve `--metrics-addr`, if given (see [`crate::metrics`]).
@@ -586,21 +586,24 @@ fn serve(
     };
 
     info!("received {}, unmounting {m}", signal_name(sig));
-    match umount2(mnt, 0) {
+    // Not root, umount(2) is not permitted: the setuid fusermount3 unmounts, as libfuse
+    // does (see `fuse::fusermount`). Errors keep their kind either way.
+    let as_user = |lazy| crate::fuse::fusermount::unmount(mnt, lazy);
+    let (first, via_fusermount) = match umount2(mnt, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            debug!("umount2 not permitted ({e}); unmounting through fusermount3");
+            (as_user(false), true)
+        }
+        r => (r, false),
+    };
+    match first {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        // EINVAL: not mounted (any more).
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
             debug!("{m} was already unmounted");
         }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            // Not root: fuser unmounts through fusermount3.
-            debug!("umount2 not permitted ({e}); unmounting through fusermount3");
-            return session
-                .umount_and_join()
-                .map(|_| Stop::Clean)
-                .map_err(DaemonError::Session);
-        }
         Err(e) => {
-            if e.raw_os_error() == Some(libc::EBUSY) {
+            if e.kind() == io::ErrorKind::ResourceBusy {
                 warn!(
                     "{m} is busy; detaching it lazily: files open in it keep working until \
                      closed, and cachefs exits then (send {} again to exit now)",
@@ -609,7 +612,12 @@ fn serve(
             } else {
                 warn!("cannot unmount {m} ({e}); detaching it lazily");
             }
-            if let Err(e) = umount2(mnt, libc::MNT_DETACH) {
+            let detached = if via_fusermount {
+                as_user(true)
+            } else {
+                umount2(mnt, libc::MNT_DETACH)
+            };
+            if let Err(e) = detached {
                 error!("cannot detach {m} either ({e}); exiting, which aborts the mount");
                 return Ok(Stop::Forced);
             }
@@ -629,9 +637,17 @@ fn serve(
             return Ok(Stop::Forced);
         }
     }
-    join_unmounted(session)
-        .map(|_| Stop::Clean)
-        .map_err(DaemonError::Session)
+    match join_unmounted(session) {
+        Ok(()) => Ok(Stop::Clean),
+        // We unmounted it: the kernel ending the connection with ECONNABORTED rather
+        // than ENODEV (seen after a lazy detach through fusermount3 once its last file
+        // closed, under load) is still the end we asked for.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            debug!("{m}: the kernel aborted the FUSE connection after the unmount ({e})");
+            Ok(Stop::Clean)
+        }
+        Err(e) => Err(DaemonError::Session(e)),
+    }
 }
 
 /// Join a session whose mount is gone (its thread has finished: the kernel ended the

@@ -13,6 +13,8 @@
 //! - `control`: the control channel of a running daemon (a Unix socket in dst) and the
 //!   commands that use it: `cachefs ctl`, `cachefs warmup`, `cachefs status --watch`.
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
+//! - `systemd`: sd_notify (`READY=1`, `STATUS=`, start-up progress with
+//!   `EXTEND_TIMEOUT_USEC=`).
 
 pub mod cache;
 pub mod cli;
@@ -23,4 +25,5 @@ pub mod dst_lock;
 pub mod fs;
 pub mod fuse;
 pub mod metrics;
+pub mod systemd;
 pub mod writeback;

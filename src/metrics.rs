@@ -29,12 +29,19 @@
 //! | `cachefs_src_errors_total{kind}` | counter | src operations that failed, by `kind`: `timeout`, `eio`, `enotconn`, `other` |
 //! | `cachefs_src_online` | gauge | 1 while src answers; 0 after a src operation failed with ENOTCONN or a timeout |
 //! | `cachefs_src_op_duration_seconds{op}` | histogram | latency of src operations, by `op` (see [`SrcOp`]) |
+//! | `cachefs_lazy_bytes_fetched_total` | counter | bytes read from src by lazy range fetches (also in `src_bytes_fetched`) |
+//! | `cachefs_fuse_op_duration_seconds{op}` | histogram | latency of FUSE requests the daemon answers, by `op` (see [`FuseOp`]) |
+//! | `cachefs_cache_usage_bytes`, `_files`, `_pinned_bytes`, `_partial_bytes` | gauge | the cache's usage index (as in `cache.json`; 0 without one) |
+//! | `cachefs_cache_budget_bytes`, `cachefs_cache_min_free_bytes` | gauge | `--cache-size`, `--min-free` in bytes (0: none) |
+//! | `cachefs_dst_free_bytes` | gauge | free bytes on dst's file system |
+//! | `cachefs_process_*` | gauge, counter | resident memory, open and max fds, threads, start time, CPU seconds, read from `/proc/self` at each scrape |
 //! | `cachefs_build_info{version}` | gauge | always 1; the `version` label is the cachefs version |
 //!
 //! Normal negative answers of src (ENOENT, ENOTDIR, EISDIR, EEXIST, ENOTEMPTY, ENODATA,
 //! EOPNOTSUPP) are not src errors: a lookup of a name that src lacks is not a failure.
-//! Latency buckets (seconds): 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-//! 2.5, 5, 10, 30, 60, +Inf.
+//! Latency buckets (seconds): [`LATENCY_BUCKETS`] for src operations, the finer
+//! [`FUSE_BUCKETS`] for FUSE requests. docs/METRICS.md has the full list (a test checks
+//! it against [`render`]'s families).
 //!
 //! # API for other modules
 //!
@@ -128,8 +135,8 @@ impl Gauge {
     }
 }
 
-/// Upper bounds of the latency buckets, and their `le` label (the last bucket, `+Inf`, is
-/// implicit).
+/// Upper bounds of the src latency buckets, and their `le` label (the last bucket,
+/// `+Inf`, is implicit).
 pub const LATENCY_BUCKETS: [(Duration, &str); 15] = [
     (Duration::from_millis(1), "0.001"),
     (Duration::from_micros(2500), "0.0025"),
@@ -148,14 +155,34 @@ pub const LATENCY_BUCKETS: [(Duration, &str); 15] = [
     (Duration::from_secs(60), "60"),
 ];
 
-const NBUCKETS: usize = LATENCY_BUCKETS.len() + 1;
+/// Upper bounds of the FUSE operation latency buckets: most requests are answered from
+/// dst in microseconds, a miss waits for src.
+pub const FUSE_BUCKETS: [(Duration, &str); 12] = [
+    (Duration::from_micros(100), "0.0001"),
+    (Duration::from_micros(500), "0.0005"),
+    (Duration::from_millis(1), "0.001"),
+    (Duration::from_millis(5), "0.005"),
+    (Duration::from_millis(10), "0.01"),
+    (Duration::from_millis(50), "0.05"),
+    (Duration::from_millis(100), "0.1"),
+    (Duration::from_millis(500), "0.5"),
+    (Duration::from_secs(1), "1"),
+    (Duration::from_secs(5), "5"),
+    (Duration::from_secs(10), "10"),
+    (Duration::from_secs(60), "60"),
+];
 
-/// A latency histogram with the fixed [`LATENCY_BUCKETS`]. `observe` is two relaxed
-/// atomic adds; the cumulative counts are computed when rendering.
+/// Most buckets a histogram has, `+Inf` included.
+const MAX_BUCKETS: usize = 16;
+
+/// A latency histogram with fixed bucket bounds ([`LATENCY_BUCKETS`] or
+/// [`FUSE_BUCKETS`]). `observe` is two relaxed atomic adds; the cumulative counts are
+/// computed when rendering.
 #[derive(Debug)]
 pub struct Histogram {
-    /// Observations per bucket (not cumulative); the last one is `+Inf`.
-    counts: [AtomicU64; NBUCKETS],
+    bounds: &'static [(Duration, &'static str)],
+    /// Observations per bucket (not cumulative); `counts[bounds.len()]` is `+Inf`.
+    counts: [AtomicU64; MAX_BUCKETS],
     sum_nanos: AtomicU64,
 }
 
@@ -166,38 +193,70 @@ impl Default for Histogram {
 }
 
 impl Histogram {
+    /// A histogram with the src latency buckets.
     pub const fn new() -> Histogram {
+        Histogram::with_bounds(&LATENCY_BUCKETS)
+    }
+
+    /// A histogram with `bounds` (increasing; at most `MAX_BUCKETS - 1` of them).
+    pub const fn with_bounds(bounds: &'static [(Duration, &'static str)]) -> Histogram {
+        assert!(bounds.len() < MAX_BUCKETS);
         Histogram {
-            counts: [const { AtomicU64::new(0) }; NBUCKETS],
+            bounds,
+            counts: [const { AtomicU64::new(0) }; MAX_BUCKETS],
             sum_nanos: AtomicU64::new(0),
         }
     }
 
+    /// The bucket bounds (without `+Inf`).
+    pub fn bounds(&self) -> &'static [(Duration, &'static str)] {
+        self.bounds
+    }
+
     /// Record one observation.
     pub fn observe(&self, d: Duration) {
-        let i = LATENCY_BUCKETS
+        let i = self
+            .bounds
             .iter()
             .position(|(le, _)| d <= *le)
-            .unwrap_or(NBUCKETS - 1);
+            .unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, RELAXED);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, RELAXED);
     }
 
-    /// Cumulative counts per bucket (`le` order, `+Inf` last) and the sum.
-    pub fn snapshot(&self) -> ([u64; NBUCKETS], Duration) {
-        let mut out = [0; NBUCKETS];
+    /// Cumulative counts per bucket (`le` order, `+Inf` last: `bounds().len() + 1` of
+    /// them) and the sum.
+    pub fn snapshot(&self) -> (Vec<u64>, Duration) {
         let mut total = 0u64;
-        for (o, c) in out.iter_mut().zip(&self.counts) {
-            total += c.load(RELAXED);
-            *o = total;
-        }
+        let out = self.counts[..=self.bounds.len()]
+            .iter()
+            .map(|c| {
+                total += c.load(RELAXED);
+                total
+            })
+            .collect();
         (out, Duration::from_nanos(self.sum_nanos.load(RELAXED)))
     }
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.snapshot().0[NBUCKETS - 1]
+        self.counts[..=self.bounds.len()]
+            .iter()
+            .map(|c| c.load(RELAXED))
+            .sum()
+    }
+
+    /// Renders the histogram's series with `label` (`op="stat"`) into `out`.
+    fn render(&self, out: &mut String, name: &str, label: &str) {
+        let (cumulative, sum) = self.snapshot();
+        for ((_, le), n) in self.bounds.iter().zip(&cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{{label},le=\"{le}\"}} {n}");
+        }
+        let count = cumulative[self.bounds.len()];
+        let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{label}}} {}", sum.as_secs_f64());
+        let _ = writeln!(out, "{name}_count{{{label}}} {count}");
     }
 }
 
@@ -303,6 +362,147 @@ impl SrcErrorKind {
     }
 }
 
+/// FUSE requests the daemon answers, the `op` label of
+/// `cachefs_fuse_op_duration_seconds` (one per `fuser::Filesystem` method the adapter
+/// implements, named like it; `init` and `forget`, which have no reply, are not timed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuseOp {
+    Lookup,
+    Getattr,
+    Setattr,
+    Readlink,
+    Mknod,
+    Mkdir,
+    Unlink,
+    Rmdir,
+    Symlink,
+    Rename,
+    Link,
+    Open,
+    Read,
+    Write,
+    Flush,
+    Release,
+    Fsync,
+    Opendir,
+    Readdir,
+    Readdirplus,
+    Releasedir,
+    Fsyncdir,
+    Statfs,
+    Setxattr,
+    Getxattr,
+    Listxattr,
+    Removexattr,
+    Ioctl,
+    Access,
+    Create,
+    Fallocate,
+    Lseek,
+    CopyFileRange,
+}
+
+impl FuseOp {
+    pub const ALL: [FuseOp; 33] = [
+        FuseOp::Lookup,
+        FuseOp::Getattr,
+        FuseOp::Setattr,
+        FuseOp::Readlink,
+        FuseOp::Mknod,
+        FuseOp::Mkdir,
+        FuseOp::Unlink,
+        FuseOp::Rmdir,
+        FuseOp::Symlink,
+        FuseOp::Rename,
+        FuseOp::Link,
+        FuseOp::Open,
+        FuseOp::Read,
+        FuseOp::Write,
+        FuseOp::Flush,
+        FuseOp::Release,
+        FuseOp::Fsync,
+        FuseOp::Opendir,
+        FuseOp::Readdir,
+        FuseOp::Readdirplus,
+        FuseOp::Releasedir,
+        FuseOp::Fsyncdir,
+        FuseOp::Statfs,
+        FuseOp::Setxattr,
+        FuseOp::Getxattr,
+        FuseOp::Listxattr,
+        FuseOp::Removexattr,
+        FuseOp::Ioctl,
+        FuseOp::Access,
+        FuseOp::Create,
+        FuseOp::Fallocate,
+        FuseOp::Lseek,
+        FuseOp::CopyFileRange,
+    ];
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            FuseOp::Lookup => "lookup",
+            FuseOp::Getattr => "getattr",
+            FuseOp::Setattr => "setattr",
+            FuseOp::Readlink => "readlink",
+            FuseOp::Mknod => "mknod",
+            FuseOp::Mkdir => "mkdir",
+            FuseOp::Unlink => "unlink",
+            FuseOp::Rmdir => "rmdir",
+            FuseOp::Symlink => "symlink",
+            FuseOp::Rename => "rename",
+            FuseOp::Link => "link",
+            FuseOp::Open => "open",
+            FuseOp::Read => "read",
+            FuseOp::Write => "write",
+            FuseOp::Flush => "flush",
+            FuseOp::Release => "release",
+            FuseOp::Fsync => "fsync",
+            FuseOp::Opendir => "opendir",
+            FuseOp::Readdir => "readdir",
+            FuseOp::Readdirplus => "readdirplus",
+            FuseOp::Releasedir => "releasedir",
+            FuseOp::Fsyncdir => "fsyncdir",
+            FuseOp::Statfs => "statfs",
+            FuseOp::Setxattr => "setxattr",
+            FuseOp::Getxattr => "getxattr",
+            FuseOp::Listxattr => "listxattr",
+            FuseOp::Removexattr => "removexattr",
+            FuseOp::Ioctl => "ioctl",
+            FuseOp::Access => "access",
+            FuseOp::Create => "create",
+            FuseOp::Fallocate => "fallocate",
+            FuseOp::Lseek => "lseek",
+            FuseOp::CopyFileRange => "copy_file_range",
+        }
+    }
+
+    /// Starts timing one request; the time is recorded when the timer is dropped
+    /// (after the reply was sent, at the end of the adapter's method or of the thread
+    /// it handed the request to).
+    pub fn timer(self) -> FuseTimer {
+        FuseTimer {
+            op: self,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// Times one FUSE request into [`METRICS`] when dropped (see [`FuseOp::timer`]).
+#[derive(Debug)]
+#[must_use = "the request is timed until the timer is dropped"]
+pub struct FuseTimer {
+    op: FuseOp,
+    start: Instant,
+}
+
+impl Drop for FuseTimer {
+    fn drop(&mut self) {
+        METRICS.fuse_latency(self.op).observe(self.start.elapsed());
+    }
+}
+
 /// The registry. Use the global [`METRICS`]; separate instances exist for tests.
 #[derive(Debug)]
 pub struct Metrics {
@@ -319,8 +519,24 @@ pub struct Metrics {
     pub writeback_not_representable: Gauge,
     pub conflicts: Counter,
     pub src_online: Gauge,
+    /// Bytes of file data read from src by lazy range fetches (part of
+    /// `src_bytes_fetched`).
+    pub lazy_bytes_fetched: Counter,
+    /// The cache's numbers (`cache.json`), published by the cache once a second; 0
+    /// without a cache budget, `--min-free` or pins (no usage index then).
+    pub cache_usage_bytes: Gauge,
+    pub cache_files: Gauge,
+    pub cache_pinned_bytes: Gauge,
+    pub cache_partial_bytes: Gauge,
+    /// `--cache-size`; 0 when none.
+    pub cache_budget_bytes: Gauge,
+    /// `--min-free` in bytes; 0 when none.
+    pub cache_min_free_bytes: Gauge,
+    /// Free bytes on dst's file system (for unprivileged users).
+    pub dst_free_bytes: Gauge,
     src_errors: [Counter; 4],
     src_latency: [Histogram; 7],
+    fuse_latency: [Histogram; FuseOp::ALL.len()],
 }
 
 impl Default for Metrics {
@@ -346,8 +562,17 @@ impl Metrics {
             writeback_not_representable: Gauge::new(0),
             conflicts: Counter::new(),
             src_online: Gauge::new(1),
+            lazy_bytes_fetched: Counter::new(),
+            cache_usage_bytes: Gauge::new(0),
+            cache_files: Gauge::new(0),
+            cache_pinned_bytes: Gauge::new(0),
+            cache_partial_bytes: Gauge::new(0),
+            cache_budget_bytes: Gauge::new(0),
+            cache_min_free_bytes: Gauge::new(0),
+            dst_free_bytes: Gauge::new(0),
             src_errors: [const { Counter::new() }; 4],
             src_latency: [const { Histogram::new() }; 7],
+            fuse_latency: [const { Histogram::with_bounds(&FUSE_BUCKETS) }; FuseOp::ALL.len()],
         }
     }
 
@@ -359,6 +584,11 @@ impl Metrics {
     /// The `cachefs_src_op_duration_seconds{op}` histogram.
     pub fn src_latency(&self, op: SrcOp) -> &Histogram {
         &self.src_latency[op as usize]
+    }
+
+    /// The `cachefs_fuse_op_duration_seconds{op}` histogram.
+    pub fn fuse_latency(&self, op: FuseOp) -> &Histogram {
+        &self.fuse_latency[op as usize]
     }
 
     /// Account for the outcome of a src operation: count a failure by kind, and set
@@ -486,16 +716,107 @@ impl Metrics {
         let name = "cachefs_src_op_duration_seconds";
         header(o, name, "Latency of src operations by op.", "histogram");
         for op in SrcOp::ALL {
-            let (cumulative, sum) = self.src_latency(op).snapshot();
-            let op = op.name();
-            for ((_, le), n) in LATENCY_BUCKETS.iter().zip(&cumulative) {
-                let _ = writeln!(o, "{name}_bucket{{op=\"{op}\",le=\"{le}\"}} {n}");
-            }
-            let count = cumulative[NBUCKETS - 1];
-            let _ = writeln!(o, "{name}_bucket{{op=\"{op}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(o, "{name}_sum{{op=\"{op}\"}} {}", sum.as_secs_f64());
-            let _ = writeln!(o, "{name}_count{{op=\"{op}\"}} {count}");
+            let label = format!("op=\"{}\"", op.name());
+            self.src_latency(op).render(o, name, &label);
         }
+
+        counter(
+            o,
+            "cachefs_lazy_bytes_fetched_total",
+            "Bytes of file data read from src by lazy range fetches (included in cachefs_src_bytes_fetched_total).",
+            self.lazy_bytes_fetched.get(),
+        );
+
+        let name = "cachefs_fuse_op_duration_seconds";
+        header(
+            o,
+            name,
+            "Latency of FUSE requests answered by the daemon, by op (passthrough reads and writes never reach it).",
+            "histogram",
+        );
+        for op in FuseOp::ALL {
+            let label = format!("op=\"{}\"", op.name());
+            self.fuse_latency(op).render(o, name, &label);
+        }
+
+        for (name, help, g) in [
+            (
+                "cachefs_cache_usage_bytes",
+                "Bytes of dst the cache budget counts (allocated bytes of cached files and partial files); 0 without a budget, --min-free or pins.",
+                &self.cache_usage_bytes,
+            ),
+            (
+                "cachefs_cache_files",
+                "Files the cache budget counts (cached and partial); 0 without a budget, --min-free or pins.",
+                &self.cache_files,
+            ),
+            (
+                "cachefs_cache_pinned_bytes",
+                "Bytes of pinned files in dst (never evicted).",
+                &self.cache_pinned_bytes,
+            ),
+            (
+                "cachefs_cache_partial_bytes",
+                "Bytes of partial files of lazy fetch in dst.",
+                &self.cache_partial_bytes,
+            ),
+            (
+                "cachefs_cache_budget_bytes",
+                "The --cache-size budget in bytes; 0 when there is none.",
+                &self.cache_budget_bytes,
+            ),
+            (
+                "cachefs_cache_min_free_bytes",
+                "The --min-free floor in bytes of dst's file system; 0 when there is none.",
+                &self.cache_min_free_bytes,
+            ),
+            (
+                "cachefs_dst_free_bytes",
+                "Bytes free on dst's file system for unprivileged users.",
+                &self.dst_free_bytes,
+            ),
+        ] {
+            gauge(o, name, help, g.get());
+        }
+
+        let p = process_stats();
+        for (name, help, v) in [
+            (
+                "cachefs_process_resident_memory_bytes",
+                "Resident memory of the cachefs process (VmRSS).",
+                p.rss_bytes,
+            ),
+            (
+                "cachefs_process_open_fds",
+                "Open file descriptors of the cachefs process.",
+                p.open_fds,
+            ),
+            (
+                "cachefs_process_max_fds",
+                "The soft limit on open file descriptors (RLIMIT_NOFILE).",
+                p.max_fds,
+            ),
+            (
+                "cachefs_process_threads",
+                "Threads of the cachefs process.",
+                p.threads,
+            ),
+            (
+                "cachefs_process_start_time_seconds",
+                "Start time of the cachefs process, seconds since the Unix epoch.",
+                p.start_time_seconds,
+            ),
+        ] {
+            gauge(o, name, help, v);
+        }
+        let name = "cachefs_process_cpu_seconds_total";
+        header(
+            o,
+            name,
+            "CPU time (user and system) of the cachefs process in seconds.",
+            "counter",
+        );
+        let _ = writeln!(o, "{name} {}", p.cpu_seconds);
 
         let name = "cachefs_build_info";
         header(
@@ -524,6 +845,67 @@ fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
     let _ = writeln!(out, "{name} {v}");
 }
 
+/// The process numbers of `/proc/self` (0 where one cannot be read).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    pub rss_bytes: i64,
+    pub open_fds: i64,
+    pub max_fds: i64,
+    pub threads: i64,
+    pub start_time_seconds: i64,
+    pub cpu_seconds: f64,
+}
+
+/// Reads [`ProcessStats`] from `/proc/self` (status, stat, fd) and getrlimit.
+pub fn process_stats() -> ProcessStats {
+    let mut p = ProcessStats::default();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let field = |key: &str| -> Option<i64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        };
+        p.rss_bytes = field("VmRSS:").unwrap_or(0) * 1024;
+        p.threads = field("Threads:").unwrap_or(0);
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc/self/fd") {
+        // The directory's own descriptor, open while it is read, is not counted.
+        p.open_fds = (rd.count() as i64 - 1).max(0);
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        p.max_fds = i64::try_from(lim.rlim_cur).unwrap_or(i64::MAX);
+    }
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0
+        && let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        // Fields after the command name (which may hold spaces), from field 3 on.
+        && let Some((_, rest)) = stat.rsplit_once(") ")
+    {
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(utime), Some(stime)) = (num(14), num(15)) {
+            p.cpu_seconds = (utime + stime) as f64 / ticks as f64;
+        }
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        if let (Some(start), Some(boot)) = (num(22), boot) {
+            p.start_time_seconds = (boot + start / ticks as u64) as i64;
+        }
+    }
+    p
+}
+
 /// The exposition of the global [`METRICS`].
 pub fn render() -> String {
     METRICS.render()
@@ -538,6 +920,13 @@ pub fn cache_hit() {
 pub fn cache_miss(bytes_fetched: u64) {
     METRICS.cache_misses.inc();
     METRICS.src_bytes_fetched.add(bytes_fetched);
+}
+
+/// `bytes` of file data read from src by a lazy range fetch: counted in
+/// `cachefs_src_bytes_fetched_total` and `cachefs_lazy_bytes_fetched_total`.
+pub fn lazy_fetched(bytes: u64) {
+    METRICS.src_bytes_fetched.add(bytes);
+    METRICS.lazy_bytes_fetched.add(bytes);
 }
 
 /// Runs `f`, recording its duration in the latency histogram of `op`.
@@ -978,12 +1367,146 @@ mod tests {
 
     #[test]
     fn bucket_bounds_increase_and_match_their_labels() {
-        for w in LATENCY_BUCKETS.windows(2) {
-            assert!(w[0].0 < w[1].0);
+        for bounds in [&LATENCY_BUCKETS[..], &FUSE_BUCKETS[..]] {
+            assert!(bounds.len() < MAX_BUCKETS);
+            for w in bounds.windows(2) {
+                assert!(w[0].0 < w[1].0);
+            }
+            for (d, le) in bounds {
+                assert_eq!(le.parse::<f64>().unwrap(), d.as_secs_f64());
+            }
         }
-        for (d, le) in LATENCY_BUCKETS {
-            assert_eq!(le.parse::<f64>().unwrap(), d.as_secs_f64());
+    }
+
+    #[test]
+    fn fuse_ops_are_timed_by_op_with_their_own_buckets() {
+        let names: std::collections::HashSet<_> = FuseOp::ALL.iter().map(|o| o.name()).collect();
+        assert_eq!(names.len(), FuseOp::ALL.len(), "op names are unique");
+        for (i, op) in FuseOp::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, i, "ALL is in declaration order");
         }
+        let m = Metrics::new();
+        let h = m.fuse_latency(FuseOp::Lookup);
+        h.observe(Duration::from_micros(50)); // <= 0.0001
+        h.observe(Duration::from_millis(3)); // <= 0.005
+        h.observe(Duration::from_secs(120)); // +Inf only
+        let text = m.render();
+        check_format(&text);
+        let got: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("cachefs_fuse_op_duration_seconds") && l.contains("op=\"lookup\"")
+            })
+            .collect();
+        let mut want: Vec<String> = [
+            ("0.0001", 1),
+            ("0.0005", 1),
+            ("0.001", 1),
+            ("0.005", 2),
+            ("0.01", 2),
+            ("0.05", 2),
+            ("0.1", 2),
+            ("0.5", 2),
+            ("1", 2),
+            ("5", 2),
+            ("10", 2),
+            ("60", 2),
+            ("+Inf", 3),
+        ]
+        .iter()
+        .map(|(le, n)| {
+            format!("cachefs_fuse_op_duration_seconds_bucket{{op=\"lookup\",le=\"{le}\"}} {n}")
+        })
+        .collect();
+        want.push("cachefs_fuse_op_duration_seconds_sum{op=\"lookup\"} 120.00305".into());
+        want.push("cachefs_fuse_op_duration_seconds_count{op=\"lookup\"} 3".into());
+        assert_eq!(got, want);
+        // Every op has its series from the start: 13 buckets + sum + count.
+        assert_eq!(
+            text.matches("\ncachefs_fuse_op_duration_seconds_").count(),
+            FuseOp::ALL.len() * 15
+        );
+        assert!(
+            text.contains("cachefs_fuse_op_duration_seconds_count{op=\"copy_file_range\"} 0\n")
+        );
+
+        // The timer records into the global registry when dropped.
+        let before = METRICS.fuse_latency(FuseOp::Readdirplus).count();
+        {
+            let _t = FuseOp::Readdirplus.timer();
+            assert_eq!(METRICS.fuse_latency(FuseOp::Readdirplus).count(), before);
+        }
+        assert!(METRICS.fuse_latency(FuseOp::Readdirplus).count() > before);
+    }
+
+    #[test]
+    fn process_stats_are_this_process() {
+        let p = process_stats();
+        assert!(p.rss_bytes > 1 << 20, "{p:?}");
+        assert!(p.threads >= 1, "{p:?}");
+        assert!(p.max_fds >= p.open_fds && p.open_fds >= 3, "{p:?}");
+        assert!(p.cpu_seconds >= 0.0, "{p:?}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            p.start_time_seconds <= now + 1 && p.start_time_seconds > now - 3600,
+            "{p:?} vs now {now}"
+        );
+        // 32 more descriptors show (other tests of this process may open some too).
+        let files: Vec<_> = (0..32)
+            .map(|_| std::fs::File::open("/proc/self/stat").unwrap())
+            .collect();
+        let more = process_stats();
+        assert!(more.open_fds >= p.open_fds + 32 - 8, "{p:?} then {more:?}");
+        drop(files);
+        // And a thread more.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        let with = process_stats();
+        assert!(with.threads >= 2, "{with:?}");
+        drop(tx);
+        let _ = t.join();
+        let text = Metrics::new().render();
+        check_format(&text);
+        for name in [
+            "cachefs_process_resident_memory_bytes",
+            "cachefs_process_open_fds",
+            "cachefs_process_max_fds",
+            "cachefs_process_threads",
+            "cachefs_process_start_time_seconds",
+            "cachefs_process_cpu_seconds_total",
+        ] {
+            let v: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no {name}"))
+                .parse()
+                .unwrap();
+            if name != "cachefs_process_cpu_seconds_total" {
+                assert!(v > 0.0, "{name} {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn lazy_fetches_count_in_both_byte_counters() {
+        let (all, lazy) = (
+            METRICS.src_bytes_fetched.get(),
+            METRICS.lazy_bytes_fetched.get(),
+        );
+        lazy_fetched(4096);
+        assert!(METRICS.src_bytes_fetched.get() >= all + 4096);
+        assert!(METRICS.lazy_bytes_fetched.get() >= lazy + 4096);
+        let m = Metrics::new();
+        m.cache_usage_bytes.set(123);
+        m.cache_budget_bytes.set(1 << 30);
+        let text = m.render();
+        check_format(&text);
+        assert!(text.contains("\ncachefs_cache_usage_bytes 123\n"));
+        assert!(text.contains("\ncachefs_cache_budget_bytes 1073741824\n"));
+        assert!(text.contains("\ncachefs_lazy_bytes_fetched_total 0\n"));
     }
 
     #[test]

@@ -326,3 +326,223 @@ fn every_metric_served_is_documented_and_vice_versa() {
         "served (left) and documented in docs/METRICS.md (right) differ"
     );
 }
+
+#[test]
+fn cache_gauges_show_usage_and_budget() {
+    if !can_mount("cache_gauges_show_usage_and_budget") {
+        return;
+    }
+    let data = vec![3u8; 300_000];
+    let src = dir_with(&[("f.bin", &data)]);
+    let m = Mounted::with_dirs(
+        src,
+        tempdir(),
+        &[
+            "--cache-size",
+            "10M",
+            "--min-free",
+            "1M",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = metrics_addr(&m);
+    let before = scrape_until(addr, Duration::from_secs(10), "budget published", |s| {
+        s["cachefs_cache_budget_bytes"] > 0.0
+    });
+    assert_eq!(before["cachefs_cache_budget_bytes"], 10.0 * 1048576.0);
+    assert_eq!(before["cachefs_cache_min_free_bytes"], 1048576.0);
+    assert_eq!(before["cachefs_cache_usage_bytes"], 0.0, "{before:?}");
+    assert_eq!(before["cachefs_cache_files"], 0.0);
+    assert!(before["cachefs_dst_free_bytes"] > 0.0);
+    assert_eq!(std::fs::read(m.mnt_path("f.bin")).unwrap(), data);
+    // Published on the cache's next tick (once a second).
+    let after = scrape_until(addr, Duration::from_secs(10), "usage published", |s| {
+        s["cachefs_cache_files"] == 1.0
+    });
+    let usage = after["cachefs_cache_usage_bytes"];
+    assert!((300_000.0..400_000.0).contains(&usage), "{after:?}");
+    assert_eq!(after["cachefs_cache_pinned_bytes"], 0.0);
+    // The same numbers as cache.json.
+    let json = std::fs::read_to_string(m.dst_path(".cachefs-state/cache.json")).unwrap();
+    assert!(
+        json.contains(&format!("\"usage_bytes\":{usage},")),
+        "{json}"
+    );
+    m.stop();
+}
+
+#[test]
+fn fuse_requests_are_timed_by_op() {
+    if !can_mount("fuse_requests_are_timed_by_op") {
+        return;
+    }
+    let src = dir_with(&[("d/f.txt", b"hello")]);
+    // Without passthrough the daemon serves reads and writes, so they are seen.
+    let m = Mounted::with_dirs(
+        src,
+        tempdir(),
+        &["--no-passthrough", "--metrics-addr", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&m);
+    let count = |s: &HashMap<String, f64>, op: &str| {
+        s[&format!("cachefs_fuse_op_duration_seconds_count{{op=\"{op}\"}}")]
+    };
+    let before = scrape(addr);
+    assert_eq!(std::fs::read(m.mnt_path("d/f.txt")).unwrap(), b"hello");
+    std::fs::create_dir(m.mnt_path("new")).unwrap();
+    std::fs::write(m.mnt_path("new/g"), b"x").unwrap();
+    assert_eq!(std::fs::read_dir(m.mnt_path("d")).unwrap().count(), 1);
+    let after = scrape(addr);
+    for op in [
+        "lookup", "open", "read", "mkdir", "create", "write", "release", "opendir",
+    ] {
+        assert!(
+            count(&after, op) > count(&before, op),
+            "op {op}: {} -> {}",
+            count(&before, op),
+            count(&after, op)
+        );
+    }
+    assert!(
+        count(&after, "readdir") + count(&after, "readdirplus")
+            > count(&before, "readdir") + count(&before, "readdirplus")
+    );
+    let bucket = "cachefs_fuse_op_duration_seconds_bucket{op=\"lookup\",le=\"+Inf\"}";
+    assert_eq!(after[bucket], count(&after, "lookup"));
+    assert_eq!(count(&after, "symlink"), 0.0);
+    m.stop();
+}
+
+#[test]
+fn process_metrics_are_the_daemons() {
+    if !can_mount("process_metrics_are_the_daemons") {
+        return;
+    }
+    let m = Mounted::with_dirs(tempdir(), tempdir(), &["--metrics-addr", "127.0.0.1:0"]);
+    let addr = metrics_addr(&m);
+    let pid = m.pid().expect("the daemon runs");
+    let s = scrape(addr);
+    // The daemon's, not this test's: compare with /proc/PID.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let threads = s["cachefs_process_threads"];
+    assert!(threads > 2.0, "{s:?}");
+    assert!(
+        (threads - field("Threads:")).abs() <= 4.0,
+        "{threads} vs {status}"
+    );
+    let rss = s["cachefs_process_resident_memory_bytes"];
+    assert!(rss > 1e6, "{rss}");
+    assert!(
+        (rss / (field("VmRSS:") * 1024.0) - 1.0).abs() < 0.5,
+        "{rss} vs {status}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as f64;
+    let open = s["cachefs_process_open_fds"];
+    assert!(open >= 4.0 && (open - fds).abs() <= 4.0, "{open} vs {fds}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: f64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(s["cachefs_process_max_fds"], soft);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = s["cachefs_process_start_time_seconds"];
+    assert!(
+        started <= now + 1.0 && started > now - 120.0,
+        "{started} vs {now}"
+    );
+    assert!(s["cachefs_process_cpu_seconds_total"] >= 0.0);
+    m.stop();
+}
+
+#[test]
+fn lazy_fetch_bytes_are_counted_once() {
+    if !can_mount("lazy_fetch_bytes_are_counted_once") {
+        return;
+    }
+    const MIB: usize = 1 << 20;
+    let size = 16 * MIB;
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
+    let src = dir_with(&[("big", &data)]);
+    let m = Mounted::with_dirs(
+        src,
+        tempdir(),
+        &[
+            "--lazy-threshold",
+            "4M",
+            "--block-size",
+            "1M",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = metrics_addr(&m);
+    let before = scrape(addr);
+    let delta = |s: &HashMap<String, f64>, k: &str| s[k] - before[k];
+    const ALL: &str = "cachefs_src_bytes_fetched_total";
+    const LAZY: &str = "cachefs_lazy_bytes_fetched_total";
+    const READS: &str = "cachefs_src_op_duration_seconds_count{op=\"read\"}";
+
+    // One 4 KiB read in the middle: a block or a few come, not the file.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(m.mnt_path("big")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        f.read_exact_at(&mut buf, 8 * MIB as u64).unwrap();
+        assert_eq!(buf, data[8 * MIB..8 * MIB + 4096]);
+    }
+    // Streams may finish their block after the read returned: wait until the counters
+    // stand still (two scrapes 200 ms apart agree).
+    let mut partly = scrape(addr);
+    let t = Instant::now();
+    loop {
+        sleep(Duration::from_millis(200));
+        let again = scrape(addr);
+        if again[LAZY] == partly[LAZY] && again[ALL] == partly[ALL] {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "lazy fetch never settled"
+        );
+        partly = again;
+    }
+    let lazy = delta(&partly, LAZY);
+    assert!(lazy >= 4096.0 && lazy < size as f64, "lazy bytes {lazy}");
+    assert_eq!(delta(&partly, ALL), lazy, "range fetches count in both");
+    assert!(delta(&partly, READS) >= 1.0, "range reads are timed");
+    assert_eq!(delta(&partly, "cachefs_cache_misses_total"), 0.0);
+
+    // Opening it for writing completes it into a whole copy: one miss, and every byte
+    // of src counted once overall.
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.mnt_path("big"))
+            .unwrap(),
+    );
+    let done = scrape(addr);
+    assert_eq!(delta(&done, "cachefs_cache_misses_total"), 1.0);
+    assert_eq!(delta(&done, ALL), size as f64, "{done:?}");
+    assert_eq!(delta(&done, LAZY), size as f64);
+    assert_eq!(std::fs::read(m.dst_path("big")).unwrap(), data);
+    m.stop();
+}

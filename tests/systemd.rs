@@ -1,5 +1,7 @@
 //! systemd integration: `Type=notify` units get READY=1 once the mount answers and
-//! STOPPING=1 when the daemon begins to shut down.
+//! STOPPING=1 when the daemon begins to shut down; long start-up work (the walk of a
+//! large dst with a cache budget, pin prefetch) reports its progress with STATUS= and,
+//! before READY=1, EXTEND_TIMEOUT_USEC=.
 
 mod common;
 
@@ -76,6 +78,148 @@ fn abstract_notify_socket_works_too() {
     signal(&child, libc::SIGTERM);
     assert!(
         wait_timeout(&mut child, Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+}
+
+/// Every notification up to and including the one containing `last`.
+fn recv_until(sock: &UnixDatagram, last: &str) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let m = recv(sock);
+        let done = m.contains(last);
+        got.push(m);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// The file count of a progress report ("STATUS=cache: scanning dst: 123 files, ...").
+fn files_in(status: &str) -> Option<u64> {
+    let rest = status.split(": ").last()?;
+    let rest = rest.strip_prefix("done: ").unwrap_or(rest);
+    rest.split(' ').next()?.parse().ok()
+}
+
+#[test]
+fn start_up_scan_of_a_large_dst_reports_progress_to_systemd() {
+    if !can_mount("start_up_scan_of_a_large_dst_reports_progress_to_systemd") {
+        return;
+    }
+    let (src, dst, mnt, sockdir) = (tempdir(), tempdir(), tempdir(), tempdir());
+    // A dst with many cached files: the budget's start-up walk takes a while.
+    let files = 30_000u64;
+    for d in 0..60 {
+        let dir = dst.path().join(format!("d{d}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..files / 60 {
+            std::fs::write(dir.join(format!("f{f}")), b"x").unwrap();
+        }
+    }
+    let sock_path = sockdir.path().join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = Command::new(cachefs_bin())
+        .args(["-src", src.path().to_str().unwrap()])
+        .args(["-dst", dst.path().to_str().unwrap()])
+        .args(["-mountpoint", mnt.path().to_str().unwrap()])
+        .args(["--cache-size", "10G"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let got = recv_until(&sock, "READY=1");
+    let (ready, before) = got.split_last().unwrap();
+    // The first report comes at the first file, long before the walk ends; then at
+    // most every 250 ms; the last one says it is done; all before READY=1.
+    assert!(before.len() >= 2, "{got:#?}");
+    let first = &before[0];
+    assert!(
+        first.starts_with("STATUS=cache: scanning dst: 1 files, "),
+        "{got:#?}"
+    );
+    let last = before.last().unwrap();
+    assert!(
+        last.starts_with(&format!(
+            "STATUS=cache: scanning dst: done: {files} files, "
+        )),
+        "{got:#?}"
+    );
+    let mut prev = 0;
+    for m in before {
+        assert!(m.contains("\nEXTEND_TIMEOUT_USEC=30000000"), "{m:?}");
+        let n = files_in(m.lines().next().unwrap()).unwrap_or_else(|| panic!("{m:?}"));
+        assert!(n > prev || n == files, "counts go up: {got:#?}");
+        prev = n;
+    }
+    eprintln!(
+        "{} progress reports during the walk of {files} files",
+        before.len()
+    );
+    assert!(ready.contains("READY=1") && !ready.contains("EXTEND_TIMEOUT_USEC"));
+    assert!(is_fuse_mounted(mnt.path()));
+    signal(&child, libc::SIGTERM);
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(20))
+            .unwrap()
+            .success()
+    );
+}
+
+#[test]
+fn pin_prefetch_reports_progress_to_systemd() {
+    if !can_mount("pin_prefetch_reports_progress_to_systemd") {
+        return;
+    }
+    let (src, dst, mnt, sockdir) = (tempdir(), tempdir(), tempdir(), tempdir());
+    for i in 0..50 {
+        write_file(src.path(), &format!("keep/f{i}"), vec![b'k'; 10_000]);
+    }
+    let sock_path = sockdir.path().join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = Command::new(cachefs_bin())
+        .args(["-src", src.path().to_str().unwrap()])
+        .args(["-dst", dst.path().to_str().unwrap()])
+        .args(["-mountpoint", mnt.path().to_str().unwrap()])
+        .args(["--cache-size", "1G", "--pin", "keep/**"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Prefetch runs beside the mount: its reports come before or after READY=1.
+    let got = recv_until(&sock, "STATUS=cache: prefetching pinned files: done: ");
+    let reports: Vec<&String> = got
+        .iter()
+        .filter(|m| m.starts_with("STATUS=cache: prefetching pinned files: "))
+        .collect();
+    assert!(
+        reports[0].starts_with("STATUS=cache: prefetching pinned files: 1 files, "),
+        "{got:#?}"
+    );
+    assert!(
+        reports
+            .last()
+            .unwrap()
+            .starts_with("STATUS=cache: prefetching pinned files: done: 50 files, "),
+        "{got:#?}"
+    );
+    // After READY=1 there is no start timeout to extend.
+    assert!(reports.iter().all(|m| !m.contains("EXTEND_TIMEOUT_USEC")));
+    if !got.iter().any(|m| m.contains("READY=1")) {
+        assert!(recv(&sock).contains("READY=1"));
+    }
+    assert_eq!(
+        std::fs::read(dst.path().join("keep/f49")).unwrap().len(),
+        10_000
+    );
+    signal(&child, libc::SIGTERM);
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(20))
             .unwrap()
             .success()
     );

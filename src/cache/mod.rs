@@ -43,7 +43,7 @@
 //! decision, so it reacts to local writes at once.
 //!
 //! Threads: `cachefs-cache` (once a second: trim to the limits, rescan when due,
-//! write `cache.json`, persist the LRU) and `cachefs-pins` (prefetch of pinned src
+//! publish the cache gauges of `metrics`, write `cache.json`, persist the LRU) and `cachefs-pins` (prefetch of pinned src
 //! files through the core's public API, at start, after a pin xattr change and every
 //! [`PREFETCH_EVERY`]).
 //!
@@ -217,7 +217,24 @@ impl Cache {
         let persisted = std::fs::read(cache.lru_path())
             .map(|d| scan::decode_last_use(&d))
             .unwrap_or_default();
-        cache.rescan(&persisted);
+        // Before READY=1: a large dst takes a while; systemd hears how far it got and
+        // extends the start timeout while the walk moves (see `crate::systemd`).
+        let mut progress = crate::systemd::Progress::new("cache: scanning dst", true);
+        let started = Instant::now();
+        cache.rescan_with(&persisted, &mut |files, bytes| {
+            progress.update(|| format!("{files} files, {} so far", human(bytes)))
+        });
+        let (files, usage) = {
+            let ix = cache.index.lock().unwrap();
+            (ix.len(), ix.usage())
+        };
+        progress.finish(false, || {
+            format!(
+                "done: {files} files, {} in {:.1}s",
+                human(usage),
+                started.elapsed().as_secs_f64()
+            )
+        });
         let ix = cache.index.lock().unwrap();
         log::info!(
             "cache: {} in {} files in dst (budget {}, min free {}, {} pinned, {} local); {} pin glob(s)",
@@ -230,6 +247,7 @@ impl Cache {
             cfg.pins.len(),
         );
         drop(ix);
+        cache.publish_metrics();
         Ok(Some(Arc::new(cache)))
     }
 
@@ -688,9 +706,14 @@ impl Cache {
     /// Walks dst and reconciles the index with it (`last_use`: persisted times, used
     /// for paths the index does not know).
     fn rescan(&self, last_use: &HashMap<PathBuf, u64>) {
+        self.rescan_with(last_use, &mut |_, _| {});
+    }
+
+    /// [`Cache::rescan`], calling `tick(files, bytes)` as the walk counts files.
+    fn rescan_with(&self, last_use: &HashMap<PathBuf, u64>, tick: &mut dyn FnMut(usize, u64)) {
         let started = Instant::now();
         let started_stamp = now_nanos();
-        let found = scan::scan(&self.dst, &self.pins, last_use);
+        let found = scan::scan_with(&self.dst, &self.pins, last_use, tick);
         let mut fresh = Index::new();
         let mut ix = self.index.lock().unwrap();
         for (path, mut e) in found.entries {
@@ -796,6 +819,35 @@ impl Cache {
         )
     }
 
+    /// Sets the cache gauges of [`crate::metrics::METRICS`] (usage, files, pinned and
+    /// partial bytes, the limits, dst's free space): after the start-up scan and once
+    /// a second from the maintenance thread.
+    fn publish_metrics(&self) {
+        let (usage, files, pinned, (partial, _)) = {
+            let ix = self.index.lock().unwrap();
+            (
+                ix.usage(),
+                ix.len(),
+                ix.bytes_in(Class::Pinned),
+                ix.partials(),
+            )
+        };
+        let space = self.dst.statvfs().ok().map(|s| Space::of(&s));
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let m = &crate::metrics::METRICS;
+        m.cache_usage_bytes.set(g(usage));
+        m.cache_files.set(g(files as u64));
+        m.cache_pinned_bytes.set(g(pinned));
+        m.cache_partial_bytes.set(g(partial));
+        let limits = self.limits();
+        m.cache_budget_bytes.set(g(limits.budget.unwrap_or(0)));
+        let min_free = limits.min_free.zip(space).map(|(m, s)| m.bytes_of(s.total));
+        m.cache_min_free_bytes.set(g(min_free.unwrap_or(0)));
+        if let Some(s) = space {
+            m.dst_free_bytes.set(g(s.avail));
+        }
+    }
+
     /// Writes `cache.json` when its numbers changed, or a minute after the last write.
     fn write_status(&self) {
         let json = self.status_json();
@@ -896,6 +948,7 @@ impl Cache {
                 }
             }
             drop(fs);
+            self.publish_metrics();
             self.write_status();
             if last_persist.elapsed() >= PERSIST_EVERY {
                 last_persist = Instant::now();
@@ -944,6 +997,8 @@ impl Cache {
         }
         let mut fetched = 0u64;
         let mut bytes = 0u64;
+        // `systemctl status` shows how far it got (after READY=1 too: no timeout then).
+        let mut progress = crate::systemd::Progress::new("cache: prefetching pinned files", false);
         for (root, all) in roots {
             let Some(ino) = lookup_path(fs, &root) else {
                 continue;
@@ -963,6 +1018,7 @@ impl Cache {
                         let _ = fs.release(o.fh);
                         fetched += 1;
                         bytes += size;
+                        progress.update(|| format!("{fetched} files, {} so far", human(bytes)));
                         true
                     }
                     Err(e) if e.errno() == libc::ENOSPC => {
@@ -986,6 +1042,9 @@ impl Cache {
                 break;
             }
         }
+        progress.finish(false, || {
+            format!("done: {fetched} files, {}; serving", human(bytes))
+        });
         if fetched > 0 {
             log::info!(
                 "cache: prefetched {fetched} pinned file(s), {}",

@@ -27,6 +27,15 @@ pub struct Scan {
     pub entries: Vec<(PathBuf, Entry)>,
     /// Topmost directories carrying the pin xattr (their src trees are prefetched).
     pub pinned_dirs: Vec<PathBuf>,
+    /// Sum of the entries' bytes so far.
+    pub bytes: u64,
+}
+
+/// What one walk carries along besides its output.
+struct Walk<'a> {
+    seen_links: HashSet<(u64, u64)>,
+    /// Called after each regular file counted: (files, bytes) so far.
+    tick: &'a mut dyn FnMut(usize, u64),
 }
 
 fn nanos(sec: i64, nsec: i64) -> u64 {
@@ -55,17 +64,23 @@ pub fn classify(dst: &Layer, pins: &Pins, path: &Path, under_pin: bool) -> Class
 
 /// Walks dst.
 pub fn scan(dst: &Layer, pins: &Pins, last_use: &HashMap<PathBuf, u64>) -> Scan {
+    scan_with(dst, pins, last_use, &mut |_, _| {})
+}
+
+/// Walks dst, calling `tick(files, bytes)` after each regular file counted (for
+/// progress reports; it must be cheap).
+pub fn scan_with(
+    dst: &Layer,
+    pins: &Pins,
+    last_use: &HashMap<PathBuf, u64>,
+    tick: &mut dyn FnMut(usize, u64),
+) -> Scan {
     let mut out = Scan::default();
-    let mut seen_links = HashSet::new();
-    walk(
-        dst,
-        pins,
-        last_use,
-        Path::new(""),
-        false,
-        &mut seen_links,
-        &mut out,
-    );
+    let mut w = Walk {
+        seen_links: HashSet::new(),
+        tick,
+    };
+    walk(dst, pins, last_use, Path::new(""), false, &mut w, &mut out);
     partials(dst, pins, last_use, &mut out);
     out
 }
@@ -94,10 +109,12 @@ fn partials(dst: &Layer, pins: &Pins, last_use: &HashMap<PathBuf, u64>, out: &mu
             .get(&rel)
             .copied()
             .unwrap_or_else(|| seed_stamp(&st));
+        let bytes = st.st_blocks as u64 * 512;
+        out.bytes += bytes;
         out.entries.push((
             rel,
             Entry {
-                bytes: st.st_blocks as u64 * 512,
+                bytes,
                 stamp,
                 class: if pinned { Class::Pinned } else { Class::Clean },
             },
@@ -111,7 +128,7 @@ fn walk(
     last_use: &HashMap<PathBuf, u64>,
     dir: &Path,
     under_pin: bool,
-    seen_links: &mut HashSet<(u64, u64)>,
+    w: &mut Walk<'_>,
     out: &mut Scan,
 ) {
     let entries = match dst.read_dir(dir) {
@@ -135,19 +152,11 @@ fn walk(
                 if pinned_here {
                     out.pinned_dirs.push(path.clone());
                 }
-                walk(
-                    dst,
-                    pins,
-                    last_use,
-                    &path,
-                    under_pin || pinned_here,
-                    seen_links,
-                    out,
-                );
+                walk(dst, pins, last_use, &path, under_pin || pinned_here, w, out);
             }
             libc::S_IFREG => {
                 let mut bytes = st.st_blocks as u64 * 512;
-                if st.st_nlink > 1 && !seen_links.insert((st.st_dev, st.st_ino)) {
+                if st.st_nlink > 1 && !w.seen_links.insert((st.st_dev, st.st_ino)) {
                     bytes = 0;
                 }
                 let stamp = last_use
@@ -163,6 +172,8 @@ fn walk(
                         class,
                     },
                 ));
+                out.bytes += bytes;
+                (w.tick)(out.entries.len(), out.bytes);
             }
             _ => {}
         }

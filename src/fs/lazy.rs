@@ -664,9 +664,15 @@ impl Partial {
                 }
             }
             buf.resize(len as usize, 0);
-            if let Err(e) = read_exact_at(file.as_ref().unwrap(), &mut buf, pos) {
+            // Timed as a src `read`; its failure is accounted by the reader that waits
+            // for it (or the install), not here.
+            let read = crate::metrics::timed(crate::metrics::SrcOp::Read, || {
+                read_exact_at(file.as_ref().unwrap(), &mut buf, pos)
+            });
+            if let Err(e) = read {
                 break e;
             }
+            crate::metrics::lazy_fetched(len);
             // All-zero runs stay holes (a sparse src stays sparse in dst).
             if buf.iter().any(|x| *x != 0)
                 && let Err(e) = self.data.write_all_at(&buf, pos)

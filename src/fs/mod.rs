@@ -885,8 +885,8 @@ impl CacheFs {
             crate::metrics::timed(crate::metrics::SrcOp::Fetch, || self.copy_up(path, limit));
         self.copy_flights.lock().unwrap().remove(path);
         self.copy_done.notify_all();
-        let st = result?;
-        crate::metrics::cache_miss(st.st_size as u64);
+        let (st, copied) = result?;
+        crate::metrics::cache_miss(copied);
         crate::cache::on_fetched(&self.cache, path, &st); // CACHE HOOK
         let mut t = self.inodes.lock().unwrap();
         t.set_dst_ident(ino, ident(&st));
@@ -894,7 +894,10 @@ impl CacheFs {
         Ok(st)
     }
 
-    fn copy_up(&self, path: &Path, limit: Option<u64>) -> FsResult<Stat> {
+    /// Copies `path` from src into dst: its stat in dst, and the bytes of file data this
+    /// read from src itself (0 when a lazy fetch completed: its block reads count
+    /// their own bytes, see `metrics::lazy_fetched`).
+    fn copy_up(&self, path: &Path, limit: Option<u64>) -> FsResult<(Stat, u64)> {
         let st = self.src_stat(path)?.ok_or_else(FsError::not_found)?;
         if let Some(parent) = path.parent() {
             self.ensure_dst_dir(parent)?;
@@ -906,7 +909,7 @@ impl CacheFs {
         {
             log::debug!("copy-up {} (completing its lazy fetch)", path.display());
             return match self.install_partial(&p, path, &st, limit) {
-                Ok(()) => self.dst.stat(path)?.ok_or_else(FsError::not_found),
+                Ok(()) => Ok((self.dst.stat(path)?.ok_or_else(FsError::not_found)?, 0)),
                 Err(e) => {
                     lazy.put_back(p);
                     Err(e)
@@ -919,7 +922,13 @@ impl CacheFs {
             replace: false,
         };
         self.copy_from_src(path, st, opts)?;
-        self.dst.stat(path)?.ok_or_else(FsError::not_found)
+        // File data only (a directory's or symlink's size is not data read).
+        let copied = match limit {
+            _ if st.st_mode & libc::S_IFMT != libc::S_IFREG => 0,
+            Some(l) => l.min(st.st_size as u64),
+            None => st.st_size as u64,
+        };
+        Ok((self.dst.stat(path)?.ok_or_else(FsError::not_found)?, copied))
     }
 
     /// Fetches what a partially present file still lacks (up to `limit`) and installs

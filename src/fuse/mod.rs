@@ -2,7 +2,9 @@
 //! types and core errors to errno ([`FsError::errno`]), and nothing else.
 //!
 //! Mount policy: `default_permissions` always (the kernel checks modes); as root also
-//! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise.
+//! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise. A normal
+//! user mounts through the setuid `fusermount3` (fuser's fallback after mount(2) fails
+//! with EPERM); what that needs is checked up front ([`fusermount::check_can_mount`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -21,8 +23,11 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
+pub mod fusermount;
+
 use crate::config::Config;
 use crate::fs::{Attr, CacheFs, Caller, FsError, Kind, OpenRequest, Opened, SetAttr, TimeSpec};
+use crate::metrics::FuseOp;
 
 /// The arguments of a create request, to serve it on another thread.
 #[derive(Clone, Copy)]
@@ -344,6 +349,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = FuseOp::Lookup.timer();
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
             // A negative entry (node id 0): the kernel caches "no such name" for the
@@ -362,6 +368,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = FuseOp::Getattr.timer();
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -386,6 +393,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = FuseOp::Setattr.timer();
         let set = SetAttr {
             mode,
             uid,
@@ -401,6 +409,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = FuseOp::Readlink.timer();
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
             Err(e) => reply.error(errno(e)),
@@ -417,6 +426,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = FuseOp::Mknod.timer();
         match self
             .fs
             .mknod(caller(req), parent.0, name, mode, umask, rdev)
@@ -435,6 +445,7 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = FuseOp::Mkdir.timer();
         match self.fs.mkdir(caller(req), parent.0, name, mode, umask) {
             Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
@@ -442,6 +453,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = FuseOp::Unlink.timer();
         match self.fs.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -449,6 +461,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = FuseOp::Rmdir.timer();
         match self.fs.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -463,6 +476,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _timer = FuseOp::Symlink.timer();
         match self
             .fs
             .symlink(caller(req), parent.0, link_name, target.as_os_str())
@@ -482,6 +496,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Rename.timer();
         match self
             .fs
             .rename(parent.0, name, newparent.0, newname, flags.bits())
@@ -499,6 +514,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timer = FuseOp::Link.timer();
         match self.fs.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.ttl, &fuse_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
@@ -506,13 +522,19 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let timer = FuseOp::Open.timer();
         if crate::fs::opens_for_writing(flags.0) && self.fs.writer_must_wait() {
-            // --max-dirty: wait on a thread of its own, not on a FUSE worker.
+            // --max-dirty: wait on a thread of its own, not on a FUSE worker (timed
+            // there, until the reply).
             let me = self.share();
-            std::thread::spawn(move || me.open_now(ino, flags, reply));
+            std::thread::spawn(move || {
+                let _timer = timer;
+                me.open_now(ino, flags, reply)
+            });
             return;
         }
         self.open_now(ino, flags, reply);
+        drop(timer);
     }
 
     fn read(
@@ -526,6 +548,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _timer = FuseOp::Read.timer();
         match self.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -544,12 +567,16 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let timer = FuseOp::Write.timer();
         if self.fs.writer_must_wait() {
             // --max-dirty: wait on a thread of its own, not on a FUSE worker.
             let (fs, data) = (self.fs.clone(), data.to_vec());
-            std::thread::spawn(move || match fs.write(fh.0, offset, &data) {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(e)),
+            std::thread::spawn(move || {
+                let _timer = timer;
+                match fs.write(fh.0, offset, &data) {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(errno(e)),
+                }
             });
             return;
         }
@@ -557,6 +584,7 @@ impl Filesystem for FuseAdapter {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
+        drop(timer);
     }
 
     fn flush(
@@ -567,6 +595,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Flush.timer();
         if !self.fs.flush_needed() {
             // ENOSYS turns FLUSH off for the whole connection: a round trip less on
             // every close(); release does the work (see `CacheFs::flush_needed`).
@@ -588,6 +617,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Release.timer();
         self.release_backing(ino.0, fh.0);
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
@@ -603,6 +633,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Fsync.timer();
         match self.fs.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -610,6 +641,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = FuseOp::Opendir.timer();
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
@@ -624,6 +656,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = FuseOp::Readdir.timer();
         let items = match self.fs.readdir(fh.0, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(errno(e)),
@@ -660,6 +693,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = FuseOp::Readdirplus.timer();
         let items = match self.fs.readdir(fh.0, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(errno(e)),
@@ -707,6 +741,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Releasedir.timer();
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -719,11 +754,13 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Fsyncdir.timer();
         // Directory entries in dst are made durable by the writeback journal, not here.
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = FuseOp::Statfs.timer();
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -749,6 +786,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Setxattr.timer();
         match self.fs.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -756,6 +794,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = FuseOp::Getxattr.timer();
         match self.fs.getxattr(ino.0, name) {
             Ok(v) => reply_xattr(reply, size, v),
             Err(e) => reply.error(errno(e)),
@@ -763,6 +802,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = FuseOp::Listxattr.timer();
         match self.fs.listxattr(ino.0) {
             Ok(v) => reply_xattr(reply, size, v),
             Err(e) => reply.error(errno(e)),
@@ -770,6 +810,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = FuseOp::Removexattr.timer();
         match self.fs.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -790,6 +831,7 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        let _timer = FuseOp::Ioctl.timer();
         log::trace!("ioctl {cmd:#x}: ENOTTY");
         reply.error(Errno::ENOTTY);
     }
@@ -810,6 +852,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = FuseOp::Access.timer();
         match self.fs.access(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -826,6 +869,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let timer = FuseOp::Create.timer();
         let args = CreateArgs {
             caller: caller(req),
             parent,
@@ -836,10 +880,14 @@ impl Filesystem for FuseAdapter {
         if self.fs.writer_must_wait() {
             // --max-dirty: wait on a thread of its own, not on a FUSE worker.
             let (me, name) = (self.share(), name.to_os_string());
-            std::thread::spawn(move || me.create_now(args, &name, reply));
+            std::thread::spawn(move || {
+                let _timer = timer;
+                me.create_now(args, &name, reply)
+            });
             return;
         }
         self.create_now(args, name, reply);
+        drop(timer);
     }
 
     fn fallocate(
@@ -852,6 +900,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _timer = FuseOp::Fallocate.timer();
         match self.fs.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -867,6 +916,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _timer = FuseOp::Lseek.timer();
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(e)),
@@ -886,6 +936,7 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _timer = FuseOp::CopyFileRange.timer();
         match self
             .fs
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
@@ -956,6 +1007,7 @@ pub struct Mounted {
 }
 
 /// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
+/// [`fusermount::check_can_mount`] first gives the clearer errors.
 pub fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<Mounted> {
     let (mount_options, acl) = mount_options(cfg);
     let mut fc = FuseConfig::default();

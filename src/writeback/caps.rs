@@ -1,9 +1,10 @@
 //! What src can hold, found by trying it once (`-w`), not by retrying ops that cannot
 //! succeed.
 //!
-//! The probe makes a hidden folder on src, `.cachefs-tmp.probe.<instance>.<random>`
-//! (a reserved temp name, unique per dst and per start, so two machines sharing a
-//! bucket never touch each other's), tries in it: a file with a chmod, a chown (root
+//! The probe makes a hidden folder on src, `.cachefs-tmp.probe.<run>.<random>`
+//! (a reserved temp name; `<run>` is 128 random bits new at every start, see
+//! `journal::Runs`, so two machines sharing a bucket never touch each other's, even
+//! when one's dst is a copy of the other's), tries in it: a file with a chmod, a chown (root
 //! only), a utimes and a user xattr, a hard link, a symlink and a fifo, reads each
 //! result back (a src may accept a call and not keep it: rclone answers chmod and
 //! chown with success and shows its fixed `--umask`/`--uid`/`--gid`), and removes the
@@ -165,17 +166,23 @@ pub(crate) struct Caps {
     known: Mutex<Option<SrcCaps>>,
     /// Serialises probes (the first caller probes, the others wait for its answer).
     probing: Mutex<()>,
-    instance: String,
+    /// Probe folder prefixes: this run's first, then earlier runs' of this dst on
+    /// this machine (their leftovers are removed).
+    prefixes: Vec<String>,
     src_path: PathBuf,
     dst: PathBuf,
 }
 
 impl Caps {
-    pub(crate) fn new(instance: &str, src_path: &Path, dst: &Path) -> Caps {
+    pub(crate) fn new(runs: &super::journal::Runs, src_path: &Path, dst: &Path) -> Caps {
+        let prefixes = std::iter::once(&runs.current)
+            .chain(&runs.reclaim)
+            .map(|r| format!("{}probe.{r}.", names::TEMP_PREFIX))
+            .collect();
         Caps {
             known: Mutex::new(None),
             probing: Mutex::new(()),
-            instance: instance.to_string(),
+            prefixes,
             src_path: src_path.to_path_buf(),
             dst: dst.to_path_buf(),
         }
@@ -195,7 +202,7 @@ impl Caps {
         if let Some(c) = self.get() {
             return Ok(c);
         }
-        let caps = probe(root, &self.instance, &self.src_path)?;
+        let caps = probe(root, &self.prefixes, &self.src_path)?;
         log::info!(
             "src {} ({}) can hold: {}; what it cannot is kept in dst only and listed by \
              `cachefs status` as not representable on src",
@@ -249,17 +256,20 @@ pub(crate) fn fstype_of(p: &Path) -> String {
 }
 
 /// Try each capability in a fresh hidden folder under `root`, then remove it.
-fn probe(root: RawFd, instance: &str, src_path: &Path) -> io::Result<SrcCaps> {
-    let mine = format!("{}probe.{instance}.", names::TEMP_PREFIX);
-    // Leftovers of this dst's earlier probes (a crash mid-probe).
+/// `prefixes`: this run's probe folder prefix, then earlier runs' (see [`Caps`]).
+fn probe(root: RawFd, prefixes: &[String], src_path: &Path) -> io::Result<SrcCaps> {
+    // Leftovers of this dst's earlier probes on this machine (a crash mid-probe).
     if let Ok(list) = sys::list_dir(root, OsStr::new(".")) {
         for n in list {
-            if n.as_encoded_bytes().starts_with(mine.as_bytes()) {
+            if prefixes
+                .iter()
+                .any(|p| n.as_encoded_bytes().starts_with(p.as_bytes()))
+            {
                 remove_probe_dir(root, &n);
             }
         }
     }
-    let name = format!("{mine}{:016x}", super::retry::rand_u64());
+    let name = format!("{}{:016x}", prefixes[0], super::retry::rand_u64());
     let name = OsStr::new(&name);
     sys::mkdir_at(root, name, 0o700)?;
     let r = sys::open_dir_at(root, name).and_then(|d| {
@@ -372,13 +382,18 @@ mod tests {
         let dst = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(super::super::journal::dir(dst.path())).unwrap();
         let root = sys::open_root(t.path()).unwrap();
-        // A leftover of an earlier probe of this dst goes; another dst's stays.
-        let old = t.path().join(".cachefs-tmp.probe.me.0");
+        // A leftover of an earlier probe of this dst (run "before") goes; another
+        // dst's (or a clone's) stays.
+        let old = t.path().join(".cachefs-tmp.probe.before.0");
         std::fs::create_dir(&old).unwrap();
         std::fs::write(old.join("f"), b"x").unwrap();
         let other = t.path().join(".cachefs-tmp.probe.other.0");
         std::fs::create_dir(&other).unwrap();
-        let caps = Caps::new("me", t.path(), dst.path());
+        let runs = super::super::journal::Runs {
+            current: "me".into(),
+            reclaim: vec!["before".into()],
+        };
+        let caps = Caps::new(&runs, t.path(), dst.path());
         let c = caps.get_or_probe(root.as_raw_fd()).unwrap();
         assert!(c.symlinks && c.special_files && c.hard_links, "{c:?}");
         assert!(c.chmod && c.utimes && c.empty_dirs == Some(true), "{c:?}");

@@ -391,23 +391,111 @@ impl Journal {
     }
 }
 
-/// The random id of this dst's writeback state (created once, then read back).
-pub(crate) fn instance_id(dst: &Path) -> io::Result<String> {
-    let p = dir(dst).join("instance");
-    match std::fs::read_to_string(&p) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+/// Runs of this process's and earlier daemons' writeback on this dst: the id in every
+/// temp name this run writes to src, and the ids of earlier runs whose leftovers it may
+/// remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Runs {
+    /// This run's id: 128 random bits (getrandom), base32; new at every start and never
+    /// taken from dst, so daemons started from copies of one dst (cloned machines
+    /// sharing a bucket) never write the same temp name.
+    pub current: String,
+    /// Earlier runs of this dst *on this machine* (newest first): a crash may have left
+    /// their temp files on src, which ops they left pending reclaim (`replay`).
+    pub reclaim: Vec<String>,
+}
+
+/// Runs kept in the `runs` file (older ones are forgotten: a leftover of a run that
+/// many starts ago stays on src, hidden by its reserved name).
+pub(crate) const RUNS_KEPT: usize = 8;
+
+/// Records a new run in `writeback/runs` (lines `<id> <machine>`, oldest first,
+/// durable when this returns) and returns it with this machine's earlier runs. An id
+/// of the older single-id format (`writeback/instance`, shared by clones) is taken in
+/// as a run of this machine once, then that file goes.
+pub(crate) fn new_run(dst: &Path) -> io::Result<Runs> {
+    let d = dir(dst);
+    let machine = machine_id();
+    let path = d.join("runs");
+    let mut lines: Vec<(String, String)> = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .filter_map(|l| {
+                let (id, m) = l.split_once(' ')?;
+                Some((id.to_string(), m.to_string()))
+            })
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
+    };
+    let legacy = d.join("instance");
+    if let Ok(old) = std::fs::read_to_string(&legacy)
+        && !old.trim().is_empty()
+    {
+        lines.insert(0, (old.trim().to_string(), machine.clone()));
     }
-    let id = format!("{:08x}", super::retry::rand_u64() as u32);
-    let tmp = dir(dst).join("instance.tmp");
+    let reclaim = lines
+        .iter()
+        .rev()
+        .filter(|(_, m)| *m == machine)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let current = random_id()?;
+    lines.push((current.clone(), machine));
+    let skip = lines.len().saturating_sub(RUNS_KEPT);
+    let text: String = lines[skip..]
+        .iter()
+        .map(|(id, m)| format!("{id} {m}\n"))
+        .collect();
+    let tmp = d.join("runs.tmp");
     let mut f = File::create(&tmp)?;
-    f.write_all(id.as_bytes())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &p)?;
-    sync_dir(&dir(dst))?;
-    Ok(id)
+    std::fs::rename(&tmp, &path)?;
+    let _ = std::fs::remove_file(&legacy);
+    sync_dir(&d)?;
+    Ok(Runs { current, reclaim })
+}
+
+/// 128 bits from getrandom(2), as 26 characters of lowercase base32 (RFC 4648
+/// alphabet): short, and the same on case-insensitive src backends.
+pub(crate) fn random_id() -> io::Result<String> {
+    let mut b = [0u8; 16];
+    let mut got = 0;
+    while got < b.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `b`.
+        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        got += n as usize;
+    }
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let v = u128::from_be_bytes(b);
+    Ok((0..26)
+        .map(|i| ALPHABET[((v >> (i * 5)) & 31) as usize] as char)
+        .collect())
+}
+
+/// This machine, as written next to a run id: `/etc/machine-id` (per installation),
+/// else the host name; no blanks.
+fn machine_id() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    id.split_whitespace().collect::<Vec<_>>().join("_")
 }
 
 fn sync_dir(d: &Path) -> io::Result<()> {
@@ -417,6 +505,45 @@ fn sync_dir(d: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_ids_are_random_short_and_new_at_every_start() {
+        let a = random_id().unwrap();
+        assert_eq!(a.len(), 26);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c))
+        );
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| random_id().unwrap()).collect();
+        assert_eq!(ids.len(), 1000);
+
+        let dst = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir(dst.path())).unwrap();
+        // The older format's id, shared by clones of this dst.
+        std::fs::write(dir(dst.path()).join("instance"), "0badc0de").unwrap();
+        let first = new_run(dst.path()).unwrap();
+        assert_eq!(first.reclaim, ["0badc0de"]);
+        assert!(!dir(dst.path()).join("instance").exists());
+        let second = new_run(dst.path()).unwrap();
+        assert_ne!(second.current, first.current);
+        assert_eq!(second.reclaim, [first.current.clone(), "0badc0de".into()]);
+        // Another machine's runs (a clone's, recorded in a copy) are not reclaimed.
+        let runs = dir(dst.path()).join("runs");
+        let mut text = std::fs::read_to_string(&runs).unwrap();
+        text.push_str("othermachinerun other-machine-id\n");
+        std::fs::write(&runs, text).unwrap();
+        let third = new_run(dst.path()).unwrap();
+        assert!(
+            !third.reclaim.contains(&"othermachinerun".to_string()),
+            "{third:?}"
+        );
+        assert_eq!(third.reclaim[0], second.current);
+        for _ in 0..RUNS_KEPT * 2 {
+            new_run(dst.path()).unwrap();
+        }
+        let kept = std::fs::read_to_string(&runs).unwrap();
+        assert_eq!(kept.lines().count(), RUNS_KEPT, "{kept}");
+    }
     use std::os::unix::ffi::OsStrExt;
 
     #[test]

@@ -320,8 +320,12 @@ struct Shared {
     retry_delay: Duration,
     start_delay: Duration,
     log: bool,
-    /// Random id of this dst's journal, part of every temp name written to src.
-    instance: String,
+    /// This run's temp names and the earlier runs whose leftovers it reclaims
+    /// ([`journal::Runs`]).
+    runs: journal::Runs,
+    /// The first seq journaled by this run: ops below it were left by earlier runs,
+    /// whose temp files they may reclaim.
+    first_seq: u64,
     state: Mutex<Inner>,
     cond: Condvar,
     sync_lock: Mutex<()>,
@@ -802,9 +806,18 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             tmp_prefix: format!(
                 "{}wb.{}.{}.",
                 crate::fs::names::TEMP_PREFIX,
-                sh.instance,
+                sh.runs.current,
                 job.seq
             ),
+            reclaim_prefixes: if job.seq < sh.first_seq {
+                sh.runs
+                    .reclaim
+                    .iter()
+                    .map(|r| format!("{}wb.{r}.{}.", crate::fs::names::TEMP_PREFIX, job.seq))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             tmp_counter: std::cell::Cell::new(0),
             caps: &sh.caps,
             leftovers: &sh.leftovers,
@@ -903,9 +916,14 @@ impl Writeback {
             log::info!("writeback: resuming {loaded} pending ops from the journal");
         }
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
-        let instance = journal::instance_id(&cfg.dst)?;
+        let runs = journal::new_run(&cfg.dst)?;
+        log::info!(
+            "writeback: temp names on src this run: {}wb.{}.*",
+            crate::fs::names::TEMP_PREFIX,
+            runs.current
+        );
         let sh = Arc::new(Shared {
-            caps: caps::Caps::new(&instance, &cfg.src, &cfg.dst),
+            caps: caps::Caps::new(&runs, &cfg.src, &cfg.dst),
             unrep: Mutex::new(unrep),
             unrep_logged: std::sync::atomic::AtomicU64::new(0),
             leftovers: leftovers::Leftovers::open(&cfg.dst, cfg.src_settle),
@@ -915,7 +933,8 @@ impl Writeback {
             retry_delay: cfg.retry_delay,
             start_delay: cfg.start_delay,
             log: cfg.log_writeback,
-            instance,
+            runs,
+            first_seq: next_seq,
             state: Mutex::new(inner),
             cond: Condvar::new(),
             sync_lock: Mutex::new(()),

@@ -65,8 +65,11 @@ pub(crate) struct Ctx<'a> {
     pub src: &'a layer::Layer,
     pub dst: &'a Path,
     pub stop: &'a AtomicBool,
-    /// `.cachefs-tmp.wb.<instance>.<seq>.`
+    /// `.cachefs-tmp.wb.<run>.<seq>.` (see [`super::journal::Runs`]).
     pub tmp_prefix: String,
+    /// The same op's prefixes under earlier runs of this dst on this machine (empty
+    /// for an op journaled by this run): their temp files are leftovers of a crash.
+    pub reclaim_prefixes: Vec<String>,
     pub tmp_counter: Cell<u32>,
     /// What src can hold (probed once).
     pub caps: &'a Caps,
@@ -130,12 +133,17 @@ impl Ctx<'_> {
         });
     }
 
-    /// The next temp name of this op: `.cachefs-tmp.wb.<instance>.<seq>.<n>`. Names are
-    /// a function of the op, so the replay of an op interrupted by a crash reuses (and so
-    /// reclaims) the temp file it left in src.
-    fn temp_name(&self) -> OsString {
+    /// The next temp name of this op, `.cachefs-tmp.wb.<run>.<seq>.<n>`, for use in
+    /// src's directory `dir`. Names are a function of the run and the op: the replay of
+    /// an op interrupted by a crash reuses (and so reclaims) the temp file this run left
+    /// in src; the same name under earlier runs of this dst on this machine (the op was
+    /// left pending by them) is removed from `dir` here.
+    fn temp_name_in(&self, dir: RawFd) -> OsString {
         let n = self.tmp_counter.get();
         self.tmp_counter.set(n + 1);
+        for old in &self.reclaim_prefixes {
+            let _ = sys::unlink_at(dir, OsStr::new(&format!("{old}{n}")), false);
+        }
         OsString::from(format!("{}{n}", self.tmp_prefix))
     }
 }
@@ -339,7 +347,8 @@ fn sync_path(
 /// file and renaming it (a crash mid-upload); its name is known, reclaim it.
 fn reclaim(ctx: &Ctx, roots: &Roots, comps: &[&OsStr]) -> io::Result<Outcome> {
     if let Ok(sp) = sys::walk(&roots.src, comps) {
-        let _ = sys::unlink_at(sp.as_raw_fd(), &ctx.temp_name(), false);
+        let name = ctx.temp_name_in(sp.as_raw_fd());
+        let _ = sys::unlink_at(sp.as_raw_fd(), &name, false);
     }
     Ok(Outcome::Skipped)
 }
@@ -414,7 +423,7 @@ fn sync_entry(
             if src_type == Some(libc::S_IFDIR) {
                 remove_tree(ctx, sd, name)?;
             }
-            let tmp = ctx.temp_name();
+            let tmp = ctx.temp_name_in(sd);
             make_temp(sd, &tmp, || sys::symlink_at(&target, sd, &tmp))?;
             let mut g = TempGuard {
                 dir: sd,
@@ -455,7 +464,7 @@ fn sync_entry(
             if src_type == Some(libc::S_IFDIR) {
                 remove_tree(ctx, sd, name)?;
             }
-            let tmp = ctx.temp_name();
+            let tmp = ctx.temp_name_in(sd);
             make_temp(sd, &tmp, || {
                 sys::mknod_at(sd, &tmp, ftype | 0o600, dst_st.st_rdev)
             })?;
@@ -669,7 +678,7 @@ fn copy_file(
     {
         keep_conflicting_src_version(sd, name)?;
     }
-    let tmp = ctx.temp_name();
+    let tmp = ctx.temp_name_in(sd);
     let mut sf = make_temp(sd, &tmp, || sys::create_excl_at(sd, &tmp, 0o600))?;
     let mut g = TempGuard {
         dir: sd,
