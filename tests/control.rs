@@ -9,7 +9,7 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -571,4 +571,47 @@ fn status_watch_shows_live_rates() {
     let out = cachefs(&[&"status", &dst, &"--watch", &"--count", &"1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("no running cachefs answers"));
+}
+
+/// A file uploaded while a writer still held it open stays dirty until an upload made
+/// with no writer open says src has its bytes; closing the writer with nothing new to
+/// report must queue that upload, or the copy stays "dirty" for good (never evicted,
+/// shown as changed here) although src holds the same bytes.
+#[test]
+fn a_file_uploaded_while_open_for_writing_is_clean_after_its_close() {
+    if !can_mount("a_file_uploaded_while_open_for_writing_is_clean_after_its_close") {
+        return;
+    }
+    for extra in [&[][..], &["--no-passthrough"][..]] {
+        let mut args = vec!["-w"];
+        args.extend_from_slice(extra);
+        let m = Mounted::with_dirs(tempdir(), tempdir(), &args);
+        let dst = m.dst.path().to_path_buf();
+        let mut f = std::fs::File::create(m.mnt_path("f")).unwrap();
+        f.write_all(b"all the bytes").unwrap();
+        // fsync journals the write; the upload runs while the file is still open.
+        f.sync_all().unwrap();
+        wb_wait_status(&dst, Duration::from_secs(20), "drained", |s| {
+            s.pending_ops == 0
+        });
+        assert_eq!(std::fs::read(m.src_path("f")).unwrap(), b"all the bytes");
+        drop(f);
+        wb_wait_status(&dst, Duration::from_secs(20), "drained", |s| {
+            s.pending_ops == 0
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = state_of(&dst, "f");
+            if !st.contains("dirty") {
+                assert!(st.contains("cached"), "{extra:?}: {st}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{extra:?}: f is still `{st}` after its close, with src holding its bytes"
+            );
+            sleep(Duration::from_millis(100));
+        }
+        m.stop();
+    }
 }

@@ -2430,6 +2430,23 @@ impl CacheFs {
         self.sync_out(&h)
     }
 
+    /// The last writer of `ino` closed. If an upload ran while it was open (the record
+    /// stays dirty then: later writes may not have been reported) and nothing new was
+    /// reported since, nothing would ever upload it again and the copy would stay dirty
+    /// for good: queue one more upload (of bytes src probably has already).
+    fn upload_if_uploaded_while_open(&self, ino: u64) -> FsResult<()> {
+        let Some(changes) = &self.changes else {
+            return Ok(());
+        };
+        let Ok((path, _, _)) = self.node_path(ino) else {
+            return Ok(());
+        };
+        if self.origins.uploaded_while_open(&path) && !changes.has_pending(&path) {
+            self.record_content(ino)?;
+        }
+        Ok(())
+    }
+
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let h = self.handles.write().unwrap().remove(&fh);
         match h {
@@ -2445,7 +2462,13 @@ impl CacheFs {
                     }
                     _ => crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)), // CACHE HOOK
                 }
-                self.sync_out(&h)
+                let synced = self.sync_out(&h);
+                let (ino, wrote) = (h.ino, h._writer.is_some());
+                drop(h); // the writer guard goes
+                if wrote {
+                    self.upload_if_uploaded_while_open(ino)?;
+                }
+                synced
             }
             None => Err(FsError::Stale),
         }

@@ -556,6 +556,15 @@ impl Store {
         Ok(true)
     }
 
+    /// `path`'s record is dirty only because it was uploaded while a writer held the
+    /// file (`open_writer`), and none holds it now: one more upload, with no writer,
+    /// makes it clean.
+    pub fn uploaded_while_open(&self, path: &Path) -> bool {
+        let inner = self.inner.lock().unwrap();
+        matches!(inner.map.get(path), Some(rec)
+            if rec.origin.open_writer && !inner.open_writers.contains_key(&rec.key))
+    }
+
     /// Records that dst's object `id`, at `path`, derives from `origin`. A dirty record
     /// is durable on return.
     pub fn put(&self, path: &Path, id: &Ident, mut origin: Origin) -> io::Result<()> {
