@@ -615,3 +615,48 @@ fn a_file_uploaded_while_open_for_writing_is_clean_after_its_close() {
         m.stop();
     }
 }
+
+/// A chmod or an xattr change of a clean cached file is an attribute change: once it
+/// is on src (which keeps modes and xattrs here), the copy is clean again (it stayed
+/// "dirty" for good, never evicted).
+#[test]
+fn an_attribute_change_leaves_the_copy_clean_once_on_src() {
+    if !can_mount("an_attribute_change_leaves_the_copy_clean_once_on_src") {
+        return;
+    }
+    let m = Mounted::with_dirs(dir_with(&[("a", b"a"), ("b", b"b")]), tempdir(), &["-w"]);
+    let dst = m.dst.path().to_path_buf();
+    for n in ["a", "b"] {
+        assert_eq!(std::fs::read(m.mnt_path(n)).unwrap(), n.as_bytes());
+        assert_eq!(state_of(&dst, n), "cached");
+    }
+    std::fs::set_permissions(m.mnt_path("a"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = std::ffi::CString::new(m.mnt_path("b").as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid C strings and a 1-byte value.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"user.note".as_ptr(),
+            b"v".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+    wb_wait_status(&dst, Duration::from_secs(20), "drained", |s| {
+        s.pending_ops == 0
+    });
+    assert_eq!(
+        std::fs::metadata(m.src_path("a")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(state_of(&dst, "a"), "cached", "after a chmod");
+    assert_eq!(state_of(&dst, "b"), "cached", "after setxattr");
+    // A content change is still dirty until uploaded, then clean.
+    std::fs::write(m.mnt_path("a"), b"new").unwrap();
+    wb_wait_status(&dst, Duration::from_secs(20), "drained", |s| {
+        s.pending_ops == 0
+    });
+    assert_eq!(std::fs::read(m.src_path("a")).unwrap(), b"new");
+    m.stop();
+}

@@ -379,7 +379,7 @@ fn sync_entry(
         libc::S_IFREG => {
             if !content && src_type == Some(libc::S_IFREG) {
                 set_meta(dd, sd, name, dst_st)?;
-                refresh_record(ctx, &dir.join(name), dd, sd, name);
+                refresh_record(ctx, &dir.join(name), dd, sd, name, src_st.as_ref(), dst_st);
             } else {
                 if src_type == Some(libc::S_IFDIR) {
                     remove_tree(ctx, sd, name)?;
@@ -721,7 +721,22 @@ fn origin_of_open(ctx: &Ctx, rel: &Path, df: &File) -> Option<Origin> {
 /// it, keeping the dirty flag, so the next upload does not take our own replay for
 /// somebody else's change (a false conflict). A file without a record gets none: src's
 /// bytes are not known to be dst's.
-fn refresh_record(ctx: &Ctx, rel: &Path, dd: RawFd, sd: RawFd, name: &OsStr) {
+/// After an attribute-only sync (chmod, chown, utimens, xattrs) of a regular file:
+/// the record takes src's new version. It becomes clean when the change was only
+/// attributes: src held the version dst's copy came from (`src_before`) and dst's
+/// size and mtime are still that version's (no content change here since; a write
+/// moves the mtime and has its own op), and src now shows dst's mode and owner. Else
+/// it keeps its dirtiness. Without this, a chmod left a clean cached file dirty for
+/// good (never evicted).
+fn refresh_record(
+    ctx: &Ctx,
+    rel: &Path,
+    dd: RawFd,
+    sd: RawFd,
+    name: &OsStr,
+    src_before: Option<&Stat>,
+    dst_st: &Stat,
+) {
     let Ok(df) = sys::open_read_at(dd, name) else {
         return;
     };
@@ -729,8 +744,16 @@ fn refresh_record(ctx: &Ctx, rel: &Path, dd: RawFd, sd: RawFd, name: &OsStr) {
         && let Ok(Some(on_src)) = sys::lstat_at(sd, name)
         && let Ok(store) = origin::Store::of_root(ctx.dst)
     {
+        // src keeps what was set (a src that drops modes or owners, as rclone does,
+        // leaves the local attributes dirty: an eviction would lose them).
+        let kept = (on_src.st_mode & 0o7777, on_src.st_uid, on_src.st_gid)
+            == (dst_st.st_mode & 0o7777, dst_st.st_uid, dst_st.st_gid);
+        let attrs_only = kept
+            && !old.open_writer
+            && src_before.is_some_and(|s| old.same_source(s))
+            && old.same_source(dst_st);
         let mut record = Origin::of(&on_src);
-        record.dirty = old.dirty;
+        record.dirty = old.dirty && !attrs_only;
         let _ = store.put_fd(rel, &df, record);
     }
 }
