@@ -903,6 +903,36 @@ impl Layer {
         getxattr_fd(fd.as_fd(), name)
     }
 
+    /// getxattr of `xattr` on each of `names` in directory `rel`: one path walk, then
+    /// one getxattrat(2) per name (`Ok(None)`: no directory at `rel`). ENOSYS as a
+    /// whole where the kernel lacks getxattrat (the caller asks name by name).
+    #[allow(clippy::type_complexity)]
+    pub fn getxattr_names(
+        &self,
+        rel: &Path,
+        names: &[OsString],
+        xattr: &OsStr,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> io::Result<Option<Vec<io::Result<Vec<u8>>>>> {
+        if NO_GETXATTRAT.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        let Some(dir) = self.dir_if_present(rel)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let r = getxattrat(dir.as_fd(), &cstr(name)?, libc::AT_SYMLINK_NOFOLLOW, xattr);
+            if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOSYS)) {
+                NO_GETXATTRAT.store(true, Ordering::Relaxed);
+                return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+            }
+            out.push(r);
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(out))
+    }
+
     pub fn listxattr(&self, rel: &Path) -> io::Result<Vec<u8>> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
         listxattr_fd(fd.as_fd())
