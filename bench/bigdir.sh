@@ -94,9 +94,18 @@ for s in $SYSTEMS; do
         passthrough_hp)
             command -v meson >/dev/null || { [ "${NO_INSTALL:-0}" = 1 ] || apt-get install -y -qq meson ninja-build pkg-config libudev-dev g++ >/dev/null 2>&1; }
             build_libfuse_example passthrough_hp && PT_HP=$LIBFUSE_EXAMPLE
-            # passthrough_hp keeps an O_PATH fd per inode: it needs a nofile limit above N.
+            # passthrough_hp keeps an O_PATH fd per inode the kernel holds: it needs a
+            # nofile limit above N. Raising the hard limit needs CAP_SYS_RESOURCE (not
+            # given in some containers, even to root): then the hard limit is used, and
+            # N must stay below it.
+            want=$((N + 4096)) hard=$(ulimit -Hn)
+            if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ] &&
+                ! prlimit --nofile="$want:$want" true 2>/dev/null; then
+                log "passthrough_hp: nofile limited to $hard (cannot raise it); N=$N must stay below it"
+                want=$hard
+            fi
             [ -n "$PT_HP" ] && start passthrough_hp "$W/pt/mnt" \
-                prlimit --nofile=$((N * 2 + 1024)):$((N * 2 + 1024)) "$PT_HP" --foreground "$W/src" "$W/pt/mnt" ;;
+                prlimit --nofile="$want:$want" "$PT_HP" --foreground "$W/src" "$W/pt/mnt" ;;
         cachefs)
             mkdir -p "$W/cf/dst"
             start cachefs "$W/cf/mnt" "$CACHEFS_BIN" -src "$W/src" -dst "$W/cf/dst" \

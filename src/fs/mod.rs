@@ -23,7 +23,8 @@
 //!   `dir_handles` (then a directory handle's own locks) is a leaf: taken under
 //!   `namespace` at most, never holding `inodes` or `handles`.
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
-//!   these and never holding another; so are `refetched` and `src_absent`'s table.
+//!   these and never holding another; so are `refetched`, `src_absent`'s and
+//!   `src_ahead`'s tables, and the dst layer's directory table (see [`layer`]).
 //!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
 //!   `copy_flights` or alone (`evict_partial` holds `copy_flights` so that no copy-up
 //!   installs the partial it evicts), never holding a core lock; no lock is held
