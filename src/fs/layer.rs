@@ -654,7 +654,8 @@ impl Layer {
 
     /// lstat of each of `names` in directory `rel`: one path walk to the directory,
     /// then one `fstatat` per name (a name that is not there: `Ok(None)`). `Ok(None)`
-    /// as a whole when there is no directory at `rel`. `progress` counts the names
+    /// as a whole when there is no directory at `rel`; an outage error (src
+    /// unreachable) on any name fails the whole call. `progress` counts the names
     /// done, so that a caller can tell a slow src from a hung one.
     #[allow(clippy::type_complexity)]
     pub fn stat_names(
@@ -671,6 +672,9 @@ impl Layer {
             let r = match statat(dir.as_fd(), &cstr(name)?) {
                 Ok(st) => Ok(Some(st)),
                 Err(e) if is_not_found(&e) => Ok(None),
+                // src is unreachable, not saying no about this name: the whole call
+                // fails, as a call about this name alone would (metrics, offline).
+                Err(e) if super::is_outage(&e) => return Err(e),
                 Err(e) => Err(e),
             };
             out.push(r);
@@ -926,6 +930,12 @@ impl Layer {
             if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOSYS)) {
                 NO_GETXATTRAT.store(true, Ordering::Relaxed);
                 return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+            }
+            // An outage fails the whole call (see `stat_names`).
+            if let Err(e) = &r
+                && super::is_outage(e)
+            {
+                return Err(r.unwrap_err());
             }
             out.push(r);
             progress.fetch_add(1, Ordering::Relaxed);
