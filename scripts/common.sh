@@ -124,3 +124,63 @@ cachefs_bin() {
   [[ -x "$b" ]] || die "cachefs binary not found at $b (run: cargo build --release)"
   printf '%s\n' "$b"
 }
+
+# ---- third-party test tools (sources in ../shared/thirdparty/) -------------------
+THIRDPARTY_DIR="${THIRDPARTY_DIR:-$REPO_ROOT/../shared/thirdparty}"
+BUILD_DIR="${BUILD_DIR:-$REPO_ROOT/target/thirdparty}"
+# Used only without the tarballs: the commit the tarball was made from.
+LIBFUSE_GIT=https://github.com/libfuse/libfuse.git
+LIBFUSE_COMMIT=e8d407ce93bf0d87efe7bbfafdfbd3c471597a02
+
+# unpack NAME GIT COMMIT: print the source dir of NAME, unpacked from
+# THIRDPARTY_DIR/NAME-*.tar.gz (the newest) or cloned, under BUILD_DIR.
+unpack() {
+  local name="$1" git="$2" commit="$3" tarball="" dir
+  if [[ -d "$THIRDPARTY_DIR" ]]; then
+    tarball="$(find "$THIRDPARTY_DIR" -maxdepth 1 -name "$name-*.tar.gz" | sort | tail -n1)"
+  fi
+  if [[ -n "$tarball" ]]; then
+    dir="$BUILD_DIR/$(basename "$tarball" .tar.gz)"
+    if [[ ! -d "$dir" ]]; then
+      log "unpacking $tarball"
+      rm -rf "$dir.tmp"
+      mkdir -p "$dir.tmp"
+      tar -xzf "$tarball" -C "$dir.tmp" --strip-components=1
+      mv "$dir.tmp" "$dir"
+    fi
+  else
+    dir="$BUILD_DIR/$name-${commit:0:7}"
+    if [[ ! -d "$dir" ]]; then
+      log "no $name tarball in $THIRDPARTY_DIR; cloning $git"
+      rm -rf "$dir.tmp"
+      git clone --quiet "$git" "$dir.tmp"
+      git -C "$dir.tmp" checkout --quiet "$commit"
+      mv "$dir.tmp" "$dir"
+    fi
+  fi
+  printf '%s\n' "$dir"
+}
+
+# build_libfuse_example NAME: builds libfuse's example/NAME (passthrough_ll,
+# passthrough_hp, ...) once under BUILD_DIR (meson + ninja) and sets LIBFUSE_EXAMPLE to
+# its path. Used by xfstests.sh (the baseline) and bench/bigdir.sh (the reference).
+build_libfuse_example() {
+  local name="$1" dir
+  mkdir -p "$BUILD_DIR"
+  dir="$(unpack libfuse "$LIBFUSE_GIT" "$LIBFUSE_COMMIT")"
+  LIBFUSE_DIR="$dir"
+  LIBFUSE_EXAMPLE="$dir/build/example/$name"
+  if [[ ! -x "$LIBFUSE_EXAMPLE" ]]; then
+    log "building libfuse's $name in $dir (meson + ninja)"
+    (
+      cd "$dir"
+      if [[ ! -f build/build.ninja ]]; then
+        rm -rf build
+        meson setup build -Dutils=false -Dtests=false -Dexamples=true >build.log 2>&1 ||
+          { tail -n 30 build.log >&2; exit 1; }
+      fi
+      ninja -C build -j2 "example/$name" >>build.log 2>&1 ||
+        { tail -n 30 build.log >&2; exit 1; }
+    ) || die "libfuse build failed (log: $dir/build.log)"
+  fi
+}

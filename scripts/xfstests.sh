@@ -80,58 +80,16 @@ fi
 if [[ $DEPS -eq 1 ]]; then "$REPO_ROOT/scripts/install-deps.sh" --xfstests-only; fi
 
 # ---- build xfstests and libfuse (once) -----------------------------------
-THIRDPARTY_DIR="${THIRDPARTY_DIR:-$REPO_ROOT/../shared/thirdparty}"
 BUILD_DIR="${XFSTESTS_BUILD_DIR:-$REPO_ROOT/target/thirdparty}"
-# Used only without the tarballs: the commits the tarballs were made from.
+# Used only without the tarballs: the commit the tarball was made from.
 XFSTESTS_GIT=https://git.kernel.org/pub/scm/fs/xfs/xfstests-dev.git
 XFSTESTS_COMMIT=63a29724a85f1999e49bf0a9bf0d22643b6116e5
-LIBFUSE_GIT=https://github.com/libfuse/libfuse.git
-LIBFUSE_COMMIT=e8d407ce93bf0d87efe7bbfafdfbd3c471597a02
-
-# unpack NAME GIT COMMIT: print the source dir of NAME, unpacked from
-# THIRDPARTY_DIR/NAME-*.tar.gz (the newest) or cloned, under BUILD_DIR.
-unpack() {
-  local name="$1" git="$2" commit="$3" tarball="" dir
-  if [[ -d "$THIRDPARTY_DIR" ]]; then
-    tarball="$(find "$THIRDPARTY_DIR" -maxdepth 1 -name "$name-*.tar.gz" | sort | tail -n1)"
-  fi
-  if [[ -n "$tarball" ]]; then
-    dir="$BUILD_DIR/$(basename "$tarball" .tar.gz)"
-    if [[ ! -d "$dir" ]]; then
-      log "unpacking $tarball"
-      rm -rf "$dir.tmp"
-      mkdir -p "$dir.tmp"
-      tar -xzf "$tarball" -C "$dir.tmp" --strip-components=1
-      mv "$dir.tmp" "$dir"
-    fi
-  else
-    dir="$BUILD_DIR/$name-${commit:0:7}"
-    if [[ ! -d "$dir" ]]; then
-      log "no $name tarball in $THIRDPARTY_DIR; cloning $git"
-      rm -rf "$dir.tmp"
-      git clone --quiet "$git" "$dir.tmp"
-      git -C "$dir.tmp" checkout --quiet "$commit"
-      mv "$dir.tmp" "$dir"
-    fi
-  fi
-  printf '%s\n' "$dir"
-}
+# (unpack, build_libfuse_example: scripts/common.sh)
 
 build_thirdparty() {
   mkdir -p "$BUILD_DIR"
-  LIBFUSE_DIR="$(unpack libfuse "$LIBFUSE_GIT" "$LIBFUSE_COMMIT")"
-  PASSTHROUGH_LL="$LIBFUSE_DIR/build/example/passthrough_ll"
-  if [[ ! -x "$PASSTHROUGH_LL" ]]; then
-    log "building libfuse's passthrough_ll in $LIBFUSE_DIR (meson + ninja)"
-    (
-      cd "$LIBFUSE_DIR"
-      rm -rf build
-      meson setup build -Dutils=false -Dtests=false -Dexamples=true >build.log 2>&1 ||
-        { tail -n 30 build.log >&2; exit 1; }
-      ninja -C build -j2 example/passthrough_ll >>build.log 2>&1 ||
-        { tail -n 30 build.log >&2; exit 1; }
-    ) || die "libfuse build failed (log: $LIBFUSE_DIR/build.log)"
-  fi
+  build_libfuse_example passthrough_ll
+  PASSTHROUGH_LL="$LIBFUSE_EXAMPLE"
   XFSTESTS_DIR="$(unpack xfstests "$XFSTESTS_GIT" "$XFSTESTS_COMMIT")"
   if [[ ! -f "$XFSTESTS_DIR/.built" ]]; then
     log "building xfstests in $XFSTESTS_DIR (make -j2, about 3 minutes)"

@@ -10,12 +10,25 @@
 //!   component at a time with `O_NOFOLLOW`.
 //! - A `Layer` is a thin, safe wrapper over syscalls. Its one cache, on dst only
 //!   ([`Layer::open_caching_dirs`]), keeps `O_PATH` fds of recently used directories
+//!   (at most an eighth of the descriptor limit, and at most [`DIR_FD_MAX`]: the
+//!   descriptors the daemon holds do not grow with the entries it has shown)
 //!   so that a burst of calls in one directory does not walk the path again for each
 //!   (an openat2 per call). An entry is at most [`DIR_FD_TTL`] old, and this layer's
 //!   own rename and rmdir drop the entries of every directory they move or remove
 //!   (a generation counter keeps an fd opened before such a change from being cached
 //!   after it). A cached fd always names a directory beneath the root. src never
 //!   caches: other machines rename there behind our back. One leaf lock.
+//! - The same table remembers, for at most [`DIR_FD_TTL`], which directories dst does
+//!   *not* have (an open that failed with ENOENT/ENOTDIR/ELOOP): a listing of a
+//!   directory only src has then costs no path walk per name in dst (its whiteout,
+//!   opaque and entry probes all fail at once), and an absent directory also answers
+//!   for everything below it. Only this layer's `mkdir` and `rename` can make a
+//!   directory appear at a path (files made with `create_file`/`mknod`/`symlink`/
+//!   `link` are no directories, and a parent that is a file answers the same as none):
+//!   both forget every absent entry after their syscall, and bump the generation so
+//!   that an absence seen before them is not recorded after them. Paths with a
+//!   reserved component (the state folder, written with `std::fs` behind this layer's
+//!   back) are never recorded absent.
 //! - A root that was a mount root when opened is only ever replaced
 //!   ([`Layer::reopen`]) by a mount root: an unmounted src leaves an empty
 //!   directory at its path, and that must never be taken for an empty src. A src
@@ -45,15 +58,73 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 /// what a change made to dst behind the daemon's back (not through this layer) can
 /// confuse.
 pub const DIR_FD_TTL: Duration = Duration::from_secs(2);
-/// Most directory fds kept open (the table is emptied when full).
+/// Most directory fds kept open (the table is emptied when full), and most absent
+/// directories remembered.
 const DIR_FD_MAX: usize = 512;
+/// Fewest directory fds kept open, however low the descriptor limit.
+const DIR_FD_MIN: usize = 8;
+
+/// How many directory fds the cache may hold: [`DIR_FD_MAX`], or an eighth of the
+/// process's descriptor limit if that is less, so that the cache can never take the
+/// descriptors that open files, src calls and FUSE itself need (a daemon started with
+/// `ulimit -n 256` must list a directory of any size).
+fn dir_fd_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return DIR_FD_MIN;
+    }
+    usize::try_from(lim.rlim_cur / 8)
+        .unwrap_or(DIR_FD_MAX)
+        .clamp(DIR_FD_MIN, DIR_FD_MAX)
+}
 
 /// Recently used directory fds by relative path (see the module docs).
 #[derive(Debug, Default)]
 struct DirFds {
     map: HashMap<PathBuf, (Arc<OwnedFd>, Instant)>,
+    /// Most entries of `map` (see [`dir_fd_cap`]).
+    cap: usize,
+    /// Directories dst was seen not to have: the errno and when it was seen.
+    absent: HashMap<PathBuf, (i32, Instant)>,
     /// Bumped by every invalidation: an fd opened before one is not cached.
     generation: u64,
+}
+
+impl DirFds {
+    /// The errno of a recent failed open of `rel` or of one of its ancestors (which
+    /// answers for everything below it), if any; expired entries are dropped.
+    fn absent_at(&mut self, rel: &Path) -> Option<i32> {
+        let mut expired = None;
+        let mut found = None;
+        for a in rel.ancestors() {
+            if a.as_os_str().is_empty() {
+                break;
+            }
+            if let Some((errno, at)) = self.absent.get(a) {
+                if at.elapsed() < DIR_FD_TTL {
+                    found = Some(*errno);
+                    break;
+                }
+                expired = Some(a.to_path_buf());
+            }
+        }
+        if let Some(a) = expired {
+            self.absent.remove(&a);
+        }
+        found
+    }
+}
+
+/// Whether any component of `rel` is a reserved name (cachefs's own files in dst).
+fn has_reserved_component(rel: &Path) -> bool {
+    rel.components().any(|c| match c {
+        Component::Normal(n) => super::names::is_reserved(n),
+        _ => true,
+    })
 }
 
 /// A directory root; every operation stays beneath it.
@@ -370,7 +441,10 @@ impl Layer {
     /// docs). Only for a tree that changes through this layer alone (dst).
     pub fn open_caching_dirs(root: &Path) -> io::Result<Layer> {
         let mut l = Layer::open(root)?;
-        l.dirs = Some(Mutex::new(DirFds::default()));
+        l.dirs = Some(Mutex::new(DirFds {
+            cap: dir_fd_cap(),
+            ..DirFds::default()
+        }));
         Ok(l)
     }
 
@@ -390,18 +464,58 @@ impl Layer {
                 }
                 d.map.remove(rel);
             }
+            if !d.absent.is_empty()
+                && let Some(errno) = d.absent_at(rel)
+            {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
             d.generation
         };
-        let fd = Arc::new(self.open_dir(rel)?);
+        let fd = match self.open_dir(rel) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                if is_not_found(&e) && !has_reserved_component(rel) {
+                    let mut d = dirs.lock().unwrap();
+                    if d.generation == generation {
+                        if d.absent.len() >= DIR_FD_MAX {
+                            d.absent.clear();
+                        }
+                        let errno = e.raw_os_error().unwrap_or(libc::ENOENT);
+                        d.absent.insert(rel.to_path_buf(), (errno, Instant::now()));
+                    }
+                }
+                return Err(e);
+            }
+        };
         let mut d = dirs.lock().unwrap();
         if d.generation == generation {
-            if d.map.len() >= DIR_FD_MAX {
+            if d.map.len() >= d.cap {
                 d.map.clear();
             }
             d.map
                 .insert(rel.to_path_buf(), (Arc::clone(&fd), Instant::now()));
         }
         Ok(fd)
+    }
+
+    /// Whether this layer knows (from the last [`DIR_FD_TTL`]) that it has no directory
+    /// at `rel`: then nothing below `rel` exists either, and no syscall is needed to
+    /// say so. Always `false` on a layer that does not cache (src).
+    pub fn known_absent_dir(&self, rel: &Path) -> bool {
+        self.dirs.as_ref().is_some_and(|dirs| {
+            let mut d = dirs.lock().unwrap();
+            !d.absent.is_empty() && d.absent_at(rel).is_some()
+        })
+    }
+
+    /// After a change that can make a directory appear (mkdir, rename): every
+    /// remembered absence may be wrong now.
+    fn forget_absent(&self) {
+        if let Some(dirs) = &self.dirs {
+            let mut d = dirs.lock().unwrap();
+            d.generation += 1;
+            d.absent.clear();
+        }
     }
 
     /// Drops the cached fds of `rel` and every directory below it (after a change that
@@ -438,6 +552,7 @@ impl Layer {
         }
         *self.root.write().unwrap() = Some(fd);
         self.forget_dirs(Path::new(""));
+        self.forget_absent();
         Ok(())
     }
 
@@ -527,6 +642,47 @@ impl Layer {
         }
     }
 
+    /// The directory `rel` (from the cache where this layer keeps one), or `None` when
+    /// there is no directory there. For callers that ask many names of one directory.
+    pub fn dir_if_present(&self, rel: &Path) -> io::Result<Option<Arc<OwnedFd>>> {
+        match self.dir(rel) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// lstat of each of `names` in directory `rel`: one path walk to the directory,
+    /// then one `fstatat` per name (a name that is not there: `Ok(None)`). `Ok(None)`
+    /// as a whole when there is no directory at `rel`; an outage error (src
+    /// unreachable) on any name fails the whole call. `progress` counts the names
+    /// done, so that a caller can tell a slow src from a hung one.
+    #[allow(clippy::type_complexity)]
+    pub fn stat_names(
+        &self,
+        rel: &Path,
+        names: &[OsString],
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> io::Result<Option<Vec<io::Result<Option<Stat>>>>> {
+        let Some(dir) = self.dir_if_present(rel)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let r = match statat(dir.as_fd(), &cstr(name)?) {
+                Ok(st) => Ok(Some(st)),
+                Err(e) if is_not_found(&e) => Ok(None),
+                // src is unreachable, not saying no about this name: the whole call
+                // fails, as a call about this name alone would (metrics, offline).
+                Err(e) if super::is_outage(&e) => return Err(e),
+                Err(e) => Err(e),
+            };
+            out.push(r);
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(out))
+    }
+
     /// The identity of `rel` (see [`Ident`]); `None` if absent.
     pub fn identity(&self, rel: &Path) -> io::Result<Option<Ident>> {
         match self.at(rel, identity_at) {
@@ -559,9 +715,12 @@ impl Layer {
 
     pub fn mkdir(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
         // SAFETY: valid dirfd and name.
-        self.at(rel, |d, n| {
+        let r = self.at(rel, |d, n| {
             cvt(unsafe { libc::mkdirat(d.as_raw_fd(), n.as_ptr(), mode) }).map(drop)
-        })
+        });
+        // After the call (see the module docs): `rel` may be a directory now.
+        self.forget_absent();
+        r
     }
 
     pub fn mknod(&self, rel: &Path, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
@@ -615,9 +774,11 @@ impl Layer {
     /// renameat2 within this layer; `flags` are RENAME_NOREPLACE / RENAME_EXCHANGE.
     pub fn rename(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
         let r = self.rename_uncached(from, to, flags);
-        // After the call (see `DirFds::generation`): both names may have been dirs.
+        // After the call (see `DirFds::generation`): both names may have been dirs,
+        // and `to` may be one now.
         self.forget_dirs(from);
         self.forget_dirs(to);
+        self.forget_absent();
         r
     }
 
@@ -744,6 +905,42 @@ impl Layer {
         }
         let fd = self.open_beneath(rel, libc::O_PATH)?;
         getxattr_fd(fd.as_fd(), name)
+    }
+
+    /// getxattr of `xattr` on each of `names` in directory `rel`: one path walk, then
+    /// one getxattrat(2) per name (`Ok(None)`: no directory at `rel`). ENOSYS as a
+    /// whole where the kernel lacks getxattrat (the caller asks name by name).
+    #[allow(clippy::type_complexity)]
+    pub fn getxattr_names(
+        &self,
+        rel: &Path,
+        names: &[OsString],
+        xattr: &OsStr,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> io::Result<Option<Vec<io::Result<Vec<u8>>>>> {
+        if NO_GETXATTRAT.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        let Some(dir) = self.dir_if_present(rel)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let r = getxattrat(dir.as_fd(), &cstr(name)?, libc::AT_SYMLINK_NOFOLLOW, xattr);
+            if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOSYS)) {
+                NO_GETXATTRAT.store(true, Ordering::Relaxed);
+                return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+            }
+            // An outage fails the whole call (see `stat_names`).
+            if let Err(e) = &r
+                && super::is_outage(e)
+            {
+                return Err(r.unwrap_err());
+            }
+            out.push(r);
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(out))
     }
 
     pub fn listxattr(&self, rel: &Path) -> io::Result<Vec<u8>> {
@@ -996,6 +1193,76 @@ mod tests {
         );
         assert!(!outside.path().join("new").exists());
         assert!(layer.stat(Path::new("../x")).is_err());
+    }
+
+    #[test]
+    fn absent_dirs_are_remembered_until_mkdir_or_rename() {
+        let root = tempfile::tempdir().unwrap();
+        let layer = Layer::open_caching_dirs(root.path()).unwrap();
+        assert!(layer.dir_if_present(Path::new("x/y")).unwrap().is_none());
+        assert!(layer.known_absent_dir(Path::new("x/y")));
+        assert!(layer.known_absent_dir(Path::new("x/y/z")), "covers below");
+        assert!(!layer.known_absent_dir(Path::new("x")), "not asked");
+        // Made behind the layer's back: the absence is still believed (within the TTL),
+        // which proves no path walk is made for it.
+        std::fs::create_dir_all(root.path().join("x/y")).unwrap();
+        assert!(layer.dir_if_present(Path::new("x/y")).unwrap().is_none());
+        assert!(matches!(
+            layer.probe(Path::new("x/y/f")),
+            Ok(Probe::NoParent)
+        ));
+        // Any mkdir through the layer forgets every absence.
+        layer.mkdir(Path::new("other"), 0o755).unwrap();
+        assert!(!layer.known_absent_dir(Path::new("x/y")));
+        assert!(layer.dir_if_present(Path::new("x/y")).unwrap().is_some());
+
+        // A rename can make a directory appear too.
+        assert!(layer.dir_if_present(Path::new("moved")).unwrap().is_none());
+        layer
+            .rename(Path::new("other"), Path::new("moved"), 0)
+            .unwrap();
+        assert!(layer.dir_if_present(Path::new("moved")).unwrap().is_some());
+
+        // mkdir of the very directory (copy-up of a directory dst lacked).
+        assert!(layer.dir_if_present(Path::new("n")).unwrap().is_none());
+        layer.mkdir(Path::new("n"), 0o755).unwrap();
+        assert!(matches!(layer.probe(Path::new("n/f")), Ok(Probe::NoName)));
+    }
+
+    #[test]
+    fn absences_are_not_kept_for_reserved_paths_or_without_caching() {
+        let root = tempfile::tempdir().unwrap();
+        let layer = Layer::open_caching_dirs(root.path()).unwrap();
+        assert!(
+            layer
+                .dir_if_present(Path::new(".cachefs-state/x"))
+                .unwrap()
+                .is_none()
+        );
+        assert!(!layer.known_absent_dir(Path::new(".cachefs-state/x")));
+        let plain = Layer::open(root.path()).unwrap();
+        assert!(plain.dir_if_present(Path::new("q")).unwrap().is_none());
+        std::fs::create_dir(root.path().join("q")).unwrap();
+        assert!(
+            plain.dir_if_present(Path::new("q")).unwrap().is_some(),
+            "src never caches"
+        );
+    }
+
+    #[test]
+    fn the_dir_fd_cache_stays_within_the_descriptor_limit() {
+        let cap = dir_fd_cap();
+        assert!((DIR_FD_MIN..=DIR_FD_MAX).contains(&cap));
+        let root = tempfile::tempdir().unwrap();
+        for i in 0..cap + 20 {
+            std::fs::create_dir_all(root.path().join(format!("d{i}"))).unwrap();
+        }
+        let layer = Layer::open_caching_dirs(root.path()).unwrap();
+        for i in 0..cap + 20 {
+            assert!(layer.stat(Path::new(&format!("d{i}/x"))).unwrap().is_none());
+        }
+        let held = layer.dirs.as_ref().unwrap().lock().unwrap().map.len();
+        assert!(held <= cap, "{held} cached fds, cap {cap}");
     }
 
     #[test]

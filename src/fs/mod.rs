@@ -23,7 +23,8 @@
 //!   `dir_handles` (then a directory handle's own locks) is a leaf: taken under
 //!   `namespace` at most, never holding `inodes` or `handles`.
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
-//!   these and never holding another; so are `refetched` and `src_absent`'s table.
+//!   these and never holding another; so are `refetched`, `src_absent`'s and
+//!   `src_ahead`'s tables, and the dst layer's directory table (see [`layer`]).
 //!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
 //!   `copy_flights` or alone (`evict_partial` holds `copy_flights` so that no copy-up
 //!   installs the partial it evicts), never holding a core lock; no lock is held
@@ -40,6 +41,7 @@ pub mod lazy;
 pub mod names;
 pub mod origin;
 pub mod src_absent;
+pub mod src_ahead;
 pub mod src_pool;
 pub mod src_probe;
 pub mod src_state;
@@ -48,7 +50,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -249,6 +251,8 @@ pub struct CacheFs {
     /// What src was just seen not to have (see `src_absent`): spares src a question
     /// per new name.
     src_absent: src_absent::SrcAbsent,
+    /// Stats of src names asked ahead of their lookups (see `src_ahead`).
+    src_ahead: src_ahead::SrcAhead,
     /// Files revalidation replaced in dst since their last open: that open tells the
     /// kernel to drop its cached pages (no FOPEN_KEEP_CACHE). A leaf lock.
     refetched: Mutex<HashSet<u64>>,
@@ -424,6 +428,7 @@ impl CacheFs {
             src_pool: src_pool::SrcPool::new(SRC_WORKERS, cfg.src_timeout),
             src_probe: src_probe::SrcProbe::new(),
             src_absent: src_absent::SrcAbsent::new(cfg.attr_ttl),
+            src_ahead: src_ahead::SrcAhead::new(cfg.attr_ttl),
             refetched: Mutex::new(HashSet::new()),
             src_unmounted: AtomicBool::new(false),
             changes,
@@ -536,6 +541,16 @@ impl CacheFs {
         if !parent_merges || self.src_absent.covers(path) || self.whited_out(path)? {
             return Ok(None);
         }
+        if let Some(st) = self.src_ahead.take(path) {
+            return Ok(Some(Found {
+                layer: Layered::Src,
+                st,
+                merge_src: true,
+            }));
+        }
+        if let Some(batch) = self.src_ahead.batch_for(path) {
+            return self.find_in_src_batch(path, batch);
+        }
         let probe = path.to_path_buf();
         match self.src_do(crate::metrics::SrcOp::Stat, path, move |s| s.probe(&probe))? {
             Probe::Found(st) => Ok(Some(Found {
@@ -549,6 +564,48 @@ impl CacheFs {
             }
             Probe::NoParent => {
                 self.src_absent.note(path.parent().unwrap_or(path));
+                Ok(None)
+            }
+        }
+    }
+
+    /// `find` of src's `path` by asking src about `batch` (`path`'s name and the names
+    /// after it in the listing) in one job; the answers for the other names are kept
+    /// for their lookups (see `src_ahead`).
+    fn find_in_src_batch(&self, path: &Path, batch: Vec<OsString>) -> FsResult<Option<Found>> {
+        let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let progress = Arc::new(AtomicU64::new(0));
+        let (p, d, asked) = (Arc::clone(&progress), dir.clone(), batch.clone());
+        let r = self.src_do_watched(
+            crate::metrics::SrcOp::Stat,
+            path,
+            Some(progress),
+            move |s| s.stat_names(&d, &asked, &p),
+        )?;
+        let Some(stats) = r else {
+            self.src_absent.note(&dir);
+            return Ok(None);
+        };
+        let mut mine = None;
+        let mut found = Vec::new();
+        for (k, (name, st)) in batch.into_iter().zip(stats).enumerate() {
+            if k == 0 {
+                mine = Some(st);
+                continue;
+            }
+            if let Ok(Some(st)) = st {
+                found.push((name, st));
+            }
+        }
+        self.src_ahead.put(&dir, found.into_iter());
+        match self.src_result(mine.unwrap_or(Ok(None)))? {
+            Some(st) => Ok(Some(Found {
+                layer: Layered::Src,
+                st,
+                merge_src: true,
+            })),
+            None => {
+                self.src_absent.note(path);
                 Ok(None)
             }
         }
@@ -625,6 +682,8 @@ impl CacheFs {
                 {
                     *self.src_offline_since.lock().unwrap() = None;
                     self.src_absent.clear();
+                    self.src_ahead.clear();
+                    self.src_ahead.clear();
                     log::warn!("src {} answers again", self.src.root_path().display());
                     self.persist_src_state(None);
                 }
@@ -671,11 +730,25 @@ impl CacheFs {
         path: &Path,
         f: impl Fn(&Layer) -> io::Result<T> + Send + Sync + 'static,
     ) -> FsResult<T> {
+        self.src_do_watched(op, path, None, f)
+    }
+
+    /// [`CacheFs::src_do`] for a call that does many steps (a batch of stats): with
+    /// `progress`, it times out only after a whole `--src-timeout` with no step done.
+    fn src_do_watched<T: Send + 'static>(
+        &self,
+        op: crate::metrics::SrcOp,
+        path: &Path,
+        progress: Option<Arc<AtomicU64>>,
+        f: impl Fn(&Layer) -> io::Result<T> + Send + Sync + 'static,
+    ) -> FsResult<T> {
         self.src_gate()?;
         let f = Arc::new(f);
         let attempt = || {
             let (src, f) = (Arc::clone(&self.src), Arc::clone(&f));
-            let r = crate::metrics::src_op(op, || self.src_pool.run(move || f(&src)));
+            let progress = progress.clone();
+            let r =
+                crate::metrics::src_op(op, || self.src_pool.run_watched(progress, move || f(&src)));
             self.note_if_timed_out(&r, path);
             r
         };
@@ -773,6 +846,7 @@ impl CacheFs {
         match self.src_pool.run(move || src.reopen()) {
             Ok(()) => {
                 self.src_absent.clear();
+                self.src_ahead.clear();
                 self.src_unmounted.store(false, Ordering::Relaxed);
                 if self.src.is_mount_root() {
                     src_state::remember_mounted(self.dst.root_path());
@@ -830,6 +904,7 @@ impl CacheFs {
             // src gets these paths at replay: no longer "absent" there.
             for p in crate::writeback::op_paths(&op) {
                 self.src_absent.forget(p);
+                self.src_ahead.forget(p);
             }
             c.record(op).map_err(FsError::Journal)?;
         }
@@ -1079,6 +1154,7 @@ impl CacheFs {
             _ => return Ok(None),
         }
         self.src_absent.forget(path);
+        self.src_ahead.forget(path);
         self.dst.unlink(path)?;
         self.origins.clear(path)?;
         if let Some(ino) = ino {
@@ -1461,6 +1537,8 @@ impl CacheFs {
             // it must agree.
             self.src_absent
                 .listed(path, src_entries.iter().map(|e| e.name.as_os_str()));
+            self.src_ahead
+                .listed(path, src_entries.iter().map(|e| e.name.as_os_str()));
             for e in src_entries {
                 src_names.insert(e.name.clone());
                 if names::is_reserved(&e.name)
@@ -1553,6 +1631,131 @@ impl CacheFs {
             }
         }
         Ok(attr)
+    }
+
+    /// [`CacheFs::lookup`] of each of `names` in directory `parent` (readdirplus): the
+    /// same answers, each found entry with one kernel reference, `None` for a name that
+    /// is not there (or could not be looked up: the listing skips it, as before).
+    ///
+    /// Cost per name, independent of the batch size: in a directory dst has, one
+    /// `fstatat` on its (cached) fd, plus one for the whiteout of a name dst lacks and
+    /// one opaque probe per subdirectory dst holds; in a directory dst does not have,
+    /// nothing (known from one failed open, remembered by the dst layer). The names
+    /// only src can answer are asked in one src-pool job for the whole batch (one path
+    /// walk to src's directory, one `fstatat` per name), under the offline gate and
+    /// `--src-timeout` like every src call (a job that makes progress is not cut off).
+    /// Cached files due for revalidation are revalidated one by one as in `lookup`
+    /// (each bounded by [`REVALIDATE_WAIT`]).
+    pub fn lookup_many(&self, parent: u64, names: &[&OsStr]) -> FsResult<Vec<Option<Attr>>> {
+        let _ns = self.namespace.read().unwrap();
+        let (dir, merges) = self.dir_path(parent)?;
+        let mut out: Vec<Option<Attr>> = vec![None; names.len()];
+        let dst_dir = self.dst.dir_if_present(&dir)?;
+        // (index in `names`, path) of the names only src can answer.
+        let mut ask_src: Vec<(usize, PathBuf)> = Vec::new();
+        // (index, ino, path) of cached files to revalidate.
+        let mut revalidate: Vec<(usize, u64, PathBuf)> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            if names::is_reserved(name) {
+                continue;
+            }
+            let path = dir.join(name);
+            let in_dst = match &dst_dir {
+                None => None,
+                Some(fd) => match layer::statat(fd.as_fd(), &layer::cstr(name)?) {
+                    Ok(st) => Some(st),
+                    Err(e) if layer::is_not_found(&e) => None,
+                    Err(_) => continue,
+                },
+            };
+            if let Some(st) = in_dst {
+                let merge_src = is_dir(&st)
+                    && merges
+                    && match self.is_opaque(&path) {
+                        Ok(opaque) => !opaque,
+                        Err(_) => continue,
+                    };
+                let found = Found {
+                    layer: Layered::Dst,
+                    st,
+                    merge_src,
+                };
+                let attr = self.register(&path, &found, 1);
+                if attr.kind == Kind::File && merges && !self.revalidate.is_zero() {
+                    revalidate.push((i, attr.ino, path));
+                }
+                out[i] = Some(attr);
+                continue;
+            }
+            if !merges || self.src_absent.covers(&path) {
+                continue;
+            }
+            // A whiteout lives in dst's directory: none where dst has no directory.
+            if dst_dir.is_some() && self.whited_out(&path).unwrap_or(true) {
+                continue;
+            }
+            if dst_dir.is_none() {
+                let legacy = self.legacy_whiteouts.lock().unwrap();
+                if !legacy.is_empty() && path.ancestors().any(|a| legacy.contains(a)) {
+                    continue;
+                }
+            }
+            ask_src.push((i, path));
+        }
+        if !ask_src.is_empty() {
+            let asked: Vec<OsString> = ask_src
+                .iter()
+                .map(|(i, _)| names[*i].to_os_string())
+                .collect();
+            let progress = Arc::new(AtomicU64::new(0));
+            let p = Arc::clone(&progress);
+            let d = dir.clone();
+            let r = self.src_do_watched(
+                crate::metrics::SrcOp::Stat,
+                &dir,
+                Some(progress),
+                move |s| s.stat_names(&d, &asked, &p),
+            );
+            match r {
+                Ok(None) => self.src_absent.note(&dir),
+                Ok(Some(stats)) => {
+                    for ((i, path), st) in ask_src.iter().zip(stats) {
+                        match self.src_result(st) {
+                            Ok(Some(st)) => {
+                                let found = Found {
+                                    layer: Layered::Src,
+                                    st,
+                                    merge_src: true,
+                                };
+                                out[*i] = Some(self.register(path, &found, 1));
+                            }
+                            Ok(None) => self.src_absent.note(path),
+                            Err(_) => {}
+                        }
+                    }
+                }
+                // Offline or failing: these names are skipped (as each lookup would
+                // have failed); dst's entries are answered.
+                Err(_) => {}
+            }
+        }
+        for (i, ino, path) in revalidate {
+            match self.revalidate(ino, &path) {
+                Ok(Freshness::Unchanged) => {}
+                Ok(Freshness::Refetched) => out[i] = self.stat_node(ino).ok(),
+                Ok(Freshness::Gone) => {
+                    let mut t = self.inodes.lock().unwrap();
+                    t.forget(ino, 1);
+                    t.detach_path(&path);
+                    out[i] = None;
+                }
+                Err(_) => {
+                    self.inodes.lock().unwrap().forget(ino, 1);
+                    out[i] = None;
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -2643,8 +2846,73 @@ impl CacheFs {
         if origin::is_reserved_xattr(name) {
             return denied(libc::ENODATA);
         }
+        {
+            // dst first; a name only src has may be answered by a batch (`src_ahead`).
+            let _ns = self.namespace.read().unwrap();
+            let (path, _, _) = self.node_path(ino)?;
+            match self.dst.getxattr(&path, name) {
+                Err(e) if layer::is_not_found(&e) => {}
+                r => return Ok(r?),
+            }
+            if let Some(r) = self.src_ahead.take_xattr(&path, name) {
+                return r.map_err(|errno| io::Error::from_raw_os_error(errno).into());
+            }
+            if let Some(batch) = self.src_ahead.xattr_batch_for(&path, name)
+                && let Some(r) = self.getxattr_src_batch(&path, name, batch)
+            {
+                return r;
+            }
+        }
         let name = name.to_os_string();
         self.on_layer(ino, move |l, p| l.getxattr(p, &name))
+    }
+
+    /// getxattr of `xattr` on src's `path`, asking src about `batch` (`path`'s name and
+    /// the names after it in the listing) in one job and keeping the other answers for
+    /// their requests. `None`: not answered this way (ask about `path` alone).
+    fn getxattr_src_batch(
+        &self,
+        path: &Path,
+        xattr: &OsStr,
+        batch: Vec<OsString>,
+    ) -> Option<FsResult<Vec<u8>>> {
+        let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let progress = Arc::new(AtomicU64::new(0));
+        let (p, d, asked, x) = (
+            Arc::clone(&progress),
+            dir.clone(),
+            batch.clone(),
+            xattr.to_os_string(),
+        );
+        let r = self.src_do_watched(
+            crate::metrics::SrcOp::Stat,
+            path,
+            Some(progress),
+            move |s| s.getxattr_names(&d, &asked, &x, &p),
+        );
+        let answers = match r {
+            Ok(Some(answers)) => answers,
+            Ok(None) => return Some(Err(FsError::not_found())),
+            Err(FsError::Io(e)) if e.raw_os_error() == Some(libc::ENOSYS) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut mine = None;
+        let mut keep = Vec::new();
+        for (k, (name, r)) in batch.into_iter().zip(answers).enumerate() {
+            if k == 0 {
+                mine = Some(r);
+                continue;
+            }
+            match r {
+                Ok(v) => keep.push((name, Ok(v))),
+                Err(e) if !is_outage(&e) => {
+                    keep.push((name, Err(e.raw_os_error().unwrap_or(libc::EIO))))
+                }
+                Err(_) => {}
+            }
+        }
+        self.src_ahead.put_xattrs(&dir, xattr, keep.into_iter());
+        Some(self.src_result(mine?))
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {

@@ -12,21 +12,122 @@
 //!
 //! Invariant: a job owns everything it touches (`'static`), so a late finish after a
 //! timeout cannot touch freed memory; its result is dropped.
+//!
+//! Hand-offs block: the job queue and each call's answer are a mutex and a condvar
+//! (a futex wait), never a spin or `sched_yield` loop. A src call costs two thread
+//! wake-ups, so callers with many questions for one directory batch them into one job
+//! (see `CacheFs::lookup_many`). Locks: the queue's and each answer slot's mutex are
+//! leaves, held only to move a job or a result, never across a job.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The job queue the workers wait on.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        self.jobs.lock().unwrap().0.push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// The next job; `None` once the pool is dropped.
+    fn pop(&self) -> Option<Job> {
+        let mut q = self.jobs.lock().unwrap();
+        loop {
+            if let Some(job) = q.0.pop_front() {
+                return Some(job);
+            }
+            if q.1 {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap();
+        }
+    }
+}
+
+/// One call's answer: filled once by the worker, waited for by the caller.
+struct Slot<T> {
+    /// `Some(None)`: the job ended without an answer (it panicked).
+    value: Mutex<Option<Option<T>>>,
+    done: Condvar,
+}
+
+/// The worker's end of a [`Slot`]: answers `None` if dropped unanswered.
+struct Answer<T>(Arc<Slot<T>>);
+
+impl<T> Answer<T> {
+    fn send(self, v: T) {
+        *self.0.value.lock().unwrap() = Some(Some(v));
+        self.0.done.notify_all();
+    }
+}
+
+impl<T> Drop for Answer<T> {
+    fn drop(&mut self) {
+        let mut v = self.0.value.lock().unwrap();
+        if v.is_none() {
+            *v = Some(None);
+            self.0.done.notify_all();
+        }
+    }
+}
+
+enum Waited<T> {
+    Got(T),
+    Timeout,
+    Lost,
+}
+
+impl<T> Slot<T> {
+    fn new() -> (Arc<Slot<T>>, Answer<T>) {
+        let s = Arc::new(Slot {
+            value: Mutex::new(None),
+            done: Condvar::new(),
+        });
+        (Arc::clone(&s), Answer(s))
+    }
+
+    /// Waits at most `bound` for the answer (blocking, no spinning).
+    fn wait(&self, bound: Duration) -> Waited<T> {
+        let deadline = Instant::now() + bound;
+        let mut v = self.value.lock().unwrap();
+        loop {
+            match v.take() {
+                Some(Some(x)) => return Waited::Got(x),
+                Some(None) => return Waited::Lost,
+                None => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Waited::Timeout;
+            }
+            v = self.done.wait_timeout(v, deadline - now).unwrap().0;
+        }
+    }
+}
+
 pub struct SrcPool {
-    jobs: Sender<Job>,
+    queue: Arc<Queue>,
     busy: Arc<AtomicUsize>,
     workers: usize,
     timeout: Duration,
+}
+
+impl Drop for SrcPool {
+    fn drop(&mut self) {
+        self.queue.jobs.lock().unwrap().1 = true;
+        self.queue.ready.notify_all();
+    }
 }
 
 fn timed_out() -> io::Error {
@@ -36,15 +137,15 @@ fn timed_out() -> io::Error {
 impl SrcPool {
     /// `timeout` zero: calls run inline, unbounded (no threads are started).
     pub fn new(workers: usize, timeout: Duration) -> SrcPool {
-        let (jobs, rx) = unbounded::<Job>();
+        let queue = Arc::new(Queue::default());
         let busy = Arc::new(AtomicUsize::new(0));
         if !timeout.is_zero() {
             for i in 0..workers {
-                let rx: Receiver<Job> = rx.clone();
+                let queue = Arc::clone(&queue);
                 std::thread::Builder::new()
                     .name(format!("cachefs-src-{i}"))
                     .spawn(move || {
-                        for job in rx {
+                        while let Some(job) = queue.pop() {
                             job();
                         }
                     })
@@ -52,7 +153,7 @@ impl SrcPool {
             }
         }
         SrcPool {
-            jobs,
+            queue,
             busy,
             workers,
             timeout,
@@ -75,9 +176,7 @@ impl SrcPool {
             f();
             busy.fetch_sub(1, Ordering::AcqRel);
         });
-        if self.jobs.send(job).is_err() {
-            self.busy.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.queue.push(job);
     }
 
     /// Runs `f` and waits at most `bound` (never more than the timeout) for it: `None`
@@ -94,14 +193,12 @@ impl SrcPool {
         if self.busy.load(Ordering::Acquire) >= self.workers {
             return Some(Err(timed_out()));
         }
-        let (tx, rx) = bounded(1);
-        self.spawn(move || {
-            let _ = tx.send(f());
-        });
-        match rx.recv_timeout(bound) {
-            Ok(r) => Some(r),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => Some(Err(timed_out())),
+        let (slot, answer) = Slot::new();
+        self.spawn(move || answer.send(f()));
+        match slot.wait(bound) {
+            Waited::Got(r) => Some(r),
+            Waited::Timeout => None,
+            Waited::Lost => Some(Err(timed_out())),
         }
     }
 
@@ -127,23 +224,21 @@ impl SrcPool {
             // Every worker is stuck on a stalled src: fail now rather than queue.
             return Err(timed_out());
         }
-        let (tx, rx) = bounded(1);
+        let (slot, answer) = Slot::new();
         let busy = Arc::clone(&self.busy);
         busy.fetch_add(1, Ordering::AcqRel);
         let job: Job = Box::new(move || {
             let r = f();
             busy.fetch_sub(1, Ordering::AcqRel);
-            let _ = tx.send(r);
+            answer.send(r);
         });
-        if self.jobs.send(job).is_err() {
-            return Err(timed_out());
-        }
+        self.queue.push(job);
         let mut seen = progress.as_ref().map(|p| p.load(Ordering::Relaxed));
         loop {
-            match rx.recv_timeout(self.timeout) {
-                Ok(r) => return r,
-                Err(RecvTimeoutError::Disconnected) => return Err(timed_out()),
-                Err(RecvTimeoutError::Timeout) => {
+            match slot.wait(self.timeout) {
+                Waited::Got(r) => return r,
+                Waited::Lost => return Err(timed_out()),
+                Waited::Timeout => {
                     let now = progress.as_ref().map(|p| p.load(Ordering::Relaxed));
                     if now.is_none() || now == seen {
                         return Err(timed_out());

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -48,7 +48,19 @@ pub struct FuseAdapter {
     backing: Arc<Mutex<BackingTable>>,
     /// Told once the kernel's INIT was answered: the mount serves requests.
     ready: Option<crossbeam_channel::Sender<()>>,
+    /// Bytes of entries the last full readdirplus reply held: how many names one
+    /// batch of lookups takes (see `readdirplus`).
+    readdirplus_room: Arc<AtomicUsize>,
 }
+
+/// What one readdirplus entry takes in the reply: `fuse_entry_out` (128 bytes) and
+/// `fuse_dirent` (24) with the name, padded to 8 bytes.
+fn direntplus_size(name: &OsStr) -> usize {
+    (152 + name.len() + 7) & !7
+}
+
+/// The first guess at a readdirplus reply's size (one page), before one filled up.
+const READDIRPLUS_ROOM: usize = 4096;
 
 /// Backing files registered with the kernel for passthrough. The kernel allows one
 /// backing file per inode at a time, so all open handles of an inode share one
@@ -67,6 +79,7 @@ impl FuseAdapter {
             passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
             backing: Arc::new(Mutex::new(BackingTable::default())),
             ready: None,
+            readdirplus_room: Arc::new(AtomicUsize::new(READDIRPLUS_ROOM)),
         }
     }
 
@@ -79,6 +92,7 @@ impl FuseAdapter {
             passthrough: self.passthrough.clone(),
             backing: self.backing.clone(),
             ready: None,
+            readdirplus_room: self.readdirplus_room.clone(),
         }
     }
 
@@ -711,24 +725,65 @@ impl Filesystem for FuseAdapter {
             }
             next += 1;
         }
-        for (i, item) in items.iter().enumerate().skip((next - 2) as usize) {
-            // A lookup (one kernel reference), given back if the entry does not fit.
-            let attr = match self.fs.lookup(ino.0, &item.name) {
-                Ok(a) => a,
-                Err(_) => continue, // gone since opendir
+        // The entries are looked up in batches (one src job per batch, see
+        // `CacheFs::lookup_many`), each about what the reply buffer holds: its size is
+        // learned from the last reply that filled up (fuser does not tell it).
+        let mut idx = (next - 2) as usize;
+        let mut room = self.readdirplus_room.load(Ordering::Relaxed);
+        let mut used = 0usize;
+        let mut added = false;
+        while idx < items.len() {
+            let mut end = idx;
+            let mut bytes = used;
+            while end < items.len() {
+                let size = direntplus_size(&items[end].name);
+                if end > idx && bytes + size > room {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            let names: Vec<&OsStr> = items[idx..end].iter().map(|i| i.name.as_os_str()).collect();
+            let attrs = match self.fs.lookup_many(ino.0, &names) {
+                Ok(attrs) => attrs,
+                Err(e) if !added => return reply.error(errno(e)),
+                Err(_) => break,
             };
-            let full = reply.add(
-                INodeNo(attr.ino),
-                i as u64 + 3,
-                &item.name,
-                &self.ttl,
-                &fuse_attr(&attr),
-                Generation(0),
-            );
+            let mut full = false;
+            for (k, attr) in attrs.into_iter().enumerate() {
+                // gone since opendir, or not answerable now: skipped
+                let Some(attr) = attr else { continue };
+                // Each found entry holds one kernel reference: given back if the entry
+                // does not fit.
+                if full {
+                    self.fs.forget(attr.ino, 1);
+                    continue;
+                }
+                let item = &items[idx + k];
+                if reply.add(
+                    INodeNo(attr.ino),
+                    (idx + k) as u64 + 3,
+                    &item.name,
+                    &self.ttl,
+                    &fuse_attr(&attr),
+                    Generation(0),
+                ) {
+                    self.fs.forget(attr.ino, 1);
+                    full = true;
+                    continue;
+                }
+                added = true;
+                used += direntplus_size(&item.name);
+            }
             if full {
-                self.fs.forget(attr.ino, 1);
+                if used > 0 {
+                    self.readdirplus_room.store(used, Ordering::Relaxed);
+                }
                 break;
             }
+            idx = end;
+            // Everything fitted: the buffer is bigger than thought.
+            room = room.max(used).saturating_mul(2);
         }
         reply.ok();
     }
