@@ -1681,7 +1681,7 @@ impl CacheFs {
                     merge_src,
                 };
                 let attr = self.register(&path, &found, 1);
-                if attr.kind == Kind::File && merges && !self.revalidate.is_zero() {
+                if attr.kind == Kind::File && merges && !self.revalidate_every().is_zero() {
                     revalidate.push((i, attr.ino, path));
                 }
                 out[i] = Some(attr);
