@@ -227,8 +227,9 @@ fn fd_is_stream(fd: std::os::fd::BorrowedFd<'_>, stream: &str) -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    // SAFETY: fstat writes into a zeroed stat; the fd is valid for the call.
+    // SAFETY: all-zero bytes are a valid libc::stat (plain integers).
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into `st`; the fd is valid for the call.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return false;
     }

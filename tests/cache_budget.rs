@@ -69,6 +69,7 @@ fn set_pin(path: &Path) {
 /// Free bytes on the filesystem of `dir`.
 fn free_bytes(dir: &Path) -> u64 {
     let p = CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: all-zero bytes are a valid libc::statvfs (plain integers).
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out-pointer.
     assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut st) }, 0);

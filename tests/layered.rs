@@ -216,8 +216,8 @@ fn stat_readdir_readlink_and_xattr_reads_copy_nothing() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("c.txt"));
     let _ = user_xattrs(&m.mnt_path("a/big"));
-    // SAFETY: valid path.
     assert_eq!(
+        // SAFETY: valid NUL-terminated path.
         unsafe { libc::access(cpath(&m.mnt_path("a/big")).as_ptr(), libc::R_OK) },
         0
     );

@@ -266,8 +266,8 @@ fn mknod_fifo_and_mkdir_in_uncached_dirs() {
     std::os::unix::fs::chown(src.path().join("sd"), Some(77), Some(88)).unwrap();
     with_mount(src, tempdir(), |m| {
         let c = cpath(&m.mnt_path("sd/fifo"));
-        // SAFETY: valid path.
         assert_eq!(
+            // SAFETY: valid NUL-terminated path.
             unsafe { libc::mkfifo(c.as_ptr(), 0o640) },
             0,
             "{}",
@@ -277,8 +277,8 @@ fn mknod_fifo_and_mkdir_in_uncached_dirs() {
         assert_eq!(md.mode(), libc::S_IFIFO | 0o640);
         assert!(lstat(&m.dst_path("sd/fifo")).file_type().is_fifo());
         let c = cpath(&m.mnt_path("sd/new"));
-        // SAFETY: valid path.
         assert_eq!(
+            // SAFETY: valid NUL-terminated path.
             unsafe { libc::mkdir(c.as_ptr(), 0o750) },
             0,
             "{}",
@@ -584,8 +584,8 @@ fn statfs_reports_dst_filesystem() {
     with_mount(tempdir(), tempdir(), |m| {
         let sv = |p: &Path| {
             let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-            // SAFETY: valid path and pointer.
             assert_eq!(
+                // SAFETY: valid NUL-terminated path and out-pointer.
                 unsafe { libc::statvfs(cpath(p).as_ptr(), st.as_mut_ptr()) },
                 0
             );

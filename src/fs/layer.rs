@@ -714,8 +714,8 @@ impl Layer {
     }
 
     pub fn mkdir(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
-        // SAFETY: valid dirfd and name.
         let r = self.at(rel, |d, n| {
+            // SAFETY: valid dirfd and NUL-terminated name.
             cvt(unsafe { libc::mkdirat(d.as_raw_fd(), n.as_ptr(), mode) }).map(drop)
         });
         // After the call (see the module docs): `rel` may be a directory now.
@@ -724,16 +724,16 @@ impl Layer {
     }
 
     pub fn mknod(&self, rel: &Path, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
-        // SAFETY: valid dirfd and name.
         self.at(rel, |d, n| {
+            // SAFETY: valid dirfd and NUL-terminated name.
             cvt(unsafe { libc::mknodat(d.as_raw_fd(), n.as_ptr(), mode, rdev) }).map(drop)
         })
     }
 
     pub fn symlink(&self, target: &OsStr, rel: &Path) -> io::Result<()> {
         let t = cstr(target)?;
-        // SAFETY: valid dirfd and names.
         self.at(rel, |d, n| {
+            // SAFETY: valid dirfd and NUL-terminated names.
             cvt(unsafe { libc::symlinkat(t.as_ptr(), d.as_raw_fd(), n.as_ptr()) }).map(drop)
         })
     }
@@ -756,15 +756,15 @@ impl Layer {
     }
 
     pub fn unlink(&self, rel: &Path) -> io::Result<()> {
-        // SAFETY: valid dirfd and name.
         self.at(rel, |d, n| {
+            // SAFETY: valid dirfd and NUL-terminated name.
             cvt(unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), 0) }).map(drop)
         })
     }
 
     pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
-        // SAFETY: valid dirfd and name.
         let r = self.at(rel, |d, n| {
+            // SAFETY: valid dirfd and NUL-terminated name.
             cvt(unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
         });
         self.forget_dirs(rel);
