@@ -876,3 +876,87 @@ fn copy_file_range_between_files_in_the_mount() {
         assert_eq!(fs::read(m.mnt_path("b")).unwrap(), want);
     });
 }
+
+/// Writes one byte through a shared mapping of `p` (opened read-write), then unmaps
+/// and closes it.
+fn mmap_write_one_byte(p: &Path) {
+    let f = rw(p);
+    let len = f.metadata().unwrap().len() as usize;
+    assert!(len > 0);
+    // SAFETY: a fresh shared read-write mapping of an open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        map,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: inside the mapping.
+    unsafe {
+        *(map as *mut u8) ^= 0xff;
+        assert_eq!(libc::munmap(map, len), 0);
+    }
+    drop(f);
+}
+
+/// (mtime, ctime) as `statx` gives them when asked for those two only, as `stat -c %Y`
+/// asks: the kernel may then answer from its attribute cache even if it dropped the
+/// cached atime (which mmap through FUSE passthrough does).
+fn statx_times(p: &Path) -> ((i64, u32), (i64, u32)) {
+    let c = cpath(p);
+    // SAFETY: statx fills the zeroed struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and buffer.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MTIME | libc::STATX_CTIME,
+            &mut stx,
+        )
+    };
+    assert_eq!(r, 0, "statx: {}", std::io::Error::last_os_error());
+    let t = |ts: libc::statx_timestamp| (ts.tv_sec, ts.tv_nsec);
+    (t(stx.stx_mtime), t(stx.stx_ctime))
+}
+
+/// xfstests generic/080 and 215: a write through a shared mapping changes mtime and
+/// ctime, and stat(2) after close() shows it, also with FUSE passthrough (where the
+/// kernel writes the dst file without telling the daemon) and with attributes cached
+/// for a long time (`--attr-ttl 1h`, so a stale cached value cannot expire meanwhile).
+#[test]
+fn mmap_write_updates_mtime_and_ctime_seen_after_close() {
+    if !can_mount("mmap_write_updates_mtime_and_ctime_seen_after_close") {
+        return;
+    }
+    for mode in [&[][..], &["--no-passthrough"][..], &["-w"][..]] {
+        let mut args = vec!["--attr-ttl", "1h"];
+        args.extend_from_slice(mode);
+        let m = Mounted::with_dirs(tempdir(), tempdir(), &args);
+        let p = m.mnt_path("mapped");
+        fs::write(&p, vec![7u8; 4096]).unwrap();
+        utimens(&p, (1_000_000, 0), (1_000_000, 0));
+        let (mtime, ctime) = statx_times(&p);
+        assert_eq!(mtime, (1_000_000, 0), "{mode:?}");
+        // ctime only moves forward in whole ticks: make sure the write's is later.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+
+        mmap_write_one_byte(&p);
+
+        let after = statx_times(&p);
+        assert_ne!(after.0, mtime, "{mode:?}: mtime after an mmap write");
+        assert!(after.1 > ctime, "{mode:?}: ctime after an mmap write");
+        assert_eq!(fs::read(&p).unwrap()[0], 7 ^ 0xff, "{mode:?}");
+        m.stop();
+    }
+}

@@ -3,22 +3,32 @@
 //!
 //! Mount policy: `default_permissions` always (the kernel checks modes); as root also
 //! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise.
+//!
+//! Attributes behind the daemon's back: with FUSE passthrough the kernel writes dst
+//! files itself. A `write(2)` through a passthrough handle updates the kernel's cached
+//! attributes, but a write through a shared mapping does not (the backing file's
+//! mtime/ctime move, the FUSE inode's cached ones stay until `--attr-ttl`). So every
+//! handle opened for writing with passthrough gets FLUSH (close() waits for it),
+//! FSYNC and RELEASE told to the kernel as "this inode's attributes are stale"
+//! (`FUSE_NOTIFY_INVAL_INODE` for attributes only, no page cache); every other handle
+//! is opened `FOPEN_NOFLUSH` when the core has nothing to do at close
+//! ([`CacheFs::flush_needed`]), so a close() costs no round trip.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BackgroundSession, BackingId, BsdFileFlags, Config as FuseConfig,
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
-    TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::config::Config;
@@ -41,6 +51,8 @@ pub struct FuseAdapter {
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
     passthrough: Arc<AtomicBool>,
     backing: Arc<Mutex<BackingTable>>,
+    /// Notifications to the kernel (set once the session exists, before it serves).
+    notifier: Arc<OnceLock<Notifier>>,
     /// Told once the kernel's INIT was answered: the mount serves requests.
     ready: Option<crossbeam_channel::Sender<()>>,
 }
@@ -52,6 +64,9 @@ pub struct FuseAdapter {
 struct BackingTable {
     by_ino: HashMap<u64, Weak<BackingId>>,
     by_fh: HashMap<u64, Arc<BackingId>>,
+    /// Handles open for writing with passthrough: the kernel may change their file's
+    /// times without telling the daemon (writes through a mapping).
+    writers: HashSet<u64>,
 }
 
 impl FuseAdapter {
@@ -61,6 +76,7 @@ impl FuseAdapter {
             ttl: cfg.attr_ttl,
             passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
             backing: Arc::new(Mutex::new(BackingTable::default())),
+            notifier: Arc::new(OnceLock::new()),
             ready: None,
         }
     }
@@ -73,6 +89,7 @@ impl FuseAdapter {
             ttl: self.ttl,
             passthrough: self.passthrough.clone(),
             backing: self.backing.clone(),
+            notifier: self.notifier.clone(),
             ready: None,
         }
     }
@@ -103,12 +120,13 @@ impl FuseAdapter {
         };
         let attr = fuse_attr(&a);
         if passthrough && let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
+            let flags = self.passthrough_flags(fh, flags);
             return reply.created_passthrough(
                 &self.ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                flags,
                 &id,
             );
         }
@@ -117,7 +135,7 @@ impl FuseAdapter {
             &attr,
             Generation(0),
             FileHandle(fh),
-            FopenFlags::FOPEN_KEEP_CACHE,
+            FopenFlags::FOPEN_KEEP_CACHE | self.no_flush(),
         );
     }
 
@@ -143,7 +161,8 @@ impl FuseAdapter {
             && !lazy
             && let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f))
         {
-            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            let flags = self.passthrough_flags(fh, flags.0);
+            return reply.opened_passthrough(FileHandle(fh), flags, &id);
         }
         // Only this mount changes dst files, so the kernel's page cache stays valid,
         // unless the copy was just refetched from src.
@@ -157,7 +176,43 @@ impl FuseAdapter {
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
         };
-        reply.opened(FileHandle(fh), keep);
+        reply.opened(FileHandle(fh), keep | self.no_flush());
+    }
+
+    /// `FOPEN_NOFLUSH` when close() has nothing to do in the daemon for a handle
+    /// without passthrough writes.
+    fn no_flush(&self) -> FopenFlags {
+        if self.fs.flush_needed() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_NOFLUSH
+        }
+    }
+
+    /// The open flags of passthrough handle `fh`, opened with `open_flags`: one open
+    /// for writing is noted in `writers` and gets FLUSH (see the module docs).
+    fn passthrough_flags(&self, fh: u64, open_flags: i32) -> FopenFlags {
+        if open_flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return self.no_flush();
+        }
+        self.backing.lock().unwrap().writers.insert(fh);
+        FopenFlags::empty()
+    }
+
+    /// Whether `fh` is a passthrough handle open for writing.
+    fn is_passthrough_writer(&self, fh: u64) -> bool {
+        self.backing.lock().unwrap().writers.contains(&fh)
+    }
+
+    /// Tells the kernel that `ino`'s cached attributes are stale (its dst file may have
+    /// been written through a mapping): the next stat asks the daemon. Attributes
+    /// only (offset -1): no page cache is dropped, so no page lock is waited on.
+    fn attrs_stale(&self, ino: u64) {
+        if let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(INodeNo(ino), -1, 0)
+        {
+            log::debug!("invalidating the attributes of inode {ino}: {e}");
+        }
     }
 
     /// The shared backing id for `ino`, registering the handle's dst file if needed.
@@ -198,6 +253,7 @@ impl FuseAdapter {
     fn release_backing(&self, ino: u64, fh: u64) {
         let mut table = self.backing.lock().unwrap();
         table.by_fh.remove(&fh);
+        table.writers.remove(&fh);
         if table
             .by_ino
             .get(&ino)
@@ -562,17 +618,30 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let writer = self.is_passthrough_writer(fh.0);
         if !self.fs.flush_needed() {
-            // ENOSYS turns FLUSH off for the whole connection: a round trip less on
-            // every close(); release does the work (see `CacheFs::flush_needed`).
-            return reply.error(Errno::ENOSYS);
+            if writer {
+                self.attrs_stale(ino.0);
+                return reply.ok();
+            }
+            if !self.passthrough.load(Ordering::Relaxed) {
+                // A kernel without FOPEN_NOFLUSH: ENOSYS turns FLUSH off for the
+                // whole connection (release does the work, see
+                // `CacheFs::flush_needed`). Not with passthrough: its writers need it.
+                return reply.error(Errno::ENOSYS);
+            }
+            return reply.ok();
         }
-        match self.fs.flush(fh.0) {
+        let r = self.fs.flush(fh.0);
+        if writer {
+            self.attrs_stale(ino.0);
+        }
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -588,8 +657,14 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Writes through a mapping that outlived close() (and its FLUSH) end here.
+        let writer = self.is_passthrough_writer(fh.0);
         self.release_backing(ino.0, fh.0);
-        match self.fs.release(fh.0) {
+        let r = self.fs.release(fh.0);
+        if writer {
+            self.attrs_stale(ino.0);
+        }
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -598,12 +673,17 @@ impl Filesystem for FuseAdapter {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(fh.0, datasync) {
+        let r = self.fs.fsync(fh.0, datasync);
+        // msync() of a mapping: the times it changed are visible from here on.
+        if self.is_passthrough_writer(fh.0) {
+            self.attrs_stale(ino.0);
+        }
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -951,6 +1031,9 @@ pub fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<Moun
     let mut adapter = FuseAdapter::new(fs.into(), cfg);
     let (tx, ready) = crossbeam_channel::bounded(1);
     adapter.ready = Some(tx);
-    let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)?;
+    let notifier = adapter.notifier.clone();
+    let session = fuser::Session::new(adapter, &cfg.mountpoint, &fc)?;
+    let _ = notifier.set(session.notifier());
+    let session = session.spawn()?;
     Ok(Mounted { session, ready })
 }
