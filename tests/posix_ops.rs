@@ -960,3 +960,65 @@ fn mmap_write_updates_mtime_and_ctime_seen_after_close() {
         m.stop();
     }
 }
+
+/// The permission bits as `statx` gives them when asked for the mode only, as
+/// `stat -c %A` and `ls -l` ask (a request that also wants ctime would be answered
+/// afresh, since the kernel drops its cached ctime at setxattr).
+fn statx_mode(p: &Path) -> u32 {
+    let c = cpath(p);
+    // SAFETY: statx fills the zeroed struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and buffer.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MODE,
+            &mut stx,
+        )
+    };
+    assert_eq!(r, 0, "statx: {}", std::io::Error::last_os_error());
+    u32::from(stx.stx_mode) & 0o7777
+}
+
+/// An access ACL with only the three base entries (owner, group, other), in the
+/// kernel's `system.posix_acl_access` format.
+fn base_acl(user: u16, group: u16, other: u16) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec(); // POSIX_ACL_XATTR_VERSION
+    for (tag, perm) in [(0x01u16, user), (0x04, group), (0x20, other)] {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    v
+}
+
+/// xfstests generic/375 (first half): setfacl changes the mode (an ACL's base entries
+/// are the mode's bits), and stat shows it at once, not after `--attr-ttl` (1 h here).
+#[test]
+fn setting_an_access_acl_changes_the_mode_seen_at_once() {
+    if !can_mount("setting_an_access_acl_changes_the_mode_seen_at_once") {
+        return;
+    }
+    let m = Mounted::with_dirs(tempdir(), tempdir(), &["--attr-ttl", "1h"]);
+    let p = m.mnt_path("f");
+    fs::write(&p, b"x").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o2755)).unwrap();
+    assert_eq!(statx_mode(&p), 0o2755);
+    match setxattr(&p, "system.posix_acl_access", &base_acl(7, 7, 7)) {
+        Err(libc::EOPNOTSUPP) => {
+            eprintln!("skipping: dst's file system has no POSIX ACLs");
+            m.stop();
+            return;
+        }
+        r => r.expect("set the access ACL"),
+    }
+    // Root keeps the setgid bit (CAP_FSETID); the rwx bits follow the ACL.
+    assert_eq!(statx_mode(&p), 0o2777, "mode after setfacl");
+    removexattr(&p, "system.posix_acl_access").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+    setxattr(&p, "system.posix_acl_access", &base_acl(4, 0, 0)).unwrap();
+    assert_eq!(statx_mode(&p), 0o400, "mode after a second setfacl");
+    m.stop();
+}

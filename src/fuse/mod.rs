@@ -12,7 +12,9 @@
 //! FSYNC and RELEASE told to the kernel as "this inode's attributes are stale"
 //! (`FUSE_NOTIFY_INVAL_INODE` for attributes only, no page cache); every other handle
 //! is opened `FOPEN_NOFLUSH` when the core has nothing to do at close
-//! ([`CacheFs::flush_needed`]), so a close() costs no round trip.
+//! ([`CacheFs::flush_needed`]), so a close() costs no round trip. Likewise after
+//! setting or removing a POSIX ACL (`system.posix_acl_*`), which changes the mode in
+//! dst: without `FUSE_POSIX_ACL` the kernel keeps its cached mode.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -202,6 +204,16 @@ impl FuseAdapter {
     /// Whether `fh` is a passthrough handle open for writing.
     fn is_passthrough_writer(&self, fh: u64) -> bool {
         self.backing.lock().unwrap().writers.contains(&fh)
+    }
+
+    /// After setxattr/removexattr of `name` on `ino`: a POSIX ACL's base entries are
+    /// the mode's bits (dst's file system changed the mode with the ACL), and without
+    /// `FUSE_POSIX_ACL` the kernel passes ACLs through as plain xattrs and keeps its
+    /// cached mode (it only moves ctime itself): drop the cached attributes.
+    fn after_xattr_change(&self, ino: u64, name: &OsStr, r: &Result<(), FsError>) {
+        if r.is_ok() && name.as_encoded_bytes().starts_with(b"system.posix_acl_") {
+            self.attrs_stale(ino);
+        }
     }
 
     /// Tells the kernel that `ino`'s cached attributes are stale (its dst file may have
@@ -829,7 +841,9 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.setxattr(ino.0, name, value, flags) {
+        let r = self.fs.setxattr(ino.0, name, value, flags);
+        self.after_xattr_change(ino.0, name, &r);
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -850,7 +864,9 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.removexattr(ino.0, name) {
+        let r = self.fs.removexattr(ino.0, name);
+        self.after_xattr_change(ino.0, name, &r);
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
