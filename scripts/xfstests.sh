@@ -37,7 +37,9 @@
 #   --reuse-baseline reuse the baseline's last results for the same tests,
 #                  kernel, xfstests, libfuse and wrapper (kept in
 #                  target/thirdparty/baseline/) instead of running it again
-#   --timeout SECS the watchdog's limit per test (default 300)
+#   --timeout SECS the watchdog's limit per test (default 600: generic/069, 3 million
+#                  4-byte O_APPEND writes, each a FUSE round trip without
+#                  passthrough, takes 150-300 s on a busy 2-core machine)
 #   --build-only   build xfstests and libfuse (if not built yet), then exit
 #   --no-deps      do not run install-deps.sh --xfstests-only
 # Environment: CACHEFS_BIN (default target/release/cachefs), THIRDPARTY_DIR
@@ -50,7 +52,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ALL_TARGETS=(cachefs cachefs-nopt cachefs-w cachefs-mirror)
 BASELINE_TARGET=passthrough_ll
 TARGETS=("${ALL_TARGETS[@]}")
-BASELINE=1 REUSE_BASELINE=0 TIMEOUT=300 BUILD_ONLY=0 DEPS=1
+BASELINE=1 REUSE_BASELINE=0 TIMEOUT=600 BUILD_ONLY=0 DEPS=1
 RESULTS="$REPO_ROOT/target/test-results/xfstests"
 SELECTION=() # what check gets: test names or -g GROUP
 FAST_LIST="$REPO_ROOT/tests/xfstests/fast"
