@@ -17,7 +17,11 @@
 # Prints, per target, passed/failed/not-run counts and wall time, then the
 # tests that pass on the baseline and fail on cachefs (and the reverse). Exits
 # non-zero if a test passes on the baseline and fails on a cachefs target,
-# unless tests/xfstests/known-failures lists it for that target. A per-test
+# unless tests/xfstests/known-failures lists it for that target, or if, for a
+# writeback target (cachefs-w, cachefs-mirror), src differs from the view once
+# the run's writeback has drained (checked for the TEST and SCRATCH dirs after
+# the run, not after each test: xfstests has no per-test hook for FSTYP=fuse;
+# TEST holds what every test left there, SCRATCH what the last one left). A per-test
 # watchdog kills a test that runs too long (and, if its processes hang in the
 # file system, that target's FUSE daemons): it fails, the run goes on.
 #
@@ -33,7 +37,9 @@
 #   --reuse-baseline reuse the baseline's last results for the same tests,
 #                  kernel, xfstests, libfuse and wrapper (kept in
 #                  target/thirdparty/baseline/) instead of running it again
-#   --timeout SECS the watchdog's limit per test (default 300)
+#   --timeout SECS the watchdog's limit per test (default 600: generic/069, 3 million
+#                  4-byte O_APPEND writes, each a FUSE round trip without
+#                  passthrough, takes 150-300 s on a busy 2-core machine)
 #   --build-only   build xfstests and libfuse (if not built yet), then exit
 #   --no-deps      do not run install-deps.sh --xfstests-only
 # Environment: CACHEFS_BIN (default target/release/cachefs), THIRDPARTY_DIR
@@ -46,7 +52,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ALL_TARGETS=(cachefs cachefs-nopt cachefs-w cachefs-mirror)
 BASELINE_TARGET=passthrough_ll
 TARGETS=("${ALL_TARGETS[@]}")
-BASELINE=1 REUSE_BASELINE=0 TIMEOUT=300 BUILD_ONLY=0 DEPS=1
+BASELINE=1 REUSE_BASELINE=0 TIMEOUT=600 BUILD_ONLY=0 DEPS=1
 RESULTS="$REPO_ROOT/target/test-results/xfstests"
 SELECTION=() # what check gets: test names or -g GROUP
 FAST_LIST="$REPO_ROOT/tests/xfstests/fast"
@@ -257,6 +263,7 @@ list_field() {
 }
 
 declare -A SUMMARY
+SRC_DIFFERS=0
 # run_target TARGET: run check for TARGET; leaves TARGET/{ran,failed,notrun,passed}.
 run_target() {
   local target="$1"
@@ -296,11 +303,97 @@ run_target() {
     tail -n 20 "$tdir/check.log" >&2
   fi
   [[ -s "$tdir/watchdog.log" ]] && note+=" (watchdog: $(wc -l <"$tdir/watchdog.log") killed)"
+  if [[ $target == cachefs-w || $target == cachefs-mirror ]]; then
+    local dev
+    for dev in test scratch; do
+      if ! src_equals_view "$target" "$dev" >>"$tdir/src-vs-view"; then
+        note+=" (src != view, see $tdir/src-vs-view)"
+        SRC_DIFFERS=1
+      fi
+    done
+    log "$target: $(paste -sd';' "$tdir/src-vs-view")"
+  fi
   SUMMARY[$target]="$(printf '%-15s %4d passed %4d failed %4d not run %6ss%s' "$target:" \
     "$(wc -l <"$tdir/passed")" "$(wc -l <"$tdir/failed")" "$(wc -l <"$tdir/notrun")" \
     $((t1 - t0)) "$note")"
   log "${SUMMARY[$target]}"
   if [[ -s "$tdir/failed" ]]; then log "$target failed: $(tr '\n' ' ' <"$tdir/failed")"; fi
+}
+
+# tree_listing DIR: one line per entry below DIR: path, type, mode, owner, and
+# for regular files size, mtime and a hash of the bytes (files over 64 MiB: size
+# and mtime only), for symlinks the target, and user.* xattrs. Directory sizes
+# and times legitimately differ between src and the view, so are left out.
+tree_listing() {
+  python3 - "$1" <<'EOF'
+import hashlib, os, stat, sys
+root = sys.argv[1]
+for dirpath, dirs, files in os.walk(root):
+    dirs.sort()
+    for name in sorted(dirs + files):
+        p = os.path.join(dirpath, name)
+        rel = os.path.relpath(p, root)
+        st = os.lstat(p)
+        line = [rel, oct(st.st_mode), str(st.st_uid), str(st.st_gid)]
+        if stat.S_ISREG(st.st_mode):
+            line += [str(st.st_size), str(st.st_mtime_ns)]
+            if st.st_size <= 64 << 20:
+                h = hashlib.sha1()
+                with open(p, "rb") as f:
+                    for b in iter(lambda: f.read(1 << 20), b""):
+                        h.update(b)
+                line.append(h.hexdigest())
+        elif stat.S_ISLNK(st.st_mode):
+            line.append(os.readlink(os.fsencode(p)).hex())
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            line.append(hex(st.st_rdev))
+        if not stat.S_ISLNK(st.st_mode):
+            try:
+                xs = sorted(x for x in os.listxattr(p, follow_symlinks=False) if x.startswith("user."))
+                line += [x + "=" + os.getxattr(p, x, follow_symlinks=False).hex() for x in xs]
+            except OSError as e:
+                line.append("xattrs:" + e.strerror)
+        print("\t".join(line))
+EOF
+}
+
+# src_equals_view TARGET DEV: for a writeback target whose daemons have exited,
+# mount DEV's (test or scratch) src and dst again in the target's mode, wait until
+# `cachefs status` shows nothing pending, and compare src with the view (see
+# tree_listing). Prints "DEV: src = view" or how many entries differ (the diff
+# is in the target's results as src-vs-view.DEV.diff); false if they differ.
+src_equals_view() {
+  local target="$1" dev="$2" d="$WORK/$1/$2" tdir="$RESULTS/$1" args=(-w) pid i rc=0 pending=""
+  [[ $target == cachefs-mirror ]] && args+=(-concurrent 0)
+  "$BIN" -src "$d/src" -dst "$d/dst" -mountpoint "$d/mnt" "${args[@]}" \
+    >"$tdir/src-vs-view.$dev.log" 2>&1 </dev/null &
+  pid=$!
+  if ! wait_mounted "$d/mnt" "$pid" 30; then
+    echo "$dev: src vs view not checked: cachefs did not mount (log: $tdir/src-vs-view.$dev.log)"
+    reap "$pid" 10
+    return 1
+  fi
+  for ((i = 0; i < 120; i++)); do
+    pending="$("$BIN" status "$d/dst" --json 2>/dev/null | tr -d ' \n' | grep -o '"pending_ops":[0-9]*' | cut -d: -f2 || true)"
+    [[ $pending == 0 ]] && break
+    sleep 1
+  done
+  if tree_listing "$d/src" >"$tdir/src-vs-view.$dev.src" &&
+    tree_listing "$d/mnt" >"$tdir/src-vs-view.$dev.view"; then
+    diff "$tdir/src-vs-view.$dev.src" "$tdir/src-vs-view.$dev.view" >"$tdir/src-vs-view.$dev.diff" || rc=$?
+  else
+    echo "listing failed" >"$tdir/src-vs-view.$dev.diff"
+    rc=2
+  fi
+  umount "$d/mnt" 2>/dev/null || umount -l "$d/mnt" 2>/dev/null || true
+  reap "$pid" 60
+  if [[ $pending != 0 ]]; then echo -n "$dev: writeback not drained after 120 s ($pending ops pending); "; fi
+  if [[ $rc -eq 0 ]]; then
+    echo "$dev: src = view ($(wc -l <"$tdir/src-vs-view.$dev.src") entries)"
+  else
+    echo "$dev: src != view: $(grep -c '^[<>]' "$tdir/src-vs-view.$dev.diff") lines differ (src-vs-view.$dev.diff)"
+    return 1
+  fi
 }
 
 # known TARGET: the tests known-failures lists for TARGET.
@@ -376,5 +469,11 @@ for t in "${TARGETS[@]}"; do
   } >>"$SUMMARY_FILE"
   [[ -z "$new" ]] || FAILED=1
 done
+for t in "${TARGETS[@]}"; do
+  if [[ -f "$RESULTS/$t/src-vs-view" ]]; then
+    echo "$t, after the run's writeback: $(paste -sd';' "$RESULTS/$t/src-vs-view")" >>"$SUMMARY_FILE"
+  fi
+done
 cat "$SUMMARY_FILE"
+[[ $SRC_DIFFERS -eq 0 ]] || FAILED=1
 exit "$FAILED"

@@ -903,3 +903,149 @@ fn copy_file_range_between_files_in_the_mount() {
         assert_eq!(fs::read(m.mnt_path("b")).unwrap(), want);
     });
 }
+
+/// Writes one byte through a shared mapping of `p` (opened read-write), then unmaps
+/// and closes it.
+fn mmap_write_one_byte(p: &Path) {
+    let f = rw(p);
+    let len = f.metadata().unwrap().len() as usize;
+    assert!(len > 0);
+    // SAFETY: a fresh shared read-write mapping of an open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        map,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: inside the mapping.
+    unsafe {
+        *(map as *mut u8) ^= 0xff;
+        assert_eq!(libc::munmap(map, len), 0);
+    }
+    drop(f);
+}
+
+/// (mtime, ctime) as `statx` gives them when asked for those two only, as `stat -c %Y`
+/// asks: the kernel may then answer from its attribute cache even if it dropped the
+/// cached atime (which mmap through FUSE passthrough does).
+fn statx_times(p: &Path) -> ((i64, u32), (i64, u32)) {
+    let c = cpath(p);
+    // SAFETY: statx fills the zeroed struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and buffer.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MTIME | libc::STATX_CTIME,
+            &mut stx,
+        )
+    };
+    assert_eq!(r, 0, "statx: {}", std::io::Error::last_os_error());
+    let t = |ts: libc::statx_timestamp| (ts.tv_sec, ts.tv_nsec);
+    (t(stx.stx_mtime), t(stx.stx_ctime))
+}
+
+/// xfstests generic/080 and 215: a write through a shared mapping changes mtime and
+/// ctime, and stat(2) after close() shows it, also with FUSE passthrough (where the
+/// kernel writes the dst file without telling the daemon) and with attributes cached
+/// for a long time (`--attr-ttl 1h`, so a stale cached value cannot expire meanwhile).
+#[test]
+fn mmap_write_updates_mtime_and_ctime_seen_after_close() {
+    if !can_mount("mmap_write_updates_mtime_and_ctime_seen_after_close") {
+        return;
+    }
+    for mode in [&[][..], &["--no-passthrough"][..], &["-w"][..]] {
+        let mut args = vec!["--attr-ttl", "1h"];
+        args.extend_from_slice(mode);
+        let m = Mounted::with_dirs(tempdir(), tempdir(), &args);
+        let p = m.mnt_path("mapped");
+        fs::write(&p, vec![7u8; 4096]).unwrap();
+        utimens(&p, (1_000_000, 0), (1_000_000, 0));
+        let (mtime, ctime) = statx_times(&p);
+        assert_eq!(mtime, (1_000_000, 0), "{mode:?}");
+        // ctime only moves forward in whole ticks: make sure the write's is later.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+
+        mmap_write_one_byte(&p);
+
+        let after = statx_times(&p);
+        assert_ne!(after.0, mtime, "{mode:?}: mtime after an mmap write");
+        assert!(after.1 > ctime, "{mode:?}: ctime after an mmap write");
+        assert_eq!(fs::read(&p).unwrap()[0], 7 ^ 0xff, "{mode:?}");
+        m.stop();
+    }
+}
+
+/// The permission bits as `statx` gives them when asked for the mode only, as
+/// `stat -c %A` and `ls -l` ask (a request that also wants ctime would be answered
+/// afresh, since the kernel drops its cached ctime at setxattr).
+fn statx_mode(p: &Path) -> u32 {
+    let c = cpath(p);
+    // SAFETY: statx fills the zeroed struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and buffer.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MODE,
+            &mut stx,
+        )
+    };
+    assert_eq!(r, 0, "statx: {}", std::io::Error::last_os_error());
+    u32::from(stx.stx_mode) & 0o7777
+}
+
+/// An access ACL with only the three base entries (owner, group, other), in the
+/// kernel's `system.posix_acl_access` format.
+fn base_acl(user: u16, group: u16, other: u16) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec(); // POSIX_ACL_XATTR_VERSION
+    for (tag, perm) in [(0x01u16, user), (0x04, group), (0x20, other)] {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    v
+}
+
+/// xfstests generic/375 (first half): setfacl changes the mode (an ACL's base entries
+/// are the mode's bits), and stat shows it at once, not after `--attr-ttl` (1 h here).
+#[test]
+fn setting_an_access_acl_changes_the_mode_seen_at_once() {
+    if !can_mount("setting_an_access_acl_changes_the_mode_seen_at_once") {
+        return;
+    }
+    let m = Mounted::with_dirs(tempdir(), tempdir(), &["--attr-ttl", "1h"]);
+    let p = m.mnt_path("f");
+    fs::write(&p, b"x").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o2755)).unwrap();
+    assert_eq!(statx_mode(&p), 0o2755);
+    match setxattr(&p, "system.posix_acl_access", &base_acl(7, 7, 7)) {
+        Err(libc::EOPNOTSUPP) => {
+            eprintln!("skipping: dst's file system has no POSIX ACLs");
+            m.stop();
+            return;
+        }
+        r => r.expect("set the access ACL"),
+    }
+    // Root keeps the setgid bit (CAP_FSETID); the rwx bits follow the ACL.
+    assert_eq!(statx_mode(&p), 0o2777, "mode after setfacl");
+    removexattr(&p, "system.posix_acl_access").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+    setxattr(&p, "system.posix_acl_access", &base_acl(4, 0, 0)).unwrap();
+    assert_eq!(statx_mode(&p), 0o400, "mode after a second setfacl");
+    m.stop();
+}

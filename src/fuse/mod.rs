@@ -5,22 +5,34 @@
 //! `allow_other`, and `nosuid,nodev` unless `-o suid` / `-o dev` ask otherwise. A normal
 //! user mounts through the setuid `fusermount3` (fuser's fallback after mount(2) fails
 //! with EPERM); what that needs is checked up front ([`fusermount::check_can_mount`]).
+//!
+//! Attributes behind the daemon's back: with FUSE passthrough the kernel writes dst
+//! files itself. A `write(2)` through a passthrough handle updates the kernel's cached
+//! attributes, but a write through a shared mapping does not (the backing file's
+//! mtime/ctime move, the FUSE inode's cached ones stay until `--attr-ttl`). So every
+//! handle opened for writing with passthrough gets FLUSH (close() waits for it),
+//! FSYNC and RELEASE told to the kernel as "this inode's attributes are stale"
+//! (`FUSE_NOTIFY_INVAL_INODE` for attributes only, no page cache); every other handle
+//! is opened `FOPEN_NOFLUSH` when the core has nothing to do at close
+//! ([`CacheFs::flush_needed`]), so a close() costs no round trip. Likewise after
+//! setting or removing a POSIX ACL (`system.posix_acl_*`), which changes the mode in
+//! dst: without `FUSE_POSIX_ACL` the kernel keeps its cached mode.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BackgroundSession, BackingId, BsdFileFlags, Config as FuseConfig,
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, PollEvents,
-    PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenFlags,
+    PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen,
+    ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 pub mod fusermount;
@@ -46,6 +58,8 @@ pub struct FuseAdapter {
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
     passthrough: Arc<AtomicBool>,
     backing: Arc<Mutex<BackingTable>>,
+    /// Notifications to the kernel (set once the session exists, before it serves).
+    notifier: Arc<OnceLock<Notifier>>,
     /// Told once the kernel's INIT was answered: the mount serves requests.
     ready: Option<crossbeam_channel::Sender<()>>,
     /// Bytes of entries the last full readdirplus reply held: how many names one
@@ -69,6 +83,9 @@ const READDIRPLUS_ROOM: usize = 4096;
 struct BackingTable {
     by_ino: HashMap<u64, Weak<BackingId>>,
     by_fh: HashMap<u64, Arc<BackingId>>,
+    /// Handles open for writing with passthrough: the kernel may change their file's
+    /// times without telling the daemon (writes through a mapping).
+    writers: HashSet<u64>,
 }
 
 impl FuseAdapter {
@@ -78,6 +95,7 @@ impl FuseAdapter {
             ttl: cfg.attr_ttl,
             passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
             backing: Arc::new(Mutex::new(BackingTable::default())),
+            notifier: Arc::new(OnceLock::new()),
             ready: None,
             readdirplus_room: Arc::new(AtomicUsize::new(READDIRPLUS_ROOM)),
         }
@@ -91,6 +109,7 @@ impl FuseAdapter {
             ttl: self.ttl,
             passthrough: self.passthrough.clone(),
             backing: self.backing.clone(),
+            notifier: self.notifier.clone(),
             ready: None,
             readdirplus_room: self.readdirplus_room.clone(),
         }
@@ -122,12 +141,13 @@ impl FuseAdapter {
         };
         let attr = fuse_attr(&a);
         if passthrough && let Some(id) = self.backing_for(a.ino, fh, |f| reply.open_backing(f)) {
+            let flags = self.passthrough_flags(fh, flags);
             return reply.created_passthrough(
                 &self.ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                flags,
                 &id,
             );
         }
@@ -136,7 +156,7 @@ impl FuseAdapter {
             &attr,
             Generation(0),
             FileHandle(fh),
-            FopenFlags::FOPEN_KEEP_CACHE,
+            FopenFlags::FOPEN_KEEP_CACHE | self.no_flush(),
         );
     }
 
@@ -162,7 +182,8 @@ impl FuseAdapter {
             && !lazy
             && let Some(id) = self.backing_for(ino.0, fh, |f| reply.open_backing(f))
         {
-            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            let flags = self.passthrough_flags(fh, flags.0);
+            return reply.opened_passthrough(FileHandle(fh), flags, &id);
         }
         // Only this mount changes dst files, so the kernel's page cache stays valid,
         // unless the copy was just refetched from src.
@@ -176,7 +197,53 @@ impl FuseAdapter {
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
         };
-        reply.opened(FileHandle(fh), keep);
+        reply.opened(FileHandle(fh), keep | self.no_flush());
+    }
+
+    /// `FOPEN_NOFLUSH` when close() has nothing to do in the daemon for a handle
+    /// without passthrough writes.
+    fn no_flush(&self) -> FopenFlags {
+        if self.fs.flush_needed() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_NOFLUSH
+        }
+    }
+
+    /// The open flags of passthrough handle `fh`, opened with `open_flags`: one open
+    /// for writing is noted in `writers` and gets FLUSH (see the module docs).
+    fn passthrough_flags(&self, fh: u64, open_flags: i32) -> FopenFlags {
+        if open_flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return self.no_flush();
+        }
+        self.backing.lock().unwrap().writers.insert(fh);
+        FopenFlags::empty()
+    }
+
+    /// Whether `fh` is a passthrough handle open for writing.
+    fn is_passthrough_writer(&self, fh: u64) -> bool {
+        self.backing.lock().unwrap().writers.contains(&fh)
+    }
+
+    /// After setxattr/removexattr of `name` on `ino`: a POSIX ACL's base entries are
+    /// the mode's bits (dst's file system changed the mode with the ACL), and without
+    /// `FUSE_POSIX_ACL` the kernel passes ACLs through as plain xattrs and keeps its
+    /// cached mode (it only moves ctime itself): drop the cached attributes.
+    fn after_xattr_change(&self, ino: u64, name: &OsStr, r: &Result<(), FsError>) {
+        if r.is_ok() && name.as_encoded_bytes().starts_with(b"system.posix_acl_") {
+            self.attrs_stale(ino);
+        }
+    }
+
+    /// Tells the kernel that `ino`'s cached attributes are stale (its dst file may have
+    /// been written through a mapping): the next stat asks the daemon. Attributes
+    /// only (offset -1): no page cache is dropped, so no page lock is waited on.
+    fn attrs_stale(&self, ino: u64) {
+        if let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(INodeNo(ino), -1, 0)
+        {
+            log::debug!("invalidating the attributes of inode {ino}: {e}");
+        }
     }
 
     /// The shared backing id for `ino`, registering the handle's dst file if needed.
@@ -217,6 +284,7 @@ impl FuseAdapter {
     fn release_backing(&self, ino: u64, fh: u64) {
         let mut table = self.backing.lock().unwrap();
         table.by_fh.remove(&fh);
+        table.writers.remove(&fh);
         if table
             .by_ino
             .get(&ino)
@@ -604,18 +672,31 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _timer = FuseOp::Flush.timer();
+        let writer = self.is_passthrough_writer(fh.0);
         if !self.fs.flush_needed() {
-            // ENOSYS turns FLUSH off for the whole connection: a round trip less on
-            // every close(); release does the work (see `CacheFs::flush_needed`).
-            return reply.error(Errno::ENOSYS);
+            if writer {
+                self.attrs_stale(ino.0);
+                return reply.ok();
+            }
+            if !self.passthrough.load(Ordering::Relaxed) {
+                // A kernel without FOPEN_NOFLUSH: ENOSYS turns FLUSH off for the
+                // whole connection (release does the work, see
+                // `CacheFs::flush_needed`). Not with passthrough: its writers need it.
+                return reply.error(Errno::ENOSYS);
+            }
+            return reply.ok();
         }
-        match self.fs.flush(fh.0) {
+        let r = self.fs.flush(fh.0);
+        if writer {
+            self.attrs_stale(ino.0);
+        }
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -632,8 +713,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _timer = FuseOp::Release.timer();
+        // Writes through a mapping that outlived close() (and its FLUSH) end here.
+        let writer = self.is_passthrough_writer(fh.0);
         self.release_backing(ino.0, fh.0);
-        match self.fs.release(fh.0) {
+        let r = self.fs.release(fh.0);
+        if writer {
+            self.attrs_stale(ino.0);
+        }
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -642,13 +729,18 @@ impl Filesystem for FuseAdapter {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
         let _timer = FuseOp::Fsync.timer();
-        match self.fs.fsync(fh.0, datasync) {
+        let r = self.fs.fsync(fh.0, datasync);
+        // msync() of a mapping: the times it changed are visible from here on.
+        if self.is_passthrough_writer(fh.0) {
+            self.attrs_stale(ino.0);
+        }
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -842,7 +934,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _timer = FuseOp::Setxattr.timer();
-        match self.fs.setxattr(ino.0, name, value, flags) {
+        let r = self.fs.setxattr(ino.0, name, value, flags);
+        self.after_xattr_change(ino.0, name, &r);
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -866,7 +960,9 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timer = FuseOp::Removexattr.timer();
-        match self.fs.removexattr(ino.0, name) {
+        let r = self.fs.removexattr(ino.0, name);
+        self.after_xattr_change(ino.0, name, &r);
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -1073,6 +1169,9 @@ pub fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<Moun
     let mut adapter = FuseAdapter::new(fs.into(), cfg);
     let (tx, ready) = crossbeam_channel::bounded(1);
     adapter.ready = Some(tx);
-    let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)?;
+    let notifier = adapter.notifier.clone();
+    let session = fuser::Session::new(adapter, &cfg.mountpoint, &fc)?;
+    let _ = notifier.set(session.notifier());
+    let session = session.spawn()?;
     Ok(Mounted { session, ready })
 }
