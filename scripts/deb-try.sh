@@ -3,7 +3,8 @@
 # `apt-get install` it into a throwaway overlay of the root filesystem (in a private
 # mount namespace, as root), check `cachefs --version`, `man cachefs`, the bash
 # completion, a mount through `mount -t fuse.cachefs` with the installed helper
-# (read through it, write back to src, umount), then `apt-get remove --purge` it
+# (read through it, write back to src, umount), one through an /etc/fstab line
+# (`mount MOUNTPOINT`), then `apt-get remove --purge` it
 # and throw the overlay away. Files already on the machine (say another
 # /sbin/mount.fuse.cachefs) are never touched.
 #
@@ -45,6 +46,13 @@ run umount /srv/demo/mnt
 for i in $(seq 50); do grep -q "cachefs exiting" "$work/root/srv/demo/cachefs.log" && break; sleep 0.2; done
 run cat /srv/demo/cachefs.log
 run sh -c "findmnt /srv/demo/mnt || echo not mounted"
+# The same through /etc/fstab (the overlay's), as the README's fstab example does.
+run mkdir -p /srv/demo/fstab-dst /srv/demo/fstab-mnt
+run sh -c "echo '/srv/demo/src /srv/demo/fstab-mnt fuse.cachefs dst=/srv/demo/fstab-dst,nofail,logfile=/srv/demo/fstab.log 0 0' >> /etc/fstab"
+run env -u CACHEFS_BIN PATH=/usr/sbin:/usr/bin:/sbin:/bin mount /srv/demo/fstab-mnt
+run findmnt /srv/demo/fstab-mnt
+run cat /srv/demo/fstab-mnt/hello.txt
+run umount /srv/demo/fstab-mnt
 run apt-get remove -y --purge cachefs
 run sh -c "dpkg -l cachefs 2>&1 | tail -1; ls /usr/bin/cachefs /sbin/mount.fuse.cachefs /usr/lib/systemd/system/cachefs@.service 2>&1 || true"
 umount -R "$work/root"
