@@ -46,9 +46,9 @@ run umount /srv/demo/mnt
 for i in $(seq 50); do grep -q "cachefs exiting" "$work/root/srv/demo/cachefs.log" && break; sleep 0.2; done
 run cat /srv/demo/cachefs.log
 run sh -c "findmnt /srv/demo/mnt || echo not mounted"
-# The same through /etc/fstab (the overlay's), as the README's fstab example does.
+# The same through /etc/fstab (in the overlay), as the fstab example in the docs does.
 run mkdir -p /srv/demo/fstab-dst /srv/demo/fstab-mnt
-run sh -c "echo '/srv/demo/src /srv/demo/fstab-mnt fuse.cachefs dst=/srv/demo/fstab-dst,nofail,logfile=/srv/demo/fstab.log 0 0' >> /etc/fstab"
+run sh -c "echo /srv/demo/src /srv/demo/fstab-mnt fuse.cachefs dst=/srv/demo/fstab-dst,nofail,logfile=/srv/demo/fstab.log 0 0 >> /etc/fstab"
 run env -u CACHEFS_BIN PATH=/usr/sbin:/usr/bin:/sbin:/bin mount /srv/demo/fstab-mnt
 run findmnt /srv/demo/fstab-mnt
 run cat /srv/demo/fstab-mnt/hello.txt
