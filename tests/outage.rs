@@ -339,3 +339,68 @@ fn a_start_before_src_is_mounted_does_not_take_the_bare_directory() {
     assert_eq!(std::fs::read(src.join("b")).unwrap(), b"b");
     m.stop();
 }
+
+/// dst full (generic/213 of xfstests fills it with fallocate): deleting through the
+/// mount must still work, since that is how a user frees space. With -w a delete
+/// writes to dst (its journal record, a whiteout where src has the name): it failed
+/// with ENOSPC, so nothing could be removed until space was freed behind cachefs.
+#[test]
+fn a_full_dst_still_takes_deletes() {
+    if !can_mount("a_full_dst_still_takes_deletes") {
+        return;
+    }
+    let dst = tempdir();
+    let dst_path = std::fs::canonicalize(dst.path()).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "cachefs-test-dst"])
+        .arg(&dst_path)
+        .status()
+        .expect("run mount");
+    assert!(st.success());
+    let _guard = Unmount(&dst_path);
+    let src = dir_with(&[("in-src-1", b"from src"), ("in-src-2", b"from src")]);
+    let m = Mounted::with_dirs(src, dst, &["-w"]);
+    for n in ["in-src-1", "in-src-2"] {
+        assert_eq!(std::fs::read(m.mnt_path(n)).unwrap(), b"from src");
+    }
+    // Fill dst through the mount until the writes fail.
+    let mut i = 0;
+    let chunk = vec![7u8; 256 << 10];
+    loop {
+        let p = m.mnt_path(&format!("fill{i}"));
+        let r = std::fs::File::create(&p).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &chunk)?;
+            f.sync_all()
+        });
+        match r {
+            Ok(()) => i += 1,
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                break;
+            }
+        }
+        assert!(i < 1000, "dst never filled");
+    }
+    // Top it off with small files until not even those fit.
+    for j in 0..10_000 {
+        if std::fs::write(m.mnt_path(&format!("small{j}")), b"x").is_err() {
+            break;
+        }
+    }
+    // Deletes go through: of a file only dst has, and of names src has too (a
+    // whiteout and a journal record each).
+    std::fs::remove_file(m.mnt_path("fill0"))
+        .unwrap_or_else(|e| panic!("delete on a full dst: {e}\n{}", m.stderr()));
+    for n in ["in-src-1", "in-src-2"] {
+        std::fs::remove_file(m.mnt_path(n))
+            .unwrap_or_else(|e| panic!("delete {n} on a full dst: {e}"));
+    }
+    for j in 1..i {
+        std::fs::remove_file(m.mnt_path(&format!("fill{j}"))).unwrap();
+    }
+    wb_wait_status(m.dst.path(), Duration::from_secs(30), "drained", |s| {
+        s.pending_ops == 0
+    });
+    assert!(!m.src_path("in-src-1").exists() && !m.src_path("in-src-2").exists());
+    m.stop();
+}

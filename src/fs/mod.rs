@@ -40,6 +40,7 @@ pub mod layer;
 pub mod lazy;
 pub mod names;
 pub mod origin;
+pub mod reserve;
 pub mod src_absent;
 pub mod src_ahead;
 pub mod src_pool;
@@ -283,6 +284,8 @@ pub struct CacheFs {
     /// Origin records of dst's files (the same store copy-up, the cache and the
     /// writeback replay use).
     origins: Arc<origin::Store>,
+    /// Space kept back in dst so that deletes can be recorded on a full dst.
+    reserve: reserve::Reserve,
     /// CACHE HOOK: the cache budget (src/cache/), called from open, ensure_in_dst and
     /// setxattr/removexattr; `None` without a budget or pins.
     cache: Option<Arc<crate::cache::Cache>>,
@@ -420,6 +423,7 @@ impl CacheFs {
             )),
         };
         let fs = CacheFs {
+            reserve: reserve::Reserve::open(&dst),
             lazy,
             lazy_fill: cfg.lazy_fill,
             origins,
@@ -2058,6 +2062,7 @@ impl CacheFs {
             return denied(libc::ENOTEMPTY);
         }
         let src_has = self.src_has(&path, merges)?;
+        self.reserve.before_namespace_change(&self.dst);
         if src_has {
             self.ensure_dst_dir(&parent_path)?;
         }
@@ -2117,6 +2122,7 @@ impl CacheFs {
             return denied(libc::EINVAL);
         }
         let _ns = self.namespace.write().unwrap();
+        self.reserve.before_namespace_change(&self.dst);
         let (from_dir, from_merges) = self.dir_path(parent)?;
         let (to_dir, to_merges) = self.dir_path(newparent)?;
         let from = from_dir.join(name);
