@@ -32,24 +32,6 @@ fn assert_same(m: &Mounted, rel: &str) {
     assert_eq!(got.len(), want.len(), "{rel}");
 }
 
-/// Allocated bytes of the visible regular files under `dir` (not `.cachefs-*`).
-fn usage(dir: &Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_name().as_bytes().starts_with(b".cachefs-") {
-            continue;
-        }
-        let md = e.metadata().unwrap();
-        if md.is_dir() {
-            total += usage(&e.path());
-        } else if md.is_file() {
-            total += md.blocks() * 512;
-        }
-    }
-    total
-}
-
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
@@ -122,7 +104,7 @@ fn three_times_the_budget(extra: &[&str]) {
     let m = Mounted::with_dirs(src, tempdir(), &args);
     for (name, _) in &files {
         assert_same(&m, name);
-        let used = usage(m.dst.path());
+        let used = dst_usage(m.dst.path());
         assert!(
             used <= budget + biggest,
             "dst holds {used} bytes after reading {name}, over the budget plus one file"
@@ -136,7 +118,7 @@ fn three_times_the_budget(extra: &[&str]) {
     for (name, _) in &files[..8] {
         assert_same(&m, name);
     }
-    assert!(usage(m.dst.path()) <= budget + biggest);
+    assert!(dst_usage(m.dst.path()) <= budget + biggest);
     wait_until("cache.json", Duration::from_secs(5), || {
         status_num(m.dst.path(), "evictions").is_some_and(|n| n >= 20)
     });
@@ -362,7 +344,7 @@ fn usage_is_rebuilt_after_kill_9() {
         assert_same(&m, n);
         sleep(Duration::from_millis(20));
     }
-    let before = usage(m.dst.path());
+    let before = dst_usage(m.dst.path());
     assert_eq!(before, 8 * MIB);
     m.kill9();
     m.restart(&args);
@@ -377,7 +359,7 @@ fn usage_is_rebuilt_after_kill_9() {
     // Over a budget that is already full, new reads evict the oldest first.
     for n in &names[8..12] {
         assert_same(&m, n);
-        assert!(usage(m.dst.path()) <= 8 * MIB);
+        assert!(dst_usage(m.dst.path()) <= 8 * MIB);
     }
     let cached: Vec<PathBuf> = names
         .iter()
@@ -496,7 +478,7 @@ fn partial_files_count_against_the_budget_and_idle_ones_are_evicted() {
         ],
     );
     let dst = m.dst.path().to_path_buf();
-    let cached = || usage(&dst) + partial_usage(&dst);
+    let cached = || dst_usage(&dst) + partial_usage(&dst);
     let within = |what: &str| {
         let used = cached();
         assert!(

@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -68,24 +68,6 @@ fn state_of(dst: &Path, rel: &str) -> String {
     let line = out.lines().next().unwrap_or("").to_string();
     line.split_once('\t')
         .map_or(String::new(), |(_, w)| w.to_string())
-}
-
-/// Allocated bytes of the visible regular files under `dir` (not `.cachefs-*`).
-fn usage(dir: &Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_name().as_bytes().starts_with(b".cachefs-") {
-            continue;
-        }
-        let md = e.metadata().unwrap();
-        if md.is_dir() {
-            total += usage(&e.path());
-        } else if md.is_file() {
-            total += md.blocks() * 512;
-        }
-    }
-    total
 }
 
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -176,14 +158,14 @@ fn a_smaller_cache_size_at_runtime_evicts_down_to_it() {
             content(i, MIB)
         );
     }
-    assert!(usage(&dst) >= 8 * MIB, "{}", usage(&dst));
+    assert!(dst_usage(&dst) >= 8 * MIB, "{}", dst_usage(&dst));
     assert!(ctl_ok(&dst, &["info"]).contains("cache-size:   20M"));
     let out = ctl_ok(&dst, &["set", "cache-size", "3M"]);
     assert!(out.contains("cache-size is now 3M"), "{out}");
     wait_until(
         "dst within the new 3M budget",
         Duration::from_secs(10),
-        || usage(&dst) <= 3 * MIB,
+        || dst_usage(&dst) <= 3 * MIB,
     );
     assert!(ctl_ok(&dst, &["info"]).contains("cache-size:   3M"));
     // The mount never went away; evicted files come back from src.
@@ -193,7 +175,7 @@ fn a_smaller_cache_size_at_runtime_evicts_down_to_it() {
             content(i, MIB)
         );
     }
-    assert!(usage(&dst) <= 3 * MIB, "{}", usage(&dst));
+    assert!(dst_usage(&dst) <= 3 * MIB, "{}", dst_usage(&dst));
     // Bad values are refused before reaching the daemon (exit 2), and without a budget
     // there is nothing to change.
     assert_eq!(
@@ -320,30 +302,6 @@ fn per_path_state_and_pins() {
     m.stop();
 }
 
-/// chattr +i on a src directory (refuses root too), cleared on drop.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn set(p: &Path) -> Option<Immutable> {
-        let ok = Command::new("chattr")
-            .arg("+i")
-            .arg(p)
-            .status()
-            .is_ok_and(|s| s.success());
-        let bites = ok && std::fs::write(p.join(".probe"), b"").is_err();
-        if ok && !bites {
-            let _ = Command::new("chattr").arg("-i").arg(p).status();
-        }
-        bites.then(|| Immutable(p.to_path_buf()))
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
-}
-
 /// A number in `cachefs ctl DST stats`.
 fn stat(dst: &Path, key: &str) -> u64 {
     let json = ctl_ok(dst, &["stats"]);
@@ -461,7 +419,7 @@ fn warmup_fetches_reports_and_evicts() {
     assert!(summary.trim_end().ends_with("; 1 failed"), "{summary}");
     assert!(m.dst_path("f2").exists());
     // With --dst, a file over the whole budget fails unread: nothing is evicted for it.
-    let before = usage(&dst);
+    let before = dst_usage(&dst);
     let out = cachefs(&[&"warmup", &"--dst", &dst, &m.mnt_path("huge")]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
@@ -469,7 +427,7 @@ fn warmup_fetches_reports_and_evicts() {
         err.contains("is more than --cache-size 5M); not read"),
         "{err}"
     );
-    assert_eq!(usage(&dst), before);
+    assert_eq!(dst_usage(&dst), before);
 
     // --evict drops the clean copies, keeps a dirty file.
     std::fs::write(m.mnt_path("dir/mine"), b"local").unwrap();

@@ -119,31 +119,6 @@ impl Drop for Resume<'_> {
     }
 }
 
-/// `chattr +i` on `p` (stops root too); None where the filesystem cannot.
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn set(p: &std::path::Path) -> Option<Immutable> {
-        let ok = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(p)
-            .status()
-            .is_ok_and(|s| s.success());
-        let guard = ok.then(|| Immutable(p.to_path_buf()));
-        let bites = std::fs::write(p.join(".probe"), b"").is_err();
-        if bites { guard } else { None }
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// Ops parked as failed (retries exhausted) cannot progress before the deadline: a
 /// SIGTERM does not wait the drain timeout out for them, neither in the run that
 /// parked them nor after a restart that loaded them from the journal (retried once).

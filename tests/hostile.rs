@@ -775,28 +775,6 @@ fn a_file_written_under_writeback_reads_back() {
 
 // ----- a src that refuses writes, on a real mount ----------------------------------------
 
-/// `chattr +i` on `p` (stops root too); None where the filesystem cannot.
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn set(p: &Path) -> Option<Immutable> {
-        let ok = Command::new("chattr")
-            .arg("+i")
-            .arg(p)
-            .status()
-            .is_ok_and(|s| s.success());
-        let guard = ok.then(|| Immutable(p.to_path_buf()));
-        let bites = fs::write(p.join(".probe"), b"").is_err();
-        if bites { guard } else { None }
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn immutable_src_parks_ops_as_failed_and_status_says_so() {
     if !can_mount("immutable_src_parks_ops_as_failed_and_status_says_so") {

@@ -974,3 +974,49 @@ pub fn wait_drained(m: &Mounted, timeout: Duration) {
         m.stderr()
     );
 }
+
+/// `chattr +i` on `p` while alive (removed at drop): writes into `p` fail with EPERM.
+/// `None` where the file system or user cannot set it, or it does not bite.
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    pub fn set(p: &Path) -> Option<Immutable> {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(p)
+            .status()
+            .is_ok_and(|s| s.success());
+        // Also check it really bites (not every filesystem or user can do this).
+        let bites = ok && fs::write(p.join(".probe"), b"").is_err();
+        if ok && !bites {
+            let _ = Command::new("chattr").arg("-i").arg(p).status();
+        }
+        bites.then(|| Immutable(p.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// Allocated bytes of the visible regular files under `dir` (not `.cachefs-*`).
+pub fn dst_usage(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().as_bytes().starts_with(b".cachefs-") {
+            continue;
+        }
+        let md = e.metadata().unwrap();
+        if md.is_dir() {
+            total += dst_usage(&e.path());
+        } else if md.is_file() {
+            total += md.blocks() * 512;
+        }
+    }
+    total
+}
