@@ -25,8 +25,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Config};
 
-/// The exit status for a rejected command line.
-pub const EXIT_USAGE: i32 = 2;
+pub use crate::config::EXIT_USAGE;
+pub use crate::mountinfo::unescape as unescape_mountinfo;
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -1154,65 +1154,9 @@ pub fn parse_count(flag: &str, v: &str) -> Result<u32, CliError> {
     })
 }
 
-/// A duration >= 0 (`-retry-delay`, `-start-delay`, `--attr-ttl`, `--src-timeout`,
-/// `--drain-timeout`, `--revalidate`), written as rclone and Go write them: a number
-/// with a unit (`500ms`, `30s`, `5m`, `1h`, `1d`, `1.5h`, `1h30m`; also `us`, `ns`), or
-/// a plain number of seconds, fractions allowed (`2`, `0.5`), as GoCacheFS took it.
+/// A duration >= 0 (see [`config::parse_duration`], which holds the syntax).
 pub fn parse_duration(flag: &str, v: &str) -> Result<Duration, CliError> {
-    duration(v.trim()).map_or_else(
-        || {
-            err(format!(
-                "-{flag} '{v}' is not a duration >= 0; write e.g. -{flag} 30s, -{flag} 500ms, \
-                 -{flag} 5m, -{flag} 1h, or a number of seconds (-{flag} 3, -{flag} 0.5)"
-            ))
-        },
-        Ok,
-    )
-}
-
-/// See [`parse_duration`]; `None` for anything else (negative, NaN, no unit between two
-/// numbers, an unknown unit, an overflow).
-fn duration(s: &str) -> Option<Duration> {
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).ok();
-    }
-    let is_num = |c: char| c.is_ascii_digit() || c == '.';
-    let mut total: u128 = 0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let n = rest.find(|c| !is_num(c)).unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(n);
-        let u = tail.find(is_num).unwrap_or(tail.len());
-        let (unit, next) = tail.split_at(u);
-        let nanos_per: u128 = match unit {
-            "ns" => 1,
-            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            "d" => 86_400_000_000_000,
-            _ => return None,
-        };
-        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-        if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
-            return None;
-        }
-        let int: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
-        let frac = if frac.is_empty() {
-            0
-        } else {
-            let f: f64 = format!("0.{frac}").parse().ok()?;
-            (f * nanos_per as f64).round() as u128
-        };
-        total = total.checked_add(int.checked_mul(nanos_per)?.checked_add(frac)?)?;
-        rest = next;
-    }
-    let secs = u64::try_from(total / 1_000_000_000).ok()?;
-    Some(Duration::new(secs, (total % 1_000_000_000) as u32))
+    config::parse_duration(flag, v).map_err(CliError)
 }
 
 /// `--threads`: 1 to 1024.
@@ -1330,30 +1274,6 @@ pub fn check_not_mounted(mnt: &Path, mountinfo: &str) -> Result<(), CliError> {
         ));
     }
     Ok(())
-}
-
-/// Undo mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
-pub fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        if let (b'\\', Some(d)) = (b[i], octal) {
-            let v =
-                u32::from(d[0] - b'0') * 64 + u32::from(d[1] - b'0') * 8 + u32::from(d[2] - b'0');
-            if let Ok(byte) = u8::try_from(v) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
 }
 
 /// Mounting needs root, or a setuid fusermount3 helper.
@@ -1863,13 +1783,6 @@ mod tests {
             ),
             Ok(Action::Mount(_))
         ));
-    }
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\134c\\011"), b"/a b\\c\t");
-        assert_eq!(unescape_mountinfo("/plain\\"), b"/plain\\");
-        assert_eq!(unescape_mountinfo("/x\\09"), b"/x\\09");
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl DaemonError {
     /// mounted or written), 1 for every other failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DaemonError::DstInUse { .. } => crate::cli::EXIT_USAGE,
+            DaemonError::DstInUse { .. } => crate::config::EXIT_USAGE,
             _ => 1,
         }
     }

@@ -25,5 +25,6 @@ pub mod dst_lock;
 pub mod fs;
 pub mod fuse;
 pub mod metrics;
+pub mod mountinfo;
 pub mod systemd;
 pub mod writeback;
