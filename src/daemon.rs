@@ -370,7 +370,7 @@ fn start_writeback(cfg: &Config, src: &Arc<Layer>) -> Result<Option<Writeback>, 
 
 /// `cachefs status DST [--json]`: the exit status of the writeback status report.
 pub fn run_status(dst: &Path, json: bool) -> i32 {
-    crate::writeback::status::run(dst, json)
+    crate::status::run(dst, json)
 }
 
 /// How serving ended.
