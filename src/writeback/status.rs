@@ -2,14 +2,14 @@
 //! [`crate::status`]): what the journal and writeback's files in dst's state folder say,
 //! read without a daemon and without locking or changing anything.
 //!
-//! - the queue, from the journal ([`read`], [`Summary`]): pending ops, pending bytes
+//! - the queue, from the journal (`read`, `Summary`): pending ops, pending bytes
 //!   (current dst size of each distinct path with pending content), age of the oldest
 //!   pending op, and every failed (parked) op with its path, attempts and last error;
-//!   [`render`] prints it as text or as the report's first JSON keys.
-//! - [`Extra`]: paths src cannot hold (`unrep`), what src can hold (`caps`), and the
+//!   `render` prints it as text or as the report's first JSON keys.
+//! - `Extra`: paths src cannot hold (`unrep`), what src can hold (`caps`), and the
 //!   leftover checks waiting (`leftovers`).
 //!
-//! The daemon uses [`summarize`], [`pending_bytes`] and [`now_ms`] too (its log summary,
+//! The daemon uses `summarize`, `pending_bytes` and `now_ms` too (its log summary,
 //! drain progress, journal timestamps).
 
 use std::collections::BTreeSet;
