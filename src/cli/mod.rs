@@ -87,7 +87,7 @@ impl std::error::Error for CliError {}
 fn err<T>(msg: impl Into<String>) -> Result<T, CliError> {
     Err(CliError(msg.into()))
 }
-/// Parse `argv` (including argv[0]) into an [`Action`], validating against the real system.
+/// Parse `argv` (including `argv[0]`) into an [`Action`], validating against the real system.
 pub fn parse<I, T>(argv: I) -> Result<Action, CliError>
 where
     I: IntoIterator<Item = T>,
