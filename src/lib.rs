@@ -15,7 +15,8 @@
 //! - `control`: the control channel of a running daemon (a Unix socket in dst) and the
 //!   commands that use it: `cachefs ctl`, `cachefs warmup`, `cachefs status --watch`.
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
-//! - `mountinfo`: the kernel mount table's escapes.
+//! - `mountinfo`: the kernel mount table's escapes; `json`: ordered JSON objects written
+//!   by serde_json (`cachefs status --json`).
 //! - `systemd`: sd_notify (`READY=1`, `STATUS=`, start-up progress with
 //!   `EXTEND_TIMEOUT_USEC=`).
 
@@ -27,6 +28,7 @@ pub mod daemon;
 pub mod dst_lock;
 pub mod fs;
 pub mod fuse;
+pub mod json;
 pub mod metrics;
 pub mod mountinfo;
 pub mod status;

@@ -25,7 +25,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::fs::src_state::{self, SrcState, json_str};
+use crate::fs::src_state::{self, SrcState};
+use crate::json::Object;
 use crate::writeback::status::{self as wb, Summary};
 
 /// The src and cache parts of the status (beside the writeback summary).
@@ -58,37 +59,28 @@ impl Extra {
         }
     }
 
-    fn json_fields(&self, out: &mut String) {
-        let num = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
+    /// The report's keys after the queue's: src, partial files, writeback's findings,
+    /// the daemon, and `cache` (cache.json's object as it is on disk, or null).
+    fn json_fields(&self, o: &mut Object) {
         let src = self.src.as_ref();
-        let _ = write!(
-            out,
-            "\"src_online\":{},\"src_since\":{},\"src_offline_since\":{},\"src_last_error\":",
-            src.map_or("null".to_string(), |s| s.online.to_string()),
-            num(src.map(|s| s.since)),
-            num(src.filter(|s| !s.online).map(|s| s.since)),
-        );
-        match src.and_then(|s| s.last_error.as_deref()) {
-            Some(e) => json_str(out, e),
-            None => out.push_str("null"),
-        }
-        let _ = write!(
-            out,
-            ",\"partial_files\":{},\"partial_present_bytes\":{},\"partial_total_bytes\":{}",
-            self.partial.0, self.partial.1, self.partial.2
-        );
-        self.wb.unrep_json(out);
-        let _ = write!(
-            out,
-            ",\"leftover_checks\":{},\"leftover_checks_next_ms\":{}",
-            self.wb.leftovers.0,
-            num(self.wb.leftovers.1)
-        );
-        let _ = write!(out, ",\"daemon_running\":{},\"cache\":", self.running);
+        o.field("src_online", src.map(|s| s.online))
+            .field("src_since", src.map(|s| s.since))
+            .field(
+                "src_offline_since",
+                src.filter(|s| !s.online).map(|s| s.since),
+            )
+            .field("src_last_error", src.and_then(|s| s.last_error.as_deref()))
+            .field("partial_files", self.partial.0)
+            .field("partial_present_bytes", self.partial.1)
+            .field("partial_total_bytes", self.partial.2);
+        self.wb.unrep_json(o);
+        o.field("leftover_checks", self.wb.leftovers.0)
+            .field("leftover_checks_next_ms", self.wb.leftovers.1)
+            .field("daemon_running", self.running);
         match self.cache_raw.as_deref().map(str::trim) {
-            Some(c) if c.starts_with('{') && c.ends_with('}') => out.push_str(c),
-            _ => out.push_str("null"),
-        }
+            Some(c) if c.starts_with('{') && c.ends_with('}') => o.raw("cache", c),
+            _ => o.field("cache", None::<u64>),
+        };
     }
 
     fn src_line(&self) -> String {
@@ -155,15 +147,13 @@ pub(crate) fn ago(secs: u64) -> String {
 
 /// The whole report: src, writeback queue, cache.
 pub(crate) fn render_all(s: &Summary, x: &Extra, json: bool) -> String {
-    let queue = wb::render(s, json);
     if json {
-        // `{...writeback keys...}\n` -> `{...writeback keys...,src and cache keys}\n`
-        let mut out = queue.trim_end().trim_end_matches('}').to_string();
-        out.push(',');
-        x.json_fields(&mut out);
-        out.push_str("}\n");
-        out
+        let mut o = Object::new();
+        wb::queue_json(s, &mut o);
+        x.json_fields(&mut o);
+        o.finish() + "\n"
     } else {
+        let queue = wb::render(s, false);
         let mut out = x.src_line();
         out.push_str(&queue);
         x.wb.unrep_text(&mut out);

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use super::journal::{self, Live};
 use super::{Op, op};
-use crate::fs::src_state::json_str;
+use crate::json::{Object, array};
 
 /// `cachefs status DST [--json]`, kept here for callers of its old place (tests).
 pub use crate::status::run;
@@ -93,35 +93,36 @@ fn show(p: &Path) -> String {
     format!("/{}", p.to_string_lossy())
 }
 
+/// The queue's keys of `cachefs status --json`: `pending_ops`, `pending_bytes`,
+/// `oldest_pending_secs`, `failed_ops` and `failed` (op, path, path2, attempts, errno,
+/// error).
+pub(crate) fn queue_json(s: &Summary, o: &mut Object) {
+    let failed = s.failed.iter().map(|(kind, paths, attempts, errno, msg)| {
+        let mut f = Object::new();
+        f.field("op", kind.as_str()).field("path", show(&paths[0]));
+        if let Some(p2) = paths.get(1) {
+            f.field("path2", show(p2));
+        }
+        f.field("attempts", *attempts)
+            .field("errno", *errno)
+            .field("error", msg.as_str());
+        f.finish()
+    });
+    o.field("pending_ops", s.pending_ops)
+        .field("pending_bytes", s.pending_bytes)
+        .field("oldest_pending_secs", s.oldest_age_secs)
+        .field("failed_ops", s.failed.len())
+        .raw("failed", &array(failed));
+}
+
+/// The queue as text, or as a JSON object of [`queue_json`]'s keys.
 pub(crate) fn render(s: &Summary, json: bool) -> String {
     let mut out = String::new();
     if json {
-        let _ = write!(
-            out,
-            "{{\"pending_ops\":{},\"pending_bytes\":{},\"oldest_pending_secs\":{},\"failed_ops\":{},\"failed\":[",
-            s.pending_ops,
-            s.pending_bytes,
-            s.oldest_age_secs
-                .map_or("null".to_string(), |a| a.to_string()),
-            s.failed.len()
-        );
-        for (i, (kind, paths, attempts, errno, msg)) in s.failed.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str("{\"op\":");
-            json_str(&mut out, kind);
-            out.push_str(",\"path\":");
-            json_str(&mut out, &show(&paths[0]));
-            if let Some(p2) = paths.get(1) {
-                out.push_str(",\"path2\":");
-                json_str(&mut out, &show(p2));
-            }
-            let _ = write!(out, ",\"attempts\":{attempts},\"errno\":{errno},\"error\":");
-            json_str(&mut out, msg);
-            out.push('}');
-        }
-        out.push_str("]}\n");
+        let mut o = Object::new();
+        queue_json(s, &mut o);
+        out = o.finish();
+        out.push('\n');
     } else {
         let _ = writeln!(out, "pending ops:    {}", s.pending_ops);
         let _ = writeln!(out, "pending bytes:  {}", s.pending_bytes);
@@ -186,34 +187,26 @@ impl Extra {
         }
     }
 
-    pub(crate) fn unrep_json(&self, out: &mut String) {
-        let _ = write!(
-            out,
-            ",\"not_representable\":{},\"not_representable_paths\":[",
-            self.unrep.len()
-        );
-        for (i, (p, e)) in self.unrep.iter().take(UNREP_LIST_MAX).enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str("{\"path\":");
-            json_str(out, &show(p));
-            out.push_str(",\"what\":[");
-            for (j, n) in super::unrep::names(e.what).iter().enumerate() {
-                if j > 0 {
-                    out.push(',');
-                }
-                json_str(out, n);
-            }
-            out.push_str("],\"detail\":");
-            json_str(out, &e.detail);
-            let _ = write!(out, ",\"since_ms\":{}}}", e.ms);
-        }
-        out.push_str("],\"src_caps\":");
-        match &self.caps {
-            Some(c) => out.push_str(&c.to_json()),
-            None => out.push_str("null"),
-        }
+    /// The keys `not_representable`, `not_representable_paths` (at most
+    /// `UNREP_LIST_MAX`: path, what, detail, since_ms) and `src_caps`.
+    pub(crate) fn unrep_json(&self, o: &mut Object) {
+        let paths = self.unrep.iter().take(UNREP_LIST_MAX).map(|(p, e)| {
+            let mut f = Object::new();
+            f.field("path", show(p))
+                .field("what", super::unrep::names(e.what))
+                .field("detail", e.detail.as_str())
+                .field("since_ms", e.ms);
+            f.finish()
+        });
+        o.field("not_representable", self.unrep.len())
+            .raw("not_representable_paths", &array(paths))
+            .raw(
+                "src_caps",
+                &self
+                    .caps
+                    .as_ref()
+                    .map_or("null".to_string(), |c| c.to_json()),
+            );
     }
 
     pub(crate) fn unrep_text(&self, out: &mut String) {
