@@ -186,11 +186,16 @@ fn a_leftover_check_due_while_the_bucket_hangs_blocks_nothing() {
     }
     fs::remove_file(node.path("d/9")).unwrap();
     node.wait_drained(Duration::from_secs(60));
-    assert_eq!(
-        wb_status(&node.dst).leftover_checks,
-        1,
-        "the delete noted a check"
-    );
+    // The list of checks reaches disk (where `status` reads it) within a second.
+    let t = Instant::now();
+    while wb_status(&node.dst).leftover_checks != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the delete noted no check: {}",
+            wb_status(&node.dst).json
+        );
+        sleep(Duration::from_millis(100));
+    }
 
     bucket.pause();
     let t = Instant::now();
