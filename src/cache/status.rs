@@ -12,6 +12,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use super::budget::{Space, human};
 use super::lru::Class;
 use super::{Cache, STATUS_FILE, now_nanos, scan};
@@ -133,17 +135,10 @@ impl Cache {
 /// when the cache never ran with a budget or pins there.
 pub fn status_text(dst: &Path) -> Option<String> {
     let json = status_raw(dst)?;
-    let num = |key: &str| -> Option<u64> {
-        let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-        let rest = &json[at..];
-        let end = rest.find([',', '}'])?;
-        rest[..end].trim().parse().ok()
-    };
-    let text = |key: &str| -> Option<String> {
-        let at = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
-        let rest = &json[at..];
-        Some(rest[..rest.find('"')?].to_string())
-    };
+    // A file that is not JSON shows no numbers, like a file without the keys.
+    let json: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+    let num = |key: &str| json.get(key).and_then(Value::as_u64);
+    let text = |key: &str| json.get(key).and_then(Value::as_str).map(str::to_string);
     let h = |v: Option<u64>| v.map_or("-".to_string(), human);
     let mut out = String::new();
     out += &format!(
