@@ -1,7 +1,6 @@
 //! src served through a real bindfs mount that tests kill (SIGKILL, as when rclone
 //! crashes), pause (SIGSTOP, a hung network) and restart. Used by the outage, metrics, status, max_dirty,
 //! drain_timeout, cli, writeback_mount and writeback_crash_mount tests.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -19,7 +19,6 @@
 //! rclone's own upload queue is read through its remote control (`vfs/stats`), so
 //! "drained" can mean what it means in production: cachefs's journal empty *and*
 //! rclone's write-back cache uploaded.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,6 +1,5 @@
 //! Helpers shared by the `writeback_*` integration tests: temp src/dst trees, a config,
 //! waiting for the queue to drain, and a byte-for-byte comparison of src with dst's view.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
