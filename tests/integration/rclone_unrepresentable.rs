@@ -322,14 +322,6 @@ fn rclone_cache_of_bucket(node: &Node) -> std::path::PathBuf {
     panic!("no bucket folder under {}", vfs.display());
 }
 
-struct Immutable(std::path::PathBuf);
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn rclone_retries_n_means_n_then_parked_with_backoff() {
     if !can_mount("rclone_retries_n_means_n_then_parked_with_backoff") {
@@ -341,16 +333,10 @@ fn rclone_retries_n_means_n_then_parked_with_backoff() {
     node.wait_drained(DRAIN);
     // rclone cannot create files in its cache: every upload through it fails (EIO).
     let cache = rclone_cache_of_bucket(&node);
-    let ok = Command::new("chattr")
-        .arg("+i")
-        .arg(&cache)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
+    let Some(guard) = Immutable::set(&cache) else {
         eprintln!("skipping: chattr +i does not work here");
         return;
-    }
-    let guard = Immutable(cache);
+    };
     fs::write(node.path("x"), b"payload").unwrap();
     let s = wb_wait_status(&node.dst, Duration::from_secs(30), "parked", |s| {
         s.failed_ops == 1

@@ -3,36 +3,11 @@
 //! (also across a restart), blocks only related paths, and everything converges.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::Immutable;
 use crate::writeback_support::*;
 use cachefs::writeback::{Op, Writeback, status};
-
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn set(p: &Path) -> Option<Immutable> {
-        let ok = Command::new("chattr")
-            .arg("+i")
-            .arg(p)
-            .status()
-            .is_ok_and(|s| s.success());
-        // Also check it really bites (not every filesystem or user can do this).
-        let bites = ok && fs::write(p.join(".probe"), b"").is_err();
-        if ok && !bites {
-            let _ = Command::new("chattr").arg("-i").arg(p).status();
-        }
-        bites.then(|| Immutable(p.to_path_buf()))
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
-}
 
 fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
