@@ -20,9 +20,6 @@ use super::journal::{self, Live};
 use super::{Op, op};
 use crate::json::{Object, array};
 
-/// `cachefs status DST [--json]`, kept here for callers of its old place (tests).
-pub use crate::status::run;
-
 /// Summary of a live set (shared by `cachefs status` and [`super::Writeback::log_summary`]).
 pub(crate) struct Summary {
     pub pending_ops: usize,

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::Immutable;
 use crate::writeback_support::*;
-use cachefs::writeback::{Op, Writeback, status};
+use cachefs::status;
+use cachefs::writeback::{Op, Writeback};
 
 fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
