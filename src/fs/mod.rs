@@ -33,6 +33,7 @@
 //! - A partially present file ([`lazy`]) is not at its dst path: for this module it is
 //!   src-only until a copy-up completes and installs it.
 
+pub mod change;
 pub mod copyup;
 pub mod error;
 pub mod inodes;
@@ -59,42 +60,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use change::{ChangeGuard, ChangeLog, IntentGuard, Op};
 pub use error::{FsError, FsResult};
 pub use inodes::{Kind, ROOT};
 use layer::{Layer, Probe, SetTime, Stat};
 
 use crate::config::Config;
-use crate::writeback::{ChangeGuard, IntentGuard, Op};
-
-/// Where the core reports mutations (implemented by the writeback journal).
-pub trait ChangeLog: Send + Sync {
-    /// Durably records `op` before returning.
-    fn record(&self, op: Op) -> io::Result<()>;
-    /// Returns once src holds dst's current state for `path` (mirror mode); a no-op
-    /// when replay is asynchronous.
-    fn wait_synced(&self, path: &Path) -> io::Result<()>;
-    /// Whether ops for `path` (or below it) are still waiting to reach src.
-    fn has_pending(&self, path: &Path) -> bool;
-    /// Held across a rename on dst and its `record`, so that replay never retires an
-    /// op on the strength of a rename it cannot yet see in the journal.
-    fn begin_change(&self) -> ChangeGuard<'_> {
-        ChangeGuard::none()
-    }
-    /// Called before `paths` change on dst; the guard is kept until the change's op is
-    /// recorded, so a crash in between leaves the paths to resync at the next start.
-    fn intend(&self, _paths: &[&Path]) -> io::Result<IntentGuard<'_>> {
-        Ok(IntentGuard::none())
-    }
-    /// `--max-dirty` backpressure: returns when a writer may go on (called with no
-    /// core lock held); an error answers the writer.
-    fn throttle(&self) -> io::Result<()> {
-        Ok(())
-    }
-    /// Whether [`ChangeLog::throttle`] would wait now (a cheap check).
-    fn over_dirty_limit(&self) -> bool {
-        false
-    }
-}
 
 /// Whether an open with these flags lets a writer in (`--max-dirty` applies).
 pub fn opens_for_writing(flags: i32) -> bool {
@@ -906,7 +877,7 @@ impl CacheFs {
     fn record(&self, op: Op) -> FsResult<()> {
         if let Some(c) = &self.changes {
             // src gets these paths at replay: no longer "absent" there.
-            for p in crate::writeback::op_paths(&op) {
+            for p in change::op_paths(&op) {
                 self.src_absent.forget(p);
                 self.src_ahead.forget(p);
             }

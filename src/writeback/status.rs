@@ -25,7 +25,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::journal::{self, Live};
-use super::{Op, op};
+use super::op;
+use crate::fs::change::Op;
 use crate::fs::src_state::{self, SrcState, json_str};
 
 /// Summary of a live set (shared by `status` and [`super::Writeback::log_summary`]).
