@@ -36,6 +36,7 @@
 pub mod change;
 pub mod copyup;
 pub mod error;
+pub mod hooks;
 pub mod inodes;
 pub mod layer;
 pub mod lazy;
@@ -62,6 +63,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use change::{ChangeGuard, ChangeLog, IntentGuard, Op};
 pub use error::{FsError, FsResult};
+pub use hooks::CacheHooks;
 pub use inodes::{Kind, ROOT};
 use layer::{Layer, Probe, SetTime, Stat};
 
@@ -257,9 +259,9 @@ pub struct CacheFs {
     origins: Arc<origin::Store>,
     /// Space kept back in dst so that deletes can be recorded on a full dst.
     reserve: reserve::Reserve,
-    /// CACHE HOOK: the cache budget (src/cache/), called from open, ensure_in_dst and
-    /// setxattr/removexattr; `None` without a budget or pins.
-    cache: Option<Arc<crate::cache::Cache>>,
+    /// The cache budget's hooks (see [`hooks`]), called from open, lazy reads,
+    /// ensure_in_dst, release and setxattr/removexattr; `None` without a budget or pins.
+    cache: hooks::Hooks,
     /// Lazy range fetch of large files (`None` with `--lazy-threshold 0`).
     lazy: Option<Arc<lazy::Lazy>>,
     /// `--lazy-fill`: partials are completed in the background once opened.
@@ -424,7 +426,7 @@ impl CacheFs {
                 u64::try_from(cfg.revalidate.as_nanos()).unwrap_or(u64::MAX),
             ),
             dst_dev,
-            cache: None, // CACHE HOOK
+            cache: None,
         };
         fs.load_legacy_whiteouts()?;
         match fs.src.root_fd() {
@@ -439,12 +441,13 @@ impl CacheFs {
         Ok(fs)
     }
 
-    /// CACHE HOOK: attaches the cache budget (before mounting).
-    pub fn set_cache(&mut self, cache: Arc<crate::cache::Cache>) {
+    /// Attaches the cache budget (before mounting): its hooks, and its usage index for
+    /// lazy fetch's partial files.
+    pub fn set_cache<C: CacheHooks + lazy::Usage + 'static>(&mut self, cache: Arc<C>) {
         if let Some(lazy) = &self.lazy {
             lazy.set_usage(Arc::clone(&cache) as Arc<dyn lazy::Usage>);
         }
-        self.cache = Some(cache);
+        self.cache = Some(cache as Arc<dyn CacheHooks>);
     }
 
     fn load_legacy_whiteouts(&self) -> FsResult<()> {
@@ -937,7 +940,7 @@ impl CacheFs {
         self.copy_done.notify_all();
         let (st, copied) = result?;
         crate::metrics::cache_miss(copied);
-        crate::cache::on_fetched(&self.cache, path, &st); // CACHE HOOK
+        hooks::on_fetched(&self.cache, path, &st);
         let mut t = self.inodes.lock().unwrap();
         t.set_dst_ident(ino, ident(&st));
         t.mark_checked(ino);
@@ -2331,9 +2334,9 @@ impl CacheFs {
             Some(l) if allow_lazy && !opens_for_writing(flags) => Some(l.threshold),
             _ => None,
         };
-        crate::cache::on_open(&self.cache, self, ino, lazy_from, || {
+        hooks::on_open(&self.cache, self, ino, lazy_from, || {
             Ok(self.node_path(ino)?.0)
-        })?; // CACHE HOOK
+        })?;
         let _ns = self.namespace.read().unwrap();
         let (path, kind, merges) = self.node_path(ino)?;
         if kind == Kind::Dir {
@@ -2413,8 +2416,8 @@ impl CacheFs {
         {
             if self.lazy_fill {
                 let cache = self.cache.clone();
-                // CACHE HOOK: room that is free without evicting, as for prefetch.
-                p.fill_in_background(move |bytes| crate::cache::on_prefetch(&cache, bytes));
+                // Room that is free without evicting, as for prefetch.
+                p.fill_in_background(move |bytes| hooks::on_prefetch(&cache, bytes));
             }
             let fh = self.add_lazy_handle(ino, p)?;
             return Ok(Opened {
@@ -2454,21 +2457,18 @@ impl CacheFs {
             if p.missing(offset, len) > 0 {
                 self.src_gate()?; // blocks already present are served while src is offline
             }
-            // CACHE HOOK: the reservation is held until the blocks are reported.
-            let room = crate::cache::on_lazy_fetch(&self.cache, self, p.data_rel(), || {
-                p.missing(offset, len)
-            })?;
+            // The reservation is held until the blocks are reported.
+            let room =
+                hooks::on_lazy_fetch(&self.cache, self, p.data_rel(), || p.missing(offset, len))?;
             // Waits for a stream of src reads (never a src call on this thread),
             // bounded by --src-timeout without progress.
             let r = crate::metrics::timed(crate::metrics::SrcOp::Fetch, || p.ensure(offset, len));
             if let Some(room) = room {
                 // The stream may still be filling the read's last block.
-                p.hold_until_fetched(offset, len, Box::new(room));
+                p.hold_until_fetched(offset, len, room);
             }
             self.src_result(r)?;
-            p.note_read(offset, len, &|bytes| {
-                crate::cache::on_prefetch(&self.cache, bytes) // CACHE HOOK
-            });
+            p.note_read(offset, len, &|bytes| hooks::on_prefetch(&self.cache, bytes));
         }
         Ok(())
     }
@@ -2638,9 +2638,9 @@ impl CacheFs {
                             log::warn!("{}: cannot sync its partial file: {e}", p.path.display());
                         }
                         p.close_idle();
-                        crate::cache::on_partial_used(&self.cache, p.data_rel()) // CACHE HOOK
+                        hooks::on_partial_used(&self.cache, p.data_rel())
                     }
-                    _ => crate::cache::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)), // CACHE HOOK
+                    _ => hooks::on_release(&self.cache, || Ok(self.node_path(h.ino)?.0)),
                 }
                 let synced = self.sync_out(&h);
                 let (ino, wrote) = (h.ino, h._writer.is_some());
@@ -2922,7 +2922,7 @@ impl CacheFs {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
-        crate::cache::on_xattr(&self.cache, name); // CACHE HOOK
+        hooks::on_xattr(&self.cache, name);
         if origin::is_reserved_xattr(name) {
             return denied(libc::EPERM);
         }
@@ -2930,7 +2930,7 @@ impl CacheFs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        crate::cache::on_xattr(&self.cache, name); // CACHE HOOK
+        hooks::on_xattr(&self.cache, name);
         if origin::is_reserved_xattr(name) {
             return denied(libc::EPERM);
         }
