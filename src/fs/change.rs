@@ -5,11 +5,16 @@
 //! [`IntentGuard`] from before a change until its op is recorded).
 //!
 //! Pure descriptions: nothing here knows how a change log stores or replays ops, so the
-//! core depends on no implementation of it.
+//! core depends on no implementation of it. The core's side is here too (the
+//! `impl CacheFs` at the end): recording an op (for every name of a hard-linked file),
+//! intents and `--max-dirty` throttling, each a no-op without a change log; no core lock
+//! is held across a change-log wait.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::RwLockReadGuard;
+
+use super::{CacheFs, FsError, FsResult};
 
 /// One mutation, by mount-relative path (no leading `/`; "" is the root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,5 +166,69 @@ impl Drop for IntentGuard<'_> {
         if let Some(i) = self.intents {
             i.end_intent();
         }
+    }
+}
+
+impl CacheFs {
+    /// Whether a writer let in now would wait for the writeback (`--max-dirty`): the
+    /// FUSE adapter then serves that request on a thread of its own, so waiting
+    /// writers never hold every FUSE thread and readers keep being served.
+    pub fn writer_must_wait(&self) -> bool {
+        self.changes.as_ref().is_some_and(|c| c.over_dirty_limit())
+    }
+
+    /// Wait while too much data waits for src (`--max-dirty`); see [`ChangeLog::throttle`].
+    pub(super) fn throttle_writer(&self) -> FsResult<()> {
+        if let Some(c) = &self.changes {
+            c.throttle().map_err(FsError::Journal)?;
+        }
+        Ok(())
+    }
+
+    /// Notes that `paths` are about to change on dst (see [`ChangeLog::intend`]); hold
+    /// the guard until the change's op is recorded.
+    pub(super) fn intend(&self, paths: &[&Path]) -> FsResult<IntentGuard<'_>> {
+        match &self.changes {
+            Some(c) => c.intend(paths).map_err(FsError::Journal),
+            None => Ok(IntentGuard::none()),
+        }
+    }
+
+    pub(super) fn record(&self, op: Op) -> FsResult<()> {
+        if let Some(c) = &self.changes {
+            // src gets these paths at replay: no longer "absent" there.
+            for p in op_paths(&op) {
+                self.src_absent.forget(p);
+                self.src_ahead.forget(p);
+            }
+            c.record(op).map_err(FsError::Journal)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn record_content(&self, ino: u64) -> FsResult<Option<PathBuf>> {
+        let path = self.inodes.lock().unwrap().path(ino);
+        if let Some(p) = &path {
+            self.record_each_name(ino, p, |path| Op::Write { path })?;
+        }
+        Ok(path)
+    }
+
+    /// Record `op` for `path` and for every other name the mount knows the inode by
+    /// (hard links): replay syncs names, and a src without hard links (rclone) keeps
+    /// each name as its own copy, which must get the new bytes and attributes too.
+    pub(super) fn record_each_name(
+        &self,
+        ino: u64,
+        path: &Path,
+        op: impl Fn(PathBuf) -> Op,
+    ) -> FsResult<()> {
+        self.record(op(path.to_path_buf()))?;
+        let mut others = self.inodes.lock().unwrap().paths(ino);
+        others.retain(|p| p != path);
+        for p in others {
+            self.record(op(p))?;
+        }
+        Ok(())
     }
 }
