@@ -2,8 +2,9 @@
 //! the layer that holds it ([`CacheFs::find`]: dst wins; src only when the parent
 //! merges src and no whiteout, GoCacheFS root whiteout or opaque marker hides it), and
 //! the whiteouts and opaque markers that record what dst hides of src. Invariants:
-//! `merge_src` is recomputed at each `find`; reserved names never pass ([`check_name`]).
-//! `inodes` is taken for table updates only, never across I/O.
+//! `merge_src` is recomputed at each `find`; a reserved name is never created
+//! ([`check_name`]: EPERM) nor looked up (ENOENT). `inodes` is taken for table updates
+//! only, never across I/O.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
