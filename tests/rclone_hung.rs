@@ -162,3 +162,67 @@ fn a_hung_bucket_never_hangs_what_dst_can_answer() {
         "{objects:?}"
     );
 }
+
+/// The leftover checks (`--src-settle` after a delete, the bed uses 6 s) make src calls
+/// of their own. When one falls due while the bucket hangs, it waits on its own thread:
+/// cached reads, stats and listings stay at local speed all along, and once the bucket
+/// is back the check runs and the bucket ends up equal to the mount.
+#[test]
+fn a_leftover_check_due_while_the_bucket_hangs_blocks_nothing() {
+    if !can_mount("a_leftover_check_due_while_the_bucket_hangs_blocks_nothing") {
+        return;
+    }
+    let mut bucket = Bucket::start();
+    for i in 0..10 {
+        bucket.put(&format!("d/{i}"), format!("file {i}\n").as_bytes());
+    }
+    let timeout = format!("{}", SRC_TIMEOUT.as_secs());
+    let node = Node::start(
+        &bucket,
+        &["-w", "--revalidate", "1", "--src-timeout", &timeout],
+    );
+    for i in 0..10 {
+        fs::read(node.path(&format!("d/{i}"))).unwrap();
+    }
+    fs::remove_file(node.path("d/9")).unwrap();
+    node.wait_drained(Duration::from_secs(60));
+    assert_eq!(
+        wb_status(&node.dst).leftover_checks,
+        1,
+        "the delete noted a check"
+    );
+
+    bucket.pause();
+    let t = Instant::now();
+    let mut worst: Vec<(&str, Duration)> = Vec::new();
+    // Past the check's due time (6 s after the delete) and rclone's directory cache.
+    while t.elapsed() < Duration::from_secs(10) {
+        let (r, read) = time(|| fs::read(node.path("d/0")));
+        assert_eq!(r.unwrap(), b"file 0\n");
+        let (r, stat) = time(|| fs::metadata(node.path("d/1")));
+        r.unwrap();
+        let (r, list) = time(|| fs::read_dir(node.path("d")).map(|d| d.count()));
+        assert_eq!(r.unwrap(), 9);
+        worst.push(("round", read.max(stat).max(list)));
+        sleep(Duration::from_millis(200));
+    }
+    let status = wb_status(&node.dst);
+    bucket.resume();
+    let slow: Vec<_> = worst.iter().filter(|(_, d)| *d >= LOCAL).collect();
+    eprintln!(
+        "{} rounds with the bucket hung, slowest {:?}; status then: {}",
+        worst.len(),
+        worst.iter().map(|w| w.1).max(),
+        status.json
+    );
+    // One caller may be the one that finds the outage (up to --src-timeout).
+    assert!(
+        slow.len() <= 1,
+        "cached calls stalled with a leftover check due: {slow:?}\n{}",
+        node.logs()
+    );
+
+    node.wait_settled(Duration::from_secs(120));
+    assert_eq!(wb_status(&node.dst).leftover_checks, 0);
+    assert_bucket_equals_mount(&bucket, &node);
+}

@@ -1440,3 +1440,90 @@ fn a_closed_change_is_on_src_or_pending_when_close_returns() {
     );
     m.stop();
 }
+
+/// Another writer's version stored in src while an upload copies (after the upload's
+/// first look at src, before its rename) is kept as a conflict copy, not replaced.
+/// Staged on a bindfs src with no attribute caching: the test stops bindfs the moment
+/// the upload's temp file appears, writes the other version straight into the backing
+/// directory, and lets bindfs go on. Only the look right before the rename can see it.
+/// (rclone cannot stage this: while a file in a directory is open, its listing is not
+/// refreshed, not even by `vfs/forget`; docs/SEMANTICS.md states the window.)
+#[test]
+fn a_version_stored_in_src_during_an_upload_is_kept_as_a_conflict_copy() {
+    if !can_mount("a_version_stored_in_src_during_an_upload_is_kept_as_a_conflict_copy") {
+        return;
+    }
+    let real = dir_with(&[("shared", b"version 0\n")]);
+    let srcmnt = tempdir();
+    let bind = bindfs_support::BindfsSrc::start_with(
+        real,
+        srcmnt.path(),
+        &["-o", "attr_timeout=0,entry_timeout=0,negative_timeout=0"],
+    )
+    .expect("bindfs starts");
+    let m = Mounted::with_dirs(srcmnt, tempdir(), &["-w"]);
+    assert_eq!(fs::read(m.mnt_path("shared")).unwrap(), b"version 0\n");
+
+    // Written in place (no O_TRUNC): one upload, after the close.
+    let mine = pattern(128 << 20, 11);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(m.mnt_path("shared"))
+        .unwrap();
+    f.write_all(&mine).unwrap();
+    drop(f);
+    let backing = bind.real.path().to_path_buf();
+    let t = Instant::now();
+    loop {
+        let temp = fs::read_dir(&backing).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".cachefs-tmp")
+        });
+        if temp {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no upload started");
+        sleep(Duration::from_millis(1));
+    }
+    bind.pause(true);
+    let copied = fs::read_dir(&backing)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name().to_string_lossy().starts_with(".cachefs-tmp"))
+        .map(|e| e.metadata().unwrap().len());
+    fs::write(backing.join("shared"), b"the other writer's version\n").unwrap();
+    bind.pause(false);
+    eprintln!(
+        "the other version landed with {copied:?} of {} bytes copied",
+        mine.len()
+    );
+    assert!(
+        copied.is_some_and(|n| n < mine.len() as u64),
+        "the upload was no longer copying when the other version landed: {copied:?}"
+    );
+    wait_drained(&m, Duration::from_secs(60));
+
+    let names: Vec<String> = fs::read_dir(&backing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let kept: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("shared.conflict-"))
+        .collect();
+    assert_eq!(
+        kept.len(),
+        1,
+        "the other writer's version was lost: {names:?}"
+    );
+    assert_eq!(
+        fs::read(backing.join(kept[0])).unwrap(),
+        b"the other writer's version\n"
+    );
+    assert!(
+        fs::read(backing.join("shared")).unwrap() == mine,
+        "src holds this mount's version"
+    );
+}

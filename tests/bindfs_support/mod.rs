@@ -23,14 +23,21 @@ pub struct BindfsSrc {
     pub real: TempDir,
     pub mnt: PathBuf,
     child: Option<Child>,
+    options: Vec<String>,
 }
 
 impl BindfsSrc {
     pub fn start(real: TempDir, mnt: &Path) -> Option<BindfsSrc> {
+        BindfsSrc::start_with(real, mnt, &[])
+    }
+
+    /// [`BindfsSrc::start`] with extra bindfs arguments (e.g. `-o attr_timeout=0`).
+    pub fn start_with(real: TempDir, mnt: &Path, options: &[&str]) -> Option<BindfsSrc> {
         let mut s = BindfsSrc {
             real,
             mnt: mnt.to_path_buf(),
             child: None,
+            options: options.iter().map(|o| o.to_string()).collect(),
         };
         s.spawn().then_some(s)
     }
@@ -42,6 +49,7 @@ impl BindfsSrc {
         let log = self.mnt.with_extension("bindfs.log");
         let Ok(child) = Command::new("bindfs")
             .arg("-f")
+            .args(&self.options)
             .arg(self.real.path())
             .arg(&self.mnt)
             .stderr(std::fs::File::create(&log).map_or_else(|_| Stdio::null(), Stdio::from))
