@@ -33,8 +33,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::op;
 use super::sys::Id;
-use super::{Op, op};
+use crate::fs::change::Op;
 
 const HEADER: &str = "cachefs-journal 1";
 

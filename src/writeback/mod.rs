@@ -105,73 +105,18 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
+pub use crate::fs::change::{ChangeGuard, IntentGuard, Op};
 use crate::metrics::{self, METRICS};
-pub use intents::IntentGuard;
 use intents::Intents;
 use journal::{FailInfo, Journal, Record};
-pub(crate) use op::paths as op_paths;
 use sched::Sched;
-
-/// One mutation, by mount-relative path (no leading `/`; "" is the root).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// File content changed (write, truncate, fallocate, copy_file_range target).
-    Write {
-        path: PathBuf,
-    },
-    /// A regular file was created.
-    Create {
-        path: PathBuf,
-    },
-    /// A fifo, socket or device node was created.
-    Mknod {
-        path: PathBuf,
-    },
-    Mkdir {
-        path: PathBuf,
-    },
-    Symlink {
-        path: PathBuf,
-    },
-    /// Hard link `new` to the existing `existing`.
-    Link {
-        existing: PathBuf,
-        new: PathBuf,
-    },
-    Unlink {
-        path: PathBuf,
-    },
-    Rmdir {
-        path: PathBuf,
-    },
-    /// `exchange`: RENAME_EXCHANGE swapped the two.
-    Rename {
-        from: PathBuf,
-        to: PathBuf,
-        exchange: bool,
-    },
-    /// chmod, chown or utimens.
-    SetAttr {
-        path: PathBuf,
-    },
-    /// setxattr/removexattr.
-    Xattr {
-        path: PathBuf,
-    },
-    /// Make src's `path` match dst's view of it, recursively: content, metadata,
-    /// children; dst's whiteouts and opaque marker below it remove the src entries they
-    /// hide. Used for rename follow-ups; `fs` may use it for anything coarse.
-    Sync {
-        path: PathBuf,
-    },
-}
 
 /// Errors of the writeback layer. [`WritebackError::errno`] maps them for FUSE replies.
 #[derive(Debug)]
@@ -350,17 +295,6 @@ struct Shared {
     unrep_logged: AtomicU64,
     /// Names renamed away or deleted on src, to look at again (see `leftovers`).
     leftovers: leftovers::Leftovers,
-}
-
-/// Held (shared) across a dst rename and its [`Writeback::record`]; see the
-/// module doc. Inert without `-w`.
-pub struct ChangeGuard<'a>(#[allow(dead_code)] Option<RwLockReadGuard<'a, ()>>);
-
-impl ChangeGuard<'_> {
-    /// A guard that holds nothing (no writeback).
-    pub fn none() -> ChangeGuard<'static> {
-        ChangeGuard(None)
-    }
 }
 
 /// The queue's numbers at one moment ([`Writeback::counters`]).
@@ -1075,11 +1009,10 @@ impl Writeback {
     /// Hold across a dst rename and its `record` (see "Namespace changes and skipped
     /// ops" in the module doc).
     pub fn begin_change(&self) -> ChangeGuard<'_> {
-        ChangeGuard(
-            self.shared
-                .as_ref()
-                .map(|sh| sh.changes.read().unwrap_or_else(|p| p.into_inner())),
-        )
+        match &self.shared {
+            Some(sh) => ChangeGuard::shared(sh.changes.read().unwrap_or_else(|p| p.into_inner())),
+            None => ChangeGuard::none(),
+        }
     }
 
     /// Journal `op` durably (the mutation is already done on dst). Returns once the op

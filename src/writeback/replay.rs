@@ -45,9 +45,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::caps::{Caps, SrcCaps};
+use super::op;
 use super::sys::{self, Id, Stat};
 use super::unrep::{self, Note};
-use super::{Op, op};
+use crate::fs::change::Op;
 use crate::fs::names;
 use std::cell::RefCell;
 

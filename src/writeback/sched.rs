@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::journal::FailInfo;
+use super::op;
 use super::sys::Id;
-use super::{Op, op};
+use crate::fs::change::Op;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {
