@@ -13,6 +13,7 @@
 //! - `control`: the control channel of a running daemon (a Unix socket in dst) and the
 //!   commands that use it: `cachefs ctl`, `cachefs warmup`, `cachefs status --watch`.
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
+//! - `sys`: the syscall wrappers (every `unsafe` path and `*at` call), a leaf.
 //! - `systemd`: sd_notify (`READY=1`, `STATUS=`, start-up progress with
 //!   `EXTEND_TIMEOUT_USEC=`).
 
@@ -25,5 +26,6 @@ pub mod dst_lock;
 pub mod fs;
 pub mod fuse;
 pub mod metrics;
+pub mod sys;
 pub mod systemd;
 pub mod writeback;
