@@ -888,12 +888,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
         std::fs::write(d.path().join("sub/f"), b"x").unwrap();
-        let c = std::ffi::CString::new(d.path().join("sub/f").as_os_str().as_bytes()).unwrap();
-        let name = std::ffi::CString::new(xattr_name().as_bytes()).unwrap();
+        let f = File::open(d.path().join("sub/f")).unwrap();
         let v = b"v1 5 -3 7 99 0";
-        // SAFETY: valid C strings and buffer.
-        let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-        if r != 0 {
+        let r = crate::sys::fsetxattr(f.as_fd(), xattr_name(), v);
+        if r.is_err() {
             return; // no xattrs on this filesystem
         }
         let s = fresh_store(d.path());

@@ -147,12 +147,6 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
-/// A zeroed `struct stat` (all ids, times and sizes 0).
-pub fn zero_stat() -> Stat {
-    // SAFETY: stat is plain old data; all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
-}
-
 /// `fstatvfs` of the filesystem holding `fd`.
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();

@@ -33,7 +33,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::sys::Id;
+use super::at::Id;
 use super::{Op, op};
 
 const HEADER: &str = "cachefs-journal 1";

@@ -15,7 +15,7 @@
 //!   src is never touched, and an existing journal is left alone.
 //!
 //! Pieces: [`journal`] (on-disk format), `sched` (causal queue), `replay` (applying an
-//! op to src), `retry` (backoff), `sys` (no-follow syscalls), [`status`] (the CLI view),
+//! op to src), `retry` (backoff), `at` (no-follow name-relative calls, over `crate::sys`), [`status`] (the CLI view),
 //! `caps` (what src can hold, probed at start), `unrep` (paths whose dst state src
 //! cannot hold: kept in dst, reported, not retried).
 //!
@@ -89,6 +89,7 @@
 //! fdatasync. `sync_lock` serialises group commits (fdatasync outside `state`).
 //! `cond` (on `state`) wakes `wait_synced` and `shutdown` waiters on every completion.
 
+mod at;
 mod caps;
 mod intents;
 pub mod journal;
@@ -98,7 +99,6 @@ mod replay;
 mod retry;
 mod sched;
 pub mod status;
-mod sys;
 mod unrep;
 
 use std::fmt;
@@ -294,7 +294,7 @@ impl fmt::Display for DrainProgress {
 struct Job {
     seq: u64,
     op: Op,
-    ids: [Option<sys::Id>; 2],
+    ids: [Option<at::Id>; 2],
     attempt: u32,
 }
 
@@ -421,8 +421,8 @@ impl Shared {
     }
 
     /// dst identities of the objects `op` syncs, as dst is right now.
-    fn ids_of(&self, op: &Op) -> [Option<sys::Id>; 2] {
-        op::id_paths(op).map(|p| p.and_then(|p| sys::identity_path(&self.dst.join(p))))
+    fn ids_of(&self, op: &Op) -> [Option<at::Id>; 2] {
+        op::id_paths(op).map(|p| p.and_then(|p| at::identity_path(&self.dst.join(p))))
     }
 
     fn wake(&self) {
@@ -726,7 +726,7 @@ fn probe_src(sh: std::sync::Weak<Shared>, tried: Sender<()>) {
             let r = sh
                 .src
                 .root_fd_checked()
-                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsRawFd::as_raw_fd(&root)));
+                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsFd::as_fd(&root)));
             if let Err(e) = &r {
                 log::debug!(
                     "writeback: cannot probe src's capabilities yet ({e}); trying again in {wait:?}"
@@ -769,7 +769,7 @@ fn leftover_checks(sh: std::sync::Weak<Shared>) {
         let roots = sh
             .src
             .root_fd_checked()
-            .and_then(|s| Ok((s, sys::open_root(&sh.dst)?)));
+            .and_then(|s| Ok((s, at::open_dst(&sh.dst)?)));
         let Ok((src, dst)) = roots else {
             sh.leftovers.put_back(due);
             continue;
@@ -830,7 +830,7 @@ fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             if let Err(e) = sh
                 .src
                 .root_fd_checked()
-                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsRawFd::as_raw_fd(&root)))
+                .and_then(|root| sh.caps.get_or_probe(std::os::fd::AsFd::as_fd(&root)))
             {
                 log::debug!("writeback: cannot probe src's capabilities yet: {e}");
             }

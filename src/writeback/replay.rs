@@ -25,7 +25,7 @@
 //!   created here included; an upload of a dirty file whose src version is no longer
 //!   the recorded one is a conflict (src's version is kept beside it). A replayed
 //!   rename clears the records at both names first: it changes src under them.
-//! - Nothing follows a symlink: see [`super::sys`].
+//! - Nothing follows a symlink: see [`super::at`].
 //! - What src cannot hold (see `caps`) is not tried, or not retried: a symlink or special
 //!   file on a src without them is kept in dst only (and whatever src had at that path
 //!   is removed: the view replaced it); a hard link on a src without them is a copy; a
@@ -40,12 +40,12 @@ use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::at::{self, Id, Stat};
 use super::caps::{Caps, SrcCaps};
-use super::sys::{self, Id, Stat};
 use super::unrep::{self, Note};
 use super::{Op, op};
 use crate::fs::names;
@@ -96,7 +96,7 @@ fn interrupted() -> io::Error {
 pub(crate) fn apply(ctx: &Ctx, op: &Op, ids: &[Option<Id>; 2]) -> io::Result<Outcome> {
     let roots = Roots {
         src: ctx.src.root_fd_checked()?,
-        dst: sys::open_root(ctx.dst)?,
+        dst: at::open_dst(ctx.dst)?,
     };
     let [id0, id1] = *ids;
     match op {
@@ -121,7 +121,7 @@ impl Ctx<'_> {
             return Ok(c);
         }
         let root = self.src.root_fd_checked()?;
-        self.caps.get_or_probe(root.as_raw_fd())
+        self.caps.get_or_probe(root.as_fd())
     }
 
     fn note(&self, path: PathBuf, checked: u16, found: u16, detail: String) {
@@ -138,21 +138,25 @@ impl Ctx<'_> {
     /// an op interrupted by a crash reuses (and so reclaims) the temp file this run left
     /// in src; the same name under earlier runs of this dst on this machine (the op was
     /// left pending by them) is removed from `dir` here.
-    fn temp_name_in(&self, dir: RawFd) -> OsString {
+    fn temp_name_in(&self, dir: BorrowedFd<'_>) -> OsString {
         let n = self.tmp_counter.get();
         self.tmp_counter.set(n + 1);
         for old in &self.reclaim_prefixes {
-            let _ = sys::unlink_at(dir, OsStr::new(&format!("{old}{n}")), false);
+            let _ = at::unlink_at(dir, OsStr::new(&format!("{old}{n}")), false);
         }
         OsString::from(format!("{}{n}", self.tmp_prefix))
     }
 }
 
 /// Create a temp entry with `make`; a leftover of ours with that name is replaced.
-fn make_temp<T>(dir: RawFd, name: &OsStr, make: impl Fn() -> io::Result<T>) -> io::Result<T> {
+fn make_temp<T>(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    make: impl Fn() -> io::Result<T>,
+) -> io::Result<T> {
     match make() {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            sys::unlink_at(dir, name, false)?;
+            at::unlink_at(dir, name, false)?;
             make()
         }
         other => other,
@@ -161,7 +165,7 @@ fn make_temp<T>(dir: RawFd, name: &OsStr, make: impl Fn() -> io::Result<T>) -> i
 
 /// Removes a temp entry on drop unless disarmed.
 struct TempGuard<'a> {
-    dir: RawFd,
+    dir: BorrowedFd<'a>,
     name: &'a OsStr,
     armed: bool,
 }
@@ -169,7 +173,7 @@ struct TempGuard<'a> {
 impl Drop for TempGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = sys::unlink_at(self.dir, self.name, false);
+            let _ = at::unlink_at(self.dir, self.name, false);
         }
     }
 }
@@ -177,7 +181,7 @@ impl Drop for TempGuard<'_> {
 /// Ignore "not supported here" (and, for chown, "not permitted") from the src filesystem.
 fn tolerate(r: io::Result<()>, chown: bool) -> io::Result<()> {
     match r {
-        Err(e) if sys::is_unsupported(&e) => Ok(()),
+        Err(e) if at::is_unsupported(&e) => Ok(()),
         Err(e) if chown && e.raw_os_error() == Some(libc::EPERM) => Ok(()),
         other => other,
     }
@@ -187,91 +191,100 @@ fn tolerate(r: io::Result<()>, chown: bool) -> io::Result<()> {
 /// attributes when dst has them, else as 0755 placeholders (a later journaled op renames
 /// or removes them, since dst no longer has them).
 fn ensure_src_parent(roots: &Roots, comps: &[&OsStr]) -> io::Result<OwnedFd> {
-    let mut s = sys::dup(roots.src.as_raw_fd())?;
-    let mut d = Some(sys::dup(roots.dst.as_raw_fd())?);
+    let mut s = at::dup(roots.src.as_fd())?;
+    let mut d = Some(at::dup(roots.dst.as_fd())?);
     for c in comps {
         let dst_st = match &d {
-            Some(dfd) => sys::lstat_at(dfd.as_raw_fd(), c)?,
+            Some(dfd) => at::lstat_at(dfd.as_fd(), c)?,
             None => None,
         };
-        let dst_is_dir = dst_st.is_some_and(|st| sys::file_type(&st) == libc::S_IFDIR);
-        match sys::open_dir_at(s.as_raw_fd(), c) {
+        let dst_is_dir = dst_st.is_some_and(|st| at::file_type(&st) == libc::S_IFDIR);
+        match at::open_dir_at(s.as_fd(), c) {
             Ok(next) => s = next,
-            Err(e) if sys::is_gone(&e) => {
+            Err(e) if at::is_gone(&e) => {
                 if e.raw_os_error() == Some(libc::ENOTDIR) {
                     // A non-directory (or symlink) where the view has a directory: stale.
-                    sys::unlink_at(s.as_raw_fd(), c, false)?;
+                    at::unlink_at(s.as_fd(), c, false)?;
                 }
-                let created = match sys::mkdir_at(s.as_raw_fd(), c, 0o755) {
+                let created = match at::mkdir_at(s.as_fd(), c, 0o755) {
                     Ok(()) => true,
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
                     Err(e) => return Err(e),
                 };
-                if created && dst_is_dir {
-                    let dfd = d.as_ref().map(|x| x.as_raw_fd()).unwrap_or(-1);
-                    set_meta(dfd, s.as_raw_fd(), c, &dst_st.unwrap_or_else(zero_stat))?;
+                // (`dst_is_dir`: dst has the directory, so `d` and `dst_st` are set.)
+                if created
+                    && dst_is_dir
+                    && let (Some(dfd), Some(st)) = (&d, &dst_st)
+                {
+                    set_meta(dfd.as_fd(), s.as_fd(), c, st)?;
                 }
-                s = sys::open_dir_at(s.as_raw_fd(), c)?;
+                s = at::open_dir_at(s.as_fd(), c)?;
             }
             Err(e) => return Err(e),
         }
         d = match (d, dst_is_dir) {
-            (Some(dfd), true) => Some(sys::open_dir_at(dfd.as_raw_fd(), c)?),
+            (Some(dfd), true) => Some(at::open_dir_at(dfd.as_fd(), c)?),
             _ => None,
         };
     }
     Ok(s)
 }
 
-fn zero_stat() -> Stat {
-    // SAFETY: stat is plain old data.
-    unsafe { std::mem::zeroed() }
-}
-
 /// Copy owner, mode, user xattrs and times of dst's `name` (under `dd`) to src's `name`
 /// (under `sd`). `st` is dst's lstat.
-fn set_meta(dd: RawFd, sd: RawFd, name: &OsStr, st: &Stat) -> io::Result<()> {
+fn set_meta(dd: BorrowedFd<'_>, sd: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> io::Result<()> {
     set_meta_as(dd, name, sd, name, st)
 }
 
 /// [`set_meta`] from dst's `dname` onto src's `sname` (a temp name before its rename).
-fn set_meta_as(dd: RawFd, dname: &OsStr, sd: RawFd, sname: &OsStr, st: &Stat) -> io::Result<()> {
-    let is_link = sys::file_type(st) == libc::S_IFLNK;
-    tolerate(sys::chown_at(sd, sname, st.st_uid, st.st_gid), true)?;
+fn set_meta_as(
+    dd: BorrowedFd<'_>,
+    dname: &OsStr,
+    sd: BorrowedFd<'_>,
+    sname: &OsStr,
+    st: &Stat,
+) -> io::Result<()> {
+    let is_link = at::file_type(st) == libc::S_IFLNK;
+    tolerate(at::chown_at(sd, sname, st.st_uid, st.st_gid), true)?;
     if !is_link {
-        tolerate(sys::chmod_at(sd, sname, st.st_mode & 0o7777), false)?;
+        tolerate(at::chmod_at(sd, sname, st.st_mode & 0o7777), false)?;
         copy_xattrs(dd, dname, sd, sname)?;
     }
-    sys::utimes_at(sd, sname, st)
+    at::utimes_at(sd, sname, st)
 }
 
 /// Make src's user xattrs of `sname` equal to dst's of `dname` (skipped where unsupported).
-fn copy_xattrs(dd: RawFd, dname: &OsStr, sd: RawFd, sname: &OsStr) -> io::Result<()> {
-    let want = match sys::list_user_xattrs(dd, dname) {
+fn copy_xattrs(
+    dd: BorrowedFd<'_>,
+    dname: &OsStr,
+    sd: BorrowedFd<'_>,
+    sname: &OsStr,
+) -> io::Result<()> {
+    let want = match at::list_user_xattrs(dd, dname) {
         Ok(v) => v,
-        Err(e) if sys::is_unsupported(&e) => return Ok(()),
+        Err(e) if at::is_unsupported(&e) => return Ok(()),
         Err(e) => return Err(e),
     };
-    let have = match sys::list_user_xattrs(sd, sname) {
+    let have = match at::list_user_xattrs(sd, sname) {
         Ok(v) => v,
-        Err(e) if sys::is_unsupported(&e) => return Ok(()),
+        Err(e) if at::is_unsupported(&e) => return Ok(()),
         Err(e) => return Err(e),
     };
     for a in &have {
         if !want.contains(a) {
-            tolerate(sys::remove_xattr(sd, sname, a), false)?;
+            tolerate(at::remove_xattr(sd, sname, a), false)?;
         }
     }
     for a in &want {
-        let v = match sys::get_xattr(dd, dname, a) {
+        let v = match at::get_xattr(dd, dname, a) {
             Ok(v) => v,
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
             Err(e) => return Err(e),
         };
-        if have.contains(a) && sys::get_xattr(sd, sname, a).ok().as_deref() == Some(&v[..]) {
+        if have.contains(a) && at::get_xattr(sd, sname, a).ok().as_deref() == Some(&v[..]) {
             continue;
         }
-        tolerate(sys::set_xattr(sd, sname, a, &v), false)?;
+        tolerate(at::set_xattr(sd, sname, a, &v), false)?;
     }
     Ok(())
 }
@@ -294,37 +307,37 @@ fn sync_path(
 ) -> io::Result<Outcome> {
     let Some((comps, name)) = op::split(path) else {
         // The root itself: metadata (and children if recursive).
-        let st = sys::fstat(roots.dst.as_raw_fd())?;
+        let st = at::fstat(roots.dst.as_fd())?;
         let dot = OsStr::new(".");
         if recursive {
             sync_children(
                 ctx,
                 Path::new(""),
-                roots.dst.as_raw_fd(),
-                roots.src.as_raw_fd(),
+                roots.dst.as_fd(),
+                roots.src.as_fd(),
                 dot,
             )?;
         }
-        set_meta(roots.dst.as_raw_fd(), roots.src.as_raw_fd(), dot, &st)?;
+        set_meta(roots.dst.as_fd(), roots.src.as_fd(), dot, &st)?;
         return Ok(Outcome::Applied);
     };
-    let dparent = match sys::walk(&roots.dst, &comps) {
+    let dparent = match at::walk(&roots.dst, &comps) {
         Ok(fd) => fd,
-        Err(e) if sys::is_gone(&e) => return reclaim(ctx, roots, &comps),
+        Err(e) if at::is_gone(&e) => return reclaim(ctx, roots, &comps),
         Err(e) => return Err(e),
     };
-    let Some(dst_st) = sys::lstat_at(dparent.as_raw_fd(), name)? else {
+    let Some(dst_st) = at::lstat_at(dparent.as_fd(), name)? else {
         if recursive
-            && whited_out(dparent.as_raw_fd(), name)?
-            && let Ok(sp) = sys::walk(&roots.src, &comps)
+            && whited_out(dparent.as_fd(), name)?
+            && let Ok(sp) = at::walk(&roots.src, &comps)
         {
-            remove_tree(ctx, sp.as_raw_fd(), name)?;
+            remove_tree(ctx, sp.as_fd(), name)?;
             return Ok(Outcome::Applied);
         }
         return reclaim(ctx, roots, &comps);
     };
     if let Some(want) = expect
-        && sys::identity_at(dparent.as_raw_fd(), name)? != Some(want)
+        && at::identity_at(dparent.as_fd(), name)? != Some(want)
     {
         return reclaim(ctx, roots, &comps);
     }
@@ -333,8 +346,8 @@ fn sync_path(
     sync_entry(
         ctx,
         &dir,
-        dparent.as_raw_fd(),
-        sparent.as_raw_fd(),
+        dparent.as_fd(),
+        sparent.as_fd(),
         name,
         &dst_st,
         content,
@@ -346,15 +359,15 @@ fn sync_path(
 /// A skipped sync: an earlier run of this op may have died between creating its temp
 /// file and renaming it (a crash mid-upload); its name is known, reclaim it.
 fn reclaim(ctx: &Ctx, roots: &Roots, comps: &[&OsStr]) -> io::Result<Outcome> {
-    if let Ok(sp) = sys::walk(&roots.src, comps) {
-        let name = ctx.temp_name_in(sp.as_raw_fd());
-        let _ = sys::unlink_at(sp.as_raw_fd(), &name, false);
+    if let Ok(sp) = at::walk(&roots.src, comps) {
+        let name = ctx.temp_name_in(sp.as_fd());
+        let _ = at::unlink_at(sp.as_fd(), &name, false);
     }
     Ok(Outcome::Skipped)
 }
 
-fn whited_out(dd: RawFd, name: &OsStr) -> io::Result<bool> {
-    Ok(sys::lstat_at(dd, &names::whiteout_name(name))?.is_some())
+fn whited_out(dd: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+    Ok(at::lstat_at(dd, &names::whiteout_name(name))?.is_some())
 }
 
 /// `dir`: the dst-relative path of `dd` (names the origin records).
@@ -362,8 +375,8 @@ fn whited_out(dd: RawFd, name: &OsStr) -> io::Result<bool> {
 fn sync_entry(
     ctx: &Ctx,
     dir: &Path,
-    dd: RawFd,
-    sd: RawFd,
+    dd: BorrowedFd<'_>,
+    sd: BorrowedFd<'_>,
     name: &OsStr,
     dst_st: &Stat,
     content: bool,
@@ -372,9 +385,9 @@ fn sync_entry(
     if ctx.stop.load(Ordering::Relaxed) {
         return Err(interrupted());
     }
-    let src_st = sys::lstat_at(sd, name)?;
-    let ftype = sys::file_type(dst_st);
-    let src_type = src_st.map(|s| sys::file_type(&s));
+    let src_st = at::lstat_at(sd, name)?;
+    let ftype = at::file_type(dst_st);
+    let src_type = src_st.map(|s| at::file_type(&s));
     match ftype {
         libc::S_IFREG => {
             if !content && src_type == Some(libc::S_IFREG) {
@@ -390,11 +403,11 @@ fn sync_entry(
         }
         libc::S_IFDIR => {
             match src_type {
-                None => sys::mkdir_at(sd, name, 0o700)?,
+                None => at::mkdir_at(sd, name, 0o700)?,
                 Some(libc::S_IFDIR) => {}
                 Some(_) => {
-                    sys::unlink_at(sd, name, false)?;
-                    sys::mkdir_at(sd, name, 0o700)?;
+                    at::unlink_at(sd, name, false)?;
+                    at::mkdir_at(sd, name, 0o700)?;
                 }
             }
             if recursive {
@@ -404,8 +417,8 @@ fn sync_entry(
             note_meta(ctx, &dir.join(name), dd, sd, name, dst_st)
         }
         libc::S_IFLNK => {
-            let target = sys::readlink_keeping_atime(dd, name)?;
-            if src_type == Some(libc::S_IFLNK) && sys::readlink_at(sd, name)? == target {
+            let target = at::readlink_keeping_atime(dd, name)?;
+            if src_type == Some(libc::S_IFLNK) && at::readlink_at(sd, name)? == target {
                 ctx.note(dir.join(name), unrep::ALL, 0, String::new());
                 return set_meta(dd, sd, name, dst_st);
             }
@@ -424,21 +437,21 @@ fn sync_entry(
                 remove_tree(ctx, sd, name)?;
             }
             let tmp = ctx.temp_name_in(sd);
-            make_temp(sd, &tmp, || sys::symlink_at(&target, sd, &tmp))?;
+            make_temp(sd, &tmp, || at::symlink_at(&target, sd, &tmp))?;
             let mut g = TempGuard {
                 dir: sd,
                 name: &tmp,
                 armed: true,
             };
             set_meta_as(dd, name, sd, &tmp, dst_st)?;
-            sys::rename_at(sd, &tmp, sd, name, false)?;
+            at::rename_at(sd, &tmp, sd, name, false)?;
             g.armed = false;
             ctx.note(dir.join(name), unrep::ALL, 0, String::new());
             Ok(())
         }
         _ => {
-            let same = src_st
-                .is_some_and(|s| sys::file_type(&s) == ftype && (s.st_rdev == dst_st.st_rdev));
+            let same =
+                src_st.is_some_and(|s| at::file_type(&s) == ftype && (s.st_rdev == dst_st.st_rdev));
             if same {
                 ctx.note(dir.join(name), unrep::ALL, 0, String::new());
                 return set_meta(dd, sd, name, dst_st);
@@ -466,7 +479,7 @@ fn sync_entry(
             }
             let tmp = ctx.temp_name_in(sd);
             make_temp(sd, &tmp, || {
-                sys::mknod_at(sd, &tmp, ftype | 0o600, dst_st.st_rdev)
+                at::mknod_at(sd, &tmp, ftype | 0o600, dst_st.st_rdev)
             })?;
             let mut g = TempGuard {
                 dir: sd,
@@ -474,7 +487,7 @@ fn sync_entry(
                 armed: true,
             };
             set_meta_as(dd, name, sd, &tmp, dst_st)?;
-            sys::rename_at(sd, &tmp, sd, name, false)?;
+            at::rename_at(sd, &tmp, sd, name, false)?;
             g.armed = false;
             ctx.note(dir.join(name), unrep::ALL, 0, String::new());
             Ok(())
@@ -488,7 +501,7 @@ fn sync_entry(
 fn keep_in_dst_only(
     ctx: &Ctx,
     rel: &Path,
-    sd: RawFd,
+    sd: BorrowedFd<'_>,
     name: &OsStr,
     src_has_it: bool,
     what: u16,
@@ -516,12 +529,12 @@ fn mode_loss_matters(d: u32, s: u32) -> bool {
 fn note_meta(
     ctx: &Ctx,
     rel: &Path,
-    dd: RawFd,
-    sd: RawFd,
+    dd: BorrowedFd<'_>,
+    sd: BorrowedFd<'_>,
     name: &OsStr,
     dst_st: &Stat,
 ) -> io::Result<()> {
-    let Some(s) = sys::lstat_at(sd, name)? else {
+    let Some(s) = at::lstat_at(sd, name)? else {
         return Ok(());
     };
     let mut checked = unrep::SYMLINK | unrep::SPECIAL | unrep::MODE | unrep::XATTRS;
@@ -549,9 +562,9 @@ fn note_meta(
             ));
         }
     }
-    let want = sys::list_user_xattrs(dd, name).unwrap_or_default();
+    let want = at::list_user_xattrs(dd, name).unwrap_or_default();
     if !want.is_empty() {
-        let missing = match sys::list_user_xattrs(sd, name) {
+        let missing = match at::list_user_xattrs(sd, name) {
             Ok(have) => want.iter().filter(|a| !have.contains(a)).count(),
             Err(_) => want.len(),
         };
@@ -560,7 +573,7 @@ fn note_meta(
             detail.push(format!("{missing} user xattrs"));
         }
     }
-    if sys::file_type(dst_st) == libc::S_IFREG {
+    if at::file_type(dst_st) == libc::S_IFREG {
         checked |= unrep::HARD_LINK;
         if dst_st.st_nlink > 1 && !ctx.caps()?.hard_links {
             found |= unrep::HARD_LINK;
@@ -575,19 +588,25 @@ fn note_meta(
 }
 
 /// Recursive part of a directory sync: children of dst's `name` under `dd` onto src's.
-fn sync_children(ctx: &Ctx, dir: &Path, dd: RawFd, sd: RawFd, name: &OsStr) -> io::Result<()> {
+fn sync_children(
+    ctx: &Ctx,
+    dir: &Path,
+    dd: BorrowedFd<'_>,
+    sd: BorrowedFd<'_>,
+    name: &OsStr,
+) -> io::Result<()> {
     let here = if name == "." {
         dir.to_path_buf()
     } else {
         dir.join(name)
     };
     let (dchild, schild) = if name == "." {
-        (sys::dup(dd)?, sys::dup(sd)?)
+        (at::dup(dd)?, at::dup(sd)?)
     } else {
-        (sys::open_dir_at(dd, name)?, sys::open_dir_at(sd, name)?)
+        (at::open_dir_at(dd, name)?, at::open_dir_at(sd, name)?)
     };
-    let (dc, sc) = (dchild.as_raw_fd(), schild.as_raw_fd());
-    let entries = sys::list_dir(dc, OsStr::new("."))?;
+    let (dc, sc) = (dchild.as_fd(), schild.as_fd());
+    let entries = at::list_dir(dc, OsStr::new("."))?;
     let mut seen: HashSet<OsString> = HashSet::new();
     let mut opaque = false;
     let mut whiteouts = Vec::new();
@@ -604,7 +623,7 @@ fn sync_children(ctx: &Ctx, dir: &Path, dd: RawFd, sd: RawFd, name: &OsStr) -> i
         if !seen.contains(n) {
             continue;
         }
-        if let Some(st) = sys::lstat_at(dc, n)? {
+        if let Some(st) = at::lstat_at(dc, n)? {
             sync_entry(ctx, &here, dc, sc, n, &st, true, true)?;
         }
     }
@@ -614,7 +633,7 @@ fn sync_children(ctx: &Ctx, dir: &Path, dd: RawFd, sd: RawFd, name: &OsStr) -> i
         }
     }
     if opaque {
-        for n in sys::list_dir(sc, OsStr::new("."))? {
+        for n in at::list_dir(sc, OsStr::new("."))? {
             if !seen.contains(&n) && !names::is_reserved(&n) {
                 remove_tree(ctx, sc, &n)?;
             }
@@ -624,20 +643,20 @@ fn sync_children(ctx: &Ctx, dir: &Path, dd: RawFd, sd: RawFd, name: &OsStr) -> i
 }
 
 /// Remove `name` under `dir` on src, recursively; already gone is fine.
-fn remove_tree(ctx: &Ctx, dir: RawFd, name: &OsStr) -> io::Result<()> {
+fn remove_tree(ctx: &Ctx, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     if ctx.stop.load(Ordering::Relaxed) {
         return Err(interrupted());
     }
-    let Some(st) = sys::lstat_at(dir, name)? else {
+    let Some(st) = at::lstat_at(dir, name)? else {
         return Ok(());
     };
-    if sys::file_type(&st) == libc::S_IFDIR {
-        let sub = sys::open_dir_at(dir, name)?;
-        for n in sys::list_dir(sub.as_raw_fd(), OsStr::new("."))? {
-            remove_tree(ctx, sub.as_raw_fd(), &n)?;
+    if at::file_type(&st) == libc::S_IFDIR {
+        let sub = at::open_dir_at(dir, name)?;
+        for n in at::list_dir(sub.as_fd(), OsStr::new("."))? {
+            remove_tree(ctx, sub.as_fd(), &n)?;
         }
     }
-    match sys::unlink_at(dir, name, sys::file_type(&st) == libc::S_IFDIR) {
+    match at::unlink_at(dir, name, at::file_type(&st) == libc::S_IFDIR) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
@@ -647,21 +666,21 @@ fn remove_tree(ctx: &Ctx, dir: RawFd, name: &OsStr) -> io::Result<()> {
 fn copy_file(
     ctx: &Ctx,
     rel: &Path,
-    dd: RawFd,
-    sd: RawFd,
+    dd: BorrowedFd<'_>,
+    sd: BorrowedFd<'_>,
     name: &OsStr,
     src_st: Option<&Stat>,
 ) -> io::Result<()> {
-    let mut df = sys::open_read_at(dd, name)?;
-    let st = sys::fstat(df.as_raw_fd())?;
-    if sys::file_type(&st) != libc::S_IFREG {
+    let mut df = at::open_read_at(dd, name)?;
+    let st = at::fstat(df.as_fd())?;
+    if at::file_type(&st) != libc::S_IFREG {
         // Replaced under us by something else: a later journaled op covers it.
         return Ok(());
     }
     let linked_in_place = st.st_nlink > 1
-        && src_st.is_some_and(|s| sys::file_type(s) == libc::S_IFREG && s.st_nlink > 1);
+        && src_st.is_some_and(|s| at::file_type(s) == libc::S_IFREG && s.st_nlink > 1);
     if linked_in_place {
-        let mut sf = sys::open_write_at(sd, name)?;
+        let mut sf = at::open_write_at(sd, name)?;
         let n = copy_data(ctx, &mut df, &mut sf)?;
         sf.set_len(n)?;
         finish_file(dd, name, &sf, sd, name, &st)?;
@@ -673,13 +692,13 @@ fn copy_file(
     let fetched_from = origin_of_open(ctx, rel, &df);
     if let (Some(o), Some(s)) = (fetched_from, src_st)
         && o.dirty
-        && sys::file_type(s) == libc::S_IFREG
+        && at::file_type(s) == libc::S_IFREG
         && !o.same_source(s)
     {
         keep_conflicting_src_version(sd, name)?;
     }
     let tmp = ctx.temp_name_in(sd);
-    let mut sf = make_temp(sd, &tmp, || sys::create_excl_at(sd, &tmp, 0o600))?;
+    let mut sf = make_temp(sd, &tmp, || at::create_excl_at(sd, &tmp, 0o600))?;
     let mut g = TempGuard {
         dir: sd,
         name: &tmp,
@@ -693,15 +712,15 @@ fn copy_file(
     // left is the gap between this look and the rename, plus however stale src's own
     // view is (rclone's --dir-cache-time): docs/SEMANTICS.md.
     if fetched_from.is_some_and(|o| o.dirty)
-        && let Some(now) = sys::lstat_at(sd, name)?
-        && sys::file_type(&now) == libc::S_IFREG
+        && let Some(now) = at::lstat_at(sd, name)?
+        && at::file_type(&now) == libc::S_IFREG
         && src_st.is_none_or(|before| !same_version(before, &now))
     {
         keep_conflicting_src_version(sd, name)?;
     }
-    sys::rename_at(sd, &tmp, sd, name, false)?;
+    at::rename_at(sd, &tmp, sd, name, false)?;
     g.armed = false;
-    let _ = sys::fsync_dir(sd);
+    let _ = at::fsync_dir(sd);
     record_upload(ctx, rel, &df, &st, sd, name);
     Ok(())
 }
@@ -731,17 +750,17 @@ fn origin_of_open(ctx: &Ctx, rel: &Path, df: &File) -> Option<Origin> {
 fn refresh_record(
     ctx: &Ctx,
     rel: &Path,
-    dd: RawFd,
-    sd: RawFd,
+    dd: BorrowedFd<'_>,
+    sd: BorrowedFd<'_>,
     name: &OsStr,
     src_before: Option<&Stat>,
     dst_st: &Stat,
 ) {
-    let Ok(df) = sys::open_read_at(dd, name) else {
+    let Ok(df) = at::open_read_at(dd, name) else {
         return;
     };
     if let Some(old) = origin_of_open(ctx, rel, &df)
-        && let Ok(Some(on_src)) = sys::lstat_at(sd, name)
+        && let Ok(Some(on_src)) = at::lstat_at(sd, name)
         && let Ok(store) = origin::Store::of_root(ctx.dst)
     {
         // src keeps what was set (a src that drops modes or owners, as rclone does,
@@ -761,7 +780,7 @@ fn refresh_record(
 /// src's file changed since dst's copy was fetched, and dst's copy changed here too:
 /// local data wins on src, and src's version is kept beside it under a clearly named
 /// conflict file (visible through the mount), with a warning.
-fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
+fn keep_conflicting_src_version(sd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -773,12 +792,12 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
         if n > 1 {
             kept.push(format!("-{n}"));
         }
-        if sys::lstat_at(sd, &kept)?.is_none() {
+        if at::lstat_at(sd, &kept)?.is_none() {
             break kept;
         }
         n += 1;
     };
-    sys::rename_at(sd, name, sd, &kept, false)?;
+    at::rename_at(sd, name, sd, &kept, false)?;
     crate::metrics::METRICS.conflicts.inc();
     log::warn!(
         "conflict: {} changed on src and here since it was fetched; the local version wins, \
@@ -798,7 +817,14 @@ fn keep_conflicting_src_version(sd: RawFd, name: &OsStr) -> io::Result<()> {
 /// Files created here get their first record this way (they are then revalidated like
 /// fetched ones). The record goes to the store in the state folder, never on the dst
 /// file (whose ctime the mount shows). A file with several links gets none (local).
-fn record_upload(ctx: &Ctx, rel: &Path, df: &File, before: &Stat, sd: RawFd, name: &OsStr) {
+fn record_upload(
+    ctx: &Ctx,
+    rel: &Path,
+    df: &File,
+    before: &Stat,
+    sd: BorrowedFd<'_>,
+    name: &OsStr,
+) {
     let Ok(store) = origin::Store::of_root(ctx.dst) else {
         return;
     };
@@ -806,7 +832,7 @@ fn record_upload(ctx: &Ctx, rel: &Path, df: &File, before: &Stat, sd: RawFd, nam
         return;
     };
     let unchanged = unchanged_since(df, before);
-    if let Ok(Some(on_src)) = sys::lstat_at(sd, name) {
+    if let Ok(Some(on_src)) = at::lstat_at(sd, name) {
         let mut record = Origin::of(&on_src);
         record.dirty = !unchanged;
         let _ = store.put(rel, &id, record);
@@ -822,7 +848,7 @@ fn record_upload(ctx: &Ctx, rel: &Path, df: &File, before: &Stat, sd: RawFd, nam
 
 /// Whether dst's open file still has the mtime, size and inode of `before`.
 fn unchanged_since(df: &File, before: &Stat) -> bool {
-    sys::fstat(df.as_raw_fd()).is_ok_and(|now| {
+    at::fstat(df.as_fd()).is_ok_and(|now| {
         (now.st_mtime, now.st_mtime_nsec, now.st_size, now.st_ino)
             == (
                 before.st_mtime,
@@ -835,18 +861,18 @@ fn unchanged_since(df: &File, before: &Stat) -> bool {
 
 /// Owner, mode, xattrs, times, fsync of a freshly written src file.
 fn finish_file(
-    dd: RawFd,
+    dd: BorrowedFd<'_>,
     dname: &OsStr,
     sf: &File,
-    sd: RawFd,
+    sd: BorrowedFd<'_>,
     sname: &OsStr,
     st: &Stat,
 ) -> io::Result<()> {
-    let fd = sf.as_raw_fd();
-    tolerate(sys::fchown(fd, st.st_uid, st.st_gid), true)?;
-    tolerate(sys::fchmod(fd, st.st_mode & 0o7777), false)?;
+    let fd = sf.as_fd();
+    tolerate(at::fchown(fd, st.st_uid, st.st_gid), true)?;
+    tolerate(at::fchmod(fd, st.st_mode & 0o7777), false)?;
     copy_xattrs(dd, dname, sd, sname)?;
-    sys::futimes(fd, st)?;
+    at::futimes(fd, st)?;
     sf.sync_all()
 }
 
@@ -877,16 +903,16 @@ fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcom
     let Some((comps, name)) = op::split(path) else {
         return Ok(Outcome::Skipped);
     };
-    let sp = match sys::walk(&roots.src, &comps) {
+    let sp = match at::walk(&roots.src, &comps) {
         Ok(fd) => fd,
-        Err(e) if sys::is_gone(&e) => return Ok(Outcome::Skipped),
+        Err(e) if at::is_gone(&e) => return Ok(Outcome::Skipped),
         Err(e) => return Err(e),
     };
-    let sd = sp.as_raw_fd();
-    let Some(st) = sys::lstat_at(sd, name)? else {
+    let sd = sp.as_fd();
+    let Some(st) = at::lstat_at(sd, name)? else {
         return Ok(Outcome::Skipped);
     };
-    let is_dir = sys::file_type(&st) == libc::S_IFDIR;
+    let is_dir = at::file_type(&st) == libc::S_IFDIR;
     if !is_dir {
         // Noted first: a crash after the unlink must still look again.
         ctx.leftovers.note(path, &st);
@@ -895,7 +921,7 @@ fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcom
         log::debug!("writeback: {path:?} on src is not what was removed; removing it anyway");
     }
     if is_dir {
-        match sys::unlink_at(sd, name, true) {
+        match at::unlink_at(sd, name, true) {
             Ok(()) => return Ok(Outcome::Applied),
             Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
                 return Err(e);
@@ -911,19 +937,24 @@ fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Result<Outcom
 /// src no longer has `name` (in src directory `sd`, dst directory `comps`): dst's
 /// whiteout for it hides nothing any more, and would hide what another machine puts
 /// there later. Removed unless dst has an entry there (the view's own).
-fn drop_whiteout(roots: &Roots, comps: &[&OsStr], name: &OsStr, sd: RawFd) -> io::Result<()> {
-    if sys::lstat_at(sd, name)?.is_some() {
+fn drop_whiteout(
+    roots: &Roots,
+    comps: &[&OsStr],
+    name: &OsStr,
+    sd: BorrowedFd<'_>,
+) -> io::Result<()> {
+    if at::lstat_at(sd, name)?.is_some() {
         return Ok(());
     }
-    let dd = match sys::walk(&roots.dst, comps) {
+    let dd = match at::walk(&roots.dst, comps) {
         Ok(fd) => fd,
-        Err(e) if sys::is_gone(&e) => return Ok(()),
+        Err(e) if at::is_gone(&e) => return Ok(()),
         Err(e) => return Err(e),
     };
-    if sys::lstat_at(dd.as_raw_fd(), name)?.is_some() {
+    if at::lstat_at(dd.as_fd(), name)?.is_some() {
         return Ok(());
     }
-    match sys::unlink_at(dd.as_raw_fd(), &names::whiteout_name(name), false) {
+    match at::unlink_at(dd.as_fd(), &names::whiteout_name(name), false) {
         Err(e)
             if !matches!(
                 e.raw_os_error(),
@@ -947,22 +978,22 @@ fn link(
         return Ok(Outcome::Skipped);
     };
     // dst must still have `new`, else a later op covers it.
-    match sys::walk(&roots.dst, &nc) {
-        Ok(d) if sys::lstat_at(d.as_raw_fd(), nn)?.is_some() => {}
+    match at::walk(&roots.dst, &nc) {
+        Ok(d) if at::lstat_at(d.as_fd(), nn)?.is_some() => {}
         Ok(_) => return Ok(Outcome::Skipped),
-        Err(e) if sys::is_gone(&e) => return Ok(Outcome::Skipped),
+        Err(e) if at::is_gone(&e) => return Ok(Outcome::Skipped),
         Err(e) => return Err(e),
     }
     if ctx.caps()?.hard_links
-        && let Ok(ep) = sys::walk(&roots.src, &ec)
-        && let Some(est) = sys::lstat_at(ep.as_raw_fd(), en)?
-        && sys::file_type(&est) != libc::S_IFDIR
+        && let Ok(ep) = at::walk(&roots.src, &ec)
+        && let Some(est) = at::lstat_at(ep.as_fd(), en)?
+        && at::file_type(&est) != libc::S_IFDIR
     {
         let np = ensure_src_parent(roots, &nc)?;
-        match sys::link_at(ep.as_raw_fd(), en, np.as_raw_fd(), nn) {
+        match at::link_at(ep.as_fd(), en, np.as_fd(), nn) {
             Ok(()) => return Ok(Outcome::Applied),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                let same = sys::lstat_at(np.as_raw_fd(), nn)?
+                let same = at::lstat_at(np.as_fd(), nn)?
                     .is_some_and(|s| s.st_ino == est.st_ino && s.st_dev == est.st_dev);
                 if same {
                     return Ok(Outcome::Skipped);
@@ -987,9 +1018,9 @@ fn src_stat(roots: &Roots, path: &Path) -> io::Result<Option<Stat>> {
     let Some((comps, name)) = op::split(path) else {
         return Ok(None);
     };
-    match sys::walk(&roots.src, &comps) {
-        Ok(d) => sys::lstat_at(d.as_raw_fd(), name),
-        Err(e) if sys::is_gone(&e) => Ok(None),
+    match at::walk(&roots.src, &comps) {
+        Ok(d) => at::lstat_at(d.as_fd(), name),
+        Err(e) if at::is_gone(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -1003,9 +1034,9 @@ fn sync_or_clear(ctx: &Ctx, roots: &Roots, path: &Path, id: Option<Id>) -> io::R
         return Ok(Outcome::Applied);
     }
     if let Some((comps, name)) = op::split(path)
-        && let Ok(sp) = sys::walk(&roots.src, &comps)
+        && let Ok(sp) = at::walk(&roots.src, &comps)
     {
-        remove_tree(ctx, sp.as_raw_fd(), name)?;
+        remove_tree(ctx, sp.as_fd(), name)?;
     }
     Ok(Outcome::Applied)
 }
@@ -1016,13 +1047,13 @@ fn move_on_src(ctx: &Ctx, roots: &Roots, from: &Path, to: &Path) -> io::Result<b
     let (Some((fc, fname)), Some((tc, tname))) = (op::split(from), op::split(to)) else {
         return Ok(false);
     };
-    let fp = match sys::walk(&roots.src, &fc) {
+    let fp = match at::walk(&roots.src, &fc) {
         Ok(fd) => fd,
-        Err(e) if sys::is_gone(&e) => return Ok(false),
+        Err(e) if at::is_gone(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
     let tp = ensure_src_parent(roots, &tc)?;
-    let mut r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
+    let mut r = at::rename_at(fp.as_fd(), fname, tp.as_fd(), tname, false);
     if let Err(e) = &r
         && matches!(
             e.raw_os_error(),
@@ -1032,12 +1063,12 @@ fn move_on_src(ctx: &Ctx, roots: &Roots, from: &Path, to: &Path) -> io::Result<b
         // src's target is not replaceable as is (a non-empty directory, or another
         // type): the view replaced it, so what src holds there is stale. EISDIR /
         // ENOTDIR can only come from the target here: both parents are open.
-        remove_tree(ctx, tp.as_raw_fd(), tname)?;
-        r = sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, false);
+        remove_tree(ctx, tp.as_fd(), tname)?;
+        r = at::rename_at(fp.as_fd(), fname, tp.as_fd(), tname, false);
     }
     match r {
         Ok(()) => {
-            let _ = sys::fsync_dir(tp.as_raw_fd());
+            let _ = at::fsync_dir(tp.as_fd());
             Ok(true)
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
@@ -1075,8 +1106,8 @@ fn rename(
             ctx.leftovers.note(from, &st);
             if move_on_src(ctx, roots, from, to)? {
                 let (fc, fname) = op::split(from).expect("checked");
-                if let Ok(fp) = sys::walk(&roots.src, &fc) {
-                    drop_whiteout(roots, &fc, fname, fp.as_raw_fd())?;
+                if let Ok(fp) = at::walk(&roots.src, &fc) {
+                    drop_whiteout(roots, &fc, fname, fp.as_fd())?;
                 }
                 return Ok(Outcome::Applied);
             }
@@ -1087,11 +1118,11 @@ fn rename(
         (true, true) => {
             let (fc, fname) = op::split(from).expect("checked");
             let (tc, tname) = op::split(to).expect("checked");
-            let fp = sys::walk(&roots.src, &fc)?;
-            let tp = sys::walk(&roots.src, &tc)?;
-            match sys::rename_at(fp.as_raw_fd(), fname, tp.as_raw_fd(), tname, true) {
+            let fp = at::walk(&roots.src, &fc)?;
+            let tp = at::walk(&roots.src, &tc)?;
+            match at::rename_at(fp.as_fd(), fname, tp.as_fd(), tname, true) {
                 Ok(()) => Ok(Outcome::Applied),
-                Err(e) if sys::is_unsupported(&e) || e.raw_os_error() == Some(libc::ENOENT) => {
+                Err(e) if at::is_unsupported(&e) || e.raw_os_error() == Some(libc::ENOENT) => {
                     sync_or_clear(ctx, roots, from, ids[0])?;
                     sync_or_clear(ctx, roots, to, ids[1])
                 }
@@ -1123,7 +1154,7 @@ mod tests {
         let dir = File::open(d.path()).unwrap();
         for v in ["first", "second", "third"] {
             std::fs::write(d.path().join("f"), v).unwrap();
-            keep_conflicting_src_version(dir.as_raw_fd(), OsStr::new("f")).unwrap();
+            keep_conflicting_src_version(dir.as_fd(), OsStr::new("f")).unwrap();
         }
         let mut kept: Vec<(String, String)> = std::fs::read_dir(d.path())
             .unwrap()

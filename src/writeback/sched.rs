@@ -15,8 +15,8 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::at::Id;
 use super::journal::FailInfo;
-use super::sys::Id;
 use super::{Op, op};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
