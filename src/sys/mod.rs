@@ -1,5 +1,6 @@
 //! The syscall layer: every `unsafe` libc call cachefs makes on a path or on a
-//! directory fd (the `open*`/`openat2`/`*at` calls, statx, the xattr calls),.
+//! directory fd (the `open*`/`openat2`/`*at` calls, statx, the xattr calls), and
+//! the one writer of state files ([`state_file`]).
 //!
 //! Invariants:
 //! - A leaf: uses no other module of cachefs. Policy (which root, which names are
@@ -10,10 +11,12 @@
 //!   with the `l*xattr` calls); [`openat2_beneath`] follows no symlink anywhere and
 //!   never leaves its directory. Every fd it opens is `O_CLOEXEC`.
 //! - The only whole-path calls are [`open_dir_path`] (a configured root, which may
-//!   itself contain symlinks: the admin's choice) and [`identity_path`] (metadata only).
+//!   itself contain symlinks: the admin's choice), [`identity_path`] (metadata only)
+//!   and [`state_file::replace`] (the parent directory of a state file).
 //! - Every `unsafe` block carries its `// SAFETY:` reason here and nowhere else.
 
 mod at;
+pub mod state_file;
 mod xattr;
 
 pub use at::*;

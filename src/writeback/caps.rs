@@ -224,11 +224,11 @@ impl Caps {
 
 fn write_atomically(p: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = p.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.write_all(b"\n")?;
-    drop(f);
-    std::fs::rename(&tmp, p)
+    let tmp = tmp.file_name().unwrap_or_default();
+    crate::sys::state_file::replace(p, tmp, 0o666, |f| {
+        f.write_all(data)?;
+        f.write_all(b"\n")
+    })
 }
 
 /// The filesystem type of the mount holding `p` (longest mount point prefix in

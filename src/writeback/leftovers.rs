@@ -28,9 +28,10 @@
 //! Lock order: `Leftovers::checks` is a leaf (no other lock is taken under it, and no
 //! src I/O is done under it).
 
+use crate::sys::state_file;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -151,10 +152,8 @@ impl Leftovers {
                     _ => Ok(()),
                 };
             }
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            drop(f);
-            std::fs::rename(&tmp, &self.file)
+            let tmp = tmp.file_name().unwrap_or_default();
+            state_file::replace_with(&self.file, tmp, text.as_bytes())
         })();
         if let Err(e) = r {
             log::warn!("writeback: cannot record the leftover checks: {e}");
