@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use super::layer::{Ident, Layer, Stat};
 use super::names::{STATE_DIR, is_reserved};
+use crate::sys::state_file;
 
 /// Root daemons used the trusted namespace (invisible to users even on dst itself).
 const XATTR_ROOT: &str = "trusted.cachefs.origin";
@@ -414,33 +415,29 @@ impl Store {
         Ok(store)
     }
 
-    /// Rewrites the log with the live records (temp file, fsync, rename) and reopens it.
+    /// Rewrites the log with the live records (`sys::state_file`: temp file, fsync,
+    /// rename, fsync of the state folder) and reopens it.
     fn compact(&self, inner: &mut Inner) -> io::Result<()> {
         inner.log = None;
-        let tmp = Path::new(STATE_DIR).join(LOG_TMP);
-        let mut f = self.dst.create_file(
-            &tmp,
-            libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+        let dir = self.dst.open_dir(Path::new(STATE_DIR))?;
+        let records = &inner.map;
+        state_file::replace_at(
+            dir.as_fd(),
+            OsStr::new(LOG),
+            OsStr::new(LOG_TMP),
             0o600,
+            |f| {
+                let mut buf = String::new();
+                for (p, r) in records {
+                    buf.push_str(&Entry::Put(p.clone(), *r).encode());
+                    if buf.len() > 1 << 20 {
+                        f.write_all(buf.as_bytes())?;
+                        buf.clear();
+                    }
+                }
+                f.write_all(buf.as_bytes())
+            },
         )?;
-        let mut buf = String::new();
-        for (p, r) in &inner.map {
-            buf.push_str(&Entry::Put(p.clone(), *r).encode());
-            if buf.len() > 1 << 20 {
-                f.write_all(buf.as_bytes())?;
-                buf.clear();
-            }
-        }
-        f.write_all(buf.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        self.dst.rename(&tmp, &log_path(), 0)?;
-        if let Ok(d) = self.dst.open_beneath(
-            Path::new(STATE_DIR),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        ) {
-            let _ = File::from(d).sync_all();
-        }
         inner.lines = inner.map.len();
         inner.log = Some(self.dst.open_file(
             &log_path(),
@@ -881,6 +878,16 @@ mod tests {
         assert!(s.open_writer_paths().is_empty());
         drop(s);
         assert!(fresh_store(d.path()).open_writer_paths().is_empty());
+    }
+
+    #[test]
+    fn a_temp_file_left_by_a_crash_mid_compaction_does_not_stop_a_load() {
+        let d = tempfile::tempdir().unwrap();
+        drop(fresh_store(d.path()));
+        std::fs::write(d.path().join(STATE_DIR).join(LOG_TMP), b"torn").unwrap();
+        let s = fresh_store(d.path());
+        assert!(s.is_empty());
+        assert!(!d.path().join(STATE_DIR).join(LOG_TMP).exists());
     }
 
     #[test]
