@@ -170,12 +170,6 @@ enum Entry {
     RemoveTree(PathBuf),
 }
 
-fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
-        (h ^ u64::from(c)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|c| format!("{c:02x}")).collect()
 }
@@ -214,12 +208,12 @@ impl Entry {
             Entry::Remove(p) => format!("d {}", hex(p.as_os_str().as_bytes())),
             Entry::RemoveTree(p) => format!("t {}", hex(p.as_os_str().as_bytes())),
         };
-        format!("{:016x} {body}\n", fnv(body.as_bytes()))
+        format!("{:016x} {body}\n", crate::sys::fnv1a64(body.as_bytes()))
     }
 
     fn decode(line: &str) -> Option<Entry> {
         let (sum, body) = line.split_once(' ')?;
-        if u64::from_str_radix(sum, 16).ok()? != fnv(body.as_bytes()) {
+        if u64::from_str_radix(sum, 16).ok()? != crate::sys::fnv1a64(body.as_bytes()) {
             return None;
         }
         let mut it = body.split(' ');

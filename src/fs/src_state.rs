@@ -17,7 +17,6 @@
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::layer::Layer;
 use super::names::STATE_DIR;
@@ -41,9 +40,8 @@ pub fn path(dst: &Path) -> PathBuf {
     dst.join(STATE_DIR).join(FILE)
 }
 
-pub fn unix_now(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+/// Unix seconds of a time (0 before 1970).
+pub use crate::sys::clock::unix_secs as unix_now;
 
 /// Appends `s` as a JSON string literal.
 pub fn json_str(out: &mut String, s: &str) {

@@ -1,6 +1,7 @@
 //! The syscall layer: every `unsafe` libc call cachefs makes on a path or on a
 //! directory fd (the `open*`/`openat2`/`*at` calls, statx, the xattr calls), and
-//! the one writer of state files ([`state_file`]).
+//! the one writer of state files ([`state_file`]); also the wall clock as numbers
+//! ([`clock`]) and the one checksum of cachefs's files ([`fnv1a64`]).
 //!
 //! Invariants:
 //! - A leaf: uses no other module of cachefs. Policy (which root, which names are
@@ -16,6 +17,7 @@
 //! - Every `unsafe` block carries its `// SAFETY:` reason here and nowhere else.
 
 mod at;
+pub mod clock;
 pub mod state_file;
 mod xattr;
 
@@ -74,6 +76,13 @@ pub fn is_not_found(e: &io::Error) -> bool {
     )
 }
 
+/// FNV-1a, 64 bits: stable across builds and machines (keys and checksums on disk).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
+        (h ^ u64::from(c)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// `/proc/self/fd/N`: reaches the object behind an `O_PATH` fd for calls with no `f*` form.
 pub fn proc_fd_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
@@ -87,4 +96,14 @@ fn proc_entry_path(dir: RawFd, name: &OsStr) -> io::Result<CString> {
     let mut v = format!("/proc/self/fd/{dir}/").into_bytes();
     v.extend_from_slice(name.as_bytes());
     cstr_bytes(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fnv1a64_matches_the_reference_vectors() {
+        assert_eq!(super::fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
 }

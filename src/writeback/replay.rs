@@ -781,9 +781,7 @@ fn refresh_record(
 /// local data wins on src, and src's version is kept beside it under a clearly named
 /// conflict file (visible through the mount), with a warning.
 fn keep_conflicting_src_version(sd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = crate::sys::clock::now_secs();
     // Never over an earlier conflict file (two conflicts within one second).
     let mut n = 1;
     let kept = loop {
