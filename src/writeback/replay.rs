@@ -304,6 +304,56 @@ fn copy_xattrs(
 mod tests {
     use super::*;
 
+    /// The one src gateway: replay's refusal of an unmounted src is the view's own
+    /// (`Layer::root`, through `root_fd_checked`), not a check of replay's own.
+    #[test]
+    fn replay_refuses_an_unmounted_src_through_the_views_layer() {
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"data").unwrap();
+        let runs = super::super::journal::Runs {
+            current: "test".into(),
+            reclaim: Vec::new(),
+        };
+        let caps = Caps::new(&runs, s.path(), d.path());
+        let leftovers = super::super::leftovers::Leftovers::open(d.path(), Default::default());
+        let stop = AtomicBool::new(false);
+        let replay_write = |src: &layer::Layer| {
+            let ctx = Ctx {
+                src,
+                dst: d.path(),
+                stop: &stop,
+                tmp_prefix: format!("{}wb.test.1.", names::TEMP_PREFIX),
+                reclaim_prefixes: Vec::new(),
+                tmp_counter: Cell::new(0),
+                caps: &caps,
+                leftovers: &leftovers,
+                attrs_op: false,
+                notes: RefCell::new(Vec::new()),
+            };
+            apply(&ctx, &Op::Write { path: "f".into() }, &[None, None])
+        };
+
+        // src was a mount when cachefs last ran and is a bare directory now: the one
+        // layer the view and replay share has no root (`src_state::open_src`).
+        let unmounted = layer::Layer::open_src(s.path(), true).unwrap();
+        let view = unmounted.stat(Path::new("f")).unwrap_err();
+        assert_eq!(view.raw_os_error(), Some(libc::ENOTCONN), "{view}");
+        let replay = replay_write(&unmounted).unwrap_err();
+        assert_eq!(replay.raw_os_error(), Some(libc::ENOTCONN), "{replay}");
+        assert!(crate::fs::is_outage(&replay), "an outage: the op waits");
+        assert_eq!(
+            std::fs::read_dir(s.path()).unwrap().count(),
+            0,
+            "nothing reached the bare directory"
+        );
+
+        // Control: the same replay through a layer with a root uploads.
+        let plain = layer::Layer::open_src(s.path(), false).unwrap();
+        assert_eq!(replay_write(&plain).unwrap(), Outcome::Applied);
+        assert_eq!(std::fs::read(s.path().join("f")).unwrap(), b"data");
+    }
+
     #[test]
     fn conflict_files_never_replace_each_other() {
         let d = tempfile::tempdir().unwrap();
