@@ -8,7 +8,8 @@
 //!   yields an error (ELOOP/EXDEV/ENOTDIR), never the target's contents, and never a
 //!   write outside the root. On kernels without openat2 the walk is done one
 //!   component at a time with `O_NOFOLLOW`.
-//! - A `Layer` is a thin, safe wrapper over syscalls. Its one cache, on dst only
+//! - A `Layer` holds no unsafe code: the syscalls are `crate::sys`'s (re-exported
+//!   here under the names the core uses); a `Layer` adds where they may reach. Its one cache, on dst only
 //!   ([`Layer::open_caching_dirs`]), keeps `O_PATH` fds of recently used directories
 //!   (at most an eighth of the descriptor limit, and at most [`DIR_FD_MAX`]: the
 //!   descriptors the daemon holds do not grow with the entries it has shown)
@@ -35,7 +36,8 @@
 //!   that was a mount root when cachefs last ran ([`Layer::open_src`]) but is a bare
 //!   directory now starts with no root at all: every call fails with ENOTCONN (src is
 //!   offline) until a reopen finds a mount there. The view and writeback replay share
-//!   one src `Layer`, so both follow this rule.
+//!   one src `Layer`, so both follow this rule: replay takes src's root only from
+//!   [`Layer::root_fd_checked`], and has no other way to open src.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, OsStr, OsString};
