@@ -14,10 +14,11 @@
 //!   (`Layer::root_fd_checked`: the mount-root rule); the one whole-path open here,
 //!   [`open_dst`], is for dst.
 
+use crate::fs::names;
 use crate::sys::{self, cstr};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -111,6 +112,24 @@ fn open_at(
     mode: libc::mode_t,
 ) -> io::Result<File> {
     sys::openat(dir, &cstr(name)?, flags, mode).map(File::from)
+}
+
+/// Whether dst directory `dir` holds a whiteout hiding `name`, by the view's rule
+/// ([`names::whiteout_hides`]: a hashed whiteout only if its content is `name`).
+pub(crate) fn whited_out(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+    let wh = names::whiteout_name(name);
+    if lstat_at(dir, &wh)?.is_none() {
+        return Ok(false);
+    }
+    names::whiteout_hides(name, || match open_read_at(dir, &wh) {
+        Ok(mut f) => {
+            let mut content = Vec::new();
+            f.read_to_end(&mut content)?;
+            Ok(Some(content))
+        }
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    })
 }
 
 /// Open a regular file for reading (non-blocking, so a fifo swapped in never hangs us),
@@ -322,5 +341,22 @@ mod tests {
         assert_eq!(get_xattr(fd, n, b"user.k").unwrap(), b"v");
         remove_xattr(fd, n, b"user.k").unwrap();
         assert!(list_user_xattrs(fd, n).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_hashed_whiteout_hides_only_the_name_it_holds() {
+        let t = tempfile::tempdir().unwrap();
+        let root = open_dst(t.path()).unwrap();
+        let long = "l".repeat(250);
+        let long = OsStr::new(&long);
+        assert!(!whited_out(root.as_fd(), long).unwrap());
+        let wh = t.path().join(names::whiteout_name(long));
+        assert!(names::is_hashed_whiteout(wh.file_name().unwrap()));
+        std::fs::write(&wh, b"a colliding name").unwrap();
+        assert!(!whited_out(root.as_fd(), long).unwrap());
+        std::fs::write(&wh, long.as_bytes()).unwrap();
+        assert!(whited_out(root.as_fd(), long).unwrap());
+        std::fs::write(t.path().join(names::whiteout_name(OsStr::new("s"))), b"").unwrap();
+        assert!(whited_out(root.as_fd(), OsStr::new("s")).unwrap());
     }
 }

@@ -40,7 +40,6 @@ use std::time::Duration;
 
 use super::journal::{decode_bytes, encode_bytes};
 use super::{at, op};
-use crate::fs::names;
 
 /// One pending check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,9 +242,7 @@ pub(crate) fn check(
     match at::walk(dst, &comps) {
         Ok(dd) => {
             let dd = dd.as_fd();
-            if at::lstat_at(dd, name)?.is_some()
-                && at::lstat_at(dd, &names::whiteout_name(name))?.is_none()
-            {
+            if at::lstat_at(dd, name)?.is_some() && !at::whited_out(dd, name)? {
                 return Ok(Found::Clean);
             }
         }

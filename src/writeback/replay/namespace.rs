@@ -64,6 +64,14 @@ pub(super) fn drop_whiteout(
     if at::lstat_at(dd.as_fd(), name)?.is_some() {
         return Ok(());
     }
+    // Only a whiteout that hides `name` (a hashed one holding another name is that
+    // name's).
+    match at::whited_out(dd.as_fd(), name) {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => return Ok(()),
+        Err(e) => return Err(e),
+    }
     match at::unlink_at(dd.as_fd(), &names::whiteout_name(name), false) {
         Err(e)
             if !matches!(

@@ -43,7 +43,7 @@ pub(super) fn sync_path(
     };
     let Some(dst_st) = at::lstat_at(dparent.as_fd(), name)? else {
         if recursive
-            && whited_out(dparent.as_fd(), name)?
+            && at::whited_out(dparent.as_fd(), name)?
             && let Ok(sp) = at::walk(&roots.src, &comps)
         {
             remove_tree(ctx, sp.as_fd(), name)?;
@@ -79,10 +79,6 @@ pub(super) fn reclaim(ctx: &Ctx, roots: &Roots, comps: &[&OsStr]) -> io::Result<
         let _ = at::unlink_at(sp.as_fd(), &name, false);
     }
     Ok(Outcome::Skipped)
-}
-
-pub(super) fn whited_out(dd: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
-    Ok(at::lstat_at(dd, &names::whiteout_name(name))?.is_some())
 }
 
 /// `dir`: the dst-relative path of `dd` (names the origin records).
