@@ -173,20 +173,7 @@ fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
             continue;
         }
         let value = layer::getxattr_fd(from.as_fd(), name)?;
-        let c = layer::cstr(name)?;
-        // SAFETY: valid fd, name and value.
-        let r = unsafe {
-            libc::fsetxattr(
-                to.as_raw_fd(),
-                c.as_ptr(),
-                value.as_ptr() as *const libc::c_void,
-                value.len(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::sys::fsetxattr(to.as_fd(), name, &value)?;
     }
     Ok(())
 }

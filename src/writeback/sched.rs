@@ -15,9 +15,9 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::at::Id;
 use super::journal::FailInfo;
 use super::op;
-use super::sys::Id;
 use crate::fs::change::Op;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
