@@ -240,18 +240,17 @@ pub fn decode_last_use(data: &[u8]) -> HashMap<PathBuf, u64> {
     map
 }
 
-/// Writes `data` to `path` atomically (temp file beside it, then rename).
+/// Writes `data` to `path` atomically and durably (`sys::state_file`: temp file
+/// `.<name>.tmp` beside it, fsync, rename, fsync of the folder), creating the folder
+/// if needed.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
+    let tmp = format!(
         ".{}.tmp",
         path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    );
+    crate::sys::state_file::replace(path, tmp.as_ref(), 0o666, |f| f.write_all(data))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! ([`data_rel_of`]).
 //!
 //! Invariants:
-//! - A map is written whole with temp + rename ([`write_atomic`]) and carries a
+//! - A map is written whole, durably, with temp + rename ([`write_atomic`]) and carries a
 //!   checksum: [`Map::decode`] accepts only a whole, intact map of the current format
 //!   (`None` for a missing, torn or foreign one, which means "no block present").
 //! - A map names its mount path and the src version (size, mtime) it was fetched from
@@ -15,6 +15,7 @@
 //!
 //! No locks here: callers hold what they need (see the lock order in the parent module).
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use crate::fs::layer::{Layer, Stat};
 use crate::fs::names::STATE_DIR;
 use crate::fs::origin::Origin;
+use crate::sys::state_file;
 
 const MAGIC: &[u8; 8] = b"CFSLAZY1";
 
@@ -167,14 +169,16 @@ pub(super) fn set_bit(set: &mut [u8], b: u64) {
     set[(b / 8) as usize] |= 1 << (b % 8);
 }
 
+/// Replaces the map file `rel` with `bytes` through `sys::state_file` (temp file
+/// `<name>.tmp` beside it, fsync, rename, fsync of the folder), the parent reached
+/// through `dst` with no symlink followed.
 pub(super) fn write_atomic(dst: &Layer, rel: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp = rel.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = dst.create_file(&tmp, libc::O_WRONLY | libc::O_TRUNC, 0o600)?;
-    f.write_all(bytes)?;
-    drop(f);
-    dst.rename(&tmp, rel, 0)
+    dst.at(rel, |dir, name| {
+        let name = OsStr::from_bytes(name.to_bytes());
+        let mut tmp = name.to_owned();
+        tmp.push(".tmp");
+        state_file::replace_at(dir, name, &tmp, 0o600, |f| f.write_all(bytes))
+    })
 }
 
 pub(super) fn rels(key: &str) -> (PathBuf, PathBuf) {
