@@ -53,7 +53,7 @@ impl Extra {
             src,
             cache_raw: crate::cache::status_raw(dst),
             cache_text: crate::cache::status_text(dst),
-            now: src_state::unix_now(std::time::SystemTime::now()),
+            now: crate::sys::clock::now_secs(),
             partial: crate::fs::lazy::summary(dst),
             wb: wb::Extra::read(dst),
         }

@@ -81,7 +81,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use budget::{Limits, human, on_disk};
 use lru::{Class, Entry, Index};
@@ -90,6 +90,7 @@ use pin::{PIN_XATTR, Pins};
 use crate::config::Config;
 use crate::fs::layer::{Layer, Stat};
 use crate::fs::{CacheFs, FsError, FsResult, Kind, ROOT, lazy, names};
+use crate::sys::clock::now_nanos;
 
 pub use evict::Reserved;
 pub use status::{status_raw, status_text};
@@ -165,12 +166,6 @@ pub struct Cache {
     /// Bytes reserved for lazy block fetches in flight ([`Cache::reserve`]): counted as
     /// used until the fetch reported them. Changed under `index`.
     pending: AtomicU64,
-}
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn enospc<T>() -> FsResult<T> {

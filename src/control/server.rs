@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -300,10 +300,7 @@ fn stats(t: &Target) -> Value {
         src_nanos += sum.as_nanos();
     }
     let q = t.wb.as_ref().map(|w| w.counters()).unwrap_or_default();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+    let now = crate::sys::clock::now_nanos() as f64 / 1e9;
     let (cache_size, _) = t
         .cache
         .as_ref()

@@ -108,10 +108,7 @@ fn block(dst: &Path, clock: &str, r: &Rates) -> String {
 }
 
 fn clock() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let secs = crate::sys::clock::now_secs();
     let d = secs % 86_400;
     format!("{:02}:{:02}:{:02}", d / 3600, d % 3600 / 60, d % 60)
 }

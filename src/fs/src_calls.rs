@@ -84,7 +84,7 @@ impl CacheFs {
     pub(super) fn persist_src_state(&self, error: Option<&io::Error>) {
         let state = src_state::SrcState {
             online: error.is_none(),
-            since: src_state::unix_now(SystemTime::now()),
+            since: crate::sys::clock::now_secs(),
             last_error: error.map(|e| e.to_string()),
             pid: std::process::id(),
         };

@@ -40,9 +40,6 @@ pub fn path(dst: &Path) -> PathBuf {
     dst.join(STATE_DIR).join(FILE)
 }
 
-/// Unix seconds of a time (0 before 1970).
-pub use crate::sys::clock::unix_secs as unix_now;
-
 /// Appends `s` as a JSON string literal.
 pub fn json_str(out: &mut String, s: &str) {
     out.push('"');

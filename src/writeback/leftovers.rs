@@ -165,7 +165,7 @@ impl Leftovers {
             return;
         }
         let c = Check {
-            due_ms: super::status::now_ms() + self.settle.as_millis() as u64,
+            due_ms: crate::sys::clock::now_ms() + self.settle.as_millis() as u64,
             path: path.to_path_buf(),
             size: st.st_size as u64,
             mtime: (st.st_mtime, st.st_mtime_nsec),

@@ -455,7 +455,7 @@ impl Writeback {
                         ops.push((f, fids, fbytes));
                     }
                 }
-                let ms = status::now_ms();
+                let ms = crate::sys::clock::now_ms();
                 let now = Instant::now();
                 let first = st.next_seq;
                 let mut text = String::new();

@@ -9,8 +9,8 @@
 //! - `Extra`: paths src cannot hold (`unrep`), what src can hold (`caps`), and the
 //!   leftover checks waiting (`leftovers`).
 //!
-//! The daemon uses `summarize`, `pending_bytes` and `now_ms` too (its log summary,
-//! drain progress, journal timestamps).
+//! The daemon uses `summarize` and `pending_bytes` too (its log summary, drain
+//! progress).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -27,13 +27,6 @@ pub(crate) struct Summary {
     pub oldest_age_secs: Option<u64>,
     /// (op kind, paths, attempts, errno, message)
     pub failed: Vec<(String, Vec<PathBuf>, u32, i32, String)>,
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Bytes that will be uploaded: dst sizes of distinct paths with pending content.
@@ -62,7 +55,7 @@ pub(crate) fn summarize<'a>(
     dst: &Path,
     live: impl Iterator<Item = (&'a Live, bool)> + Clone,
 ) -> Summary {
-    let now = now_ms();
+    let now = crate::sys::clock::now_ms();
     let pending_ops = live.clone().count();
     let oldest = live.clone().map(|(l, _)| l.ms).min();
     let failed = live
@@ -256,13 +249,13 @@ mod tests {
         std::fs::write(t.path().join("a"), b"12345").unwrap();
         let live = [
             Live {
-                ms: now_ms() - 5000,
+                ms: crate::sys::clock::now_ms() - 5000,
                 op: Op::Write { path: "a".into() },
                 ids: [None, None],
                 fail: None,
             },
             Live {
-                ms: now_ms(),
+                ms: crate::sys::clock::now_ms(),
                 op: Op::Mkdir {
                     path: "q\"d".into(),
                 },

@@ -86,7 +86,7 @@ impl Shared {
                 if already || job.attempt >= self.attempts {
                     let fail = FailInfo {
                         attempts: job.attempt,
-                        ms: status::now_ms(),
+                        ms: crate::sys::clock::now_ms(),
                         errno: e.raw_os_error().unwrap_or(libc::EIO),
                         message: e.to_string(),
                     };
@@ -160,7 +160,7 @@ impl Shared {
             Op::Rename { from, to, exchange } => u.rename(from, to, *exchange),
             _ => {}
         }
-        let ms = status::now_ms();
+        let ms = crate::sys::clock::now_ms();
         let publish = |u: &unrep::Store| {
             METRICS.writeback_not_representable.set(u.map.len() as i64);
         };
@@ -283,7 +283,7 @@ pub(super) fn leftover_checks(sh: std::sync::Weak<Shared>) {
         if sh.stop.load(Ordering::Acquire) {
             return;
         }
-        let due = sh.leftovers.take_due(status::now_ms());
+        let due = sh.leftovers.take_due(crate::sys::clock::now_ms());
         if due.is_empty() {
             sh.leftovers.persist();
             continue;

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use crate::fs::layer::{Layer, Stat};
 use crate::fs::names::STATE_DIR;
 use crate::fs::origin::Origin;
-use crate::sys::state_file;
+use crate::sys::{fnv1a64, state_file};
 
 const MAGIC: &[u8; 8] = b"CFSLAZY1";
 
@@ -33,18 +33,8 @@ pub fn lazy_dir() -> PathBuf {
     Path::new(STATE_DIR).join("lazy")
 }
 
-/// FNV-1a, 64 bits: stable across builds (keys and checksums on disk).
-fn fnv(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
 pub(super) fn key_of(path: &Path) -> String {
-    format!("{:016x}", fnv(path.as_os_str().as_bytes()))
+    format!("{:016x}", fnv1a64(path.as_os_str().as_bytes()))
 }
 
 /// The data file (dst-relative) of `path`'s partial: its key in the cache's index.
@@ -119,7 +109,7 @@ impl Map {
         v.extend_from_slice(&(p.len() as u32).to_le_bytes());
         v.extend_from_slice(p);
         v.extend_from_slice(&self.present);
-        let sum = fnv(&v);
+        let sum = fnv1a64(&v);
         v.extend_from_slice(&sum.to_le_bytes());
         v
     }
@@ -130,7 +120,7 @@ impl Map {
             return None;
         }
         let (body, sum) = b.split_at(b.len() - 8);
-        if fnv(body) != u64::from_le_bytes(sum.try_into().ok()?) {
+        if fnv1a64(body) != u64::from_le_bytes(sum.try_into().ok()?) {
             return None;
         }
         let u = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap());
