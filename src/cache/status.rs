@@ -18,6 +18,7 @@ use super::budget::{Space, human};
 use super::lru::Class;
 use super::{Cache, STATUS_FILE, now_nanos, scan};
 use crate::fs::names;
+use crate::json::Object;
 
 impl Cache {
     /// The numbers `cachefs status` shows, as one JSON object.
@@ -34,47 +35,37 @@ impl Cache {
             )
         };
         let space = self.dst.statvfs().ok().map(|s| Space::of(&s));
-        let opt = |v: Option<u64>| v.map_or("null".into(), |v| v.to_string());
         let c = &self.counters;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        format!(
-            concat!(
-                "{{\"version\":1,\"updated_unix\":{},\"pid\":{},",
-                "\"usage_bytes\":{},\"files\":{},\"clean_bytes\":{},\"local_bytes\":{},\"pinned_bytes\":{},",
-                "\"partial_bytes\":{},\"partial_files\":{},",
-                "\"budget_bytes\":{},\"min_free\":{},\"min_free_bytes\":{},\"free_bytes\":{},\"max_dirty_bytes\":{},",
-                "\"pin_globs\":{},\"hits\":{},\"misses\":{},\"fetches\":{},\"fetched_bytes\":{},",
-                "\"evictions\":{},\"evicted_bytes\":{},\"enospc\":{}}}\n"
-            ),
-            now_nanos() / 1_000_000_000,
-            std::process::id(),
-            usage,
-            files,
-            clean,
-            local,
-            pinned,
-            partial,
-            partial_files,
-            opt(self.limits().budget),
-            self.limits()
-                .min_free
-                .map_or("null".into(), |m| format!("\"{m}\"")),
-            opt(self
-                .limits()
-                .min_free
-                .zip(space)
-                .map(|(m, s)| m.bytes_of(s.total))),
-            opt(space.map(|s| s.avail)),
-            opt(*self.max_dirty.lock().unwrap()),
-            self.pins.len(),
-            n(&c.hits),
-            n(&c.misses),
-            n(&c.fetches),
-            n(&c.fetched_bytes),
-            n(&c.evictions),
-            n(&c.evicted_bytes),
-            n(&c.enospc),
-        )
+        let limits = self.limits();
+        let mut o = Object::new();
+        o.field("version", 1)
+            .field("updated_unix", now_nanos() / 1_000_000_000)
+            .field("pid", std::process::id())
+            .field("usage_bytes", usage)
+            .field("files", files)
+            .field("clean_bytes", clean)
+            .field("local_bytes", local)
+            .field("pinned_bytes", pinned)
+            .field("partial_bytes", partial)
+            .field("partial_files", partial_files)
+            .field("budget_bytes", limits.budget)
+            .field("min_free", limits.min_free.map(|m| m.to_string()))
+            .field(
+                "min_free_bytes",
+                limits.min_free.zip(space).map(|(m, s)| m.bytes_of(s.total)),
+            )
+            .field("free_bytes", space.map(|s| s.avail))
+            .field("max_dirty_bytes", *self.max_dirty.lock().unwrap())
+            .field("pin_globs", self.pins.len())
+            .field("hits", n(&c.hits))
+            .field("misses", n(&c.misses))
+            .field("fetches", n(&c.fetches))
+            .field("fetched_bytes", n(&c.fetched_bytes))
+            .field("evictions", n(&c.evictions))
+            .field("evicted_bytes", n(&c.evicted_bytes))
+            .field("enospc", n(&c.enospc));
+        o.finish() + "\n"
     }
 
     /// Sets the cache gauges of [`crate::metrics::METRICS`] (usage, files, pinned and

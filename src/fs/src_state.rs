@@ -14,12 +14,14 @@
 //! is the daemon that wrote it, so a reader can tell a live state from a stale one left
 //! by a daemon that is no longer running.
 
-use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
+
 use super::layer::Layer;
 use super::names::STATE_DIR;
+use crate::json::Object;
 use crate::sys::state_file;
 
 /// The file name in the state folder.
@@ -40,59 +42,30 @@ pub fn path(dst: &Path) -> PathBuf {
     dst.join(STATE_DIR).join(FILE)
 }
 
-/// Appends `s` as a JSON string literal.
-pub fn json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
 impl SrcState {
+    /// One JSON object, keys in the order the module doc shows.
     pub fn to_json(&self) -> String {
-        let mut out = format!("{{\"online\":{},\"since\":{},", self.online, self.since);
-        out.push_str("\"last_error\":");
-        match &self.last_error {
-            Some(e) => json_str(&mut out, e),
-            None => out.push_str("null"),
-        }
-        let _ = write!(out, ",\"pid\":{}}}", self.pid);
-        out
+        let mut o = Object::new();
+        o.field("online", self.online)
+            .field("since", self.since)
+            .field("last_error", self.last_error.clone())
+            .field("pid", self.pid);
+        o.finish()
     }
 
-    /// Parses what [`SrcState::to_json`] wrote (not a general JSON parser).
+    /// Parses what [`SrcState::to_json`] wrote: every key present, of its type.
     pub fn parse(json: &str) -> Option<SrcState> {
-        let raw = |key: &str| -> Option<&str> {
-            let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-            Some(json[at..].trim_start())
-        };
-        let num = |key: &str| -> Option<u64> {
-            let rest = raw(key)?;
-            let end = rest.find([',', '}'])?;
-            rest[..end].trim().parse().ok()
-        };
-        let online = match raw("online")? {
-            r if r.starts_with("true") => true,
-            r if r.starts_with("false") => false,
+        let v: Value = serde_json::from_str(json).ok()?;
+        let last_error = match v.get("last_error")? {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
             _ => return None,
         };
-        let last_error = match raw("last_error")? {
-            r if r.starts_with("null") => None,
-            r => Some(parse_str(r)?),
-        };
         Some(SrcState {
-            online,
-            since: num("since")?,
+            online: v.get("online")?.as_bool()?,
+            since: v.get("since")?.as_u64()?,
             last_error,
-            pid: u32::try_from(num("pid")?).ok()?,
+            pid: u32::try_from(v.get("pid")?.as_u64()?).ok()?,
         })
     }
 
@@ -108,27 +81,6 @@ impl SrcState {
         alive
             && std::fs::read_to_string(format!("/proc/{}/comm", self.pid))
                 .is_ok_and(|c| c.trim_end().starts_with("cachefs"))
-    }
-}
-
-/// A JSON string literal at the start of `s` (the escapes [`json_str`] writes).
-fn parse_str(s: &str) -> Option<String> {
-    let mut chars = s.strip_prefix('"')?.chars();
-    let mut out = String::new();
-    loop {
-        match chars.next()? {
-            '"' => return Some(out),
-            '\\' => match chars.next()? {
-                'u' => {
-                    let hex: String = chars.by_ref().take(4).collect();
-                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
-                }
-                'n' => out.push('\n'),
-                't' => out.push('\t'),
-                c => out.push(c),
-            },
-            c => out.push(c),
-        }
     }
 }
 

@@ -28,14 +28,16 @@
 //! src is mounted (rclone's `--links`, say).
 
 use std::ffi::OsStr;
-use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use serde_json::Value;
+
 use super::at;
 use crate::fs::names;
+use crate::json::Object;
 
 /// What a src can hold (each read back after it was made).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,18 +75,12 @@ impl SrcCaps {
 
     /// One JSON object (the `src-caps` file, and `src_caps` in `status --json`).
     pub(crate) fn to_json(&self) -> String {
-        let mut out = String::from("{");
+        let mut o = Object::new();
         for (k, v) in self.fields() {
-            let _ = write!(
-                out,
-                "\"{k}\":{},",
-                v.map_or("null".to_string(), |b| b.to_string())
-            );
+            o.field(k, v);
         }
-        out.push_str("\"fstype\":");
-        crate::fs::src_state::json_str(&mut out, &self.fstype);
-        out.push('}');
-        out
+        o.field("fstype", self.fstype.as_str());
+        o.finish()
     }
 
     /// The human summary: "symlinks no, fifos/devices no, ...".
@@ -118,26 +114,15 @@ impl SrcCaps {
 
 /// Parses [`SrcCaps::to_json`]'s output (for `status`).
 pub(crate) fn parse(json: &str) -> Option<SrcCaps> {
+    let v: Value = serde_json::from_str(json).ok()?;
+    // Present, and a bool or (for `empty_dirs`) null.
     let get = |k: &str| -> Option<Option<bool>> {
-        let at = json.find(&format!("\"{k}\":"))? + k.len() + 3;
-        let rest = &json[at..];
-        if rest.starts_with("true") {
-            Some(Some(true))
-        } else if rest.starts_with("false") {
-            Some(Some(false))
-        } else if rest.starts_with("null") {
-            Some(None)
-        } else {
-            None
+        match v.get(k)? {
+            Value::Null => Some(None),
+            b => Some(Some(b.as_bool()?)),
         }
     };
     let b = |k: &str| get(k).flatten();
-    let fstype = json
-        .find("\"fstype\":\"")
-        .map(|i| &json[i + 10..])
-        .and_then(|r| r.split('"').next())
-        .unwrap_or_default()
-        .to_string();
     Some(SrcCaps {
         symlinks: b("symlinks")?,
         special_files: b("special_files")?,
@@ -147,7 +132,11 @@ pub(crate) fn parse(json: &str) -> Option<SrcCaps> {
         chown: b("chown")?,
         utimes: b("utimes")?,
         empty_dirs: get("empty_dirs")?,
-        fstype,
+        fstype: v
+            .get("fstype")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
     })
 }
 
