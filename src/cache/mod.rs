@@ -169,7 +169,7 @@ pub struct Cache {
 }
 
 fn enospc<T>() -> FsResult<T> {
-    Err(FsError::Denied(libc::ENOSPC))
+    Err(FsError::Errno(libc::ENOSPC))
 }
 
 impl Cache {

@@ -8,9 +8,10 @@ use std::io;
 pub enum FsError {
     /// A syscall on dst or src failed.
     Io(io::Error),
-    /// A rule of the layered view says no (ENOENT for a hidden name, EPERM for a
-    /// reserved one, ENOTEMPTY for a merged directory with children, ...).
-    Denied(i32),
+    /// An errno decided by cachefs, not returned by a syscall: a rule of the layered
+    /// view (ENOENT for a hidden name, EPERM for a reserved one, ENOTEMPTY for a merged
+    /// directory with children, ...) or the cache budget (ENOSPC).
+    Errno(i32),
     /// The writeback journal could not record the change (the change itself is on dst).
     Journal(io::Error),
     /// An unknown inode or handle number from the kernel.
@@ -19,18 +20,24 @@ pub enum FsError {
 
 pub type FsResult<T> = Result<T, FsError>;
 
+/// The errno of a failed syscall (EIO for an error that carries none). Writeback's
+/// errors map through it too.
+pub fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
 impl FsError {
     /// The errno for the kernel. The only mapping from errors to errno in cachefs.
     pub fn errno(&self) -> i32 {
         match self {
-            FsError::Io(e) | FsError::Journal(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            FsError::Denied(errno) => *errno,
+            FsError::Io(e) | FsError::Journal(e) => errno_of(e),
+            FsError::Errno(errno) => *errno,
             FsError::Stale => libc::ESTALE,
         }
     }
 
     pub fn not_found() -> FsError {
-        FsError::Denied(libc::ENOENT)
+        FsError::Errno(libc::ENOENT)
     }
 }
 
@@ -44,7 +51,7 @@ impl fmt::Display for FsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FsError::Io(e) => write!(f, "{e}"),
-            FsError::Denied(errno) => write!(f, "{}", io::Error::from_raw_os_error(*errno)),
+            FsError::Errno(errno) => write!(f, "{}", io::Error::from_raw_os_error(*errno)),
             FsError::Journal(e) => write!(f, "writeback journal: {e}"),
             FsError::Stale => write!(f, "stale inode or handle"),
         }

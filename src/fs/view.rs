@@ -40,7 +40,7 @@ pub(super) fn is_dir(st: &Stat) -> bool {
 }
 
 pub(super) fn denied<T>(errno: i32) -> FsResult<T> {
-    Err(FsError::Denied(errno))
+    Err(FsError::Errno(errno))
 }
 
 pub(super) fn check_name(name: &OsStr) -> FsResult<()> {
@@ -207,7 +207,7 @@ impl CacheFs {
     /// left (unlinked or replaced while open) is answered from an open handle.
     pub(super) fn stat_node(&self, ino: u64) -> FsResult<Attr> {
         let path = match self.node_path(ino) {
-            Err(FsError::Denied(libc::ENOENT)) => return self.stat_nameless(ino),
+            Err(FsError::Errno(libc::ENOENT)) => return self.stat_nameless(ino),
             r => r?.0,
         };
         if let Some(st) = self.dst.stat(&path)? {

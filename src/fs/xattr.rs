@@ -97,9 +97,7 @@ impl CacheFs {
             }
             match r {
                 Ok(v) => keep.push((name, Ok(v))),
-                Err(e) if !is_outage(&e) => {
-                    keep.push((name, Err(e.raw_os_error().unwrap_or(libc::EIO))))
-                }
+                Err(e) if !is_outage(&e) => keep.push((name, Err(super::error::errno_of(&e)))),
                 Err(_) => {}
             }
         }

@@ -153,7 +153,7 @@ impl WritebackError {
     /// The errno to answer a FUSE request with.
     pub fn errno(&self) -> i32 {
         match self {
-            WritebackError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            WritebackError::Io(e) => crate::fs::error::errno_of(e),
             WritebackError::InvalidPath(_) => libc::EINVAL,
             WritebackError::ShuttingDown => libc::EIO,
             WritebackError::DirtyLimit { .. } => libc::ENOSPC,
@@ -162,6 +162,13 @@ impl WritebackError {
                 _ => libc::EIO,
             },
         }
+    }
+}
+
+/// The ChangeLog's answers to the core: the errno only.
+impl From<WritebackError> for io::Error {
+    fn from(e: WritebackError) -> io::Error {
+        io::Error::from_raw_os_error(e.errno())
     }
 }
 
@@ -689,7 +696,7 @@ impl Drop for Writeback {
 /// The layered view reports its mutations here.
 impl crate::fs::ChangeLog for Writeback {
     fn record(&self, op: Op) -> io::Result<()> {
-        Writeback::record(self, op).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        Ok(Writeback::record(self, op)?)
     }
 
     fn begin_change(&self) -> ChangeGuard<'_> {
@@ -697,11 +704,11 @@ impl crate::fs::ChangeLog for Writeback {
     }
 
     fn intend(&self, paths: &[&Path]) -> io::Result<IntentGuard<'_>> {
-        Writeback::intend(self, paths).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        Ok(Writeback::intend(self, paths)?)
     }
 
     fn throttle(&self) -> io::Result<()> {
-        Writeback::throttle(self).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        Ok(Writeback::throttle(self)?)
     }
 
     fn over_dirty_limit(&self) -> bool {
@@ -716,7 +723,7 @@ impl crate::fs::ChangeLog for Writeback {
         }
         Writeback::wait_synced(self, path).map_err(|e| {
             log::warn!("{e}");
-            io::Error::from_raw_os_error(e.errno())
+            io::Error::from(e)
         })
     }
 

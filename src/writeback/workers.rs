@@ -87,7 +87,7 @@ impl Shared {
                     let fail = FailInfo {
                         attempts: job.attempt,
                         ms: crate::sys::clock::now_ms(),
-                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        errno: crate::fs::error::errno_of(&e),
                         message: e.to_string(),
                     };
                     // Parked: retried on a growing schedule, logged once here (and once

@@ -180,7 +180,7 @@ impl Partial {
             let st = &mut s.streams[i];
             st.running = false;
             st.fails += 1;
-            st.last_err = e.raw_os_error().unwrap_or(libc::EIO);
+            st.last_err = crate::fs::error::errno_of(&e);
             st.until = st.pos;
         }
     }
@@ -342,7 +342,7 @@ impl Partial {
                 st.pos = b * self.block;
             }
             st.fails += 1;
-            st.last_err = e.raw_os_error().unwrap_or(libc::EIO);
+            st.last_err = crate::fs::error::errno_of(&e);
             st.until = st.pos;
             st.guards.clear();
             st.running = false;
