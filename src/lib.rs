@@ -33,6 +33,6 @@ pub mod json;
 pub mod metrics;
 pub mod mountinfo;
 pub mod status;
-pub mod sys;
+pub(crate) mod sys;
 pub mod systemd;
 pub mod writeback;

@@ -136,13 +136,13 @@ impl Pins {
 }
 
 /// Whether dst's entry at `path` itself carries a pin xattr.
-pub fn has_pin_xattr(dst: &Layer, path: &Path) -> bool {
+pub(crate) fn has_pin_xattr(dst: &Layer, path: &Path) -> bool {
     dst.getxattr(path, OsStr::new(PIN_XATTR))
         .is_ok_and(|v| pin_value(&v))
 }
 
 /// Whether `path` or an ancestor directory in dst carries the pin xattr.
-pub fn pinned_by_xattr(dst: &Layer, path: &Path) -> bool {
+pub(crate) fn pinned_by_xattr(dst: &Layer, path: &Path) -> bool {
     path.ancestors()
         .take_while(|a| !a.as_os_str().is_empty())
         .any(|a| has_pin_xattr(dst, a))

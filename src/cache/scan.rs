@@ -52,7 +52,7 @@ pub fn seed_stamp(st: &Stat) -> u64 {
 }
 
 /// The class of dst's regular file at `path`, given whether an ancestor pins it.
-pub fn classify(dst: &Layer, pins: &Pins, path: &Path, under_pin: bool) -> Class {
+pub(crate) fn classify(dst: &Layer, pins: &Pins, path: &Path, under_pin: bool) -> Class {
     if under_pin || pins.matches(path) || has_pin_xattr(dst, path) {
         return Class::Pinned;
     }
@@ -63,13 +63,14 @@ pub fn classify(dst: &Layer, pins: &Pins, path: &Path, under_pin: bool) -> Class
 }
 
 /// Walks dst.
-pub fn scan(dst: &Layer, pins: &Pins, last_use: &HashMap<PathBuf, u64>) -> Scan {
+#[cfg(test)]
+pub(crate) fn scan(dst: &Layer, pins: &Pins, last_use: &HashMap<PathBuf, u64>) -> Scan {
     scan_with(dst, pins, last_use, &mut |_, _| {})
 }
 
 /// Walks dst, calling `tick(files, bytes)` after each regular file counted (for
 /// progress reports; it must be cheap).
-pub fn scan_with(
+pub(crate) fn scan_with(
     dst: &Layer,
     pins: &Pins,
     last_use: &HashMap<PathBuf, u64>,

@@ -19,17 +19,17 @@ pub struct Attr {
     pub ino: u64,
     pub kind: Kind,
     pub size: u64,
-    pub blocks: u64,
-    pub atime: SystemTime,
-    pub mtime: SystemTime,
-    pub ctime: SystemTime,
+    pub(crate) blocks: u64,
+    pub(crate) atime: SystemTime,
+    pub(crate) mtime: SystemTime,
+    pub(crate) ctime: SystemTime,
     /// Permission bits including setuid/setgid/sticky.
     pub perm: u16,
     pub nlink: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub rdev: u32,
-    pub blksize: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) rdev: u32,
+    pub(crate) blksize: u32,
 }
 
 /// A time to set in `setattr`.

@@ -28,7 +28,7 @@ pub(super) enum Freshness {
 
 /// What dst holds for one mount path ([`CacheFs::cached_state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cached {
+pub(crate) enum Cached {
     /// Nothing: the path is served from src (or does not exist).
     No,
     /// A directory.
@@ -263,7 +263,7 @@ impl CacheFs {
     /// Returns the bytes freed in dst, or `None` when the file must stay.
     /// Never waits for the namespace: with a long copy-up in progress the eviction is
     /// skipped (the budget thread tries again), instead of stalling the mount behind it.
-    pub fn evict(&self, path: &Path) -> FsResult<Option<u64>> {
+    pub(crate) fn evict(&self, path: &Path) -> FsResult<Option<u64>> {
         let Ok(_ns) = self.namespace.try_write() else {
             return Ok(None);
         };
@@ -302,7 +302,11 @@ impl CacheFs {
     /// a handle or a prefetch holds it, while a copy-up of `path` runs (it may be
     /// installing it), and while src is offline (its blocks could not be fetched
     /// again). Returns the bytes freed in dst.
-    pub fn evict_partial(&self, data_rel: &Path, path: Option<&Path>) -> FsResult<Option<u64>> {
+    pub(crate) fn evict_partial(
+        &self,
+        data_rel: &Path,
+        path: Option<&Path>,
+    ) -> FsResult<Option<u64>> {
         let Some(lazy) = &self.lazy else {
             return Ok(None);
         };
@@ -322,12 +326,12 @@ impl CacheFs {
     }
 
     /// The `--revalidate` interval in force (zero: never).
-    pub fn revalidate_every(&self) -> Duration {
+    pub(crate) fn revalidate_every(&self) -> Duration {
         Duration::from_nanos(self.revalidate_ns.load(Ordering::Relaxed))
     }
 
     /// Changes the `--revalidate` interval at runtime: the next lookup or open uses it.
-    pub fn set_revalidate(&self, every: Duration) {
+    pub(crate) fn set_revalidate(&self, every: Duration) {
         let ns = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
         self.revalidate_ns.store(ns, Ordering::Relaxed);
     }
@@ -337,7 +341,7 @@ impl CacheFs {
     /// dropped if src deleted them), and forgets the names src was seen to lack.
     /// Nothing is compared here: no src call, no lock held for long. With
     /// `--revalidate 0` (never) nothing is compared later either.
-    pub fn expire(&self, path: &Path) {
+    pub(crate) fn expire(&self, path: &Path) {
         self.origins.forget_verified_under(path);
         self.inodes.lock().unwrap().uncheck_all();
         self.src_absent.clear();
@@ -346,7 +350,7 @@ impl CacheFs {
     /// The names dst holds in the directory `path`, cachefs's own (state, whiteouts)
     /// left out, for `cachefs ctl state --recursive`. Resolved beneath dst with no
     /// symlink followed, like every dst path.
-    pub fn cached_children(&self, path: &Path) -> FsResult<Vec<OsString>> {
+    pub(crate) fn cached_children(&self, path: &Path) -> FsResult<Vec<OsString>> {
         Ok(self
             .dst
             .read_dir(path)?
@@ -358,7 +362,7 @@ impl CacheFs {
 
     /// The mount paths at or below `path` that have a partial file of lazy fetch
     /// (they are not in dst's tree), sorted.
-    pub fn partial_paths_under(&self, path: &Path) -> Vec<PathBuf> {
+    pub(crate) fn partial_paths_under(&self, path: &Path) -> Vec<PathBuf> {
         self.lazy
             .as_ref()
             .map_or_else(Vec::new, |l| l.paths_under(path))
@@ -366,7 +370,7 @@ impl CacheFs {
 
     /// What dst holds for the mount path `path`, for `cachefs ctl state`. Reads dst
     /// and the core's records only (never src).
-    pub fn cached_state(&self, path: &Path) -> FsResult<Cached> {
+    pub(crate) fn cached_state(&self, path: &Path) -> FsResult<Cached> {
         if let Some((present, size)) = self.lazy.as_ref().and_then(|l| l.progress(path)) {
             return Ok(Cached::Partial { present, size });
         }

@@ -71,7 +71,7 @@ pub enum Op {
 }
 
 /// The paths an op touches (one or two), in journal order.
-pub fn op_paths(op: &Op) -> Vec<&Path> {
+pub(crate) fn op_paths(op: &Op) -> Vec<&Path> {
     match op {
         Op::Write { path }
         | Op::Create { path }
@@ -124,19 +124,19 @@ pub struct ChangeGuard<'a>(#[allow(dead_code)] Option<RwLockReadGuard<'a, ()>>);
 
 impl<'a> ChangeGuard<'a> {
     /// A guard that holds nothing (no writeback).
-    pub fn none() -> ChangeGuard<'static> {
+    pub(crate) fn none() -> ChangeGuard<'static> {
         ChangeGuard(None)
     }
 
     /// A guard holding `lock` shared until it is dropped.
-    pub fn shared(lock: RwLockReadGuard<'a, ()>) -> ChangeGuard<'a> {
+    pub(crate) fn shared(lock: RwLockReadGuard<'a, ()>) -> ChangeGuard<'a> {
         ChangeGuard(Some(lock))
     }
 }
 
 /// What ends an intent when its [`IntentGuard`] is dropped (implemented by the change
 /// log's intent store).
-pub trait EndIntent: Sync {
+pub(crate) trait EndIntent: Sync {
     /// The change the intent guarded is recorded (or abandoned).
     fn end_intent(&self);
 }
@@ -149,12 +149,12 @@ pub struct IntentGuard<'a> {
 
 impl<'a> IntentGuard<'a> {
     /// A guard that notes nothing (no writeback).
-    pub fn none() -> IntentGuard<'static> {
+    pub(crate) fn none() -> IntentGuard<'static> {
         IntentGuard { intents: None }
     }
 
     /// A guard that calls `intents`' [`EndIntent::end_intent`] when dropped.
-    pub fn new(intents: &'a dyn EndIntent) -> IntentGuard<'a> {
+    pub(crate) fn new(intents: &'a dyn EndIntent) -> IntentGuard<'a> {
         IntentGuard {
             intents: Some(intents),
         }
@@ -173,7 +173,7 @@ impl CacheFs {
     /// Whether a writer let in now would wait for the writeback (`--max-dirty`): the
     /// FUSE adapter then serves that request on a thread of its own, so waiting
     /// writers never hold every FUSE thread and readers keep being served.
-    pub fn writer_must_wait(&self) -> bool {
+    pub(crate) fn writer_must_wait(&self) -> bool {
         self.changes.as_ref().is_some_and(|c| c.over_dirty_limit())
     }
 

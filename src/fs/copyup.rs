@@ -32,12 +32,12 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 static PARENT_TIMES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The staging folder (in dst) where entries are built before they are installed.
-pub fn staging_dir() -> PathBuf {
+pub(crate) fn staging_dir() -> PathBuf {
     Path::new(STATE_DIR).join("tmp")
 }
 
 /// Creates the staging folder and empties it (leftovers of a crash).
-pub fn prepare_staging(dst: &Layer) -> io::Result<()> {
+pub(crate) fn prepare_staging(dst: &Layer) -> io::Result<()> {
     for dir in [PathBuf::from(STATE_DIR), staging_dir()] {
         match dst.mkdir(&dir, 0o700) {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
@@ -68,7 +68,7 @@ fn remove_tree(dst: &Layer, path: &Path) -> io::Result<()> {
 /// A unique reserved temp name for building `path`: in the staging folder, or next to
 /// `path` when its directory is another filesystem (something mounted inside dst),
 /// where a rename from the staging folder would fail with EXDEV.
-pub fn temp_path(dst: &Layer, path: &Path) -> PathBuf {
+pub(crate) fn temp_path(dst: &Layer, path: &Path) -> PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = format!("{TEMP_PREFIX}{}.{n}", std::process::id());
     let parent = path.parent().unwrap_or(Path::new(""));
@@ -105,7 +105,7 @@ impl Drop for TempGuard<'_> {
     }
 }
 
-pub fn times_of(st: &Stat) -> (SetTime, SetTime) {
+pub(crate) fn times_of(st: &Stat) -> (SetTime, SetTime) {
     (
         SetTime::At(libc::timespec {
             tv_sec: st.st_atime,
@@ -180,7 +180,7 @@ fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
 
 /// Runs `f` (which adds an entry to `path`'s directory in dst) and then restores that
 /// directory's times, so that a copy-up is invisible in the parent's mtime.
-pub fn keeping_parent_times<R>(
+pub(crate) fn keeping_parent_times<R>(
     dst: &Layer,
     path: &Path,
     f: impl FnOnce() -> io::Result<R>,
@@ -198,16 +198,16 @@ pub fn keeping_parent_times<R>(
 
 /// How a regular file is copied.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CopyOpts {
+pub(crate) struct CopyOpts {
     /// Copy at most this many bytes (a copy-up for a truncate needs no more).
-    pub limit: Option<u64>,
+    pub(crate) limit: Option<u64>,
     /// Replace dst's existing copy (a refetch) instead of refusing to.
-    pub replace: bool,
+    pub(crate) replace: bool,
 }
 
 /// Copies the src entry at `path` (described by `st`) into dst; `progress` counts the
 /// bytes copied so far.
-pub fn copy_entry(
+pub(crate) fn copy_entry(
     src: &Layer,
     dst: &Layer,
     path: &Path,
@@ -318,7 +318,7 @@ fn copy_file(
 /// Installs a lazily fetched file: `staged` (in dst, every byte of `[0, limit or its
 /// size)` present) gets src's attributes (`st`, user xattrs from src's open file
 /// `from`), cut to `limit` if given, and is renamed to `path` like a whole copy.
-pub fn install_staged(
+pub(crate) fn install_staged(
     dst: &Layer,
     from: &File,
     staged: &Path,

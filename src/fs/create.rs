@@ -90,7 +90,7 @@ impl CacheFs {
         Ok(self.register(&path, &found, 1))
     }
 
-    pub fn mknod(
+    pub(crate) fn mknod(
         &self,
         caller: Caller,
         parent: u64,

@@ -218,7 +218,7 @@ impl CacheFs {
         self.dir_handles.lock().unwrap().remove(&fh);
     }
 
-    pub fn statfs(&self) -> FsResult<libc::statvfs> {
+    pub(crate) fn statfs(&self) -> FsResult<libc::statvfs> {
         Ok(self.dst.statvfs()?)
     }
 }

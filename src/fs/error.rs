@@ -22,7 +22,7 @@ pub type FsResult<T> = Result<T, FsError>;
 
 /// The errno of a failed syscall (EIO for an error that carries none). Writeback's
 /// errors map through it too.
-pub fn errno_of(e: &io::Error) -> i32 {
+pub(crate) fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
@@ -36,7 +36,7 @@ impl FsError {
         }
     }
 
-    pub fn not_found() -> FsError {
+    pub(crate) fn not_found() -> FsError {
         FsError::Errno(libc::ENOENT)
     }
 }

@@ -36,19 +36,19 @@ pub struct OpenRequest {
 pub struct Opened {
     pub fh: u64,
     /// The dst file is open read-write (usable as the inode's passthrough backing).
-    pub rw: bool,
+    pub(crate) rw: bool,
     /// The cached copy was just refetched from src: the kernel's cached pages are stale.
-    pub fresh: bool,
+    pub(crate) fresh: bool,
     /// A partially present file ([`lazy`]): the daemon must serve its reads (no
     /// passthrough: the kernel would read unfetched blocks as zeros).
-    pub lazy: bool,
+    pub(crate) lazy: bool,
 }
 
 /// An open file: always a dst file.
 #[derive(Debug)]
 pub struct OpenFile {
-    pub ino: u64,
-    pub file: File,
+    pub(crate) ino: u64,
+    pub(crate) file: File,
     /// Written since the last report to the change log.
     pub(super) dirty: AtomicBool,
     /// Writes may bypass the daemon (FUSE passthrough of a writable open): the daemon
@@ -130,7 +130,7 @@ impl CacheFs {
     }
 
     /// The open file behind a handle (also used by the FUSE adapter for passthrough).
-    pub fn handle(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+    pub(crate) fn handle(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
         self.handles
             .read()
             .unwrap()
@@ -152,7 +152,7 @@ impl CacheFs {
 
     /// Opens a file read-only with its whole content in dst (copied or completed now,
     /// never lazily): a pin prefetch.
-    pub fn open_whole(&self, ino: u64) -> FsResult<Opened> {
+    pub(crate) fn open_whole(&self, ino: u64) -> FsResult<Opened> {
         let req = OpenRequest {
             flags: libc::O_RDONLY,
             for_backing: false,
@@ -368,12 +368,12 @@ impl CacheFs {
     /// changed; RELEASE, which does the same, is asynchronous (close() does not wait
     /// for it). In mirror mode close() also waits for src. Without writeback there is
     /// nothing to do and FLUSH may be turned off.
-    pub fn flush_needed(&self) -> bool {
+    pub(crate) fn flush_needed(&self) -> bool {
         self.changes.is_some()
     }
 
     /// close(): in mirror mode, returns once src has the bytes.
-    pub fn flush(&self, fh: u64) -> FsResult<()> {
+    pub(crate) fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
         self.sync_out(&h)
     }
@@ -408,7 +408,7 @@ impl CacheFs {
         Ok(())
     }
 
-    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+    pub(crate) fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.handle(fh)?;
         if datasync {
             h.file.sync_data()?;
@@ -462,7 +462,7 @@ impl CacheFs {
         }
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+    pub(crate) fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let h = self.handle(fh)?;
         self.mark_dirty(&h)?; // journaled first, as in `write`
         // SAFETY: valid fd.
@@ -480,7 +480,7 @@ impl CacheFs {
         Ok(())
     }
 
-    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+    pub(crate) fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
         let h = self.handle(fh)?;
         if let Some(p) = &h.lazy
             && !p.installed()
@@ -501,7 +501,7 @@ impl CacheFs {
         Ok(r)
     }
 
-    pub fn copy_file_range(
+    pub(crate) fn copy_file_range(
         &self,
         fh_in: u64,
         off_in: u64,

@@ -16,7 +16,7 @@ use super::layer::Stat;
 use super::{CacheFs, FsResult};
 
 /// The cache budget's side of the core's calls (implemented by the cache).
-pub trait CacheHooks: Send + Sync {
+pub(crate) trait CacheHooks: Send + Sync {
     /// At the top of `CacheFs::open`, before the core takes any lock: records the use
     /// of `path` and, for a file dst does not have yet, makes room for it (ENOSPC when
     /// none can be made). `lazy_from`: the open may be lazy for files at least this

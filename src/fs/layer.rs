@@ -53,13 +53,13 @@ use crate::sys;
 // The syscall wrappers the view and its callers use by these names (they live in
 // `crate::sys`, the one module with the unsafe code).
 use crate::sys::getxattrat;
-pub use crate::sys::{
+pub(crate) use crate::sys::{
     DirEntry, Ident, SetTime, cstr, fstat, getxattr_fd, identity_at, is_not_found, listxattr_fd,
-    openat, proc_fd_path, read_dir_fd, statat,
+    openat, read_dir_fd, statat,
 };
 
 /// `struct stat` of an entry, never following a final symlink.
-pub type Stat = sys::Stat;
+pub(crate) type Stat = sys::Stat;
 
 /// Whether openat2 is known to be unavailable (ENOSYS): then walk component by component.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
@@ -134,7 +134,7 @@ fn has_reserved_component(rel: &Path) -> bool {
 
 /// A directory root; every operation stays beneath it.
 #[derive(Debug)]
-pub struct Layer {
+pub(crate) struct Layer {
     /// The root directory; replaced by [`Layer::reopen`] when a mount at `root_path`
     /// was restarted (e.g. rclone died and systemd started it again).
     /// `None`: src must be a mount root and is not one (yet): see the module docs.
@@ -150,7 +150,7 @@ pub struct Layer {
 
 /// What [`Layer::probe`] found.
 #[derive(Debug, Clone, Copy)]
-pub enum Probe {
+pub(crate) enum Probe {
     Found(Stat),
     /// The parent is there, the name is not.
     NoName,
@@ -166,7 +166,7 @@ fn split(rel: &Path) -> Option<(&Path, &OsStr)> {
 
 impl Layer {
     /// Opens `root` (a directory) as the base of every later call.
-    pub fn open(root: &Path) -> io::Result<Layer> {
+    pub(crate) fn open(root: &Path) -> io::Result<Layer> {
         let fd = sys::open_dir_path(root)?;
         Ok(Layer {
             mount_root: sys::is_mount_root(fd.as_fd()),
@@ -180,7 +180,7 @@ impl Layer {
     /// (an rclone mount, say). If it is not one now, the mount is not there (yet) and
     /// the directory at that path is not src: the layer starts with no root (every
     /// call fails with ENOTCONN) and only [`Layer::reopen`] of a mount root gives it one.
-    pub fn open_src(root: &Path, was_mount_root: bool) -> io::Result<Layer> {
+    pub(crate) fn open_src(root: &Path, was_mount_root: bool) -> io::Result<Layer> {
         let mut l = Layer::open(root)?;
         if was_mount_root && !l.mount_root {
             l.mount_root = true;
@@ -190,13 +190,13 @@ impl Layer {
     }
 
     /// Whether this layer's root must be (and, while it has one, is) a mount root.
-    pub fn is_mount_root(&self) -> bool {
+    pub(crate) fn is_mount_root(&self) -> bool {
         self.mount_root
     }
 
     /// A new fd of the current root (`O_PATH`), for code that resolves paths itself
     /// beneath it (writeback replay). ENOTCONN while the layer has no root.
-    pub fn root_fd(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn root_fd(&self) -> io::Result<OwnedFd> {
         self.root()?.try_clone()
     }
 
@@ -206,7 +206,7 @@ impl Layer {
     /// leads elsewhere, or the root fails (a dead mount), the root is reopened there (a
     /// mount root only, as [`Layer::reopen`]). Two stats: for writeback replay, not for
     /// every view call.
-    pub fn root_fd_checked(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn root_fd_checked(&self) -> io::Result<OwnedFd> {
         use std::os::unix::fs::MetadataExt;
         let current = self.root().and_then(|fd| {
             let here = fstat(fd.as_fd())?;
@@ -224,7 +224,7 @@ impl Layer {
 
     /// Like [`Layer::open`], keeping fds of recently used directories (see the module
     /// docs). Only for a tree that changes through this layer alone (dst).
-    pub fn open_caching_dirs(root: &Path) -> io::Result<Layer> {
+    pub(crate) fn open_caching_dirs(root: &Path) -> io::Result<Layer> {
         let mut l = Layer::open(root)?;
         l.dirs = Some(Mutex::new(DirFds {
             cap: dir_fd_cap(),
@@ -284,9 +284,9 @@ impl Layer {
     }
 
     /// Whether this layer knows (from the last [`DIR_FD_TTL`]) that it has no directory
-    /// at `rel`: then nothing below `rel` exists either, and no syscall is needed to
-    /// say so. Always `false` on a layer that does not cache (src).
-    pub fn known_absent_dir(&self, rel: &Path) -> bool {
+    /// at `rel`. Always `false` on a layer that does not cache (src).
+    #[cfg(test)]
+    pub(crate) fn known_absent_dir(&self, rel: &Path) -> bool {
         self.dirs.as_ref().is_some_and(|dirs| {
             let mut d = dirs.lock().unwrap();
             !d.absent.is_empty() && d.absent_at(rel).is_some()
@@ -328,7 +328,7 @@ impl Layer {
     /// Opens the root path again, so that a filesystem mounted anew there is used.
     /// Fails with ENOTCONN when the root was a mount root and the path no longer is
     /// one (the mount is gone and left its empty mountpoint: that is not src).
-    pub fn reopen(&self) -> io::Result<()> {
+    pub(crate) fn reopen(&self) -> io::Result<()> {
         let fresh = Layer::open(&self.root_path)?;
         let fd = fresh.root()?;
         fstat(fd.as_fd())?;
@@ -342,17 +342,17 @@ impl Layer {
     }
 
     /// The root directory's path (for log messages only; never used to reach files).
-    pub fn root_path(&self) -> &Path {
+    pub(crate) fn root_path(&self) -> &Path {
         &self.root_path
     }
 
     /// Opens the directory `rel` (an `O_PATH` fd) without following any symlink.
-    pub fn open_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+    pub(crate) fn open_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
         self.open_beneath(rel, libc::O_PATH | libc::O_DIRECTORY)
     }
 
     /// Opens `rel` beneath the root with `flags`, following no symlink anywhere.
-    pub fn open_beneath(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    pub(crate) fn open_beneath(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
         if rel.as_os_str().is_empty() {
             return openat(self.root()?.as_fd(), c".", flags, 0);
         }
@@ -385,7 +385,7 @@ impl Layer {
     }
 
     /// Runs `f` with the parent directory of `rel` and its final name.
-    pub fn at<R>(
+    pub(crate) fn at<R>(
         &self,
         rel: &Path,
         f: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<R>,
@@ -399,7 +399,7 @@ impl Layer {
     }
 
     /// lstat of `rel`; `Ok(None)` when nothing is there.
-    pub fn stat(&self, rel: &Path) -> io::Result<Option<Stat>> {
+    pub(crate) fn stat(&self, rel: &Path) -> io::Result<Option<Stat>> {
         Ok(match self.probe(rel)? {
             Probe::Found(st) => Some(st),
             Probe::NoName | Probe::NoParent => None,
@@ -409,7 +409,7 @@ impl Layer {
     /// lstat of `rel`, telling "no such name" from "no directory to hold it" (a
     /// missing parent, or one that is not a directory): nothing below that parent
     /// exists either.
-    pub fn probe(&self, rel: &Path) -> io::Result<Probe> {
+    pub(crate) fn probe(&self, rel: &Path) -> io::Result<Probe> {
         let Some((parent, name)) = split(rel) else {
             return fstat(self.root()?.as_fd()).map(Probe::Found);
         };
@@ -428,7 +428,7 @@ impl Layer {
 
     /// The directory `rel` (from the cache where this layer keeps one), or `None` when
     /// there is no directory there. For callers that ask many names of one directory.
-    pub fn dir_if_present(&self, rel: &Path) -> io::Result<Option<Arc<OwnedFd>>> {
+    pub(crate) fn dir_if_present(&self, rel: &Path) -> io::Result<Option<Arc<OwnedFd>>> {
         match self.dir(rel) {
             Ok(fd) => Ok(Some(fd)),
             Err(e) if is_not_found(&e) => Ok(None),
@@ -442,7 +442,7 @@ impl Layer {
     /// unreachable) on any name fails the whole call. `progress` counts the names
     /// done, so that a caller can tell a slow src from a hung one.
     #[allow(clippy::type_complexity)]
-    pub fn stat_names(
+    pub(crate) fn stat_names(
         &self,
         rel: &Path,
         names: &[OsString],
@@ -468,7 +468,7 @@ impl Layer {
     }
 
     /// The identity of `rel` (see [`Ident`]); `None` if absent.
-    pub fn identity(&self, rel: &Path) -> io::Result<Option<Ident>> {
+    pub(crate) fn identity(&self, rel: &Path) -> io::Result<Option<Ident>> {
         match self.at(rel, identity_at) {
             Ok(id) => Ok(Some(id)),
             Err(e) if is_not_found(&e) => Ok(None),
@@ -477,7 +477,7 @@ impl Layer {
     }
 
     /// Opens the file `rel` with open(2) flags (never following a symlink).
-    pub fn open_file(&self, rel: &Path, flags: libc::c_int) -> io::Result<File> {
+    pub(crate) fn open_file(&self, rel: &Path, flags: libc::c_int) -> io::Result<File> {
         if rel.as_os_str().is_empty() {
             return Ok(File::from(self.open_beneath(rel, flags)?));
         }
@@ -486,7 +486,7 @@ impl Layer {
     }
 
     /// Creates and opens a regular file (O_CREAT|O_EXCL).
-    pub fn create_file(
+    pub(crate) fn create_file(
         &self,
         rel: &Path,
         flags: libc::c_int,
@@ -497,38 +497,43 @@ impl Layer {
         })
     }
 
-    pub fn mkdir(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
+    pub(crate) fn mkdir(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
         let r = self.at(rel, |d, n| sys::mkdirat(d, n, mode));
         // After the call (see the module docs): `rel` may be a directory now.
         self.forget_absent();
         r
     }
 
-    pub fn mknod(&self, rel: &Path, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
+    pub(crate) fn mknod(
+        &self,
+        rel: &Path,
+        mode: libc::mode_t,
+        rdev: libc::dev_t,
+    ) -> io::Result<()> {
         self.at(rel, |d, n| sys::mknodat(d, n, mode, rdev))
     }
 
-    pub fn symlink(&self, target: &OsStr, rel: &Path) -> io::Result<()> {
+    pub(crate) fn symlink(&self, target: &OsStr, rel: &Path) -> io::Result<()> {
         let t = cstr(target)?;
         self.at(rel, |d, n| sys::symlinkat(&t, d, n))
     }
 
-    pub fn readlink(&self, rel: &Path) -> io::Result<OsString> {
+    pub(crate) fn readlink(&self, rel: &Path) -> io::Result<OsString> {
         self.at(rel, sys::readlinkat)
     }
 
-    pub fn unlink(&self, rel: &Path) -> io::Result<()> {
+    pub(crate) fn unlink(&self, rel: &Path) -> io::Result<()> {
         self.at(rel, |d, n| sys::unlinkat(d, n, 0))
     }
 
-    pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
+    pub(crate) fn rmdir(&self, rel: &Path) -> io::Result<()> {
         let r = self.at(rel, |d, n| sys::unlinkat(d, n, libc::AT_REMOVEDIR));
         self.forget_dirs(rel);
         r
     }
 
     /// renameat2 within this layer; `flags` are RENAME_NOREPLACE / RENAME_EXCHANGE.
-    pub fn rename(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
+    pub(crate) fn rename(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
         let r = self.rename_uncached(from, to, flags);
         // After the call (see `DirFds::generation`): both names may have been dirs,
         // and `to` may be one now.
@@ -545,25 +550,25 @@ impl Layer {
     }
 
     /// Hard link `existing` as `new` (no symlink following).
-    pub fn link(&self, existing: &Path, new: &Path) -> io::Result<()> {
+    pub(crate) fn link(&self, existing: &Path, new: &Path) -> io::Result<()> {
         self.at(existing, |ed, ename| {
             self.at(new, |nd, nname| sys::linkat(ed, ename, nd, nname))
         })
     }
 
     /// lchown; `u32::MAX` leaves an id unchanged.
-    pub fn chown(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    pub(crate) fn chown(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<()> {
         self.at_or_root(rel, |d, n, flags| sys::fchownat(d, n, uid, gid, flags))
     }
 
     /// chmod of a non-symlink (the caller checked the type; Linux cannot chmod symlinks).
-    pub fn chmod(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
+    pub(crate) fn chmod(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
         sys::chmod_fd(fd.as_fd(), mode)
     }
 
     /// utimensat with AT_SYMLINK_NOFOLLOW.
-    pub fn set_times(
+    pub(crate) fn set_times(
         &self,
         rel: &Path,
         atime: Option<SetTime>,
@@ -587,13 +592,13 @@ impl Layer {
     }
 
     /// Lists a directory (without "." and "..").
-    pub fn read_dir(&self, rel: &Path) -> io::Result<Vec<DirEntry>> {
+    pub(crate) fn read_dir(&self, rel: &Path) -> io::Result<Vec<DirEntry>> {
         let fd = self.open_beneath(rel, libc::O_RDONLY | libc::O_DIRECTORY)?;
         read_dir_fd(fd)
     }
 
     /// getxattr; `None` value buffer asks for the size.
-    pub fn getxattr(&self, rel: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
+    pub(crate) fn getxattr(&self, rel: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
         if !NO_GETXATTRAT.load(Ordering::Relaxed) {
             let r = match split(rel) {
                 // The root as "." beneath itself, never as `AT_EMPTY_PATH` on the root's
@@ -618,7 +623,7 @@ impl Layer {
     /// one getxattrat(2) per name (`Ok(None)`: no directory at `rel`). ENOSYS as a
     /// whole where the kernel lacks getxattrat (the caller asks name by name).
     #[allow(clippy::type_complexity)]
-    pub fn getxattr_names(
+    pub(crate) fn getxattr_names(
         &self,
         rel: &Path,
         names: &[OsString],
@@ -650,23 +655,29 @@ impl Layer {
         Ok(Some(out))
     }
 
-    pub fn listxattr(&self, rel: &Path) -> io::Result<Vec<u8>> {
+    pub(crate) fn listxattr(&self, rel: &Path) -> io::Result<Vec<u8>> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
         listxattr_fd(fd.as_fd())
     }
 
-    pub fn setxattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+    pub(crate) fn setxattr(
+        &self,
+        rel: &Path,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> io::Result<()> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
         sys::setxattr_fd(fd.as_fd(), name, value, flags)
     }
 
-    pub fn removexattr(&self, rel: &Path, name: &OsStr) -> io::Result<()> {
+    pub(crate) fn removexattr(&self, rel: &Path, name: &OsStr) -> io::Result<()> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
         sys::removexattr_fd(fd.as_fd(), name)
     }
 
     /// statvfs of the filesystem holding the root.
-    pub fn statvfs(&self) -> io::Result<libc::statvfs> {
+    pub(crate) fn statvfs(&self) -> io::Result<libc::statvfs> {
         let fd = self.open_beneath(Path::new(""), libc::O_RDONLY | libc::O_DIRECTORY)?;
         sys::fstatvfs(fd.as_fd())
     }

@@ -63,7 +63,7 @@ impl CacheFs {
     /// `--src-timeout` like every src call (a job that makes progress is not cut off).
     /// Cached files due for revalidation are revalidated one by one as in `lookup`
     /// (each bounded by [`REVALIDATE_WAIT`]).
-    pub fn lookup_many(&self, parent: u64, names: &[&OsStr]) -> FsResult<Vec<Option<Attr>>> {
+    pub(crate) fn lookup_many(&self, parent: u64, names: &[&OsStr]) -> FsResult<Vec<Option<Attr>>> {
         let _ns = self.namespace.read().unwrap();
         let (dir, merges) = self.dir_path(parent)?;
         let mut out: Vec<Option<Attr>> = vec![None; names.len()];
@@ -181,7 +181,7 @@ impl CacheFs {
         self.take_refetched(ino);
     }
 
-    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+    pub(crate) fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
         if let Some(h) = fh.and_then(|fh| self.handle(fh).ok())
             && h.lazy.as_ref().is_none_or(|p| p.installed())
         {
@@ -267,7 +267,7 @@ impl CacheFs {
     }
 
     /// access(2) (only called without default_permissions): existence check.
-    pub fn access(&self, ino: u64) -> FsResult<()> {
+    pub(crate) fn access(&self, ino: u64) -> FsResult<()> {
         self.getattr(ino, None).map(drop)
     }
 }

@@ -43,27 +43,27 @@
 
 mod attr;
 mod cached;
-pub mod change;
-pub mod copyup;
+pub(crate) mod change;
+pub(crate) mod copyup;
 mod create;
 mod dirs;
-pub mod error;
+pub(crate) mod error;
 mod file_io;
-pub mod hooks;
-pub mod inodes;
+pub(crate) mod hooks;
+pub(crate) mod inodes;
 pub mod layer;
-pub mod lazy;
+pub(crate) mod lazy;
 mod lookup;
 pub mod names;
 pub mod origin;
 mod rename;
-pub mod reserve;
-pub mod src_absent;
-pub mod src_ahead;
+pub(crate) mod reserve;
+pub(crate) mod src_absent;
+pub(crate) mod src_ahead;
 mod src_calls;
-pub mod src_pool;
-pub mod src_probe;
-pub mod src_state;
+pub(crate) mod src_pool;
+pub(crate) mod src_probe;
+pub(crate) mod src_state;
 mod view;
 mod xattr;
 
@@ -74,13 +74,12 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::SystemTime;
 
 pub use attr::{Attr, Caller, SetAttr, TimeSpec};
-pub use cached::Cached;
-pub use change::{ChangeGuard, ChangeLog, IntentGuard, Op};
+pub(crate) use cached::Cached;
+pub(crate) use change::{ChangeLog, Op};
 use dirs::DirHandle;
-pub use dirs::DirItem;
 pub use error::{FsError, FsResult};
 pub use file_io::{OpenFile, OpenRequest, Opened, opens_for_writing};
-pub use hooks::CacheHooks;
+pub(crate) use hooks::CacheHooks;
 pub use inodes::{Kind, ROOT};
 use layer::Layer;
 pub(crate) use src_calls::is_outage;
@@ -154,7 +153,7 @@ impl CacheFs {
 
     /// Like [`CacheFs::new`], with src's layer given: the one writeback replays through
     /// too (see [`src_state::open_src`]).
-    pub fn with_src(
+    pub(crate) fn with_src(
         cfg: &Config,
         changes: Option<Arc<dyn ChangeLog>>,
         src: Arc<Layer>,
@@ -223,7 +222,7 @@ impl CacheFs {
 
     /// Attaches the cache budget (before mounting): its hooks, and its usage index for
     /// lazy fetch's partial files.
-    pub fn set_cache<C: CacheHooks + lazy::Usage + 'static>(&mut self, cache: Arc<C>) {
+    pub(crate) fn set_cache<C: CacheHooks + lazy::Usage + 'static>(&mut self, cache: Arc<C>) {
         if let Some(lazy) = &self.lazy {
             lazy.set_usage(Arc::clone(&cache) as Arc<dyn lazy::Usage>);
         }

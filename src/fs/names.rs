@@ -19,21 +19,21 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 /// Every internal name starts with this.
-pub const RESERVED_PREFIX: &[u8] = b".cachefs-";
+pub(crate) const RESERVED_PREFIX: &[u8] = b".cachefs-";
 /// Whiteout: `.cachefs-wh.<name>` hides `<name>` of src in the same directory.
-pub const WHITEOUT_PREFIX: &[u8] = b".cachefs-wh.";
+pub(crate) const WHITEOUT_PREFIX: &[u8] = b".cachefs-wh.";
 /// Whiteout for names too long for [`WHITEOUT_PREFIX`]: hashed name, full name inside.
-pub const HASHED_WHITEOUT_PREFIX: &[u8] = b".cachefs-whh.";
+pub(crate) const HASHED_WHITEOUT_PREFIX: &[u8] = b".cachefs-whh.";
 /// Longest file name on Linux filesystems.
 const NAME_MAX: usize = 255;
 /// Opaque marker file inside a dst directory.
-pub const OPAQUE_MARKER: &str = ".cachefs-opaque";
+pub(crate) const OPAQUE_MARKER: &str = ".cachefs-opaque";
 /// Temp files of copy-up (in dst) and of writeback (in src): `.cachefs-tmp.<unique>`.
-pub const TEMP_PREFIX: &str = ".cachefs-tmp.";
+pub(crate) const TEMP_PREFIX: &str = ".cachefs-tmp.";
 /// The state folder at dst's root (journal, metadata).
-pub const STATE_DIR: &str = ".cachefs-state";
+pub(crate) const STATE_DIR: &str = ".cachefs-state";
 /// GoCacheFS's root-level whiteouts: `.__gocachefs_rm__` + path with `/` written as `----`.
-pub const GOCACHEFS_WHITEOUT_PREFIX: &[u8] = b".__gocachefs_rm__";
+pub(crate) const GOCACHEFS_WHITEOUT_PREFIX: &[u8] = b".__gocachefs_rm__";
 
 /// True for names that belong to cachefs (or GoCacheFS) and never appear in the mount.
 pub fn is_reserved(name: &OsStr) -> bool {
@@ -42,7 +42,7 @@ pub fn is_reserved(name: &OsStr) -> bool {
 }
 
 /// The whiteout file name hiding `name`.
-pub fn whiteout_name(name: &OsStr) -> OsString {
+pub(crate) fn whiteout_name(name: &OsStr) -> OsString {
     if WHITEOUT_PREFIX.len() + name.len() > NAME_MAX {
         let h = crate::sys::fnv1a64(name.as_bytes());
         let mut v = HASHED_WHITEOUT_PREFIX.to_vec();
@@ -58,7 +58,7 @@ pub fn whiteout_name(name: &OsStr) -> OsString {
 /// by its name alone; a hashed one only if its content is `name` (`content` reads it,
 /// and is called only for a hashed one; `None`: the file is gone), so a hash collision
 /// hides nothing. The rule for every reader of whiteouts.
-pub fn whiteout_hides<E>(
+pub(crate) fn whiteout_hides<E>(
     name: &OsStr,
     content: impl FnOnce() -> Result<Option<Vec<u8>>, E>,
 ) -> Result<bool, E> {
@@ -69,12 +69,12 @@ pub fn whiteout_hides<E>(
 }
 
 /// Whether a whiteout's name is hashed (the hidden name is the file's content).
-pub fn is_hashed_whiteout(name: &OsStr) -> bool {
+pub(crate) fn is_hashed_whiteout(name: &OsStr) -> bool {
     name.as_bytes().starts_with(HASHED_WHITEOUT_PREFIX)
 }
 
 /// If `name` is a whiteout, the name it hides.
-pub fn whiteout_target(name: &OsStr) -> Option<&OsStr> {
+pub(crate) fn whiteout_target(name: &OsStr) -> Option<&OsStr> {
     name.as_bytes()
         .strip_prefix(WHITEOUT_PREFIX)
         .filter(|rest| !rest.is_empty())
@@ -83,7 +83,7 @@ pub fn whiteout_target(name: &OsStr) -> Option<&OsStr> {
 
 /// If `name` is a GoCacheFS whiteout at dst's root, the mount-relative path it hides
 /// (no leading `/`), e.g. `.__gocachefs_rm__----a----b` -> `a/b`.
-pub fn gocachefs_whiteout_target(name: &OsStr) -> Option<OsString> {
+pub(crate) fn gocachefs_whiteout_target(name: &OsStr) -> Option<OsString> {
     let rest = name.as_bytes().strip_prefix(GOCACHEFS_WHITEOUT_PREFIX)?;
     let text = String::from_utf8_lossy(rest).replace("----", "/");
     let path = text.trim_start_matches('/');

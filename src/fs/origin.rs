@@ -58,7 +58,7 @@ const XATTR_USER: &str = "user.cachefs.origin";
 const LOG: &str = "origins";
 const LOG_TMP: &str = "origins.tmp";
 /// Dead lines tolerated in the log before it is rewritten with the live records.
-pub const COMPACT_SLACK: usize = 100_000;
+pub(crate) const COMPACT_SLACK: usize = 100_000;
 
 fn xattr_name() -> &'static OsStr {
     // SAFETY: geteuid cannot fail.
@@ -70,29 +70,29 @@ fn xattr_name() -> &'static OsStr {
 }
 
 /// xattr names that belong to cachefs and never pass through the mount.
-pub fn is_reserved_xattr(name: &OsStr) -> bool {
+pub(crate) fn is_reserved_xattr(name: &OsStr) -> bool {
     let b = name.as_bytes();
     b.starts_with(b"trusted.cachefs.") || b == XATTR_USER.as_bytes()
 }
 
 /// Which src version a cached file was fetched from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Origin {
-    pub size: u64,
-    pub mtime_sec: i64,
-    pub mtime_nsec: i64,
-    pub ino: u64,
-    pub dirty: bool,
+pub(crate) struct Origin {
+    pub(crate) size: u64,
+    pub(crate) mtime_sec: i64,
+    pub(crate) mtime_nsec: i64,
+    pub(crate) ino: u64,
+    pub(crate) dirty: bool,
     /// Put while a writer that bypasses the daemon (FUSE passthrough) had the file
     /// open: src may lack bytes written after this record, and a crash before that
     /// writer's flush leaves no journal op for them, so the next start queues an
     /// upload ([`Store::open_writer_paths`]). Implies `dirty`; logged as dirty `2`.
-    pub open_writer: bool,
+    pub(crate) open_writer: bool,
 }
 
 impl Origin {
     /// The record for a fresh copy of the src file described by `st`.
-    pub fn of(st: &Stat) -> Origin {
+    pub(crate) fn of(st: &Stat) -> Origin {
         Origin {
             size: st.st_size as u64,
             mtime_sec: st.st_mtime,
@@ -109,7 +109,7 @@ impl Origin {
     /// entry, so a file renamed there, or re-read after its directory cache expired,
     /// shows a new number for the same object. Taking that for a change made false
     /// conflicts and refetches of a node's own uploads.
-    pub fn same_source(&self, st: &Stat) -> bool {
+    pub(crate) fn same_source(&self, st: &Stat) -> bool {
         let now = Origin::of(st);
         (self.size, self.mtime_sec, self.mtime_nsec) == (now.size, now.mtime_sec, now.mtime_nsec)
     }
@@ -310,7 +310,7 @@ pub struct Store {
 }
 
 /// A dst file open for writes that bypass the daemon; see [`Store::writer_opened`].
-pub struct OpenWriter {
+pub(crate) struct OpenWriter {
     store: Arc<Store>,
     key: Key,
 }
@@ -362,7 +362,7 @@ impl Store {
     }
 
     /// The store of dst (`dst.root_path()`).
-    pub fn of(dst: &Layer) -> io::Result<Arc<Store>> {
+    pub(crate) fn of(dst: &Layer) -> io::Result<Arc<Store>> {
         Store::of_root(dst.root_path())
     }
 
@@ -490,7 +490,7 @@ impl Store {
     }
 
     /// The record of dst's file at `path`, if it has one that applies to it.
-    pub fn get(&self, path: &Path) -> io::Result<Option<Origin>> {
+    pub(crate) fn get(&self, path: &Path) -> io::Result<Option<Origin>> {
         let Some(rec) = self.inner.lock().unwrap().map.get(path).copied() else {
             return Ok(None);
         };
@@ -500,20 +500,20 @@ impl Store {
 
     /// How long ago this process last knew src to hold `path`'s recorded version (see
     /// `Inner::verified_at`), if it did.
-    pub fn verified_ago(&self, path: &Path) -> Option<Duration> {
+    pub(crate) fn verified_ago(&self, path: &Path) -> Option<Duration> {
         let inner = self.inner.lock().unwrap();
         inner.verified_at.get(path).map(Instant::elapsed)
     }
 
     /// Forgets when src was last known to hold the records at or below `path` (""
     /// for all): their next lookup or open compares them with src again.
-    pub fn forget_verified_under(&self, path: &Path) {
+    pub(crate) fn forget_verified_under(&self, path: &Path) {
         let mut inner = self.inner.lock().unwrap();
         inner.verified_at.retain(|p, _| !p.starts_with(path));
     }
 
     /// A revalidation found src still holding `path`'s recorded version.
-    pub fn note_verified(&self, path: &Path) {
+    pub(crate) fn note_verified(&self, path: &Path) {
         let mut inner = self.inner.lock().unwrap();
         if inner.map.contains_key(path) {
             inner.verified_at.insert(path.to_path_buf(), Instant::now());
@@ -521,7 +521,7 @@ impl Store {
     }
 
     /// The record of `path` if it applies to the dst object `id` (an open file).
-    pub fn get_for(&self, path: &Path, id: &Ident) -> Option<Origin> {
+    pub(crate) fn get_for(&self, path: &Path, id: &Ident) -> Option<Origin> {
         let rec = self.inner.lock().unwrap().map.get(path).copied()?;
         rec.applies_to(id).then_some(rec.origin)
     }
@@ -529,7 +529,7 @@ impl Store {
     /// Replaces `path`'s clean record `old` by the clean `new` (src settled on another
     /// version of the same bytes), unless the record changed meanwhile (a writer made
     /// it dirty, an upload replaced it, the file went): `Ok(false)` then.
-    pub fn replace_clean(&self, path: &Path, old: &Origin, new: Origin) -> io::Result<bool> {
+    pub(crate) fn replace_clean(&self, path: &Path, old: &Origin, new: Origin) -> io::Result<bool> {
         let mut inner = self.inner.lock().unwrap();
         let Some(rec) = inner.map.get(path).copied() else {
             return Ok(false);
@@ -550,7 +550,7 @@ impl Store {
     /// `path`'s record is dirty only because it was uploaded while a writer held the
     /// file (`open_writer`), and none holds it now: one more upload, with no writer,
     /// makes it clean.
-    pub fn uploaded_while_open(&self, path: &Path) -> bool {
+    pub(crate) fn uploaded_while_open(&self, path: &Path) -> bool {
         let inner = self.inner.lock().unwrap();
         matches!(inner.map.get(path), Some(rec)
             if rec.origin.open_writer && !inner.open_writers.contains_key(&rec.key))
@@ -558,7 +558,7 @@ impl Store {
 
     /// Records that dst's object `id`, at `path`, derives from `origin`. A dirty record
     /// is durable on return.
-    pub fn put(&self, path: &Path, id: &Ident, mut origin: Origin) -> io::Result<()> {
+    pub(crate) fn put(&self, path: &Path, id: &Ident, mut origin: Origin) -> io::Result<()> {
         if id.kind != libc::S_IFREG || id.nlink != 1 {
             return self.clear(path);
         }
@@ -584,13 +584,13 @@ impl Store {
     }
 
     /// Records that the dst file open as `f`, at `path`, derives from `origin`.
-    pub fn put_fd(&self, path: &Path, f: &File, origin: Origin) -> io::Result<()> {
+    pub(crate) fn put_fd(&self, path: &Path, f: &File, origin: Origin) -> io::Result<()> {
         let id = super::layer::identity_at(f.as_fd(), c"")?;
         self.put(path, &id, origin)
     }
 
     /// Marks dst's file at `path` as changed locally (if it has a clean record), durably.
-    pub fn mark_dirty(&self, path: &Path) -> io::Result<()> {
+    pub(crate) fn mark_dirty(&self, path: &Path) -> io::Result<()> {
         let Some(rec) = self.inner.lock().unwrap().map.get(path).copied() else {
             return Ok(());
         };
@@ -613,7 +613,7 @@ impl Store {
 
     /// Forgets the record of `path` (its file was removed). Durable only where a stale
     /// record could apply again: no birth time to tell a reused inode number.
-    pub fn clear(&self, path: &Path) -> io::Result<()> {
+    pub(crate) fn clear(&self, path: &Path) -> io::Result<()> {
         let mut inner = self.inner.lock().unwrap();
         let Some(rec) = inner.map.get(path).copied() else {
             return Ok(());
@@ -624,7 +624,7 @@ impl Store {
 
     /// Forgets the record of `path`, durably: the file got a second link, and the
     /// record would apply again once that link goes, to bytes changed through it.
-    pub fn clear_durably(&self, path: &Path) -> io::Result<()> {
+    pub(crate) fn clear_durably(&self, path: &Path) -> io::Result<()> {
         let mut inner = self.inner.lock().unwrap();
         if !inner.map.contains_key(path) {
             return Ok(());
@@ -646,7 +646,7 @@ impl Store {
 
     /// Notes that the dst file open as `f` takes writes that bypass the daemon, until
     /// the returned guard is dropped (records put meanwhile are `open_writer`).
-    pub fn writer_opened(self: &Arc<Self>, f: &File) -> io::Result<OpenWriter> {
+    pub(crate) fn writer_opened(self: &Arc<Self>, f: &File) -> io::Result<OpenWriter> {
         let key = Key::of(&super::layer::identity_at(f.as_fd(), c"")?);
         *self
             .inner
@@ -663,7 +663,7 @@ impl Store {
 
     /// Paths whose record was put while a bypassing writer was open (and still applies
     /// to dst's file there): after a crash, src may lack their last bytes.
-    pub fn open_writer_paths(&self) -> Vec<PathBuf> {
+    pub(crate) fn open_writer_paths(&self) -> Vec<PathBuf> {
         let candidates: Vec<(PathBuf, Rec)> = {
             let inner = self.inner.lock().unwrap();
             inner
@@ -680,12 +680,14 @@ impl Store {
             .collect()
     }
 
-    /// Number of records (tests, metrics).
-    pub fn len(&self) -> usize {
+    /// Number of records.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.inner.lock().unwrap().map.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -729,19 +731,8 @@ fn migrate_xattrs(dst: &Layer, dir: &Path, map: &mut BTreeMap<PathBuf, Rec>, n: 
 }
 
 /// The record of dst's file at `path`, if it has one.
-pub fn read(dst: &Layer, path: &Path) -> io::Result<Option<Origin>> {
+pub(crate) fn read(dst: &Layer, path: &Path) -> io::Result<Option<Origin>> {
     Store::of(dst)?.get(path)
-}
-
-/// Marks dst's file at `path` as changed locally (if it has a clean record).
-pub fn mark_dirty(dst: &Layer, path: &Path) -> io::Result<()> {
-    Store::of(dst)?.mark_dirty(path)
-}
-
-/// Removes the record of `path`: the file there no longer derives from src's file at
-/// that name. It is local until an upload records anew.
-pub fn clear(dst: &Layer, path: &Path) -> io::Result<()> {
-    Store::of(dst)?.clear(path)
 }
 
 #[cfg(test)]

@@ -21,12 +21,12 @@ use super::layer::Layer;
 use super::names::STATE_DIR;
 
 /// Bytes kept back: a few thousand journal and log lines, whiteouts included.
-pub const RESERVE: u64 = 1 << 20;
+pub(crate) const RESERVE: u64 = 1 << 20;
 /// The reserve is made again only with this much free besides it.
 const REMAKE_FREE: u64 = 4 * RESERVE;
 const REMAKE_EVERY: Duration = Duration::from_secs(60);
 
-pub struct Reserve {
+pub(crate) struct Reserve {
     rel: PathBuf,
     /// Whether the file exists, and when it was last (re)made or tried.
     state: Mutex<(bool, Option<Instant>)>,
@@ -39,7 +39,7 @@ fn free_bytes(dst: &Layer) -> Option<u64> {
 
 impl Reserve {
     /// Makes the reserve in `dst` if there is room for it (and keeps one that exists).
-    pub fn open(dst: &Layer) -> Reserve {
+    pub(crate) fn open(dst: &Layer) -> Reserve {
         let r = Reserve {
             rel: Path::new(STATE_DIR).join("reserve"),
             state: Mutex::new((false, None)),
@@ -79,7 +79,7 @@ impl Reserve {
 
     /// Before a delete or rename: gives the reserve back if dst is nearly full, so
     /// the change can be recorded; makes it again if dst has room and it is gone.
-    pub fn before_namespace_change(&self, dst: &Layer) {
+    pub(crate) fn before_namespace_change(&self, dst: &Layer) {
         let (exists, tried) = *self.state.lock().unwrap();
         if exists {
             if free_bytes(dst).is_some_and(|f| f < RESERVE) {

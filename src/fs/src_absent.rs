@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 /// The most entries kept; a full table is emptied (cheap, and rare: entries expire).
 const MAX_ENTRIES: usize = 4096;
 
-pub struct SrcAbsent {
+pub(crate) struct SrcAbsent {
     ttl: Duration,
     seen: Mutex<HashMap<PathBuf, Instant>>,
 }
 
 impl SrcAbsent {
     /// `ttl` zero: remembers nothing.
-    pub fn new(ttl: Duration) -> SrcAbsent {
+    pub(crate) fn new(ttl: Duration) -> SrcAbsent {
         SrcAbsent {
             ttl,
             seen: Mutex::new(HashMap::new()),
@@ -37,7 +37,7 @@ impl SrcAbsent {
     }
 
     /// src answered that nothing is at `path`.
-    pub fn note(&self, path: &Path) {
+    pub(crate) fn note(&self, path: &Path) {
         if self.ttl.is_zero() {
             return;
         }
@@ -50,7 +50,7 @@ impl SrcAbsent {
 
     /// Whether src is known, within the ttl, to have nothing at `path` or at one of
     /// its ancestors.
-    pub fn covers(&self, path: &Path) -> bool {
+    pub(crate) fn covers(&self, path: &Path) -> bool {
         if self.ttl.is_zero() {
             return false;
         }
@@ -73,14 +73,14 @@ impl SrcAbsent {
     }
 
     /// Something is (or may now be) at `path` on src: forget it and its ancestors.
-    pub fn forget(&self, path: &Path) {
+    pub(crate) fn forget(&self, path: &Path) {
         self.listed(path, std::iter::empty());
     }
 
     /// src listed directory `dir` with `names` in it: forget `dir`, its ancestors and
     /// those children. One lock, and nothing at all when the table is empty (the
     /// common case: no path is built per listed name).
-    pub fn listed<'a>(&self, dir: &Path, names: impl Iterator<Item = &'a OsStr>) {
+    pub(crate) fn listed<'a>(&self, dir: &Path, names: impl Iterator<Item = &'a OsStr>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -97,7 +97,7 @@ impl SrcAbsent {
     }
 
     /// Forget everything (src was replaced or came back from an outage).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.seen.lock().unwrap().clear();
     }
 }

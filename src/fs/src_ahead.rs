@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use super::layer::Stat;
 
 /// Names of the first batch of a listing.
-pub const FIRST_BATCH: usize = 32;
+pub(crate) const FIRST_BATCH: usize = 32;
 /// Most names in one batch.
-pub const MAX_BATCH: usize = 1024;
+pub(crate) const MAX_BATCH: usize = 1024;
 /// Listings remembered (the directories listed last).
 const MAX_LISTINGS: usize = 4;
 /// Stats kept.
@@ -52,7 +52,7 @@ struct Listing {
 }
 
 /// A getxattr answer: the value or the errno.
-pub type XattrAnswer = Result<Vec<u8>, i32>;
+pub(crate) type XattrAnswer = Result<Vec<u8>, i32>;
 
 #[derive(Default)]
 struct Inner {
@@ -61,13 +61,13 @@ struct Inner {
     xattrs: HashMap<(PathBuf, OsString), (XattrAnswer, Instant)>,
 }
 
-pub struct SrcAhead {
+pub(crate) struct SrcAhead {
     ttl: Duration,
     inner: Mutex<Inner>,
 }
 
 impl SrcAhead {
-    pub fn new(ttl: Duration) -> SrcAhead {
+    pub(crate) fn new(ttl: Duration) -> SrcAhead {
         SrcAhead {
             ttl,
             inner: Mutex::new(Inner::default()),
@@ -75,7 +75,7 @@ impl SrcAhead {
     }
 
     /// src listed `dir` with `names`, in this order.
-    pub fn listed<'a>(&self, dir: &Path, names: impl Iterator<Item = &'a OsStr>) {
+    pub(crate) fn listed<'a>(&self, dir: &Path, names: impl Iterator<Item = &'a OsStr>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -108,7 +108,7 @@ impl SrcAhead {
     }
 
     /// src's stat of `path` if a batch brought it within the ttl (used once).
-    pub fn take(&self, path: &Path) -> Option<Stat> {
+    pub(crate) fn take(&self, path: &Path) -> Option<Stat> {
         if self.ttl.is_zero() {
             return None;
         }
@@ -123,12 +123,12 @@ impl SrcAhead {
     /// The names to ask src about, starting with `path`'s own, when `path` is in a
     /// recent listing of its parent and is looked up in listing order (see the module
     /// docs); `None`: ask about `path` alone.
-    pub fn batch_for(&self, path: &Path) -> Option<Vec<OsString>> {
+    pub(crate) fn batch_for(&self, path: &Path) -> Option<Vec<OsString>> {
         self.batch_of(path, None)
     }
 
     /// Like [`SrcAhead::batch_for`], for a getxattr of `xattr`.
-    pub fn xattr_batch_for(&self, path: &Path, xattr: &OsStr) -> Option<Vec<OsString>> {
+    pub(crate) fn xattr_batch_for(&self, path: &Path, xattr: &OsStr) -> Option<Vec<OsString>> {
         self.batch_of(path, Some(xattr))
     }
 
@@ -156,7 +156,7 @@ impl SrcAhead {
     }
 
     /// src's answers for a batch of `dir`: the stats found.
-    pub fn put(&self, dir: &Path, found: impl Iterator<Item = (OsString, Stat)>) {
+    pub(crate) fn put(&self, dir: &Path, found: impl Iterator<Item = (OsString, Stat)>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -172,7 +172,7 @@ impl SrcAhead {
 
     /// src's answer to getxattr of `xattr` on `path`, if a batch brought it within the
     /// ttl (used once).
-    pub fn take_xattr(&self, path: &Path, xattr: &OsStr) -> Option<XattrAnswer> {
+    pub(crate) fn take_xattr(&self, path: &Path, xattr: &OsStr) -> Option<XattrAnswer> {
         if self.ttl.is_zero() {
             return None;
         }
@@ -187,7 +187,7 @@ impl SrcAhead {
     }
 
     /// src's getxattr answers of `xattr` for names of `dir`.
-    pub fn put_xattrs(
+    pub(crate) fn put_xattrs(
         &self,
         dir: &Path,
         xattr: &OsStr,
@@ -210,7 +210,7 @@ impl SrcAhead {
 
     /// `path` changes on src (or may have): forget what is known of it and below it,
     /// and the listings of its parent and of itself.
-    pub fn forget(&self, path: &Path) {
+    pub(crate) fn forget(&self, path: &Path) {
         if self.ttl.is_zero() {
             return;
         }
@@ -228,7 +228,7 @@ impl SrcAhead {
     }
 
     /// Forget everything (src went offline, or was reopened).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut inner = self.inner.lock().unwrap();
         inner.stats.clear();
         inner.xattrs.clear();

@@ -244,7 +244,7 @@ impl CacheFs {
     }
 
     /// Since when src has been offline, if it is.
-    pub fn src_offline_since(&self) -> Option<SystemTime> {
+    pub(crate) fn src_offline_since(&self) -> Option<SystemTime> {
         *self.src_offline_since.lock().unwrap()
     }
 }

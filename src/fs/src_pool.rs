@@ -116,7 +116,7 @@ impl<T> Slot<T> {
     }
 }
 
-pub struct SrcPool {
+pub(crate) struct SrcPool {
     queue: Arc<Queue>,
     busy: Arc<AtomicUsize>,
     workers: usize,
@@ -136,7 +136,7 @@ fn timed_out() -> io::Error {
 
 impl SrcPool {
     /// `timeout` zero: calls run inline, unbounded (no threads are started).
-    pub fn new(workers: usize, timeout: Duration) -> SrcPool {
+    pub(crate) fn new(workers: usize, timeout: Duration) -> SrcPool {
         let queue = Arc::new(Queue::default());
         let busy = Arc::new(AtomicUsize::new(0));
         if !timeout.is_zero() {
@@ -163,7 +163,7 @@ impl SrcPool {
     /// Runs `f` on a worker with nobody waiting for it (a probe). Counted as busy
     /// while it runs, so that stuck background work also makes calls fail at once.
     /// With no timeout (no workers), on a thread of its own.
-    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) {
+    pub(crate) fn spawn(&self, f: impl FnOnce() + Send + 'static) {
         if self.timeout.is_zero() {
             let _ = std::thread::Builder::new()
                 .name("cachefs-src-probe".into())
@@ -182,7 +182,7 @@ impl SrcPool {
     /// Runs `f` and waits at most `bound` (never more than the timeout) for it: `None`
     /// when it has not finished by then. It goes on in the background and its result
     /// is dropped. For questions whose answer can wait (revalidation).
-    pub fn run_bounded<T: Send + 'static>(
+    pub(crate) fn run_bounded<T: Send + 'static>(
         &self,
         bound: Duration,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
@@ -203,7 +203,7 @@ impl SrcPool {
     }
 
     /// Runs `f` with the timeout.
-    pub fn run<T: Send + 'static>(
+    pub(crate) fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
@@ -212,7 +212,7 @@ impl SrcPool {
 
     /// Runs `f`; with `progress`, waits as long as the counter keeps moving within
     /// each timeout window.
-    pub fn run_watched<T: Send + 'static>(
+    pub(crate) fn run_watched<T: Send + 'static>(
         &self,
         progress: Option<Arc<AtomicU64>>,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,

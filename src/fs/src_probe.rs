@@ -28,10 +28,10 @@ use super::layer::Layer;
 use super::src_pool::SrcPool;
 
 /// Least time between two probes of an offline src.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
-pub struct SrcProbe {
+pub(crate) struct SrcProbe {
     /// A probe is running (or stuck on a hung src: then no other is started).
     in_flight: AtomicBool,
     /// A probe saw src answer; taken by the next caller.
@@ -46,36 +46,36 @@ pub struct SrcProbe {
 }
 
 impl SrcProbe {
-    pub fn new() -> Arc<SrcProbe> {
+    pub(crate) fn new() -> Arc<SrcProbe> {
         Arc::new(SrcProbe::default())
     }
 
     /// A src call on `path` timed out: the next probes ask about it.
-    pub fn note_timeout(&self, path: &Path) {
+    pub(crate) fn note_timeout(&self, path: &Path) {
         *self.path.lock().unwrap() = path.to_path_buf();
     }
 
     /// Whether a probe saw src answer since the last call (and forgets it).
-    pub fn take_answer(&self) -> bool {
+    pub(crate) fn take_answer(&self) -> bool {
         self.answered.swap(false, Ordering::AcqRel)
     }
 
     /// A bounded question went unanswered ([`SrcProbe::is_slow`] until one answers).
-    pub fn mark_slow(&self) {
+    pub(crate) fn mark_slow(&self) {
         self.slow.store(true, Ordering::Release);
     }
 
     /// src answered a question left in the background.
-    pub fn clear_slow(&self) {
+    pub(crate) fn clear_slow(&self) {
         self.slow.store(false, Ordering::Release);
     }
 
-    pub fn is_slow(&self) -> bool {
+    pub(crate) fn is_slow(&self) -> bool {
         self.slow.load(Ordering::Acquire)
     }
 
     /// Forgets a stale answer (src went offline again).
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.answered.store(false, Ordering::Release);
     }
 
@@ -83,7 +83,12 @@ impl SrcProbe {
     /// most `wait` for it: whether src answered within that. A probe that takes longer
     /// goes on in the background; if src answers then, [`SrcProbe::take_answer`]
     /// says so to the next caller.
-    pub fn probe(self: &Arc<Self>, pool: &SrcPool, src: &Arc<Layer>, wait: Duration) -> bool {
+    pub(crate) fn probe(
+        self: &Arc<Self>,
+        pool: &SrcPool,
+        src: &Arc<Layer>,
+        wait: Duration,
+    ) -> bool {
         {
             let mut last = self.last_start.lock().unwrap();
             if last.is_some_and(|t| t.elapsed() < PROBE_INTERVAL) {

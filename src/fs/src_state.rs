@@ -25,26 +25,26 @@ use crate::json::Object;
 use crate::sys::state_file;
 
 /// The file name in the state folder.
-pub const FILE: &str = "src.json";
+pub(crate) const FILE: &str = "src.json";
 
 /// What `src.json` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SrcState {
-    pub online: bool,
+pub(crate) struct SrcState {
+    pub(crate) online: bool,
     /// Unix seconds of the last transition (or of the daemon's start).
-    pub since: u64,
-    pub last_error: Option<String>,
-    pub pid: u32,
+    pub(crate) since: u64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) pid: u32,
 }
 
 /// `dst/.cachefs-state/src.json`.
-pub fn path(dst: &Path) -> PathBuf {
+pub(crate) fn path(dst: &Path) -> PathBuf {
     dst.join(STATE_DIR).join(FILE)
 }
 
 impl SrcState {
     /// One JSON object, keys in the order the module doc shows.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let mut o = Object::new();
         o.field("online", self.online)
             .field("since", self.since)
@@ -54,7 +54,7 @@ impl SrcState {
     }
 
     /// Parses what [`SrcState::to_json`] wrote: every key present, of its type.
-    pub fn parse(json: &str) -> Option<SrcState> {
+    pub(crate) fn parse(json: &str) -> Option<SrcState> {
         let v: Value = serde_json::from_str(json).ok()?;
         let last_error = match v.get("last_error")? {
             Value::Null => None,
@@ -71,7 +71,7 @@ impl SrcState {
 
     /// Whether the daemon that wrote this state still runs (its pid is alive and is a
     /// cachefs process).
-    pub fn writer_running(&self) -> bool {
+    pub(crate) fn writer_running(&self) -> bool {
         if self.pid == 0 {
             return false;
         }
@@ -85,7 +85,7 @@ impl SrcState {
 }
 
 /// Writes `state` to `dst`'s state folder atomically (temp + rename).
-pub fn write(dst: &Path, state: &SrcState) -> io::Result<()> {
+pub(crate) fn write(dst: &Path, state: &SrcState) -> io::Result<()> {
     let dir = dst.join(STATE_DIR);
     std::fs::create_dir_all(&dir)?;
     // Per process: a command may write while the daemon does.
@@ -97,14 +97,14 @@ pub fn write(dst: &Path, state: &SrcState) -> io::Result<()> {
 }
 
 /// The marker file in the state folder: src was a mount root when a daemon last ran.
-pub const MOUNTED_MARKER: &str = "src-is-a-mount";
+pub(crate) const MOUNTED_MARKER: &str = "src-is-a-mount";
 
 /// Opens src's root for the view and writeback alike (one [`Layer`] for both), with
 /// the mount-root rule: if src was a mount root when a daemon last ran on `dst` (the
 /// marker) and is a bare directory now, src's mount is missing and the layer starts
 /// offline ([`Layer::open_src`]). A src that is a mount root now leaves the marker.
 /// To use a plain directory where a mount used to be, remove the marker.
-pub fn open_src(src: &Path, dst: &Path) -> io::Result<Layer> {
+pub(crate) fn open_src(src: &Path, dst: &Path) -> io::Result<Layer> {
     let marker = dst.join(STATE_DIR).join(MOUNTED_MARKER);
     let layer = Layer::open_src(src, marker.exists())?;
     if layer.root_fd().is_err() {
@@ -123,7 +123,7 @@ pub fn open_src(src: &Path, dst: &Path) -> io::Result<Layer> {
 }
 
 /// Leaves the marker that src is a mount root (see [`open_src`]).
-pub fn remember_mounted(dst: &Path) {
+pub(crate) fn remember_mounted(dst: &Path) {
     let dir = dst.join(STATE_DIR);
     let marker = dir.join(MOUNTED_MARKER);
     if !marker.exists() {
@@ -143,7 +143,7 @@ pub fn remember_mounted(dst: &Path) {
 }
 
 /// The state `dst`'s daemon last wrote, if any.
-pub fn read(dst: &Path) -> Option<SrcState> {
+pub(crate) fn read(dst: &Path) -> Option<SrcState> {
     SrcState::parse(&std::fs::read_to_string(path(dst)).ok()?)
 }
 

@@ -34,7 +34,7 @@ impl CacheFs {
         }
     }
 
-    pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+    pub(crate) fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
         if origin::is_reserved_xattr(name) {
             return denied(libc::ENODATA);
         }
@@ -105,7 +105,7 @@ impl CacheFs {
         Some(self.src_result(mine?))
     }
 
-    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+    pub(crate) fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
         let names = self.on_layer(ino, |l, p| l.listxattr(p))?;
         let mut out = Vec::with_capacity(names.len());
         for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
@@ -134,7 +134,13 @@ impl CacheFs {
         self.record(Op::Xattr { path })
     }
 
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+    pub(crate) fn setxattr(
+        &self,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> FsResult<()> {
         hooks::on_xattr(&self.cache, name);
         if origin::is_reserved_xattr(name) {
             return denied(libc::EPERM);
@@ -142,7 +148,7 @@ impl CacheFs {
         self.xattr_change(ino, |p| self.dst.setxattr(p, name, value, flags))
     }
 
-    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+    pub(crate) fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         hooks::on_xattr(&self.cache, name);
         if origin::is_reserved_xattr(name) {
             return denied(libc::EPERM);

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
 /// The soft limit on open descriptors (`RLIMIT_NOFILE`), if the kernel says.
-pub fn nofile_limit() -> Option<u64> {
+pub(crate) fn nofile_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -22,7 +22,7 @@ pub fn nofile_limit() -> Option<u64> {
 
 /// Opens a configured root directory by its path (`O_PATH | O_DIRECTORY`). The
 /// admin-given path may itself contain symlinks; nothing below it is reached this way.
-pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     // SAFETY: NUL-terminated path.
     own(unsafe {
@@ -35,7 +35,7 @@ pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
 
 /// Whether the directory behind `fd` is the root of a mount (statx
 /// `STATX_ATTR_MOUNT_ROOT`, Linux 5.8+; `false` where the kernel does not say).
-pub fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
     // SAFETY: a zeroed statx is a valid out-buffer.
     let mut sx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, empty name with AT_EMPTY_PATH, and buffer.
@@ -65,7 +65,7 @@ const RESOLVE_BENEATH: u64 = 0x08;
 /// `openat2(dir, path, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
 /// with `O_NOFOLLOW`: `path` (relative, any depth) never leaves `dir` and follows no
 /// symlink. ENOSYS where the kernel lacks openat2 (the caller walks by components).
-pub fn openat2_beneath(
+pub(crate) fn openat2_beneath(
     dir: BorrowedFd<'_>,
     path: &CStr,
     flags: libc::c_int,
@@ -99,7 +99,7 @@ pub fn openat2_beneath(
 }
 
 /// `openat` of one name relative to a directory, never following a final symlink.
-pub fn openat(
+pub(crate) fn openat(
     dir: BorrowedFd<'_>,
     name: &CStr,
     flags: libc::c_int,
@@ -117,13 +117,13 @@ pub fn openat(
 }
 
 /// A new fd (`F_DUPFD_CLOEXEC`) of the same open file.
-pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub(crate) fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall on a valid fd.
     own(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
-pub fn statat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+pub(crate) fn statat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
     let mut st = std::mem::MaybeUninit::<Stat>::uninit();
     // SAFETY: valid pointers; the kernel fills st on success.
     cvt(unsafe {
@@ -139,7 +139,7 @@ pub fn statat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
 }
 
 /// `fstat` of an open (or O_PATH) fd.
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     let mut st = std::mem::MaybeUninit::<Stat>::uninit();
     // SAFETY: valid fd and pointer.
     cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -148,7 +148,7 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
 }
 
 /// `fstatvfs` of the filesystem holding `fd`.
-pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+pub(crate) fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: valid fd and pointer.
     cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -160,12 +160,12 @@ pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
 /// filesystem keeps one, so that a reused inode number is not taken for the old
 /// object), with its link count and type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ident {
-    pub ino: u64,
-    pub btime: Option<(i64, u32)>,
-    pub nlink: u32,
+pub(crate) struct Ident {
+    pub(crate) ino: u64,
+    pub(crate) btime: Option<(i64, u32)>,
+    pub(crate) nlink: u32,
     /// `S_IFMT` bits.
-    pub kind: u32,
+    pub(crate) kind: u32,
 }
 
 /// statx of (`dir`, `name`) with `flags` (plus `AT_SYMLINK_NOFOLLOW`).
@@ -193,7 +193,7 @@ fn statx_ident(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<Ident>
 
 /// statx of `name` under `dir` (`AT_EMPTY_PATH` with an empty name: `dir` itself),
 /// never following a final symlink.
-pub fn identity_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Ident> {
+pub(crate) fn identity_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Ident> {
     let flags = if name.is_empty() {
         libc::AT_EMPTY_PATH
     } else {
@@ -204,16 +204,16 @@ pub fn identity_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Ident> {
 
 /// The identity of the object at a whole path (metadata only, so the plain path walk
 /// is harmless), never following a final symlink.
-pub fn identity_path(p: &Path) -> io::Result<Ident> {
+pub(crate) fn identity_path(p: &Path) -> io::Result<Ident> {
     statx_ident(libc::AT_FDCWD, &cstr(p.as_os_str())?, 0)
 }
 
-pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
+pub(crate) fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: valid dirfd and NUL-terminated name.
     cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
 }
 
-pub fn mknodat(
+pub(crate) fn mknodat(
     dir: BorrowedFd<'_>,
     name: &CStr,
     mode: libc::mode_t,
@@ -223,12 +223,12 @@ pub fn mknodat(
     cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
 }
 
-pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+pub(crate) fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     // SAFETY: valid dirfd and NUL-terminated names.
     cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
 }
 
-pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
+pub(crate) fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
     // SAFETY: buffer of the given length.
     let len = cvt_ssize(unsafe {
@@ -244,13 +244,13 @@ pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
 }
 
 /// `unlinkat`; `flags`: 0 or `AT_REMOVEDIR`.
-pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+pub(crate) fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: valid dirfd and NUL-terminated name.
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
 }
 
 /// `renameat2`; `flags`: `RENAME_NOREPLACE` / `RENAME_EXCHANGE` or 0.
-pub fn renameat2(
+pub(crate) fn renameat2(
     from_dir: BorrowedFd<'_>,
     from: &CStr,
     to_dir: BorrowedFd<'_>,
@@ -271,7 +271,7 @@ pub fn renameat2(
 }
 
 /// `linkat` with flags 0: a symlink `existing` is linked itself, never followed.
-pub fn linkat(
+pub(crate) fn linkat(
     existing_dir: BorrowedFd<'_>,
     existing: &CStr,
     new_dir: BorrowedFd<'_>,
@@ -291,7 +291,7 @@ pub fn linkat(
 }
 
 /// `fchownat(…, flags | AT_SYMLINK_NOFOLLOW)`; `u32::MAX` leaves an id unchanged.
-pub fn fchownat(
+pub(crate) fn fchownat(
     dir: BorrowedFd<'_>,
     name: &CStr,
     uid: u32,
@@ -312,7 +312,11 @@ pub fn fchownat(
 }
 
 /// chmod without following a final symlink (glibc implements the flag via O_PATH).
-pub fn fchmodat_nofollow(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
+pub(crate) fn fchmodat_nofollow(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    mode: libc::mode_t,
+) -> io::Result<()> {
     // SAFETY: valid dirfd and NUL-terminated name.
     cvt(unsafe {
         libc::fchmodat(
@@ -326,18 +330,18 @@ pub fn fchmodat_nofollow(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -
 }
 
 /// chmod of the object behind an (`O_PATH`) fd, through its `/proc/self/fd` path.
-pub fn chmod_fd(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
+pub(crate) fn chmod_fd(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
     let p = proc_fd_path(fd.as_raw_fd());
     // SAFETY: NUL-terminated path; /proc/self/fd/N names exactly the opened object.
     cvt(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
 }
 
-pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.
     cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
 }
 
-pub fn fchmod(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
+pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
 }
@@ -351,7 +355,7 @@ pub enum SetTime {
 
 impl SetTime {
     /// The `timespec` `utimensat` takes for `t` (`UTIME_OMIT` for `None`).
-    pub fn timespec(t: Option<SetTime>) -> libc::timespec {
+    pub(crate) fn timespec(t: Option<SetTime>) -> libc::timespec {
         match t {
             None => libc::timespec {
                 tv_sec: 0,
@@ -367,7 +371,7 @@ impl SetTime {
 }
 
 /// `utimensat(…, flags | AT_SYMLINK_NOFOLLOW)` with (atime, mtime).
-pub fn utimensat(
+pub(crate) fn utimensat(
     dir: BorrowedFd<'_>,
     name: &CStr,
     times: &[libc::timespec; 2],
@@ -386,13 +390,13 @@ pub fn utimensat(
 }
 
 /// `futimens` with (atime, mtime).
-pub fn futimens(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
+pub(crate) fn futimens(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
     // SAFETY: valid fd and a 2-element timespec array.
     cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
 }
 
 /// fsync of the directory behind `dir` (an `O_PATH` fd is reopened as `.` to read).
-pub fn fsync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn fsync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     let fd = openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     // SAFETY: plain syscall on a valid fd.
     cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
@@ -400,16 +404,16 @@ pub fn fsync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
 
 /// An entry read from a directory listing.
 #[derive(Debug, Clone)]
-pub struct DirEntry {
-    pub name: OsString,
+pub(crate) struct DirEntry {
+    pub(crate) name: OsString,
     /// `S_IFMT` bits of the entry's type (0 when the filesystem did not say).
-    pub kind: u32,
+    pub(crate) kind: u32,
     /// The entry's inode number in its filesystem (`d_ino`).
-    pub ino: u64,
+    pub(crate) ino: u64,
 }
 
 /// Reads every entry of an open directory fd (consumes it), without "." and "..".
-pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
+pub(crate) fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
     let raw = fd.as_raw_fd();
     // SAFETY: fdopendir takes ownership of the fd on success.
     let dirp = unsafe { libc::fdopendir(raw) };

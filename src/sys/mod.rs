@@ -17,12 +17,12 @@
 //! - Every `unsafe` block carries its `// SAFETY:` reason here and nowhere else.
 
 mod at;
-pub mod clock;
-pub mod state_file;
+pub(crate) mod clock;
+pub(crate) mod state_file;
 mod xattr;
 
-pub use at::*;
-pub use xattr::*;
+pub(crate) use at::*;
+pub(crate) use xattr::*;
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -30,7 +30,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// `struct stat` of an entry, never following a final symlink.
-pub type Stat = libc::stat;
+pub(crate) type Stat = libc::stat;
 
 /// A libc return value: negative is `errno`.
 pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -58,17 +58,17 @@ fn own(r: libc::c_int) -> io::Result<OwnedFd> {
 }
 
 /// A C string from a name; names with NUL bytes cannot exist on Linux (EINVAL).
-pub fn cstr(name: &OsStr) -> io::Result<CString> {
+pub(crate) fn cstr(name: &OsStr) -> io::Result<CString> {
     cstr_bytes(name.as_bytes())
 }
 
 /// [`cstr`] of raw bytes.
-pub fn cstr_bytes(b: &[u8]) -> io::Result<CString> {
+pub(crate) fn cstr_bytes(b: &[u8]) -> io::Result<CString> {
     CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Whether an error means "there is nothing there" in a lookup.
-pub fn is_not_found(e: &io::Error) -> bool {
+pub(crate) fn is_not_found(e: &io::Error) -> bool {
     // ELOOP: a symlink where a directory of the path should be (never followed).
     matches!(
         e.raw_os_error(),
@@ -77,14 +77,14 @@ pub fn is_not_found(e: &io::Error) -> bool {
 }
 
 /// FNV-1a, 64 bits: stable across builds and machines (keys and checksums on disk).
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
         (h ^ u64::from(c)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
 /// `/proc/self/fd/N`: reaches the object behind an `O_PATH` fd for calls with no `f*` form.
-pub fn proc_fd_path(fd: RawFd) -> CString {
+pub(crate) fn proc_fd_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
 }
 

@@ -25,7 +25,7 @@ use std::path::Path;
 /// Replaces `path` with what `write` writes, through the temp file `tmp_name` in the
 /// same directory (which must exist). The file is created with `mode` (umask applies)
 /// if it is new.
-pub fn replace(
+pub(crate) fn replace(
     path: &Path,
     tmp_name: &OsStr,
     mode: libc::mode_t,
@@ -44,7 +44,7 @@ pub fn replace(
 
 /// [`replace`] of `name` in the directory `dir` (an `O_PATH` fd will do); neither
 /// name may contain a `/`, and no symlink is followed at either.
-pub fn replace_at(
+pub(crate) fn replace_at(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     tmp_name: &OsStr,
@@ -77,7 +77,7 @@ pub fn replace_at(
 }
 
 /// [`replace`] with `data` as the whole new contents.
-pub fn replace_with(path: &Path, tmp_name: &OsStr, data: &[u8]) -> io::Result<()> {
+pub(crate) fn replace_with(path: &Path, tmp_name: &OsStr, data: &[u8]) -> io::Result<()> {
     replace(path, tmp_name, 0o666, |f| f.write_all(data))
 }
 

@@ -22,7 +22,7 @@ struct XattrArgs {
 
 /// getxattrat(2) (Linux 6.13+) of `name` at (`dir`, `path`) with `at_flags`: no
 /// `/proc` path walk. ENOSYS where the kernel (or this build's architecture) lacks it.
-pub fn getxattrat(
+pub(crate) fn getxattrat(
     dir: BorrowedFd<'_>,
     path: &CStr,
     at_flags: libc::c_int,
@@ -76,7 +76,7 @@ pub fn getxattrat(
 }
 
 /// getxattr on the object behind an (O_PATH) fd.
-pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
+pub(crate) fn getxattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
     let p = proc_fd_path(fd.as_raw_fd());
     let n = cstr(name)?;
     loop {
@@ -105,7 +105,7 @@ pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
 }
 
 /// listxattr on the object behind an (O_PATH) fd: NUL-separated names.
-pub fn listxattr_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+pub(crate) fn listxattr_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let p = proc_fd_path(fd.as_raw_fd());
     loop {
         // SAFETY: size query with a null buffer.
@@ -126,7 +126,12 @@ pub fn listxattr_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
 }
 
 /// setxattr on the object behind an (O_PATH) fd.
-pub fn setxattr_fd(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+pub(crate) fn setxattr_fd(
+    fd: BorrowedFd<'_>,
+    name: &OsStr,
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
     let p = proc_fd_path(fd.as_raw_fd());
     let n = cstr(name)?;
     // SAFETY: valid path, name and value buffer.
@@ -143,7 +148,7 @@ pub fn setxattr_fd(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -
 }
 
 /// removexattr on the object behind an (O_PATH) fd.
-pub fn removexattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+pub(crate) fn removexattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     let p = proc_fd_path(fd.as_raw_fd());
     let n = cstr(name)?;
     // SAFETY: valid path and name.
@@ -151,7 +156,7 @@ pub fn removexattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
 }
 
 /// fsetxattr on an open (not `O_PATH`) file, flags 0.
-pub fn fsetxattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8]) -> io::Result<()> {
+pub(crate) fn fsetxattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8]) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: valid fd, name and value.
     cvt(unsafe {
@@ -185,7 +190,7 @@ fn read_growing(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<
 }
 
 /// llistxattr of `name` under `dir` ("." for `dir` itself): NUL-separated names.
-pub fn llistxattr_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
+pub(crate) fn llistxattr_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
     let p = proc_entry_path(dir.as_raw_fd(), name)?;
     read_growing(|buf| {
         // SAFETY: buffer valid for its length.
@@ -194,7 +199,7 @@ pub fn llistxattr_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
 }
 
 /// lgetxattr of `attr` on `name` under `dir` ("." for `dir` itself).
-pub fn lgetxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &[u8]) -> io::Result<Vec<u8>> {
+pub(crate) fn lgetxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &[u8]) -> io::Result<Vec<u8>> {
     let p = proc_entry_path(dir.as_raw_fd(), name)?;
     let a = cstr_bytes(attr)?;
     read_growing(|buf| {
@@ -204,7 +209,7 @@ pub fn lgetxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &[u8]) -> io::Resul
 }
 
 /// lsetxattr (flags 0) of `attr` on `name` under `dir` ("." for `dir` itself).
-pub fn lsetxattr_at(
+pub(crate) fn lsetxattr_at(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     attr: &[u8],
@@ -226,7 +231,7 @@ pub fn lsetxattr_at(
 }
 
 /// lremovexattr of `attr` on `name` under `dir` ("." for `dir` itself).
-pub fn lremovexattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &[u8]) -> io::Result<()> {
+pub(crate) fn lremovexattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &[u8]) -> io::Result<()> {
     let p = proc_entry_path(dir.as_raw_fd(), name)?;
     let a = cstr_bytes(attr)?;
     // SAFETY: valid, NUL-terminated path and name.

@@ -30,7 +30,7 @@ impl Writeback {
 
     /// Like [`Writeback::start`] with `-w`, replaying through `src`: the layer the view
     /// uses ([`crate::fs::src_state::open_src`]).
-    pub fn start_with_src(
+    pub(crate) fn start_with_src(
         cfg: &Config,
         src: Arc<crate::fs::layer::Layer>,
     ) -> Result<Arc<Writeback>, WritebackError> {

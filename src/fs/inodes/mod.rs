@@ -81,7 +81,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn from_mode(mode: u32) -> Kind {
+    pub(crate) fn from_mode(mode: u32) -> Kind {
         match mode & libc::S_IFMT {
             libc::S_IFDIR => Kind::Dir,
             libc::S_IFREG => Kind::File,
@@ -128,10 +128,10 @@ impl Name {
 }
 
 #[derive(Debug, Clone)]
-pub struct Node {
+pub(crate) struct Node {
     ino: u64,
     /// Kernel references (lookups not yet forgotten).
-    pub lookups: u64,
+    pub(crate) lookups: u64,
     /// The primary link's name (empty without a link).
     name: Name,
     /// The primary link's parent slot, or `NONE`.
@@ -143,9 +143,9 @@ pub struct Node {
     first_child: u32,
     next: u32,
     prev: u32,
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// Directories: whether src is consulted for this directory's children.
-    pub merge_src: bool,
+    pub(crate) merge_src: bool,
     /// Whether `extra_links` has an entry for this node.
     more_links: bool,
 }
@@ -174,7 +174,7 @@ enum LinkPos {
 }
 
 #[derive(Debug)]
-pub struct Inodes {
+pub(crate) struct Inodes {
     slots: Vec<Slot>,
     /// Head of the free slot list, or `NONE`.
     free: u32,
@@ -200,7 +200,7 @@ impl Default for Inodes {
 }
 
 impl Inodes {
-    pub fn new() -> Inodes {
+    pub(crate) fn new() -> Inodes {
         let root = Node {
             ino: ROOT,
             lookups: 1,
@@ -233,15 +233,15 @@ impl Inodes {
 
     // ----- the public operations ------------------------------------------------------
 
-    pub fn get(&self, ino: u64) -> Option<&Node> {
+    pub(crate) fn get(&self, ino: u64) -> Option<&Node> {
         self.slot_of(ino).map(|s| self.node(s))
     }
 
-    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
+    pub(crate) fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
         self.slot_of(ino).map(|s| self.node_mut(s))
     }
 
-    pub fn ino_of(&self, path: &Path) -> Option<u64> {
+    pub(crate) fn ino_of(&self, path: &Path) -> Option<u64> {
         self.resolve(path).map(|s| self.node(s).ino)
     }
 
@@ -266,13 +266,13 @@ impl Inodes {
 
     /// The path used for path-based calls, or `None` once every name is gone (or the
     /// node is inside a detached directory). The root's path is "".
-    pub fn path(&self, ino: u64) -> Option<PathBuf> {
+    pub(crate) fn path(&self, ino: u64) -> Option<PathBuf> {
         self.slot_path(self.slot_of(ino)?)
     }
 
     /// Every path of `ino`: the one used for path-based calls first, then the other
     /// names (hard links) in the order they were added.
-    pub fn paths(&self, ino: u64) -> Vec<PathBuf> {
+    pub(crate) fn paths(&self, ino: u64) -> Vec<PathBuf> {
         let Some(s) = self.slot_of(ino) else {
             return Vec::new();
         };
@@ -308,7 +308,7 @@ impl Inodes {
     /// The node for `path` as just found on disk, creating it if needed, and adding
     /// `lookups` kernel references. A node of another kind at that path (replaced behind
     /// our back) is detached first; a dst hard link of a known node joins that node.
-    pub fn upsert(
+    pub(crate) fn upsert(
         &mut self,
         path: &Path,
         kind: Kind,
@@ -370,7 +370,7 @@ impl Inodes {
     }
 
     /// Records that `ino` now lives in dst as `ident` (after a copy-up).
-    pub fn set_dst_ident(&mut self, ino: u64, ident: (u64, u64)) {
+    pub(crate) fn set_dst_ident(&mut self, ino: u64, ident: (u64, u64)) {
         let Some(s) = self.slot_of(ino) else {
             return;
         };
@@ -385,7 +385,7 @@ impl Inodes {
     }
 
     /// `ino` no longer lives in dst (evicted): it is src-backed again.
-    pub fn clear_dst_ident(&mut self, ino: u64) {
+    pub(crate) fn clear_dst_ident(&mut self, ino: u64) {
         let Some(s) = self.slot_of(ino) else {
             return;
         };
@@ -402,7 +402,7 @@ impl Inodes {
     }
 
     /// Notes that `ino`'s cached copy was compared with src just now.
-    pub fn mark_checked(&mut self, ino: u64) {
+    pub(crate) fn mark_checked(&mut self, ino: u64) {
         if let Some(s) = self.slot_of(ino) {
             self.dst.entry(s).or_default().checked = Some(Instant::now());
         }
@@ -410,14 +410,14 @@ impl Inodes {
 
     /// Forgets every "compared with src" time (a revalidation asked for now; the
     /// origin store's verified times decide which files are really asked again).
-    pub fn uncheck_all(&mut self) {
+    pub(crate) fn uncheck_all(&mut self) {
         for d in self.dst.values_mut() {
             d.checked = None;
         }
     }
 
     /// Whether `ino`'s cached copy was compared with src less than `within` ago.
-    pub fn checked_within(&self, ino: u64, within: Duration) -> bool {
+    pub(crate) fn checked_within(&self, ino: u64, within: Duration) -> bool {
         self.slot_of(ino)
             .and_then(|s| self.dst.get(&s))
             .and_then(|d| d.checked)
@@ -425,7 +425,7 @@ impl Inodes {
     }
 
     /// Adds a name to an existing node (hard link).
-    pub fn add_path(&mut self, ino: u64, path: &Path) {
+    pub(crate) fn add_path(&mut self, ino: u64, path: &Path) {
         self.detach_path(path);
         let (Some(s), Some((dir, name))) = (self.slot_of(ino), split(path)) else {
             return;
@@ -441,7 +441,7 @@ impl Inodes {
 
     /// The name `path` is gone (unlink, rmdir, replaced by rename). Descendants of a
     /// removed directory lose their links too.
-    pub fn detach_path(&mut self, path: &Path) {
+    pub(crate) fn detach_path(&mut self, path: &Path) {
         if let Some((dir, name)) = split(path)
             && let Some(parent) = self.resolve(dir)
         {
@@ -451,7 +451,7 @@ impl Inodes {
 
     /// Renames `from` to `to` (replacing whatever `to` named): the node keeps its number,
     /// and a directory's descendants move with it.
-    pub fn rename(&mut self, from: &Path, to: &Path) {
+    pub(crate) fn rename(&mut self, from: &Path, to: &Path) {
         let Some((fdir, fname)) = split(from) else {
             return;
         };
@@ -488,7 +488,7 @@ impl Inodes {
     }
 
     /// RENAME_EXCHANGE: `a` and `b` swap places (with their descendants).
-    pub fn exchange(&mut self, a: &Path, b: &Path) {
+    pub(crate) fn exchange(&mut self, a: &Path, b: &Path) {
         let here = |t: &Self, p: &Path| -> Option<(u32, Name, u32)> {
             let (dir, name) = split(p)?;
             let parent = t.resolve(dir)?;
@@ -541,7 +541,7 @@ impl Inodes {
     }
 
     /// No directory at or below `dir` consults src any more (it moved, complete, in dst).
-    pub fn clear_merge_below(&mut self, dir: &Path) {
+    pub(crate) fn clear_merge_below(&mut self, dir: &Path) {
         let Some(top) = self.resolve(dir) else {
             return;
         };
@@ -560,7 +560,7 @@ impl Inodes {
     }
 
     /// The kernel dropped `n` references.
-    pub fn forget(&mut self, ino: u64, n: u64) {
+    pub(crate) fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT {
             return;
         }
@@ -571,13 +571,10 @@ impl Inodes {
         }
     }
 
-    /// Number of nodes (for status and tests).
-    pub fn len(&self) -> usize {
+    /// Number of nodes.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.live
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.live == 0
     }
 }
 

@@ -29,7 +29,7 @@ use crate::sys::{fnv1a64, state_file};
 const MAGIC: &[u8; 8] = b"CFSLAZY1";
 
 /// The folder (in dst) holding partial files and their maps.
-pub fn lazy_dir() -> PathBuf {
+pub(crate) fn lazy_dir() -> PathBuf {
     Path::new(STATE_DIR).join("lazy")
 }
 
@@ -38,12 +38,12 @@ pub(super) fn key_of(path: &Path) -> String {
 }
 
 /// The data file (dst-relative) of `path`'s partial: its key in the cache's index.
-pub fn data_rel_of(path: &Path) -> PathBuf {
+pub(crate) fn data_rel_of(path: &Path) -> PathBuf {
     rels(&key_of(path)).0
 }
 
 /// Whether dst-relative `rel` names a partial data file (a key of [`data_rel_of`]).
-pub fn is_data_rel(rel: &Path) -> bool {
+pub(crate) fn is_data_rel(rel: &Path) -> bool {
     rel.parent() == Some(lazy_dir().as_path()) && rel.extension().is_some_and(|e| e == "data")
 }
 
@@ -53,7 +53,7 @@ pub(super) fn map_rel_of(data_rel: &Path) -> PathBuf {
 
 /// The mount path whose partial has data file `data_rel`, from its map (`None`: no
 /// intact map of that key).
-pub fn path_of(dst: &Layer, data_rel: &Path) -> Option<PathBuf> {
+pub(crate) fn path_of(dst: &Layer, data_rel: &Path) -> Option<PathBuf> {
     let key = data_rel.file_stem()?.to_str()?;
     let f = dst.open_file(&map_rel_of(data_rel), libc::O_RDONLY).ok()?;
     let map = Map::decode(&read_all(&f).ok()?)?;
@@ -62,19 +62,19 @@ pub fn path_of(dst: &Layer, data_rel: &Path) -> Option<PathBuf> {
 
 /// The persisted map of a partial file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Map {
-    pub path: PathBuf,
-    pub block: u64,
-    pub origin: (u64, i64, i64, u64),
-    pub present: Vec<u8>,
+pub(crate) struct Map {
+    pub(crate) path: PathBuf,
+    pub(crate) block: u64,
+    pub(crate) origin: (u64, i64, i64, u64),
+    pub(crate) present: Vec<u8>,
 }
 
 impl Map {
-    pub fn blocks(&self) -> u64 {
+    pub(crate) fn blocks(&self) -> u64 {
         self.origin.0.div_ceil(self.block)
     }
 
-    pub fn has(&self, b: u64) -> bool {
+    pub(crate) fn has(&self, b: u64) -> bool {
         self.present
             .get((b / 8) as usize)
             .is_some_and(|x| x & (1 << (b % 8)) != 0)
@@ -84,12 +84,12 @@ impl Map {
         self.present[(b / 8) as usize] |= 1 << (b % 8);
     }
 
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.present.iter().map(|b| u64::from(b.count_ones())).sum()
     }
 
     /// Bytes of the file the present blocks cover.
-    pub fn present_bytes(&self) -> u64 {
+    pub(crate) fn present_bytes(&self) -> u64 {
         let size = self.origin.0;
         (0..self.blocks())
             .filter(|b| self.has(*b))
@@ -97,7 +97,7 @@ impl Map {
             .sum()
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(64 + self.present.len());
         v.extend_from_slice(MAGIC);
         v.extend_from_slice(&self.block.to_le_bytes());
@@ -115,7 +115,7 @@ impl Map {
     }
 
     /// `None` for anything but a whole, intact map.
-    pub fn decode(b: &[u8]) -> Option<Map> {
+    pub(crate) fn decode(b: &[u8]) -> Option<Map> {
         if b.len() < 8 + 8 * 5 + 4 + 8 || &b[..8] != MAGIC {
             return None;
         }
@@ -187,7 +187,7 @@ pub(super) fn read_all(f: &File) -> io::Result<Vec<u8>> {
 
 /// The maps in a dst's state folder (for `cachefs status`): (files, present bytes,
 /// total bytes). Unreadable or garbage maps are skipped.
-pub fn summary(dst: &Path) -> (u64, u64, u64) {
+pub(crate) fn summary(dst: &Path) -> (u64, u64, u64) {
     let dir = dst.join(lazy_dir());
     let Ok(rd) = std::fs::read_dir(dir) else {
         return (0, 0, 0);

@@ -71,13 +71,13 @@ use std::time::Duration;
 
 use super::layer::{Layer, Stat};
 use map::{Map, key_of, map_rel_of, origin_key, read_all, rels, write_atomic};
-pub use map::{data_rel_of, is_data_rel, lazy_dir, path_of, summary};
+pub(crate) use map::{data_rel_of, is_data_rel, lazy_dir, path_of, summary};
 use partial::State;
-pub use partial::{Opener, Partial};
+pub(crate) use partial::{Opener, Partial};
 
 /// Told how much dst space partial files take (the cache budget). Called with the
 /// partial's state lock held: implementations must not call back into the core.
-pub trait Usage: Send + Sync {
+pub(crate) trait Usage: Send + Sync {
     /// `path`'s partial, data file `data_rel`, now allocates `bytes` (made, loaded or
     /// a block fetched: a use).
     fn partial_grew(&self, data_rel: &Path, path: &Path, bytes: u64);
@@ -91,15 +91,15 @@ pub(super) fn allocated(f: &File) -> u64 {
 }
 
 /// The partial files of one dst.
-pub struct Lazy {
+pub(crate) struct Lazy {
     dst: Arc<Layer>,
     /// src, to open a src file again for another stream (`None`: streams share
     /// duplicates of the descriptor the partial was opened with).
     src: Option<Arc<Layer>>,
     /// `--src-timeout` (see [`Partial::ensure`]).
     timeout: Duration,
-    pub threshold: u64,
-    pub block: u64,
+    pub(crate) threshold: u64,
+    pub(crate) block: u64,
     table: Mutex<HashMap<PathBuf, Arc<Partial>>>,
     /// The cache budget's hook (set before the mount serves requests).
     usage: OnceLock<Arc<dyn Usage>>,
@@ -108,7 +108,7 @@ pub struct Lazy {
 impl Lazy {
     /// Creates the folder; drops leftovers of a crash that no longer apply (temp maps,
     /// garbage maps, data without a map, maps of paths dst now holds itself).
-    pub fn new(dst: Arc<Layer>, threshold: u64, block: u64) -> io::Result<Lazy> {
+    pub(crate) fn new(dst: Arc<Layer>, threshold: u64, block: u64) -> io::Result<Lazy> {
         match dst.mkdir(&lazy_dir(), 0o700) {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
             _ => {}
@@ -162,14 +162,14 @@ impl Lazy {
 
     /// Streams open `src`'s files themselves (one descriptor each), and a wait for a
     /// stream fails after `timeout` without progress (zero: never).
-    pub fn with_src(mut self, src: Arc<Layer>, timeout: Duration) -> Lazy {
+    pub(crate) fn with_src(mut self, src: Arc<Layer>, timeout: Duration) -> Lazy {
         self.src = Some(src);
         self.timeout = timeout;
         self
     }
 
     /// Attaches the cache budget: partials made from now on report their size.
-    pub fn set_usage(&self, usage: Arc<dyn Usage>) {
+    pub(crate) fn set_usage(&self, usage: Arc<dyn Usage>) {
         let _ = self.usage.set(usage);
     }
 
@@ -180,7 +180,7 @@ impl Lazy {
     }
 
     /// Whether a src file described by `st` is fetched lazily.
-    pub fn applies(&self, st: &Stat) -> bool {
+    pub(crate) fn applies(&self, st: &Stat) -> bool {
         self.threshold > 0
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
             && st.st_size as u64 >= self.threshold
@@ -188,7 +188,7 @@ impl Lazy {
 
     /// The partial for `path` (src's file `src_file`, version `st`), made now (a
     /// sparse file and an empty map) if there is none.
-    pub fn open_or_create(
+    pub(crate) fn open_or_create(
         &self,
         path: &Path,
         st: &Stat,
@@ -301,7 +301,7 @@ impl Lazy {
 
     /// Takes `path`'s partial out of the table for a copy-up (which installs its data
     /// file), if there is a current one.
-    pub fn take<E>(
+    pub(crate) fn take<E>(
         &self,
         path: &Path,
         st: &Stat,
@@ -317,14 +317,14 @@ impl Lazy {
     }
 
     /// Whether `path` may have a partial (in memory or on disk).
-    pub fn has(&self, path: &Path) -> bool {
+    pub(crate) fn has(&self, path: &Path) -> bool {
         self.table.lock().unwrap().contains_key(path)
             || matches!(self.dst.stat(&rels(&key_of(path)).1), Ok(Some(_)))
     }
 
     /// `path`'s partial, if it has one: (bytes present, file size), from the live
     /// partial when one is open, else from its map on disk (for `cachefs ctl state`).
-    pub fn progress(&self, path: &Path) -> Option<(u64, u64)> {
+    pub(crate) fn progress(&self, path: &Path) -> Option<(u64, u64)> {
         let live = self.table.lock().unwrap().get(path).cloned();
         let map = match live {
             Some(p) => p.map(),
@@ -339,7 +339,7 @@ impl Lazy {
 
     /// The mount paths at or below `prefix` ("" for all) that have a partial, sorted:
     /// the live ones and those with an intact map on disk.
-    pub fn paths_under(&self, prefix: &Path) -> Vec<PathBuf> {
+    pub(crate) fn paths_under(&self, prefix: &Path) -> Vec<PathBuf> {
         let mut out: std::collections::BTreeSet<PathBuf> = self
             .table
             .lock()
@@ -369,19 +369,19 @@ impl Lazy {
     }
 
     /// After a copy-up installed `p`'s data file: handles read it as it is.
-    pub fn installed(&self, p: &Partial) {
+    pub(crate) fn installed(&self, p: &Partial) {
         let _w = p.map_write.lock().unwrap();
         let _ = self.dst.unlink(&p.map_rel);
         self.gone(&p.data_rel);
     }
 
     /// A failed install: `p` stays the partial of its path.
-    pub fn put_back(&self, p: Arc<Partial>) {
+    pub(crate) fn put_back(&self, p: Arc<Partial>) {
         self.table.lock().unwrap().insert(p.path.clone(), p);
     }
 
     /// Forgets `path`'s partial (its name was removed): open handles keep reading it.
-    pub fn discard(&self, path: &Path) {
+    pub(crate) fn discard(&self, path: &Path) {
         let p = self.table.lock().unwrap().remove(path);
         match p {
             Some(p) => self.drop_files(&p),
@@ -417,7 +417,7 @@ impl Lazy {
     /// no copy-up is installing it (it holds `copy_flights` without the partial's path
     /// in it; a partial being installed is out of the table but its map names the
     /// path). Returns the bytes freed, or `None` when it is in use.
-    pub fn evict_idle(&self, data_rel: &Path) -> io::Result<Option<u64>> {
+    pub(crate) fn evict_idle(&self, data_rel: &Path) -> io::Result<Option<u64>> {
         let mut t = self.table.lock().unwrap();
         // The table is small (partials opened by this run): look by data file.
         let known = t

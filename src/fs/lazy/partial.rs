@@ -59,17 +59,17 @@ pub(super) struct State {
 }
 
 /// Opens src's file again (a descriptor for one more stream).
-pub type Opener = Box<dyn Fn() -> io::Result<File> + Send + Sync>;
+pub(crate) type Opener = Box<dyn Fn() -> io::Result<File> + Send + Sync>;
 
 /// One partially present file.
-pub struct Partial {
-    pub path: PathBuf,
-    pub size: u64,
+pub(crate) struct Partial {
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
     pub(super) block: u64,
     pub(super) data_rel: PathBuf,
     pub(super) map_rel: PathBuf,
     /// The partial file, read-write.
-    pub data: File,
+    pub(crate) data: File,
     /// src's file, read-only: its xattrs are copied at install (streams read
     /// descriptors of their own, or duplicates of it without an opener).
     pub(super) src: File,
@@ -90,17 +90,17 @@ pub struct Partial {
 }
 
 impl Partial {
-    pub fn installed(&self) -> bool {
+    pub(crate) fn installed(&self) -> bool {
         self.state.lock().unwrap().installed
     }
 
     /// Every block is present (durable).
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         let s = self.state.lock().unwrap();
         s.installed || s.map.count() == s.map.blocks()
     }
 
-    pub fn map(&self) -> Map {
+    pub(crate) fn map(&self) -> Map {
         self.state.lock().unwrap().map.clone()
     }
 
@@ -110,7 +110,7 @@ impl Partial {
 
     /// Bytes of the blocks of `[offset, offset + len)` that are neither present nor
     /// being fetched nor reserved by read-ahead (what a read there would add to dst).
-    pub fn missing(&self, offset: u64, len: u64) -> u64 {
+    pub(crate) fn missing(&self, offset: u64, len: u64) -> u64 {
         let end = (offset.saturating_add(len)).min(self.size);
         if offset >= end {
             return 0;
@@ -140,7 +140,7 @@ impl Partial {
     /// the file): a stream that will reach them in order brings them, else an idle
     /// or new stream starts at the first missing block. Fails with the stream's error,
     /// or ETIMEDOUT when the stream it waits for moved no byte for the timeout.
-    pub fn ensure(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
+    pub(crate) fn ensure(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
         let end = (offset.saturating_add(len)).min(self.size);
         if offset >= end {
             return Ok(());
@@ -205,7 +205,7 @@ impl Partial {
     }
     /// Makes every ready block durable (a handle closes): what was read through it
     /// survives a crash.
-    pub fn flush(&self) -> io::Result<()> {
+    pub(crate) fn flush(&self) -> io::Result<()> {
         self.flush_blocks(0, self.size.div_ceil(self.block))
     }
 
@@ -262,17 +262,13 @@ impl Partial {
         write_atomic(&self.dst, &self.map_rel, &bytes)
     }
 
-    pub fn block(&self) -> u64 {
-        self.block
-    }
-
     /// src's file (read-only).
-    pub fn src(&self) -> &File {
+    pub(crate) fn src(&self) -> &File {
         &self.src
     }
 
     /// Before an install: no fetch starts any more and none is in flight.
-    pub fn seal(&self) {
+    pub(crate) fn seal(&self) {
         let mut s = self.state.lock().unwrap();
         s.installed = true;
         while !s.inflight.is_empty() {
@@ -281,7 +277,8 @@ impl Partial {
     }
 
     /// Waits until no stream runs (their blocks are durable and in the map).
-    pub fn quiesce(&self) {
+    #[cfg(test)]
+    pub(crate) fn quiesce(&self) {
         let mut s = self.state.lock().unwrap();
         while s.streams.iter().any(|st| st.running) {
             s = self.done.wait(s).unwrap();
@@ -289,13 +286,13 @@ impl Partial {
     }
 
     /// A failed install: fetches may go on.
-    pub fn unseal(&self) {
+    pub(crate) fn unseal(&self) {
         self.state.lock().unwrap().installed = false;
     }
 
     /// The staged data file (for the install), once every block of `[0, limit)` is
     /// present.
-    pub fn data_rel(&self) -> &Path {
+    pub(crate) fn data_rel(&self) -> &Path {
         &self.data_rel
     }
 }

@@ -61,7 +61,7 @@ impl Partial {
     /// being filled any more. A read returns as soon as its own bytes are there, while
     /// its stream still fills the rest of the block; giving the room back then would
     /// let another fetch take it before the block's bytes are counted.
-    pub fn hold_until_fetched(&self, offset: u64, len: u64, guard: Box<dyn Send>) {
+    pub(crate) fn hold_until_fetched(&self, offset: u64, len: u64, guard: Box<dyn Send>) {
         let end = (offset.saturating_add(len)).min(self.size);
         if offset >= end {
             return;
@@ -86,7 +86,7 @@ impl Partial {
     /// from two blocks up to [`READAHEAD`].
     /// Each read-ahead block only if `room(bytes)` gives a guard (the cache budget's
     /// reservation, held until the block is fetched; read-ahead never evicts).
-    pub fn note_read(
+    pub(crate) fn note_read(
         self: &Arc<Self>,
         offset: u64,
         len: u64,
@@ -152,7 +152,7 @@ impl Partial {
     /// budget's reservation, which never evicts for it). Stops at the first failure,
     /// when room runs out, or once the partial is installed or discarded. The next
     /// open of the completed file installs it at its path like a whole copy.
-    pub fn fill_in_background(
+    pub(crate) fn fill_in_background(
         self: &Arc<Self>,
         room: impl Fn(u64) -> Option<Box<dyn Send>> + Send + 'static,
     ) {

@@ -393,7 +393,7 @@ impl Partial {
 
     /// A handle closed: idle streams close their descriptors (an idle rclone handle
     /// holds a request and its read-ahead buffer); a reader that goes on opens new ones.
-    pub fn close_idle(&self) {
+    pub(crate) fn close_idle(&self) {
         let files: Vec<File> = {
             let mut s = self.state.lock().unwrap();
             s.streams
