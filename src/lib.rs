@@ -21,7 +21,7 @@
 //! - `systemd`: sd_notify (`READY=1`, `STATUS=`, start-up progress with
 //!   `EXTEND_TIMEOUT_USEC=`).
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod cli;
 pub mod config;
 pub mod control;

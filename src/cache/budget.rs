@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-pub use crate::config::MinFree;
+pub(crate) use crate::config::MinFree;
 
 impl fmt::Display for MinFree {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -20,7 +20,7 @@ impl fmt::Display for MinFree {
 
 /// Parses `20G`, `500M`, `1T`, `1.5G`, `4096`, `20GiB`. Errors are short phrases for
 /// the CLI's one-line messages.
-pub fn parse_size(v: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(v: &str) -> Result<u64, String> {
     let t = v.trim();
     let lower = t.to_ascii_lowercase();
     let body = lower
@@ -53,7 +53,7 @@ pub fn parse_size(v: &str) -> Result<u64, String> {
 }
 
 /// Parses `--min-free`: a size (`10G`) or a percentage (`5%`, 0 < p < 100).
-pub fn parse_min_free(v: &str) -> Result<MinFree, String> {
+pub(crate) fn parse_min_free(v: &str) -> Result<MinFree, String> {
     match v.trim().strip_suffix('%') {
         Some(p) => match p.trim().parse::<f64>() {
             Ok(p) if p > 0.0 && p < 100.0 => Ok(MinFree::Percent(p)),
@@ -64,7 +64,7 @@ pub fn parse_min_free(v: &str) -> Result<MinFree, String> {
 }
 
 /// `1536` -> `1.5K`, for log lines and status.
-pub fn human(b: u64) -> String {
+pub(crate) fn human(b: u64) -> String {
     const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
     let mut v = b as f64;
     let mut u = 0;
@@ -83,22 +83,22 @@ pub fn human(b: u64) -> String {
 
 /// The two limits on dst.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// `--cache-size`: most bytes cachefs's files may occupy in dst.
-    pub budget: Option<u64>,
+    pub(crate) budget: Option<u64>,
     /// `--min-free`.
-    pub min_free: Option<MinFree>,
+    pub(crate) min_free: Option<MinFree>,
 }
 
 /// dst's filesystem: available bytes (for unprivileged writers, `f_bavail`) and size.
 #[derive(Debug, Clone, Copy)]
-pub struct Space {
-    pub avail: u64,
-    pub total: u64,
+pub(crate) struct Space {
+    pub(crate) avail: u64,
+    pub(crate) total: u64,
 }
 
 impl Space {
-    pub fn of(st: &libc::statvfs) -> Space {
+    pub(crate) fn of(st: &libc::statvfs) -> Space {
         let frsize = if st.f_frsize > 0 {
             st.f_frsize
         } else {
@@ -112,13 +112,13 @@ impl Space {
 }
 
 impl Limits {
-    pub fn any(&self) -> bool {
+    pub(crate) fn any(&self) -> bool {
         self.budget.is_some() || self.min_free.is_some()
     }
 
     /// Bytes to free before `incoming` more bytes may be written into a cache that
     /// uses `usage` bytes, on a filesystem with `space` (0: nothing to do).
-    pub fn excess(&self, usage: u64, incoming: u64, space: Option<Space>) -> u64 {
+    pub(crate) fn excess(&self, usage: u64, incoming: u64, space: Option<Space>) -> u64 {
         let mut need = 0;
         if let Some(b) = self.budget {
             need = (usage + incoming).saturating_sub(b);
@@ -132,7 +132,7 @@ impl Limits {
 }
 
 /// What a file of `size` bytes will occupy (whole 4 KiB blocks).
-pub fn on_disk(size: u64) -> u64 {
+pub(crate) fn on_disk(size: u64) -> u64 {
     size.div_ceil(4096) * 4096
 }
 

@@ -34,7 +34,7 @@ const BATCH: usize = 32;
 
 /// Room reserved for a lazy block fetch; given back when dropped (after the fetch
 /// reported the partial's new size).
-pub struct Reserved {
+pub(crate) struct Reserved {
     cache: Arc<Cache>,
     bytes: u64,
 }
@@ -50,7 +50,7 @@ impl Cache {
     /// Before a lazy read fetches `bytes` of missing blocks of the partial `data_rel`:
     /// makes room for them (evicting like a fetch) and reserves it until the returned
     /// guard is dropped. ENOSPC when no room can be made.
-    pub fn reserve(
+    pub(crate) fn reserve(
         self: &Arc<Self>,
         fs: &CacheFs,
         data_rel: &Path,
@@ -84,7 +84,7 @@ impl Cache {
 
     /// Reserves `bytes` for a block fetch if they fit within the limits as they are
     /// (no eviction).
-    pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reserved> {
+    pub(crate) fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reserved> {
         if !self.limits().any() {
             return Some(Reserved {
                 cache: Arc::clone(self),
@@ -123,7 +123,7 @@ impl Cache {
 
     /// Evicts least recently used clean, closed, unpinned files until `incoming` more
     /// bytes fit within the limits. `Err(bytes still missing)` when it cannot.
-    pub fn make_room(&self, fs: &CacheFs, incoming: u64) -> Result<(), u64> {
+    pub(crate) fn make_room(&self, fs: &CacheFs, incoming: u64) -> Result<(), u64> {
         let need = self.excess(incoming);
         if need == 0 {
             return Ok(());
@@ -214,7 +214,12 @@ impl Cache {
     /// Evicts `path`'s clean copy (or, `partial`, its partial file) now, on request
     /// (`cachefs warmup --evict`), keeping the index and the counters right. Pinned
     /// paths stay (`None`), as does whatever [`CacheFs::evict`] refuses.
-    pub fn evict_now(&self, fs: &CacheFs, path: &Path, partial: bool) -> FsResult<Option<u64>> {
+    pub(crate) fn evict_now(
+        &self,
+        fs: &CacheFs,
+        path: &Path,
+        partial: bool,
+    ) -> FsResult<Option<u64>> {
         if self.is_pinned(path) {
             return Ok(None);
         }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// What eviction may do with a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Class {
+pub(crate) enum Class {
     /// A clean copy fetched from src: evictable (unless open or pending writeback).
     Clean,
     /// Created or changed here (dirty, or no origin record): never evicted.
@@ -29,14 +29,14 @@ pub enum Class {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
-    pub bytes: u64,
-    pub stamp: u64,
-    pub class: Class,
+pub(crate) struct Entry {
+    pub(crate) bytes: u64,
+    pub(crate) stamp: u64,
+    pub(crate) class: Class,
 }
 
 #[derive(Debug, Default)]
-pub struct Index {
+pub(crate) struct Index {
     entries: HashMap<PathBuf, Entry>,
     order: BTreeSet<(u64, PathBuf)>,
     usage: u64,
@@ -48,24 +48,20 @@ pub struct Index {
 }
 
 impl Index {
-    pub fn new() -> Index {
+    pub(crate) fn new() -> Index {
         Index::default()
     }
 
-    pub fn usage(&self) -> u64 {
+    pub(crate) fn usage(&self) -> u64 {
         self.usage
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Bytes in `class`.
-    pub fn bytes_in(&self, class: Class) -> u64 {
+    pub(crate) fn bytes_in(&self, class: Class) -> u64 {
         match class {
             Class::Clean => self.clean,
             Class::Local => self.local,
@@ -73,12 +69,12 @@ impl Index {
         }
     }
 
-    pub fn get(&self, path: &Path) -> Option<&Entry> {
+    pub(crate) fn get(&self, path: &Path) -> Option<&Entry> {
         self.entries.get(path)
     }
 
     /// Bytes and number of the partial files (of every class).
-    pub fn partials(&self) -> (u64, usize) {
+    pub(crate) fn partials(&self) -> (u64, usize) {
         (self.partial, self.partial_files)
     }
 
@@ -107,7 +103,7 @@ impl Index {
     }
 
     /// Adds or replaces the entry for `path`.
-    pub fn insert(&mut self, path: &Path, e: Entry) {
+    pub(crate) fn insert(&mut self, path: &Path, e: Entry) {
         self.remove(path);
         self.account(path, &e, true);
         if e.class == Class::Clean {
@@ -116,7 +112,7 @@ impl Index {
         self.entries.insert(path.to_path_buf(), e);
     }
 
-    pub fn remove(&mut self, path: &Path) -> Option<Entry> {
+    pub(crate) fn remove(&mut self, path: &Path) -> Option<Entry> {
         let old = self.entries.remove(path)?;
         self.account(path, &old, false);
         if old.class == Class::Clean {
@@ -127,7 +123,7 @@ impl Index {
 
     /// Records a use of `path` at `stamp` (never moving it back in time). Whether the
     /// index has the path.
-    pub fn touch(&mut self, path: &Path, stamp: u64) -> bool {
+    pub(crate) fn touch(&mut self, path: &Path, stamp: u64) -> bool {
         match self.entries.get(path).copied() {
             Some(e) if e.stamp < stamp => {
                 self.insert(path, Entry { stamp, ..e });
@@ -138,7 +134,7 @@ impl Index {
         }
     }
 
-    pub fn set_class(&mut self, path: &Path, class: Class) {
+    pub(crate) fn set_class(&mut self, path: &Path, class: Class) {
         if let Some(e) = self.entries.get(path).copied()
             && e.class != class
         {
@@ -147,7 +143,7 @@ impl Index {
     }
 
     /// Up to `n` evictable paths, least recently used first, skipping `skip`.
-    pub fn oldest(&self, n: usize, skip: &impl Fn(&Path) -> bool) -> Vec<PathBuf> {
+    pub(crate) fn oldest(&self, n: usize, skip: &impl Fn(&Path) -> bool) -> Vec<PathBuf> {
         self.order
             .iter()
             .map(|(_, p)| p)
@@ -157,7 +153,7 @@ impl Index {
             .collect()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&PathBuf, &Entry)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&PathBuf, &Entry)> {
         self.entries.iter()
     }
 }

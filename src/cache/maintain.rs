@@ -80,7 +80,7 @@ impl Cache {
     }
 
     /// Persists the last-use times (best effort).
-    pub fn persist(&self) {
+    pub(crate) fn persist(&self) {
         // Unchanged since the last write: no use was recorded (every use takes a stamp).
         let stamp = self.last_stamp.load(Ordering::Acquire);
         if self.persisted_stamp.swap(stamp, Ordering::AcqRel) == stamp && stamp != 0 {
@@ -97,7 +97,7 @@ impl Cache {
 
     /// Starts the maintenance and prefetch threads; they hold `fs` weakly and end
     /// when it is gone or at [`Cache::shutdown`].
-    pub fn start(self: &Arc<Self>, fs: Weak<CacheFs>) {
+    pub(crate) fn start(self: &Arc<Self>, fs: Weak<CacheFs>) {
         self.wake.lock().unwrap().prefetch = true;
         let (me, weak) = (Arc::clone(self), fs.clone());
         let spawned = std::thread::Builder::new()
@@ -116,7 +116,7 @@ impl Cache {
     }
 
     /// Stops the threads and persists the state (at unmount).
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.wake.lock().unwrap().stop = true;
         self.wake_cv.notify_all();
         self.persist();

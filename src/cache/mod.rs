@@ -63,11 +63,11 @@
 //! gauges of `metrics` and `cachefs status`'s cache part; `budget`, `lru`, `pin` and
 //! `scan` the plain parts underneath (limits, the usage index, pins, the walk of dst).
 
-pub mod budget;
+pub(crate) mod budget;
 mod hooks;
-pub mod lru;
-pub mod pin;
-pub mod scan;
+pub(crate) mod lru;
+pub(crate) mod pin;
+pub(crate) mod scan;
 
 mod evict;
 mod maintain;
@@ -92,20 +92,19 @@ use crate::fs::layer::{Layer, Stat};
 use crate::fs::{CacheFs, FsError, FsResult, Kind, ROOT, lazy, names};
 use crate::sys::clock::now_nanos;
 
-pub use evict::Reserved;
-pub use status::{status_raw, status_text};
+pub(crate) use status::{status_raw, status_text};
 
 /// The cache's state, under dst's state folder.
-pub const STATE_SUBDIR: &str = "cache";
+pub(crate) const STATE_SUBDIR: &str = "cache";
 /// The persisted last-use times (inside [`STATE_SUBDIR`]).
-pub const LRU_FILE: &str = "lru";
+pub(crate) const LRU_FILE: &str = "lru";
 /// The status file `cachefs status` prints (in the state folder itself).
-pub const STATUS_FILE: &str = "cache.json";
+pub(crate) const STATUS_FILE: &str = "cache.json";
 
 /// Shortest interval between two reconciling rescans of dst.
-pub const RESCAN_MIN: Duration = Duration::from_secs(60);
+pub(crate) const RESCAN_MIN: Duration = Duration::from_secs(60);
 /// How often pinned trees are walked again for new src files.
-pub const PREFETCH_EVERY: Duration = Duration::from_secs(600);
+pub(crate) const PREFETCH_EVERY: Duration = Duration::from_secs(600);
 
 /// Counters since start (shown by `cachefs status`).
 #[derive(Debug, Default)]
@@ -138,7 +137,7 @@ struct ScanInfo {
 }
 
 /// The bounded cache of one mount. See the module docs.
-pub struct Cache {
+pub(crate) struct Cache {
     dst: Layer,
     dst_path: PathBuf,
     /// `--cache-size` and `--min-free`; changed at runtime by [`Cache::set_limits`]
@@ -176,7 +175,7 @@ impl Cache {
     /// Builds the cache for `cfg` when it asks for a budget, a free-space floor or
     /// pins (`None` otherwise: the core then runs no cache code at all), and rebuilds
     /// the usage index by walking dst.
-    pub fn open(cfg: &Config) -> io::Result<Option<Arc<Cache>>> {
+    pub(crate) fn open(cfg: &Config) -> io::Result<Option<Arc<Cache>>> {
         let limits = Limits {
             budget: cfg.cache_size,
             min_free: cfg.min_free,
@@ -268,7 +267,7 @@ impl Cache {
     /// closed, unpinned file. `lazy_from`: the open may be lazy for files at least
     /// this large; such a file gets no room now (its blocks do, as they are fetched),
     /// only the use of its partial is recorded.
-    pub fn before_open(
+    pub(crate) fn before_open(
         &self,
         fs: &CacheFs,
         ino: u64,
@@ -331,7 +330,7 @@ impl Cache {
     }
 
     /// Hook after a copy-up put src's file at `path` into dst (`st`: dst's stat).
-    pub fn fetched(&self, path: &Path, st: &Stat) {
+    pub(crate) fn fetched(&self, path: &Path, st: &Stat) {
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return;
         }
@@ -345,7 +344,7 @@ impl Cache {
     /// Hook when a file handle is closed: the file may have grown or been created
     /// here (writes, also under passthrough, pass through no other hook), so its size
     /// is taken again.
-    pub fn released(&self, path: &Path) {
+    pub(crate) fn released(&self, path: &Path) {
         let Ok(Some(st)) = self.dst.stat(path) else {
             return;
         };
@@ -366,7 +365,7 @@ impl Cache {
 
     /// Hook from setxattr/removexattr (any node): a pin xattr change makes the
     /// maintenance thread rescan dst and the prefetch thread walk the pinned trees.
-    pub fn xattr_changed(&self, name: &OsStr) {
+    pub(crate) fn xattr_changed(&self, name: &OsStr) {
         if name == PIN_XATTR {
             self.wake.lock().unwrap().pins_changed = Some(Instant::now());
         }
@@ -391,7 +390,7 @@ impl Cache {
     }
 
     /// Records a use of a partial file (a handle on it closed).
-    pub fn partial_used(&self, data_rel: &Path) {
+    pub(crate) fn partial_used(&self, data_rel: &Path) {
         let stamp = self.stamp();
         self.index.lock().unwrap().touch(data_rel, stamp);
     }
@@ -403,31 +402,31 @@ impl Cache {
 
     /// Changes `--cache-size` and `--min-free` at runtime (`None`: no limit) and wakes
     /// the maintenance thread, which evicts down to the new limits within a tick.
-    pub fn set_limits(&self, budget: Option<u64>, min_free: Option<budget::MinFree>) {
+    pub(crate) fn set_limits(&self, budget: Option<u64>, min_free: Option<budget::MinFree>) {
         *self.limits.lock().unwrap() = Limits { budget, min_free };
         *self.status_written.lock().unwrap() = None;
         self.wake_cv.notify_all();
     }
 
     /// `--cache-size` and `--min-free` in force.
-    pub fn current_limits(&self) -> (Option<u64>, Option<budget::MinFree>) {
+    pub(crate) fn current_limits(&self) -> (Option<u64>, Option<budget::MinFree>) {
         let l = self.limits();
         (l.budget, l.min_free)
     }
 
     /// The `--max-dirty` shown in `cache.json` (writeback enforces it).
-    pub fn set_max_dirty_shown(&self, max_dirty: Option<u64>) {
+    pub(crate) fn set_max_dirty_shown(&self, max_dirty: Option<u64>) {
         *self.max_dirty.lock().unwrap() = max_dirty;
         *self.status_written.lock().unwrap() = None;
     }
 
     /// Whether `path` is pinned now (glob, or xattr on it or an ancestor).
-    pub fn is_pinned(&self, path: &Path) -> bool {
+    pub(crate) fn is_pinned(&self, path: &Path) -> bool {
         self.pins.matches(path) || pin::pinned_by_xattr(&self.dst, path)
     }
 
     /// Bytes the index counts as used in dst now.
-    pub fn usage(&self) -> u64 {
+    pub(crate) fn usage(&self) -> u64 {
         self.index.lock().unwrap().usage()
     }
 }

@@ -23,17 +23,17 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use crate::fs::layer::Layer;
 
 /// The pin xattr.
-pub const PIN_XATTR: &str = "user.cachefs.pin";
+pub(crate) const PIN_XATTR: &str = "user.cachefs.pin";
 
 /// Whether an xattr value means "pinned".
-pub fn pin_value(v: &[u8]) -> bool {
+pub(crate) fn pin_value(v: &[u8]) -> bool {
     let t = String::from_utf8_lossy(v);
     t.trim() != "0"
 }
 
 /// The `--pin` globs.
 #[derive(Debug, Clone)]
-pub struct Pins {
+pub(crate) struct Pins {
     set: GlobSet,
     /// How many globs.
     count: usize,
@@ -53,7 +53,7 @@ fn normalized(glob: &str) -> String {
 }
 
 /// Checks one `--pin` value; the error is a short phrase for the CLI.
-pub fn check_glob(glob: &str) -> Result<(), String> {
+pub(crate) fn check_glob(glob: &str) -> Result<(), String> {
     let g = normalized(glob);
     if glob.trim().trim_matches('/').is_empty() {
         return Err("is empty".into());
@@ -86,7 +86,7 @@ fn literal_root(glob: &str) -> PathBuf {
 
 impl Pins {
     /// Builds the matcher; globs were checked by the CLI ([`check_glob`]).
-    pub fn new(globs: &[String]) -> Result<Pins, String> {
+    pub(crate) fn new(globs: &[String]) -> Result<Pins, String> {
         let mut b = GlobSetBuilder::new();
         let mut roots: Vec<PathBuf> = Vec::new();
         for g in globs {
@@ -112,21 +112,21 @@ impl Pins {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.set.is_empty()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.count
     }
 
     /// Where the prefetch walks to find the globs' matches.
-    pub fn roots(&self) -> &[PathBuf] {
+    pub(crate) fn roots(&self) -> &[PathBuf] {
         &self.roots
     }
 
     /// Whether a glob matches `path` or one of its ancestors.
-    pub fn matches(&self, path: &Path) -> bool {
+    pub(crate) fn matches(&self, path: &Path) -> bool {
         !self.set.is_empty()
             && path
                 .ancestors()

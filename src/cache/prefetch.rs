@@ -44,7 +44,7 @@ impl Cache {
 
     /// Fetches every pinned src file dst lacks, walking the view under the glob roots
     /// and the pinned directories.
-    pub fn prefetch_pinned(&self, fs: &CacheFs) {
+    pub(crate) fn prefetch_pinned(&self, fs: &CacheFs) {
         let mut roots: Vec<(PathBuf, bool)> = Vec::new();
         if !self.pins.is_empty() {
             roots.extend(self.pins.roots().iter().map(|r| (r.clone(), false)));

@@ -23,12 +23,12 @@ use crate::fs::{lazy, names, origin};
 
 /// What a walk of dst found.
 #[derive(Debug, Default)]
-pub struct Scan {
-    pub entries: Vec<(PathBuf, Entry)>,
+pub(crate) struct Scan {
+    pub(crate) entries: Vec<(PathBuf, Entry)>,
     /// Topmost directories carrying the pin xattr (their src trees are prefetched).
-    pub pinned_dirs: Vec<PathBuf>,
+    pub(crate) pinned_dirs: Vec<PathBuf>,
     /// Sum of the entries' bytes so far.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// What one walk carries along besides its output.
@@ -45,7 +45,7 @@ fn nanos(sec: i64, nsec: i64) -> u64 {
 }
 
 /// The last-use seed from a file's times.
-pub fn seed_stamp(st: &Stat) -> u64 {
+pub(crate) fn seed_stamp(st: &Stat) -> u64 {
     nanos(st.st_atime, st.st_atime_nsec)
         .max(nanos(st.st_mtime, st.st_mtime_nsec))
         .max(nanos(st.st_ctime, st.st_ctime_nsec))
@@ -209,7 +209,7 @@ fn unescape(s: &[u8]) -> Option<PathBuf> {
 
 /// The persisted last-use file: one `NANOS PATH` line per file, the path escaped
 /// (`%xx` for bytes <= space, >= 0x7f and `%`).
-pub fn encode_last_use<'a>(items: impl Iterator<Item = (&'a PathBuf, u64)>) -> Vec<u8> {
+pub(crate) fn encode_last_use<'a>(items: impl Iterator<Item = (&'a PathBuf, u64)>) -> Vec<u8> {
     let mut out = b"cachefs-lru v1\n".to_vec();
     for (p, stamp) in items {
         out.extend_from_slice(stamp.to_string().as_bytes());
@@ -221,7 +221,7 @@ pub fn encode_last_use<'a>(items: impl Iterator<Item = (&'a PathBuf, u64)>) -> V
 }
 
 /// Reads [`encode_last_use`]'s format; unreadable lines are skipped.
-pub fn decode_last_use(data: &[u8]) -> HashMap<PathBuf, u64> {
+pub(crate) fn decode_last_use(data: &[u8]) -> HashMap<PathBuf, u64> {
     let mut map = HashMap::new();
     let mut lines = data.split(|b| *b == b'\n');
     if lines.next() != Some(b"cachefs-lru v1") {
@@ -244,7 +244,7 @@ pub fn decode_last_use(data: &[u8]) -> HashMap<PathBuf, u64> {
 /// Writes `data` to `path` atomically and durably (`sys::state_file`: temp file
 /// `.<name>.tmp` beside it, fsync, rename, fsync of the folder), creating the folder
 /// if needed.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = format!(

@@ -22,7 +22,7 @@ use crate::json::Object;
 
 impl Cache {
     /// The numbers `cachefs status` shows, as one JSON object.
-    pub fn status_json(&self) -> String {
+    pub(crate) fn status_json(&self) -> String {
         let (usage, files, clean, local, pinned, (partial, partial_files)) = {
             let ix = self.index.lock().unwrap();
             (
@@ -124,7 +124,7 @@ impl Cache {
 
 /// `cachefs status`'s cache part: the text lines for `dst`'s `cache.json`, or `None`
 /// when the cache never ran with a budget or pins there.
-pub fn status_text(dst: &Path) -> Option<String> {
+pub(crate) fn status_text(dst: &Path) -> Option<String> {
     let json = status_raw(dst)?;
     // A file that is not JSON shows no numbers, like a file without the keys.
     let json: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
@@ -169,7 +169,7 @@ pub fn status_text(dst: &Path) -> Option<String> {
 }
 
 /// The raw `cache.json` of `dst` (for `cachefs status --json`).
-pub fn status_raw(dst: &Path) -> Option<String> {
+pub(crate) fn status_raw(dst: &Path) -> Option<String> {
     std::fs::read_to_string(dst.join(names::STATE_DIR).join(STATUS_FILE)).ok()
 }
 

@@ -48,7 +48,7 @@ pub const MAX_PATHS: usize = 100_000;
 /// What the server acts on.
 pub struct Target {
     pub fs: Arc<CacheFs>,
-    pub cache: Option<Arc<Cache>>,
+    pub(crate) cache: Option<Arc<Cache>>,
     pub wb: Option<Arc<Writeback>>,
     pub dst: PathBuf,
     pub mountpoint: PathBuf,
