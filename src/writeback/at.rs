@@ -31,8 +31,8 @@ pub(crate) use crate::sys::{dup, fchmod, fchown, fstat, fsync_dir};
 /// time (so a reused inode number is not mistaken for the old object).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Id {
-    pub ino: u64,
-    pub btime: Option<(i64, u32)>,
+    pub(crate) ino: u64,
+    pub(crate) btime: Option<(i64, u32)>,
 }
 
 impl From<sys::Ident> for Id {

@@ -42,21 +42,21 @@ use crate::json::Object;
 /// What a src can hold (each read back after it was made).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SrcCaps {
-    pub symlinks: bool,
+    pub(crate) symlinks: bool,
     /// fifos (and so sockets and device nodes: mknod).
-    pub special_files: bool,
-    pub hard_links: bool,
-    pub user_xattrs: bool,
+    pub(crate) special_files: bool,
+    pub(crate) hard_links: bool,
+    pub(crate) user_xattrs: bool,
     /// A chmod is kept (read back).
-    pub chmod: bool,
+    pub(crate) chmod: bool,
     /// A chown is kept (read back); false when the daemon is not root.
-    pub chown: bool,
+    pub(crate) chown: bool,
     /// A file's mtime is kept (read back).
-    pub utimes: bool,
+    pub(crate) utimes: bool,
     /// `None`: a probe cannot tell (rclone: depends on its backend).
-    pub empty_dirs: Option<bool>,
+    pub(crate) empty_dirs: Option<bool>,
     /// src's filesystem type, from /proc/self/mountinfo ("fuse.rclone", "ext4"...).
-    pub fstype: String,
+    pub(crate) fstype: String,
 }
 
 impl SrcCaps {

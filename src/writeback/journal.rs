@@ -66,19 +66,19 @@ pub(crate) enum Record {
 /// Why an op is parked as failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FailInfo {
-    pub attempts: u32,
-    pub ms: u64,
-    pub errno: i32,
-    pub message: String,
+    pub(crate) attempts: u32,
+    pub(crate) ms: u64,
+    pub(crate) errno: i32,
+    pub(crate) message: String,
 }
 
 /// An op that was recorded and not applied yet, as loaded from disk.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Live {
-    pub ms: u64,
-    pub op: Op,
-    pub ids: [Option<Id>; 2],
-    pub fail: Option<FailInfo>,
+    pub(crate) ms: u64,
+    pub(crate) op: Op,
+    pub(crate) ids: [Option<Id>; 2],
+    pub(crate) fail: Option<FailInfo>,
 }
 
 // ---------------------------------------------------------------- encoding
@@ -303,10 +303,10 @@ pub(crate) fn read(dst: &Path) -> io::Result<(BTreeMap<u64, Live>, u64)> {
 pub(crate) struct Journal {
     dir: PathBuf,
     /// Shared so a group commit can fdatasync outside the state lock.
-    pub file: Arc<File>,
+    pub(crate) file: Arc<File>,
     len: u64,
     /// Lines in the file (for the compaction heuristic).
-    pub lines: u64,
+    pub(crate) lines: u64,
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -394,10 +394,10 @@ pub(crate) struct Runs {
     /// This run's id: 128 random bits (getrandom), base32; new at every start and never
     /// taken from dst, so daemons started from copies of one dst (cloned machines
     /// sharing a bucket) never write the same temp name.
-    pub current: String,
+    pub(crate) current: String,
     /// Earlier runs of this dst *on this machine* (newest first): a crash may have left
     /// their temp files on src, which ops they left pending reclaim (`replay`).
-    pub reclaim: Vec<String>,
+    pub(crate) reclaim: Vec<String>,
 }
 
 /// Runs kept in the `runs` file (older ones are forgotten: a leftover of a run that

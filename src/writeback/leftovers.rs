@@ -44,10 +44,10 @@ use super::{at, op};
 /// One pending check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Check {
-    pub due_ms: u64,
-    pub path: PathBuf,
-    pub size: u64,
-    pub mtime: (i64, i64),
+    pub(crate) due_ms: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) mtime: (i64, i64),
 }
 
 /// What a due check found.

@@ -97,14 +97,14 @@ mod at;
 mod caps;
 mod drain;
 mod intents;
-pub mod journal;
+pub(crate) mod journal;
 mod leftovers;
 mod op;
 mod replay;
 mod retry;
 mod sched;
 mod start;
-pub mod status;
+pub(crate) mod status;
 mod unrep;
 mod workers;
 
@@ -275,19 +275,19 @@ struct Shared {
 
 /// The queue's numbers at one moment ([`Writeback::counters`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueCounters {
+pub(crate) struct QueueCounters {
     /// Ops journaled and not yet applied on src (failed ones included).
-    pub pending: u64,
+    pub(crate) pending: u64,
     /// Of those, ops parked as failed (their attempts exhausted).
-    pub failed: u64,
+    pub(crate) failed: u64,
     /// Ops being replayed now.
-    pub running: u64,
+    pub(crate) running: u64,
     /// File data waiting for upload (what `--max-dirty` bounds).
-    pub dirty_bytes: u64,
+    pub(crate) dirty_bytes: u64,
     /// Ops applied on src since start.
-    pub applied: u64,
+    pub(crate) applied: u64,
     /// File data of the ops applied since start.
-    pub uploaded_bytes: u64,
+    pub(crate) uploaded_bytes: u64,
 }
 
 /// The writeback queue: journal + replay workers. See the module doc.
@@ -405,7 +405,7 @@ impl Shared {
 impl Writeback {
     /// Notes that `paths` are about to change on dst; keep the guard until the change's
     /// op is journaled (see `intents`).
-    pub fn intend(&self, paths: &[&Path]) -> Result<IntentGuard<'_>, WritebackError> {
+    pub(crate) fn intend(&self, paths: &[&Path]) -> Result<IntentGuard<'_>, WritebackError> {
         match &self.shared {
             Some(sh) => Ok(sh.intents.begin(paths)?),
             None => Ok(IntentGuard::none()),
@@ -493,7 +493,7 @@ impl Writeback {
 
     /// Changes `--max-dirty` at runtime (`None`: no limit); waiting writers see the
     /// new limit at once.
-    pub fn set_max_dirty(&self, max_dirty: Option<u64>) {
+    pub(crate) fn set_max_dirty(&self, max_dirty: Option<u64>) {
         if let Some(sh) = &self.shared {
             sh.max_dirty
                 .store(max_dirty.unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -503,13 +503,13 @@ impl Writeback {
     }
 
     /// `--max-dirty` in force.
-    pub fn max_dirty(&self) -> Option<u64> {
+    pub(crate) fn max_dirty(&self) -> Option<u64> {
         self.shared.as_ref().and_then(|sh| sh.max_dirty())
     }
 
     /// Retries every op parked as failed now, instead of at its periodic retry
     /// (`cachefs ctl DST retry`). How many were parked.
-    pub fn retry_failed_now(&self) -> usize {
+    pub(crate) fn retry_failed_now(&self) -> usize {
         let Some(sh) = &self.shared else {
             return 0;
         };
@@ -519,7 +519,7 @@ impl Writeback {
     }
 
     /// The queue's numbers now (for the control channel).
-    pub fn counters(&self) -> QueueCounters {
+    pub(crate) fn counters(&self) -> QueueCounters {
         let Some(sh) = &self.shared else {
             return QueueCounters::default();
         };
@@ -540,7 +540,7 @@ impl Writeback {
     }
 
     /// Whether [`Writeback::throttle`] would wait now.
-    pub fn over_dirty_limit(&self) -> bool {
+    pub(crate) fn over_dirty_limit(&self) -> bool {
         self.shared.as_ref().is_some_and(|sh| {
             sh.max_dirty()
                 .is_some_and(|limit| lock(&sh.state).sched.dirty_bytes > limit)
@@ -553,7 +553,7 @@ impl Writeback {
     /// once per episode. Errors with [`WritebackError::DirtyLimit`] (ENOSPC) when no op
     /// reached src for the stall timeout (`--src-timeout`): a mount whose src is down
     /// must not hang its writers forever; what they wrote before stays queued.
-    pub fn throttle(&self) -> Result<(), WritebackError> {
+    pub(crate) fn throttle(&self) -> Result<(), WritebackError> {
         let Some(sh) = &self.shared else {
             return Ok(());
         };

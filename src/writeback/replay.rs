@@ -74,25 +74,25 @@ pub(crate) enum Outcome {
 /// The two roots and the stop flag of one replay.
 pub(crate) struct Ctx<'a> {
     /// src, as the view sees it (one gateway: an unmounted src is offline here too).
-    pub src: &'a layer::Layer,
-    pub dst: &'a Path,
-    pub stop: &'a AtomicBool,
+    pub(crate) src: &'a layer::Layer,
+    pub(crate) dst: &'a Path,
+    pub(crate) stop: &'a AtomicBool,
     /// `.cachefs-tmp.wb.<run>.<seq>.` (see [`super::journal::Runs`]).
-    pub tmp_prefix: String,
+    pub(crate) tmp_prefix: String,
     /// The same op's prefixes under earlier runs of this dst on this machine (empty
     /// for an op journaled by this run): their temp files are leftovers of a crash.
-    pub reclaim_prefixes: Vec<String>,
-    pub tmp_counter: Cell<u32>,
+    pub(crate) reclaim_prefixes: Vec<String>,
+    pub(crate) tmp_counter: Cell<u32>,
     /// What src can hold (probed once).
-    pub caps: &'a Caps,
+    pub(crate) caps: &'a Caps,
     /// Names this replay renamed away or deleted on src are noted here.
-    pub leftovers: &'a super::leftovers::Leftovers,
+    pub(crate) leftovers: &'a super::leftovers::Leftovers,
     /// The op is a chmod/chown/utimens (`SetAttr`): src's mode, owner and mtime are
     /// compared with dst's.
-    pub attrs_op: bool,
+    pub(crate) attrs_op: bool,
     /// What this replay found src cannot hold, per path synced (and, with nothing
     /// found, that a path is representable again).
-    pub notes: RefCell<Vec<Note>>,
+    pub(crate) notes: RefCell<Vec<Note>>,
 }
 
 struct Roots {

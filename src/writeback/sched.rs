@@ -28,22 +28,22 @@ pub(crate) enum State {
 
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub op: Op,
+    pub(crate) op: Op,
     /// dst identities of the objects the op syncs (see `op::id_paths`).
-    pub ids: [Option<Id>; 2],
+    pub(crate) ids: [Option<Id>; 2],
     /// Wall-clock recording time (ms since the epoch), for `status`.
-    pub ms: u64,
-    pub state: State,
+    pub(crate) ms: u64,
+    pub(crate) state: State,
     /// Attempts made so far (counting the running one).
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Set once the op exhausted its attempts; cleared only by success.
-    pub fail: Option<FailInfo>,
+    pub(crate) fail: Option<FailInfo>,
     /// Not dispatched before this instant.
-    pub not_before: Instant,
+    pub(crate) not_before: Instant,
     /// `not_before` is a retry backoff (not the start delay, which urgency overrides).
-    pub backoff: bool,
+    pub(crate) backoff: bool,
     /// dst size of the file this op uploads (content ops), for `--max-dirty`.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     blockers: usize,
     deps: Vec<u64>,
     dependents: Vec<u64>,
@@ -51,21 +51,21 @@ pub(crate) struct Entry {
 
 #[derive(Default)]
 pub(crate) struct Sched {
-    pub entries: BTreeMap<u64, Entry>,
+    pub(crate) entries: BTreeMap<u64, Entry>,
     index: BTreeMap<PathBuf, BTreeSet<u64>>,
     ready: BTreeSet<u64>,
     delayed: BTreeSet<(Instant, u64)>,
-    pub running: usize,
+    pub(crate) running: usize,
     /// Ops up to this seq ignore the start delay (mirror fsync, shutdown drain).
     urgent_upto: u64,
     /// Sum of `bytes` over `entries`: data not yet on src (an estimate: a file with
     /// several pending content ops counts once per op that is not coalesced).
-    pub dirty_bytes: u64,
+    pub(crate) dirty_bytes: u64,
     /// Ops applied since start (progress, for waiters on `dirty_bytes`).
-    pub applied: u64,
+    pub(crate) applied: u64,
     /// Sum of `bytes` over the ops applied since start: file data uploaded to src
     /// (for `cachefs status --watch`).
-    pub uploaded_bytes: u64,
+    pub(crate) uploaded_bytes: u64,
 }
 
 impl Sched {

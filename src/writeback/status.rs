@@ -22,11 +22,11 @@ use crate::json::{Object, array};
 
 /// Summary of a live set (shared by `cachefs status` and [`super::Writeback::log_summary`]).
 pub(crate) struct Summary {
-    pub pending_ops: usize,
-    pub pending_bytes: u64,
-    pub oldest_age_secs: Option<u64>,
+    pub(crate) pending_ops: usize,
+    pub(crate) pending_bytes: u64,
+    pub(crate) oldest_age_secs: Option<u64>,
     /// (op kind, paths, attempts, errno, message)
-    pub failed: Vec<(String, Vec<PathBuf>, u32, i32, String)>,
+    pub(crate) failed: Vec<(String, Vec<PathBuf>, u32, i32, String)>,
 }
 
 /// Bytes that will be uploaded: dst sizes of distinct paths with pending content.
@@ -154,11 +154,11 @@ pub(crate) fn read(dst: &Path) -> Result<Summary, String> {
 /// second look.
 pub(crate) struct Extra {
     /// Paths whose dst state src cannot hold (see `unrep`).
-    pub unrep: std::collections::BTreeMap<PathBuf, super::unrep::Entry>,
+    pub(crate) unrep: std::collections::BTreeMap<PathBuf, super::unrep::Entry>,
     /// What src can hold, as last probed.
-    pub caps: Option<super::caps::SrcCaps>,
+    pub(crate) caps: Option<super::caps::SrcCaps>,
     /// Leftover checks waiting (see `leftovers`): (count, earliest due, unix ms).
-    pub leftovers: (usize, Option<u64>),
+    pub(crate) leftovers: (usize, Option<u64>),
 }
 
 /// At most this many not-representable paths are listed (the count is always whole).

@@ -88,19 +88,19 @@ pub(crate) fn advice(what: u16) -> Vec<&'static str> {
 /// One path's state, as found by a replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Note {
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The bits this replay looked at (others keep their earlier state).
-    pub checked: u16,
+    pub(crate) checked: u16,
     /// The bits found not representable.
-    pub found: u16,
-    pub detail: String,
+    pub(crate) found: u16,
+    pub(crate) detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
-    pub ms: u64,
-    pub what: u16,
-    pub detail: String,
+    pub(crate) ms: u64,
+    pub(crate) what: u16,
+    pub(crate) detail: String,
 }
 
 pub(crate) fn path(dst: &Path) -> PathBuf {
@@ -178,7 +178,7 @@ pub(crate) fn read(dst: &Path) -> BTreeMap<PathBuf, Entry> {
 pub(crate) struct Store {
     file: Option<File>,
     path: PathBuf,
-    pub map: BTreeMap<PathBuf, Entry>,
+    pub(crate) map: BTreeMap<PathBuf, Entry>,
     lines: u64,
 }
 
