@@ -1,6 +1,6 @@
 //! Plain configuration structs with defaults. Built by `cli`, read by every layer.
 //! No validation here: `cli` validates, everything else trusts these values. The one
-//! piece of syntax kept here is the duration ([`parse_duration`]), because the command
+//! piece of syntax kept here is the duration (`parse_duration`), because the command
 //! line and the control channel (`cachefs ctl set revalidate 30s`) both read it, and
 //! `control` must not depend on `cli`. Likewise [`EXIT_USAGE`], the exit status both
 //! give a rejected request. This module uses no other module of cachefs.
@@ -16,7 +16,7 @@ pub const EXIT_USAGE: i32 = 2;
 /// (Parsed by `cache::budget::parse_min_free`, printed by its `Display`, next to the
 /// other sizes.)
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MinFree {
+pub(crate) enum MinFree {
     Bytes(u64),
     /// 0 < percent < 100.
     Percent(f64),
@@ -24,7 +24,7 @@ pub enum MinFree {
 
 impl MinFree {
     /// The free space to keep on a filesystem of `total` bytes.
-    pub fn bytes_of(&self, total: u64) -> u64 {
+    pub(crate) fn bytes_of(&self, total: u64) -> u64 {
         match *self {
             MinFree::Bytes(b) => b,
             MinFree::Percent(p) => (total as f64 * p / 100.0) as u64,
@@ -36,11 +36,11 @@ impl MinFree {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The slow directory (e.g. an rclone mount). Absolute, canonical.
-    pub src: PathBuf,
+    pub(crate) src: PathBuf,
     /// The fast cache directory. Absolute, canonical.
-    pub dst: PathBuf,
+    pub(crate) dst: PathBuf,
     /// Where the merged view is mounted. Absolute, canonical.
-    pub mountpoint: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     /// `-w`: replay mutations on src in the background.
     pub writeback: bool,
     /// `-retries`: attempts per writeback op before it is parked as failed.
@@ -52,48 +52,48 @@ pub struct Config {
     /// `-start-delay`: wait before replaying an op.
     pub start_delay: Duration,
     /// `-d`: debug logging.
-    pub debug: bool,
+    pub(crate) debug: bool,
     /// `-log`: one log line per replayed writeback op.
     pub log_writeback: bool,
     /// `-o`: extra FUSE mount options, already split on commas.
-    pub mount_options: Vec<String>,
+    pub(crate) mount_options: Vec<String>,
     /// FUSE worker threads.
-    pub threads: usize,
+    pub(crate) threads: usize,
     /// Kernel entry/attribute cache TTL.
     pub attr_ttl: Duration,
     /// Use FUSE passthrough for cached files when the kernel allows it (`--no-passthrough` clears).
-    pub passthrough: bool,
+    pub(crate) passthrough: bool,
     /// `--src-timeout`: longest wait for one src call (zero: unbounded).
-    pub src_timeout: Duration,
+    pub(crate) src_timeout: Duration,
     /// `--drain-timeout`: at shutdown with `-w`, how long to keep replaying the queue.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// `--revalidate`: how old a clean cached file's check against src may get before
     /// the next lookup/open compares it with src again (zero: never).
     pub revalidate: Duration,
     /// `--metrics-addr`: serve Prometheus metrics over HTTP at this address.
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     // --- cache budget (src/cache/) ---
     /// `--cache-size`: most bytes dst's files may use; least recently used clean
     /// files are evicted above it (None: unbounded).
-    pub cache_size: Option<u64>,
+    pub(crate) cache_size: Option<u64>,
     /// `--min-free`: free space to keep on dst's filesystem (bytes or percent).
-    pub min_free: Option<MinFree>,
+    pub(crate) min_free: Option<MinFree>,
     /// `--pin`: mount-relative globs of files fetched ahead of use and never evicted.
-    pub pins: Vec<String>,
+    pub(crate) pins: Vec<String>,
     /// `--max-dirty`: bytes waiting for src above which new writers wait for the
     /// writeback (backpressure; see `Writeback::throttle`).
-    pub max_dirty: Option<u64>,
+    pub(crate) max_dirty: Option<u64>,
     /// `--lazy-threshold`: regular files at least this large are fetched block by block
     /// on demand instead of copied whole at open (0: never).
-    pub lazy_threshold: u64,
+    pub(crate) lazy_threshold: u64,
     /// `--block-size`: the unit of a lazy fetch.
-    pub block_size: u64,
+    pub(crate) block_size: u64,
     /// `--lazy-fill`: complete partially present files in the background.
-    pub lazy_fill: bool,
+    pub(crate) lazy_fill: bool,
     /// `--src-settle`: how long after replay renamed away or deleted a file on src it
     /// looks at that name again, for a copy src kept (zero: never; see
     /// `writeback::leftovers`).
-    pub src_settle: Duration,
+    pub(crate) src_settle: Duration,
 }
 
 impl Config {
@@ -131,25 +131,25 @@ impl Config {
 }
 
 /// Files at least this large are fetched lazily, block by block (64 MiB).
-pub const DEFAULT_LAZY_THRESHOLD: u64 = 64 << 20;
+pub(crate) const DEFAULT_LAZY_THRESHOLD: u64 = 64 << 20;
 
 /// The unit of a lazy fetch (1 MiB: one round trip to a bucket, little read-ahead waste).
-pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
+pub(crate) const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
 
 /// How long one src call may take before it fails with EIO and src counts as offline.
 /// Long enough for a slow bucket listing, short enough that a hung rclone mount shows.
-pub const DEFAULT_SRC_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SRC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Revalidation interval: other machines' written-back changes show within a minute,
 /// while a busy cached file costs at most one src stat a minute.
-pub const DEFAULT_REVALIDATE: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_REVALIDATE: Duration = Duration::from_secs(60);
 
 /// Leftover checks after `--src-settle`: above rclone's default `--dir-cache-time`
 /// (5m), so its listing of the name was read again since the rename or delete.
-pub const DEFAULT_SRC_SETTLE: Duration = Duration::from_secs(360);
+pub(crate) const DEFAULT_SRC_SETTLE: Duration = Duration::from_secs(360);
 
 /// FUSE worker threads by default: one per core, at least 2, at most 8.
-pub fn default_threads() -> usize {
+pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -160,7 +160,7 @@ pub fn default_threads() -> usize {
 /// `--drain-timeout`, `--revalidate`), written as rclone and Go write them: a number
 /// with a unit (`500ms`, `30s`, `5m`, `1h`, `1d`, `1.5h`, `1h30m`; also `us`, `ns`), or
 /// a plain number of seconds, fractions allowed (`2`, `0.5`), as GoCacheFS took it.
-pub fn parse_duration(flag: &str, v: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(flag: &str, v: &str) -> Result<Duration, String> {
     duration(v.trim()).ok_or_else(|| {
         format!(
             "-{flag} '{v}' is not a duration >= 0; write e.g. -{flag} 30s, -{flag} 500ms, \

@@ -19,7 +19,7 @@
 //!   hangs cannot hold the loop: the reopen waits at most `--src-timeout` (5 s if 0).
 //!   SIGUSR1 logs the same summary without the reopen.
 //! - Mount failures come back as a [`DaemonError`] whose message says what to do.
-//! - Before touching anything else, the daemon takes dst's lock ([`crate::dst_lock`]) and
+//! - Before touching anything else, the daemon takes dst's lock (`crate::dst_lock`) and
 //!   holds it until it exits: a second daemon on the same dst is refused, in every mode.
 
 use std::ffi::CString;
@@ -183,7 +183,7 @@ fn mount_errno(e: &io::Error) -> Option<i32> {
 }
 
 /// Print a fatal error for `main`: one line on stderr, with the syslog "error" priority
-/// prefix when stderr goes to journald (see [`syslog_prefixes`]) so it records it as an
+/// prefix when stderr goes to journald (see `syslog_prefixes`) so it records it as an
 /// error.
 pub fn print_error(e: &DaemonError) {
     let prio = if syslog_prefixes() { "<3>" } else { "" };
@@ -193,7 +193,7 @@ pub fn print_error(e: &DaemonError) {
 /// Forces (`1`) or forbids (`0`) `<N>` syslog priority prefixes on log lines, whatever
 /// stderr is. The fstab helper sets it to 1 when it pipes the log into
 /// `logger --prio-prefix`.
-pub const SYSLOG_PREFIX_ENV: &str = "CACHEFS_SYSLOG_PREFIX";
+pub(crate) const SYSLOG_PREFIX_ENV: &str = "CACHEFS_SYSLOG_PREFIX";
 
 /// Whether log lines start with a `<N>` syslog priority prefix (and carry no timestamp):
 /// as [`SYSLOG_PREFIX_ENV`] says, else when stderr *is* the journal stream systemd
@@ -333,7 +333,7 @@ fn holder_is_exiting(holder: &crate::dst_lock::Holder) -> bool {
 }
 
 /// Tells systemd (Type=notify units) about our state (see [`crate::systemd::notify`]).
-pub fn sd_notify(state: &str) {
+pub(crate) fn sd_notify(state: &str) {
     crate::systemd::notify(state)
 }
 
@@ -445,7 +445,7 @@ fn mount_and_serve(
 }
 
 /// "off", "on N workers" or "mirror", for the mount log line.
-pub fn writeback_mode(cfg: &Config) -> String {
+pub(crate) fn writeback_mode(cfg: &Config) -> String {
     match (cfg.writeback, cfg.concurrent) {
         (false, _) => "off".into(),
         (true, 0) => "mirror".into(),

@@ -18,26 +18,26 @@ use std::path::{Path, PathBuf};
 use crate::fs::names::STATE_DIR;
 
 /// The lock file, in dst's state folder.
-pub fn path(dst: &Path) -> PathBuf {
+pub(crate) fn path(dst: &Path) -> PathBuf {
     dst.join(STATE_DIR).join("lock")
 }
 
 /// Held while this process serves dst (dropping it, or exiting, releases the lock).
 #[derive(Debug)]
-pub struct DstLock {
+pub(crate) struct DstLock {
     _file: File,
 }
 
 /// Who holds the lock, as the holder wrote it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Holder {
-    pub pid: Option<u32>,
-    pub mountpoint: Option<PathBuf>,
+    pub(crate) pid: Option<u32>,
+    pub(crate) mountpoint: Option<PathBuf>,
 }
 
 /// Why the lock was not taken.
 #[derive(Debug)]
-pub enum LockError {
+pub(crate) enum LockError {
     /// Another process (another cachefs) holds it.
     Busy(Holder),
     /// The state folder or the lock file could not be made or opened.
@@ -45,7 +45,7 @@ pub enum LockError {
 }
 
 /// Takes the lock of `dst` for a daemon serving `mountpoint`, without waiting.
-pub fn acquire(dst: &Path, mountpoint: &Path) -> Result<DstLock, LockError> {
+pub(crate) fn acquire(dst: &Path, mountpoint: &Path) -> Result<DstLock, LockError> {
     match DirBuilder::new().mode(0o700).create(dst.join(STATE_DIR)) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(LockError::Io(e)),
         _ => {}

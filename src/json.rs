@@ -8,7 +8,7 @@
 use serde_json::Value;
 
 /// A JSON object being written; [`Object::finish`] gives its text.
-pub struct Object(String);
+pub(crate) struct Object(String);
 
 impl Default for Object {
     fn default() -> Self {
@@ -18,17 +18,17 @@ impl Default for Object {
 
 impl Object {
     /// An empty object.
-    pub fn new() -> Object {
+    pub(crate) fn new() -> Object {
         Object(String::from("{"))
     }
 
     /// Adds `key: value` (a string, number, bool, `None` for null, a `Vec` of them...).
-    pub fn field(&mut self, key: &str, value: impl Into<Value>) -> &mut Object {
+    pub(crate) fn field(&mut self, key: &str, value: impl Into<Value>) -> &mut Object {
         self.raw(key, &value.into().to_string())
     }
 
     /// Adds `key` with `json`, text that already is JSON (an [`Object`] or [`array`]).
-    pub fn raw(&mut self, key: &str, json: &str) -> &mut Object {
+    pub(crate) fn raw(&mut self, key: &str, json: &str) -> &mut Object {
         if self.0.len() > 1 {
             self.0.push(',');
         }
@@ -39,14 +39,14 @@ impl Object {
     }
 
     /// The object's text.
-    pub fn finish(mut self) -> String {
+    pub(crate) fn finish(mut self) -> String {
         self.0.push('}');
         self.0
     }
 }
 
 /// A JSON array of items that already are JSON.
-pub fn array(items: impl IntoIterator<Item = String>) -> String {
+pub(crate) fn array(items: impl IntoIterator<Item = String>) -> String {
     format!("[{}]", items.into_iter().collect::<Vec<_>>().join(","))
 }
 

@@ -5,13 +5,13 @@
 //! Reported:
 //! - src: online or offline and since when, with the error that took it offline, from
 //!   `src.json` (written by the core at start and at each transition, see
-//!   [`crate::fs::src_state`]), and whether the daemon that wrote it still runs (if not,
+//!   `crate::fs::src_state`), and whether the daemon that wrote it still runs (if not,
 //!   the state is the last one known).
 //! - the writeback queue, from the journal: pending ops, pending bytes, age of the
 //!   oldest pending op, and every failed (parked) op with its path, attempts and last
-//!   error; paths src cannot hold; leftover checks (see [`crate::writeback::status`]).
-//! - partially present (lazily fetched) files ([`crate::fs::lazy::summary`]).
-//! - the cache budget, from `cache.json` (see [`crate::cache::status_text`]), when the
+//!   error; paths src cannot hold; leftover checks (see `crate::writeback::status`).
+//! - partially present (lazily fetched) files (`crate::fs::lazy::summary`).
+//! - the cache budget, from `cache.json` (see `crate::cache::status_text`), when the
 //!   daemon ran with a budget or pins.
 //!
 //! `--json` prints one object: the writeback keys, `src_online` (bool, null if unknown),
@@ -31,18 +31,18 @@ use crate::writeback::status::{self as wb, Summary};
 
 /// The src and cache parts of the status (beside the writeback summary).
 pub(crate) struct Extra {
-    pub src: Option<SrcState>,
+    pub(crate) src: Option<SrcState>,
     /// The daemon that wrote `src` still runs.
-    pub running: bool,
+    pub(crate) running: bool,
     /// `cache.json` as it is on disk.
-    pub cache_raw: Option<String>,
-    pub cache_text: Option<String>,
+    pub(crate) cache_raw: Option<String>,
+    pub(crate) cache_text: Option<String>,
     /// Unix seconds, for "N ago".
-    pub now: u64,
+    pub(crate) now: u64,
     /// Partially present (lazily fetched) files: (count, present bytes, total bytes).
-    pub partial: (u64, u64, u64),
+    pub(crate) partial: (u64, u64, u64),
     /// Writeback's findings: paths src cannot hold, src's abilities, leftover checks.
-    pub wb: wb::Extra,
+    pub(crate) wb: wb::Extra,
 }
 
 impl Extra {

@@ -17,18 +17,18 @@
 use std::time::{Duration, Instant};
 
 /// How much each start-up progress report extends the start timeout, from now.
-pub const EXTEND_BY: Duration = Duration::from_secs(30);
+pub(crate) const EXTEND_BY: Duration = Duration::from_secs(30);
 /// Shortest time between two progress reports of one task.
-pub const REPORT_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const REPORT_EVERY: Duration = Duration::from_millis(250);
 
 /// Whether a service manager listens (`NOTIFY_SOCKET` is set).
-pub fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
 /// Tells systemd about our state: a datagram with `state` (newline-separated
 /// `KEY=value` lines) to `$NOTIFY_SOCKET`. Silent when not run by systemd.
-pub fn notify(state: &str) {
+pub(crate) fn notify(state: &str) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
     let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -50,7 +50,7 @@ pub fn notify(state: &str) {
 /// [`Progress::finish`] reports the outcome if anything was reported before or
 /// `always` says so.
 #[derive(Debug)]
-pub struct Progress {
+pub(crate) struct Progress {
     what: &'static str,
     /// Before `READY=1`: reports extend the start timeout.
     extend: bool,
@@ -60,7 +60,7 @@ pub struct Progress {
 
 impl Progress {
     /// A task called `what` ("cache: scanning dst"); `extend` for start-up work.
-    pub fn new(what: &'static str, extend: bool) -> Progress {
+    pub(crate) fn new(what: &'static str, extend: bool) -> Progress {
         Progress {
             what,
             extend,
@@ -71,7 +71,7 @@ impl Progress {
 
     /// The task moved on; `detail` ("1200 files, 3.1G so far") is called only when a
     /// report is due.
-    pub fn update(&mut self, detail: impl FnOnce() -> String) {
+    pub(crate) fn update(&mut self, detail: impl FnOnce() -> String) {
         if !self.on {
             return;
         }
@@ -87,7 +87,7 @@ impl Progress {
     }
 
     /// The task is done: reports `detail` if an update was reported (or `always`).
-    pub fn finish(&mut self, always: bool, detail: impl FnOnce() -> String) {
+    pub(crate) fn finish(&mut self, always: bool, detail: impl FnOnce() -> String) {
         if self.on && (always || self.last.is_some()) {
             self.last = Some(Instant::now());
             self.send(&detail());

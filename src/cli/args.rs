@@ -31,8 +31,8 @@ Durations take units: 500ms, 30s, 5m, 1h, 1h30m; a plain number is seconds (0.5 
 Exit status: 0 clean exit, 1 runtime failure, 2 bad command line.";
 
 /// The raw command line, after single-dash flags were rewritten (see
-/// [`rewrite_args`](super::rewrite_args)). Values stay strings here;
-/// [`validate`](super::validate) turns them into a [`Config`](crate::config::Config)
+/// `rewrite_args`). Values stay strings here;
+/// `validate` turns them into a [`Config`](crate::config::Config)
 /// with clear errors.
 #[derive(Parser, Debug)]
 #[command(
@@ -47,9 +47,9 @@ Exit status: 0 clean exit, 1 runtime failure, 2 bad command line.";
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
     #[command(flatten)]
-    pub mount: MountArgs,
+    pub(crate) mount: MountArgs,
 }
 
 /// Subcommands (none: mount).
@@ -211,16 +211,16 @@ pub enum CompletionShell {
 pub struct MountArgs {
     /// The slow directory to cache (e.g. an rclone mount). Required.
     #[arg(long, value_name = "DIR", allow_hyphen_values = true)]
-    pub src: Option<OsString>,
+    pub(crate) src: Option<OsString>,
     /// The fast cache directory (e.g. on an SSD). Required.
     #[arg(long, value_name = "DIR", allow_hyphen_values = true)]
-    pub dst: Option<OsString>,
+    pub(crate) dst: Option<OsString>,
     /// Where the merged view is mounted. Required.
     #[arg(long, value_name = "DIR", allow_hyphen_values = true)]
-    pub mountpoint: Option<OsString>,
+    pub(crate) mountpoint: Option<OsString>,
     /// Write changes back to src in the background (from a durable journal in dst).
     #[arg(short = 'w')]
-    pub writeback: bool,
+    pub(crate) writeback: bool,
     /// Attempts per writeback operation before it is parked as failed (then retried
     /// 5 s later, doubling up to every 5 min).
     #[arg(
@@ -229,7 +229,7 @@ pub struct MountArgs {
         default_value = "5",
         allow_hyphen_values = true
     )]
-    pub retries: String,
+    pub(crate) retries: String,
     /// Writeback workers; 0 = mirror mode (in order, and fsync/close wait for src).
     #[arg(
         long,
@@ -237,7 +237,7 @@ pub struct MountArgs {
         default_value = "10",
         allow_hyphen_values = true
     )]
-    pub concurrent: String,
+    pub(crate) concurrent: String,
     /// Base delay between writeback attempts (exponential backoff, jitter), e.g. 2s.
     #[arg(
         long,
@@ -245,7 +245,7 @@ pub struct MountArgs {
         default_value = "0",
         allow_hyphen_values = true
     )]
-    pub retry_delay: String,
+    pub(crate) retry_delay: String,
     /// How long to wait before replaying a writeback operation (changes in that window
     /// are coalesced), e.g. 5s.
     #[arg(
@@ -254,13 +254,13 @@ pub struct MountArgs {
         default_value = "0",
         allow_hyphen_values = true
     )]
-    pub start_delay: String,
+    pub(crate) start_delay: String,
     /// Debug logging (RUST_LOG, if set, overrides the log filter).
     #[arg(short = 'd')]
-    pub debug: bool,
+    pub(crate) debug: bool,
     /// Log each replayed writeback operation.
     #[arg(long = "log")]
-    pub log: bool,
+    pub(crate) log: bool,
     /// Extra FUSE mount options, comma-separated (e.g. -o allow_other). Repeatable.
     #[arg(
         short = 'o',
@@ -268,10 +268,10 @@ pub struct MountArgs {
         action = clap::ArgAction::Append,
         allow_hyphen_values = true
     )]
-    pub options: Vec<OsString>,
+    pub(crate) options: Vec<OsString>,
     /// FUSE worker threads [default: one per core, 2 to 8].
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
-    pub threads: Option<String>,
+    pub(crate) threads: Option<String>,
     /// How long the kernel may cache entries and attributes, e.g. 1s or 200ms.
     #[arg(
         long,
@@ -279,10 +279,10 @@ pub struct MountArgs {
         default_value = "1s",
         allow_hyphen_values = true
     )]
-    pub attr_ttl: String,
+    pub(crate) attr_ttl: String,
     /// Never use FUSE passthrough (serve all reads and writes through the daemon).
     #[arg(long)]
-    pub no_passthrough: bool,
+    pub(crate) no_passthrough: bool,
     /// How long one src call may take before it fails with EIO and src counts as
     /// offline, e.g. 30s (0: wait forever). Copies fail only after this long with no
     /// progress.
@@ -292,7 +292,7 @@ pub struct MountArgs {
         default_value = "30s",
         allow_hyphen_values = true
     )]
-    pub src_timeout: String,
+    pub(crate) src_timeout: String,
     /// With -w: at shutdown (SIGTERM, unmount), how long to keep replaying the queue on
     /// src before exiting, e.g. 20s; what is left stays in the journal for the next start.
     #[arg(
@@ -301,7 +301,7 @@ pub struct MountArgs {
         default_value = "20s",
         allow_hyphen_values = true
     )]
-    pub drain_timeout: String,
+    pub(crate) drain_timeout: String,
     /// After this long (e.g. 60s, 5m), a clean cached file is compared with src again on
     /// its next lookup or open (refetched if src changed, dropped if src deleted it);
     /// 0: never.
@@ -311,7 +311,7 @@ pub struct MountArgs {
         default_value = "60s",
         allow_hyphen_values = true
     )]
-    pub revalidate: String,
+    pub(crate) revalidate: String,
     /// With -w: how long after a file was renamed away or deleted on src its old name
     /// is looked at again, to remove a copy src kept there (rclone can keep one when the
     /// rename or delete came during its own upload). Set it above rclone's
@@ -322,19 +322,19 @@ pub struct MountArgs {
         default_value = "6m",
         allow_hyphen_values = true
     )]
-    pub src_settle: String,
+    pub(crate) src_settle: String,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9477. Use a
     /// loopback address: the endpoint has no authentication.
     #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
-    pub metrics_addr: Option<String>,
+    pub(crate) metrics_addr: Option<String>,
     /// Most space cached files may take in dst (e.g. 20G, 500M, 1T): above it, least
     /// recently used clean files are evicted (refetched from src on next open).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
-    pub cache_size: Option<String>,
+    pub(crate) cache_size: Option<String>,
     /// Free space to keep on dst's filesystem, a size or a percentage (10G, 5%):
     /// clean files are evicted to keep it.
     #[arg(long, value_name = "SIZE|PERCENT", allow_hyphen_values = true)]
-    pub min_free: Option<String>,
+    pub(crate) min_free: Option<String>,
     /// Keep files matching GLOB (mount-relative: 'videos/**', '*.jpg') in dst: fetched
     /// ahead of use, never evicted. Repeatable. The xattr user.cachefs.pin on a file or
     /// directory does the same.
@@ -344,11 +344,11 @@ pub struct MountArgs {
         action = clap::ArgAction::Append,
         allow_hyphen_values = true
     )]
-    pub pin: Vec<String>,
+    pub(crate) pin: Vec<String>,
     /// With -w: data not yet on src above which new writers wait for the writeback
     /// (ENOSPC if src takes nothing for --src-timeout).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
-    pub max_dirty: Option<String>,
+    pub(crate) max_dirty: Option<String>,
     /// Files at least this large (e.g. 64M, 1G; 0 turns it off) are not copied whole
     /// when first opened for reading: blocks are fetched from src as reads need them.
     #[arg(
@@ -357,7 +357,7 @@ pub struct MountArgs {
         default_value = "64M",
         allow_hyphen_values = true
     )]
-    pub lazy_threshold: String,
+    pub(crate) lazy_threshold: String,
     /// The unit of a lazy fetch (4K to 64M, a multiple of 4K).
     #[arg(
         long,
@@ -365,9 +365,9 @@ pub struct MountArgs {
         default_value = "1M",
         allow_hyphen_values = true
     )]
-    pub block_size: String,
+    pub(crate) block_size: String,
     /// Complete lazily fetched files in the background once opened, with room the
     /// cache limits leave free (never evicting for it).
     #[arg(long)]
-    pub lazy_fill: bool,
+    pub(crate) lazy_fill: bool,
 }

@@ -66,7 +66,7 @@ pub(super) fn go_flag(clap_arg: &str) -> String {
 /// an unknown flag (Go has no `-abc` = `-a -b -c` clusters); the one exception is libfuse's
 /// attached `-oOPTIONS`. Values (the word after a value flag) and everything after `--`
 /// pass through untouched, so paths starting with `-` and non-UTF-8 paths survive.
-pub fn rewrite_args(argv: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
+pub(crate) fn rewrite_args(argv: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
     let mut out = Vec::with_capacity(argv.len());
     let mut it = argv.into_iter();
     if let Some(argv0) = it.next() {

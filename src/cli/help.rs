@@ -5,7 +5,7 @@
 use super::args::{Cli, CompletionShell};
 
 /// The completion script for `shell`, from the clap definitions (so it cannot drift).
-pub fn completions(shell: CompletionShell) -> String {
+pub(crate) fn completions(shell: CompletionShell) -> String {
     use clap::CommandFactory;
     use clap_complete::Shell;
     let sh = match shell {
@@ -21,7 +21,7 @@ pub fn completions(shell: CompletionShell) -> String {
 /// The man page cachefs(1), in roff: clap_mangen's sections from the clap definitions
 /// (so every flag is there, with its help text), plus the sections a daemon's page
 /// needs that clap does not model.
-pub fn man_page() -> String {
+pub(crate) fn man_page() -> String {
     use clap::CommandFactory;
     let cmd = Cli::command();
     let man = clap_mangen::Man::new(cmd);

@@ -5,8 +5,8 @@
 //!   `-src=/a`, `--src /a`, `--src=/a`, and boolean flags as `-w`, `-w=true`, `-w=false`.
 //!   libfuse's attached form `-oallow_other` works too. cachefs's own flags
 //!   (`--threads`, `--attr-ttl`, `--no-passthrough`) accept the same spellings.
-//! - [`parse`] never touches the system and [`validate`] only looks at it through the
-//!   [`Probe`] trait, so every rule is unit-tested with a fake system.
+//! - [`parse`] never touches the system and `validate` only looks at it through the
+//!   `Probe` trait, so every rule is unit-tested with a fake system.
 //! - A rejected command line yields exactly one [`CliError`]: a single line that names the
 //!   problem and the fix. `main` prints it and exits with status 2 before anything is
 //!   mounted or written.
@@ -37,12 +37,11 @@ mod validate;
 
 pub use args::{Cli, Command, CompletionShell, CtlCommand, MountArgs, Setting};
 use goflags::go_flag;
-pub use goflags::rewrite_args;
-pub use help::{completions, man_page};
-pub use validate::{
-    CacheFlags, HostProbe, Probe, cache_flags, check_can_mount, check_layout, check_not_mounted,
-    parse_addr, parse_count, parse_duration, parse_threads, resolve_dir, split_options, validate,
-};
+pub(crate) use goflags::rewrite_args;
+pub(crate) use help::{completions, man_page};
+#[cfg(test)]
+use validate::check_layout;
+pub(crate) use validate::{HostProbe, Probe, check_not_mounted, parse_duration, validate};
 
 pub use crate::config::EXIT_USAGE;
 pub use crate::mountinfo::unescape as unescape_mountinfo;
@@ -74,7 +73,7 @@ pub enum Action {
 
 /// A rejected command line: one line naming the problem and the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CliError(pub String);
+pub struct CliError(pub(crate) String);
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -97,7 +96,7 @@ where
 }
 
 /// [`parse`] with an injected view of the system.
-pub fn parse_with<I, T>(argv: I, probe: &dyn Probe) -> Result<Action, CliError>
+pub(crate) fn parse_with<I, T>(argv: I, probe: &dyn Probe) -> Result<Action, CliError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,

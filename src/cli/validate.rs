@@ -13,7 +13,7 @@ use super::{CliError, err, unescape_mountinfo};
 use crate::config::{self, Config};
 
 /// How [`validate`] sees the system; [`HostProbe`] is the real one.
-pub trait Probe {
+pub(crate) trait Probe {
     /// `stat` then canonicalize: (canonical path, is a directory).
     fn dir(&self, path: &Path) -> io::Result<(PathBuf, bool)>;
     /// The text of /proc/self/mountinfo.
@@ -25,7 +25,7 @@ pub trait Probe {
 }
 
 /// The real system.
-pub struct HostProbe;
+pub(crate) struct HostProbe;
 
 impl Probe for HostProbe {
     fn dir(&self, path: &Path) -> io::Result<(PathBuf, bool)> {
@@ -51,7 +51,7 @@ impl Probe for HostProbe {
 /// Validate the mount flags into a [`Config`]. Checks, in order: required flags, numbers,
 /// each directory (exists, is a directory, not a dead FUSE mount), the three are distinct
 /// and not nested, the mountpoint is not already mounted, and we may mount at all.
-pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
+pub(crate) fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
     let src = required("src", "the slow directory to cache", &m.src)?;
     let dst = required("dst", "the fast cache directory", &m.dst)?;
     let mnt = required(
@@ -125,18 +125,18 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
 
 /// The cache budget flags, validated (`--cache-size`, `--min-free`, `--pin`,
 /// `--max-dirty`).
-pub struct CacheFlags {
-    pub cache_size: Option<u64>,
-    pub min_free: Option<config::MinFree>,
-    pub pins: Vec<String>,
-    pub max_dirty: Option<u64>,
-    pub lazy_threshold: u64,
-    pub block_size: u64,
-    pub lazy_fill: bool,
+pub(crate) struct CacheFlags {
+    pub(crate) cache_size: Option<u64>,
+    pub(crate) min_free: Option<config::MinFree>,
+    pub(crate) pins: Vec<String>,
+    pub(crate) max_dirty: Option<u64>,
+    pub(crate) lazy_threshold: u64,
+    pub(crate) block_size: u64,
+    pub(crate) lazy_fill: bool,
 }
 
 /// Validates the cache budget flags of `m`.
-pub fn cache_flags(m: &MountArgs) -> Result<CacheFlags, CliError> {
+pub(crate) fn cache_flags(m: &MountArgs) -> Result<CacheFlags, CliError> {
     use crate::cache::{budget, pin};
     let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>, CliError> {
         let Some(v) = v else { return Ok(None) };
@@ -226,7 +226,7 @@ fn required(flag: &str, what: &str, v: &Option<OsString>) -> Result<PathBuf, Cli
 }
 
 /// A whole number >= 0 (`-retries`, `-concurrent`).
-pub fn parse_count(flag: &str, v: &str) -> Result<u32, CliError> {
+pub(crate) fn parse_count(flag: &str, v: &str) -> Result<u32, CliError> {
     v.trim().parse::<u32>().or_else(|_| {
         err(format!(
             "-{flag} '{v}' is not a whole number >= 0; write e.g. -{flag} 5"
@@ -235,12 +235,12 @@ pub fn parse_count(flag: &str, v: &str) -> Result<u32, CliError> {
 }
 
 /// A duration >= 0 (see [`config::parse_duration`], which holds the syntax).
-pub fn parse_duration(flag: &str, v: &str) -> Result<Duration, CliError> {
+pub(crate) fn parse_duration(flag: &str, v: &str) -> Result<Duration, CliError> {
     config::parse_duration(flag, v).map_err(CliError)
 }
 
 /// `--threads`: 1 to 1024.
-pub fn parse_threads(v: &str) -> Result<usize, CliError> {
+pub(crate) fn parse_threads(v: &str) -> Result<usize, CliError> {
     match v.trim().parse::<usize>() {
         Ok(n) if (1..=1024).contains(&n) => Ok(n),
         _ => err(format!(
@@ -250,7 +250,7 @@ pub fn parse_threads(v: &str) -> Result<usize, CliError> {
 }
 
 /// `--metrics-addr`: an IP address and a port (no host names: nothing is resolved).
-pub fn parse_addr(v: &str) -> Result<std::net::SocketAddr, CliError> {
+pub(crate) fn parse_addr(v: &str) -> Result<std::net::SocketAddr, CliError> {
     v.trim().parse().or_else(|_| {
         err(format!(
             "--metrics-addr '{v}' is not an IP address with a port; write e.g. \
@@ -260,7 +260,7 @@ pub fn parse_addr(v: &str) -> Result<std::net::SocketAddr, CliError> {
 }
 
 /// `-o a,b -o c` -> [a, b, c]; empty items are dropped.
-pub fn split_options(values: &[OsString]) -> Result<Vec<String>, CliError> {
+pub(crate) fn split_options(values: &[OsString]) -> Result<Vec<String>, CliError> {
     let mut out = Vec::new();
     for v in values {
         let Some(s) = v.to_str() else {
@@ -280,7 +280,7 @@ pub fn split_options(values: &[OsString]) -> Result<Vec<String>, CliError> {
 }
 
 /// Judge the result of probing a directory flag.
-pub fn resolve_dir(
+pub(crate) fn resolve_dir(
     flag: &str,
     given: &Path,
     probed: io::Result<(PathBuf, bool)>,
@@ -311,7 +311,7 @@ pub fn resolve_dir(
 }
 
 /// src, dst and mountpoint (canonical) must be three distinct directories, none inside another.
-pub fn check_layout(src: &Path, dst: &Path, mnt: &Path) -> Result<(), CliError> {
+pub(crate) fn check_layout(src: &Path, dst: &Path, mnt: &Path) -> Result<(), CliError> {
     let dirs = [("src", src), ("dst", dst), ("mountpoint", mnt)];
     for (i, (fa, a)) in dirs.iter().enumerate() {
         for (fb, b) in &dirs[i + 1..] {
@@ -336,7 +336,7 @@ pub fn check_layout(src: &Path, dst: &Path, mnt: &Path) -> Result<(), CliError> 
 }
 
 /// The mountpoint (canonical) must not already be a mount point.
-pub fn check_not_mounted(mnt: &Path, mountinfo: &str) -> Result<(), CliError> {
+pub(crate) fn check_not_mounted(mnt: &Path, mountinfo: &str) -> Result<(), CliError> {
     for line in mountinfo.lines() {
         let mut fields = line.split(' ');
         let Some(point) = fields.nth(4) else { continue };
@@ -357,7 +357,7 @@ pub fn check_not_mounted(mnt: &Path, mountinfo: &str) -> Result<(), CliError> {
 }
 
 /// Mounting needs root, or a setuid fusermount3 helper.
-pub fn check_can_mount(euid: u32, has_fusermount: bool) -> Result<(), CliError> {
+pub(crate) fn check_can_mount(euid: u32, has_fusermount: bool) -> Result<(), CliError> {
     if euid == 0 || has_fusermount {
         Ok(())
     } else {

@@ -11,7 +11,7 @@ use super::ControlError;
 use crate::cache::budget::{self, MinFree, human};
 
 /// One connection to a daemon.
-pub struct Conn {
+pub(crate) struct Conn {
     socket: PathBuf,
     stream: UnixStream,
     reader: BufReader<UnixStream>,
@@ -19,7 +19,7 @@ pub struct Conn {
 
 impl Conn {
     /// Connects to the daemon serving `dst`.
-    pub fn connect(dst: &Path) -> Result<Conn, ControlError> {
+    pub(crate) fn connect(dst: &Path) -> Result<Conn, ControlError> {
         let socket = super::socket_path(dst);
         let stream = UnixStream::connect(&socket).map_err(|e| match e.kind() {
             io::ErrorKind::PermissionDenied => ControlError::Refused {
@@ -41,7 +41,7 @@ impl Conn {
     }
 
     /// Sends `req` and returns the answer when it is `ok`; a daemon's error otherwise.
-    pub fn call(&mut self, req: &Value) -> Result<Value, ControlError> {
+    pub(crate) fn call(&mut self, req: &Value) -> Result<Value, ControlError> {
         let mut line = req.to_string();
         line.push('\n');
         // A refusing daemon answers at once and closes: its answer may be waiting
@@ -85,14 +85,14 @@ impl Conn {
 }
 
 /// One request on a new connection.
-pub fn call(dst: &Path, req: &Value) -> Result<Value, ControlError> {
+pub(crate) fn call(dst: &Path, req: &Value) -> Result<Value, ControlError> {
     Conn::connect(dst)?.call(req)
 }
 
 /// The mount-relative form of `p`: a path through the mount (absolute, or relative to
 /// the current directory, when it leads into the mount), else a path from the mount's
 /// root (`/videos/a.mp4` and `videos/a.mp4` alike).
-pub fn rel_to_mount(mountpoint: &Path, p: &Path) -> Result<PathBuf, ControlError> {
+pub(crate) fn rel_to_mount(mountpoint: &Path, p: &Path) -> Result<PathBuf, ControlError> {
     let through = if p.is_absolute() {
         Some(p.to_path_buf())
     } else {
@@ -108,7 +108,7 @@ pub fn rel_to_mount(mountpoint: &Path, p: &Path) -> Result<PathBuf, ControlError
 }
 
 /// The daemon's mountpoint (from `info`).
-pub fn mountpoint(conn: &mut Conn) -> Result<PathBuf, ControlError> {
+pub(crate) fn mountpoint(conn: &mut Conn) -> Result<PathBuf, ControlError> {
     let info = conn.call(&json!({"cmd": "info"}))?;
     Ok(PathBuf::from(
         info.get("mountpoint")
@@ -147,7 +147,7 @@ pub enum Ctl {
 }
 
 /// Turns `cachefs ctl DST set NAME VALUE` into a request; the error is one line.
-pub fn set_request(name: &str, value: &str) -> Result<Value, String> {
+pub(crate) fn set_request(name: &str, value: &str) -> Result<Value, String> {
     let none = matches!(value.trim(), "none" | "off" | "unlimited");
     let size = |flag: &str| -> Result<Value, String> {
         if none {
@@ -328,7 +328,7 @@ fn ctl_inner(dst: &Path, ctl: &Ctl, json_out: bool) -> Result<i32, ControlError>
 }
 
 /// The lines of an `evict` answer.
-pub fn print_evicted(v: &Value) {
+pub(crate) fn print_evicted(v: &Value) {
     println!(
         "evicted {} files ({})",
         v["evicted"],

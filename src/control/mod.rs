@@ -6,8 +6,8 @@
 //!
 //! One JSON object per line each way: a request `{"cmd":"...", ...}`, then its answer
 //! `{"ok":true, ...}` or `{"ok":false,"error":"..."}`. A connection may carry several
-//! requests; the server closes it after [`IDLE`] without one. Paths are mount-relative
-//! (`videos/a.mp4`, `""` for the root). The commands are listed in [`server`].
+//! requests; the server closes it after `IDLE` without one. Paths are mount-relative
+//! (`videos/a.mp4`, `""` for the root). The commands are listed in `server`.
 //!
 //! # Who may use it
 //!
@@ -15,7 +15,7 @@
 //! enough: the socket is mode 0600 inside the state folder (0700, the daemon's), so
 //! another user cannot even connect; and the server checks the caller's uid with
 //! `SO_PEERCRED` before reading a request, and answers anyone else with
-//! `{"ok":false,"error":"permission denied: ..."}` ([`authorized`]).
+//! `{"ok":false,"error":"permission denied: ..."}` (`authorized`).
 //!
 //! # Dependencies and invariants
 //!
@@ -26,12 +26,12 @@
 //! lock-free state is the connection count). A mount-path lookup it makes on the core
 //! is paired with a `forget` of the same count, as the kernel's are.
 //!
-//! Errors: one type per layer; here [`ControlError`] (client side: no daemon, refused,
+//! Errors: one type per layer; here `ControlError` (client side: no daemon, refused,
 //! the daemon's answer was an error). The server turns every core error into the
 //! answer's `error` text.
 
 pub mod client;
-pub mod server;
+pub(crate) mod server;
 pub mod warmup;
 pub mod watch;
 
@@ -40,29 +40,29 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-pub use server::{Server, Target};
+pub(crate) use server::{Server, Target};
 
 /// The socket's name inside dst's state folder.
-pub const SOCKET_NAME: &str = "control.sock";
+pub(crate) const SOCKET_NAME: &str = "control.sock";
 
 /// A connection with no request for this long is closed.
-pub const IDLE: Duration = Duration::from_secs(30);
+pub(crate) const IDLE: Duration = Duration::from_secs(30);
 
 /// The control socket of the daemon serving `dst`.
-pub fn socket_path(dst: &Path) -> PathBuf {
+pub(crate) fn socket_path(dst: &Path) -> PathBuf {
     dst.join(crate::fs::names::STATE_DIR).join(SOCKET_NAME)
 }
 
 /// Whether a caller with `uid` may use the channel of a daemon running as `owner`:
 /// root, or the owner.
-pub fn authorized(uid: u32, owner: u32) -> bool {
+pub(crate) fn authorized(uid: u32, owner: u32) -> bool {
     uid == 0 || uid == owner
 }
 
 /// A mount-relative path from the command line or a request: `""` is the root;
 /// leading `/` and `.` components are dropped; `..` and reserved names (cachefs's
 /// own state) are refused.
-pub fn mount_rel(p: &Path) -> Result<PathBuf, String> {
+pub(crate) fn mount_rel(p: &Path) -> Result<PathBuf, String> {
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {
@@ -89,7 +89,7 @@ pub fn mount_rel(p: &Path) -> Result<PathBuf, String> {
 
 /// What can go wrong on the client side of the channel.
 #[derive(Debug)]
-pub enum ControlError {
+pub(crate) enum ControlError {
     /// No daemon answers at the socket (none runs on this dst, or it is an old one).
     NoDaemon { socket: PathBuf, source: io::Error },
     /// The socket exists but this user may not use it.
@@ -104,7 +104,7 @@ pub enum ControlError {
 
 impl ControlError {
     /// Exit status for `main`: 2 for a bad argument, 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    pub(crate) fn exit_code(&self) -> i32 {
         match self {
             ControlError::Usage(_) => crate::config::EXIT_USAGE,
             _ => 1,

@@ -41,21 +41,21 @@ use crate::metrics::{METRICS, SrcOp};
 use crate::writeback::Writeback;
 
 /// Connections served at once; more are refused with an answer.
-pub const MAX_CONNECTIONS: usize = 8;
+pub(crate) const MAX_CONNECTIONS: usize = 8;
 /// Most paths one `state` or `evict` request reports.
-pub const MAX_PATHS: usize = 100_000;
+pub(crate) const MAX_PATHS: usize = 100_000;
 
 /// What the server acts on.
-pub struct Target {
-    pub fs: Arc<CacheFs>,
+pub(crate) struct Target {
+    pub(crate) fs: Arc<CacheFs>,
     pub(crate) cache: Option<Arc<Cache>>,
-    pub wb: Option<Arc<Writeback>>,
-    pub dst: PathBuf,
-    pub mountpoint: PathBuf,
+    pub(crate) wb: Option<Arc<Writeback>>,
+    pub(crate) dst: PathBuf,
+    pub(crate) mountpoint: PathBuf,
 }
 
 /// A running server; [`Server::stop`] ends it and removes the socket.
-pub struct Server {
+pub(crate) struct Server {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -64,7 +64,7 @@ pub struct Server {
 impl Server {
     /// Binds the socket at `path` (a leftover file there is replaced: the daemon holds
     /// dst's lock, so no other daemon uses it), mode 0600, and serves on a thread.
-    pub fn start(path: &Path, target: Target) -> io::Result<Server> {
+    pub(crate) fn start(path: &Path, target: Target) -> io::Result<Server> {
         let listener = bind_listening(path)?;
         // SAFETY: geteuid cannot fail.
         let owner = unsafe { libc::geteuid() };
@@ -87,7 +87,7 @@ impl Server {
 
     /// Stops accepting, removes the socket. Connections in progress finish on their
     /// own threads.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the blocking accept.
         let _ = UnixStream::connect(&self.path);
@@ -232,7 +232,7 @@ fn serve_conn(mut conn: UnixStream, sh: &Shared) {
 }
 
 /// Runs one request.
-pub fn handle(t: &Target, req: &Value) -> Value {
+pub(crate) fn handle(t: &Target, req: &Value) -> Value {
     let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
     let path = || -> Result<PathBuf, String> {
         let p = req.get("path").and_then(Value::as_str).unwrap_or("");

@@ -35,10 +35,10 @@ use crate::cache::budget::human;
 /// What `cachefs warmup` was asked to do.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Warmup {
-    pub paths: Vec<PathBuf>,
-    pub recursive: bool,
-    pub evict: bool,
-    pub dst: Option<PathBuf>,
+    pub(crate) paths: Vec<PathBuf>,
+    pub(crate) recursive: bool,
+    pub(crate) evict: bool,
+    pub(crate) dst: Option<PathBuf>,
 }
 
 /// One file to read: its path and size.
@@ -71,7 +71,7 @@ pub fn run(w: &Warmup) -> i32 {
 }
 
 /// The mountpoint of the cachefs mount holding `p` (canonical), from mountinfo.
-pub fn cachefs_mount_of(p: &Path) -> Option<PathBuf> {
+pub(crate) fn cachefs_mount_of(p: &Path) -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mut best: Option<(PathBuf, bool)> = None;
     for line in info.lines() {

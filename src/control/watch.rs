@@ -22,23 +22,23 @@ fn num(v: &Value, k: &str) -> f64 {
 
 /// The numbers of one interval.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rates {
-    pub hits: f64,
-    pub misses: f64,
-    pub fetched: f64,
-    pub uploaded: f64,
-    pub pending: u64,
-    pub failed: u64,
-    pub dirty: u64,
+pub(crate) struct Rates {
+    pub(crate) hits: f64,
+    pub(crate) misses: f64,
+    pub(crate) fetched: f64,
+    pub(crate) uploaded: f64,
+    pub(crate) pending: u64,
+    pub(crate) failed: u64,
+    pub(crate) dirty: u64,
     /// Mean src call latency over the interval (`None`: no src call).
-    pub src_latency: Option<Duration>,
-    pub src_online: bool,
-    pub cache_used: Option<u64>,
-    pub cache_size: Option<u64>,
+    pub(crate) src_latency: Option<Duration>,
+    pub(crate) src_online: bool,
+    pub(crate) cache_used: Option<u64>,
+    pub(crate) cache_size: Option<u64>,
 }
 
 /// Rates between two `stats` answers.
-pub fn rates(prev: &Value, now: &Value) -> Rates {
+pub(crate) fn rates(prev: &Value, now: &Value) -> Rates {
     let dt = (num(now, "time") - num(prev, "time")).max(1e-3);
     let per_s = |k: &str| ((num(now, k) - num(prev, k)) / dt).max(0.0);
     let ops = num(now, "src_ops") - num(prev, "src_ops");
@@ -64,11 +64,11 @@ fn latency(r: &Rates) -> String {
 }
 
 /// The header of the plain form.
-pub const HEADER: &str =
+pub(crate) const HEADER: &str =
     "time      hits/s  misses/s  fetched/s  uploaded/s  queue  failed  dirty  src-latency  src";
 
 /// One plain line.
-pub fn line(clock: &str, r: &Rates) -> String {
+pub(crate) fn line(clock: &str, r: &Rates) -> String {
     format!(
         "{clock:<8} {:>7.1} {:>9.1} {:>10} {:>11} {:>6} {:>7} {:>6} {:>12}  {}",
         r.hits,

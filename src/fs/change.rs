@@ -118,8 +118,8 @@ pub trait ChangeLog: Send + Sync {
     }
 }
 
-/// Held (shared) across a dst rename and its [`ChangeLog::record`] (see
-/// [`ChangeLog::begin_change`]). Inert without a change log.
+/// Held (shared) across a dst rename and its `ChangeLog::record` (see
+/// `ChangeLog::begin_change`). Inert without a change log.
 pub struct ChangeGuard<'a>(#[allow(dead_code)] Option<RwLockReadGuard<'a, ()>>);
 
 impl<'a> ChangeGuard<'a> {
@@ -141,7 +141,7 @@ pub(crate) trait EndIntent: Sync {
     fn end_intent(&self);
 }
 
-/// An intent in progress (see [`ChangeLog::intend`]); a no-op one without writeback.
+/// An intent in progress (see `ChangeLog::intend`); a no-op one without writeback.
 #[must_use = "the intent ends when the guard is dropped"]
 pub struct IntentGuard<'a> {
     intents: Option<&'a dyn EndIntent>,

@@ -1,7 +1,7 @@
 //! One directory tree (dst or src) accessed only *beneath* its root.
 //!
 //! Invariants:
-//! - Every path given to a [`Layer`] is relative to its root and is resolved with
+//! - Every path given to a `Layer` is relative to its root and is resolved with
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)` for the
 //!   parent directory and an `*at` call with `AT_SYMLINK_NOFOLLOW`/`O_NOFOLLOW` on the
 //!   final component. A symlink or `..` swapped in behind the daemon's back therefore
@@ -10,8 +10,8 @@
 //!   component at a time with `O_NOFOLLOW`.
 //! - A `Layer` holds no unsafe code: the syscalls are `crate::sys`'s (re-exported
 //!   here under the names the core uses); a `Layer` adds where they may reach. Its one cache, on dst only
-//!   ([`Layer::open_caching_dirs`]), keeps `O_PATH` fds of recently used directories
-//!   (at most an eighth of the descriptor limit, and at most [`DIR_FD_MAX`]: the
+//!   (`Layer::open_caching_dirs`), keeps `O_PATH` fds of recently used directories
+//!   (at most an eighth of the descriptor limit, and at most `DIR_FD_MAX`: the
 //!   descriptors the daemon holds do not grow with the entries it has shown)
 //!   so that a burst of calls in one directory does not walk the path again for each
 //!   (an openat2 per call). An entry is at most [`DIR_FD_TTL`] old, and this layer's
@@ -31,13 +31,13 @@
 //!   reserved component (the state folder, written with `std::fs` behind this layer's
 //!   back) are never recorded absent.
 //! - A root that was a mount root when opened is only ever replaced
-//!   ([`Layer::reopen`]) by a mount root: an unmounted src leaves an empty
+//!   (`Layer::reopen`) by a mount root: an unmounted src leaves an empty
 //!   directory at its path, and that must never be taken for an empty src. A src
-//!   that was a mount root when cachefs last ran ([`Layer::open_src`]) but is a bare
+//!   that was a mount root when cachefs last ran (`Layer::open_src`) but is a bare
 //!   directory now starts with no root at all: every call fails with ENOTCONN (src is
 //!   offline) until a reopen finds a mount there. The view and writeback replay share
 //!   one src `Layer`, so both follow this rule: replay takes src's root only from
-//!   [`Layer::root_fd_checked`], and has no other way to open src.
+//!   `Layer::root_fd_checked`, and has no other way to open src.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, OsStr, OsString};

@@ -25,12 +25,12 @@
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
 //!   these and never holding another; so are `refetched`, `src_absent`'s and
 //!   `src_ahead`'s tables, and the dst layer's directory table (see [`layer`]).
-//!   The lazy fetch table ([`lazy::Lazy`], then a partial's state) is taken under
+//!   The lazy fetch table (`lazy::Lazy`, then a partial's state) is taken under
 //!   `copy_flights` or alone (`evict_partial` holds `copy_flights` so that no copy-up
 //!   installs the partial it evicts), never holding a core lock; no lock is held
 //!   across a block fetch. A partial's state lock may call the cache budget's
-//!   [`lazy::Usage`] hook, which only takes the cache's leaf index lock.
-//! - A partially present file ([`lazy`]) is not at its dst path: for this module it is
+//!   `lazy::Usage` hook, which only takes the cache's leaf index lock.
+//! - A partially present file (`lazy`) is not at its dst path: for this module it is
 //!   src-only until a copy-up completes and installs it.
 //!
 //! Where things are: this file holds the core's state ([`CacheFs`], its fields and

@@ -2,8 +2,8 @@
 //! (`fs`) and the writeback replay (`writeback`).
 //!
 //! Invariants:
-//! - Every name cachefs itself writes into dst starts with [`RESERVED_PREFIX`], except the
-//!   GoCacheFS legacy whiteouts it honours and removes ([`GOCACHEFS_WHITEOUT_PREFIX`]).
+//! - Every name cachefs itself writes into dst starts with `RESERVED_PREFIX`, except the
+//!   GoCacheFS legacy whiteouts it honours and removes (`GOCACHEFS_WHITEOUT_PREFIX`).
 //! - A reserved name is never listed, looked up, created, renamed to or linked to through
 //!   the mount; such calls fail with `EPERM` (creation) or `ENOENT` (lookup).
 //! - A whiteout `.cachefs-wh.<name>` in dst directory D hides `<name>` of src in D.

@@ -16,21 +16,21 @@
 //! - No record means local: never refetched, dropped or evicted. A missing or torn record
 //!   is always safe. A record never claims "clean" for bytes src does not hold: it is
 //!   written after a fetch is installed in dst, or after an upload's rename on src.
-//! - A record put while the file is open for writing (an [`OpenWriter`] guard is held)
+//! - A record put while the file is open for writing (an `OpenWriter` guard is held)
 //!   is dirty and `open_writer`: writes after the last flush may not be journaled yet
 //!   (passthrough writes bypass the daemon), so after a crash the writeback queues an
-//!   upload of each such file ([`Store::open_writer_paths`]).
+//!   upload of each such file (`Store::open_writer_paths`).
 //! - `dirty` is set on the first local change, durably (fdatasync of the log) before the
 //!   change is made. A dirty file is never refetched or dropped because of src (local
 //!   data wins; writeback turns a src that changed too into a conflict).
 //! - The log is one checksummed line per change, appended with one write; it is read into
 //!   memory when the store opens (one store per dst per process, shared by the core, the
 //!   cache and the writeback replay), compacted then and when it grows past
-//!   [`COMPACT_SLACK`] dead lines. Opens of cached files cost a map lookup and a statx.
+//!   `COMPACT_SLACK` dead lines. Opens of cached files cost a map lookup and a statx.
 //! - Migration: versions before the store kept the record in the `*.cachefs.origin`
 //!   xattr of the dst file. When a store is opened on a dst without a log, those xattrs
 //!   are imported once (a walk of dst); later they are ignored (and stay hidden from
-//!   the mount: [`is_reserved_xattr`]).
+//!   the mount: `is_reserved_xattr`).
 //!
 //! Lock order: the store's mutex is a leaf; it is held across a log append (and its
 //! fdatasync), never across any other I/O or lock.

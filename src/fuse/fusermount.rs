@@ -33,9 +33,9 @@ use std::process::{Command, Stdio};
 use fuser::SessionACL;
 
 /// The file fusermount3 reads for `user_allow_other`.
-pub const FUSE_CONF: &str = "/etc/fuse.conf";
+pub(crate) const FUSE_CONF: &str = "/etc/fuse.conf";
 /// The FUSE device.
-pub const DEV_FUSE: &str = "/dev/fuse";
+pub(crate) const DEV_FUSE: &str = "/dev/fuse";
 
 fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
@@ -45,7 +45,7 @@ fn is_root() -> bool {
 /// For a normal user: whether `/dev/fuse` can be opened; if not (EACCES/EPERM), an
 /// error that says why a FUSE mount is impossible for this user and what to change.
 /// Other failures (no device) are left to the mount, which reports them.
-pub fn check_device() -> io::Result<()> {
+pub(crate) fn check_device() -> io::Result<()> {
     if is_root() {
         return Ok(());
     }
@@ -81,7 +81,7 @@ pub fn check_device() -> io::Result<()> {
 }
 
 /// Both checks for a normal user's mount with `acl` ([`check_device`] first).
-pub fn check_can_mount(acl: SessionACL) -> io::Result<()> {
+pub(crate) fn check_can_mount(acl: SessionACL) -> io::Result<()> {
     check_device()?;
     check_allow_other(acl)
 }
@@ -109,14 +109,14 @@ fn binary() -> OsString {
 
 /// Whether `/etc/fuse.conf`'s text allows `allow_other` for normal users: a line that
 /// is exactly `user_allow_other` (surrounding blanks aside), as fusermount3 reads it.
-pub fn conf_allows_other(conf: &str) -> bool {
+pub(crate) fn conf_allows_other(conf: &str) -> bool {
     conf.lines().any(|l| l.trim() == "user_allow_other")
 }
 
 /// For a normal user, `allow_other`/`allow_root` need `user_allow_other` in
 /// `/etc/fuse.conf` (fusermount3 refuses the mount otherwise): an error that says so,
 /// before anything is started. Root may always.
-pub fn check_allow_other(acl: SessionACL) -> io::Result<()> {
+pub(crate) fn check_allow_other(acl: SessionACL) -> io::Result<()> {
     if acl == SessionACL::Owner || is_root() {
         return Ok(());
     }
@@ -141,7 +141,7 @@ pub fn check_allow_other(acl: SessionACL) -> io::Result<()> {
 
 /// `fusermount3 -u [-z] -- mountpoint`: unmounts a FUSE mount of this user (lazily with
 /// `lazy`). The error carries fusermount3's message ("... Device or resource busy").
-pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
+pub(crate) fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
     let bin = binary();
     let mut cmd = Command::new(&bin);
     cmd.arg("-u");

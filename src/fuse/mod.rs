@@ -39,13 +39,13 @@ use crate::config::Config;
 use crate::fs::{CacheFs, Caller, FsError, OpenRequest, Opened};
 
 mod convert;
-pub mod fusermount;
+pub(crate) mod fusermount;
 mod mount;
 mod ops;
 mod passthrough;
 
 use convert::{errno, fuse_attr};
-pub use mount::{Mounted, mount_options, spawn_mount};
+pub(crate) use mount::{mount_options, spawn_mount};
 use passthrough::BackingTable;
 
 /// The arguments of a create request, to serve it on another thread.
@@ -59,7 +59,7 @@ struct CreateArgs {
 }
 
 /// The adapter the session drives.
-pub struct FuseAdapter {
+pub(crate) struct FuseAdapter {
     fs: Arc<CacheFs>,
     ttl: Duration,
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
@@ -84,7 +84,7 @@ fn direntplus_size(name: &OsStr) -> usize {
 const READDIRPLUS_ROOM: usize = 4096;
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<CacheFs>, cfg: &Config) -> FuseAdapter {
+    pub(crate) fn new(fs: Arc<CacheFs>, cfg: &Config) -> FuseAdapter {
         FuseAdapter {
             fs,
             ttl: cfg.attr_ttl,

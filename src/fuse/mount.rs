@@ -13,7 +13,7 @@ use super::FuseAdapter;
 
 /// Mount options from the config: cachefs's defaults plus `-o` (which may override
 /// nosuid/nodev with suid/dev).
-pub fn mount_options(cfg: &Config) -> (Vec<MountOption>, SessionACL) {
+pub(crate) fn mount_options(cfg: &Config) -> (Vec<MountOption>, SessionACL) {
     let mut opts = vec![
         MountOption::FSName(format!("cachefs:{}", cfg.src.display())),
         MountOption::Subtype("cachefs".into()),
@@ -62,18 +62,18 @@ pub fn mount_options(cfg: &Config) -> (Vec<MountOption>, SessionACL) {
 }
 
 /// A mount being served on background threads.
-pub struct Mounted {
-    pub session: BackgroundSession,
+pub(crate) struct Mounted {
+    pub(crate) session: BackgroundSession,
     /// Receives once the kernel's INIT was answered (the mount serves requests). The
     /// daemon waits on this instead of touching its own mount: a daemon blocked in a
     /// request to itself cannot be killed cleanly.
-    pub ready: crossbeam_channel::Receiver<()>,
+    pub(crate) ready: crossbeam_channel::Receiver<()>,
 }
 
 /// Mounts `fs` at `cfg.mountpoint` and serves it on background threads.
 /// [`fusermount::check_can_mount`](super::fusermount::check_can_mount) first gives the
 /// clearer errors.
-pub fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<Mounted> {
+pub(crate) fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Result<Mounted> {
     let (mount_options, acl) = mount_options(cfg);
     let mut fc = FuseConfig::default();
     fc.mount_options = mount_options;

@@ -20,16 +20,16 @@ use std::time::{Duration, Instant};
 use super::render;
 
 /// Connections served at once; more are closed unanswered.
-pub const MAX_CONNECTIONS: usize = 8;
+pub(crate) const MAX_CONNECTIONS: usize = 8;
 /// Time a client has to send its request head (and for each read or write).
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+pub(crate) const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// The running endpoint. [`MetricsServer::stop`] (or drop) closes the listener and joins
 /// its thread; connections in flight finish on their own within their timeouts.
 #[derive(Debug)]
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     addr: SocketAddr,
     stopping: Arc<AtomicBool>,
     listener_fd: i32,
@@ -38,7 +38,7 @@ pub struct MetricsServer {
 
 /// Binds `addr` and serves [`render`] at `/metrics` on a background thread. Fails only if
 /// the bind fails (address in use, not local, ...).
-pub fn serve(addr: SocketAddr) -> io::Result<MetricsServer> {
+pub(crate) fn serve(addr: SocketAddr) -> io::Result<MetricsServer> {
     let listener = TcpListener::bind(addr)?;
     let addr = listener.local_addr()?;
     let stopping = Arc::new(AtomicBool::new(false));
@@ -57,12 +57,12 @@ pub fn serve(addr: SocketAddr) -> io::Result<MetricsServer> {
 
 impl MetricsServer {
     /// The bound address (with the real port when bound to port 0).
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Stops accepting and joins the accept thread.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.shutdown();
     }
 

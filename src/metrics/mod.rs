@@ -3,7 +3,7 @@
 //!
 //! # Design
 //!
-//! One global registry, [`METRICS`], made only of atomics: any module calls it from any
+//! One global registry, `METRICS`, made only of atomics: any module calls it from any
 //! thread with no setup, no locks and no allocation (`METRICS.evictions.inc()` is one
 //! relaxed atomic add). Every series exists from the start (at 0), so dashboards and
 //! alerts never see a missing series. [`render`] reads the atomics one by one: a scrape
@@ -28,9 +28,9 @@
 //! | `cachefs_conflicts_total` | counter | files changed in dst and in src; src's version was kept under a conflict name |
 //! | `cachefs_src_errors_total{kind}` | counter | src operations that failed, by `kind`: `timeout`, `eio`, `enotconn`, `other` |
 //! | `cachefs_src_online` | gauge | 1 while src answers; 0 after a src operation failed with ENOTCONN or a timeout |
-//! | `cachefs_src_op_duration_seconds{op}` | histogram | latency of src operations, by `op` (see [`SrcOp`]) |
+//! | `cachefs_src_op_duration_seconds{op}` | histogram | latency of src operations, by `op` (see `SrcOp`) |
 //! | `cachefs_lazy_bytes_fetched_total` | counter | bytes read from src by lazy range fetches (also in `src_bytes_fetched`) |
-//! | `cachefs_fuse_op_duration_seconds{op}` | histogram | latency of FUSE requests the daemon answers, by `op` (see [`FuseOp`]) |
+//! | `cachefs_fuse_op_duration_seconds{op}` | histogram | latency of FUSE requests the daemon answers, by `op` (see `FuseOp`) |
 //! | `cachefs_cache_usage_bytes`, `_files`, `_pinned_bytes`, `_partial_bytes` | gauge | the cache's usage index (as in `cache.json`; 0 without one) |
 //! | `cachefs_cache_budget_bytes`, `cachefs_cache_min_free_bytes` | gauge | `--cache-size`, `--min-free` in bytes (0: none) |
 //! | `cachefs_dst_free_bytes` | gauge | free bytes on dst's file system |
@@ -39,8 +39,8 @@
 //!
 //! Normal negative answers of src (ENOENT, ENOTDIR, EISDIR, EEXIST, ENOTEMPTY, ENODATA,
 //! EOPNOTSUPP) are not src errors: a lookup of a name that src lacks is not a failure.
-//! Latency buckets (seconds): [`LATENCY_BUCKETS`] for src operations, the finer
-//! [`FUSE_BUCKETS`] for FUSE requests. docs/METRICS.md has the full list (a test checks
+//! Latency buckets (seconds): `LATENCY_BUCKETS` for src operations, the finer
+//! `FUSE_BUCKETS` for FUSE requests. docs/METRICS.md has the full list (a test checks
 //! it against [`render`]'s families).
 //!
 //! # API for other modules
@@ -68,9 +68,9 @@
 //!
 //! # Files
 //!
-//! This file is the registry (the types and [`METRICS`]); `render` writes the
+//! This file is the registry (the types and `METRICS`); `render` writes the
 //! Prometheus text of it (and reads `/proc/self` for the process series); `http` is
-//! the `--metrics-addr` endpoint ([`serve`]: `GET /metrics`, bounded connections and
+//! the `--metrics-addr` endpoint (`serve`: `GET /metrics`, bounded connections and
 //! deadlines, no authentication: bind it to a loopback address).
 
 use std::io;
@@ -80,61 +80,66 @@ use std::time::{Duration, Instant};
 mod http;
 mod render;
 
-pub use http::{MAX_CONNECTIONS, MetricsServer, REQUEST_DEADLINE, serve};
-pub use render::{ProcessStats, process_stats, render};
+pub(crate) use http::{MetricsServer, serve};
+#[cfg(test)]
+use render::process_stats;
+pub use render::render;
 
 const RELAXED: Ordering = Ordering::Relaxed;
 
 /// The process-wide registry.
-pub static METRICS: Metrics = Metrics::new();
+pub(crate) static METRICS: Metrics = Metrics::new();
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+pub(crate) struct Counter(AtomicU64);
 
 impl Counter {
-    pub const fn new() -> Counter {
+    pub(crate) const fn new() -> Counter {
         Counter(AtomicU64::new(0))
     }
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.add(1);
     }
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.fetch_add(n, RELAXED);
     }
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(RELAXED)
     }
 }
 
 /// A value that goes up and down.
 #[derive(Debug, Default)]
-pub struct Gauge(AtomicI64);
+pub(crate) struct Gauge(AtomicI64);
 
 impl Gauge {
-    pub const fn new(v: i64) -> Gauge {
+    pub(crate) const fn new(v: i64) -> Gauge {
         Gauge(AtomicI64::new(v))
     }
-    pub fn set(&self, v: i64) {
+    pub(crate) fn set(&self, v: i64) {
         self.0.store(v, RELAXED);
     }
-    pub fn inc(&self) {
+    #[cfg(test)]
+    pub(crate) fn inc(&self) {
         self.add(1);
     }
-    pub fn dec(&self) {
+    #[cfg(test)]
+    pub(crate) fn dec(&self) {
         self.add(-1);
     }
-    pub fn add(&self, n: i64) {
+    #[cfg(test)]
+    pub(crate) fn add(&self, n: i64) {
         self.0.fetch_add(n, RELAXED);
     }
-    pub fn get(&self) -> i64 {
+    pub(crate) fn get(&self) -> i64 {
         self.0.load(RELAXED)
     }
 }
 
 /// Upper bounds of the src latency buckets, and their `le` label (the last bucket,
 /// `+Inf`, is implicit).
-pub const LATENCY_BUCKETS: [(Duration, &str); 15] = [
+pub(crate) const LATENCY_BUCKETS: [(Duration, &str); 15] = [
     (Duration::from_millis(1), "0.001"),
     (Duration::from_micros(2500), "0.0025"),
     (Duration::from_millis(5), "0.005"),
@@ -154,7 +159,7 @@ pub const LATENCY_BUCKETS: [(Duration, &str); 15] = [
 
 /// Upper bounds of the FUSE operation latency buckets: most requests are answered from
 /// dst in microseconds, a miss waits for src.
-pub const FUSE_BUCKETS: [(Duration, &str); 12] = [
+pub(crate) const FUSE_BUCKETS: [(Duration, &str); 12] = [
     (Duration::from_micros(100), "0.0001"),
     (Duration::from_micros(500), "0.0005"),
     (Duration::from_millis(1), "0.001"),
@@ -176,7 +181,7 @@ const MAX_BUCKETS: usize = 16;
 /// [`FUSE_BUCKETS`]). `observe` is two relaxed atomic adds; the cumulative counts are
 /// computed when rendering.
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [(Duration, &'static str)],
     /// Observations per bucket (not cumulative); `counts[bounds.len()]` is `+Inf`.
     counts: [AtomicU64; MAX_BUCKETS],
@@ -191,12 +196,12 @@ impl Default for Histogram {
 
 impl Histogram {
     /// A histogram with the src latency buckets.
-    pub const fn new() -> Histogram {
+    pub(crate) const fn new() -> Histogram {
         Histogram::with_bounds(&LATENCY_BUCKETS)
     }
 
     /// A histogram with `bounds` (increasing; at most `MAX_BUCKETS - 1` of them).
-    pub const fn with_bounds(bounds: &'static [(Duration, &'static str)]) -> Histogram {
+    pub(crate) const fn with_bounds(bounds: &'static [(Duration, &'static str)]) -> Histogram {
         assert!(bounds.len() < MAX_BUCKETS);
         Histogram {
             bounds,
@@ -205,13 +210,8 @@ impl Histogram {
         }
     }
 
-    /// The bucket bounds (without `+Inf`).
-    pub fn bounds(&self) -> &'static [(Duration, &'static str)] {
-        self.bounds
-    }
-
     /// Record one observation.
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let i = self
             .bounds
             .iter()
@@ -222,9 +222,9 @@ impl Histogram {
         self.sum_nanos.fetch_add(nanos, RELAXED);
     }
 
-    /// Cumulative counts per bucket (`le` order, `+Inf` last: `bounds().len() + 1` of
+    /// Cumulative counts per bucket (`le` order, `+Inf` last: `bounds.len() + 1` of
     /// them) and the sum.
-    pub fn snapshot(&self) -> (Vec<u64>, Duration) {
+    pub(crate) fn snapshot(&self) -> (Vec<u64>, Duration) {
         let mut total = 0u64;
         let out = self.counts[..=self.bounds.len()]
             .iter()
@@ -237,7 +237,8 @@ impl Histogram {
     }
 
     /// Observations so far.
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> u64 {
         self.counts[..=self.bounds.len()]
             .iter()
             .map(|c| c.load(RELAXED))
@@ -247,7 +248,7 @@ impl Histogram {
 
 /// Kinds of src operation, the `op` label of `cachefs_src_op_duration_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SrcOp {
+pub(crate) enum SrcOp {
     /// stat, lstat, readlink, getxattr/listxattr of one entry.
     Stat,
     /// Listing a directory.
@@ -266,7 +267,7 @@ pub enum SrcOp {
 }
 
 impl SrcOp {
-    pub const ALL: [SrcOp; 7] = [
+    pub(crate) const ALL: [SrcOp; 7] = [
         SrcOp::Stat,
         SrcOp::Readdir,
         SrcOp::Read,
@@ -277,7 +278,7 @@ impl SrcOp {
     ];
 
     /// The label value.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             SrcOp::Stat => "stat",
             SrcOp::Readdir => "readdir",
@@ -292,7 +293,7 @@ impl SrcOp {
 
 /// Kinds of src failure, the `kind` label of `cachefs_src_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SrcErrorKind {
+pub(crate) enum SrcErrorKind {
     /// ETIMEDOUT, or an `io::ErrorKind::TimedOut` from a watchdog.
     Timeout,
     /// EIO (what rclone returns when the remote fails).
@@ -304,7 +305,7 @@ pub enum SrcErrorKind {
 }
 
 impl SrcErrorKind {
-    pub const ALL: [SrcErrorKind; 4] = [
+    pub(crate) const ALL: [SrcErrorKind; 4] = [
         SrcErrorKind::Timeout,
         SrcErrorKind::Eio,
         SrcErrorKind::Enotconn,
@@ -312,7 +313,7 @@ impl SrcErrorKind {
     ];
 
     /// The label value.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             SrcErrorKind::Timeout => "timeout",
             SrcErrorKind::Eio => "eio",
@@ -323,7 +324,7 @@ impl SrcErrorKind {
 
     /// The kind of a src failure, or `None` for a normal negative answer (ENOENT, ...)
     /// that says nothing about src's health.
-    pub fn of(e: &io::Error) -> Option<SrcErrorKind> {
+    pub(crate) fn of(e: &io::Error) -> Option<SrcErrorKind> {
         match e.raw_os_error() {
             Some(
                 libc::ENOENT
@@ -351,7 +352,7 @@ impl SrcErrorKind {
 /// `cachefs_fuse_op_duration_seconds` (one per `fuser::Filesystem` method the adapter
 /// implements, named like it; `init` and `forget`, which have no reply, are not timed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FuseOp {
+pub(crate) enum FuseOp {
     Lookup,
     Getattr,
     Setattr,
@@ -388,7 +389,7 @@ pub enum FuseOp {
 }
 
 impl FuseOp {
-    pub const ALL: [FuseOp; 33] = [
+    pub(crate) const ALL: [FuseOp; 33] = [
         FuseOp::Lookup,
         FuseOp::Getattr,
         FuseOp::Setattr,
@@ -425,7 +426,7 @@ impl FuseOp {
     ];
 
     /// The label value.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             FuseOp::Lookup => "lookup",
             FuseOp::Getattr => "getattr",
@@ -466,7 +467,7 @@ impl FuseOp {
     /// Starts timing one request; the time is recorded when the timer is dropped
     /// (after the reply was sent, at the end of the adapter's method or of the thread
     /// it handed the request to).
-    pub fn timer(self) -> FuseTimer {
+    pub(crate) fn timer(self) -> FuseTimer {
         FuseTimer {
             op: self,
             start: Instant::now(),
@@ -477,7 +478,7 @@ impl FuseOp {
 /// Times one FUSE request into [`METRICS`] when dropped (see [`FuseOp::timer`]).
 #[derive(Debug)]
 #[must_use = "the request is timed until the timer is dropped"]
-pub struct FuseTimer {
+pub(crate) struct FuseTimer {
     op: FuseOp,
     start: Instant,
 }
@@ -490,35 +491,35 @@ impl Drop for FuseTimer {
 
 /// The registry. Use the global [`METRICS`]; separate instances exist for tests.
 #[derive(Debug)]
-pub struct Metrics {
-    pub cache_hits: Counter,
-    pub cache_misses: Counter,
-    pub src_bytes_fetched: Counter,
-    pub evictions: Counter,
-    pub writeback_queue_depth: Gauge,
-    pub writeback_dirty_bytes: Gauge,
-    pub writeback_throttled: Counter,
-    pub writeback_replayed: Counter,
-    pub writeback_retries: Counter,
-    pub writeback_failures: Counter,
-    pub writeback_not_representable: Gauge,
-    pub conflicts: Counter,
-    pub src_online: Gauge,
+pub(crate) struct Metrics {
+    pub(crate) cache_hits: Counter,
+    pub(crate) cache_misses: Counter,
+    pub(crate) src_bytes_fetched: Counter,
+    pub(crate) evictions: Counter,
+    pub(crate) writeback_queue_depth: Gauge,
+    pub(crate) writeback_dirty_bytes: Gauge,
+    pub(crate) writeback_throttled: Counter,
+    pub(crate) writeback_replayed: Counter,
+    pub(crate) writeback_retries: Counter,
+    pub(crate) writeback_failures: Counter,
+    pub(crate) writeback_not_representable: Gauge,
+    pub(crate) conflicts: Counter,
+    pub(crate) src_online: Gauge,
     /// Bytes of file data read from src by lazy range fetches (part of
     /// `src_bytes_fetched`).
-    pub lazy_bytes_fetched: Counter,
+    pub(crate) lazy_bytes_fetched: Counter,
     /// The cache's numbers (`cache.json`), published by the cache once a second; 0
     /// without a cache budget, `--min-free` or pins (no usage index then).
-    pub cache_usage_bytes: Gauge,
-    pub cache_files: Gauge,
-    pub cache_pinned_bytes: Gauge,
-    pub cache_partial_bytes: Gauge,
+    pub(crate) cache_usage_bytes: Gauge,
+    pub(crate) cache_files: Gauge,
+    pub(crate) cache_pinned_bytes: Gauge,
+    pub(crate) cache_partial_bytes: Gauge,
     /// `--cache-size`; 0 when none.
-    pub cache_budget_bytes: Gauge,
+    pub(crate) cache_budget_bytes: Gauge,
     /// `--min-free` in bytes; 0 when none.
-    pub cache_min_free_bytes: Gauge,
+    pub(crate) cache_min_free_bytes: Gauge,
     /// Free bytes on dst's file system (for unprivileged users).
-    pub dst_free_bytes: Gauge,
+    pub(crate) dst_free_bytes: Gauge,
     src_errors: [Counter; 4],
     src_latency: [Histogram; 7],
     fuse_latency: [Histogram; FuseOp::ALL.len()],
@@ -532,7 +533,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// All counters at 0, `src_online` at 1 (src was checked at startup).
-    pub const fn new() -> Metrics {
+    pub(crate) const fn new() -> Metrics {
         Metrics {
             cache_hits: Counter::new(),
             cache_misses: Counter::new(),
@@ -562,24 +563,24 @@ impl Metrics {
     }
 
     /// The `cachefs_src_errors_total{kind}` counter.
-    pub fn src_errors(&self, kind: SrcErrorKind) -> &Counter {
+    pub(crate) fn src_errors(&self, kind: SrcErrorKind) -> &Counter {
         &self.src_errors[kind as usize]
     }
 
     /// The `cachefs_src_op_duration_seconds{op}` histogram.
-    pub fn src_latency(&self, op: SrcOp) -> &Histogram {
+    pub(crate) fn src_latency(&self, op: SrcOp) -> &Histogram {
         &self.src_latency[op as usize]
     }
 
     /// The `cachefs_fuse_op_duration_seconds{op}` histogram.
-    pub fn fuse_latency(&self, op: FuseOp) -> &Histogram {
+    pub(crate) fn fuse_latency(&self, op: FuseOp) -> &Histogram {
         &self.fuse_latency[op as usize]
     }
 
     /// Account for the outcome of a src operation: count a failure by kind, and set
     /// `src_online` to 0 after ENOTCONN or a timeout, to 1 after a success or any answer
     /// but EIO (which rclone returns both for a dead remote and for one bad object).
-    pub fn src_result<T>(&self, r: &io::Result<T>) {
+    pub(crate) fn src_result<T>(&self, r: &io::Result<T>) {
         let online = match r {
             Ok(_) => Some(1),
             Err(e) => match SrcErrorKind::of(e) {
@@ -604,25 +605,25 @@ impl Metrics {
 }
 
 /// A file's data was needed in dst and was already there.
-pub fn cache_hit() {
+pub(crate) fn cache_hit() {
     METRICS.cache_hits.inc();
 }
 
 /// One copy-up from src into dst, which read `bytes_fetched` bytes of data from src.
-pub fn cache_miss(bytes_fetched: u64) {
+pub(crate) fn cache_miss(bytes_fetched: u64) {
     METRICS.cache_misses.inc();
     METRICS.src_bytes_fetched.add(bytes_fetched);
 }
 
 /// `bytes` of file data read from src by a lazy range fetch: counted in
 /// `cachefs_src_bytes_fetched_total` and `cachefs_lazy_bytes_fetched_total`.
-pub fn lazy_fetched(bytes: u64) {
+pub(crate) fn lazy_fetched(bytes: u64) {
     METRICS.src_bytes_fetched.add(bytes);
     METRICS.lazy_bytes_fetched.add(bytes);
 }
 
 /// Runs `f`, recording its duration in the latency histogram of `op`.
-pub fn timed<R>(op: SrcOp, f: impl FnOnce() -> R) -> R {
+pub(crate) fn timed<R>(op: SrcOp, f: impl FnOnce() -> R) -> R {
     let t = Timer::start();
     let r = f();
     t.observe(op);
@@ -631,7 +632,7 @@ pub fn timed<R>(op: SrcOp, f: impl FnOnce() -> R) -> R {
 
 /// Runs the src call `f`: records its latency under `op`, counts a failure by kind and
 /// updates `cachefs_src_online` (see [`Metrics::src_result`]).
-pub fn src_op<T>(op: SrcOp, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+pub(crate) fn src_op<T>(op: SrcOp, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let r = timed(op, f);
     METRICS.src_result(&r);
     r
@@ -639,17 +640,17 @@ pub fn src_op<T>(op: SrcOp, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> 
 
 /// A started stopwatch for [`Histogram::observe`].
 #[derive(Debug, Clone, Copy)]
-pub struct Timer(Instant);
+pub(crate) struct Timer(Instant);
 
 impl Timer {
-    pub fn start() -> Timer {
+    pub(crate) fn start() -> Timer {
         Timer(Instant::now())
     }
-    pub fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         self.0.elapsed()
     }
     /// Records the time since [`Timer::start`] under `op` in [`METRICS`]; returns it.
-    pub fn observe(self, op: SrcOp) -> Duration {
+    pub(crate) fn observe(self, op: SrcOp) -> Duration {
         let d = self.elapsed();
         METRICS.src_latency(op).observe(d);
         d

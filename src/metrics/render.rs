@@ -11,7 +11,7 @@ use super::{FuseOp, Histogram, METRICS, Metrics, SrcErrorKind, SrcOp};
 
 impl Metrics {
     /// The Prometheus text exposition (format 0.0.4) of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let o = &mut out;
         counter(
@@ -255,16 +255,16 @@ fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
 /// The process numbers of `/proc/self` (0 where one cannot be read).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct ProcessStats {
-    pub rss_bytes: i64,
-    pub open_fds: i64,
-    pub max_fds: i64,
-    pub threads: i64,
-    pub start_time_seconds: i64,
-    pub cpu_seconds: f64,
+    pub(crate) rss_bytes: i64,
+    pub(crate) open_fds: i64,
+    pub(crate) max_fds: i64,
+    pub(crate) threads: i64,
+    pub(crate) start_time_seconds: i64,
+    pub(crate) cpu_seconds: f64,
 }
 
 /// Reads [`ProcessStats`] from `/proc/self` (status, stat, fd) and getrlimit.
-pub fn process_stats() -> ProcessStats {
+pub(crate) fn process_stats() -> ProcessStats {
     let mut p = ProcessStats::default();
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         let field = |key: &str| -> Option<i64> {
@@ -313,7 +313,7 @@ pub fn process_stats() -> ProcessStats {
     p
 }
 
-/// The exposition of the global [`METRICS`].
+/// The exposition of the global `METRICS`.
 pub fn render() -> String {
     METRICS.render()
 }

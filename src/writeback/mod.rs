@@ -17,9 +17,9 @@
 //! Pieces: this file (the contract above, the public API the view calls, the queue's
 //! shared state), `start` (opening the journal, loading, crash-recovery resyncs),
 //! `workers` (dispatcher, replay workers, their outcomes, the probe and leftover
-//! threads), `drain` (shutdown and the SIGUSR1 summary), [`journal`] (on-disk format),
+//! threads), `drain` (shutdown and the SIGUSR1 summary), `journal` (on-disk format),
 //! `sched` (causal queue), `replay` (applying an op to src), `retry` (backoff), `at`
-//! (no-follow name-relative calls, over `crate::sys`), [`status`] (the CLI view),
+//! (no-follow name-relative calls, over `crate::sys`), `status` (the CLI view),
 //! `caps` (what src can hold, probed at start), `unrep` (paths whose dst state src
 //! cannot hold: kept in dst, reported, not retried).
 //!
@@ -35,12 +35,12 @@
 //!   whatever dst holds after the reboot: file *bytes* are only as durable as the user's
 //!   own fsync on dst made them.
 //! - **A crash between a change on dst and its record:** the core notes the paths in
-//!   the intent file first ([`Writeback::intend`], see `intents`); the next start
+//!   the intent file first (`Writeback::intend`, see `intents`); the next start
 //!   journals a `sync` of each path left there.
 //! - **A file open for writing at a crash:** its last writes may not be journaled (they
 //!   are reported at flush/fsync/release); uploads while it is open leave its origin
 //!   record `open_writer`, and the next start queues an upload of each such file
-//!   ([`Writeback::requeue_open_writers`]).
+//!   (`Writeback::requeue_open_writers`).
 //! - A recorded op is removed from the journal only after it was applied on src (src
 //!   file fsynced before its rename). Failed ops stay, marked failed, and are retried.
 //!
