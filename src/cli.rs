@@ -509,6 +509,9 @@ pub struct MountArgs {
     /// Never use FUSE passthrough (serve all reads and writes through the daemon).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Do not offer POSIX ACLs to the kernel (it then checks modes only, as before).
+    #[arg(long)]
+    pub no_acl: bool,
     /// How long one src call may take before it fails with EIO and src counts as
     /// offline, e.g. 30s (0: wait forever). Copies fail only after this long with no
     /// progress.
@@ -627,6 +630,7 @@ const VALUE_FLAGS: &[&str] = &[
 const BOOL_LONG_FLAGS: &[&str] = &[
     "log",
     "no-passthrough",
+    "no-acl",
     "lazy-fill",
     "json",
     "watch",
@@ -1028,6 +1032,7 @@ pub fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliError> {
         threads,
         attr_ttl,
         passthrough: !m.no_passthrough,
+        acl: !m.no_acl,
         src_timeout,
         revalidate,
         drain_timeout,

@@ -2985,6 +2985,18 @@ impl CacheFs {
         self.xattr_change(ino, |p| self.dst.removexattr(p, name))
     }
 
+    /// Whether dst's file system holds POSIX ACLs (its root answers a getxattr of
+    /// `system.posix_acl_access` with a value or ENODATA, not EOPNOTSUPP).
+    pub fn dst_holds_acls(&self) -> bool {
+        match self
+            .dst
+            .getxattr(Path::new(""), OsStr::new("system.posix_acl_access"))
+        {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() == Some(libc::ENODATA),
+        }
+    }
+
     /// access(2) (only called without default_permissions): existence check.
     pub fn access(&self, ino: u64) -> FsResult<()> {
         self.getattr(ino, None).map(drop)

@@ -17,6 +17,11 @@
 //! ([`CacheFs::flush_needed`]), so a close() costs no round trip. Likewise after
 //! setting or removing a POSIX ACL (`system.posix_acl_*`), which changes the mode in
 //! dst: without `FUSE_POSIX_ACL` the kernel keeps its cached mode.
+//!
+//! POSIX ACLs: negotiated (`FUSE_POSIX_ACL`, with `FUSE_DONT_MASK`) unless `--no-acl`
+//! or dst's file system holds none. The kernel then checks and caches ACLs and sends
+//! the umask with each create for the core to apply (not under a default ACL); dst's
+//! file system keeps mode and ACL in step (setting an ACL, chmod).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -57,6 +62,8 @@ pub struct FuseAdapter {
     ttl: Duration,
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
     passthrough: Arc<AtomicBool>,
+    /// POSIX ACLs (`FUSE_POSIX_ACL`): asked for, then whether negotiated.
+    acl: Arc<AtomicBool>,
     backing: Arc<Mutex<BackingTable>>,
     /// Notifications to the kernel (set once the session exists, before it serves).
     notifier: Arc<OnceLock<Notifier>>,
@@ -94,6 +101,7 @@ impl FuseAdapter {
             fs,
             ttl: cfg.attr_ttl,
             passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
+            acl: Arc::new(AtomicBool::new(cfg.acl)),
             backing: Arc::new(Mutex::new(BackingTable::default())),
             notifier: Arc::new(OnceLock::new()),
             ready: None,
@@ -108,6 +116,7 @@ impl FuseAdapter {
             fs: self.fs.clone(),
             ttl: self.ttl,
             passthrough: self.passthrough.clone(),
+            acl: self.acl.clone(),
             backing: self.backing.clone(),
             notifier: self.notifier.clone(),
             ready: None,
@@ -404,6 +413,26 @@ impl Filesystem for FuseAdapter {
         // readdirplus: a listing also answers the lookups of `ls -l` / `find`.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // POSIX ACLs: the kernel enforces and caches them, and leaves the umask to the
+        // daemon (`FUSE_DONT_MASK`: the core applies it unless the parent has a default
+        // ACL); dst's file system stores them and keeps mode and ACL in step.
+        let want_acl = self.acl.load(Ordering::Relaxed);
+        let dst_acl = want_acl && self.fs.dst_holds_acls();
+        let acl = dst_acl
+            && config
+                .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+                .is_ok();
+        self.acl.store(acl, Ordering::Relaxed);
+        if acl {
+            log::info!("POSIX ACLs: on (the kernel checks them)");
+        } else if want_acl {
+            let why = if dst_acl {
+                "the kernel does not offer FUSE_POSIX_ACL"
+            } else {
+                "dst's file system holds no ACLs"
+            };
+            log::info!("POSIX ACLs: off ({why}); the kernel checks modes only");
+        }
         let want = self.passthrough.load(Ordering::Relaxed);
         // SAFETY: geteuid cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
