@@ -1267,3 +1267,36 @@ fn chmod_changes_the_acl_mask() {
     assert_eq!(open_as(GRANTED, "<", &p), 0, "mask back");
     m.stop();
 }
+
+/// xfstests generic/375 (second half): an access ACL set by the owner outside the
+/// file's group clears setgid, as chmod does; set by a member, setgid stays.
+#[test]
+fn setting_an_acl_outside_the_files_group_clears_setgid() {
+    let name = "setting_an_acl_outside_the_files_group_clears_setgid";
+    let Some((src, dst)) = acl_dirs(name, &[]) else {
+        return;
+    };
+    let m = Mounted::with_dirs(src, dst, ARGS);
+    for (f, dir) in [("f", false), ("d", true)] {
+        let p = m.mnt_path(f);
+        if dir {
+            fs::create_dir(&p).unwrap();
+        } else {
+            fs::write(&p, b"x").unwrap();
+        }
+        std::os::unix::fs::chown(&p, Some(GRANTED.0), Some(GRANTED.1)).unwrap();
+        let set_as = |ids| {
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o2755)).unwrap();
+            let out = run_as(ids, "setfacl", &[&"-m", &"u::rwx,g::rwx,o::rwx", &p]);
+            assert!(out.status.success(), "{f}: setfacl as {ids:?}: {out:?}");
+            lstat(&p).mode() & 0o7777
+        };
+        assert_eq!(set_as(GRANTED), 0o2777, "{f}: the owner in the group");
+        assert_eq!(
+            set_as((GRANTED.0, STRANGER.1)),
+            0o777,
+            "{f}: owner outside the group"
+        );
+    }
+    m.stop();
+}

@@ -244,6 +244,33 @@ impl FuseAdapter {
         }
     }
 
+    /// After an access ACL was set on `ino`: clears setgid, as a local file system does,
+    /// when the caller is neither in the file's group nor holds CAP_FSETID (dst's file
+    /// system kept it: the daemon holds CAP_FSETID). The kernel would say so with
+    /// `FUSE_SETXATTR_ACL_KILL_SGID`, but only in the longer setxattr request of
+    /// `FUSE_SETXATTR_EXT`, which fuser 0.18 does not parse; so the caller's groups and
+    /// capabilities are read from `/proc/PID/status`. Unknown (no such process): kept.
+    fn acl_kill_sgid(&self, req: &Request, ino: u64) {
+        let Ok(a) = self.fs.getattr(ino, None) else {
+            return;
+        };
+        let sgid = libc::S_ISGID as u16;
+        if a.perm & sgid == 0 || in_group_or_capable(req.pid(), req.gid(), a.gid) != Some(false) {
+            return;
+        }
+        let set = SetAttr {
+            mode: Some(u32::from(a.perm & !sgid)),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+        };
+        if let Err(e) = self.fs.setattr(caller(req), ino, None, set) {
+            log::debug!("clearing setgid of inode {ino} after an ACL change: {e}");
+        }
+    }
+
     /// Tells the kernel that `ino`'s cached attributes are stale (its dst file may have
     /// been written through a mapping): the next stat asks the daemon. Attributes
     /// only (offset -1): no page cache is dropped, so no page lock is waited on.
@@ -365,6 +392,31 @@ fn caller(req: &Request) -> Caller {
         uid: req.uid(),
         gid: req.gid(),
     }
+}
+
+/// Whether process `pid`, with file system gid `fsgid`, is in group `gid` (its fsgid or
+/// a supplementary group) or holds CAP_FSETID: the kernel's `in_group_or_capable`, read
+/// from `/proc/PID/status`. `None` when that cannot be read.
+fn in_group_or_capable(pid: u32, fsgid: u32, gid: u32) -> Option<bool> {
+    if fsgid == gid {
+        return Some(true);
+    }
+    if pid == 0 {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let in_group = field("Groups:")?
+        .split_whitespace()
+        .any(|g| g.parse() == Ok(gid));
+    let caps = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
+    const CAP_FSETID: u32 = 4; // linux/capability.h
+    Some(in_group || caps & (1 << CAP_FSETID) != 0)
 }
 
 fn time_spec(t: TimeOrNow) -> TimeSpec {
@@ -954,7 +1006,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -964,6 +1016,9 @@ impl Filesystem for FuseAdapter {
     ) {
         let _timer = FuseOp::Setxattr.timer();
         let r = self.fs.setxattr(ino.0, name, value, flags);
+        if r.is_ok() && name == "system.posix_acl_access" && self.acl.load(Ordering::Relaxed) {
+            self.acl_kill_sgid(req, ino.0);
+        }
         self.after_xattr_change(ino.0, name, &r);
         match r {
             Ok(()) => reply.ok(),
