@@ -1300,3 +1300,49 @@ fn setting_an_acl_outside_the_files_group_clears_setgid() {
     }
     m.stop();
 }
+
+/// With `-w`, ACLs are replayed to src like user xattrs: an access ACL set through the
+/// mount, a directory's default ACL and the ACL a new file inherited from it reach a
+/// local src (ext4), and an ACL removed through the mount leaves src.
+#[test]
+fn with_writeback_acls_reach_src() {
+    let name = "with_writeback_acls_reach_src";
+    let Some((src, dst)) = acl_dirs(name, &[("old", b"old")]) else {
+        return;
+    };
+    setxattr(
+        &src.path().join("old"),
+        "system.posix_acl_access",
+        &grant_read(),
+    )
+    .unwrap();
+    let m = Mounted::with_dirs(src, dst, &["-w", "--attr-ttl", "0"]);
+    fs::write(m.mnt_path("f"), b"f").unwrap();
+    setxattr(&m.mnt_path("f"), "system.posix_acl_access", &grant_read()).unwrap();
+    fs::create_dir(m.mnt_path("d")).unwrap();
+    let default = acl(&[
+        (ACL_USER_OBJ, 7, 0),
+        (ACL_USER, 7, GRANTED.0),
+        (ACL_GROUP_OBJ, 5, 0),
+        (ACL_MASK, 7, 0),
+        (ACL_OTHER, 5, 0),
+    ]);
+    setxattr(&m.mnt_path("d"), "system.posix_acl_default", &default).unwrap();
+    fs::write(m.mnt_path("d/g"), b"g").unwrap();
+    removexattr(&m.mnt_path("old"), "system.posix_acl_access").unwrap();
+    wait_drained(&m, std::time::Duration::from_secs(60));
+    let both = |rel: &str, attr: &str| {
+        let (s, d) = (m.src_path(rel), m.dst_path(rel));
+        assert_eq!(getxattr(&s, attr), getxattr(&d, attr), "{rel} {attr}");
+        assert_eq!(lstat(&s).mode(), lstat(&d).mode(), "{rel} mode");
+        getxattr(&s, attr)
+    };
+    assert_eq!(both("f", "system.posix_acl_access"), Ok(grant_read()));
+    assert_eq!(both("d", "system.posix_acl_default"), Ok(default));
+    assert!(
+        both("d/g", "system.posix_acl_access").is_ok(),
+        "d/g inherited an ACL"
+    );
+    assert_eq!(both("old", "system.posix_acl_access"), Err(libc::ENODATA));
+    m.stop();
+}

@@ -384,8 +384,14 @@ fn proc_path(dir: RawFd, name: &OsStr) -> io::Result<CString> {
     cstr(&v)
 }
 
-/// Names of the `user.*` xattrs of `name` under `dir` (not following a symlink).
-pub(crate) fn list_user_xattrs(dir: RawFd, name: &OsStr) -> io::Result<Vec<Vec<u8>>> {
+/// Whether `attr` is a POSIX ACL (`system.posix_acl_access` or `_default`).
+pub(crate) fn is_acl(attr: &[u8]) -> bool {
+    attr == b"system.posix_acl_access" || attr == b"system.posix_acl_default"
+}
+
+/// Names of the xattrs of `name` under `dir` that replay copies to src: `user.*` and
+/// the POSIX ACLs (not following a symlink).
+pub(crate) fn list_synced_xattrs(dir: RawFd, name: &OsStr) -> io::Result<Vec<Vec<u8>>> {
     let p = proc_path(dir, name)?;
     let mut buf = vec![0u8; 4096];
     loop {
@@ -407,7 +413,8 @@ pub(crate) fn list_user_xattrs(dir: RawFd, name: &OsStr) -> io::Result<Vec<Vec<u
         // Not cachefs's own (`user.cachefs.origin`, left on dst files by versions
         // before the origin record store): never uploaded.
         .filter(|n| {
-            n.starts_with(b"user.") && !crate::fs::origin::is_reserved_xattr(OsStr::from_bytes(n))
+            (n.starts_with(b"user.") || is_acl(n))
+                && !crate::fs::origin::is_reserved_xattr(OsStr::from_bytes(n))
         })
         .map(<[u8]>::to_vec)
         .collect())
@@ -489,9 +496,9 @@ mod tests {
             Err(e) if is_unsupported(&e) => return,
             Err(e) => panic!("{e}"),
         }
-        assert_eq!(list_user_xattrs(fd, n).unwrap(), vec![b"user.k".to_vec()]);
+        assert_eq!(list_synced_xattrs(fd, n).unwrap(), vec![b"user.k".to_vec()]);
         assert_eq!(get_xattr(fd, n, b"user.k").unwrap(), b"v");
         remove_xattr(fd, n, b"user.k").unwrap();
-        assert!(list_user_xattrs(fd, n).unwrap().is_empty());
+        assert!(list_synced_xattrs(fd, n).unwrap().is_empty());
     }
 }
