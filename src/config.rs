@@ -1,10 +1,36 @@
 //! Plain configuration structs with defaults. Built by `cli`, read by every layer.
-//! No parsing or validation here: `cli` validates, everything else trusts these values.
+//! No validation here: `cli` validates, everything else trusts these values. The one
+//! piece of syntax kept here is the duration ([`parse_duration`]), because the command
+//! line and the control channel (`cachefs ctl set revalidate 30s`) both read it, and
+//! `control` must not depend on `cli`. Likewise [`EXIT_USAGE`], the exit status both
+//! give a rejected request. This module uses no other module of cachefs.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::cache::budget::MinFree;
+/// The exit status for a rejected command line (or a rejected `cachefs ctl` request, or
+/// a dst another daemon serves: nothing was done).
+pub const EXIT_USAGE: i32 = 2;
+
+/// `--min-free`: free space dst must keep, in bytes or as a percentage of its size.
+/// (Parsed by `cache::budget::parse_min_free`, printed by its `Display`, next to the
+/// other sizes.)
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    Bytes(u64),
+    /// 0 < percent < 100.
+    Percent(f64),
+}
+
+impl MinFree {
+    /// The free space to keep on a filesystem of `total` bytes.
+    pub fn bytes_of(&self, total: u64) -> u64 {
+        match *self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => (total as f64 * p / 100.0) as u64,
+        }
+    }
+}
 
 /// Everything the daemon needs to know, after the command line was validated.
 #[derive(Debug, Clone)]
@@ -131,4 +157,62 @@ pub fn default_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(2)
         .clamp(2, 8)
+}
+
+/// A duration >= 0 (`-retry-delay`, `-start-delay`, `--attr-ttl`, `--src-timeout`,
+/// `--drain-timeout`, `--revalidate`), written as rclone and Go write them: a number
+/// with a unit (`500ms`, `30s`, `5m`, `1h`, `1d`, `1.5h`, `1h30m`; also `us`, `ns`), or
+/// a plain number of seconds, fractions allowed (`2`, `0.5`), as GoCacheFS took it.
+pub fn parse_duration(flag: &str, v: &str) -> Result<Duration, String> {
+    duration(v.trim()).ok_or_else(|| {
+        format!(
+            "-{flag} '{v}' is not a duration >= 0; write e.g. -{flag} 30s, -{flag} 500ms, \
+                 -{flag} 5m, -{flag} 1h, or a number of seconds (-{flag} 3, -{flag} 0.5)"
+        )
+    })
+}
+
+/// See [`parse_duration`]; `None` for anything else (negative, NaN, no unit between two
+/// numbers, an unknown unit, an overflow).
+fn duration(s: &str) -> Option<Duration> {
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let is_num = |c: char| c.is_ascii_digit() || c == '.';
+    let mut total: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let n = rest.find(|c| !is_num(c)).unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(n);
+        let u = tail.find(is_num).unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(u);
+        let nanos_per: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "d" => 86_400_000_000_000,
+            _ => return None,
+        };
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+            return None;
+        }
+        let int: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        let frac = if frac.is_empty() {
+            0
+        } else {
+            let f: f64 = format!("0.{frac}").parse().ok()?;
+            (f * nanos_per as f64).round() as u128
+        };
+        total = total.checked_add(int.checked_mul(nanos_per)?.checked_add(frac)?)?;
+        rest = next;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).ok()?;
+    Some(Duration::new(secs, (total % 1_000_000_000) as u32))
 }

@@ -74,7 +74,7 @@ impl DaemonError {
     /// mounted or written), 1 for every other failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DaemonError::DstInUse { .. } => crate::cli::EXIT_USAGE,
+            DaemonError::DstInUse { .. } => crate::config::EXIT_USAGE,
             _ => 1,
         }
     }
@@ -370,7 +370,7 @@ fn start_writeback(cfg: &Config, src: &Arc<Layer>) -> Result<Option<Writeback>, 
 
 /// `cachefs status DST [--json]`: the exit status of the writeback status report.
 pub fn run_status(dst: &Path, json: bool) -> i32 {
-    crate::writeback::status::run(dst, json)
+    crate::status::run(dst, json)
 }
 
 /// How serving ended.

@@ -10,9 +10,13 @@
 //!   directory roots, with no fuser types.
 //! - `cache`: the cache budget (usage, LRU eviction, pinning) over the core.
 //! - `writeback`: the durable journal and the workers that replay it on src.
+//! - `status`: `cachefs status`, the report of dst's state folder (src, writeback queue,
+//!   cache), read without a daemon.
 //! - `control`: the control channel of a running daemon (a Unix socket in dst) and the
 //!   commands that use it: `cachefs ctl`, `cachefs warmup`, `cachefs status --watch`.
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
+//! - `mountinfo`: the kernel mount table's escapes; `json`: ordered JSON objects written
+//!   by serde_json (`cachefs status --json`).
 //! - `systemd`: sd_notify (`READY=1`, `STATUS=`, start-up progress with
 //!   `EXTEND_TIMEOUT_USEC=`).
 
@@ -24,6 +28,9 @@ pub mod daemon;
 pub mod dst_lock;
 pub mod fs;
 pub mod fuse;
+pub mod json;
 pub mod metrics;
+pub mod mountinfo;
+pub mod status;
 pub mod systemd;
 pub mod writeback;

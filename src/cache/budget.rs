@@ -7,23 +7,7 @@
 
 use std::fmt;
 
-/// `--min-free`: free space dst must keep, in bytes or as a percentage of its size.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MinFree {
-    Bytes(u64),
-    /// 0 < percent < 100.
-    Percent(f64),
-}
-
-impl MinFree {
-    /// The free space to keep on a filesystem of `total` bytes.
-    pub fn bytes_of(&self, total: u64) -> u64 {
-        match *self {
-            MinFree::Bytes(b) => b,
-            MinFree::Percent(p) => (total as f64 * p / 100.0) as u64,
-        }
-    }
-}
+pub use crate::config::MinFree;
 
 impl fmt::Display for MinFree {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

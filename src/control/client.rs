@@ -181,7 +181,7 @@ pub fn set_request(name: &str, value: &str) -> Result<Value, String> {
             }
         }
         "revalidate" => {
-            let d = crate::cli::parse_duration("revalidate", value).map_err(|e| e.0)?;
+            let d = crate::config::parse_duration("revalidate", value)?;
             Ok(json!({"cmd": "set", "name": name, "secs": d.as_secs_f64()}))
         }
         other => Err(format!(

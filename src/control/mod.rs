@@ -106,7 +106,7 @@ impl ControlError {
     /// Exit status for `main`: 2 for a bad argument, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ControlError::Usage(_) => crate::cli::EXIT_USAGE,
+            ControlError::Usage(_) => crate::config::EXIT_USAGE,
             _ => 1,
         }
     }

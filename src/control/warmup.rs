@@ -78,9 +78,9 @@ pub fn cachefs_mount_of(p: &Path) -> Option<PathBuf> {
         let Some(point) = line.split(' ').nth(4) else {
             continue;
         };
-        let point = PathBuf::from(std::ffi::OsStr::from_bytes(
-            &crate::cli::unescape_mountinfo(point),
-        ));
+        let point = PathBuf::from(std::ffi::OsStr::from_bytes(&crate::mountinfo::unescape(
+            point,
+        )));
         if !p.starts_with(&point) {
             continue;
         }
