@@ -597,6 +597,16 @@ impl Filesystem for FuseAdapter {
         let _timer = FuseOp::Getxattr.timer();
         match self.fs.getxattr(ino.0, name) {
             Ok(v) => reply_xattr(reply, size, v),
+            // The kernel asks for an entry's ACL to check a permission and takes only
+            // ENODATA as "none": a src without xattrs (rclone) answers EOPNOTSUPP,
+            // which would fail the open or lookup itself.
+            Err(e)
+                if e.errno() == libc::EOPNOTSUPP
+                    && name.as_encoded_bytes().starts_with(b"system.posix_acl_")
+                    && self.acl.load(Ordering::Relaxed) =>
+            {
+                reply.error(Errno::from_i32(libc::ENODATA))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
