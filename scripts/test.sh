@@ -5,6 +5,7 @@
 #   build     cargo build --release --locked
 #   fmt       cargo fmt --check
 #   clippy    cargo clippy --all-targets --locked -- -D warnings
+#   modules   scripts/module-graph.sh: the top-level modules' imports, no cycle
 #   tests     cargo nextest run (cargo test if nextest is missing): unit tests
 #             and mounted integration tests
 #   pjdfstest scripts/pjdfstest.sh --daemon-io (ext4 baseline, cachefs with
@@ -109,6 +110,7 @@ BUILT=0
 step build cargo build --release --locked && BUILT=1
 step fmt cargo fmt --all --check || true
 step clippy cargo clippy --all-targets --locked -- -D warnings || true
+step modules ./scripts/module-graph.sh || true
 
 # The Rust tests create their temp dirs (and mounts) under TMPDIR.
 if command -v cargo-nextest >/dev/null; then

@@ -17,6 +17,7 @@
 //! - `metrics`: process-wide counters, Prometheus rendering, the `--metrics-addr` server.
 //! - `mountinfo`: the kernel mount table's escapes; `json`: ordered JSON objects written
 //!   by serde_json (`cachefs status --json`).
+//! - `sys`: the syscall wrappers (every `unsafe` path and `*at` call), a leaf.
 //! - `systemd`: sd_notify (`READY=1`, `STATUS=`, start-up progress with
 //!   `EXTEND_TIMEOUT_USEC=`).
 
@@ -32,5 +33,6 @@ pub mod json;
 pub mod metrics;
 pub mod mountinfo;
 pub mod status;
+pub mod sys;
 pub mod systemd;
 pub mod writeback;

@@ -64,6 +64,7 @@
 //! `scan` the plain parts underneath (limits, the usage index, pins, the walk of dst).
 
 pub mod budget;
+mod hooks;
 pub mod lru;
 pub mod pin;
 pub mod scan;
@@ -488,83 +489,6 @@ fn walk_view(
         }
     }
     true
-}
-
-// ----- the core's one-line hooks (nothing runs without a cache) -------------------------
-
-/// Hook at the top of `CacheFs::open`: see [`Cache::before_open`]. `path` is only
-/// resolved when there is a cache.
-#[inline]
-pub fn on_open(
-    cache: &Option<Arc<Cache>>,
-    fs: &CacheFs,
-    ino: u64,
-    lazy_from: Option<u64>,
-    path: impl FnOnce() -> FsResult<PathBuf>,
-) -> FsResult<()> {
-    match cache {
-        Some(c) => c.before_open(fs, ino, &path()?, lazy_from),
-        None => Ok(()),
-    }
-}
-
-/// Hook before a lazy read fetches missing blocks (`missing()`: their bytes, only
-/// asked with a cache): see [`Cache::reserve`]. Hold the guard until the fetch is done.
-#[inline]
-pub fn on_lazy_fetch(
-    cache: &Option<Arc<Cache>>,
-    fs: &CacheFs,
-    data_rel: &Path,
-    missing: impl FnOnce() -> u64,
-) -> FsResult<Option<Reserved>> {
-    match cache {
-        Some(c) => c.reserve(fs, data_rel, missing()),
-        None => Ok(None),
-    }
-}
-
-/// Hook before background prefetch fetches `bytes`: a guard to hold across the fetch
-/// when they fit without evicting (always without a cache), `None` to skip it.
-#[inline]
-pub fn on_prefetch(cache: &Option<Arc<Cache>>, bytes: u64) -> Option<Box<dyn Send>> {
-    match cache {
-        Some(c) => c.try_reserve(bytes).map(|r| Box::new(r) as Box<dyn Send>),
-        None => Some(Box::new(())),
-    }
-}
-
-/// Hook when a handle on a partial file closes: see [`Cache::partial_used`].
-#[inline]
-pub fn on_partial_used(cache: &Option<Arc<Cache>>, data_rel: &Path) {
-    if let Some(c) = cache {
-        c.partial_used(data_rel);
-    }
-}
-
-/// Hook after a copy-up: see [`Cache::fetched`].
-#[inline]
-pub fn on_fetched(cache: &Option<Arc<Cache>>, path: &Path, st: &Stat) {
-    if let Some(c) = cache {
-        c.fetched(path, st);
-    }
-}
-
-/// Hook in `CacheFs::release`: see [`Cache::released`].
-#[inline]
-pub fn on_release(cache: &Option<Arc<Cache>>, path: impl FnOnce() -> FsResult<PathBuf>) {
-    if let Some(c) = cache
-        && let Ok(p) = path()
-    {
-        c.released(&p);
-    }
-}
-
-/// Hook in setxattr/removexattr: see [`Cache::xattr_changed`].
-#[inline]
-pub fn on_xattr(cache: &Option<Arc<Cache>>, name: &OsStr) {
-    if let Some(c) = cache {
-        c.xattr_changed(name);
-    }
 }
 
 impl lazy::Usage for Cache {

@@ -65,14 +65,7 @@ impl Server {
     /// Binds the socket at `path` (a leftover file there is replaced: the daemon holds
     /// dst's lock, so no other daemon uses it), mode 0600, and serves on a thread.
     pub fn start(path: &Path, target: Target) -> io::Result<Server> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(path)?;
-        // The daemon's umask is 0: tighten at once (SO_PEERCRED covers the moment
-        // between, and the state folder is 0700 anyway).
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_listening(path)?;
         // SAFETY: geteuid cannot fail.
         let owner = unsafe { libc::geteuid() };
         let stop = Arc::new(AtomicBool::new(false));
@@ -103,6 +96,30 @@ impl Server {
         }
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Binds a listening socket at `path`, mode 0600, such that `path` appears only once
+/// the socket listens: bound under a temporary name beside it, then renamed over
+/// `path` (replacing a leftover: the daemon holds dst's lock, so no other daemon uses
+/// it). A client that connects as soon as it sees `path` (`cachefs ctl` right after
+/// the mount) is never refused, as it could be between `bind` and `listen`.
+fn bind_listening(path: &Path) -> io::Result<UnixListener> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!(".{}.new", std::process::id()));
+    let temp = PathBuf::from(temp);
+    match std::fs::remove_file(&temp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&temp)?;
+    // The daemon's umask is 0: tighten before the name is visible.
+    let ready = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(e) = ready {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 struct Shared {
@@ -591,4 +608,71 @@ fn set(t: &Target, req: &Value) -> Result<Value, String> {
         }
     }
     Ok(info(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::mpsc;
+
+    /// A watcher woken by inotify the moment the socket's name appears in the folder
+    /// connects at once: it must never be refused (with a plain bind the name appears
+    /// before the socket listens). 200 rounds, each a fresh socket.
+    #[test]
+    fn the_socket_name_appears_only_once_it_listens() {
+        const ROUNDS: usize = 200;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        // SAFETY: plain syscall, no pointers.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let c = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        let mask = libc::IN_CREATE | libc::IN_MOVED_TO;
+        // SAFETY: a valid C string.
+        assert!(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) } >= 0);
+        let (tx, rx) = mpsc::channel();
+        let watcher = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let header = std::mem::size_of::<libc::inotify_event>();
+                let mut rounds = 0;
+                while rounds < ROUNDS {
+                    // SAFETY: reads into a buffer of the given size.
+                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                    assert!(n > 0);
+                    let mut at = 0;
+                    while at + header <= n as usize {
+                        // SAFETY: the kernel wrote a whole event at `at`; read unaligned.
+                        let ev: libc::inotify_event =
+                            unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+                        let name = &buf[at + header..at + header + ev.len as usize];
+                        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                        at += header + ev.len as usize;
+                        if name == b"control.sock" {
+                            tx.send(UnixStream::connect(&path).map(drop)).unwrap();
+                            rounds += 1;
+                        }
+                    }
+                }
+            })
+        };
+        let mut refused = 0;
+        for _ in 0..ROUNDS {
+            let listener = bind_listening(&path).unwrap();
+            let connected = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            if connected.is_err() {
+                refused += 1;
+            }
+            drop(listener);
+            std::fs::remove_file(&path).unwrap();
+        }
+        watcher.join().unwrap();
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        assert_eq!(refused, 0, "connects refused right after the name appeared");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "no temporary name left behind: {left:?}");
+    }
 }

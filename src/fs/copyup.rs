@@ -184,36 +184,20 @@ fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
             continue;
         }
         let value = layer::getxattr_fd(from.as_fd(), name)?;
-        let c = layer::cstr(name)?;
-        // SAFETY: valid fd, name and value.
-        let r = unsafe {
-            libc::fsetxattr(
-                to.as_raw_fd(),
-                c.as_ptr(),
-                value.as_ptr() as *const libc::c_void,
-                value.len(),
-                0,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if acl && e.raw_os_error() == Some(libc::ENOTSUP) {
-                continue;
-            }
-            return Err(e);
+        match crate::sys::fsetxattr(to.as_fd(), name, &value) {
+            Err(e) if acl && e.raw_os_error() == Some(libc::ENOTSUP) => {}
+            r => r?,
         }
     }
     for acl in ACL_XATTRS {
         if names.split(|b| *b == 0).any(|n| n == acl) {
             continue;
         }
-        let c = layer::cstr(OsStr::from_bytes(acl))?;
-        // SAFETY: valid fd and name.
-        if unsafe { libc::fremovexattr(to.as_raw_fd(), c.as_ptr()) } < 0 {
-            let e = io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) {
+        match crate::sys::removexattr_fd(to.as_fd(), OsStr::from_bytes(acl)) {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => {
                 return Err(e);
             }
+            _ => {}
         }
     }
     Ok(())

@@ -8,7 +8,8 @@
 //!   yields an error (ELOOP/EXDEV/ENOTDIR), never the target's contents, and never a
 //!   write outside the root. On kernels without openat2 the walk is done one
 //!   component at a time with `O_NOFOLLOW`.
-//! - A `Layer` is a thin, safe wrapper over syscalls. Its one cache, on dst only
+//! - A `Layer` holds no unsafe code: the syscalls are `crate::sys`'s (re-exported
+//!   here under the names the core uses); a `Layer` adds where they may reach. Its one cache, on dst only
 //!   ([`Layer::open_caching_dirs`]), keeps `O_PATH` fds of recently used directories
 //!   (at most an eighth of the descriptor limit, and at most [`DIR_FD_MAX`]: the
 //!   descriptors the daemon holds do not grow with the entries it has shown)
@@ -35,21 +36,30 @@
 //!   that was a mount root when cachefs last ran ([`Layer::open_src`]) but is a bare
 //!   directory now starts with no root at all: every call fails with ENOTCONN (src is
 //!   offline) until a reopen finds a mount there. The view and writeback replay share
-//!   one src `Layer`, so both follow this rule.
+//!   one src `Layer`, so both follow this rule: replay takes src's root only from
+//!   [`Layer::root_fd_checked`], and has no other way to open src.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{CStr, OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sys;
+// The syscall wrappers the view and its callers use by these names (they live in
+// `crate::sys`, the one module with the unsafe code).
+use crate::sys::getxattrat;
+pub use crate::sys::{
+    DirEntry, Ident, SetTime, cstr, fstat, getxattr_fd, identity_at, is_not_found, listxattr_fd,
+    openat, proc_fd_path, read_dir_fd, statat,
+};
+
 /// `struct stat` of an entry, never following a final symlink.
-pub type Stat = libc::stat;
+pub type Stat = sys::Stat;
 
 /// Whether openat2 is known to be unavailable (ENOSYS): then walk component by component.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
@@ -69,15 +79,10 @@ const DIR_FD_MIN: usize = 8;
 /// descriptors that open files, src calls and FUSE itself need (a daemon started with
 /// `ulimit -n 256` must list a directory of any size).
 fn dir_fd_cap() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    let Some(cur) = sys::nofile_limit() else {
         return DIR_FD_MIN;
-    }
-    usize::try_from(lim.rlim_cur / 8)
+    };
+    usize::try_from(cur / 8)
         .unwrap_or(DIR_FD_MAX)
         .clamp(DIR_FD_MIN, DIR_FD_MAX)
 }
@@ -143,55 +148,6 @@ pub struct Layer {
     mount_root: bool,
 }
 
-/// Whether the directory behind `fd` is the root of a mount (statx
-/// `STATX_ATTR_MOUNT_ROOT`, Linux 5.8+; `false` where the kernel does not say).
-fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
-    // SAFETY: a zeroed statx is a valid out-buffer.
-    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd, empty name with AT_EMPTY_PATH, and buffer.
-    let r = unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_BASIC_STATS,
-            &mut sx,
-        )
-    };
-    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
-    r == 0 && sx.stx_attributes_mask & bit != 0 && sx.stx_attributes & bit != 0
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn cvt_ssize(r: libc::ssize_t) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-/// A C string from a name; names with NUL bytes cannot exist on Linux.
-pub fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// Whether an error means "there is nothing there" in a lookup.
-pub fn is_not_found(e: &io::Error) -> bool {
-    // ELOOP: a symlink where a directory of the path should be (never followed).
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
-    )
-}
-
 /// What [`Layer::probe`] found.
 #[derive(Debug, Clone, Copy)]
 pub enum Probe {
@@ -208,183 +164,12 @@ fn split(rel: &Path) -> Option<(&Path, &OsStr)> {
     Some((rel.parent().unwrap_or(Path::new("")), name))
 }
 
-/// `/proc/self/fd/N`: reaches the object behind an `O_PATH` fd for calls with no `f*` form.
-pub fn proc_fd_path(fd: RawFd) -> CString {
-    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
-}
-
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-const RESOLVE_BENEATH: u64 = 0x08;
-
-fn openat2(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
-        mode: 0,
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
-    };
-    loop {
-        // SAFETY: valid dirfd, NUL-terminated path and a properly sized open_how.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if r >= 0 {
-            // SAFETY: the kernel returned a fresh fd we now own.
-            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
-        }
-        let e = io::Error::last_os_error();
-        // RESOLVE_* may spuriously fail with EAGAIN under concurrent renames: retry.
-        if e.raw_os_error() != Some(libc::EAGAIN) {
-            return Err(e);
-        }
-    }
-}
-
-/// `openat` of one name relative to a directory, never following a final symlink.
-pub fn openat(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    flags: libc::c_int,
-    mode: libc::mode_t,
-) -> io::Result<OwnedFd> {
-    // SAFETY: valid dirfd and NUL-terminated name.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-            mode as libc::c_uint,
-        )
-    })?;
-    // SAFETY: fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
-pub fn statat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
-    let mut st = std::mem::MaybeUninit::<Stat>::uninit();
-    // SAFETY: valid pointers; the kernel fills st on success.
-    cvt(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    // SAFETY: initialised by a successful fstatat.
-    Ok(unsafe { st.assume_init() })
-}
-
-/// `fstat` of an open (or O_PATH) fd.
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
-    let mut st = std::mem::MaybeUninit::<Stat>::uninit();
-    // SAFETY: valid fd and pointer.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: initialised by a successful fstat.
-    Ok(unsafe { st.assume_init() })
-}
-
-/// What identifies a dst object across renames (inode number, and birth time where the
-/// filesystem keeps one, so that a reused inode number is not taken for the old
-/// object), with its link count and type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ident {
-    pub ino: u64,
-    pub btime: Option<(i64, u32)>,
-    pub nlink: u32,
-    /// `S_IFMT` bits.
-    pub kind: u32,
-}
-
-/// statx of `name` under `dir` (`AT_EMPTY_PATH` with an empty name: `dir` itself),
-/// never following a final symlink.
-pub fn identity_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Ident> {
-    // SAFETY: a zeroed statx is a valid out-buffer.
-    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
-    let flags = libc::AT_SYMLINK_NOFOLLOW
-        | if name.is_empty() {
-            libc::AT_EMPTY_PATH
-        } else {
-            0
-        };
-    // SAFETY: valid fd, name and buffer.
-    cvt(unsafe {
-        libc::statx(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags,
-            libc::STATX_INO | libc::STATX_BTIME | libc::STATX_NLINK | libc::STATX_TYPE,
-            &mut sx,
-        )
-    })?;
-    Ok(Ident {
-        ino: sx.stx_ino,
-        btime: (sx.stx_mask & libc::STATX_BTIME != 0)
-            .then_some((sx.stx_btime.tv_sec, sx.stx_btime.tv_nsec)),
-        nlink: sx.stx_nlink,
-        kind: u32::from(sx.stx_mode) & libc::S_IFMT,
-    })
-}
-
-/// Timestamps for `utimensat`: `None` leaves a time unchanged.
-#[derive(Debug, Clone, Copy)]
-pub enum SetTime {
-    Now,
-    At(libc::timespec),
-}
-
-fn to_timespec(t: Option<SetTime>) -> libc::timespec {
-    match t {
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        Some(SetTime::Now) => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        Some(SetTime::At(ts)) => ts,
-    }
-}
-
-/// An entry read from a directory listing.
-#[derive(Debug, Clone)]
-pub struct DirEntry {
-    pub name: OsString,
-    /// `S_IFMT` bits of the entry's type (0 when the filesystem did not say).
-    pub kind: u32,
-    /// The entry's inode number in its filesystem (`d_ino`).
-    pub ino: u64,
-}
-
 impl Layer {
     /// Opens `root` (a directory) as the base of every later call.
     pub fn open(root: &Path) -> io::Result<Layer> {
-        let c = cstr(root.as_os_str())?;
-        // SAFETY: NUL-terminated path.
-        let fd = cvt(unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        })?;
-        // SAFETY: fresh fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = sys::open_dir_path(root)?;
         Ok(Layer {
-            mount_root: is_mount_root(fd.as_fd()),
+            mount_root: sys::is_mount_root(fd.as_fd()),
             root: std::sync::RwLock::new(Some(std::sync::Arc::new(fd))),
             root_path: root.to_path_buf(),
             dirs: None,
@@ -569,11 +354,10 @@ impl Layer {
     /// Opens `rel` beneath the root with `flags`, following no symlink anywhere.
     pub fn open_beneath(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
         if rel.as_os_str().is_empty() {
-            let c = CString::new(".").unwrap();
-            return openat(self.root()?.as_fd(), &c, flags, 0);
+            return openat(self.root()?.as_fd(), c".", flags, 0);
         }
         if !NO_OPENAT2.load(Ordering::Relaxed) {
-            match openat2(self.root()?.as_fd(), &cstr(rel.as_os_str())?, flags) {
+            match sys::openat2_beneath(self.root()?.as_fd(), &cstr(rel.as_os_str())?, flags) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                     NO_OPENAT2.store(true, Ordering::Relaxed)
                 }
@@ -714,59 +498,31 @@ impl Layer {
     }
 
     pub fn mkdir(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
-        let r = self.at(rel, |d, n| {
-            // SAFETY: valid dirfd and NUL-terminated name.
-            cvt(unsafe { libc::mkdirat(d.as_raw_fd(), n.as_ptr(), mode) }).map(drop)
-        });
+        let r = self.at(rel, |d, n| sys::mkdirat(d, n, mode));
         // After the call (see the module docs): `rel` may be a directory now.
         self.forget_absent();
         r
     }
 
     pub fn mknod(&self, rel: &Path, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
-        self.at(rel, |d, n| {
-            // SAFETY: valid dirfd and NUL-terminated name.
-            cvt(unsafe { libc::mknodat(d.as_raw_fd(), n.as_ptr(), mode, rdev) }).map(drop)
-        })
+        self.at(rel, |d, n| sys::mknodat(d, n, mode, rdev))
     }
 
     pub fn symlink(&self, target: &OsStr, rel: &Path) -> io::Result<()> {
         let t = cstr(target)?;
-        self.at(rel, |d, n| {
-            // SAFETY: valid dirfd and NUL-terminated names.
-            cvt(unsafe { libc::symlinkat(t.as_ptr(), d.as_raw_fd(), n.as_ptr()) }).map(drop)
-        })
+        self.at(rel, |d, n| sys::symlinkat(&t, d, n))
     }
 
     pub fn readlink(&self, rel: &Path) -> io::Result<OsString> {
-        self.at(rel, |d, n| {
-            let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-            // SAFETY: buffer of the given length.
-            let len = cvt_ssize(unsafe {
-                libc::readlinkat(
-                    d.as_raw_fd(),
-                    n.as_ptr(),
-                    buf.as_mut_ptr() as *mut libc::c_char,
-                    buf.len(),
-                )
-            })?;
-            buf.truncate(len);
-            Ok(OsString::from_vec(buf))
-        })
+        self.at(rel, sys::readlinkat)
     }
 
     pub fn unlink(&self, rel: &Path) -> io::Result<()> {
-        self.at(rel, |d, n| {
-            // SAFETY: valid dirfd and NUL-terminated name.
-            cvt(unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), 0) }).map(drop)
-        })
+        self.at(rel, |d, n| sys::unlinkat(d, n, 0))
     }
 
     pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
-        let r = self.at(rel, |d, n| {
-            // SAFETY: valid dirfd and NUL-terminated name.
-            cvt(unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
-        });
+        let r = self.at(rel, |d, n| sys::unlinkat(d, n, libc::AT_REMOVEDIR));
         self.forget_dirs(rel);
         r
     }
@@ -784,64 +540,26 @@ impl Layer {
 
     fn rename_uncached(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
         self.at(from, |fd, fname| {
-            self.at(to, |td, tname| {
-                // SAFETY: valid dirfds and names.
-                cvt(unsafe {
-                    libc::renameat2(
-                        fd.as_raw_fd(),
-                        fname.as_ptr(),
-                        td.as_raw_fd(),
-                        tname.as_ptr(),
-                        flags,
-                    )
-                })
-                .map(drop)
-            })
+            self.at(to, |td, tname| sys::renameat2(fd, fname, td, tname, flags))
         })
     }
 
     /// Hard link `existing` as `new` (no symlink following).
     pub fn link(&self, existing: &Path, new: &Path) -> io::Result<()> {
         self.at(existing, |ed, ename| {
-            self.at(new, |nd, nname| {
-                // SAFETY: valid dirfds and names.
-                cvt(unsafe {
-                    libc::linkat(
-                        ed.as_raw_fd(),
-                        ename.as_ptr(),
-                        nd.as_raw_fd(),
-                        nname.as_ptr(),
-                        0,
-                    )
-                })
-                .map(drop)
-            })
+            self.at(new, |nd, nname| sys::linkat(ed, ename, nd, nname))
         })
     }
 
     /// lchown; `u32::MAX` leaves an id unchanged.
     pub fn chown(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<()> {
-        self.at_or_root(rel, |d, n, flags| {
-            // SAFETY: valid dirfd and name.
-            cvt(unsafe {
-                libc::fchownat(
-                    d.as_raw_fd(),
-                    n.as_ptr(),
-                    uid,
-                    gid,
-                    flags | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })
-            .map(drop)
-        })
+        self.at_or_root(rel, |d, n, flags| sys::fchownat(d, n, uid, gid, flags))
     }
 
     /// chmod of a non-symlink (the caller checked the type; Linux cannot chmod symlinks).
     pub fn chmod(&self, rel: &Path, mode: libc::mode_t) -> io::Result<()> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
-        let p = proc_fd_path(fd.as_raw_fd());
-        // SAFETY: NUL-terminated path; /proc/self/fd/N names exactly the opened object.
-        cvt(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+        sys::chmod_fd(fd.as_fd(), mode)
     }
 
     /// utimensat with AT_SYMLINK_NOFOLLOW.
@@ -851,19 +569,8 @@ impl Layer {
         atime: Option<SetTime>,
         mtime: Option<SetTime>,
     ) -> io::Result<()> {
-        let ts = [to_timespec(atime), to_timespec(mtime)];
-        self.at_or_root(rel, |d, n, flags| {
-            // SAFETY: valid dirfd, name and a 2-element timespec array.
-            cvt(unsafe {
-                libc::utimensat(
-                    d.as_raw_fd(),
-                    n.as_ptr(),
-                    ts.as_ptr(),
-                    flags | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })
-            .map(drop)
-        })
+        let ts = [SetTime::timespec(atime), SetTime::timespec(mtime)];
+        self.at_or_root(rel, |d, n, flags| sys::utimensat(d, n, &ts, flags))
     }
 
     /// Like [`Layer::at`] but the root itself is addressed as (root, "", AT_EMPTY_PATH).
@@ -950,214 +657,24 @@ impl Layer {
 
     pub fn setxattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
-        let p = proc_fd_path(fd.as_raw_fd());
-        let n = cstr(name)?;
-        // SAFETY: valid path, name and value buffer.
-        cvt(unsafe {
-            libc::setxattr(
-                p.as_ptr(),
-                n.as_ptr(),
-                value.as_ptr() as *const libc::c_void,
-                value.len(),
-                flags,
-            )
-        })
-        .map(drop)
+        sys::setxattr_fd(fd.as_fd(), name, value, flags)
     }
 
     pub fn removexattr(&self, rel: &Path, name: &OsStr) -> io::Result<()> {
         let fd = self.open_beneath(rel, libc::O_PATH)?;
-        let p = proc_fd_path(fd.as_raw_fd());
-        let n = cstr(name)?;
-        // SAFETY: valid path and name.
-        cvt(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) }).map(drop)
+        sys::removexattr_fd(fd.as_fd(), name)
     }
 
     /// statvfs of the filesystem holding the root.
     pub fn statvfs(&self) -> io::Result<libc::statvfs> {
         let fd = self.open_beneath(Path::new(""), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-        // SAFETY: valid fd and pointer.
-        cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-        // SAFETY: initialised on success.
-        Ok(unsafe { st.assume_init() })
-    }
-}
-
-/// Reads every entry of an open directory fd (consumes it).
-pub fn read_dir_fd(fd: OwnedFd) -> io::Result<Vec<DirEntry>> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: fdopendir takes ownership of the fd on success.
-    let dirp = unsafe { libc::fdopendir(raw) };
-    if dirp.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    std::mem::forget(fd);
-    let mut out = Vec::new();
-    loop {
-        // SAFETY: errno is thread-local; reset to tell end-of-stream from error.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: dirp is a valid DIR*.
-        let ent = unsafe { libc::readdir64(dirp) };
-        if ent.is_null() {
-            let e = io::Error::last_os_error();
-            // SAFETY: dirp valid; closes the fd too.
-            unsafe { libc::closedir(dirp) };
-            return match e.raw_os_error() {
-                Some(0) | None => Ok(out),
-                _ => Err(e),
-            };
-        }
-        // SAFETY: d_name is NUL-terminated within the entry.
-        let (name, dtype, d_ino) = unsafe {
-            (
-                CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes().to_vec(),
-                (*ent).d_type,
-                (*ent).d_ino,
-            )
-        };
-        if name == b"." || name == b".." {
-            continue;
-        }
-        let kind = match dtype {
-            libc::DT_DIR => libc::S_IFDIR,
-            libc::DT_REG => libc::S_IFREG,
-            libc::DT_LNK => libc::S_IFLNK,
-            libc::DT_FIFO => libc::S_IFIFO,
-            libc::DT_SOCK => libc::S_IFSOCK,
-            libc::DT_CHR => libc::S_IFCHR,
-            libc::DT_BLK => libc::S_IFBLK,
-            _ => 0,
-        };
-        out.push(DirEntry {
-            name: OsString::from_vec(name),
-            kind,
-            ino: d_ino,
-        });
+        sys::fstatvfs(fd.as_fd())
     }
 }
 
 /// Whether getxattrat(2) (Linux 6.13+) is known to be missing: then xattrs are read
 /// through `/proc/self/fd` paths.
 static NO_GETXATTRAT: AtomicBool = AtomicBool::new(false);
-
-/// getxattrat(2)'s syscall number (the same on every architecture but alpha).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-const SYS_GETXATTRAT: libc::c_long = 464;
-
-/// `struct xattr_args` of getxattrat(2).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-#[repr(C)]
-struct XattrArgs {
-    value: u64,
-    size: u32,
-    flags: u32,
-}
-
-/// getxattrat(2) of `name` at (`dir`, `path`) with `at_flags`: no `/proc` path walk.
-/// ENOSYS where the kernel (or this build's architecture) lacks it.
-fn getxattrat(
-    dir: BorrowedFd<'_>,
-    path: &CStr,
-    at_flags: libc::c_int,
-    name: &OsStr,
-) -> io::Result<Vec<u8>> {
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    {
-        let n = cstr(name)?;
-        let call = |buf: &mut [u8]| {
-            let args = XattrArgs {
-                value: buf.as_mut_ptr() as u64,
-                size: buf.len() as u32,
-                flags: 0,
-            };
-            // SAFETY: valid dirfd, NUL-terminated strings, and an args struct whose
-            // value buffer is `size` writable bytes.
-            cvt_ssize(unsafe {
-                libc::syscall(
-                    SYS_GETXATTRAT,
-                    dir.as_raw_fd(),
-                    path.as_ptr(),
-                    at_flags,
-                    n.as_ptr(),
-                    &args as *const XattrArgs,
-                    std::mem::size_of::<XattrArgs>(),
-                )
-            } as libc::ssize_t)
-        };
-        // Most values are small: one call with a 256-byte buffer, the size query only
-        // when it does not fit.
-        let mut buf = vec![0u8; 256];
-        loop {
-            match call(&mut buf) {
-                Ok(len) => {
-                    buf.truncate(len);
-                    return Ok(buf);
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
-                    let size = call(&mut [])?;
-                    buf = vec![0u8; size.max(buf.len() * 2)];
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        let _ = (dir, path, at_flags, name);
-        Err(io::Error::from_raw_os_error(libc::ENOSYS))
-    }
-}
-
-/// getxattr on the object behind an (O_PATH) fd.
-pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
-    let p = proc_fd_path(fd.as_raw_fd());
-    let n = cstr(name)?;
-    loop {
-        // SAFETY: size query with a null buffer.
-        let size =
-            cvt_ssize(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) })?;
-        let mut buf = vec![0u8; size];
-        // SAFETY: buffer of `size` bytes.
-        match cvt_ssize(unsafe {
-            libc::getxattr(
-                p.as_ptr(),
-                n.as_ptr(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-            )
-        }) {
-            Ok(len) => {
-                buf.truncate(len);
-                return Ok(buf);
-            }
-            // The value grew between the two calls: ask again.
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// listxattr on the object behind an (O_PATH) fd: NUL-separated names.
-pub fn listxattr_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-    let p = proc_fd_path(fd.as_raw_fd());
-    loop {
-        // SAFETY: size query with a null buffer.
-        let size = cvt_ssize(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?;
-        let mut buf = vec![0u8; size];
-        // SAFETY: buffer of `size` bytes.
-        match cvt_ssize(unsafe {
-            libc::listxattr(p.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len())
-        }) {
-            Ok(len) => {
-                buf.truncate(len);
-                return Ok(buf);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

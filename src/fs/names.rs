@@ -44,10 +44,7 @@ pub fn is_reserved(name: &OsStr) -> bool {
 /// The whiteout file name hiding `name`.
 pub fn whiteout_name(name: &OsStr) -> OsString {
     if WHITEOUT_PREFIX.len() + name.len() > NAME_MAX {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in name.as_bytes() {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = crate::sys::fnv1a64(name.as_bytes());
         let mut v = HASHED_WHITEOUT_PREFIX.to_vec();
         v.extend_from_slice(format!("{h:016x}").as_bytes());
         return OsString::from_vec(v);
@@ -55,6 +52,20 @@ pub fn whiteout_name(name: &OsStr) -> OsString {
     let mut v = WHITEOUT_PREFIX.to_vec();
     v.extend_from_slice(name.as_bytes());
     OsString::from_vec(v)
+}
+
+/// Whether the whiteout found at [`whiteout_name`]`(name)` hides `name`: a short one
+/// by its name alone; a hashed one only if its content is `name` (`content` reads it,
+/// and is called only for a hashed one; `None`: the file is gone), so a hash collision
+/// hides nothing. The rule for every reader of whiteouts.
+pub fn whiteout_hides<E>(
+    name: &OsStr,
+    content: impl FnOnce() -> Result<Option<Vec<u8>>, E>,
+) -> Result<bool, E> {
+    if !is_hashed_whiteout(&whiteout_name(name)) {
+        return Ok(true);
+    }
+    Ok(content()?.is_some_and(|c| c == name.as_bytes()))
 }
 
 /// Whether a whiteout's name is hashed (the hidden name is the file's content).
@@ -96,6 +107,17 @@ mod tests {
         assert!(wh.len() <= 255 && is_hashed_whiteout(&wh) && is_reserved(&wh));
         assert_eq!(whiteout_target(&wh), None);
         assert_ne!(wh, whiteout_name(OsStr::new(&"y".repeat(255))));
+        // A hashed whiteout hides only the name it holds; a short one, by its name.
+        let no = || -> Result<_, ()> { panic!("a short whiteout is never read") };
+        assert_eq!(whiteout_hides(OsStr::new("a"), no), Ok(true));
+        let long = OsStr::new(&long);
+        let holds = |c: &str| {
+            let c = c.as_bytes().to_vec();
+            move || Ok::<_, ()>(Some(c))
+        };
+        assert_eq!(whiteout_hides(long, holds(&"x".repeat(255))), Ok(true));
+        assert_eq!(whiteout_hides(long, holds("another name")), Ok(false));
+        assert_eq!(whiteout_hides(long, || Ok::<_, ()>(None)), Ok(false));
     }
 
     #[test]

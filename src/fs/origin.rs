@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use super::layer::{Ident, Layer, Stat};
 use super::names::{STATE_DIR, is_reserved};
+use crate::sys::state_file;
 
 /// Root daemons used the trusted namespace (invisible to users even on dst itself).
 const XATTR_ROOT: &str = "trusted.cachefs.origin";
@@ -169,12 +170,6 @@ enum Entry {
     RemoveTree(PathBuf),
 }
 
-fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
-        (h ^ u64::from(c)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|c| format!("{c:02x}")).collect()
 }
@@ -213,12 +208,12 @@ impl Entry {
             Entry::Remove(p) => format!("d {}", hex(p.as_os_str().as_bytes())),
             Entry::RemoveTree(p) => format!("t {}", hex(p.as_os_str().as_bytes())),
         };
-        format!("{:016x} {body}\n", fnv(body.as_bytes()))
+        format!("{:016x} {body}\n", crate::sys::fnv1a64(body.as_bytes()))
     }
 
     fn decode(line: &str) -> Option<Entry> {
         let (sum, body) = line.split_once(' ')?;
-        if u64::from_str_radix(sum, 16).ok()? != fnv(body.as_bytes()) {
+        if u64::from_str_radix(sum, 16).ok()? != crate::sys::fnv1a64(body.as_bytes()) {
             return None;
         }
         let mut it = body.split(' ');
@@ -414,33 +409,29 @@ impl Store {
         Ok(store)
     }
 
-    /// Rewrites the log with the live records (temp file, fsync, rename) and reopens it.
+    /// Rewrites the log with the live records (`sys::state_file`: temp file, fsync,
+    /// rename, fsync of the state folder) and reopens it.
     fn compact(&self, inner: &mut Inner) -> io::Result<()> {
         inner.log = None;
-        let tmp = Path::new(STATE_DIR).join(LOG_TMP);
-        let mut f = self.dst.create_file(
-            &tmp,
-            libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+        let dir = self.dst.open_dir(Path::new(STATE_DIR))?;
+        let records = &inner.map;
+        state_file::replace_at(
+            dir.as_fd(),
+            OsStr::new(LOG),
+            OsStr::new(LOG_TMP),
             0o600,
+            |f| {
+                let mut buf = String::new();
+                for (p, r) in records {
+                    buf.push_str(&Entry::Put(p.clone(), *r).encode());
+                    if buf.len() > 1 << 20 {
+                        f.write_all(buf.as_bytes())?;
+                        buf.clear();
+                    }
+                }
+                f.write_all(buf.as_bytes())
+            },
         )?;
-        let mut buf = String::new();
-        for (p, r) in &inner.map {
-            buf.push_str(&Entry::Put(p.clone(), *r).encode());
-            if buf.len() > 1 << 20 {
-                f.write_all(buf.as_bytes())?;
-                buf.clear();
-            }
-        }
-        f.write_all(buf.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        self.dst.rename(&tmp, &log_path(), 0)?;
-        if let Ok(d) = self.dst.open_beneath(
-            Path::new(STATE_DIR),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        ) {
-            let _ = File::from(d).sync_all();
-        }
         inner.lines = inner.map.len();
         inner.log = Some(self.dst.open_file(
             &log_path(),
@@ -884,16 +875,24 @@ mod tests {
     }
 
     #[test]
+    fn a_temp_file_left_by_a_crash_mid_compaction_does_not_stop_a_load() {
+        let d = tempfile::tempdir().unwrap();
+        drop(fresh_store(d.path()));
+        std::fs::write(d.path().join(STATE_DIR).join(LOG_TMP), b"torn").unwrap();
+        let s = fresh_store(d.path());
+        assert!(s.is_empty());
+        assert!(!d.path().join(STATE_DIR).join(LOG_TMP).exists());
+    }
+
+    #[test]
     fn old_xattr_records_are_imported_once() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
         std::fs::write(d.path().join("sub/f"), b"x").unwrap();
-        let c = std::ffi::CString::new(d.path().join("sub/f").as_os_str().as_bytes()).unwrap();
-        let name = std::ffi::CString::new(xattr_name().as_bytes()).unwrap();
+        let f = File::open(d.path().join("sub/f")).unwrap();
         let v = b"v1 5 -3 7 99 0";
-        // SAFETY: valid C strings and buffer.
-        let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-        if r != 0 {
+        let r = crate::sys::fsetxattr(f.as_fd(), xattr_name(), v);
+        if r.is_err() {
             return; // no xattrs on this filesystem
         }
         let s = fresh_store(d.path());

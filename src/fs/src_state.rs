@@ -2,8 +2,8 @@
 //!
 //! The core writes it when it starts (src was checked, so online) and at every
 //! online/offline transition (see `CacheFs::src_result`), never on the hot path. Writes
-//! are atomic (temp file in the state folder, then rename), so a reader sees the old or
-//! the new state, never a torn one. The format is one JSON object:
+//! are atomic and durable (`sys::state_file`: temp file in the state folder, fsync,
+//! rename), so a reader sees the old or the new state, never a torn one. The format is one JSON object:
 //!
 //! ```json
 //! {"online":false,"since":1700000000,"last_error":"Transport endpoint is not connected (os error 107)","pid":1234}
@@ -17,10 +17,10 @@
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::layer::Layer;
 use super::names::STATE_DIR;
+use crate::sys::state_file;
 
 /// The file name in the state folder.
 pub const FILE: &str = "src.json";
@@ -40,9 +40,8 @@ pub fn path(dst: &Path) -> PathBuf {
     dst.join(STATE_DIR).join(FILE)
 }
 
-pub fn unix_now(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+/// Unix seconds of a time (0 before 1970).
+pub use crate::sys::clock::unix_secs as unix_now;
 
 /// Appends `s` as a JSON string literal.
 pub fn json_str(out: &mut String, s: &str) {
@@ -140,17 +139,12 @@ fn parse_str(s: &str) -> Option<String> {
 pub fn write(dst: &Path, state: &SrcState) -> io::Result<()> {
     let dir = dst.join(STATE_DIR);
     std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!("{FILE}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+    // Per process: a command may write while the daemon does.
+    let tmp = format!("{FILE}.tmp.{}", std::process::id());
+    state_file::replace(&dir.join(FILE), tmp.as_ref(), 0o666, |f| {
         f.write_all(state.to_json().as_bytes())?;
-        f.write_all(b"\n")?;
-        std::fs::rename(&tmp, dir.join(FILE))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        f.write_all(b"\n")
+    })
 }
 
 /// The marker file in the state folder: src was a mount root when a daemon last ran.
@@ -184,7 +178,12 @@ pub fn remember_mounted(dst: &Path) {
     let dir = dst.join(STATE_DIR);
     let marker = dir.join(MOUNTED_MARKER);
     if !marker.exists() {
-        let made = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&marker, b""));
+        // Durable (fsynced, with its directory): a power loss must not forget that src
+        // was a mount, or the bare directory a missing mount leaves would pass for src.
+        let made = std::fs::create_dir_all(&dir).and_then(|()| {
+            let tmp = format!("{MOUNTED_MARKER}.tmp");
+            state_file::replace_with(&marker, tmp.as_ref(), b"")
+        });
         if let Err(e) = made {
             log::warn!(
                 "cannot record that src is a mount point ({}): {e}",

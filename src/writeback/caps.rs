@@ -30,11 +30,11 @@
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::sys;
+use super::at;
 use crate::fs::names;
 
 /// What a src can hold (each read back after it was made).
@@ -194,7 +194,7 @@ impl Caps {
 
     /// The capabilities, probing src (its root open as `root`) if not known yet. Errors
     /// if src fails the probe's first steps (offline, hung then failing): try later.
-    pub(crate) fn get_or_probe(&self, root: RawFd) -> io::Result<SrcCaps> {
+    pub(crate) fn get_or_probe(&self, root: BorrowedFd<'_>) -> io::Result<SrcCaps> {
         if let Some(c) = self.get() {
             return Ok(c);
         }
@@ -224,11 +224,11 @@ impl Caps {
 
 fn write_atomically(p: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = p.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.write_all(b"\n")?;
-    drop(f);
-    std::fs::rename(&tmp, p)
+    let tmp = tmp.file_name().unwrap_or_default();
+    crate::sys::state_file::replace(p, tmp, 0o666, |f| {
+        f.write_all(data)?;
+        f.write_all(b"\n")
+    })
 }
 
 /// The filesystem type of the mount holding `p` (longest mount point prefix in
@@ -257,9 +257,9 @@ pub(crate) fn fstype_of(p: &Path) -> String {
 
 /// Try each capability in a fresh hidden folder under `root`, then remove it.
 /// `prefixes`: this run's probe folder prefix, then earlier runs' (see [`Caps`]).
-fn probe(root: RawFd, prefixes: &[String], src_path: &Path) -> io::Result<SrcCaps> {
+fn probe(root: BorrowedFd<'_>, prefixes: &[String], src_path: &Path) -> io::Result<SrcCaps> {
     // Leftovers of this dst's earlier probes on this machine (a crash mid-probe).
-    if let Ok(list) = sys::list_dir(root, OsStr::new(".")) {
+    if let Ok(list) = at::list_dir(root, OsStr::new(".")) {
         for n in list {
             if prefixes
                 .iter()
@@ -271,25 +271,25 @@ fn probe(root: RawFd, prefixes: &[String], src_path: &Path) -> io::Result<SrcCap
     }
     let name = format!("{}{:016x}", prefixes[0], super::retry::rand_u64());
     let name = OsStr::new(&name);
-    sys::mkdir_at(root, name, 0o700)?;
-    let r = sys::open_dir_at(root, name).and_then(|d| {
-        let caps = probe_in(d.as_raw_fd(), src_path);
+    at::mkdir_at(root, name, 0o700)?;
+    let r = at::open_dir_at(root, name).and_then(|d| {
+        let caps = probe_in(d.as_fd(), src_path);
         // src answered to the end: a failure in a step was that step's answer.
-        sys::lstat_at(root, name)?;
+        at::lstat_at(root, name)?;
         caps
     });
     remove_probe_dir(root, name);
     r
 }
 
-fn remove_probe_dir(root: RawFd, name: &OsStr) {
-    if let Ok(d) = sys::open_dir_at(root, name) {
-        for n in sys::list_dir(d.as_raw_fd(), OsStr::new(".")).unwrap_or_default() {
-            let _ = sys::unlink_at(d.as_raw_fd(), &n, false);
+fn remove_probe_dir(root: BorrowedFd<'_>, name: &OsStr) {
+    if let Ok(d) = at::open_dir_at(root, name) {
+        for n in at::list_dir(d.as_fd(), OsStr::new(".")).unwrap_or_default() {
+            let _ = at::unlink_at(d.as_fd(), &n, false);
         }
     }
-    if let Err(e) = sys::unlink_at(root, name, true)
-        && !sys::is_gone(&e)
+    if let Err(e) = at::unlink_at(root, name, true)
+        && !at::is_gone(&e)
     {
         log::warn!(
             "writeback: cannot remove the capability probe folder {} on src: {e}",
@@ -298,28 +298,28 @@ fn remove_probe_dir(root: RawFd, name: &OsStr) {
     }
 }
 
-fn probe_in(d: RawFd, src_path: &Path) -> io::Result<SrcCaps> {
+fn probe_in(d: BorrowedFd<'_>, src_path: &Path) -> io::Result<SrcCaps> {
     let f = OsStr::new("f");
     {
-        let mut file = sys::create_excl_at(d, f, 0o600)?;
+        let mut file = at::create_excl_at(d, f, 0o600)?;
         file.write_all(b"cachefs capability probe\n")?;
     }
-    let st = sys::lstat_at(d, f)?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-    let read_back = || sys::lstat_at(d, f).ok().flatten();
+    let st = at::lstat_at(d, f)?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    let read_back = || at::lstat_at(d, f).ok().flatten();
 
     let want_mode = if st.st_mode & 0o7777 == 0o614 {
         0o641
     } else {
         0o614
     };
-    let chmod = sys::chmod_at(d, f, want_mode).is_ok()
+    let chmod = at::chmod_at(d, f, want_mode).is_ok()
         && read_back().is_some_and(|s| s.st_mode & 0o7777 == want_mode);
 
     // SAFETY: geteuid cannot fail.
     let root_user = unsafe { libc::geteuid() } == 0;
     let (uid, gid) = (st.st_uid.wrapping_add(1), st.st_gid.wrapping_add(1));
     let chown = root_user
-        && sys::chown_at(d, f, uid, gid).is_ok()
+        && at::chown_at(d, f, uid, gid).is_ok()
         && read_back().is_some_and(|s| (s.st_uid, s.st_gid) == (uid, gid));
 
     let mut t = st;
@@ -327,35 +327,35 @@ fn probe_in(d: RawFd, src_path: &Path) -> io::Result<SrcCaps> {
     t.st_mtime_nsec = 0;
     t.st_atime = 1_000_000_000;
     t.st_atime_nsec = 0;
-    let utimes = sys::utimes_at(d, f, &t).is_ok()
-        && read_back().is_some_and(|s| s.st_mtime == 1_000_000_000);
+    let utimes =
+        at::utimes_at(d, f, &t).is_ok() && read_back().is_some_and(|s| s.st_mtime == 1_000_000_000);
 
     let attr = b"user.cachefs.probe";
-    let user_xattrs = sys::set_xattr(d, f, attr, b"1").is_ok()
-        && sys::get_xattr(d, f, attr).ok().as_deref() == Some(b"1".as_slice());
+    let user_xattrs = at::set_xattr(d, f, attr, b"1").is_ok()
+        && at::get_xattr(d, f, attr).ok().as_deref() == Some(b"1".as_slice());
 
     let h = OsStr::new("h");
-    let hard_links = sys::link_at(d, f, d, h).is_ok()
-        && sys::lstat_at(d, h)
+    let hard_links = at::link_at(d, f, d, h).is_ok()
+        && at::lstat_at(d, h)
             .ok()
             .flatten()
             .is_some_and(|s| s.st_ino == st.st_ino && s.st_nlink >= 2);
 
     let s = OsStr::new("s");
-    let symlinks = sys::symlink_at(OsStr::new("f"), d, s).is_ok()
-        && sys::lstat_at(d, s)
+    let symlinks = at::symlink_at(OsStr::new("f"), d, s).is_ok()
+        && at::lstat_at(d, s)
             .ok()
             .flatten()
-            .is_some_and(|x| sys::file_type(&x) == libc::S_IFLNK)
-        && sys::readlink_at(d, s).ok().as_deref() == Some(OsStr::new("f"));
+            .is_some_and(|x| at::file_type(&x) == libc::S_IFLNK)
+        && at::readlink_at(d, s).ok().as_deref() == Some(OsStr::new("f"));
 
     // rclone answers EIO and leaves an empty regular file: only a fifo read back counts.
     let p = OsStr::new("p");
-    let special_files = sys::mknod_at(d, p, libc::S_IFIFO | 0o600, 0).is_ok()
-        && sys::lstat_at(d, p)
+    let special_files = at::mknod_at(d, p, libc::S_IFIFO | 0o600, 0).is_ok()
+        && at::lstat_at(d, p)
             .ok()
             .flatten()
-            .is_some_and(|x| sys::file_type(&x) == libc::S_IFIFO);
+            .is_some_and(|x| at::file_type(&x) == libc::S_IFIFO);
 
     let fstype = fstype_of(src_path);
     let empty_dirs = (!fstype.starts_with("fuse.rclone")).then_some(true);
@@ -381,7 +381,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(super::super::journal::dir(dst.path())).unwrap();
-        let root = sys::open_root(t.path()).unwrap();
+        let root = crate::sys::open_dir_path(t.path()).unwrap();
         // A leftover of an earlier probe of this dst (run "before") goes; another
         // dst's (or a clone's) stays.
         let old = t.path().join(".cachefs-tmp.probe.before.0");
@@ -394,7 +394,7 @@ mod tests {
             reclaim: vec!["before".into()],
         };
         let caps = Caps::new(&runs, t.path(), dst.path());
-        let c = caps.get_or_probe(root.as_raw_fd()).unwrap();
+        let c = caps.get_or_probe(root.as_fd()).unwrap();
         assert!(c.symlinks && c.special_files && c.hard_links, "{c:?}");
         assert!(c.chmod && c.utimes && c.empty_dirs == Some(true), "{c:?}");
         let left: Vec<_> = std::fs::read_dir(t.path())

@@ -29,6 +29,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::fs::change::{EndIntent, IntentGuard};
 use crate::fs::origin::{hex, unhex};
 
 const FILE: &str = "intents";
@@ -100,9 +101,7 @@ impl Intents {
         st.file.write_all(line.as_bytes())?;
         st.written = true;
         st.open += 1;
-        Ok(IntentGuard {
-            intents: Some(self),
-        })
+        Ok(IntentGuard::new(self))
     }
 
     fn end(&self) {
@@ -117,24 +116,9 @@ impl Intents {
     }
 }
 
-/// An intent in progress (see [`Intents::begin`]); a no-op one without writeback.
-#[must_use = "the intent ends when the guard is dropped"]
-pub struct IntentGuard<'a> {
-    intents: Option<&'a Intents>,
-}
-
-impl IntentGuard<'_> {
-    /// A guard that notes nothing (no writeback).
-    pub fn none() -> IntentGuard<'static> {
-        IntentGuard { intents: None }
-    }
-}
-
-impl Drop for IntentGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(i) = self.intents {
-            i.end();
-        }
+impl EndIntent for Intents {
+    fn end_intent(&self) {
+        self.end();
     }
 }
 

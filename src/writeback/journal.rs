@@ -24,8 +24,9 @@
 //! Compaction rewrites the live records (pending `R` lines and their latest `F`) to
 //! `journal.tmp`, fsyncs it, renames it over `journal` and fsyncs the folder.
 
+use crate::sys::state_file;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -33,8 +34,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::sys::Id;
-use super::{Op, op};
+use super::at::Id;
+use super::op;
+use crate::fs::change::Op;
 
 const HEADER: &str = "cachefs-journal 1";
 
@@ -375,15 +377,8 @@ impl Journal {
         for r in records {
             text.push_str(&encode(r));
         }
-        let tmp = self.dir.join("journal.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-        }
         let path = self.dir.join("journal");
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(&self.dir)?;
+        state_file::replace_with(&path, OsStr::new("journal.tmp"), text.as_bytes())?;
         self.file = Arc::new(open_append(&path)?);
         self.len = text.len() as u64;
         self.lines = text.matches('\n').count() as u64;
@@ -447,13 +442,10 @@ pub(crate) fn new_run(dst: &Path) -> io::Result<Runs> {
         .iter()
         .map(|(id, m)| format!("{id} {m}\n"))
         .collect();
-    let tmp = d.join("runs.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    let _ = std::fs::remove_file(&legacy);
-    sync_dir(&d)?;
+    state_file::replace_with(&path, OsStr::new("runs.tmp"), text.as_bytes())?;
+    if std::fs::remove_file(&legacy).is_ok() {
+        sync_dir(&d)?;
+    }
     Ok(Runs { current, reclaim })
 }
 

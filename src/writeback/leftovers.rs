@@ -28,18 +28,18 @@
 //! Lock order: `Leftovers::checks` is a leaf (no other lock is taken under it, and no
 //! src I/O is done under it).
 
+use crate::sys::state_file;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use super::journal::{decode_bytes, encode_bytes};
-use super::{op, sys};
-use crate::fs::names;
+use super::{at, op};
 
 /// One pending check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,10 +151,8 @@ impl Leftovers {
                     _ => Ok(()),
                 };
             }
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            drop(f);
-            std::fs::rename(&tmp, &self.file)
+            let tmp = tmp.file_name().unwrap_or_default();
+            state_file::replace_with(&self.file, tmp, text.as_bytes())
         })();
         if let Err(e) = r {
             log::warn!("writeback: cannot record the leftover checks: {e}");
@@ -162,8 +160,8 @@ impl Leftovers {
     }
 
     /// Replay moved or deleted src's regular file `st` at `path`: look again later.
-    pub(crate) fn note(&self, path: &Path, st: &sys::Stat) {
-        if self.settle.is_zero() || sys::file_type(st) != libc::S_IFREG {
+    pub(crate) fn note(&self, path: &Path, st: &at::Stat) {
+        if self.settle.is_zero() || at::file_type(st) != libc::S_IFREG {
             return;
         }
         let c = Check {
@@ -241,33 +239,31 @@ pub(crate) fn check(
     if pending(&c.path) {
         return Ok(Found::Clean);
     }
-    match sys::walk(dst, &comps) {
+    match at::walk(dst, &comps) {
         Ok(dd) => {
-            let dd = dd.as_raw_fd();
-            if sys::lstat_at(dd, name)?.is_some()
-                && sys::lstat_at(dd, &names::whiteout_name(name))?.is_none()
-            {
+            let dd = dd.as_fd();
+            if at::lstat_at(dd, name)?.is_some() && !at::whited_out(dd, name)? {
                 return Ok(Found::Clean);
             }
         }
-        Err(e) if sys::is_gone(&e) => {}
+        Err(e) if at::is_gone(&e) => {}
         Err(e) => return Err(e),
     }
-    let sd = match sys::walk(src, &comps) {
+    let sd = match at::walk(src, &comps) {
         Ok(fd) => fd,
-        Err(e) if sys::is_gone(&e) => return Ok(Found::Clean),
+        Err(e) if at::is_gone(&e) => return Ok(Found::Clean),
         Err(e) => return Err(e),
     };
-    let Some(st) = sys::lstat_at(sd.as_raw_fd(), name)? else {
+    let Some(st) = at::lstat_at(sd.as_fd(), name)? else {
         return Ok(Found::Clean);
     };
-    let same = sys::file_type(&st) == libc::S_IFREG
+    let same = at::file_type(&st) == libc::S_IFREG
         && st.st_size as u64 == c.size
         && (st.st_mtime, st.st_mtime_nsec) == c.mtime;
     if !same {
         return Ok(Found::Clean);
     }
-    match sys::unlink_at(sd.as_raw_fd(), name, false) {
+    match at::unlink_at(sd.as_fd(), name, false) {
         Ok(()) => Ok(Found::Removed),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Found::Clean),
         Err(e) => Err(e),
@@ -278,9 +274,9 @@ pub(crate) fn check(
 mod tests {
     use super::*;
 
-    fn stat_of(p: &Path) -> sys::Stat {
-        let dir = sys::open_root(p.parent().unwrap()).unwrap();
-        sys::lstat_at(dir.as_raw_fd(), p.file_name().unwrap())
+    fn stat_of(p: &Path) -> at::Stat {
+        let dir = crate::sys::open_dir_path(p.parent().unwrap()).unwrap();
+        at::lstat_at(dir.as_fd(), p.file_name().unwrap())
             .unwrap()
             .unwrap()
     }
@@ -319,8 +315,8 @@ mod tests {
         let s = tempfile::tempdir().unwrap();
         let d = tempfile::tempdir().unwrap();
         let (src, dst) = (
-            sys::open_root(s.path()).unwrap(),
-            sys::open_root(d.path()).unwrap(),
+            crate::sys::open_dir_path(s.path()).unwrap(),
+            crate::sys::open_dir_path(d.path()).unwrap(),
         );
         std::fs::write(s.path().join("ghost"), b"old bytes").unwrap();
         let st = stat_of(&s.path().join("ghost"));

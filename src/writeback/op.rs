@@ -4,7 +4,8 @@
 use std::ffi::OsStr;
 use std::path::{Component, Path, PathBuf};
 
-use super::Op;
+use crate::fs::change::Op;
+pub(crate) use crate::fs::change::op_paths as paths;
 use crate::fs::names;
 
 /// Journal and log name of each kind.
@@ -66,24 +67,6 @@ pub(crate) fn from_parts(kind: &str, a: PathBuf, b: Option<PathBuf>) -> Option<O
         },
         _ => return None,
     })
-}
-
-/// The paths an op touches (one or two), in journal order.
-pub(crate) fn paths(op: &Op) -> Vec<&Path> {
-    match op {
-        Op::Write { path }
-        | Op::Create { path }
-        | Op::Mknod { path }
-        | Op::Mkdir { path }
-        | Op::Symlink { path }
-        | Op::Unlink { path }
-        | Op::Rmdir { path }
-        | Op::SetAttr { path }
-        | Op::Xattr { path }
-        | Op::Sync { path } => vec![path],
-        Op::Link { existing, new } => vec![existing, new],
-        Op::Rename { from, to, .. } => vec![from, to],
-    }
 }
 
 fn map_paths(op: &Op, f: impl Fn(&Path) -> Option<PathBuf>) -> Option<Op> {

@@ -16,11 +16,7 @@ static RNG: AtomicU64 = AtomicU64::new(0);
 pub(crate) fn rand_u64() -> u64 {
     let mut s = RNG.load(Ordering::Relaxed);
     if s == 0 {
-        s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            | 1;
+        s = crate::sys::clock::now_nanos() | 1;
     }
     let next = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
     RNG.store(next, Ordering::Relaxed);

@@ -15,9 +15,10 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::at::Id;
 use super::journal::FailInfo;
-use super::sys::Id;
-use super::{Op, op};
+use super::op;
+use crate::fs::change::Op;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {

@@ -243,7 +243,8 @@ impl Store {
         }
         let tmp = self.path.with_extension("tmp");
         let text: String = self.map.iter().map(|(p, e)| Self::set_line(p, e)).collect();
-        if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &self.path).is_ok() {
+        let tmp = tmp.file_name().unwrap_or_default();
+        if crate::sys::state_file::replace_with(&self.path, tmp, text.as_bytes()).is_ok() {
             self.file = None;
             self.lines = live;
         }
