@@ -63,6 +63,8 @@ pub struct Config {
     pub attr_ttl: Duration,
     /// Use FUSE passthrough for cached files when the kernel allows it (`--no-passthrough` clears).
     pub(crate) passthrough: bool,
+    /// Offer POSIX ACLs to the kernel (`FUSE_POSIX_ACL`) where dst holds them (`--no-acl` clears).
+    pub(crate) acl: bool,
     /// `--src-timeout`: longest wait for one src call (zero: unbounded).
     pub(crate) src_timeout: Duration,
     /// `--drain-timeout`: at shutdown with `-w`, how long to keep replaying the queue.
@@ -114,6 +116,7 @@ impl Config {
             threads: default_threads(),
             attr_ttl: Duration::from_secs(1),
             passthrough: true,
+            acl: true,
             src_timeout: DEFAULT_SRC_TIMEOUT,
             revalidate: DEFAULT_REVALIDATE,
             drain_timeout: Duration::from_secs(20),

@@ -283,6 +283,9 @@ pub struct MountArgs {
     /// Never use FUSE passthrough (serve all reads and writes through the daemon).
     #[arg(long)]
     pub(crate) no_passthrough: bool,
+    /// Do not offer POSIX ACLs to the kernel (it then checks modes only, as before).
+    #[arg(long)]
+    pub(crate) no_acl: bool,
     /// How long one src call may take before it fails with EIO and src counts as
     /// offline, e.g. 30s (0: wait forever). Copies fail only after this long with no
     /// progress.

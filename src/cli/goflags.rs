@@ -38,6 +38,7 @@ const VALUE_FLAGS: &[&str] = &[
 const BOOL_LONG_FLAGS: &[&str] = &[
     "log",
     "no-passthrough",
+    "no-acl",
     "lazy-fill",
     "json",
     "watch",

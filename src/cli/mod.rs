@@ -324,7 +324,7 @@ mod tests {
         assert_eq!(c.start_delay, Duration::ZERO);
         assert_eq!(c.attr_ttl, Duration::from_secs(1));
         assert_eq!(c.threads, config::default_threads());
-        assert!(c.passthrough && !c.debug && !c.log_writeback);
+        assert!(c.passthrough && c.acl && !c.debug && !c.log_writeback);
         assert!(c.mount_options.is_empty());
     }
 
@@ -362,8 +362,9 @@ mod tests {
             "3",
             "--attr-ttl=0.25",
             "--no-passthrough",
+            "--no-acl",
         ]));
-        assert!(c.writeback && c.debug && c.log_writeback && !c.passthrough);
+        assert!(c.writeback && c.debug && c.log_writeback && !c.passthrough && !c.acl);
         assert_eq!(
             c.mount_options,
             ["allow_other", "ro", "default_permissions", "nosuid"]

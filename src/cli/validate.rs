@@ -108,6 +108,7 @@ pub(crate) fn validate(m: &MountArgs, probe: &dyn Probe) -> Result<Config, CliEr
         threads,
         attr_ttl,
         passthrough: !m.no_passthrough,
+        acl: !m.no_acl,
         src_timeout,
         revalidate,
         drain_timeout,

@@ -3,12 +3,12 @@
 //! Invariants:
 //! - An entry appears in dst only complete: it is built under a temp name in the
 //!   staging folder `dst/.cachefs-state/tmp/` (data fsynced, then mode, owner, times,
-//!   user xattrs set) and installed with one rename (RENAME_NOREPLACE, or replacing
+//!   user xattrs and POSIX ACLs set) and installed with one rename (RENAME_NOREPLACE, or replacing
 //!   for a refetch). A failure removes the temp entry and leaves nothing.
 //! - Directories too: concurrent copy-ups below one uncached directory never see it
 //!   half made (without owner, mode or times).
-//! - Mode (including setuid bits), owner, atime/mtime, user xattrs and symlink targets are
-//!   preserved. Only the install touches the parent directory, and it restores the
+//! - Mode (including setuid bits), owner, atime/mtime, user xattrs, POSIX ACLs and
+//!   symlink targets are preserved. Only the install touches the parent directory, and it restores the
 //!   parent's times inside one process-wide critical section ([`PARENT_TIMES`]), so a
 //!   read miss never looks like a modification of the directory, even when several
 //!   copy-ups land in one directory at once.
@@ -160,20 +160,45 @@ fn futimens(f: &File, st: &Stat) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies `user.*` xattrs from `from` to `to` (other namespaces are the system's).
+/// The POSIX ACLs (`system.posix_acl_*`): copied with the user xattrs, so that a copy
+/// grants and inherits what src's entry does.
+const ACL_XATTRS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
+
+/// Copies `user.*` xattrs and POSIX ACLs from `from` to `to` (other namespaces are the
+/// system's). An ACL src lacks is removed from `to` (a temp entry may have inherited
+/// its directory's default ACL); where dst holds no ACLs, they are not copied.
 fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
     let names = match layer::listxattr_fd(from.as_fd()) {
         Ok(n) => n,
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) => return Ok(()),
         Err(e) => return Err(e),
     };
-    for name in names.split(|b| *b == 0).filter(|n| n.starts_with(b"user.")) {
+    let is_acl = |n: &[u8]| ACL_XATTRS.contains(&n);
+    for name in names
+        .split(|b| *b == 0)
+        .filter(|n| n.starts_with(b"user.") || is_acl(n))
+    {
+        let acl = is_acl(name);
         let name = OsStr::from_bytes(name);
         if origin::is_reserved_xattr(name) {
             continue;
         }
         let value = layer::getxattr_fd(from.as_fd(), name)?;
-        crate::sys::fsetxattr(to.as_fd(), name, &value)?;
+        match crate::sys::fsetxattr(to.as_fd(), name, &value) {
+            Err(e) if acl && e.raw_os_error() == Some(libc::ENOTSUP) => {}
+            r => r?,
+        }
+    }
+    for acl in ACL_XATTRS {
+        if names.split(|b| *b == 0).any(|n| n == acl) {
+            continue;
+        }
+        match crate::sys::removexattr_fd(to.as_fd(), OsStr::from_bytes(acl)) {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => {
+                return Err(e);
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -446,6 +471,87 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// A POSIX ACL in the kernel's xattr format: (tag, perm, id) entries, sorted.
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&id.to_le_bytes());
+        }
+        v
+    }
+
+    fn xattr_get(p: &Path, name: &str) -> io::Result<Vec<u8>> {
+        let l = Layer::open(p.parent().unwrap()).unwrap();
+        l.getxattr(Path::new(p.file_name().unwrap()), OsStr::new(name))
+    }
+
+    /// src's access ACL (a named user) and a directory's default ACL reach dst's copy;
+    /// an ACL the staging folder would pass on to a copy without one does not.
+    #[test]
+    fn copies_posix_acls_and_drops_inherited_ones() {
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(s.path().join("dir")).unwrap();
+        std::fs::write(s.path().join("f"), b"acl").unwrap();
+        std::fs::write(s.path().join("plain"), b"none").unwrap();
+        let access = acl(&[
+            (0x01, 6, u32::MAX),
+            (0x02, 4, 4242),
+            (0x04, 4, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        let default = acl(&[
+            (0x01, 7, u32::MAX),
+            (0x02, 7, 4242),
+            (0x04, 5, u32::MAX),
+            (0x10, 7, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        match xattr_set(&s.path().join("f"), "system.posix_acl_access", &access) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+                eprintln!("skipping: no POSIX ACLs on the test file system");
+                return;
+            }
+            r => r.unwrap(),
+        }
+        xattr_set(&s.path().join("dir"), "system.posix_acl_default", &default).unwrap();
+        let (src, dst) = (
+            Layer::open(s.path()).unwrap(),
+            Layer::open(d.path()).unwrap(),
+        );
+        prepare_staging(&dst).unwrap();
+        // As if dst's staging folder had inherited a default ACL.
+        xattr_set(
+            &d.path().join(staging_dir()),
+            "system.posix_acl_default",
+            &default,
+        )
+        .unwrap();
+        for name in ["f", "dir", "plain"] {
+            let st = src.stat(Path::new(name)).unwrap().unwrap();
+            copy_entry(&src, &dst, Path::new(name), &st, CopyOpts::default(), None).unwrap();
+        }
+        let got = |n: &str, a: &str| xattr_get(&d.path().join(n), a).map_err(|e| e.raw_os_error());
+        assert_eq!(got("f", "system.posix_acl_access"), Ok(access));
+        assert_eq!(got("dir", "system.posix_acl_default"), Ok(default));
+        assert_eq!(
+            got("dir", "system.posix_acl_access"),
+            Err(Some(libc::ENODATA))
+        );
+        assert_eq!(
+            got("plain", "system.posix_acl_access"),
+            Err(Some(libc::ENODATA))
+        );
+        let mode = |n: &str| std::fs::metadata(n).unwrap().mode() & 0o7777;
+        for n in ["f", "dir", "plain"] {
+            let (a, b) = (s.path().join(n), d.path().join(n));
+            assert_eq!(mode(b.to_str().unwrap()), mode(a.to_str().unwrap()), "{n}");
+        }
     }
 
     fn xattr_set(p: &Path, name: &str, v: &[u8]) -> io::Result<()> {

@@ -21,15 +21,16 @@ fn mode_if_dir(st: &Stat) -> u32 {
 
 impl CacheFs {
     /// Common path of every operation that creates a name: checks, parent in dst,
-    /// whiteouts, ownership, node registration. `make` creates `path` in dst, and
+    /// whiteouts, ownership, node registration. `make` creates `path` in dst with the
+    /// mode it is given (`mode`, less `umask` unless the parent has a default ACL), and
     /// returns its stat when it has it at hand (an open file: one fstat, no lookup).
     fn create_common(
         &self,
         caller: Caller,
         parent: u64,
         name: &OsStr,
-        mode: u32,
-        make: impl FnOnce(&Path) -> io::Result<Option<Stat>>,
+        (mode, umask): (u32, u32),
+        make: impl FnOnce(&Path, u32) -> io::Result<Option<Stat>>,
         op: impl FnOnce(PathBuf) -> Op,
     ) -> FsResult<Attr> {
         check_name(name)?;
@@ -44,9 +45,10 @@ impl CacheFs {
             Err(e) => return Err(e),
         }
         let parent_st = self.ensure_dst_dir(&dir)?;
+        let mode = self.creation_mode(&dir, mode, umask);
         let _intent = self.intend(&[&path])?;
         let had_whiteout = self.clear_whiteouts(&path)?;
-        let created = match make(&path)? {
+        let created = match make(&path, mode)? {
             Some(st) => st,
             None => self.dst.stat(&path)?.ok_or_else(FsError::not_found)?,
         };
@@ -62,9 +64,11 @@ impl CacheFs {
             if created.st_uid != caller.uid || created.st_gid != gid {
                 touched = true;
                 self.dst.chown(&path, caller.uid, gid)?;
-                // chown of a file clears setuid/setgid: put the requested bits back.
-                let want =
-                    (mode & 0o7777) | (created.st_mode & libc::S_ISGID & mode_if_dir(&created));
+                // chown of a file clears setuid/setgid: put the requested bits back (the
+                // rwx bits as created: a default ACL may have set them).
+                let want = (created.st_mode & 0o777)
+                    | (mode & 0o7000)
+                    | (created.st_mode & libc::S_ISGID & mode_if_dir(&created));
                 if mode & 0o7000 != 0 && created.st_mode & libc::S_IFMT != libc::S_IFLNK {
                     self.dst.chmod(&path, want)?;
                 }
@@ -90,6 +94,24 @@ impl CacheFs {
         Ok(self.register(&path, &found, 1))
     }
 
+    /// The mode a new entry of `dir` (in dst) is created with: `mode` less `umask`,
+    /// unless `dir` has a default ACL. Then dst's file system applies that ACL instead,
+    /// as POSIX asks (the kernel leaves the umask to the daemon with `FUSE_DONT_MASK`;
+    /// without it the mode comes masked already).
+    fn creation_mode(&self, dir: &Path, mode: u32, umask: u32) -> u32 {
+        let masked = mode & !(umask & 0o777);
+        if masked == mode {
+            return mode;
+        }
+        match self
+            .dst
+            .getxattr(dir, OsStr::new("system.posix_acl_default"))
+        {
+            Ok(_) => mode,
+            Err(_) => masked,
+        }
+    }
+
     pub(crate) fn mknod(
         &self,
         caller: Caller,
@@ -100,13 +122,12 @@ impl CacheFs {
         rdev: u32,
     ) -> FsResult<Attr> {
         let _ns = self.namespace.write().unwrap();
-        let mode = mode & !(umask & 0o777);
         self.create_common(
             caller,
             parent,
             name,
-            mode,
-            |p| self.dst.mknod(p, mode, rdev as libc::dev_t).map(|()| None),
+            (mode, umask),
+            |p, mode| self.dst.mknod(p, mode, rdev as libc::dev_t).map(|()| None),
             |path| {
                 if mode & libc::S_IFMT == libc::S_IFREG {
                     Op::Create { path }
@@ -126,13 +147,12 @@ impl CacheFs {
         umask: u32,
     ) -> FsResult<Attr> {
         let _ns = self.namespace.write().unwrap();
-        let mode = mode & !(umask & 0o777) & 0o7777;
         self.create_common(
             caller,
             parent,
             name,
-            mode,
-            |p| self.dst.mkdir(p, mode).map(|()| None),
+            (mode & 0o7777, umask),
+            |p, mode| self.dst.mkdir(p, mode).map(|()| None),
             |path| Op::Mkdir { path },
         )
     }
@@ -149,8 +169,8 @@ impl CacheFs {
             caller,
             parent,
             name,
-            0o777,
-            |p| self.dst.symlink(target, p).map(|()| None),
+            (0o777, 0),
+            |p, _| self.dst.symlink(target, p).map(|()| None),
             |path| Op::Symlink { path },
         )
     }
@@ -168,14 +188,13 @@ impl CacheFs {
         let OpenRequest { flags, for_backing } = req;
         self.throttle_writer()?;
         let _ns = self.namespace.write().unwrap();
-        let mode = mode & !(umask & 0o777) & 0o7777;
         let file = std::cell::RefCell::new(None);
         let attr = self.create_common(
             caller,
             parent,
             name,
-            mode,
-            |p| {
+            (mode & 0o7777, umask),
+            |p, mode| {
                 let wanted = open_flags(flags);
                 let flags = if for_backing {
                     (wanted & !libc::O_ACCMODE) | libc::O_RDWR

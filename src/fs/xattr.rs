@@ -148,6 +148,18 @@ impl CacheFs {
         self.xattr_change(ino, |p| self.dst.setxattr(p, name, value, flags))
     }
 
+    /// Whether dst's file system holds POSIX ACLs (its root answers a getxattr of
+    /// `system.posix_acl_access` with a value or ENODATA, not EOPNOTSUPP).
+    pub(crate) fn dst_holds_acls(&self) -> bool {
+        match self
+            .dst
+            .getxattr(Path::new(""), OsStr::new("system.posix_acl_access"))
+        {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() == Some(libc::ENODATA),
+        }
+    }
+
     pub(crate) fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         hooks::on_xattr(&self.cache, name);
         if origin::is_reserved_xattr(name) {

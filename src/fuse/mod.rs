@@ -18,6 +18,11 @@
 //! setting or removing a POSIX ACL (`system.posix_acl_*`), which changes the mode in
 //! dst: without `FUSE_POSIX_ACL` the kernel keeps its cached mode.
 //!
+//! POSIX ACLs: negotiated (`FUSE_POSIX_ACL`, with `FUSE_DONT_MASK`) unless `--no-acl`
+//! or dst's file system holds none. The kernel then checks and caches ACLs and sends
+//! the umask with each create for the core to apply (not under a default ACL); dst's
+//! file system keeps mode and ACL in step (setting an ACL, chmod).
+//!
 //! # Files
 //!
 //! This file holds the adapter's state ([`FuseAdapter`]) and the create/open paths
@@ -33,10 +38,11 @@ use std::time::Duration;
 
 use fuser::{
     FileHandle, FopenFlags, Generation, INodeNo, Notifier, OpenFlags, ReplyCreate, ReplyOpen,
+    Request,
 };
 
 use crate::config::Config;
-use crate::fs::{CacheFs, Caller, FsError, OpenRequest, Opened};
+use crate::fs::{CacheFs, Caller, FsError, OpenRequest, Opened, SetAttr};
 
 mod convert;
 pub(crate) mod fusermount;
@@ -44,7 +50,7 @@ mod mount;
 mod ops;
 mod passthrough;
 
-use convert::{errno, fuse_attr};
+use convert::{caller, errno, fuse_attr};
 pub(crate) use mount::{mount_options, spawn_mount};
 use passthrough::BackingTable;
 
@@ -64,6 +70,8 @@ pub(crate) struct FuseAdapter {
     ttl: Duration,
     /// FUSE passthrough in use: asked for, negotiated, and not refused since.
     passthrough: Arc<AtomicBool>,
+    /// POSIX ACLs (`FUSE_POSIX_ACL`): asked for, then whether negotiated.
+    acl: Arc<AtomicBool>,
     backing: Arc<Mutex<BackingTable>>,
     /// Notifications to the kernel (set once the session exists, before it serves).
     notifier: Arc<OnceLock<Notifier>>,
@@ -89,6 +97,7 @@ impl FuseAdapter {
             fs,
             ttl: cfg.attr_ttl,
             passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
+            acl: Arc::new(AtomicBool::new(cfg.acl)),
             backing: Arc::new(Mutex::new(BackingTable::default())),
             notifier: Arc::new(OnceLock::new()),
             ready: None,
@@ -103,6 +112,7 @@ impl FuseAdapter {
             fs: self.fs.clone(),
             ttl: self.ttl,
             passthrough: self.passthrough.clone(),
+            acl: self.acl.clone(),
             backing: self.backing.clone(),
             notifier: self.notifier.clone(),
             ready: None,
@@ -215,6 +225,33 @@ impl FuseAdapter {
         }
     }
 
+    /// After an access ACL was set on `ino`: clears setgid, as a local file system does,
+    /// when the caller is neither in the file's group nor holds CAP_FSETID (dst's file
+    /// system kept it: the daemon holds CAP_FSETID). The kernel would say so with
+    /// `FUSE_SETXATTR_ACL_KILL_SGID`, but only in the longer setxattr request of
+    /// `FUSE_SETXATTR_EXT`, which fuser 0.18 does not parse; so the caller's groups and
+    /// capabilities are read from `/proc/PID/status`. Unknown (no such process): kept.
+    fn acl_kill_sgid(&self, req: &Request, ino: u64) {
+        let Ok(a) = self.fs.getattr(ino, None) else {
+            return;
+        };
+        let sgid = libc::S_ISGID as u16;
+        if a.perm & sgid == 0 || in_group_or_capable(req.pid(), req.gid(), a.gid) != Some(false) {
+            return;
+        }
+        let set = SetAttr {
+            mode: Some(u32::from(a.perm & !sgid)),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+        };
+        if let Err(e) = self.fs.setattr(caller(req), ino, None, set) {
+            log::debug!("clearing setgid of inode {ino} after an ACL change: {e}");
+        }
+    }
+
     /// Tells the kernel that `ino`'s cached attributes are stale (its dst file may have
     /// been written through a mapping): the next stat asks the daemon. Attributes
     /// only (offset -1): no page cache is dropped, so no page lock is waited on.
@@ -225,4 +262,29 @@ impl FuseAdapter {
             log::debug!("invalidating the attributes of inode {ino}: {e}");
         }
     }
+}
+
+/// Whether process `pid`, with file system gid `fsgid`, is in group `gid` (its fsgid or
+/// a supplementary group) or holds CAP_FSETID: the kernel's `in_group_or_capable`, read
+/// from `/proc/PID/status`. `None` when that cannot be read.
+fn in_group_or_capable(pid: u32, fsgid: u32, gid: u32) -> Option<bool> {
+    if fsgid == gid {
+        return Some(true);
+    }
+    if pid == 0 {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let in_group = field("Groups:")?
+        .split_whitespace()
+        .any(|g| g.parse() == Ok(gid));
+    let caps = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
+    const CAP_FSETID: u32 = 4; // linux/capability.h
+    Some(in_group || caps & (1 << CAP_FSETID) != 0)
 }

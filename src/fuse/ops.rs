@@ -32,6 +32,26 @@ impl Filesystem for FuseAdapter {
         // readdirplus: a listing also answers the lookups of `ls -l` / `find`.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // POSIX ACLs: the kernel enforces and caches them, and leaves the umask to the
+        // daemon (`FUSE_DONT_MASK`: the core applies it unless the parent has a default
+        // ACL); dst's file system stores them and keeps mode and ACL in step.
+        let want_acl = self.acl.load(Ordering::Relaxed);
+        let dst_acl = want_acl && self.fs.dst_holds_acls();
+        let acl = dst_acl
+            && config
+                .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+                .is_ok();
+        self.acl.store(acl, Ordering::Relaxed);
+        if acl {
+            log::info!("POSIX ACLs: on (the kernel checks them)");
+        } else if want_acl {
+            let why = if dst_acl {
+                "the kernel does not offer FUSE_POSIX_ACL"
+            } else {
+                "dst's file system holds no ACLs"
+            };
+            log::info!("POSIX ACLs: off ({why}); the kernel checks modes only");
+        }
         let want = self.passthrough.load(Ordering::Relaxed);
         // SAFETY: geteuid cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
@@ -553,7 +573,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -563,6 +583,9 @@ impl Filesystem for FuseAdapter {
     ) {
         let _timer = FuseOp::Setxattr.timer();
         let r = self.fs.setxattr(ino.0, name, value, flags);
+        if r.is_ok() && name == "system.posix_acl_access" && self.acl.load(Ordering::Relaxed) {
+            self.acl_kill_sgid(req, ino.0);
+        }
         self.after_xattr_change(ino.0, name, &r);
         match r {
             Ok(()) => reply.ok(),
@@ -574,6 +597,16 @@ impl Filesystem for FuseAdapter {
         let _timer = FuseOp::Getxattr.timer();
         match self.fs.getxattr(ino.0, name) {
             Ok(v) => reply_xattr(reply, size, v),
+            // The kernel asks for an entry's ACL to check a permission and takes only
+            // ENODATA as "none": a src without xattrs (rclone) answers EOPNOTSUPP,
+            // which would fail the open or lookup itself.
+            Err(e)
+                if e.errno() == libc::EOPNOTSUPP
+                    && name.as_encoded_bytes().starts_with(b"system.posix_acl_")
+                    && self.acl.load(Ordering::Relaxed) =>
+            {
+                reply.error(Errno::from_i32(libc::ENODATA))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

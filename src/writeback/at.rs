@@ -276,15 +276,22 @@ pub(crate) fn futimes(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
     sys::futimens(fd, &times_of(st))
 }
 
-/// Names of the `user.*` xattrs of `name` under `dir` (not following a symlink).
-pub(crate) fn list_user_xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<Vec<u8>>> {
+/// Whether `attr` is a POSIX ACL (`system.posix_acl_access` or `_default`).
+pub(crate) fn is_acl(attr: &[u8]) -> bool {
+    attr == b"system.posix_acl_access" || attr == b"system.posix_acl_default"
+}
+
+/// Names of the xattrs of `name` under `dir` that replay copies to src: `user.*` and
+/// the POSIX ACLs (not following a symlink).
+pub(crate) fn list_synced_xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<Vec<u8>>> {
     let buf = sys::llistxattr_at(dir, name)?;
     Ok(buf
         .split(|b| *b == 0)
         // Not cachefs's own (`user.cachefs.origin`, left on dst files by versions
         // before the origin record store): never uploaded.
         .filter(|n| {
-            n.starts_with(b"user.") && !crate::fs::origin::is_reserved_xattr(OsStr::from_bytes(n))
+            (n.starts_with(b"user.") || is_acl(n))
+                && !crate::fs::origin::is_reserved_xattr(OsStr::from_bytes(n))
         })
         .map(<[u8]>::to_vec)
         .collect())
@@ -337,10 +344,10 @@ mod tests {
             Err(e) if is_unsupported(&e) => return,
             Err(e) => panic!("{e}"),
         }
-        assert_eq!(list_user_xattrs(fd, n).unwrap(), vec![b"user.k".to_vec()]);
+        assert_eq!(list_synced_xattrs(fd, n).unwrap(), vec![b"user.k".to_vec()]);
         assert_eq!(get_xattr(fd, n, b"user.k").unwrap(), b"v");
         remove_xattr(fd, n, b"user.k").unwrap();
-        assert!(list_user_xattrs(fd, n).unwrap().is_empty());
+        assert!(list_synced_xattrs(fd, n).unwrap().is_empty());
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!   dst entry is gone is skipped: the unlink/rmdir/rename that removed it is journaled
 //!   after it, and a rename journals follow-ups for what was pending below its source.
 //! - Files are written to a `.cachefs-tmp.*` file in the same src directory, given dst's
-//!   owner, mode, user xattrs and times, fsynced, then renamed over the target. A file
-//!   with several hard links on both sides is rewritten in place so the links survive.
+//!   owner, mode, user xattrs, POSIX ACLs and times, fsynced, then renamed over the
+//!   target. A file with several hard links on both sides is rewritten in place so the
+//!   links survive.
 //! - Missing src parents are created (with dst's attributes when dst has them).
 //! - A path is materialised only if dst still holds the object recorded with the op
 //!   (identity check, see the module doc of `writeback`).
@@ -29,7 +30,7 @@
 //! - What src cannot hold (see `caps`) is not tried, or not retried: a symlink or special
 //!   file on a src without them is kept in dst only (and whatever src had at that path
 //!   is removed: the view replaced it); a hard link on a src without them is a copy; a
-//!   mode, owner, mtime or user xattrs src does not keep are left as src shows them.
+//!   mode, owner, mtime, user xattrs or ACLs src does not keep are left as src shows them.
 //!   Each is noted in [`Ctx::notes`] (`unrep`: "not representable on src"), and the op
 //!   succeeds.
 //!
@@ -242,7 +243,7 @@ fn ensure_src_parent(roots: &Roots, comps: &[&OsStr]) -> io::Result<OwnedFd> {
     Ok(s)
 }
 
-/// Copy owner, mode, user xattrs and times of dst's `name` (under `dd`) to src's `name`
+/// Copy owner, mode, user xattrs, ACLs and times of dst's `name` (under `dd`) to src's `name`
 /// (under `sd`). `st` is dst's lstat.
 fn set_meta(dd: BorrowedFd<'_>, sd: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> io::Result<()> {
     set_meta_as(dd, name, sd, name, st)
@@ -265,19 +266,21 @@ fn set_meta_as(
     at::utimes_at(sd, sname, st)
 }
 
-/// Make src's user xattrs of `sname` equal to dst's of `dname` (skipped where unsupported).
+/// Make src's user xattrs and POSIX ACLs of `sname` equal to dst's of `dname` (skipped
+/// where unsupported). After the chmod: setting an access ACL sets the mode from it
+/// (dst's, so the same), removing one leaves the mode.
 fn copy_xattrs(
     dd: BorrowedFd<'_>,
     dname: &OsStr,
     sd: BorrowedFd<'_>,
     sname: &OsStr,
 ) -> io::Result<()> {
-    let want = match at::list_user_xattrs(dd, dname) {
+    let want = match at::list_synced_xattrs(dd, dname) {
         Ok(v) => v,
         Err(e) if at::is_unsupported(&e) => return Ok(()),
         Err(e) => return Err(e),
     };
-    let have = match at::list_user_xattrs(sd, sname) {
+    let have = match at::list_synced_xattrs(sd, sname) {
         Ok(v) => v,
         Err(e) if at::is_unsupported(&e) => return Ok(()),
         Err(e) => return Err(e),

@@ -1,6 +1,6 @@
 //! Paths whose dst state src cannot hold ("not representable on src"): a symlink on a
 //! src without symlinks, a fifo or device node, a hard link stored as a copy, a mode,
-//! owner or mtime src does not keep, user xattrs src has no room for.
+//! owner or mtime src does not keep, user xattrs or POSIX ACLs src has no room for.
 //!
 //! Such an op is not a failure: replay does on src what src can hold (a hard link's
 //! bytes, a file's content), keeps the rest in dst (the mount shows it), retires the op
@@ -80,7 +80,7 @@ pub(crate) fn advice(what: u16) -> Vec<&'static str> {
         );
     }
     if what & XATTRS != 0 {
-        v.push("xattrs: user xattrs are kept in dst only");
+        v.push("xattrs: user xattrs and POSIX ACLs src cannot hold are kept in dst only");
     }
     v
 }

@@ -273,15 +273,18 @@ pub(super) fn note_meta(
             ));
         }
     }
-    let want = at::list_user_xattrs(dd, name).unwrap_or_default();
+    let want = at::list_synced_xattrs(dd, name).unwrap_or_default();
     if !want.is_empty() {
-        let missing = match at::list_user_xattrs(sd, name) {
-            Ok(have) => want.iter().filter(|a| !have.contains(a)).count(),
-            Err(_) => want.len(),
+        let missing: Vec<&Vec<u8>> = match at::list_synced_xattrs(sd, name) {
+            Ok(have) => want.iter().filter(|a| !have.contains(a)).collect(),
+            Err(_) => want.iter().collect(),
         };
-        if missing > 0 {
-            found |= unrep::XATTRS;
-            detail.push(format!("{missing} user xattrs"));
+        let acls = missing.iter().filter(|a| at::is_acl(a)).count();
+        for (n, what) in [(missing.len() - acls, "user xattrs"), (acls, "POSIX ACLs")] {
+            if n > 0 {
+                found |= unrep::XATTRS;
+                detail.push(format!("{n} {what}"));
+            }
         }
     }
     if at::file_type(dst_st) == libc::S_IFREG {
