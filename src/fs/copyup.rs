@@ -143,21 +143,7 @@ fn fchmod(f: &File, mode: u32) -> io::Result<()> {
 }
 
 fn futimens(f: &File, st: &Stat) -> io::Result<()> {
-    let ts = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
-    // SAFETY: valid fd and a 2-element array.
-    if unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::futimens(f.as_fd(), &crate::sys::stat_times(st))
 }
 
 /// The POSIX ACLs (`system.posix_acl_*`): copied with the user xattrs, so that a copy

@@ -389,6 +389,20 @@ pub(crate) fn utimensat(
     .map(drop)
 }
 
+/// (atime, mtime) of `st`, as `utimensat` and `futimens` take them.
+pub(crate) fn stat_times(st: &Stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
 /// `futimens` with (atime, mtime).
 pub(crate) fn futimens(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
     // SAFETY: valid fd and a 2-element timespec array.

@@ -254,26 +254,13 @@ pub(crate) fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: libc::mode_t) ->
     sys::fchmodat_nofollow(dir, &cstr(name)?, mode)
 }
 
-fn times_of(st: &Stat) -> [libc::timespec; 2] {
-    [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ]
-}
-
 /// Set atime/mtime of `name` under `dir` to those of `st`, not following a symlink.
 pub(crate) fn utimes_at(dir: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> io::Result<()> {
-    sys::utimensat(dir, &cstr(name)?, &times_of(st), 0)
+    sys::utimensat(dir, &cstr(name)?, &sys::stat_times(st), 0)
 }
 
 pub(crate) fn futimes(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
-    sys::futimens(fd, &times_of(st))
+    sys::futimens(fd, &sys::stat_times(st))
 }
 
 /// Whether `attr` is a POSIX ACL (`system.posix_acl_access` or `_default`).
