@@ -194,16 +194,25 @@ descendants() {
 # it and what it started; if they are still there 10 s later (stuck in the file
 # system), kill this run's FUSE daemons, which fails their pending requests.
 watchdog() {
-  local check_pid="$1" tdir="$2" pid et name p i
+  local check_pid="$1" tdir="$2" pid et name p i seen="" since=0
   while kill -0 "$check_pid" 2>/dev/null; do
     sleep 5
-    read -r pid et name < <(
-      ps -e -o pid=,etimes=,args= | awk -v pids=" $(descendants "$check_pid" | tr '\n' ' ') " '
+    read -r pid name < <(
+      ps -e -o pid=,args= | awk -v pids=" $(descendants "$check_pid" | tr '\n' ' ') " '
         index(pids, " " $1 " ") && $NF ~ /(^|\/)tests\/[^\/]+\/[0-9]+$/ && $(NF-1) ~ /bash$/ {
-          n = split($NF, part, "/"); print $1, $2, part[n-1] "/" part[n]; exit
+          n = split($NF, part, "/"); print $1, part[n-1] "/" part[n]; exit
         }'
     ) || continue
-    [[ -n "${pid:-}" && $et -gt $TIMEOUT ]] || continue
+    [[ -n "${pid:-}" ]] || continue
+    # Timed from when this loop first saw the test, not from ps's etimes: for a
+    # process started while ps runs, ps reads a start time later than the uptime it
+    # read before and reports 4123168608 s (a wrap); the watchdog then killed tests
+    # that had just begun (generic/122 and 256, 2026-12-07).
+    if [[ "$seen" != "$pid $name" ]]; then
+      seen="$pid $name" since=$(date +%s)
+    fi
+    et=$(($(date +%s) - since))
+    [[ $et -gt $TIMEOUT ]] || continue
     log "watchdog: $name has run ${et}s (limit ${TIMEOUT}s); killing it"
     echo "$name: killed by the watchdog after ${et}s" >>"$tdir/watchdog.log"
     local victims
