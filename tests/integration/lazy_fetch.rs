@@ -145,6 +145,16 @@ fn half_fetched_file_continues_after_kill_9() {
         f.read_exact_at(&mut b2, 50 * MIB).unwrap();
         assert!(b2 == data[50 * MIB as usize..50 * MIB as usize + 4096]);
     }
+    // The handle's last map update is written at RELEASE, which the kernel sends
+    // after close() returns (passthrough opens need no FLUSH); a kill -9 before it
+    // costs a refetch of those blocks, never data. Wait for it, so that what the test
+    // kills is a daemon whose map records the reads.
+    let t = std::time::Instant::now();
+    while json_u64(&status_json(m.dst.path()), "partial_present_bytes").unwrap_or(0) < 8 * MIB
+        && t.elapsed() < std::time::Duration::from_secs(10)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     m.kill9();
     let j = status_json(m.dst.path());
     let present = json_u64(&j, "partial_present_bytes").unwrap_or(0);
