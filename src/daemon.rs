@@ -21,6 +21,13 @@
 //! - Mount failures come back as a [`DaemonError`] whose message says what to do.
 //! - Before touching anything else, the daemon takes dst's lock (`crate::dst_lock`) and
 //!   holds it until it exits: a second daemon on the same dst is refused, in every mode.
+//!   A second *mount* of a dst that a daemon serves, with the same src and writeback
+//!   mode, is what mounting a block device twice is: a second view of the one
+//!   filesystem. Then this process bind-mounts the holder's mount at its mountpoint and
+//!   exits 0 (root only; otherwise it is refused like a second daemon). The holder,
+//!   told to stop by a signal, unmounts those views with its own mount; an external
+//!   `umount` of one of them leaves the others serving, and the daemon exits when the
+//!   last is gone (the kernel ends the FUSE connection then).
 
 use std::ffi::CString;
 use std::fmt;
@@ -49,6 +56,12 @@ pub enum DaemonError {
         dst: PathBuf,
         holder: crate::dst_lock::Holder,
     },
+    /// A second view of the holder's mount (see the module doc) could not be bound.
+    Share {
+        mountpoint: PathBuf,
+        holder_mountpoint: PathBuf,
+        source: io::Error,
+    },
     /// Blocking the shutdown signals failed.
     Signals(io::Error),
     /// The writeback journal/workers could not start.
@@ -74,7 +87,7 @@ impl DaemonError {
     /// mounted or written), 1 for every other failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DaemonError::DstInUse { .. } => crate::config::EXIT_USAGE,
+            DaemonError::DstInUse { .. } | DaemonError::Share { .. } => crate::config::EXIT_USAGE,
             _ => 1,
         }
     }
@@ -89,13 +102,33 @@ impl fmt::Display for DaemonError {
                     (Some(pid), None) => format!(" (pid {pid})"),
                     (None, _) => String::new(),
                 };
+                let serving = match (&holder.src, &holder.mode) {
+                    (Some(src), Some(mode)) => {
+                        format!(", serving -src {} in {mode} mode", src.display())
+                    }
+                    _ => String::new(),
+                };
                 write!(
                     f,
-                    "-dst {} is in use by another cachefs{who}; two daemons on one dst \
-                     would diverge: stop that one first or use another -dst",
+                    "-dst {} is in use by another cachefs{who}{serving}; two daemons on one \
+                     dst would diverge: stop that one first or use another -dst (a second \
+                     mount with the same -src and writeback mode, as root, becomes a view of \
+                     that mount)",
                     dst.display()
                 )
             }
+            DaemonError::Share {
+                mountpoint,
+                holder_mountpoint,
+                source,
+            } => write!(
+                f,
+                "cannot mount at {}: dst is served by the cachefs mounted at {}, and binding \
+                 that mount here failed ({source}); a second view of a mount needs root \
+                 (CAP_SYS_ADMIN); otherwise give this mount its own -dst",
+                mountpoint.display(),
+                holder_mountpoint.display()
+            ),
             DaemonError::Signals(e) => write!(f, "cannot block shutdown signals: {e}"),
             DaemonError::Writeback(e) => write!(f, "cannot start writeback: {e}"),
             DaemonError::Fs(e) => write!(f, "cannot open the cache: {e}"),
@@ -242,7 +275,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0) };
     // Held until we return: writeback drains with it, after the unmount.
-    let _dst_lock = take_dst_lock(&cfg)?;
+    let _dst_lock = match take_dst_lock(&cfg)? {
+        DstClaim::Own(lock) => lock,
+        DstClaim::Share(holder_mountpoint) => return share_mount(&cfg, &holder_mountpoint),
+    };
     raise_nofile_limit();
     // Before any thread is spawned, so that every thread inherits the blocked mask.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
@@ -286,6 +322,76 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     result.map(|_| ())
 }
 
+/// What [`take_dst_lock`] got: dst's lock, or the mountpoint of the daemon that holds
+/// it and serves what this one would (see the module doc).
+enum DstClaim {
+    Own(crate::dst_lock::DstLock),
+    Share(PathBuf),
+}
+
+/// The writeback mode as dst's lock records it: one word.
+fn mode_word(cfg: &Config) -> &'static str {
+    match (cfg.writeback, cfg.concurrent) {
+        (false, _) => "plain",
+        (true, 0) => "mirror",
+        (true, _) => "writeback",
+    }
+}
+
+/// The mountpoint of `holder`'s mount, if this daemon's mount can be a second view of
+/// it: the same src and mode, and the holder's mount is up (a FUSE mount there).
+fn shareable(cfg: &Config, holder: &crate::dst_lock::Holder) -> Option<PathBuf> {
+    if holder.src.as_deref() != Some(cfg.src.as_path())
+        || holder.mode.as_deref() != Some(mode_word(cfg))
+    {
+        return None;
+    }
+    let mnt = holder.mountpoint.clone()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    crate::mountinfo::mounts(&info)
+        .any(|m| m.point == mnt && m.fstype.starts_with("fuse"))
+        .then_some(mnt)
+}
+
+/// Bind the holder's mount at our mountpoint: a second view of one filesystem.
+fn share_mount(cfg: &Config, holder_mountpoint: &Path) -> Result<(), DaemonError> {
+    let fail = |source| DaemonError::Share {
+        mountpoint: cfg.mountpoint.clone(),
+        holder_mountpoint: holder_mountpoint.to_path_buf(),
+        source,
+    };
+    let from = CString::new(holder_mountpoint.as_os_str().as_bytes())
+        .map_err(|_| fail(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let to = CString::new(cfg.mountpoint.as_os_str().as_bytes())
+        .map_err(|_| fail(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    // SAFETY: both are valid NUL-terminated paths that outlive the call; a bind mount
+    // reads no fstype or data.
+    let rc = unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail(io::Error::last_os_error()));
+    }
+    info!(
+        "{} serves {} over {} already, mounted at {}: {} is now a second view of that mount \
+         (a bind mount; that mount's options apply). This process exits; that daemon serves \
+         both.",
+        cfg.dst.display(),
+        cfg.src.display(),
+        cfg.dst.display(),
+        holder_mountpoint.display(),
+        cfg.mountpoint.display()
+    );
+    sd_notify("READY=1\nSTATUS=a second view of the cachefs mount it binds");
+    Ok(())
+}
+
 /// dst's lock (see [`crate::dst_lock`]); a dst that cannot hold one (read-only, say) is
 /// reported as the cache it is.
 ///
@@ -293,13 +399,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 /// draining its writeback queue): then this waits for it, up to its drain timeout and
 /// a margin, so that `umount M; mount M` works. A holder still mounted is refused at
 /// once.
-fn take_dst_lock(cfg: &Config) -> Result<crate::dst_lock::DstLock, DaemonError> {
+fn take_dst_lock(cfg: &Config) -> Result<DstClaim, DaemonError> {
     use crate::dst_lock::LockError;
+    let claim = crate::dst_lock::Claim {
+        mountpoint: &cfg.mountpoint,
+        src: &cfg.src,
+        mode: mode_word(cfg),
+    };
     let deadline = std::time::Instant::now() + cfg.drain_timeout + Duration::from_secs(10);
     let mut told = false;
     loop {
-        match crate::dst_lock::acquire(&cfg.dst, &cfg.mountpoint) {
-            Ok(lock) => return Ok(lock),
+        match crate::dst_lock::acquire(&cfg.dst, claim) {
+            Ok(lock) => return Ok(DstClaim::Own(lock)),
             Err(LockError::Busy(holder))
                 if std::time::Instant::now() < deadline && holder_is_exiting(&holder) =>
             {
@@ -313,6 +424,9 @@ fn take_dst_lock(cfg: &Config) -> Result<crate::dst_lock::DstLock, DaemonError> 
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(LockError::Busy(holder)) => {
+                if let Some(mnt) = shareable(cfg, &holder) {
+                    return Ok(DstClaim::Share(mnt));
+                }
                 return Err(DaemonError::DstInUse {
                     dst: cfg.dst.clone(),
                     holder,
@@ -566,6 +680,16 @@ fn serve(
     mut hup: Hup,
 ) -> Result<Stop, DaemonError> {
     let m = mnt.display();
+    // Read while the mount is surely up: its views are found by it at the stop, even
+    // after the mount itself was unmounted externally.
+    let device = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|info| {
+            crate::mountinfo::mounts(&info)
+                .filter(|v| v.point == mnt)
+                .last()
+                .map(|v| v.device)
+        });
     let signal = loop {
         match signals.wait(POLL).map_err(DaemonError::Signals)? {
             // SIGUSR1: log the writeback queue (as GoCacheFS did), keep serving.
@@ -587,6 +711,9 @@ fn serve(
     };
 
     info!("received {}, unmounting {m}", signal_name(sig));
+    if let Some(device) = &device {
+        unmount_other_views(mnt, device);
+    }
     // Not root, umount(2) is not permitted: the setuid fusermount3 unmounts, as libfuse
     // does (see `fuse::fusermount`). Errors keep their kind either way.
     let as_user = |lazy| crate::fuse::fusermount::unmount(mnt, lazy);
@@ -667,6 +794,27 @@ fn join_unmounted(session: fuser::BackgroundSession) -> io::Result<()> {
     guard
         .join()
         .map_err(|_| io::Error::other("filesystem background thread panicked"))?
+}
+
+/// Unmount the second views of our mount (bind mounts of it: the same device in the
+/// mount table, see the module doc), so that the stop a signal asks for ends the FUSE
+/// connection. A busy one is detached lazily; one that cannot be unmounted keeps the
+/// connection, and the daemon, alive until it goes (a second signal exits at once).
+fn unmount_other_views(mnt: &Path, device: &str) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let all: Vec<_> = crate::mountinfo::mounts(&info).collect();
+    for view in all.iter().filter(|m| m.device == device && m.point != mnt) {
+        let p = view.point.display();
+        match umount2(&view.point, 0).or_else(|_| umount2(&view.point, libc::MNT_DETACH)) {
+            Ok(()) => info!("unmounted {p}, a second view of {}", mnt.display()),
+            Err(e) => warn!(
+                "cannot unmount {p}, a second view of {} ({e})",
+                mnt.display()
+            ),
+        }
+    }
 }
 
 fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {

@@ -6,9 +6,11 @@
 //!   their views diverge.
 //! - It is a `flock(2)` lock (std's `File::try_lock`): the kernel drops it when the
 //!   holder exits, `kill -9` included, so a crash never leaves a stale lock behind.
-//! - The holder writes its pid and mountpoint into the file once it holds the lock, so
-//!   a refused daemon can say who holds it. That text is informative only (a holder
-//!   that has not written it yet is "another cachefs"); the lock is what counts.
+//! - The holder writes its pid, mountpoint, src and writeback mode into the file once it
+//!   holds the lock, so that a refused daemon can say who holds it, and a second mount
+//!   of the same src in the same mode can become a view of the holder's mount (see
+//!   `daemon`). That text is informative only (a holder that has not written it yet is
+//!   "another cachefs", which shares nothing); the lock is what counts.
 
 use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, Write};
@@ -33,6 +35,19 @@ pub(crate) struct DstLock {
 pub struct Holder {
     pub(crate) pid: Option<u32>,
     pub(crate) mountpoint: Option<PathBuf>,
+    /// The src it serves (absent in the text of versions before it was recorded).
+    pub(crate) src: Option<PathBuf>,
+    /// Its writeback mode, as [`Claim::mode`] says.
+    pub(crate) mode: Option<String>,
+}
+
+/// What a daemon taking the lock serves, written into the lock file for the next taker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claim<'a> {
+    pub(crate) mountpoint: &'a Path,
+    pub(crate) src: &'a Path,
+    /// One word: "plain", "writeback" or "mirror" (no newline).
+    pub(crate) mode: &'a str,
 }
 
 /// Why the lock was not taken.
@@ -44,8 +59,8 @@ pub(crate) enum LockError {
     Io(io::Error),
 }
 
-/// Takes the lock of `dst` for a daemon serving `mountpoint`, without waiting.
-pub(crate) fn acquire(dst: &Path, mountpoint: &Path) -> Result<DstLock, LockError> {
+/// Takes the lock of `dst` for a daemon serving what `claim` says, without waiting.
+pub(crate) fn acquire(dst: &Path, claim: Claim<'_>) -> Result<DstLock, LockError> {
     match DirBuilder::new().mode(0o700).create(dst.join(STATE_DIR)) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(LockError::Io(e)),
         _ => {}
@@ -69,7 +84,13 @@ pub(crate) fn acquire(dst: &Path, mountpoint: &Path) -> Result<DstLock, LockErro
         }
         Err(TryLockError::Error(e)) => return Err(LockError::Io(e)),
     }
-    let who = format!("{}\n{}\n", std::process::id(), mountpoint.display());
+    let who = format!(
+        "{}\n{}\n{}\n{}\n",
+        std::process::id(),
+        claim.mountpoint.display(),
+        claim.src.display(),
+        claim.mode
+    );
     // Best effort: the text only names the holder to a refused daemon.
     let _ = file
         .set_len(0)
@@ -78,12 +99,16 @@ pub(crate) fn acquire(dst: &Path, mountpoint: &Path) -> Result<DstLock, LockErro
     Ok(DstLock { _file: file })
 }
 
-/// What [`acquire`] wrote: the pid, then the mountpoint, one per line.
+/// What [`acquire`] wrote: the pid, mountpoint, src and mode, one per line.
 fn parse(text: &str) -> Holder {
     let mut lines = text.lines();
+    let mut path = || lines.next().filter(|l| !l.is_empty()).map(PathBuf::from);
+    let (pid, mountpoint, src, mode) = (path(), path(), path(), path());
     Holder {
-        pid: lines.next().and_then(|l| l.trim().parse().ok()),
-        mountpoint: lines.next().filter(|l| !l.is_empty()).map(PathBuf::from),
+        pid: pid.and_then(|p| p.to_str()?.trim().parse().ok()),
+        mountpoint,
+        src,
+        mode: mode.and_then(|m| m.to_str().map(String::from)),
     }
 }
 
@@ -94,32 +119,45 @@ mod tests {
     #[test]
     fn second_taker_is_refused_with_the_holder_named_until_the_first_goes() {
         let d = tempfile::tempdir().unwrap();
-        let first = acquire(d.path(), Path::new("/mnt/a")).unwrap();
+        let claim = |mnt| Claim {
+            mountpoint: Path::new(mnt),
+            src: Path::new("/srv/src"),
+            mode: "writeback",
+        };
+        let first = acquire(d.path(), claim("/mnt/a")).unwrap();
         // A second open file description conflicts even in the same process.
-        match acquire(d.path(), Path::new("/mnt/b")) {
+        match acquire(d.path(), claim("/mnt/b")) {
             Err(LockError::Busy(h)) => assert_eq!(
                 h,
                 Holder {
                     pid: Some(std::process::id()),
-                    mountpoint: Some("/mnt/a".into())
+                    mountpoint: Some("/mnt/a".into()),
+                    src: Some("/srv/src".into()),
+                    mode: Some("writeback".into()),
                 }
             ),
             other => panic!("expected Busy, got {other:?}"),
         }
         drop(first);
-        let _again = acquire(d.path(), Path::new("/mnt/b")).unwrap();
+        let _again = acquire(d.path(), claim("/mnt/b")).unwrap();
         let text = std::fs::read_to_string(path(d.path())).unwrap();
-        assert_eq!(text, format!("{}\n/mnt/b\n", std::process::id()));
+        assert_eq!(
+            text,
+            format!("{}\n/mnt/b\n/srv/src\nwriteback\n", std::process::id())
+        );
     }
 
     #[test]
     fn unreadable_holder_text_names_nobody() {
         assert_eq!(parse(""), Holder::default());
+        assert_eq!(parse("x\n\n"), Holder::default());
+        // The text of a version that recorded no src or mode.
         assert_eq!(
-            parse("x\n\n"),
+            parse("12\n/mnt/a\n"),
             Holder {
-                pid: None,
-                mountpoint: None
+                pid: Some(12),
+                mountpoint: Some("/mnt/a".into()),
+                ..Holder::default()
             }
         );
     }

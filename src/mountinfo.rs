@@ -2,6 +2,38 @@
 //! command line (is the mountpoint already mounted?), the daemon and `cachefs warmup`
 //! (which mount is this path under?). This module uses no other module of cachefs.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+/// One mount of the table: the fields cachefs reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `major:minor` of the filesystem: the same for every mount of one superblock
+    /// (a bind mount shares it with the mount it binds).
+    pub device: String,
+    /// Where it is mounted (unescaped).
+    pub point: PathBuf,
+    /// The filesystem type, e.g. `fuse.cachefs`.
+    pub fstype: String,
+}
+
+/// The mounts of a mountinfo text, in its order (lines that do not parse are skipped).
+pub fn mounts(info: &str) -> impl Iterator<Item = Mount> + '_ {
+    info.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut fields = left.split(' ');
+        let device = fields.nth(2)?.to_string();
+        let point = PathBuf::from(OsStr::from_bytes(&unescape(fields.nth(1)?)));
+        let fstype = right.split(' ').next()?.to_string();
+        Some(Mount {
+            device,
+            point,
+            fstype,
+        })
+    })
+}
+
 /// Undo mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
 pub fn unescape(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
@@ -29,6 +61,24 @@ pub fn unescape(s: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_are_read_with_device_point_and_type() {
+        let info = "36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw\n\
+                    40 36 0:52 / /srv/view rw shared:2 - fuse.cachefs uploads rw\n\
+                    41 36 0:52 / /srv/second rw - fuse.cachefs uploads rw\n\
+                    garbage\n";
+        let all: Vec<Mount> = mounts(info).collect();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].point, PathBuf::from("/mnt/a b"));
+        assert_eq!(
+            (all[0].device.as_str(), all[0].fstype.as_str()),
+            ("98:0", "ext3")
+        );
+        assert_eq!(all[1].device, all[2].device);
+        assert_eq!(all[2].point, PathBuf::from("/srv/second"));
+        assert_eq!(all[2].fstype, "fuse.cachefs");
+    }
 
     #[test]
     fn octal_escapes_are_undone() {

@@ -504,6 +504,88 @@ fn a_second_daemon_on_the_same_dst_is_refused() {
     }
 }
 
+/// A second mount of a served dst with the same src and mode is a second view of the
+/// first mount (a bind mount, as for a block device mounted twice: xfstests' generic/732
+/// mounts its scratch device so), served by the one daemon; another mode is refused.
+#[test]
+fn a_second_mount_of_the_same_src_and_mode_is_a_view_of_the_first() {
+    if !can_mount("a_second_mount_of_the_same_src_and_mode_is_a_view_of_the_first") || !is_root() {
+        return;
+    }
+    for mode in [&[][..], &["-w"][..], &["-w", "-concurrent", "0"][..]] {
+        let mut a = Mounted::start(mode);
+        let second = |mnt: &Path, args: &[&str]| {
+            run_cmd(
+                Command::new(cachefs_bin())
+                    .arg("-src")
+                    .arg(a.src.path())
+                    .arg("-dst")
+                    .arg(a.dst.path())
+                    .arg("-mountpoint")
+                    .arg(mnt)
+                    .args(args),
+            )
+        };
+        // Another writeback mode: refused, naming what the holder serves.
+        let other_mode: &[&str] = if mode.is_empty() { &["-w"] } else { &[] };
+        let refused_at = tempdir();
+        let out = second(refused_at.path(), other_mode);
+        assert_usage_error(&out, &["is in use by another cachefs", "mode"]);
+        assert_not_mounted(refused_at.path());
+
+        let view = tempdir();
+        let out = second(view.path(), mode);
+        assert!(
+            out.status.success(),
+            "{mode:?}: the second mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = std::fs::canonicalize(view.path()).unwrap();
+        assert!(is_fuse_mounted(&v), "{mode:?}: the view is not mounted");
+        // generic/732's moves, across the two views of one filesystem.
+        std::fs::create_dir(a.mnt_path("A")).unwrap();
+        std::fs::create_dir(v.join("B")).unwrap();
+        std::fs::write(a.mnt_path("A/f"), b"one file").unwrap();
+        std::fs::rename(a.mnt_path("A/f"), a.mnt_path("B/f")).unwrap();
+        assert_eq!(std::fs::read(v.join("B/f")).unwrap(), b"one file");
+        std::fs::rename(v.join("B/f"), v.join("A/f")).unwrap();
+        assert_eq!(std::fs::read(a.mnt_path("A/f")).unwrap(), b"one file");
+        use std::os::unix::fs::MetadataExt;
+        let (i1, i2) = (
+            std::fs::metadata(a.mnt_path("A/f")).unwrap().ino(),
+            std::fs::metadata(v.join("A/f")).unwrap().ino(),
+        );
+        assert_eq!(i1, i2, "{mode:?}: one file, one inode in both views");
+        // An external unmount of the first mount leaves the view serving.
+        assert!(
+            run_cmd(Command::new("umount").arg(a.mountpoint()))
+                .status
+                .success(),
+            "umount {}",
+            a.mountpoint().display()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            a.is_running(),
+            "{mode:?}: the daemon exited with a view left"
+        );
+        assert_eq!(std::fs::read(v.join("A/f")).unwrap(), b"one file");
+        std::fs::write(v.join("after"), b"still served").unwrap();
+        // A signal stops the daemon and unmounts every view.
+        a.signal(libc::SIGTERM);
+        let st = a.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "{mode:?}: exit {st}: {}", a.stderr());
+        assert!(!is_fuse_mounted(&v), "{mode:?}: the view is still mounted");
+        if !mode.is_empty() {
+            assert_eq!(
+                std::fs::read(a.src_path("after")).unwrap(),
+                b"still served",
+                "{mode:?}: a write through the view reached src"
+            );
+        }
+    }
+}
+
 // ---- Mounted: the accepted spellings really mount, and every way of stopping exits 0 ----
 
 #[test]

@@ -300,6 +300,13 @@ impl Mounted {
         signal(self.child.as_ref().expect("the daemon is running"), sig);
     }
 
+    /// Whether the daemon has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("wait for the daemon").is_none())
+    }
+
     /// Wait for the daemon to exit on its own (e.g. after an external unmount).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("the daemon is running");

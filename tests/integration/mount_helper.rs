@@ -377,3 +377,84 @@ impl Drop for Detach {
         detach(&self.0);
     }
 }
+
+/// `mount` of a dst a cachefs serves, with the same src and options, at a second place
+/// (xfstests' generic/732 mounts its scratch device twice): returns at once with a
+/// second view of the same filesystem; the daemon exits with the last view's umount.
+#[test]
+fn a_second_mount_of_one_dst_is_a_view_until_the_last_umount() {
+    if !can_mount("a_second_mount_of_one_dst_is_a_view_until_the_last_umount") || !is_root() {
+        return;
+    }
+    let (src, dst, mnt, mnt2, logs) = (tempdir(), tempdir(), tempdir(), tempdir(), tempdir());
+    let log = logs.path().join("cachefs.log");
+    let log2 = logs.path().join("second.log");
+    let opts = |log: &Path| format!("dst={},w,logfile={}", dst.path().display(), log.display());
+    let mount = |at: &Path, log: &Path| {
+        run_helper(&[
+            src.path().to_str().unwrap(),
+            at.to_str().unwrap(),
+            "-o",
+            &opts(log),
+        ])
+    };
+    let out = mount(mnt.path(), &log);
+    let first = std::fs::canonicalize(mnt.path()).unwrap();
+    let _cleanup = Detach(first.clone());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let t = Instant::now();
+    let out = mount(mnt2.path(), &log2);
+    let second = std::fs::canonicalize(mnt2.path()).unwrap();
+    let _cleanup2 = Detach(second.clone());
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log2).unwrap_or_default()
+    );
+    // Not after the helper's wait for dst's lock (CACHEFS_MOUNT_TIMEOUT, 15 s here).
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(wait_text(&log2, "second view").contains("bind mount"));
+    std::fs::write(second.join("f"), b"through the view").unwrap();
+    assert_eq!(std::fs::read(first.join("f")).unwrap(), b"through the view");
+
+    assert!(
+        Command::new("umount")
+            .arg(&first)
+            .status()
+            .unwrap()
+            .success()
+    );
+    sleep(Duration::from_millis(500));
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("cachefs exiting"),
+        "the daemon exited while a view was mounted"
+    );
+    assert_eq!(
+        std::fs::read(second.join("f")).unwrap(),
+        b"through the view"
+    );
+    assert!(
+        Command::new("umount")
+            .arg(&second)
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_text(&log, "cachefs exiting");
+    assert_eq!(
+        std::fs::read(src.path().join("f")).unwrap(),
+        b"through the view"
+    );
+}
