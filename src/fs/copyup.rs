@@ -146,12 +146,8 @@ fn futimens(f: &File, st: &Stat) -> io::Result<()> {
     crate::sys::futimens(f.as_fd(), &crate::sys::stat_times(st))
 }
 
-/// The POSIX ACLs (`system.posix_acl_*`): copied with the user xattrs, so that a copy
-/// grants and inherits what src's entry does.
-const ACL_XATTRS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
-
 /// Copies `user.*` xattrs and POSIX ACLs from `from` to `to` (other namespaces are the
-/// system's). An ACL src lacks is removed from `to` (a temp entry may have inherited
+/// system's; the ACLs, so that a copy grants and inherits what src's entry does). An ACL src lacks is removed from `to` (a temp entry may have inherited
 /// its directory's default ACL); where dst holds no ACLs, they are not copied.
 fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
     let names = match layer::listxattr_fd(from.as_fd()) {
@@ -159,7 +155,7 @@ fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) => return Ok(()),
         Err(e) => return Err(e),
     };
-    let is_acl = |n: &[u8]| ACL_XATTRS.contains(&n);
+    use crate::sys::{ACLS, is_acl};
     for name in names
         .split(|b| *b == 0)
         .filter(|n| n.starts_with(b"user.") || is_acl(n))
@@ -175,7 +171,7 @@ fn copy_user_xattrs(from: &File, to: &File) -> io::Result<()> {
             r => r?,
         }
     }
-    for acl in ACL_XATTRS {
+    for acl in ACLS.map(str::as_bytes) {
         if names.split(|b| *b == 0).any(|n| n == acl) {
             continue;
         }

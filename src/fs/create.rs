@@ -103,10 +103,7 @@ impl CacheFs {
         if masked == mode {
             return mode;
         }
-        match self
-            .dst
-            .getxattr(dir, OsStr::new("system.posix_acl_default"))
-        {
+        match self.dst.getxattr(dir, OsStr::new(crate::sys::ACL_DEFAULT)) {
             Ok(_) => mode,
             Err(_) => masked,
         }

@@ -307,7 +307,7 @@ mod tests {
         let a = SrcAhead::new(Duration::from_secs(10));
         let all = names(5000);
         a.listed(Path::new("d"), all.iter().map(|n| n.as_os_str()));
-        let x = OsStr::new("system.posix_acl_access");
+        let x = OsStr::new(crate::sys::ACL_ACCESS);
         assert_eq!(a.batch_for(Path::new("d/f0")).unwrap().len(), FIRST_BATCH);
         // The getxattr of the same name is a question of its own.
         assert_eq!(

@@ -153,7 +153,7 @@ impl CacheFs {
     pub(crate) fn dst_holds_acls(&self) -> bool {
         match self
             .dst
-            .getxattr(Path::new(""), OsStr::new("system.posix_acl_access"))
+            .getxattr(Path::new(""), OsStr::new(crate::sys::ACL_ACCESS))
         {
             Ok(_) => true,
             Err(e) => e.raw_os_error() == Some(libc::ENODATA),

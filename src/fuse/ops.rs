@@ -583,7 +583,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let _timer = FuseOp::Setxattr.timer();
         let r = self.fs.setxattr(ino.0, name, value, flags);
-        if r.is_ok() && name == "system.posix_acl_access" && self.acl.load(Ordering::Relaxed) {
+        if r.is_ok() && name == crate::sys::ACL_ACCESS && self.acl.load(Ordering::Relaxed) {
             self.acl_kill_sgid(req, ino.0);
         }
         self.after_xattr_change(ino.0, name, &r);

@@ -7,6 +7,18 @@ use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+/// The POSIX ACL of a file (what its mode's group bits mask).
+pub(crate) const ACL_ACCESS: &str = "system.posix_acl_access";
+/// A directory's default ACL, inherited by what is created in it.
+pub(crate) const ACL_DEFAULT: &str = "system.posix_acl_default";
+/// Both POSIX ACL xattrs.
+pub(crate) const ACLS: [&str; 2] = [ACL_ACCESS, ACL_DEFAULT];
+
+/// Whether `attr` names a POSIX ACL.
+pub(crate) fn is_acl(attr: &[u8]) -> bool {
+    ACLS.iter().any(|a| a.as_bytes() == attr)
+}
+
 /// getxattrat(2)'s syscall number (the same on every architecture but alpha).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const SYS_GETXATTRAT: libc::c_long = 464;

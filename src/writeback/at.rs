@@ -263,10 +263,7 @@ pub(crate) fn futimes(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
     sys::futimens(fd, &sys::stat_times(st))
 }
 
-/// Whether `attr` is a POSIX ACL (`system.posix_acl_access` or `_default`).
-pub(crate) fn is_acl(attr: &[u8]) -> bool {
-    attr == b"system.posix_acl_access" || attr == b"system.posix_acl_default"
-}
+pub(crate) use crate::sys::is_acl;
 
 /// Names of the xattrs of `name` under `dir` that replay copies to src: `user.*` and
 /// the POSIX ACLs (not following a symlink).
