@@ -1106,6 +1106,25 @@ fn open_as(ids: (u32, u32), how: &str, p: &Path) -> i32 {
     )
 }
 
+/// Runs `script` with `sh -c`, `$1` being `dir`; asserts it succeeded.
+fn sh_in(dir: &Path, script: &str) {
+    let out = std::process::Command::new("sh")
+        .args(["-c", script, "sh"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A mount (with [`ARGS`]) of empty [`acl_dirs`].
+fn acl_mounted(test: &str) -> Option<Mounted> {
+    acl_dirs(test, &[]).map(|(src, dst)| Mounted::with_dirs(src, dst, ARGS))
+}
+
 /// src and dst whose roots every user may traverse (TempDirs are 0700), with `files`
 /// in src; `None` (after saying so) where the test file system has no POSIX ACLs.
 fn acl_dirs(test: &str, files: &[(&str, &[u8])]) -> Option<(TempDir, TempDir)> {
@@ -1168,11 +1187,9 @@ fn an_acl_grants_a_named_user_what_the_mode_does_not() {
 /// umask (POSIX): `touch` and `mkdir` with umask 022 give group write (0664, 0775).
 #[test]
 fn a_default_acl_is_inherited_and_replaces_the_umask() {
-    let name = "a_default_acl_is_inherited_and_replaces_the_umask";
-    let Some((src, dst)) = acl_dirs(name, &[]) else {
+    let Some(m) = acl_mounted("a_default_acl_is_inherited_and_replaces_the_umask") else {
         return;
     };
-    let m = Mounted::with_dirs(src, dst, ARGS);
     let d = m.mnt_path("d");
     fs::create_dir(&d).unwrap();
     fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
@@ -1184,18 +1201,7 @@ fn a_default_acl_is_inherited_and_replaces_the_umask() {
         (ACL_OTHER, 5, 0),
     ]);
     setxattr(&d, "system.posix_acl_default", &default).unwrap();
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("umask 022 && touch \"$1/f\" && mkdir \"$1/sub\"")
-        .arg("sh")
-        .arg(&d)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sh_in(&d, "umask 022 && touch \"$1/f\" && mkdir \"$1/sub\"");
     assert_eq!(lstat(&d.join("f")).mode() & 0o7777, 0o664, "file: no umask");
     assert_eq!(
         lstat(&d.join("sub")).mode() & 0o7777,
@@ -1225,14 +1231,7 @@ fn a_default_acl_is_inherited_and_replaces_the_umask() {
     );
     assert_eq!(open_as(STRANGER, ">>", &d.join("f")), libc::EACCES);
     // Without a default ACL the umask applies as before.
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("umask 027 && touch \"$1/g\"")
-        .arg("sh")
-        .arg(m.mountpoint())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    sh_in(m.mountpoint(), "umask 027 && touch \"$1/g\"");
     assert_eq!(lstat(&m.mnt_path("g")).mode() & 0o7777, 0o640);
     m.stop();
 }
@@ -1241,11 +1240,9 @@ fn a_default_acl_is_inherited_and_replaces_the_umask() {
 /// `chmod 600` takes away what the ACL granted a named user.
 #[test]
 fn chmod_changes_the_acl_mask() {
-    let name = "chmod_changes_the_acl_mask";
-    let Some((src, dst)) = acl_dirs(name, &[]) else {
+    let Some(m) = acl_mounted("chmod_changes_the_acl_mask") else {
         return;
     };
-    let m = Mounted::with_dirs(src, dst, ARGS);
     let p = m.mnt_path("f");
     fs::write(&p, b"x").unwrap();
     setxattr(&p, "system.posix_acl_access", &grant_read()).unwrap();
@@ -1270,11 +1267,9 @@ fn chmod_changes_the_acl_mask() {
 /// file's group clears setgid, as chmod does; set by a member, setgid stays.
 #[test]
 fn setting_an_acl_outside_the_files_group_clears_setgid() {
-    let name = "setting_an_acl_outside_the_files_group_clears_setgid";
-    let Some((src, dst)) = acl_dirs(name, &[]) else {
+    let Some(m) = acl_mounted("setting_an_acl_outside_the_files_group_clears_setgid") else {
         return;
     };
-    let m = Mounted::with_dirs(src, dst, ARGS);
     for (f, dir) in [("f", false), ("d", true)] {
         let p = m.mnt_path(f);
         if dir {
