@@ -21,9 +21,10 @@
 //!
 //! On disk: `dst/.cachefs-state/writeback/leftovers`, one line per check,
 //! `<due unix ms> <size> <mtime s> <mtime ns> /<percent-encoded path>`, rewritten whole
-//! at most once a second when it changed (temp + rename, not fsynced: a lost check
-//! costs a possible leftover, never data) so checks survive a restart and
-//! `cachefs status` can count them.
+//! at most once a second when it changed (`sys::state_file`: temp, fsync, rename), so
+//! checks survive a restart and `cachefs status` can count them. A check made less
+//! than a second before a crash can be lost: that costs a possible leftover, never
+//! data.
 //!
 //! Lock order: `Leftovers::checks` is a leaf (no other lock is taken under it, and no
 //! src I/O is done under it).

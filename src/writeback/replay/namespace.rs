@@ -24,7 +24,9 @@ pub(super) fn remove(ctx: &Ctx, roots: &Roots, path: &Path, dir: bool) -> io::Re
     };
     let is_dir = at::file_type(&st) == libc::S_IFDIR;
     if !is_dir {
-        // Noted first: a crash after the unlink must still look again.
+        // Noted before the unlink, which then cannot run without it; the list reaches
+        // disk within a second (a crash in between loses the check: a possible
+        // leftover, never data; see `leftovers`).
         ctx.leftovers.note(path, &st);
     }
     if is_dir != dir {
@@ -225,7 +227,7 @@ pub(super) fn rename(
     }
     if !exchange {
         if let Some(st) = src_stat(roots, from)? {
-            // Noted first: a crash after the rename must still look again.
+            // Noted before the rename, as for an unlink above.
             ctx.leftovers.note(from, &st);
             if move_on_src(ctx, roots, from, to)? {
                 let (fc, fname) = op::split(from).expect("checked");
