@@ -358,6 +358,70 @@ mod tests {
         assert_eq!(std::fs::read(s.path().join("f")).unwrap(), b"data");
     }
 
+    /// A file appended to while its upload copies it (FUSE passthrough writes bypass the
+    /// daemon): src must end with a version dst really had, bytes and mtime of one
+    /// moment, never the later bytes under the mtime from before the copy.
+    #[test]
+    fn an_upload_never_pairs_later_bytes_with_an_earlier_mtime() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, vec![7u8; 64 << 20]).unwrap();
+        let runs = super::super::journal::Runs {
+            current: "test".into(),
+            reclaim: Vec::new(),
+        };
+        let caps = Caps::new(&runs, s.path(), d.path());
+        let leftovers = super::super::leftovers::Leftovers::open(d.path(), Default::default());
+        let stop = AtomicBool::new(false);
+        let src = layer::Layer::open_src(s.path(), false).unwrap();
+        let ctx = Ctx {
+            src: &src,
+            dst: d.path(),
+            stop: &stop,
+            tmp_prefix: format!("{}wb.test.1.", names::TEMP_PREFIX),
+            reclaim_prefixes: Vec::new(),
+            tmp_counter: Cell::new(0),
+            caps: &caps,
+            leftovers: &leftovers,
+            attrs_op: false,
+            notes: RefCell::new(Vec::new()),
+        };
+        let version = |m: &std::fs::Metadata| (m.size(), m.mtime(), m.mtime_nsec());
+        let mut had = vec![version(&std::fs::metadata(&f).unwrap())];
+        let started = std::sync::Barrier::new(2);
+        let appended = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                let mut w = std::fs::OpenOptions::new().append(true).open(&f).unwrap();
+                let mut seen = Vec::new();
+                started.wait();
+                for i in 0..10u8 {
+                    w.write_all(&[i; 4096]).unwrap();
+                    seen.push(version(&w.metadata().unwrap()));
+                    std::thread::sleep(std::time::Duration::from_millis(3));
+                }
+                seen
+            });
+            started.wait();
+            let applied = apply(&ctx, &Op::Write { path: "f".into() }, &[None, None]);
+            assert_eq!(applied.unwrap(), Outcome::Applied);
+            writer.join().unwrap()
+        });
+        had.extend(appended);
+        let on_src = version(&std::fs::metadata(s.path().join("f")).unwrap());
+        assert!(
+            had.contains(&on_src),
+            "src has {on_src:?}, a version dst never had (it had {had:?})"
+        );
+        let (dst_bytes, src_bytes) = (
+            std::fs::read(&f).unwrap(),
+            std::fs::read(s.path().join("f")).unwrap(),
+        );
+        assert!(dst_bytes.starts_with(&src_bytes), "src's bytes are dst's");
+    }
+
     #[test]
     fn conflict_files_never_replace_each_other() {
         let d = tempfile::tempdir().unwrap();

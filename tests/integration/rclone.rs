@@ -383,3 +383,43 @@ fn a_file_src_kept_under_a_renamed_or_deleted_name_is_removed() {
         "{log}"
     );
 }
+
+/// A file rewritten right after cachefs uploaded it, while rclone still holds the first
+/// upload for its write-back: two temp-and-rename uploads of one name, moments apart.
+/// The bucket must end with the second version (also when only the mtime changed), and
+/// the mount must not refetch the first.
+#[test]
+fn a_file_rewritten_during_rclones_write_back_keeps_the_new_version() {
+    if !can_mount("a_file_rewritten_during_rclones_write_back_keeps_the_new_version") {
+        return;
+    }
+    let bucket = Bucket::start();
+    let node = Node::start(&bucket, &["-w", "--revalidate", "1"]);
+    let n = 20u64;
+    let second = |i: u64| data(if i.is_multiple_of(2) { i } else { 1000 + i }, 20_000);
+    for i in 0..n {
+        fs::write(node.path(&format!("f{i}")), data(i, 20_000)).unwrap();
+        // cachefs uploaded it to rclone; rclone holds it for --vfs-write-back.
+        let t = Instant::now();
+        while wb_status(&node.dst).pending_ops != 0 {
+            assert!(t.elapsed() < DRAIN, "no upload");
+            sleep(Duration::from_millis(5));
+        }
+        sleep(Duration::from_millis((i / 2) * 100));
+        // Even: the same bytes again (only the mtime changes); odd: new bytes.
+        fs::write(node.path(&format!("f{i}")), second(i)).unwrap();
+    }
+    node.wait_drained(DRAIN);
+    sleep(DIR_CACHE + Duration::from_secs(2));
+    for i in 0..n {
+        assert_eq!(
+            fs::read(node.path(&format!("f{i}"))).unwrap(),
+            second(i),
+            "f{i}: the mount lost the second version\n{}",
+            node.logs()
+        );
+    }
+    assert_bucket_equals_mount(&bucket, &node);
+    let log = node.log();
+    assert!(!log.contains("refetching"), "{log}");
+}
