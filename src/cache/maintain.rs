@@ -169,8 +169,9 @@ impl Cache {
                 }
             }
             drop(fs);
-            self.publish_metrics();
+            // cache.json first: a scraper that sees the new gauges finds them there too.
             self.write_status();
+            self.publish_metrics();
             if last_persist.elapsed() >= PERSIST_EVERY {
                 last_persist = Instant::now();
                 self.persist();
