@@ -661,6 +661,16 @@ impl Store {
         })
     }
 
+    /// Whether dst's object `id` is open for writing through the mount (a guard of
+    /// [`Store::writer_opened`] is held).
+    pub(crate) fn open_for_writing(&self, id: &Ident) -> bool {
+        self.inner
+            .lock()
+            .unwrap()
+            .open_writers
+            .contains_key(&Key::of(id))
+    }
+
     /// Paths whose record was put while a bypassing writer was open (and still applies
     /// to dst's file there): after a crash, src may lack their last bytes.
     pub(crate) fn open_writer_paths(&self) -> Vec<PathBuf> {

@@ -217,6 +217,9 @@ struct Job {
     op: Op,
     ids: [Option<at::Id>; 2],
     attempt: u32,
+    /// The op may wait while the mount has its file open for writing (see
+    /// [`replay::OPEN_WRITER_DEFER`]).
+    may_defer: bool,
 }
 
 /// Everything behind the `state` lock.
@@ -271,6 +274,8 @@ struct Shared {
     unrep_logged: AtomicU64,
     /// Names renamed away or deleted on src, to look at again (see `leftovers`).
     leftovers: leftovers::Leftovers,
+    /// Mirror mode (`-concurrent 0`): every op is waited for; none is deferred.
+    mirror: bool,
 }
 
 /// The queue's numbers at one moment ([`Writeback::counters`]).

@@ -72,6 +72,39 @@ pub(crate) enum Outcome {
     Skipped,
 }
 
+/// How long an upload waits while the mount has its file open for writing, counted
+/// from the op's record. Why: the Create op is journaled at the create and would
+/// upload the file as the application begins to write it; the close's op then uploads
+/// it again. Waiting for the close gives src one upload of the finished file (no empty
+/// or partial object in the bucket for other machines to see) instead of two back to
+/// back (rclone, given one name replaced twice in quick succession, can keep the
+/// first upload's mtime: the next revalidation then refetches). A file kept open
+/// longer is uploaded anyway, as it is then: src never lags a long writer by more.
+pub(crate) const OPEN_WRITER_DEFER: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a deferred upload looks again (the close also coalesces into it).
+pub(crate) const OPEN_WRITER_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The error a replay returns to wait for the mount's writer to close the file.
+#[derive(Debug)]
+struct OpenForWriting;
+
+impl std::fmt::Display for OpenForWriting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the file is open for writing through the mount")
+    }
+}
+
+impl std::error::Error for OpenForWriting {}
+
+pub(crate) fn deferred() -> io::Error {
+    io::Error::other(OpenForWriting)
+}
+
+/// Whether `e` is [`deferred`]'s: the op waits, it did not fail.
+pub(crate) fn is_deferred(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<OpenForWriting>())
+}
+
 /// The two roots and the stop flag of one replay.
 pub(crate) struct Ctx<'a> {
     /// src, as the view sees it (one gateway: an unmounted src is offline here too).
@@ -94,6 +127,9 @@ pub(crate) struct Ctx<'a> {
     /// What this replay found src cannot hold, per path synced (and, with nothing
     /// found, that a path is representable again).
     pub(crate) notes: RefCell<Vec<Note>>,
+    /// The op may wait while the mount has its file open for writing (nobody waits
+    /// for it, and it is younger than [`OPEN_WRITER_DEFER`]).
+    pub(crate) may_defer: bool,
 }
 
 struct Roots {
@@ -334,6 +370,7 @@ mod tests {
                 leftovers: &leftovers,
                 attrs_op: false,
                 notes: RefCell::new(Vec::new()),
+                may_defer: false,
             };
             apply(&ctx, &Op::Write { path: "f".into() }, &[None, None])
         };
@@ -388,6 +425,7 @@ mod tests {
             leftovers: &leftovers,
             attrs_op: false,
             notes: RefCell::new(Vec::new()),
+            may_defer: false,
         };
         let version = |m: &std::fs::Metadata| (m.size(), m.mtime(), m.mtime_nsec());
         let mut had = vec![version(&std::fs::metadata(&f).unwrap())];

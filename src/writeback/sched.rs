@@ -285,6 +285,24 @@ impl Sched {
         self.schedule(seq, now);
     }
 
+    /// The running op `seq` waits until `until` without spending an attempt and
+    /// without a backoff: an op someone waits for ([`Sched::make_urgent`]) runs at once.
+    pub(crate) fn defer(&mut self, seq: u64, until: Instant, now: Instant) {
+        self.running -= 1;
+        let e = self.entries.get_mut(&seq).expect("running entry");
+        e.state = State::Waiting;
+        e.attempts -= 1;
+        e.not_before = until;
+        e.backoff = false;
+        self.schedule(seq, now);
+    }
+
+    /// Whether someone waits for op `seq` (a drain, `--max-dirty`, mirror mode's
+    /// close/fsync): it must not be deferred.
+    pub(crate) fn is_urgent(&self, seq: u64) -> bool {
+        seq <= self.urgent_upto
+    }
+
     /// Ready, or running, or due before `deadline` and not parked as failed: something
     /// can still progress (a drain at shutdown waits for nothing else). A parked op's
     /// periodic retry does not count: it failed all its attempts, and waiting out the

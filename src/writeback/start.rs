@@ -81,6 +81,7 @@ impl Writeback {
             unrep: Mutex::new(unrep),
             unrep_logged: std::sync::atomic::AtomicU64::new(0),
             leftovers: leftovers::Leftovers::open(&cfg.dst, cfg.src_settle),
+            mirror: cfg.concurrent == 0,
             src,
             dst: cfg.dst.clone(),
             attempts: cfg.retries.max(1),

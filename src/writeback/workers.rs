@@ -30,6 +30,10 @@ impl Shared {
         let ms = took.as_millis();
         let mut st = lock(&self.state);
         match result {
+            Err(e) if replay::is_deferred(&e) => {
+                log::debug!("writeback {kind} {what} waits: {e}");
+                st.sched.defer(job.seq, now + replay::OPEN_WRITER_POLL, now);
+            }
             Ok(outcome) => {
                 if st.sched.entries[&job.seq].fail.is_some() {
                     log::info!(
@@ -207,12 +211,17 @@ pub(super) fn dispatcher(sh: Arc<Shared>, jobs: Sender<Job>, wake: Receiver<()>,
                     break;
                 };
                 let ids = st.sched.entries[&seq].ids;
+                let age_ms = crate::sys::clock::now_ms().saturating_sub(st.sched.entries[&seq].ms);
+                let may_defer = !sh.mirror
+                    && !st.sched.is_urgent(seq)
+                    && age_ms < replay::OPEN_WRITER_DEFER.as_millis() as u64;
                 if jobs
                     .send(Job {
                         seq,
                         op,
                         ids,
                         attempt,
+                        may_defer,
                     })
                     .is_err()
                 {
@@ -345,6 +354,7 @@ pub(super) fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             leftovers: &sh.leftovers,
             attrs_op: matches!(job.op, Op::SetAttr { .. }),
             notes: std::cell::RefCell::new(Vec::new()),
+            may_defer: job.may_defer,
         };
         if sh.caps.get().is_none() {
             // The first replay probes what src can hold (an offline src fails the op
@@ -373,7 +383,8 @@ pub(super) fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
         // The replay's src calls, as one src op; an upload abandoned at shutdown is
         // not a src error.
         let took = t.observe(op::src_op(&job.op));
-        if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
+        if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted || replay::is_deferred(e))
+        {
             METRICS.src_result(&r);
         }
         sh.complete(job, r, notes, took, src_offline);

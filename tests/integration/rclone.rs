@@ -423,3 +423,69 @@ fn a_file_rewritten_during_rclones_write_back_keeps_the_new_version() {
     let log = node.log();
     assert!(!log.contains("refetching"), "{log}");
 }
+
+#[test]
+fn zz_experiment_rclone_back_to_back_renames() {
+    if !can_mount("zz") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let bucket = Bucket::start();
+    let dir = tempdir();
+    let root = fs::canonicalize(dir.path()).unwrap();
+    let src = root.join("src");
+    fs::create_dir(&src).unwrap();
+    let rc = RcloneMount::start(&bucket, &src, &root, &[]);
+    let n = 40u64;
+    let base = std::time::SystemTime::now() - Duration::from_secs(100);
+    let t = |i: u64, k: u64| base + Duration::from_nanos(i * 1_000_000_000 + k * 6_441_397);
+    let first_len: usize = std::env::var("ZZ_FIRST")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0);
+    for i in 0..n {
+        for k in 0..2u64 {
+            let content = if k == 0 {
+                data(i, first_len)
+            } else {
+                data(i, 21_024)
+            };
+            let tmp = src.join(format!(".tmp{i}.{k}"));
+            let mut f = fs::File::create(&tmp).unwrap();
+            f.write_all(&content).unwrap();
+            f.set_modified(t(i, k)).unwrap();
+            f.sync_all().unwrap();
+            drop(f);
+            fs::rename(&tmp, src.join(format!("f{i}"))).unwrap();
+            if k == 0 {
+                let step: u64 = std::env::var("ZZ_STEP")
+                    .map(|v| v.parse().unwrap())
+                    .unwrap_or(0);
+                let base: u64 = std::env::var("ZZ_BASE")
+                    .map(|v| v.parse().unwrap())
+                    .unwrap_or(0);
+                sleep(Duration::from_millis(base + i * step));
+            }
+        }
+    }
+    rc.wait_uploaded(Duration::from_secs(60));
+    sleep(DIR_CACHE + Duration::from_secs(2));
+    let mut bad = Vec::new();
+    for i in 0..n {
+        let m = fs::metadata(src.join(format!("f{i}"))).unwrap();
+        let want = t(i, 1).duration_since(std::time::UNIX_EPOCH).unwrap();
+        let body = fs::read(src.join(format!("f{i}"))).unwrap();
+        if body != data(i, 21_024) {
+            bad.push(format!("f{i}: the first content"));
+        }
+        if (m.mtime(), m.mtime_nsec()) != (want.as_secs() as i64, want.subsec_nanos() as i64) {
+            bad.push(format!(
+                "f{i}: {}.{:09} want {}.{:09}",
+                m.mtime(),
+                m.mtime_nsec(),
+                want.as_secs(),
+                want.subsec_nanos()
+            ));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:#?}\n{}", rc.logs());
+}

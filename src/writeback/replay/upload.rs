@@ -19,6 +19,9 @@ pub(super) fn copy_file(
         // Replaced under us by something else: a later journaled op covers it.
         return Ok(());
     }
+    if ctx.may_defer && open_for_writing(ctx, &df) {
+        return Err(deferred());
+    }
     let linked_in_place = st.st_nlink > 1
         && src_st.is_some_and(|s| at::file_type(s) == libc::S_IFREG && s.st_nlink > 1);
     if linked_in_place {
@@ -65,6 +68,15 @@ pub(super) fn copy_file(
     let _ = at::fsync_dir(sd);
     record_upload(ctx, rel, &df, &st, sd, name);
     Ok(())
+}
+
+/// Whether the mount has dst's file open as `df` open for writing (origin store's
+/// writer guards: every open for writing through the mount takes one).
+fn open_for_writing(ctx: &Ctx, df: &File) -> bool {
+    let Ok(id) = layer::identity_at(df.as_fd(), c"") else {
+        return false;
+    };
+    origin::Store::of_root(ctx.dst).is_ok_and(|s| s.open_for_writing(&id))
 }
 
 /// Whether two stats of src's file show the same version (as [`Origin::same_source`]).
@@ -175,6 +187,21 @@ pub(super) fn record_upload(
     if let Ok(Some(on_src)) = at::lstat_at(sd, name) {
         let mut record = Origin::of(&on_src);
         record.dirty = !unchanged;
+        log::debug!(
+            "writeback: {} uploaded as {} bytes, mtime {}.{:09}; src shows {} bytes, mtime {}.{:09}{}",
+            rel.display(),
+            before.st_size,
+            before.st_mtime,
+            before.st_mtime_nsec,
+            on_src.st_size,
+            on_src.st_mtime,
+            on_src.st_mtime_nsec,
+            if record.dirty {
+                " (dst changed since: dirty)"
+            } else {
+                ""
+            }
+        );
         let _ = store.put(rel, &id, record);
         // A write that landed after the check above (FUSE passthrough writes do not
         // pass through the daemon) must not be left under a clean record: check again
@@ -241,6 +268,7 @@ fn copy_settled(ctx: &Ctx, df: &mut File, to: &mut File, st: Stat) -> io::Result
         }
         attempt += 1;
         st = at::fstat(df.as_fd())?;
+        log::debug!("writeback: dst changed during the copy; copying again (attempt {attempt})");
         io::Seek::rewind(df)?;
         io::Seek::rewind(to)?;
         to.set_len(0)?;
