@@ -381,10 +381,14 @@ pub(super) fn worker(sh: Arc<Shared>, jobs: Receiver<Job>) {
             drop(sh.changes.write().unwrap_or_else(|p| p.into_inner()));
         }
         // The replay's src calls, as one src op; an upload abandoned at shutdown is
-        // not a src error.
-        let took = t.observe(op::src_op(&job.op));
-        if !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted || replay::is_deferred(e))
-        {
+        // not a src error, and one deferred for an open writer made no src call.
+        let deferred = matches!(&r, Err(e) if replay::is_deferred(e));
+        let took = if deferred {
+            t.elapsed()
+        } else {
+            t.observe(op::src_op(&job.op))
+        };
+        if !deferred && !matches!(&r, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
             METRICS.src_result(&r);
         }
         sh.complete(job, r, notes, took, src_offline);

@@ -1518,18 +1518,27 @@ fn a_file_open_for_writing_is_uploaded_when_closed_or_after_ten_seconds() {
     f.write_all(b"second part").unwrap();
     drop(f);
     wait_drained(&m, Duration::from_secs(30));
-    assert_eq!(fs::read(m.src_path("f")).unwrap(), b"first part, second part");
+    assert_eq!(
+        fs::read(m.src_path("f")).unwrap(),
+        b"first part, second part"
+    );
 
     let mut g = File::create(m.mnt_path("g")).unwrap();
     g.write_all(b"a long writer").unwrap();
     let t = Instant::now();
     while fs::read(m.src_path("g")).ok().as_deref() != Some(&b"a long writer"[..]) {
-        assert!(t.elapsed() < Duration::from_secs(30), "never uploaded while open");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never uploaded while open"
+        );
         sleep(Duration::from_millis(100));
     }
     let waited = t.elapsed();
     eprintln!("uploaded while open after {waited:?}");
-    assert!(waited >= Duration::from_secs(8), "uploaded after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(8),
+        "uploaded after {waited:?}"
+    );
     drop(g);
     wait_drained(&m, Duration::from_secs(30));
     m.stop();

@@ -56,6 +56,14 @@ pub(super) fn sync_path(
     {
         return reclaim(ctx, roots, &comps);
     }
+    // Before any src call: a deferred op looks again every few hundred ms.
+    if content
+        && ctx.may_defer
+        && at::file_type(&dst_st) == libc::S_IFREG
+        && upload::open_for_writing(ctx, dparent.as_fd(), name)
+    {
+        return Err(deferred());
+    }
     let sparent = ensure_src_parent(roots, &comps)?;
     let dir: PathBuf = comps.iter().collect();
     sync_entry(

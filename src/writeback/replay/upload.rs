@@ -19,9 +19,6 @@ pub(super) fn copy_file(
         // Replaced under us by something else: a later journaled op covers it.
         return Ok(());
     }
-    if ctx.may_defer && open_for_writing(ctx, &df) {
-        return Err(deferred());
-    }
     let linked_in_place = st.st_nlink > 1
         && src_st.is_some_and(|s| at::file_type(s) == libc::S_IFREG && s.st_nlink > 1);
     if linked_in_place {
@@ -70,10 +67,10 @@ pub(super) fn copy_file(
     Ok(())
 }
 
-/// Whether the mount has dst's file open as `df` open for writing (origin store's
-/// writer guards: every open for writing through the mount takes one).
-fn open_for_writing(ctx: &Ctx, df: &File) -> bool {
-    let Ok(id) = layer::identity_at(df.as_fd(), c"") else {
+/// Whether the mount has dst's file `name` (in `dir`) open for writing (the origin
+/// store's writer guards: every open for writing through the mount takes one).
+pub(super) fn open_for_writing(ctx: &Ctx, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+    let Ok(id) = crate::sys::cstr(name).and_then(|c| layer::identity_at(dir, &c)) else {
         return false;
     };
     origin::Store::of_root(ctx.dst).is_ok_and(|s| s.open_for_writing(&id))
