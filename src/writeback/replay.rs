@@ -346,33 +346,58 @@ mod tests {
 
     /// The one src gateway: replay's refusal of an unmounted src is the view's own
     /// (`Layer::root`, through `root_fd_checked`), not a check of replay's own.
+    /// What a replay's [`Ctx`] borrows, for src `s` and dst `d`.
+    struct Bed {
+        dst: std::path::PathBuf,
+        caps: Caps,
+        leftovers: super::super::leftovers::Leftovers,
+        stop: AtomicBool,
+    }
+
+    impl Bed {
+        fn new(s: &Path, d: &Path) -> Bed {
+            let runs = super::super::journal::Runs {
+                current: "test".into(),
+                reclaim: Vec::new(),
+            };
+            Bed {
+                dst: d.to_path_buf(),
+                caps: Caps::new(&runs, s, d),
+                leftovers: super::super::leftovers::Leftovers::open(d, Default::default()),
+                stop: AtomicBool::new(false),
+            }
+        }
+
+        /// One replay's context over `src` (never deferred).
+        fn ctx<'a>(&'a self, src: &'a layer::Layer) -> Ctx<'a> {
+            Ctx {
+                src,
+                dst: &self.dst,
+                stop: &self.stop,
+                tmp_prefix: format!("{}wb.test.1.", names::TEMP_PREFIX),
+                reclaim_prefixes: Vec::new(),
+                tmp_counter: Cell::new(0),
+                caps: &self.caps,
+                leftovers: &self.leftovers,
+                attrs_op: false,
+                notes: RefCell::new(Vec::new()),
+                may_defer: false,
+            }
+        }
+    }
+
     #[test]
     fn replay_refuses_an_unmounted_src_through_the_views_layer() {
         let s = tempfile::tempdir().unwrap();
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("f"), b"data").unwrap();
-        let runs = super::super::journal::Runs {
-            current: "test".into(),
-            reclaim: Vec::new(),
-        };
-        let caps = Caps::new(&runs, s.path(), d.path());
-        let leftovers = super::super::leftovers::Leftovers::open(d.path(), Default::default());
-        let stop = AtomicBool::new(false);
+        let bed = Bed::new(s.path(), d.path());
         let replay_write = |src: &layer::Layer| {
-            let ctx = Ctx {
-                src,
-                dst: d.path(),
-                stop: &stop,
-                tmp_prefix: format!("{}wb.test.1.", names::TEMP_PREFIX),
-                reclaim_prefixes: Vec::new(),
-                tmp_counter: Cell::new(0),
-                caps: &caps,
-                leftovers: &leftovers,
-                attrs_op: false,
-                notes: RefCell::new(Vec::new()),
-                may_defer: false,
-            };
-            apply(&ctx, &Op::Write { path: "f".into() }, &[None, None])
+            apply(
+                &bed.ctx(src),
+                &Op::Write { path: "f".into() },
+                &[None, None],
+            )
         };
 
         // src was a mount when cachefs last ran and is a bare directory now: the one
@@ -406,27 +431,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("f");
         std::fs::write(&f, vec![7u8; 64 << 20]).unwrap();
-        let runs = super::super::journal::Runs {
-            current: "test".into(),
-            reclaim: Vec::new(),
-        };
-        let caps = Caps::new(&runs, s.path(), d.path());
-        let leftovers = super::super::leftovers::Leftovers::open(d.path(), Default::default());
-        let stop = AtomicBool::new(false);
+        let bed = Bed::new(s.path(), d.path());
         let src = layer::Layer::open_src(s.path(), false).unwrap();
-        let ctx = Ctx {
-            src: &src,
-            dst: d.path(),
-            stop: &stop,
-            tmp_prefix: format!("{}wb.test.1.", names::TEMP_PREFIX),
-            reclaim_prefixes: Vec::new(),
-            tmp_counter: Cell::new(0),
-            caps: &caps,
-            leftovers: &leftovers,
-            attrs_op: false,
-            notes: RefCell::new(Vec::new()),
-            may_defer: false,
-        };
+        let ctx = bed.ctx(&src);
         let version = |m: &std::fs::Metadata| (m.size(), m.mtime(), m.mtime_nsec());
         let mut had = vec![version(&std::fs::metadata(&f).unwrap())];
         let started = std::sync::Barrier::new(2);
