@@ -179,6 +179,10 @@ struct DstInfo {
     checked: Option<Instant>,
 }
 
+/// A directory's slot, for numbering a listing's entries (see [`Inodes::dir_slot`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DirSlot(u32);
+
 /// Where one link of a node is: its primary link or its `i`th extra link.
 #[derive(Debug, Clone, Copy)]
 enum LinkPos {
@@ -338,6 +342,47 @@ impl Inodes {
             self.settle(s);
             return ino;
         };
+        self.upsert_in(parent, name, kind, merge_src, dst_ident, lookups)
+    }
+
+    /// Directory `dir`, resolved once for [`Inodes::number_entry`] calls on its entries
+    /// (the table may not change in between: hold its lock). `None` below a
+    /// non-directory.
+    pub(crate) fn dir_slot(&mut self, dir: &Path) -> Option<DirSlot> {
+        self.resolve_dir(dir).map(DirSlot)
+    }
+
+    /// The number a listing of `dir` shows for its entry `name` of kind `kind`: the
+    /// node linked there if it is of that kind, else [`Inodes::upsert`]'s (with no
+    /// kernel reference). The same as `ino_of` then `upsert` of `dir/name`, without
+    /// resolving `dir` again.
+    pub(crate) fn number_entry(
+        &mut self,
+        dir: DirSlot,
+        name: &OsStr,
+        kind: Kind,
+        merge_src: bool,
+        dst_ident: Option<(u64, u64)>,
+    ) -> u64 {
+        let name = name.as_bytes();
+        if let Some(s) = self.child(dir.0, name)
+            && self.node(s).kind == kind
+        {
+            return self.ino_at(s);
+        }
+        self.upsert_in(dir.0, name, kind, merge_src, dst_ident, 0)
+    }
+
+    /// [`Inodes::upsert`] of `name` in directory slot `parent`.
+    fn upsert_in(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        kind: Kind,
+        merge_src: bool,
+        dst_ident: Option<(u64, u64)>,
+        lookups: u64,
+    ) -> u64 {
         if let Some(s) = self.child(parent, name) {
             let same_object = match (self.ident_of(s), dst_ident) {
                 (Some(a), Some(b)) => a == b || kind == Kind::Dir,
