@@ -19,9 +19,10 @@
 //!   links (dst hard links; files only) live in `extra_links` / `extra_index`, in the
 //!   order they were added; when the primary link goes, the first extra link becomes
 //!   primary (it is the name used for path-based calls).
-//! - `by_link` indexes every primary link by (parent slot, name). `children` of a node counts the links (primary and extra)
-//!   whose parent it is; a node is dropped only when it has no link, no kernel
-//!   reference and no linked child, so a parent stays while it has linked children.
+//! - `by_link` indexes every primary link by (parent slot, name). `children` of a node
+//!   counts the links (primary and extra) whose parent it is; a node is dropped only
+//!   when it has no link, no kernel reference and no linked child, so a parent stays
+//!   while it has linked children.
 //! - A node is reachable iff walking its primary parents ends at the root; only a
 //!   reachable node has a path. Detaching a directory detaches every link below it
 //!   (its descendants report no path; those the kernel still knows stay until forgotten).
@@ -40,11 +41,14 @@
 //! Memory: a node is one 56-byte slot (names of up to 22 bytes are stored inline, longer
 //! ones in one allocation) plus one 4-byte `by_link` entry (and its control byte, at a
 //! load factor between 7/16 and 7/8); the size is pinned by a unit test
-//! (`a_node_is_small`). The former table of full paths took ~300 B per entry, the
-//! former tree with a counter and a number index ~117 B (measured: see the commit log).
+//! (`a_node_is_small`). A walk of 1,000,000 entries peaks at ~74 MiB of daemon RSS
+//! (~69 B per entry above the 100,000-entry walk's 14.5 MiB); the former table of full
+//! paths took ~300 B per entry, the former tree with a counter and a number index ~117 B
+//! (measured: see the commit log).
 //!
 //! Complexity: lookup by inode O(1); `ino_of(path)` and `path(ino)` O(depth); `upsert`,
-//! `add_path`, `rename` (also of a directory: a re-parent) and `exchange` O(depth).
+//! `add_path`, `rename` (also of a directory: a re-parent) and `exchange` O(depth);
+//! numbering a listing's entry (`number_entry`, after one `dir_slot`) O(1).
 //! Detaching a directory that still has linked children and `clear_merge_below` cost
 //! O(subtree + hard links) (extra links are found by a scan of `extra_index`).
 //!
