@@ -280,6 +280,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         DstClaim::Share(holder_mountpoint) => return share_mount(&cfg, &holder_mountpoint),
     };
     raise_nofile_limit();
+    keep_big_allocations_mapped();
     // Before any thread is spawned, so that every thread inherits the blocked mask.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
     debug!("configuration: {cfg:?}");
@@ -906,6 +907,29 @@ fn init_logging(debug: bool) {
     }
     // Already initialised (e.g. run twice in one test process): keep the first logger.
     let _ = b.try_init();
+}
+
+/// glibc's malloc: allocations from 4 MiB up are mapped, and unmapped when freed.
+///
+/// By default glibc raises that threshold after the first such block is freed (up to
+/// 32 MiB), and from then on keeps every big block in its per-thread arenas, where a
+/// freed one stays resident: the inode table's index as it doubles, the listing of a
+/// huge directory. Measured on a walk of 1,000,000 entries: 103.8 -> 76 MiB peak RSS
+/// (47 MiB of arenas held ~25 MiB of freed tables); 256 KiB and 2 MiB thresholds did
+/// no better. At 4 MiB the 1 MiB buffers of daemon-served reads and writes stay in
+/// the arenas, reused without a page fault. Left alone when the admin tunes malloc
+/// (`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...`, or `MALLOC_MMAP_THRESHOLD_`).
+fn keep_big_allocations_mapped() {
+    let tuned = std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
+    if tuned {
+        return;
+    }
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a parameter of the allocator (it takes the arena locks).
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) } != 1 {
+        debug!("mallopt(M_MMAP_THRESHOLD) refused");
+    }
 }
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit: every cached open file holds an fd.

@@ -3,7 +3,7 @@
 //! the first readdir and afresh at each rewind). `dir_handles` is a leaf lock.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -14,12 +14,14 @@ use super::{CacheFs, FsError, FsResult, Kind, layer, names};
 /// One directory listing entry.
 #[derive(Debug, Clone)]
 pub struct DirItem {
+    /// The entry's inode number in the mount once [`CacheFs::list_dir`] numbered it;
+    /// before that, its number in dst (`d_ino`) for an entry dst holds, else 0.
     pub ino: u64,
-    pub kind: Kind,
     pub name: OsString,
-    /// (device, inode) in dst for entries dst holds, so hard links listed here share
-    /// one number with their other names.
-    dst_ident: Option<(u64, u64)>,
+    pub kind: Kind,
+    /// Whether dst holds the entry: its `ino` (before numbering) then names the dst
+    /// object, so hard links listed here share one number with their other names.
+    in_dst: bool,
 }
 
 pub(super) struct DirHandle {
@@ -27,125 +29,150 @@ pub(super) struct DirHandle {
     /// The listing readdir pages through: taken at the first readdir, not at opendir
     /// (names made between the two show, as on a local filesystem), and afresh at every
     /// readdir from offset 0 (a rewind). `None` until the first readdir.
-    items: Mutex<Option<Arc<[DirItem]>>>,
+    items: Mutex<Option<Listing>>,
     /// The directory's attributes when its name went (rmdir, or a directory renamed
     /// over it), with no link: fstat of the open directory still answers.
     pub(super) gone: Mutex<Option<Attr>>,
 }
 
+/// A numbered listing, shared by a directory handle and the readdir calls paging
+/// through it (an `Arc<Vec>`, not an `Arc<[_]>`: made from the listing without a copy).
+pub type Listing = Arc<Vec<DirItem>>;
+
 impl CacheFs {
-    /// The merged names of directory `path` (without "." / ".."), as (name, S_IFMT).
+    /// The merged names of directory `path` (without "." / ".."): dst's entries, then
+    /// src's that dst neither has nor hides, in the order each layer lists them.
+    ///
+    /// Memory: every name is read once and moved, never copied (a listing of a huge
+    /// directory peaks at its entries plus, only when dst has entries, a set of
+    /// borrowed names; see `tests/integration/bigdir.rs` and the commit log).
     pub(super) fn list_merged(&self, path: &Path, merge_src: bool) -> FsResult<Vec<DirItem>> {
-        let mut out = Vec::new();
-        let mut seen: HashSet<OsString> = HashSet::new();
         let mut whiteouts: HashSet<OsString> = HashSet::new();
         let mut opaque = false;
-        let dst_entries = match self.dst.read_dir(path) {
+        let mut dst_entries = match self.dst.read_dir(path) {
             Ok(v) => v,
             Err(e) if layer::is_not_found(&e) => Vec::new(),
             Err(e) => return Err(e.into()),
         };
-        for e in dst_entries {
+        let mut failed = None;
+        dst_entries.retain(|e| {
             if let Some(t) = names::whiteout_target(&e.name) {
                 whiteouts.insert(t.to_os_string());
-                continue;
+                return false;
             }
             if names::is_hashed_whiteout(&e.name) {
-                if let Some(t) = self.hashed_whiteout_target(&path.join(&e.name))? {
-                    whiteouts.insert(t);
+                match self.hashed_whiteout_target(&path.join(&e.name)) {
+                    Ok(Some(t)) => drop(whiteouts.insert(t)),
+                    Ok(None) => {}
+                    Err(err) => drop(failed.get_or_insert(err)),
                 }
-                continue;
+                return false;
             }
             if e.name == names::OPAQUE_MARKER {
                 opaque = true;
-                continue;
+                return false;
             }
-            if names::is_reserved(&e.name) {
-                continue;
-            }
-            seen.insert(e.name.clone());
-            out.push((e.name, e.kind, Some(e.ino)));
+            !names::is_reserved(&e.name)
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
-        if merge_src && !opaque {
-            let dir = path.to_path_buf();
-            let listed = self.src_do(crate::metrics::SrcOp::Readdir, path, move |s| {
-                match s.read_dir(&dir) {
-                    Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
-                    r => r,
-                }
-            });
-            let src_entries = match listed {
-                Ok(v) => v,
-                // Offline: list what dst has. Whiteouts are kept, since src's answer
-                // about them is unknown.
-                Err(_) if self.src_offline.load(Ordering::Relaxed) => {
-                    return self.finish_listing(path, out);
-                }
-                Err(e) => return Err(e),
-            };
-            let legacy = self.legacy_whiteouts.lock().unwrap().clone();
-            let mut src_names = HashSet::new();
-            // src has this directory and these names: a listing and the lookups after
-            // it must agree.
-            self.src_absent
-                .listed(path, src_entries.iter().map(|e| e.name.as_os_str()));
-            self.src_ahead
-                .listed(path, src_entries.iter().map(|e| e.name.as_os_str()));
-            for e in src_entries {
-                src_names.insert(e.name.clone());
-                if names::is_reserved(&e.name)
-                    || seen.contains(&e.name)
-                    || whiteouts.contains(&e.name)
-                    || (!legacy.is_empty() && legacy.contains(&path.join(&e.name)))
-                {
-                    continue;
-                }
-                out.push((e.name, e.kind, None));
+        if !merge_src || opaque {
+            return self.finish_listing(path, dst_entries, Vec::new());
+        }
+        let dir = path.to_path_buf();
+        let listed = self.src_do(crate::metrics::SrcOp::Readdir, path, move |s| {
+            match s.read_dir(&dir) {
+                Err(e) if layer::is_not_found(&e) => Ok(Vec::new()),
+                r => r,
             }
+        });
+        let mut src_entries = match listed {
+            Ok(v) => v,
+            // Offline: list what dst has. Whiteouts are kept, since src's answer
+            // about them is unknown.
+            Err(_) if self.src_offline.load(Ordering::Relaxed) => {
+                return self.finish_listing(path, dst_entries, Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
+        // src has this directory and these names: a listing and the lookups after
+        // it must agree.
+        self.src_absent
+            .listed(path, src_entries.iter().map(|e| e.name.as_os_str()));
+        self.src_ahead
+            .listed(path, src_entries.iter().map(|e| e.name.as_os_str()));
+        // Cached copies of files src deleted (another machine's delete) are cleaned.
+        let check_files = !self.revalidate_every().is_zero()
+            && dst_entries.iter().any(|e| e.kind == libc::S_IFREG);
+        if !whiteouts.is_empty() || check_files {
+            let src_names: HashSet<&OsStr> =
+                src_entries.iter().map(|e| e.name.as_os_str()).collect();
             // Garbage-collect whiteouts src no longer needs.
-            for w in whiteouts.iter().filter(|w| !src_names.contains(*w)) {
+            for w in whiteouts
+                .iter()
+                .filter(|w| !src_names.contains(w.as_os_str()))
+            {
                 let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
             }
-            // Clean cached copies of files src deleted (another machine's delete).
-            if !self.revalidate_every().is_zero() {
-                out.retain(|(name, kind, dst_ino)| {
-                    dst_ino.is_none()
-                        || *kind != libc::S_IFREG
-                        || src_names.contains(name)
-                        || !self.drop_if_clean(&path.join(name))
+            if check_files {
+                dst_entries.retain(|e| {
+                    e.kind != libc::S_IFREG
+                        || src_names.contains(e.name.as_os_str())
+                        || !self.drop_if_clean(&path.join(&e.name))
                 });
             }
         }
-        self.finish_listing(path, out)
+        let legacy = self.legacy_whiteouts.lock().unwrap().clone();
+        let in_dst: HashSet<&OsStr> = dst_entries.iter().map(|e| e.name.as_os_str()).collect();
+        src_entries.retain(|e| {
+            !(names::is_reserved(&e.name)
+                || in_dst.contains(e.name.as_os_str())
+                || whiteouts.contains(&e.name)
+                || (!legacy.is_empty() && legacy.contains(&path.join(&e.name))))
+        });
+        drop(in_dst);
+        self.finish_listing(path, dst_entries, src_entries)
     }
 
-    /// Fills in unknown entry types of a merged listing.
-    /// `out`: (name, S_IFMT or 0, d_ino in dst for dst's entries).
+    /// The listing of `dst`'s entries then `src`'s, with unknown entry types filled in.
+    /// Moves the entries into one vector (in place when dst has none).
     fn finish_listing(
         &self,
         path: &Path,
-        out: Vec<(OsString, u32, Option<u64>)>,
+        dst: Vec<layer::DirEntry>,
+        src: Vec<layer::DirEntry>,
     ) -> FsResult<Vec<DirItem>> {
-        let mut items = Vec::with_capacity(out.len());
-        for (name, mut kind, dst_ino) in out {
-            let child = path.join(&name);
-            if kind == 0 {
-                let st = match dst_ino {
-                    Some(_) => self.dst.stat(&child)?,
-                    None => self.src_stat(&child)?,
-                };
-                kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
-            }
-            items.push(DirItem {
-                ino: 0,
-                kind: Kind::from_mode(kind),
-                name,
-                dst_ident: dst_ino
-                    .filter(|_| kind != libc::S_IFDIR)
-                    .map(|i| (self.dst_dev, i)),
-            });
-        }
-        Ok(items)
+        let from_dst = dst.len();
+        let all = if dst.is_empty() {
+            src
+        } else {
+            let mut all = dst;
+            all.extend(src);
+            all
+        };
+        all.into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let in_dst = i < from_dst;
+                let mut kind = e.kind;
+                if kind == 0 {
+                    let child = path.join(&e.name);
+                    let st = if in_dst {
+                        self.dst.stat(&child)?
+                    } else {
+                        self.src_stat(&child)?
+                    };
+                    kind = st.map_or(libc::S_IFREG, |s| s.st_mode & libc::S_IFMT);
+                }
+                Ok(DirItem {
+                    ino: if in_dst { e.ino } else { 0 },
+                    name: e.name,
+                    kind: Kind::from_mode(kind),
+                    in_dst,
+                })
+            })
+            .collect()
     }
 
     /// Snapshots the merged listing of a directory; readdir pages through it.
@@ -167,31 +194,41 @@ impl CacheFs {
     }
 
     /// The merged listing of directory `ino`, every entry numbered.
-    pub(super) fn list_dir(&self, ino: u64) -> FsResult<Arc<[DirItem]>> {
+    pub(super) fn list_dir(&self, ino: u64) -> FsResult<Listing> {
         let _ns = self.namespace.read().unwrap();
         let (path, merges) = self.dir_path(ino)?;
         let mut items = self.list_merged(&path, merges)?;
         {
             let mut t = self.inodes.lock().unwrap();
+            let dir = t.dir_slot(&path);
             for item in items.iter_mut() {
-                let child = path.join(&item.name);
-                item.ino = match t.ino_of(&child) {
-                    // Reused only for the same kind of object (src may have replaced a
-                    // file by a directory since).
-                    Some(i) if t.get(i).map(|n| n.kind) == Some(item.kind) => i,
-                    // Numbered now (no kernel reference) so d_ino matches a later stat.
-                    _ => t.upsert(&child, item.kind, merges, item.dst_ident, 0),
+                // A dst object's identity, so that hard links share a number; never
+                // used for directories (they have no hard links).
+                let dst_ident =
+                    (item.in_dst && item.kind != Kind::Dir).then_some((self.dst_dev, item.ino));
+                // Reused only for the same kind of object (src may have replaced a
+                // file by a directory since); else numbered now (no kernel reference)
+                // so that d_ino matches a later stat.
+                item.ino = match dir {
+                    Some(dir) => t.number_entry(dir, &item.name, item.kind, merges, dst_ident),
+                    None => {
+                        let child = path.join(&item.name);
+                        match t.ino_of(&child) {
+                            Some(i) if t.get(i).map(|n| n.kind) == Some(item.kind) => i,
+                            _ => t.upsert(&child, item.kind, merges, dst_ident, 0),
+                        }
+                    }
                 };
             }
         }
-        Ok(items.into())
+        Ok(Arc::new(items))
     }
 
     /// The listing to serve a readdir at `offset` from (the caller skips to it). The
     /// handle's snapshot keeps a listing read in several calls consistent; a readdir
     /// from offset 0 (the first one, or after rewinddir or a seekdir to the start)
     /// lists afresh, as a local filesystem shows names made since opendir.
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Arc<[DirItem]>> {
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Listing> {
         let h = self
             .dir_handles
             .lock()
@@ -206,7 +243,7 @@ impl CacheFs {
         }
         // A directory whose name went is empty (only its handles know it).
         let items = if h.gone.lock().unwrap().is_some() {
-            Arc::from([])
+            Arc::new(Vec::new())
         } else {
             self.list_dir(h.ino)?
         };
@@ -220,5 +257,21 @@ impl CacheFs {
 
     pub(crate) fn statfs(&self) -> FsResult<libc::statvfs> {
         Ok(self.dst.statvfs()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listing entry moves in place from src's `DirEntry` (no second buffer while a
+    /// huge listing is built): the two keep one size.
+    #[test]
+    fn a_listing_entry_is_as_small_as_a_read_one() {
+        assert_eq!(std::mem::size_of::<DirItem>(), 40);
+        assert_eq!(
+            std::mem::size_of::<DirItem>(),
+            std::mem::size_of::<layer::DirEntry>()
+        );
     }
 }

@@ -19,13 +19,20 @@
 //!   question per name, as without this table. A batch grows from
 //!   [`FIRST_BATCH`] to [`MAX_BATCH`] names while the access stays in order.
 //! - Bounded memory: at most [`MAX_LISTINGS`] listings (the oldest is dropped) and
-//!   [`MAX_STATS`] stats (emptied when full). One leaf lock.
+//!   [`MAX_STATS`] stats (emptied when full). A listing keeps its names packed in one
+//!   buffer, with a 4-byte end offset and a 4-byte index slot per name (about 20 bytes
+//!   per name of 8 bytes, against ~150 for a list and a map of `OsString`s: it is
+//!   kept while `ls -l` of a huge directory runs). One leaf lock.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::hash::{BuildHasher, RandomState};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
 
 use super::layer::Stat;
 
@@ -42,13 +49,68 @@ const LISTING_TTL: Duration = Duration::from_secs(60);
 /// How far past the previous batch's end a miss still counts as in order.
 const IN_ORDER_SLACK: usize = 16;
 
+/// A directory's names in listing order, packed: name `i` is `bytes[ends[i - 1]..ends[i]]`
+/// (from 0 for the first), and `index` finds a name's position by its hash.
 struct Listing {
-    names: Arc<[OsString]>,
-    index: HashMap<OsString, u32>,
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+    index: HashTable<u32>,
+    hasher: RandomState,
     at: Instant,
     /// End (exclusive) and size of the last batch asked, per question: `None` for
     /// stats, the attribute's name for getxattr.
     last: HashMap<Option<OsString>, (usize, usize)>,
+}
+
+impl Listing {
+    /// `None` if the names take 4 GiB or more.
+    fn new<'a>(names: impl Iterator<Item = &'a OsStr>) -> Option<Listing> {
+        let mut l = Listing {
+            bytes: Vec::new(),
+            ends: Vec::new(),
+            index: HashTable::new(),
+            hasher: RandomState::new(),
+            at: Instant::now(),
+            last: HashMap::new(),
+        };
+        for name in names {
+            l.bytes.extend_from_slice(name.as_bytes());
+            l.ends.push(u32::try_from(l.bytes.len()).ok()?);
+        }
+        l.bytes.shrink_to_fit();
+        l.ends.shrink_to_fit();
+        let n = u32::try_from(l.ends.len()).ok()?;
+        l.index.reserve(n as usize, |_| 0);
+        for i in 0..n {
+            let h = l.hasher.hash_one(l.name(i as usize).as_bytes());
+            let (ends, bytes, hasher) = (&l.ends, &l.bytes, &l.hasher);
+            l.index.insert_unique(h, i, |&k| {
+                hasher.hash_one(name_at(bytes, ends, k as usize).as_bytes())
+            });
+        }
+        Some(l)
+    }
+
+    fn name(&self, i: usize) -> &OsStr {
+        name_at(&self.bytes, &self.ends, i)
+    }
+
+    /// Where `name` is in the listing (its first place, should src list it twice).
+    fn position(&self, name: &OsStr) -> Option<usize> {
+        let h = self.hasher.hash_one(name.as_bytes());
+        let mut first: Option<u32> = None;
+        for &k in self.index.iter_hash(h) {
+            if self.name(k as usize) == name {
+                first = Some(first.map_or(k, |f| f.min(k)));
+            }
+        }
+        first.map(|k| k as usize)
+    }
+}
+
+fn name_at<'a>(bytes: &'a [u8], ends: &[u32], i: usize) -> &'a OsStr {
+    let start = if i == 0 { 0 } else { ends[i - 1] as usize };
+    OsStr::from_bytes(&bytes[start..ends[i] as usize])
 }
 
 /// A getxattr answer: the value or the errno.
@@ -79,12 +141,9 @@ impl SrcAhead {
         if self.ttl.is_zero() {
             return;
         }
-        let names: Arc<[OsString]> = names.map(OsStr::to_os_string).collect();
-        let index = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), i as u32))
-            .collect();
+        let Some(listing) = Listing::new(names) else {
+            return; // over 4 GiB of names: no batches for this one
+        };
         let mut inner = self.inner.lock().unwrap();
         if inner.listings.len() >= MAX_LISTINGS && !inner.listings.contains_key(dir) {
             let oldest = inner
@@ -96,15 +155,7 @@ impl SrcAhead {
                 inner.listings.remove(&p);
             }
         }
-        inner.listings.insert(
-            dir.to_path_buf(),
-            Listing {
-                names,
-                index,
-                at: Instant::now(),
-                last: HashMap::new(),
-            },
-        );
+        inner.listings.insert(dir.to_path_buf(), listing);
     }
 
     /// src's stat of `path` if a batch brought it within the ttl (used once).
@@ -143,16 +194,16 @@ impl SrcAhead {
             inner.listings.remove(dir);
             return None;
         }
-        let i = *l.index.get(name)? as usize;
+        let i = l.position(name)?;
         let question = question.map(OsStr::to_os_string);
         let size = match l.last.get(&question) {
             None => FIRST_BATCH,
             Some(&(end, size)) if i >= end && i < end + IN_ORDER_SLACK => (size * 2).min(MAX_BATCH),
             Some(_) => return None,
         };
-        let end = (i + size).min(l.names.len());
+        let end = (i + size).min(l.ends.len());
         l.last.insert(question, (end, size));
-        Some(l.names[i..end].to_vec())
+        Some((i..end).map(|k| l.name(k).to_os_string()).collect())
     }
 
     /// src's answers for a batch of `dir`: the stats found.
@@ -270,6 +321,27 @@ mod tests {
         // Not listed: no batch.
         assert!(a.batch_for(Path::new("e/f1")).is_none());
         assert!(a.batch_for(Path::new("d/nope")).is_none());
+    }
+
+    #[test]
+    fn a_packed_listing_finds_every_name_at_its_place() {
+        let mut all = names(3000);
+        all.push(OsString::from("x".repeat(255)));
+        all.push(OsString::from("f7")); // listed twice: its first place
+        let l = Listing::new(all.iter().map(|n| n.as_os_str())).unwrap();
+        for (i, n) in all.iter().enumerate().take(3001) {
+            assert_eq!(l.name(i), n.as_os_str());
+            assert_eq!(l.position(n), Some(i), "{n:?}");
+        }
+        assert_eq!(l.position(OsStr::new("f7")), Some(7));
+        assert_eq!(l.position(OsStr::new("f30000")), None);
+        assert_eq!(l.position(OsStr::new("")), None);
+        assert!(
+            Listing::new(std::iter::empty())
+                .unwrap()
+                .position(OsStr::new("a"))
+                .is_none()
+        );
     }
 
     #[test]

@@ -467,21 +467,33 @@ impl Filesystem for FuseAdapter {
         }
         // The entries are looked up in batches (one src job per batch, see
         // `CacheFs::lookup_many`), each about what the reply buffer holds: its size is
-        // learned from the last reply that filled up (fuser does not tell it).
+        // learned from the last reply that filled up (fuser does not tell it). The
+        // first batch takes one name beyond that: if it fits, the buffer is bigger than
+        // learned, and the next batches take 2, 4, 8, ... names until one does not fit.
+        // (Doubling the whole batch instead looked up twice the names a reply holds,
+        // half of them for nothing: 2 fstatat per name of a cold `ls -l`.)
         let mut idx = (next - 2) as usize;
-        let mut room = self.readdirplus_room.load(Ordering::Relaxed);
+        let room = self.readdirplus_room.load(Ordering::Relaxed);
         let mut used = 0usize;
         let mut added = false;
+        let mut probe = 0usize;
         while idx < items.len() {
             let mut end = idx;
-            let mut bytes = used;
-            while end < items.len() {
-                let size = direntplus_size(&items[end].name);
-                if end > idx && bytes + size > room {
-                    break;
+            if probe == 0 {
+                let mut bytes = used;
+                while end < items.len() {
+                    let size = direntplus_size(&items[end].name);
+                    if end > idx && bytes + size > room {
+                        break;
+                    }
+                    bytes += size;
+                    end += 1;
                 }
-                bytes += size;
-                end += 1;
+                end = (end + 1).min(items.len());
+                probe = 1;
+            } else {
+                probe *= 2;
+                end = (idx + probe).min(items.len());
             }
             let names: Vec<&OsStr> = items[idx..end].iter().map(|i| i.name.as_os_str()).collect();
             let attrs = match self.fs.lookup_many(ino.0, &names) {
@@ -522,8 +534,6 @@ impl Filesystem for FuseAdapter {
                 break;
             }
             idx = end;
-            // Everything fitted: the buffer is bigger than thought.
-            room = room.max(used).saturating_mul(2);
         }
         reply.ok();
     }

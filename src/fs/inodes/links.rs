@@ -1,5 +1,5 @@
 //! The table's machinery below the public operations: the slab of slots and the
-//! number index (`slots`, `free`, `by_ino`), and the links that make the tree (primary
+//! inode numbers they carry (`slots`, `free`, kernel reference counts), and the links that make the tree (primary
 //! links indexed in `by_link`, extra links of hard-linked files, the per-directory child
 //! lists), with resolving paths and walking subtrees. Every invariant listed in the
 //! parent module's docs is kept by these functions together; nothing here blocks or
@@ -11,11 +11,6 @@ use std::path::{Component, Path};
 
 use super::{Inodes, Kind, LinkPos, MAX_DEPTH, NONE, Name, Node, ROOT_SLOT, Slot};
 
-pub(super) fn ino_hash(ino: u64) -> u64 {
-    // Fibonacci hashing: sequential numbers spread over the high bits too.
-    ino.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 fn link_hash(hasher: &RandomState, parent: u32, name: &[u8]) -> u64 {
     let mut h = hasher.build_hasher();
     h.write_u32(parent);
@@ -26,8 +21,13 @@ fn link_hash(hasher: &RandomState, parent: u32, name: &[u8]) -> u64 {
 fn node_in(slots: &[Slot], s: u32) -> &Node {
     match &slots[s as usize] {
         Slot::Used(n) => n,
-        Slot::Free(_) => unreachable!("slot {s} is free"),
+        Slot::Free { .. } => unreachable!("slot {s} is free"),
     }
+}
+
+/// The inode number of the node of generation `generation` in slot `s`.
+fn ino_of_slot(s: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | (u64::from(s) + 1)
 }
 
 /// A path's parent and last name; `None` for the root ("") and odd paths.
@@ -48,24 +48,61 @@ impl Inodes {
     pub(super) fn node_mut(&mut self, s: u32) -> &mut Node {
         match &mut self.slots[s as usize] {
             Slot::Used(n) => n,
-            Slot::Free(_) => unreachable!("slot {s} is free"),
+            Slot::Free { .. } => unreachable!("slot {s} is free"),
         }
     }
 
+    /// The slot of the node numbered `ino`, if that node is live.
     pub(super) fn slot_of(&self, ino: u64) -> Option<u32> {
-        let slots = &self.slots;
-        self.by_ino
-            .find(ino_hash(ino), |&s| node_in(slots, s).ino == ino)
-            .copied()
+        let s = u32::try_from(ino & 0xFFFF_FFFF).ok()?.checked_sub(1)?;
+        match self.slots.get(s as usize)? {
+            Slot::Used(n) if u64::from(n.generation) == ino >> 32 => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The inode number of the node in slot `s`.
+    pub(super) fn ino_at(&self, s: u32) -> u64 {
+        ino_of_slot(s, self.node(s).generation)
+    }
+
+    /// Kernel references of slot `s`.
+    pub(super) fn lookups(&self, s: u32) -> u64 {
+        match self.node(s).lookups {
+            u32::MAX => self.big_lookups[&s],
+            n => u64::from(n),
+        }
+    }
+
+    fn set_lookups(&mut self, s: u32, n: u64) {
+        let small = u32::try_from(n).ok().filter(|&n| n != u32::MAX);
+        self.node_mut(s).lookups = small.unwrap_or(u32::MAX);
+        if small.is_some() {
+            if !self.big_lookups.is_empty() {
+                self.big_lookups.remove(&s);
+            }
+        } else {
+            self.big_lookups.insert(s, n);
+        }
+    }
+
+    pub(super) fn add_lookups(&mut self, s: u32, n: u64) {
+        if n != 0 {
+            self.set_lookups(s, self.lookups(s).saturating_add(n));
+        }
+    }
+
+    pub(super) fn sub_lookups(&mut self, s: u32, n: u64) {
+        if n != 0 {
+            self.set_lookups(s, self.lookups(s).saturating_sub(n));
+        }
     }
 
     /// A new node without a link.
     pub(super) fn alloc(&mut self, kind: Kind, merge_src: bool, lookups: u64) -> u32 {
-        let ino = self.next;
-        self.next += 1;
         let node = Node {
-            ino,
-            lookups,
+            generation: 0,
+            lookups: 0,
             name: Name::empty(),
             parent: NONE,
             children: 0,
@@ -78,11 +115,15 @@ impl Inodes {
         };
         let s = if self.free != NONE {
             let s = self.free;
-            self.free = match self.slots[s as usize] {
-                Slot::Free(next) => next,
-                Slot::Used(_) => unreachable!("free list points at a used slot"),
+            let Slot::Free { next, generation } = self.slots[s as usize] else {
+                unreachable!("free list points at a used slot");
             };
-            self.slots[s as usize] = Slot::Used(node);
+            self.free = next;
+            // Never `u32::MAX` here: such a slot is not put on the free list.
+            self.slots[s as usize] = Slot::Used(Node {
+                generation: generation + 1,
+                ..node
+            });
             s
         } else {
             let s = u32::try_from(self.slots.len())
@@ -92,9 +133,7 @@ impl Inodes {
             self.slots.push(Slot::Used(node));
             s
         };
-        let slots = &self.slots;
-        self.by_ino
-            .insert_unique(ino_hash(ino), s, |&x| ino_hash(node_in(slots, x).ino));
+        self.add_lookups(s, lookups);
         self.live += 1;
         s
     }
@@ -104,9 +143,9 @@ impl Inodes {
         let n = self.node(s);
         debug_assert!(s != ROOT_SLOT && n.parent == NONE && n.children == 0 && !n.more_links);
         debug_assert!(n.first_child == NONE);
-        let ino = n.ino;
-        if let Ok(e) = self.by_ino.find_entry(ino_hash(ino), |&x| x == s) {
-            e.remove();
+        let generation = n.generation;
+        if n.lookups == u32::MAX {
+            self.big_lookups.remove(&s);
         }
         if let Some(d) = self.dst.remove(&s)
             && let Some(id) = d.ident
@@ -114,8 +153,14 @@ impl Inodes {
         {
             self.by_dst_ident.remove(&id);
         }
-        self.slots[s as usize] = Slot::Free(self.free);
-        self.free = s;
+        // A slot whose generation is used up is left free but off the list: its
+        // numbers are never given again.
+        let next = if generation == u32::MAX {
+            NONE
+        } else {
+            std::mem::replace(&mut self.free, s)
+        };
+        self.slots[s as usize] = Slot::Free { next, generation };
         self.live -= 1;
     }
 
@@ -338,12 +383,12 @@ impl Inodes {
             Vec::new()
         };
         // Keep `s` while its descendants are detached (an extra reference).
-        self.node_mut(s).lookups += 1;
+        self.add_lookups(s, 1);
         self.unlink(s, parent, name);
         for (c, p, n) in below {
             self.unlink(c, p, n.as_bytes());
         }
-        self.node_mut(s).lookups -= 1;
+        self.sub_lookups(s, 1);
         self.settle(s);
     }
 
