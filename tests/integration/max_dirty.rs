@@ -56,8 +56,10 @@ fn overrun(m: &Mounted) -> Vec<u8> {
 fn open_second(m: &Mounted) -> Answer {
     let (tx, rx) = mpsc::channel();
     let p = m.mnt_path("second");
+    // Before the spawn: the caller's waits count from here, and a thread that starts
+    // late under load must not measure a shorter wait than the caller saw.
+    let t = Instant::now();
     std::thread::spawn(move || {
-        let t = Instant::now();
         let r = std::fs::OpenOptions::new()
             .write(true)
             .open(&p)
