@@ -56,7 +56,6 @@ impl CacheFs {
                     *self.src_offline_since.lock().unwrap() = None;
                     self.src_absent.clear();
                     self.src_ahead.clear();
-                    self.src_ahead.clear();
                     log::warn!("src {} answers again", self.src.root_path().display());
                     self.persist_src_state(None);
                 }
