@@ -234,14 +234,22 @@ impl CacheFs {
         self.src_result(copied)
     }
 
-    /// Drops dst's copy at `path` if it is a clean cached copy with no open handle
-    /// (src no longer has it). Whether it was dropped.
+    /// Drops dst's copy at `path` if it is a clean cached copy with no open handle and
+    /// src, asked now, has nothing there. Whether it was dropped.
+    ///
+    /// The caller saw `path` missing from a src listing, but that listing may predate
+    /// the record: with `-w`, an upload that finished while the listing ran records
+    /// its file clean, and src has it. So src is asked again after the record was
+    /// read; a slow or offline src keeps the copy.
     pub(super) fn drop_if_clean(&self, path: &Path) -> bool {
         if !matches!(self.origins.get(path), Ok(Some(o)) if !o.dirty) {
             return false;
         }
         let ino = self.inodes.lock().unwrap().ino_of(path);
         if ino.is_some_and(|i| self.has_open_handles(i)) {
+            return false;
+        }
+        if !matches!(self.src_stat_for_revalidation(path), Some(Ok(None))) {
             return false;
         }
         log::info!(

@@ -1543,3 +1543,32 @@ fn a_file_open_for_writing_is_uploaded_when_closed_or_after_ten_seconds() {
     wait_drained(&m, Duration::from_secs(30));
     m.stop();
 }
+
+/// A listing that runs while uploads finish (xfstests generic/471 with `-w`: 10,000
+/// files created, then read back): a file uploaded after src was listed has a clean
+/// record and is missing from that listing, yet src has it. It must neither be
+/// dropped from dst ("gone from src") nor missing from the listing.
+#[test]
+fn a_listing_during_uploads_drops_nothing_src_has() {
+    if !can_mount("a_listing_during_uploads_drops_nothing_src_has") {
+        return;
+    }
+    let m = Mounted::start(&["-w", "--revalidate", "1"]);
+    let d = m.mnt_path("d");
+    fs::create_dir(&d).unwrap();
+    let n = 4000;
+    for round in 0..3 {
+        for i in 0..n {
+            File::create(d.join(format!("{round}-{i}"))).unwrap();
+        }
+        let listed = fs::read_dir(&d).unwrap().count();
+        assert_eq!(listed, (round + 1) * n, "round {round}\n{}", m.stderr());
+    }
+    assert!(
+        !m.stderr().contains("dropping the cached copy"),
+        "{}",
+        m.stderr()
+    );
+    wait_drained(&m, Duration::from_secs(60));
+    m.stop();
+}
