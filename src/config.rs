@@ -65,6 +65,9 @@ pub struct Config {
     pub(crate) passthrough: bool,
     /// Offer POSIX ACLs to the kernel (`FUSE_POSIX_ACL`) where dst holds them (`--no-acl` clears).
     pub(crate) acl: bool,
+    /// Serve extended attributes (`--no-xattr` clears: every xattr call gets ENOSYS, and
+    /// the kernel stops sending them).
+    pub(crate) xattr: bool,
     /// `--src-timeout`: longest wait for one src call (zero: unbounded).
     pub(crate) src_timeout: Duration,
     /// `--drain-timeout`: at shutdown with `-w`, how long to keep replaying the queue.
@@ -117,6 +120,7 @@ impl Config {
             attr_ttl: Duration::from_secs(1),
             passthrough: true,
             acl: true,
+            xattr: true,
             src_timeout: DEFAULT_SRC_TIMEOUT,
             revalidate: DEFAULT_REVALIDATE,
             drain_timeout: Duration::from_secs(20),

@@ -286,6 +286,10 @@ pub struct MountArgs {
     /// Do not offer POSIX ACLs to the kernel (it then checks modes only, as before).
     #[arg(long)]
     pub(crate) no_acl: bool,
+    /// Serve no extended attributes (no ACLs either): the kernel stops asking, so
+    /// `ls -l` of a big directory costs no xattr round trip per entry.
+    #[arg(long)]
+    pub(crate) no_xattr: bool,
     /// How long one src call may take before it fails with EIO and src counts as
     /// offline, e.g. 30s (0: wait forever). Copies fail only after this long with no
     /// progress.

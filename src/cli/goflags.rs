@@ -39,6 +39,7 @@ const BOOL_LONG_FLAGS: &[&str] = &[
     "log",
     "no-passthrough",
     "no-acl",
+    "no-xattr",
     "lazy-fill",
     "json",
     "watch",

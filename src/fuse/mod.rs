@@ -72,6 +72,9 @@ pub(crate) struct FuseAdapter {
     passthrough: Arc<AtomicBool>,
     /// POSIX ACLs (`FUSE_POSIX_ACL`): asked for, then whether negotiated.
     acl: Arc<AtomicBool>,
+    /// `--no-xattr`: every xattr request is answered ENOSYS (the kernel then stops
+    /// sending that kind of request for the life of the mount).
+    no_xattr: bool,
     backing: Arc<Mutex<BackingTable>>,
     /// Notifications to the kernel (set once the session exists, before it serves).
     notifier: Arc<OnceLock<Notifier>>,
@@ -98,6 +101,7 @@ impl FuseAdapter {
             ttl: cfg.attr_ttl,
             passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
             acl: Arc::new(AtomicBool::new(cfg.acl)),
+            no_xattr: !cfg.xattr,
             backing: Arc::new(Mutex::new(BackingTable::default())),
             notifier: Arc::new(OnceLock::new()),
             ready: None,
@@ -113,6 +117,7 @@ impl FuseAdapter {
             ttl: self.ttl,
             passthrough: self.passthrough.clone(),
             acl: self.acl.clone(),
+            no_xattr: self.no_xattr,
             backing: self.backing.clone(),
             notifier: self.notifier.clone(),
             ready: None,

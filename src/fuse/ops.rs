@@ -42,7 +42,9 @@ impl Filesystem for FuseAdapter {
                 .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
                 .is_ok();
         self.acl.store(acl, Ordering::Relaxed);
-        if acl {
+        if self.no_xattr {
+            log::info!("extended attributes: off (--no-xattr; no ACLs either)");
+        } else if acl {
             log::info!("POSIX ACLs: on (the kernel checks them)");
         } else if want_acl {
             let why = if dst_acl {
@@ -592,6 +594,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _timer = FuseOp::Setxattr.timer();
+        if self.no_xattr {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         let r = self.fs.setxattr(ino.0, name, value, flags);
         if r.is_ok() && name == crate::sys::ACL_ACCESS && self.acl.load(Ordering::Relaxed) {
             self.acl_kill_sgid(req, ino.0);
@@ -605,6 +610,9 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _timer = FuseOp::Getxattr.timer();
+        if self.no_xattr {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         match self.fs.getxattr(ino.0, name) {
             Ok(v) => reply_xattr(reply, size, v),
             // The kernel asks for an entry's ACL to check a permission and takes only
@@ -623,6 +631,9 @@ impl Filesystem for FuseAdapter {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _timer = FuseOp::Listxattr.timer();
+        if self.no_xattr {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         match self.fs.listxattr(ino.0) {
             Ok(v) => reply_xattr(reply, size, v),
             Err(e) => reply.error(errno(e)),
@@ -631,6 +642,9 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timer = FuseOp::Removexattr.timer();
+        if self.no_xattr {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         let r = self.fs.removexattr(ino.0, name);
         self.after_xattr_change(ino.0, name, &r);
         match r {

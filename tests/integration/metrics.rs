@@ -543,3 +543,76 @@ fn lazy_fetch_bytes_are_counted_once() {
     assert_eq!(std::fs::read(m.dst_path("big")).unwrap(), data);
     m.stop();
 }
+
+/// `--no-xattr`: every xattr call fails with ENOTSUP, and the kernel asks the daemon
+/// once per kind of call, not once per entry: `ls -l` of 200 entries sends it one
+/// getxattr (its two per entry otherwise: `security.selinux` and the ACL).
+#[test]
+fn no_xattr_answers_enotsup_and_the_kernel_stops_asking() {
+    if !can_mount("no_xattr_answers_enotsup_and_the_kernel_stops_asking") {
+        return;
+    }
+    let files: Vec<(String, Vec<u8>)> = (0..200).map(|i| (format!("d/f{i}"), vec![1])).collect();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+    let getxattrs = "cachefs_fuse_op_duration_seconds_count{op=\"getxattr\"}";
+    for (args, want) in [(&[][..], 400.0), (&["--no-xattr"][..], 1.0)] {
+        let mut all = vec!["--metrics-addr", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let m = Mounted::with_dirs(dir_with(&refs), tempdir(), &all);
+        let addr = metrics_addr(&m);
+        let before = scrape(addr).get(getxattrs).copied().unwrap_or(0.0);
+        let out = std::process::Command::new("ls")
+            .arg("-l")
+            .arg(m.mnt_path("d"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 201);
+        let asked = scrape(addr).get(getxattrs).copied().unwrap_or(0.0) - before;
+        eprintln!("{args:?}: {asked} getxattr requests for ls -l of 200 entries");
+        if args.is_empty() {
+            assert!(asked >= 200.0, "without --no-xattr: {asked} getxattrs");
+        } else {
+            assert_eq!(asked, want, "--no-xattr: getxattrs that reached the daemon");
+            let p = m.mnt_path("d/f1");
+            assert_eq!(
+                errno_of("getxattr", xattr_get(&p, "user.x")),
+                libc::EOPNOTSUPP
+            );
+            assert_eq!(
+                errno_of("setxattr", xattr_set(&p, "user.x", b"v")),
+                libc::EOPNOTSUPP
+            );
+            assert!(
+                m.stderr().contains("extended attributes: off"),
+                "{}",
+                m.stderr()
+            );
+        }
+        m.stop();
+    }
+}
+
+fn xattr_get(p: &std::path::Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let (c, n) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+}
+
+fn xattr_set(p: &std::path::Path, name: &str, v: &[u8]) -> std::io::Result<()> {
+    let (c, n) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid C strings and a value of the given length.
+    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
