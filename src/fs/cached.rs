@@ -240,7 +240,9 @@ impl CacheFs {
     /// The caller saw `path` missing from a src listing, but that listing may predate
     /// the record: with `-w`, an upload that finished while the listing ran records
     /// its file clean, and src has it. So src is asked again after the record was
-    /// read; a slow or offline src keeps the copy.
+    /// read, and a copy src shows now is kept. An answer that does not come in time
+    /// counts as the listing's: the copy goes, as the lookup's own revalidation would
+    /// decide a moment later (a listing must not show a name its lookup then drops).
     pub(super) fn drop_if_clean(&self, path: &Path) -> bool {
         if !matches!(self.origins.get(path), Ok(Some(o)) if !o.dirty) {
             return false;
@@ -249,7 +251,7 @@ impl CacheFs {
         if ino.is_some_and(|i| self.has_open_handles(i)) {
             return false;
         }
-        if !matches!(self.src_stat_for_revalidation(path), Some(Ok(None))) {
+        if matches!(self.src_stat_for_revalidation(path), Some(Ok(Some(_)))) {
             return false;
         }
         log::info!(
