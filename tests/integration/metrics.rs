@@ -390,7 +390,10 @@ fn fuse_requests_are_timed_by_op() {
     std::fs::create_dir(m.mnt_path("new")).unwrap();
     std::fs::write(m.mnt_path("new/g"), b"x").unwrap();
     assert_eq!(std::fs::read_dir(m.mnt_path("d")).unwrap().count(), 1);
-    let after = scrape(addr);
+    // RELEASE reaches the daemon after close() returned: wait for it.
+    let after = scrape_until(addr, Duration::from_secs(10), "the releases", |s| {
+        count(s, "release") > count(&before, "release")
+    });
     for op in [
         "lookup", "open", "read", "mkdir", "create", "write", "release", "opendir",
     ] {
