@@ -390,10 +390,15 @@ fn fuse_requests_are_timed_by_op() {
     std::fs::create_dir(m.mnt_path("new")).unwrap();
     std::fs::write(m.mnt_path("new/g"), b"x").unwrap();
     assert_eq!(std::fs::read_dir(m.mnt_path("d")).unwrap().count(), 1);
-    // RELEASE reaches the daemon after close() returned: wait for it.
-    let after = scrape_until(addr, Duration::from_secs(10), "the releases", |s| {
-        count(s, "release") > count(&before, "release")
-    });
+    // RELEASE reaches the daemon after close() returned, and a readdirplus served on
+    // its own thread records its time after its reply: wait for both.
+    let listed = |s: &HashMap<String, f64>| count(s, "readdir") + count(s, "readdirplus");
+    let after = scrape_until(
+        addr,
+        Duration::from_secs(10),
+        "releases and listings",
+        |s| count(s, "release") > count(&before, "release") && listed(s) > listed(&before),
+    );
     for op in [
         "lookup", "open", "read", "mkdir", "create", "write", "release", "opendir",
     ] {
