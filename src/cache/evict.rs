@@ -396,7 +396,9 @@ mod tests {
         let held_data = s.cfg.dst.join(lazy::data_rel_of(Path::new("f0")));
         for i in 1..6 {
             let h = open_ro(&fs, &format!("f{i}"));
-            for b in [0, 3, 5, 9, 14] {
+            // Two blocks between reads at least: a read one block past a fetch still
+            // running joins it and fetches the block between (fetches linger under load).
+            for b in [0, 3, 6, 9, 14] {
                 read_block(&fs, h.1, i, b).unwrap();
                 let used = partial_usage(&s.cfg.dst) + dst_usage(&s.cfg.dst);
                 assert!(used <= budget + block, "f{i} block {b}: {used} used");

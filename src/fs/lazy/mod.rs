@@ -291,6 +291,7 @@ impl Lazy {
             map_write: Mutex::new(()),
             filling: AtomicBool::new(false),
             usage: self.usage.get().cloned(),
+            threads: Arc::new(Mutex::new(0)),
         });
         if let Some(u) = &p.usage {
             u.partial_grew(&p.data_rel, path, allocated(&p.data));
@@ -423,9 +424,9 @@ impl Lazy {
         let known = t
             .iter()
             .find(|(_, p)| p.data_rel == data_rel)
-            .map(|(path, p)| (path.clone(), Arc::strong_count(p)));
-        if let Some((path, refs)) = known {
-            if refs > 1 {
+            .map(|(path, p)| (path.clone(), Partial::in_use(p)));
+        if let Some((path, in_use)) = known {
+            if in_use {
                 return Ok(None);
             }
             let p = t.remove(&path).unwrap();
@@ -520,5 +521,54 @@ mod tests {
         st2.st_mtime += 1;
         let p2 = lazy.open_or_create(Path::new("f"), &st2, srcf).unwrap();
         assert_eq!(p2.map().count(), 0);
+    }
+
+    #[test]
+    fn a_partial_held_only_by_its_own_threads_is_evicted() {
+        let (s, d, dst, st) = setup();
+        let srcf = || File::open(s.path().join("f"));
+        let lazy = Lazy::new(Arc::clone(&dst), 1, 4096).unwrap();
+        let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+        p.ensure(0, 1).unwrap();
+        p.quiesce();
+        // One of the partial's threads winding down after the last handle closed (a
+        // fetch making its blocks durable, a sync).
+        let (finish, tail) = std::sync::mpsc::channel::<()>();
+        p.spawn("cachefs-test", move |_| {
+            let _ = tail.recv();
+        })
+        .unwrap();
+        let data_rel = p.data_rel.clone();
+        assert_eq!(
+            lazy.evict_idle(&data_rel).unwrap(),
+            None,
+            "a handle holds it"
+        );
+        drop(p);
+        assert!(
+            lazy.evict_idle(&data_rel).unwrap().is_some(),
+            "only its own thread holds it"
+        );
+        assert!(!d.path().join(&data_rel).exists());
+        finish.send(()).unwrap();
+    }
+
+    #[test]
+    fn a_read_that_joins_a_running_stream_counts_the_block_it_reads_through() {
+        let (s, _d, dst, st) = setup();
+        let srcf = || File::open(s.path().join("f"));
+        let lazy = Lazy::new(Arc::clone(&dst), 1, 4096).unwrap();
+        let p = lazy.open_or_create(Path::new("f"), &st, srcf).unwrap();
+        assert_eq!(p.missing(2 * 4096 + 10, 10), 4096);
+        // A stream still running after block 0 (its blocks being made durable): a read
+        // of block 2 joins it, so block 1 is fetched too.
+        p.state.lock().unwrap().streams.push(stream::Stream {
+            pos: 4096,
+            until: 4096,
+            running: true,
+            ..stream::Stream::new()
+        });
+        assert_eq!(p.missing(2 * 4096 + 10, 10), 2 * 4096);
+        assert_eq!(p.missing(3 * 4096 + 10, 10), 100, "block 3 is not joined");
     }
 }

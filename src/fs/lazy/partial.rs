@@ -87,9 +87,51 @@ pub(crate) struct Partial {
     pub(super) filling: AtomicBool,
     /// The cache budget's hook, if there is a budget.
     pub(super) usage: Option<Arc<dyn Usage>>,
+    /// How many of the references to this partial its own threads (fetch, sync, fill)
+    /// hold. Each such reference is taken and dropped under this lock (outside the
+    /// partial, so a thread can drop the last reference under it), so that
+    /// [`Partial::in_use`] sees the count and the references agree.
+    pub(super) threads: Arc<Mutex<usize>>,
 }
 
 impl Partial {
+    /// Runs `work` on a thread of its own named `name`, its reference to the partial
+    /// counted in `threads` until it is dropped.
+    pub(super) fn spawn(
+        self: &Arc<Self>,
+        name: &str,
+        work: impl FnOnce(&Arc<Self>) + Send + 'static,
+    ) -> io::Result<()> {
+        let threads = Arc::clone(&self.threads);
+        let p = {
+            let mut n = threads.lock().unwrap();
+            *n += 1;
+            Arc::clone(self)
+        };
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                work(&p);
+                let mut n = threads.lock().unwrap();
+                drop(p);
+                *n -= 1;
+            });
+        if let Err(e) = spawned {
+            *self.threads.lock().unwrap() -= 1;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether anything holds the partial besides `table_ref` (the table's reference)
+    /// and its own threads: an open handle, or a copy-up installing it. The threads
+    /// winding down after the last handle closed (a fetch making its blocks durable)
+    /// do not keep it from being evicted: eviction discards it as an unlink does.
+    pub(super) fn in_use(table_ref: &Arc<Self>) -> bool {
+        let threads = table_ref.threads.lock().unwrap();
+        Arc::strong_count(table_ref) > 1 + *threads
+    }
+
     pub(crate) fn installed(&self) -> bool {
         self.state.lock().unwrap().installed
     }
@@ -109,7 +151,10 @@ impl Partial {
     }
 
     /// Bytes of the blocks of `[offset, offset + len)` that are neither present nor
-    /// being fetched nor reserved by read-ahead (what a read there would add to dst).
+    /// being fetched nor reserved by read-ahead (what a read there would add to dst),
+    /// and of the block before it when a running stream reads through that block to
+    /// reach the read (a read at most a block past a stream's end joins it, see
+    /// `Stream::brings`).
     pub(crate) fn missing(&self, offset: u64, len: u64) -> u64 {
         let end = (offset.saturating_add(len)).min(self.size);
         if offset >= end {
@@ -119,7 +164,15 @@ impl Partial {
         if s.installed {
             return 0;
         }
-        (offset / self.block..=(end - 1) / self.block)
+        let first = offset / self.block;
+        let from = s
+            .streams
+            .iter()
+            .filter(|st| st.brings(first, self.block) && st.until < first * self.block)
+            .map(|st| st.until / self.block)
+            .min()
+            .unwrap_or(first);
+        (from..=(end - 1) / self.block)
             .filter(|b| {
                 !bit(&s.ready, *b)
                     && !s.inflight.contains(b)

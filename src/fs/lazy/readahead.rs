@@ -164,14 +164,11 @@ impl Partial {
             self.filling.store(false, Ordering::Release);
             return;
         }
-        let p = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("cachefs-fill".into())
-            .spawn(move || {
-                p.fill(&room);
-                p.filling.store(false, Ordering::Release);
-                FILLERS.fetch_sub(1, Ordering::AcqRel);
-            });
+        let spawned = self.spawn("cachefs-fill", move |p| {
+            p.fill(&room);
+            p.filling.store(false, Ordering::Release);
+            FILLERS.fetch_sub(1, Ordering::AcqRel);
+        });
         if spawned.is_err() {
             FILLERS.fetch_sub(1, Ordering::AcqRel);
             self.filling.store(false, Ordering::Release);

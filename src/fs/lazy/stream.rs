@@ -76,9 +76,26 @@ pub(super) struct Stream {
 }
 
 impl Stream {
+    /// A stream not started yet: no descriptor, no work.
+    pub(super) fn new() -> Self {
+        Stream {
+            pos: 0,
+            until: 0,
+            cur: None,
+            running: false,
+            file: None,
+            guards: HashMap::new(),
+            fails: 0,
+            last_err: libc::EIO,
+            moved: 0,
+            last_move: Instant::now(),
+            used: 0,
+        }
+    }
+
     /// Whether this stream's current run brings block `b`: it is filling it, or it
     /// runs and `b` is before its `until` or at most a block past it.
-    fn brings(&self, b: u64, block: u64) -> bool {
+    pub(super) fn brings(&self, b: u64, block: u64) -> bool {
         self.cur == Some(b)
             || (self.running && self.pos <= b * block && b * block <= self.until + block)
     }
@@ -139,19 +156,7 @@ impl Partial {
         let i = match near.or_else(lru) {
             Some(i) => i,
             None if s.streams.len() < MAX_STREAMS => {
-                s.streams.push(Stream {
-                    pos: 0,
-                    until: 0,
-                    cur: None,
-                    running: false,
-                    file: None,
-                    guards: HashMap::new(),
-                    fails: 0,
-                    last_err: libc::EIO,
-                    moved: 0,
-                    last_move: Instant::now(),
-                    used: 0,
-                });
+                s.streams.push(Stream::new());
                 s.streams.len() - 1
             }
             None => return None,
@@ -171,10 +176,7 @@ impl Partial {
         }
         st.running = true;
         st.last_move = Instant::now();
-        let p = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("cachefs-fetch".into())
-            .spawn(move || p.run_stream(i));
+        let spawned = self.spawn("cachefs-fetch", move |p| p.run_stream(i));
         if let Err(e) = spawned {
             log::warn!("{}: cannot start a fetch thread: {e}", self.path.display());
             let st = &mut s.streams[i];
@@ -211,7 +213,7 @@ impl Partial {
     /// durable in batches ([`SYNC_BATCH`]). Exits when it reaches `until` (after
     /// syncing), at an error (recorded for its waiters) or when the partial is
     /// installed.
-    fn run_stream(self: Arc<Self>, i: usize) {
+    fn run_stream(self: &Arc<Self>, i: usize) {
         let mut file = self.state.lock().unwrap().streams[i].file.take();
         let mut piece = FIRST_PIECE;
         let mut unsynced: Vec<u64> = Vec::new();
@@ -233,13 +235,12 @@ impl Partial {
                     continue;
                 }
                 // Keep the descriptor for the next run while a handle may read on;
-                // with none left (only the table and running workers hold the
-                // partial), close it: an idle rclone handle holds a request and its
+                // with none left (only the table and the partial's threads hold
+                // it), close it: an idle rclone handle holds a request and its
                 // read-ahead buffer.
-                let workers = s.streams.iter().filter(|st| st.running).count();
                 let st = &mut s.streams[i];
                 st.running = false;
-                if Arc::strong_count(&self) > 1 + workers {
+                if Partial::in_use(self) {
                     st.file = file;
                 }
                 self.done.notify_all();
@@ -312,14 +313,12 @@ impl Partial {
             {
                 // On a thread of its own: the stream reads on meanwhile (an
                 // fdatasync here would stall src, and rclone's request with it).
-                let (p, mut blocks) = (Arc::clone(&self), std::mem::take(&mut unsynced));
-                let spawned = std::thread::Builder::new()
-                    .name("cachefs-sync".into())
-                    .spawn(move || {
-                        if let Err(e) = p.commit(&mut blocks) {
-                            log::warn!("{}: sync: {e}", p.path.display());
-                        }
-                    });
+                let mut blocks = std::mem::take(&mut unsynced);
+                let spawned = self.spawn("cachefs-sync", move |p| {
+                    if let Err(e) = p.commit(&mut blocks) {
+                        log::warn!("{}: sync: {e}", p.path.display());
+                    }
+                });
                 if let Err(e) = spawned {
                     // The blocks stay ready; the next flush or stop syncs them.
                     log::warn!("{}: cannot start a sync thread: {e}", self.path.display());
