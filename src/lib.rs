@@ -31,7 +31,7 @@ pub mod fs;
 pub(crate) mod fuse;
 pub(crate) mod json;
 pub mod metrics;
-pub(crate) mod mountinfo;
+pub mod mountinfo;
 pub mod status;
 pub(crate) mod sys;
 pub(crate) mod systemd;

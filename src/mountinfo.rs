@@ -16,6 +16,8 @@ pub struct Mount {
     pub point: PathBuf,
     /// The filesystem type, e.g. `fuse.cachefs`.
     pub fstype: String,
+    /// The mount source (cachefs's is `cachefs:SRC`).
+    pub source: String,
 }
 
 /// The mounts of a mountinfo text, in its order (lines that do not parse are skipped).
@@ -25,11 +27,14 @@ pub fn mounts(info: &str) -> impl Iterator<Item = Mount> + '_ {
         let mut fields = left.split(' ');
         let device = fields.nth(2)?.to_string();
         let point = PathBuf::from(OsStr::from_bytes(&unescape(fields.nth(1)?)));
-        let fstype = right.split(' ').next()?.to_string();
+        let mut right = right.split(' ');
+        let fstype = right.next()?.to_string();
+        let source = right.next().unwrap_or("").to_string();
         Some(Mount {
             device,
             point,
             fstype,
+            source,
         })
     })
 }
@@ -78,6 +83,7 @@ mod tests {
         assert_eq!(all[1].device, all[2].device);
         assert_eq!(all[2].point, PathBuf::from("/srv/second"));
         assert_eq!(all[2].fstype, "fuse.cachefs");
+        assert_eq!((all[0].source.as_str(), all[2].source.as_str()), ("/dev/root", "uploads"));
     }
 
     #[test]

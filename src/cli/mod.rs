@@ -44,7 +44,6 @@ use validate::check_layout;
 pub(crate) use validate::{HostProbe, Probe, check_not_mounted, parse_duration, validate};
 
 pub use crate::config::EXIT_USAGE;
-pub use crate::mountinfo::unescape as unescape_mountinfo;
 
 /// What the command line asks for.
 #[derive(Debug)]

@@ -2,14 +2,13 @@
 //! [`CliError`] line naming the problem and the fix. The system is seen only through
 //! [`Probe`] ([`HostProbe`] is the real one), so every rule is unit-tested with a fake.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::args::MountArgs;
-use super::{CliError, err, unescape_mountinfo};
+use super::{CliError, err};
 use crate::config::{self, Config};
 
 /// How [`validate`] sees the system; [`HostProbe`] is the real one.
@@ -339,23 +338,14 @@ pub(crate) fn check_layout(src: &Path, dst: &Path, mnt: &Path) -> Result<(), Cli
 
 /// The mountpoint (canonical) must not already be a mount point.
 pub(crate) fn check_not_mounted(mnt: &Path, mountinfo: &str) -> Result<(), CliError> {
-    for line in mountinfo.lines() {
-        let mut fields = line.split(' ');
-        let Some(point) = fields.nth(4) else { continue };
-        if Path::new(OsStr::from_bytes(&unescape_mountinfo(point))) != mnt {
-            continue;
-        }
-        let fstype = line
-            .split_once(" - ")
-            .and_then(|(_, rest)| rest.split(' ').next())
-            .unwrap_or("?");
-        let m = mnt.display();
-        return err(format!(
-            "-mountpoint {m} is already a mount point ({fstype}); unmount it first ('umount {m}', \
-             or 'fusermount3 -u {m}' for a FUSE mount) or choose another directory"
-        ));
-    }
-    Ok(())
+    let Some(mount) = crate::mountinfo::mounts(mountinfo).find(|m| m.point == mnt) else {
+        return Ok(());
+    };
+    let (m, fstype) = (mnt.display(), mount.fstype);
+    err(format!(
+        "-mountpoint {m} is already a mount point ({fstype}); unmount it first ('umount {m}', \
+         or 'fusermount3 -u {m}' for a FUSE mount) or choose another directory"
+    ))
 }
 
 /// Mounting needs root, or a setuid fusermount3 helper.

@@ -21,7 +21,6 @@
 
 use std::fs::File;
 use std::io::{IsTerminal, Read};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -73,31 +72,18 @@ pub fn run(w: &Warmup) -> i32 {
 /// The mountpoint of the cachefs mount holding `p` (canonical), from mountinfo.
 pub(crate) fn cachefs_mount_of(p: &Path) -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut best: Option<(PathBuf, bool)> = None;
-    for line in info.lines() {
-        let Some(point) = line.split(' ').nth(4) else {
-            continue;
-        };
-        let point = PathBuf::from(std::ffi::OsStr::from_bytes(&crate::mountinfo::unescape(
-            point,
-        )));
-        if !p.starts_with(&point) {
-            continue;
-        }
-        let mut after = line.split_once(" - ").map_or("", |(_, r)| r).split(' ');
-        let (fstype, source) = (after.next().unwrap_or(""), after.next().unwrap_or(""));
-        // The kernel shows the subtype only for some mounts: "fuse" with the fsname
-        // "cachefs:SRC" is ours too.
-        let ours = fstype == "fuse.cachefs"
-            || (fstype.starts_with("fuse") && source.starts_with("cachefs:"));
-        let longer = best
-            .as_ref()
-            .is_none_or(|(b, _)| point.as_os_str().len() >= b.as_os_str().len());
-        if longer {
-            best = Some((point, ours));
-        }
-    }
-    best.filter(|(_, ours)| *ours).map(|(p, _)| p)
+    // The innermost mount holding `p` (the later of two at one point: it is on top).
+    let innermost = crate::mountinfo::mounts(&info)
+        .filter(|m| p.starts_with(&m.point))
+        .fold(None::<crate::mountinfo::Mount>, |best, m| match best {
+            Some(b) if b.point.as_os_str().len() > m.point.as_os_str().len() => Some(b),
+            _ => Some(m),
+        })?;
+    // The kernel shows the subtype only for some mounts: "fuse" with the fsname
+    // "cachefs:SRC" is ours too.
+    let ours = innermost.fstype == "fuse.cachefs"
+        || (innermost.fstype.starts_with("fuse") && innermost.source.starts_with("cachefs:"));
+    ours.then_some(innermost.point)
 }
 
 fn collect(w: &Warmup) -> Result<Vec<Item>, ControlError> {

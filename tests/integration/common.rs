@@ -107,15 +107,11 @@ pub fn dir_with(files: &[(&str, &[u8])]) -> TempDir {
 /// The filesystem type mounted exactly at `path` (canonical), from /proc/self/mountinfo.
 pub fn mount_type(path: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().rev().find_map(|line| {
-        let point = line.split(' ').nth(4)?;
-        let point = cachefs::cli::unescape_mountinfo(point);
-        if Path::new(OsStr::from_bytes(&point)) != path {
-            return None;
-        }
-        let fstype = line.split_once(" - ")?.1.split(' ').next()?;
-        Some(fstype.to_string())
-    })
+    // The last mount at a point is the one on top.
+    cachefs::mountinfo::mounts(&info)
+        .filter(|m| m.point == path)
+        .last()
+        .map(|m| m.fstype)
 }
 
 /// Whether a FUSE filesystem is mounted exactly at `path` (canonical).
