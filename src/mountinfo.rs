@@ -83,7 +83,10 @@ mod tests {
         assert_eq!(all[1].device, all[2].device);
         assert_eq!(all[2].point, PathBuf::from("/srv/second"));
         assert_eq!(all[2].fstype, "fuse.cachefs");
-        assert_eq!((all[0].source.as_str(), all[2].source.as_str()), ("/dev/root", "uploads"));
+        assert_eq!(
+            (all[0].source.as_str(), all[2].source.as_str()),
+            ("/dev/root", "uploads")
+        );
     }
 
     #[test]

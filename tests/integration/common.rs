@@ -417,6 +417,32 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// setxattr(2) (follows symlinks): the errno on failure.
+pub fn setxattr(p: &Path, name: &str, v: &[u8]) -> Result<(), i32> {
+    let (c, n) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid path, name, value.
+    let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r == 0 { Ok(()) } else { Err(last_errno()) }
+}
+
+/// getxattr(2) (follows symlinks, values up to 4 KiB): the errno on failure.
+pub fn getxattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (c, n) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid path, name, buffer.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(last_errno());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// The calling thread's errno.
+pub fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
+
 /// A NUL-terminated copy of a path, for libc calls.
 pub fn cpath(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL")

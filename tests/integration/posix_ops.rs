@@ -19,10 +19,6 @@ fn lstat(p: &Path) -> fs::Metadata {
     fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
 }
 
-fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap()
-}
-
 /// Runs `f` on a fresh mount of `src` (and `dst`), then checks src is untouched.
 fn with_mount(src: TempDir, dst: TempDir, f: impl FnOnce(&Mounted)) {
     let before = snapshot(src.path());
@@ -45,25 +41,6 @@ fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), i32> {
         )
     };
     if r == 0 { Ok(()) } else { Err(last_errno()) }
-}
-
-fn setxattr(p: &Path, name: &str, v: &[u8]) -> Result<(), i32> {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: valid path, name, value.
-    let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    if r == 0 { Ok(()) } else { Err(last_errno()) }
-}
-
-fn getxattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid path, name, buffer.
-    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(last_errno());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
 }
 
 fn listxattr(p: &Path) -> Vec<String> {
