@@ -220,6 +220,12 @@ impl FuseAdapter {
         }
     }
 
+    /// `--no-xattr`: the answer to every xattr request (ENOSYS: after the first, the
+    /// kernel stops sending that kind of request for the life of the mount).
+    fn xattr_refusal(&self) -> Option<fuser::Errno> {
+        self.no_xattr.then(|| fuser::Errno::from_i32(libc::ENOSYS))
+    }
+
     /// After setxattr/removexattr of `name` on `ino`: a POSIX ACL's base entries are
     /// the mode's bits (dst's file system changed the mode with the ACL), and without
     /// `FUSE_POSIX_ACL` the kernel passes ACLs through as plain xattrs and keeps its

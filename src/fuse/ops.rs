@@ -594,8 +594,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _timer = FuseOp::Setxattr.timer();
-        if self.no_xattr {
-            return reply.error(Errno::from_i32(libc::ENOSYS));
+        if let Some(e) = self.xattr_refusal() {
+            return reply.error(e);
         }
         let r = self.fs.setxattr(ino.0, name, value, flags);
         if r.is_ok() && name == crate::sys::ACL_ACCESS && self.acl.load(Ordering::Relaxed) {
@@ -610,8 +610,8 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _timer = FuseOp::Getxattr.timer();
-        if self.no_xattr {
-            return reply.error(Errno::from_i32(libc::ENOSYS));
+        if let Some(e) = self.xattr_refusal() {
+            return reply.error(e);
         }
         match self.fs.getxattr(ino.0, name) {
             Ok(v) => reply_xattr(reply, size, v),
@@ -631,8 +631,8 @@ impl Filesystem for FuseAdapter {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _timer = FuseOp::Listxattr.timer();
-        if self.no_xattr {
-            return reply.error(Errno::from_i32(libc::ENOSYS));
+        if let Some(e) = self.xattr_refusal() {
+            return reply.error(e);
         }
         match self.fs.listxattr(ino.0) {
             Ok(v) => reply_xattr(reply, size, v),
@@ -642,8 +642,8 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timer = FuseOp::Removexattr.timer();
-        if self.no_xattr {
-            return reply.error(Errno::from_i32(libc::ENOSYS));
+        if let Some(e) = self.xattr_refusal() {
+            return reply.error(e);
         }
         let r = self.fs.removexattr(ino.0, name);
         self.after_xattr_change(ino.0, name, &r);
