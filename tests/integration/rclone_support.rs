@@ -479,14 +479,20 @@ impl Node {
     fn spawn_cachefs(&mut self) {
         self.runs += 1;
         let log = fs::File::create(self.cachefs_log()).unwrap();
+        // The bed's --src-settle unless the test sets its own.
+        let settle: &[&str] = if self.args.iter().any(|a| a == "--src-settle") {
+            &[]
+        } else {
+            &["--src-settle", SRC_SETTLE]
+        };
         let child = Command::new(cachefs_bin())
+            .args(settle)
             .arg("-src")
             .arg(&self.src)
             .arg("-dst")
             .arg(&self.dst)
             .arg("-mountpoint")
             .arg(&self.mnt)
-            .args(["--src-settle", SRC_SETTLE])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
