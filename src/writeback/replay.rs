@@ -496,4 +496,46 @@ mod tests {
             "{kept:?}"
         );
     }
+
+    /// A link replayed after the view renamed its new name over another file: src must
+    /// end with the two names linked, as the view has them (the link was once skipped
+    /// because dst no longer had the new name, and the rename, finding no source on
+    /// src, copied the file: two independent files).
+    #[test]
+    fn a_link_renamed_over_another_name_stays_a_link_on_src() {
+        use std::os::unix::fs::MetadataExt;
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(s.path().join("x"), b"linked").unwrap();
+        std::fs::write(s.path().join("c"), b"old c").unwrap();
+        // The view: link x -> b, then rename b -> c (c replaced).
+        std::fs::write(d.path().join("x"), b"linked").unwrap();
+        std::fs::hard_link(d.path().join("x"), d.path().join("c")).unwrap();
+        let bed = Bed::new(s.path(), d.path());
+        let src = layer::Layer::open_src(s.path(), false).unwrap();
+        let ctx = bed.ctx(&src);
+        let id = at::identity_path(&d.path().join("c"));
+        let link = Op::Link {
+            existing: "x".into(),
+            new: "b".into(),
+        };
+        let rename = Op::Rename {
+            from: "b".into(),
+            to: "c".into(),
+            exchange: false,
+        };
+        apply(&ctx, &link, &[None, id]).unwrap();
+        apply(&ctx, &rename, &[None, id]).unwrap();
+        let (x, c) = (
+            std::fs::metadata(s.path().join("x")).unwrap(),
+            std::fs::metadata(s.path().join("c")).unwrap(),
+        );
+        assert_eq!(
+            x.ino(),
+            c.ino(),
+            "x and c are one file on src, as in the view"
+        );
+        assert!(!s.path().join("b").exists());
+        assert_eq!(std::fs::read(s.path().join("c")).unwrap(), b"linked");
+    }
 }

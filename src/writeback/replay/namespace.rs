@@ -97,13 +97,10 @@ pub(super) fn link(
     let (Some((ec, en)), Some((nc, nn))) = (op::split(existing), op::split(new)) else {
         return Ok(Outcome::Skipped);
     };
-    // dst must still have `new`, else a later op covers it.
-    match at::walk(&roots.dst, &nc) {
-        Ok(d) if at::lstat_at(d.as_fd(), nn)?.is_some() => {}
-        Ok(_) => return Ok(Outcome::Skipped),
-        Err(e) if at::is_gone(&e) => return Ok(Outcome::Skipped),
-        Err(e) => return Err(e),
-    }
+    // Linked on src even when dst no longer has `new`: every way the view lost it is a
+    // later op on `new` (a rename moves the link on src, an unlink removes it), and a
+    // rename whose source src lacks copies the file instead, which would split the
+    // link (a name linked, then renamed over another, before this op ran).
     if ctx.caps()?.hard_links
         && let Ok(ep) = at::walk(&roots.src, &ec)
         && let Some(est) = at::lstat_at(ep.as_fd(), en)?
@@ -121,6 +118,13 @@ pub(super) fn link(
             }
             Err(_) => {} // refused here: copy instead
         }
+    }
+    // A copy needs dst's file at `new`: if it is gone, a later op covers it.
+    match at::walk(&roots.dst, &nc) {
+        Ok(d) if at::lstat_at(d.as_fd(), nn)?.is_some() => {}
+        Ok(_) => return Ok(Outcome::Skipped),
+        Err(e) if at::is_gone(&e) => return Ok(Outcome::Skipped),
+        Err(e) => return Err(e),
     }
     sync_path(ctx, roots, new, id, true, false)
 }
