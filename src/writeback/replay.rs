@@ -80,12 +80,7 @@ pub(crate) enum Outcome {
 /// back (rclone, given one name replaced twice in quick succession, can keep the
 /// first upload's mtime: the next revalidation then refetches). A file kept open
 /// longer is uploaded anyway, as it is then: src never lags a long writer by more.
-///
-/// Off (zero) for now: with 10 s, two writeback tests failed under CI's load
-/// (`convergence_passthrough_concurrent_4`: src lacked a hard link the view had after
-/// the drain; `rclone::a_file_src_kept_under_a_renamed_or_deleted_name_is_removed`),
-/// neither reproduced alone. Until that is understood, uploads run at once, as before.
-pub(crate) const OPEN_WRITER_DEFER: std::time::Duration = std::time::Duration::ZERO;
+pub(crate) const OPEN_WRITER_DEFER: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often a deferred upload looks again (the close also coalesces into it).
 pub(crate) const OPEN_WRITER_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 

@@ -1497,6 +1497,53 @@ fn a_version_stored_in_src_during_an_upload_is_kept_as_a_conflict_copy() {
     );
 }
 
+/// An upload waits while the mount has the file open for writing: src gets the
+/// finished file once, after the close, never the empty or partial one the create's
+/// op would have uploaded as the application began to write. A file kept open longer
+/// than 10 s is uploaded as it is then (src never lags a long writer by more).
+#[test]
+fn a_file_open_for_writing_is_uploaded_when_closed_or_after_ten_seconds() {
+    if !can_mount("a_file_open_for_writing_is_uploaded_when_closed_or_after_ten_seconds") {
+        return;
+    }
+    let m = Mounted::start(&["-w"]);
+    let mut f = File::create(m.mnt_path("f")).unwrap();
+    f.write_all(b"first part, ").unwrap();
+    sleep(Duration::from_millis(1500));
+    assert_eq!(
+        fs::read(m.src_path("f")).ok(),
+        None,
+        "src got the file while it was still being written"
+    );
+    f.write_all(b"second part").unwrap();
+    drop(f);
+    wait_drained(&m, Duration::from_secs(30));
+    assert_eq!(
+        fs::read(m.src_path("f")).unwrap(),
+        b"first part, second part"
+    );
+
+    let mut g = File::create(m.mnt_path("g")).unwrap();
+    g.write_all(b"a long writer").unwrap();
+    let t = Instant::now();
+    while fs::read(m.src_path("g")).ok().as_deref() != Some(&b"a long writer"[..]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never uploaded while open"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let waited = t.elapsed();
+    eprintln!("uploaded while open after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(8),
+        "uploaded after {waited:?}"
+    );
+    drop(g);
+    wait_drained(&m, Duration::from_secs(30));
+    m.stop();
+}
+
 /// A listing that runs while uploads finish (xfstests generic/471 with `-w`: 10,000
 /// files created, then read back): a file uploaded after src was listed has a clean
 /// record and is missing from that listing, yet src has it. It must neither be
