@@ -15,8 +15,9 @@
 //!   per directory, bumped by [`DirCache::changed`]; an epoch for every directory at
 //!   once, bumped by [`DirCache::changed_everywhere`] and by each of the writeback's
 //!   conflict copies, `cachefs_conflicts_total`), and
-//! - that listing started less than `--revalidate` ago (`0`: never kept; listings then
-//!   reach the daemon at every open, as before).
+//! - that listing started less than `keep_for` ago: `--revalidate` (`0`: never kept;
+//!   listings then reach the daemon at every open, as before), or `--attr-ttl` if
+//!   shorter (see [`super::CacheFs::opendir_for_kernel`]).
 //!
 //! What the kernel may hold: entries of the replies sent on the directory's handles
 //! since the last opendir that dropped its cache, plus whatever the handles still open
@@ -157,8 +158,8 @@ impl DirCache {
     }
 
     /// The kernel opens directory `ino` as handle `fh`: whether it may keep what it
-    /// cached of the listing (`FOPEN_KEEP_CACHE`). `every` is the `--revalidate`
-    /// interval (zero: never kept).
+    /// cached of the listing (`FOPEN_KEEP_CACHE`). `every`: the longest a listing is
+    /// kept (zero: never).
     pub(super) fn opened(&self, ino: u64, fh: u64, every: Duration, now: Instant) -> bool {
         let epoch = self.epoch();
         let mut dirs = self.dirs.lock().unwrap();

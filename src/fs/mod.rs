@@ -113,6 +113,9 @@ pub struct CacheFs {
     dir_handles: Mutex<HashMap<u64, Arc<DirHandle>>>,
     /// What the kernel may keep of each directory's listing (see `dircache`).
     dircache: dircache::DirCache,
+    /// `--attr-ttl`: how long the kernel keeps entries and attributes (also the
+    /// longest it keeps a listing, see [`CacheFs::opendir_for_kernel`]).
+    attr_ttl: std::time::Duration,
     next_handle: AtomicU64,
     /// Paths being copied up right now (single flight), and a condvar for waiters.
     copy_flights: Mutex<HashSet<PathBuf>>,
@@ -197,6 +200,7 @@ impl CacheFs {
             handles: RwLock::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
             dircache: dircache::DirCache::default(),
+            attr_ttl: cfg.attr_ttl,
             next_handle: AtomicU64::new(1),
             copy_flights: Mutex::new(HashSet::new()),
             copy_done: Condvar::new(),

@@ -78,7 +78,7 @@ fn a_second_listing_of_an_unchanged_directory_is_the_kernels() {
     if !can_mount("a_second_listing_of_an_unchanged_directory_is_the_kernels") {
         return;
     }
-    let b = Bed::new(300, &[]);
+    let b = Bed::new(300, &["--attr-ttl", "10s"]);
     let (first, went) = b.list("d");
     assert_eq!(first.len(), 301);
     assert!(went, "the first listing is the daemon's");
@@ -120,7 +120,7 @@ fn changes_through_the_mount_show_at_once() {
     if !can_mount("changes_through_the_mount_show_at_once") {
         return;
     }
-    let b = Bed::new(10, &[]);
+    let b = Bed::new(10, &["--attr-ttl", "10s"]);
     let mnt = |rel: &str| b.m.mnt_path(rel);
     let (first, _) = b.list("d");
     assert!(!b.list("d").1, "cached");
@@ -187,7 +187,7 @@ fn a_src_change_shows_after_the_revalidation_interval() {
         return;
     }
     let every = Duration::from_secs(2);
-    let b = Bed::new(10, &["--revalidate", "2s"]);
+    let b = Bed::new(10, &["--revalidate", "2s", "--attr-ttl", "10s"]);
     let (first, went) = b.list("d");
     assert!(went);
     // The daemon's listing started before this.
@@ -212,31 +212,49 @@ fn a_src_change_shows_after_the_revalidation_interval() {
     b.m.stop();
 }
 
-/// A name the daemon finds in src, or finds gone, by a lookup drops the kernel's
-/// listing of its directory: the next listing shows it, well within `--revalidate`.
+/// A name the daemon finds in src, or finds gone, by a lookup or an open drops the
+/// kernel's listing of its directory: the next listing shows it, well within
+/// `--revalidate` and `--attr-ttl`.
 #[test]
-fn a_src_change_found_by_a_lookup_shows_in_the_next_listing() {
-    if !can_mount("a_src_change_found_by_a_lookup_shows_in_the_next_listing") {
+fn a_src_change_found_by_the_daemon_shows_in_the_next_listing() {
+    if !can_mount("a_src_change_found_by_the_daemon_shows_in_the_next_listing") {
         return;
     }
-    let b = Bed::new(10, &[]);
+    let b = Bed::new(300, &["--attr-ttl", "10s"]);
+    let has = |names: &[String], n: &str| names.iter().any(|x| x == n);
     b.list("d");
     assert!(!b.list("d").1, "cached");
+
+    // A lookup finds a name src gained.
     write_file(b.m.src.path(), "d/new", b"n");
     fs::metadata(b.m.mnt_path("d/new")).expect("the lookup finds src's new name");
     let (names, _) = b.list("d");
-    assert!(names.contains(&"new".to_string()), "{names:?}");
-
+    assert!(has(&names, "new"), "{names:?}");
     assert!(!b.list("d").1, "cached");
+
+    // An open finds gone a name the kernel holds an entry for.
+    fs::metadata(b.m.mnt_path("d/f1")).unwrap();
     fs::remove_file(b.m.src_path("d/f1")).unwrap();
-    // The kernel asks again once its entry expires (--attr-ttl).
-    let t = Instant::now();
-    while fs::symlink_metadata(b.m.mnt_path("d/f1")).is_ok() {
-        assert!(t.elapsed() < Duration::from_secs(10), "f1 still found");
-        sleep(Duration::from_millis(50));
-    }
+    let e = fs::File::open(b.m.mnt_path("d/f1")).expect_err("src deleted f1");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
     let (names, _) = b.list("d");
-    assert!(!names.contains(&"f1".to_string()), "{names:?}");
+    assert!(!has(&names, "f1"), "{names:?}");
+    assert!(!b.list("d").1, "cached");
+
+    // A lookup finds gone names the kernel holds no entry for (a listing gives
+    // entries in its first reply only, a READDIRPLUS; the rest are plain READDIR).
+    let gone: Vec<String> = (50..300).map(|i| format!("f{i}")).collect();
+    for n in &gone {
+        fs::remove_file(b.m.src_path(&format!("d/{n}"))).unwrap();
+    }
+    let asked = gone
+        .iter()
+        .filter(|n| fs::symlink_metadata(b.m.mnt_path(&format!("d/{n}"))).is_err())
+        .count();
+    assert!(asked > 0, "every removed name had a kernel entry");
+    let (names, _) = b.list("d");
+    let shown: Vec<&String> = gone.iter().filter(|n| has(&names, n)).collect();
+    assert!(shown.is_empty(), "src deleted {shown:?}");
     b.m.stop();
 }
 
@@ -246,7 +264,7 @@ fn ctl_revalidate_drops_the_kernels_listings() {
     if !can_mount("ctl_revalidate_drops_the_kernels_listings") {
         return;
     }
-    let b = Bed::new(10, &[]);
+    let b = Bed::new(10, &["--attr-ttl", "10s"]);
     b.list("d");
     assert!(!b.list("d").1, "cached");
     write_file(b.m.src.path(), "d/new", b"n");
@@ -277,7 +295,7 @@ fn a_conflict_copy_shows_in_the_next_listing() {
     if !can_mount("a_conflict_copy_shows_in_the_next_listing") {
         return;
     }
-    let b = Bed::new(3, &["-w"]);
+    let b = Bed::new(3, &["-w", "--attr-ttl", "10s"]);
     assert_eq!(fs::read(b.m.mnt_path("d/f0")).unwrap(), b"x");
     // Another machine's version, unseen here (the copy was checked just now).
     fs::write(b.m.src_path("d/f0"), b"the other machine's version").unwrap();
@@ -350,7 +368,7 @@ fn a_copy_revalidation_drops_leaves_the_next_listing() {
         return;
     }
     let every = Duration::from_secs(4);
-    let b = Bed::new(3, &["--revalidate", "4s"]);
+    let b = Bed::new(3, &["--revalidate", "4s", "--attr-ttl", "10s"]);
     // Fetched (and checked against src) now.
     assert_eq!(fs::read(b.m.mnt_path("d/f0")).unwrap(), b"x");
     let checked = Instant::now();
@@ -365,9 +383,9 @@ fn a_copy_revalidation_drops_leaves_the_next_listing() {
     if let Some(rest) = (checked + every).checked_duration_since(Instant::now()) {
         sleep(rest + Duration::from_millis(50));
     }
-    // Due now: the next lookup compares it with src and drops it.
+    // Due now: the next open compares it with src and drops it.
     let t = Instant::now();
-    while fs::symlink_metadata(b.m.mnt_path("d/f0")).is_ok() {
+    while fs::File::open(b.m.mnt_path("d/f0")).is_ok() {
         assert!(t.elapsed() < Duration::from_secs(10), "f0 still found");
         sleep(Duration::from_millis(50));
     }
@@ -377,5 +395,24 @@ fn a_copy_revalidation_drops_leaves_the_next_listing() {
     } else {
         eprintln!("too slow to tell: the listing expired by itself");
     }
+    b.m.stop();
+}
+
+/// Past `--attr-ttl` the entries a listing gave the kernel have expired: the listing
+/// is taken again (its READDIRPLUS refreshes them all, where a kept listing would
+/// make `ls -l` look up every name), although `--revalidate` would allow keeping it.
+#[test]
+fn a_listing_older_than_the_attr_ttl_is_taken_again() {
+    if !can_mount("a_listing_older_than_the_attr_ttl_is_taken_again") {
+        return;
+    }
+    let ttl = Duration::from_secs(1);
+    let b = Bed::new(10, &["--attr-ttl", "1s", "--revalidate", "60s"]);
+    let before = Instant::now();
+    assert!(b.list("d").1);
+    if let Some(rest) = (before + ttl).checked_duration_since(Instant::now()) {
+        sleep(rest + Duration::from_millis(20));
+    }
+    assert!(b.list("d").1, "a listing older than --attr-ttl was kept");
     b.m.stop();
 }
