@@ -27,6 +27,11 @@
 //! replies lacked entries of its listing ([`DirCache::incomplete`]) spoils the record
 //! until it is closed.
 //!
+//! A handle the kernel holds open reads the kernel's copy at a rewind (`rewinddir`, a
+//! seek to 0) without asking the daemon; so the copy of a directory held open is
+//! dropped as soon as it may no longer be kept ([`DirCache::to_drop`]; the adapter
+//! asks every [`DROP_EVERY`] and tells the kernel, `FUSE_NOTIFY_INVAL_INODE`).
+//!
 //! Conservative on purpose: a record that mixes listings that disagree is never kept
 //! (a handle left open on an old listing keeps its directory listed at every open
 //! until it is closed, if the listing changed meanwhile).
@@ -49,6 +54,10 @@ use super::Kind;
 
 /// Directory states kept at most before the idle ones are dropped.
 pub(super) const MAX_DIRS: usize = 16_384;
+
+/// How often the adapter asks which open directories' copies to drop (a rewind may
+/// see a listing this much older than the rule allows).
+pub const DROP_EVERY: Duration = Duration::from_millis(200);
 
 /// One listing the daemon took: what it showed, when it started, and the epoch and the
 /// directory's generation then ([`DirCache::current`]).
@@ -131,6 +140,17 @@ struct DirState {
     open: Vec<(u64, Handle)>,
 }
 
+impl DirState {
+    /// Whether the kernel may keep what it holds: see the module docs.
+    fn keeps(&self, epoch: u64, every: Duration, now: Instant) -> bool {
+        !every.is_zero()
+            && matches!(self.fed, Fed::Same { newest, epoch: e, generation, .. }
+                if e == epoch
+                    && generation == self.generation
+                    && now.saturating_duration_since(newest) < every)
+    }
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(super) struct DirCache {
@@ -171,11 +191,7 @@ impl DirCache {
             generation: 0,
             open: Vec::new(),
         });
-        let keep = !every.is_zero()
-            && matches!(st.fed, Fed::Same { newest, epoch: e, generation, .. }
-                if e == epoch
-                    && generation == st.generation
-                    && now.saturating_duration_since(newest) < every);
+        let keep = st.keeps(epoch, every, now);
         if !keep {
             // The kernel drops its pages now; the handles still open may feed it again.
             st.fed = st.open.iter().fold(Fed::Empty, |f, (_, h)| f.with(*h));
@@ -183,6 +199,24 @@ impl DirCache {
         st.open.push((fh, Handle::Unread));
         log::trace!("opendir {ino}: {:?}, keep: {keep}", st.fed);
         keep
+    }
+
+    /// The directories held open by the kernel whose cached listing it must drop now
+    /// (stale, or changed since): the open handles would otherwise serve a rewind
+    /// (`rewinddir`, a seek to 0) from it. The caller tells the kernel; the record
+    /// restarts empty (as after an opendir that does not keep), so each drop is asked
+    /// once.
+    pub(super) fn to_drop(&self, every: Duration, now: Instant) -> Vec<u64> {
+        let epoch = self.epoch();
+        let mut out = Vec::new();
+        for (ino, st) in self.dirs.lock().unwrap().iter_mut() {
+            if st.open.is_empty() || st.fed == Fed::Empty || st.keeps(epoch, every, now) {
+                continue;
+            }
+            st.fed = Fed::Empty;
+            out.push(*ino);
+        }
+        out
     }
 
     /// A readdir reply of handle `fh` of directory `ino` is about to be sent, from the
@@ -388,6 +422,23 @@ mod tests {
         c.served(7, 4, Some(snap(&c, 7, 1, t0)));
         c.released(7, 4);
         assert!(c.opened(7, 5, MIN, t0));
+    }
+
+    #[test]
+    fn an_open_directory_is_dropped_once_when_its_copy_may_not_be_kept() {
+        let c = DirCache::default();
+        let t0 = Instant::now();
+        assert!(!c.opened(7, 1, MIN, t0));
+        c.served(7, 1, Some(snap(&c, 7, 1, t0)));
+        assert!(c.to_drop(MIN, t0).is_empty(), "fresh");
+        assert_eq!(c.to_drop(MIN, t0 + MIN), [7], "older than the interval");
+        assert!(c.to_drop(MIN, t0 + MIN).is_empty(), "asked once");
+        c.served(7, 1, Some(snap(&c, 7, 1, t0 + MIN)));
+        c.changed(7);
+        assert_eq!(c.to_drop(MIN, t0 + MIN), [7], "changed");
+        c.released(7, 1);
+        c.changed_everywhere();
+        assert!(c.to_drop(MIN, t0 + MIN).is_empty(), "no open handle");
     }
 
     #[test]

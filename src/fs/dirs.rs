@@ -222,6 +222,15 @@ impl CacheFs {
         Ok(OpenedDir { fh, keep_cache })
     }
 
+    /// The directories held open by the kernel whose cached listing the kernel must
+    /// drop now (`FUSE_NOTIFY_INVAL_INODE`), or an open handle's rewind would read it:
+    /// it is older than the rule allows, or changed (see `dircache`). Asked every
+    /// [`DROP_EVERY`](super::dircache::DROP_EVERY) by the adapter.
+    pub fn listings_to_drop(&self) -> Vec<u64> {
+        let keep_for = self.revalidate_every().min(self.attr_ttl);
+        self.dircache.to_drop(keep_for, std::time::Instant::now())
+    }
+
     /// A reply of handle `fh` of directory `ino` lacked entries of the listing (the
     /// adapter skipped entries it could not look up): what the kernel cached is not the
     /// listing, and is not kept.

@@ -47,7 +47,7 @@ mod cached;
 pub(crate) mod change;
 pub(crate) mod copyup;
 mod create;
-mod dircache;
+pub(crate) mod dircache;
 mod dirs;
 pub(crate) mod error;
 mod file_io;

@@ -416,3 +416,62 @@ fn a_listing_older_than_the_attr_ttl_is_taken_again() {
     assert!(b.list("d").1, "a listing older than --attr-ttl was kept");
     b.m.stop();
 }
+
+/// The names an open directory stream reads after a `rewinddir` (libc's stream: the
+/// rewind seeks the kernel's file back to 0).
+fn rewound_names(d: *mut libc::DIR) -> Vec<String> {
+    // SAFETY: `d` is an open stream (the caller's), used by this thread only.
+    unsafe { libc::rewinddir(d) };
+    let mut v = Vec::new();
+    loop {
+        // SAFETY: as above; the entry is read before the next readdir on `d`.
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: d_name is a NUL-terminated name inside the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        let name = name.to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            v.push(name);
+        }
+    }
+    v.sort();
+    v
+}
+
+/// A directory held open reads the kernel's copy at a rewind, with no request to the
+/// daemon: that copy is dropped (FUSE_NOTIFY_INVAL_INODE) as soon as a new opendir
+/// would not keep it, so a rewind sees a change the daemon learned of at once, and a
+/// change in src once the copy is older than `--revalidate`.
+#[test]
+fn a_rewind_of_an_open_directory_sees_what_a_new_listing_would() {
+    if !can_mount("a_rewind_of_an_open_directory_sees_what_a_new_listing_would") {
+        return;
+    }
+    let b = Bed::new(10, &["--revalidate", "2s", "--attr-ttl", "10s"]);
+    let path = cpath(&b.m.mnt_path("d"));
+    // SAFETY: a valid C string; the stream is closed below.
+    let d = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!d.is_null(), "{}", std::io::Error::last_os_error());
+    assert!(rewound_names(d).contains(&"f0".to_string()));
+    let wait = |what: &str, ok: &dyn Fn(&[String]) -> bool| {
+        let t = Instant::now();
+        loop {
+            let names = rewound_names(d);
+            if ok(&names) {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(8), "{what}: {names:?}");
+            sleep(Duration::from_millis(50));
+        }
+    };
+    write_file(b.m.src.path(), "d/new", b"n");
+    fs::metadata(b.m.mnt_path("d/new")).expect("the lookup finds src's new name");
+    wait("a name a lookup found", &|n| n.contains(&"new".to_string()));
+    fs::remove_file(b.m.src_path("d/f0")).unwrap();
+    wait("a name src deleted", &|n| !n.contains(&"f0".to_string()));
+    // SAFETY: `d` is open and not used after.
+    unsafe { libc::closedir(d) };
+    b.m.stop();
+}
