@@ -225,7 +225,7 @@ impl CacheFs {
     /// The directories held open by the kernel whose cached listing the kernel must
     /// drop now (`FUSE_NOTIFY_INVAL_INODE`), or an open handle's rewind would read it:
     /// it is older than the rule allows, or changed (see `dircache`). Asked every
-    /// [`DROP_EVERY`](super::dircache::DROP_EVERY) by the adapter.
+    /// `dircache::DROP_EVERY` by the adapter.
     pub fn listings_to_drop(&self) -> Vec<u64> {
         let keep_for = self.revalidate_every().min(self.attr_ttl);
         self.dircache.to_drop(keep_for, std::time::Instant::now())
