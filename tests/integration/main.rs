@@ -25,7 +25,6 @@ mod cli;
 mod coherence;
 mod control;
 mod copy_up;
-mod dircache;
 mod drain_timeout;
 mod grafana;
 mod hostile;
