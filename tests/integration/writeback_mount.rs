@@ -602,7 +602,14 @@ fn convergence(extra: &[&str], seed_base: u64) {
         let mut last_op = Instant::now();
         // Panics inside an op (there should be none) still print the trace.
         for _ in 0..ops {
-            d.step();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.step()));
+            if let Err(e) = r {
+                panic!(
+                    "ZZSTEP {:?}\ntrace:\n  {}",
+                    e.downcast_ref::<String>(),
+                    d.trace.join("\n  ")
+                );
+            }
             last_op = Instant::now();
         }
         let context = format!(
