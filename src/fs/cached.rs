@@ -355,6 +355,8 @@ impl CacheFs {
         self.origins.forget_verified_under(path);
         self.inodes.lock().unwrap().uncheck_all();
         self.src_absent.clear();
+        // Listings the kernel cached are taken again too.
+        self.dircache.changed_everywhere();
     }
 
     /// The names dst holds in the directory `path`, cachefs's own (state, whiteouts)
@@ -513,6 +515,8 @@ impl CacheFs {
                 );
                 self.dst.unlink(path)?;
                 self.origins.clear(path)?;
+                // The name leaves the view: a listing the kernel cached shows it.
+                self.listing_changed_at(path);
                 Ok(Freshness::Gone)
             }
         }

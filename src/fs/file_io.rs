@@ -147,7 +147,16 @@ impl CacheFs {
     /// shares one backing file among all opens of an inode), and a writable open is
     /// reported dirty at once, since its writes will not pass through the daemon.
     pub fn open(&self, ino: u64, req: OpenRequest) -> FsResult<Opened> {
-        self.open_inner(ino, req, true)
+        let r = self.open_inner(ino, req, true);
+        if let Err(e) = &r
+            && e.errno() == libc::ENOENT
+            && let Ok((path, ..)) = self.node_path(ino)
+        {
+            // The file went behind the kernel's back (src deleted it): the kernel's
+            // listing of its directory shows it.
+            self.listing_changed_at(&path);
+        }
+        r
     }
 
     /// Opens a file read-only with its whole content in dst (copied or completed now,

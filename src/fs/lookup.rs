@@ -23,7 +23,15 @@ impl CacheFs {
         let (dir, merges) = self.dir_path(parent)?;
         let path = dir.join(name);
         let found = match self.find(&path, merges) {
-            Ok(found) => found.ok_or_else(FsError::not_found)?,
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                // A name the table knows (listed, or looked up) is gone behind the
+                // kernel's back (src deleted it): the kernel's listing shows it.
+                if self.inodes.lock().unwrap().ino_of(&path).is_some() {
+                    self.dircache.changed(parent);
+                }
+                return Err(FsError::not_found());
+            }
             // src is offline: a name this mount has seen is unreachable (EIO); one it
             // has never seen is reported absent, so that new files can be created.
             Err(e) if self.src_offline.load(Ordering::Relaxed) => {
@@ -34,7 +42,12 @@ impl CacheFs {
             }
             Err(e) => return Err(e),
         };
-        let attr = self.register(&path, &found, 1);
+        let (attr, new) = self.register_new(&path, &found, 1);
+        if new {
+            // A name the directory's last listing did not show (src or dst gained it
+            // behind the kernel, or a kind changed): the kernel's listing lacks it.
+            self.dircache.changed(parent);
+        }
         if found.layer == Layered::Dst && attr.kind == Kind::File && merges {
             match self.revalidate(attr.ino, &path)? {
                 Freshness::Unchanged => {}

@@ -21,7 +21,8 @@
 //!   -> `copy_flights` -> `inodes` -> `handles`.
 //!   `inodes` and `handles` are held only for table updates, never across I/O.
 //!   `dir_handles` (then a directory handle's own locks) is a leaf: taken under
-//!   `namespace` at most, never holding `inodes` or `handles`.
+//!   `namespace` at most, never holding `inodes` or `handles`. So is `dircache`'s
+//!   table, taken holding none of these.
 //!   The origin record store's mutex ([`origin::Store`]) is a leaf, taken under any of
 //!   these and never holding another; so are `refetched`, `src_absent`'s and
 //!   `src_ahead`'s tables, and the dst layer's directory table (see [`layer`]).
@@ -46,6 +47,7 @@ mod cached;
 pub(crate) mod change;
 pub(crate) mod copyup;
 mod create;
+pub(crate) mod dircache;
 mod dirs;
 pub(crate) mod error;
 mod file_io;
@@ -109,6 +111,11 @@ pub struct CacheFs {
     inodes: Mutex<inodes::Inodes>,
     handles: RwLock<HashMap<u64, Arc<OpenFile>>>,
     dir_handles: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    /// What the kernel may keep of each directory's listing (see `dircache`).
+    dircache: dircache::DirCache,
+    /// `--attr-ttl`: how long the kernel keeps entries and attributes (also the
+    /// longest it keeps a listing, see [`CacheFs::opendir_for_kernel`]).
+    attr_ttl: std::time::Duration,
     next_handle: AtomicU64,
     /// Paths being copied up right now (single flight), and a condvar for waiters.
     copy_flights: Mutex<HashSet<PathBuf>>,
@@ -192,6 +199,8 @@ impl CacheFs {
             inodes: Mutex::new(inodes::Inodes::new()),
             handles: RwLock::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
+            dircache: dircache::DirCache::default(),
+            attr_ttl: cfg.attr_ttl,
             next_handle: AtomicU64::new(1),
             copy_flights: Mutex::new(HashSet::new()),
             copy_done: Condvar::new(),

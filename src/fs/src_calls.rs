@@ -56,6 +56,8 @@ impl CacheFs {
                     *self.src_offline_since.lock().unwrap() = None;
                     self.src_absent.clear();
                     self.src_ahead.clear();
+                    // Listings cached while offline lack src's names.
+                    self.dircache.changed_everywhere();
                     log::warn!("src {} answers again", self.src.root_path().display());
                     self.persist_src_state(None);
                 }
@@ -64,6 +66,8 @@ impl CacheFs {
             Err(e) if is_outage(&e) => {
                 if !self.src_offline.swap(true, Ordering::AcqRel) {
                     self.src_probe.reset();
+                    // Listings show dst's names only from now on.
+                    self.dircache.changed_everywhere();
                     *self.src_offline_since.lock().unwrap() = Some(SystemTime::now());
                     log::warn!(
                         "src {} is offline ({e}): cached files keep working, uncached ones fail with EIO",

@@ -193,14 +193,20 @@ impl CacheFs {
 
     /// Registers a found entry as a node with `lookups` kernel references.
     pub(super) fn register(&self, path: &Path, found: &Found, lookups: u64) -> Attr {
+        self.register_new(path, found, lookups).0
+    }
+
+    /// [`CacheFs::register`], and whether the name was new to the inode table (not in
+    /// its directory's last listing, nor looked up since), or named another object.
+    pub(super) fn register_new(&self, path: &Path, found: &Found, lookups: u64) -> (Attr, bool) {
         let kind = Kind::from_mode(found.st.st_mode);
         let dst_ident = (found.layer == Layered::Dst).then(|| ident(&found.st));
-        let ino =
-            self.inodes
-                .lock()
-                .unwrap()
-                .upsert(path, kind, found.merge_src, dst_ident, lookups);
-        attr_of(ino, &found.st)
+        let mut t = self.inodes.lock().unwrap();
+        let before = t.relinks();
+        let ino = t.upsert(path, kind, found.merge_src, dst_ident, lookups);
+        let new = t.relinks() != before;
+        drop(t);
+        (attr_of(ino, &found.st), new)
     }
 
     /// The attributes of a node from whichever layer holds it. A node with no name

@@ -18,6 +18,13 @@
 //! setting or removing a POSIX ACL (`system.posix_acl_*`), which changes the mode in
 //! dst: without `FUSE_POSIX_ACL` the kernel keeps its cached mode.
 //!
+//! Directories are opened `FOPEN_CACHE_DIR` (the kernel keeps the listings it reads),
+//! and `FOPEN_KEEP_CACHE` when the core says the kernel's copy is still the listing
+//! ([`CacheFs::opendir_for_kernel`]); the rule is the core's (`fs::dircache`). A thread
+//! (`mount::drop_stale_listings`) tells the kernel to drop the copies of directories it
+//! holds open once the core says so ([`CacheFs::listings_to_drop`]; a rewind would
+//! read them), with `FUSE_NOTIFY_INVAL_INODE` on the whole page cache.
+//!
 //! POSIX ACLs: negotiated (`FUSE_POSIX_ACL`, with `FUSE_DONT_MASK`) unless `--no-acl`
 //! or dst's file system holds none. The kernel then checks and caches ACLs and sends
 //! the umask with each create for the core to apply (not under a default ACL); dst's

@@ -84,8 +84,38 @@ pub(crate) fn spawn_mount(fs: impl Into<Arc<CacheFs>>, cfg: &Config) -> io::Resu
     let (tx, ready) = crossbeam_channel::bounded(1);
     adapter.ready = Some(tx);
     let notifier = adapter.notifier.clone();
+    let core = Arc::clone(&adapter.fs);
     let session = fuser::Session::new(adapter, &cfg.mountpoint, &fc)?;
     let _ = notifier.set(session.notifier());
+    drop_stale_listings(core, Arc::downgrade(&notifier));
     let session = session.spawn()?;
     Ok(Mounted { session, ready })
+}
+
+/// Tells the kernel to drop the cached listings of the directories it holds open once
+/// they may no longer be kept ([`CacheFs::listings_to_drop`]): an open handle's rewind
+/// reads them without asking the daemon. A thread that asks every `DROP_EVERY` and ends
+/// with the session (when the adapter, which holds the notifier, is dropped).
+fn drop_stale_listings(
+    fs: Arc<CacheFs>,
+    notifier: std::sync::Weak<std::sync::OnceLock<fuser::Notifier>>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("dircache".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(crate::fs::dircache::DROP_EVERY);
+                let Some(n) = notifier.upgrade() else { return };
+                let Some(n) = n.get() else { continue };
+                for ino in fs.listings_to_drop() {
+                    // Offset 0, length 0: the whole page cache (the listing).
+                    if let Err(e) = n.inval_inode(fuser::INodeNo(ino), 0, 0) {
+                        log::debug!("dropping the kernel's listing of inode {ino}: {e}");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("no thread to drop stale listings of open directories: {e}");
+    }
 }

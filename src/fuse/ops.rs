@@ -398,8 +398,17 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _timer = FuseOp::Opendir.timer();
-        match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        // The kernel caches the listings it reads (FOPEN_CACHE_DIR), and keeps the one
+        // it cached at an earlier open when the core says it is still the listing.
+        match self.fs.opendir_for_kernel(ino.0) {
+            Ok(d) => {
+                let keep = if d.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(d.fh), FopenFlags::FOPEN_CACHE_DIR | keep)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -505,8 +514,14 @@ impl Filesystem for FuseAdapter {
             };
             let mut full = false;
             for (k, attr) in attrs.into_iter().enumerate() {
-                // gone since opendir, or not answerable now: skipped
-                let Some(attr) = attr else { continue };
+                // gone since opendir, or not answerable now: skipped (and the listing
+                // the kernel caches lacks it, so it is not kept)
+                let Some(attr) = attr else {
+                    if !full {
+                        self.fs.listing_incomplete(ino.0, fh.0);
+                    }
+                    continue;
+                };
                 // Each found entry holds one kernel reference: given back if the entry
                 // does not fit.
                 if full {

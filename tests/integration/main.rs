@@ -25,6 +25,7 @@ mod cli;
 mod coherence;
 mod control;
 mod copy_up;
+mod dircache;
 mod drain_timeout;
 mod grafana;
 mod hostile;

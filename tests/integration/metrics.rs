@@ -24,7 +24,7 @@ fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
 }
 
 /// Scrape /metrics: series (name with labels) -> value.
-fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+pub(crate) fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
     let (status, headers, body) = http_get(addr, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(
@@ -43,7 +43,7 @@ fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
 }
 
 /// The address the daemon logged ("serving metrics at http://ADDR/metrics").
-fn metrics_addr(m: &Mounted) -> SocketAddr {
+pub(crate) fn metrics_addr(m: &Mounted) -> SocketAddr {
     let needle = "serving metrics at http://";
     let log = m.wait_for_log(needle, Duration::from_secs(10));
     let rest = &log[log.find(needle).unwrap() + needle.len()..];
@@ -179,7 +179,7 @@ fn help_suggests_a_loopback_address() {
 }
 
 /// Scrape until `done` holds (metrics move asynchronously); panics after `limit`.
-fn scrape_until(
+pub(crate) fn scrape_until(
     addr: SocketAddr,
     limit: Duration,
     what: &str,

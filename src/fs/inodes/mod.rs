@@ -211,6 +211,9 @@ pub(crate) struct Inodes {
     big_lookups: HashMap<u32, u64>,
     hasher: RandomState,
     live: usize,
+    /// Names `upsert` linked anew (a name not in the table, or one that now names
+    /// another object): the caller compares it before and after (see `relinks`).
+    relinks: u64,
 }
 
 impl Default for Inodes {
@@ -245,6 +248,7 @@ impl Inodes {
             big_lookups: HashMap::new(),
             hasher: RandomState::new(),
             live: 1,
+            relinks: 0,
         }
     }
 
@@ -407,6 +411,7 @@ impl Inodes {
             }
             self.detach_at(parent, name);
         }
+        self.relinks += 1;
         if kind != Kind::Dir
             && let Some(id) = dst_ident
             && let Some(s) = self.by_dst_ident.get(&id).copied()
@@ -423,6 +428,12 @@ impl Inodes {
             self.index_ident(s, id);
         }
         self.ino_at(s)
+    }
+
+    /// How many names [`Inodes::upsert`] has linked anew so far: a lookup that changes
+    /// it found a name the table (and so the directory's last listing) did not have.
+    pub(crate) fn relinks(&self) -> u64 {
+        self.relinks
     }
 
     /// Records that `ino` now lives in dst as `ident` (after a copy-up).
