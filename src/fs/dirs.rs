@@ -120,11 +120,16 @@ impl CacheFs {
         if !whiteouts.is_empty() || check_files {
             let src_names: HashSet<&OsStr> =
                 src_entries.iter().map(|e| e.name.as_os_str()).collect();
-            // Garbage-collect whiteouts src no longer needs.
-            for w in whiteouts
-                .iter()
-                .filter(|w| !src_names.contains(w.as_os_str()))
-            {
+            // Garbage-collect whiteouts src no longer needs: src lacks the name, and no
+            // op still to be replayed may put it there (a create, a link or a rename
+            // replayed before the delete that follows it would show the name again).
+            for w in whiteouts.iter().filter(|w| {
+                !src_names.contains(w.as_os_str())
+                    && !self
+                        .changes
+                        .as_ref()
+                        .is_some_and(|c| c.has_pending(&path.join(w)))
+            }) {
                 let _ = self.dst.unlink(&Self::whiteout_path(&path.join(w)));
             }
             if check_files {

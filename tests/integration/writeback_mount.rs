@@ -1245,6 +1245,46 @@ fn whiteouts_are_collected_once_src_applied_the_delete() {
     m.stop();
 }
 
+/// A whiteout for a name src lacks now but may get from a pending op (a create, a link,
+/// a rename not replayed yet) stays until those ops are replayed: collecting it let the
+/// name show again once the replay put it on src, until the delete that followed was
+/// replayed too.
+#[test]
+fn a_whiteout_for_a_name_src_gets_from_a_pending_op_is_kept() {
+    if !can_mount("a_whiteout_for_a_name_src_gets_from_a_pending_op_is_kept") {
+        return;
+    }
+    let src = dir_with(&[("a", b"a")]);
+    let m = Mounted::with_dirs(src, tempdir(), &["-w", "-start-delay", "3"]);
+    fs::hard_link(m.mnt_path("a"), m.mnt_path("c")).unwrap();
+    fs::write(m.mnt_path("n"), b"n").unwrap();
+    fs::remove_file(m.mnt_path("c")).unwrap();
+    fs::remove_file(m.mnt_path("n")).unwrap();
+    assert_eq!(
+        whiteouts(m.dst.path()).len(),
+        2,
+        "a whiteout per removed name"
+    );
+    assert!(
+        !m.src_path("c").exists() && !m.src_path("n").exists(),
+        "the link or create reached src before its delay"
+    );
+    let names: Vec<_> = fs::read_dir(m.mountpoint())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["a"]);
+    assert_eq!(
+        whiteouts(m.dst.path()).len(),
+        2,
+        "a listing collected a whiteout its name's pending ops still need"
+    );
+    wb_wait_drained(m.dst.path(), DRAIN);
+    assert!(!m.src_path("c").exists() && !m.src_path("n").exists());
+    assert_src_matches_mount(&m, "after drain");
+    m.stop();
+}
+
 // ----- SIGUSR1 --------------------------------------------------------------------------------
 
 #[test]
