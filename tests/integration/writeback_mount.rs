@@ -605,9 +605,11 @@ fn convergence(extra: &[&str], seed_base: u64) {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.step()));
             if let Err(e) = r {
                 panic!(
-                    "ZZSTEP {:?}\ntrace:\n  {}",
-                    e.downcast_ref::<String>(),
-                    d.trace.join("\n  ")
+                    "{name} seed {seed} (rerun: CACHEFS_WB_MOUNT_SEED={seed}): a step panicked: {}\ntrace:\n  {}\ndaemon log:\n{}",
+                    e.downcast_ref::<String>()
+                        .map_or("(no message)", String::as_str),
+                    d.trace.join("\n  "),
+                    m.stderr()
                 );
             }
             last_op = Instant::now();
