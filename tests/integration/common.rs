@@ -1037,7 +1037,12 @@ pub fn dst_usage(dir: &Path) -> u64 {
         if e.file_name().as_bytes().starts_with(b".cachefs-") {
             continue;
         }
-        let md = e.metadata().unwrap();
+        // Eviction may remove a file between the listing and its stat.
+        let md = match e.metadata() {
+            Ok(md) => md,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => panic!("stat {:?}: {err}", e.path()),
+        };
         if md.is_dir() {
             total += dst_usage(&e.path());
         } else if md.is_file() {
