@@ -16,6 +16,11 @@
 //!   if dst no longer holds the moved object there, clears the target on src. An exchange
 //!   with one side on src moves that side. A target src cannot replace as is (another
 //!   type, a non-empty directory) is removed first: the view replaced it.
+//! - A link is a link on src whenever src can hold one: from src's `existing`, or, when
+//!   src lacks it (its create was skipped: the view had moved the file on), from the
+//!   copy of dst's file at `new`, linked back to `existing`: at that point of the
+//!   journal the view has the file at both names, and later renames of either name
+//!   must move a link, not copy the file apart.
 //! - Unlink/rmdir of something already gone succeed; whatever src has at that path goes
 //!   (recursively): the view has nothing there at that point of the journal. A whiteout
 //!   or the opaque marker in dst is applied (src entries removed) only by a recursive
@@ -532,5 +537,62 @@ mod tests {
         );
         assert!(!s.path().join("b").exists());
         assert_eq!(std::fs::read(s.path().join("c")).unwrap(), b"linked");
+    }
+
+    /// A link whose existing name src never got: the file's create was skipped because
+    /// the view had moved it on by then, and the view renamed that name twice after the
+    /// link (convergence seed 11: `link n1/a -> n1/c/c`, `rename n1/a -> n1/c/a`,
+    /// `rename n1/c/a -> a`). src must end with the two names linked, as the view has
+    /// them (the link once copied the file to its new name only, and the renames,
+    /// finding no source on src, copied it again: two independent files).
+    #[test]
+    fn a_link_from_a_name_src_never_got_stays_a_link_on_src() {
+        use std::os::unix::fs::MetadataExt;
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(s.path().join("n1/c")).unwrap();
+        // The view now: the file at a and n1/c/c.
+        std::fs::create_dir_all(d.path().join("n1/c")).unwrap();
+        std::fs::write(d.path().join("a"), b"linked").unwrap();
+        std::fs::hard_link(d.path().join("a"), d.path().join("n1/c/c")).unwrap();
+        let bed = Bed::new(s.path(), d.path());
+        let src = layer::Layer::open_src(s.path(), false).unwrap();
+        let ctx = bed.ctx(&src);
+        let id = at::identity_path(&d.path().join("a"));
+        let rename = |from: &str, to: &str| Op::Rename {
+            from: from.into(),
+            to: to.into(),
+            exchange: false,
+        };
+        let create = |path: &str| Op::Create { path: path.into() };
+        let ops = [
+            (create("n1/a"), [id, None]),
+            (
+                Op::Link {
+                    existing: "n1/a".into(),
+                    new: "n1/c/c".into(),
+                },
+                [None, id],
+            ),
+            (rename("n1/a", "n1/c/a"), [None, id]),
+            (create("n1/c/a"), [id, None]),
+            (rename("n1/c/a", "a"), [None, id]),
+            (create("a"), [id, None]),
+        ];
+        for (op, ids) in &ops {
+            apply(&ctx, op, ids).unwrap();
+        }
+        let (a, c) = (
+            std::fs::metadata(s.path().join("a")).unwrap(),
+            std::fs::metadata(s.path().join("n1/c/c")).unwrap(),
+        );
+        assert_eq!(
+            a.ino(),
+            c.ino(),
+            "a and n1/c/c are one file on src, as in the view"
+        );
+        assert!(!s.path().join("n1/a").exists());
+        assert!(!s.path().join("n1/c/a").exists());
+        assert_eq!(std::fs::read(s.path().join("a")).unwrap(), b"linked");
     }
 }

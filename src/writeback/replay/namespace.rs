@@ -126,7 +126,22 @@ pub(super) fn link(
         Err(e) if at::is_gone(&e) => return Ok(Outcome::Skipped),
         Err(e) => return Err(e),
     }
-    sync_path(ctx, roots, new, id, true, false)
+    let copied = sync_path(ctx, roots, new, id, true, false)?;
+    // src lacks `existing`: its create was skipped, the view having moved the file on
+    // by then (the rename's follow-ups carry it to its later name). At this point of
+    // the journal the view has the file at both names, so src gets the copy at both:
+    // the later renames of `existing` then move a link, where finding no source on src
+    // they would copy the file again (a split link).
+    if copied == Outcome::Applied && ctx.caps()?.hard_links && !src_has(roots, existing)? {
+        let ep = ensure_src_parent(roots, &ec)?;
+        let np = at::walk(&roots.src, &nc)?;
+        if let Err(e) = at::link_at(np.as_fd(), nn, ep.as_fd(), en) {
+            // (Nothing at `new`: kept in dst only; or refused here.) `existing` stays
+            // as before: its later ops sync it.
+            log::debug!("writeback: cannot link {new:?} back to {existing:?} on src: {e}");
+        }
+    }
+    Ok(copied)
 }
 
 /// True if src has an entry at `path` (no symlink followed on the way).
