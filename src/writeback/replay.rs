@@ -20,7 +20,8 @@
 //!   src lacks it (its create was skipped: the view had moved the file on), from the
 //!   copy of dst's file at `new`, linked back to `existing`: at that point of the
 //!   journal the view has the file at both names, and later renames of either name
-//!   must move a link, not copy the file apart.
+//!   must move a link, not copy the file apart. Whatever src has at `new` is replaced
+//!   (the view had nothing there before the link).
 //! - Unlink/rmdir of something already gone succeed; whatever src has at that path goes
 //!   (recursively): the view has nothing there at that point of the journal. A whiteout
 //!   or the opaque marker in dst is applied (src entries removed) only by a recursive
@@ -594,5 +595,48 @@ mod tests {
         assert!(!s.path().join("n1/a").exists());
         assert!(!s.path().join("n1/c/a").exists());
         assert_eq!(std::fs::read(s.path().join("a")).unwrap(), b"linked");
+    }
+
+    /// A link whose new name src already has as another file: the recursive sync of a
+    /// parent directory (a rename's follow-up) copied dst's file there ahead of the link
+    /// (convergence seed 7011: `rename dir d1 -> emptydir/x y/b/n1/x y`, then `link n1
+    /// -> emptydir/x y/b/n1/x y/b/a/c`, the sync of `.../b/a` replayed after both). The
+    /// view had nothing at the new name before the link, so src must end with the link
+    /// there (the link once fell back to copying over the early copy: two files).
+    #[test]
+    fn a_link_over_an_early_copy_of_its_new_name_is_a_link_on_src() {
+        use std::os::unix::fs::MetadataExt;
+        let s = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(s.path().join("a")).unwrap();
+        std::fs::write(s.path().join("n1"), b"linked").unwrap();
+        std::fs::write(s.path().join("a/c"), b"linked").unwrap();
+        std::fs::create_dir(d.path().join("a")).unwrap();
+        std::fs::write(d.path().join("n1"), b"linked").unwrap();
+        std::fs::hard_link(d.path().join("n1"), d.path().join("a/c")).unwrap();
+        let bed = Bed::new(s.path(), d.path());
+        let src = layer::Layer::open_src(s.path(), false).unwrap();
+        let ctx = bed.ctx(&src);
+        let id = at::identity_path(&d.path().join("a/c"));
+        let link = Op::Link {
+            existing: "n1".into(),
+            new: "a/c".into(),
+        };
+        assert_eq!(apply(&ctx, &link, &[None, id]).unwrap(), Outcome::Applied);
+        let (n1, c) = (
+            std::fs::metadata(s.path().join("n1")).unwrap(),
+            std::fs::metadata(s.path().join("a/c")).unwrap(),
+        );
+        assert_eq!(
+            n1.ino(),
+            c.ino(),
+            "n1 and a/c are one file on src, as in the view"
+        );
+        assert_eq!(std::fs::read(s.path().join("a/c")).unwrap(), b"linked");
+        assert_eq!(
+            std::fs::read_dir(s.path().join("a")).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 }

@@ -115,6 +115,30 @@ pub(super) fn link(
                 if same {
                     return Ok(Outcome::Skipped);
                 }
+                // The view had nothing at `new` before the link: what src has there is
+                // stale, or dst's file synced there ahead of this op (the recursive
+                // sync of a parent) as a copy. The link replaces it (refused: copy).
+                let tmp = ctx.temp_name_in(np.as_fd());
+                let linked = make_temp(np.as_fd(), &tmp, || {
+                    at::link_at(ep.as_fd(), en, np.as_fd(), &tmp)
+                });
+                if linked.is_ok() {
+                    let mut g = TempGuard {
+                        dir: np.as_fd(),
+                        name: &tmp,
+                        armed: true,
+                    };
+                    let mut r = at::rename_at(np.as_fd(), &tmp, np.as_fd(), nn, false);
+                    if let Err(e) = &r
+                        && e.raw_os_error() == Some(libc::EISDIR)
+                    {
+                        remove_tree(ctx, np.as_fd(), nn)?;
+                        r = at::rename_at(np.as_fd(), &tmp, np.as_fd(), nn, false);
+                    }
+                    r?;
+                    g.armed = false;
+                    return Ok(Outcome::Applied);
+                }
             }
             Err(_) => {} // refused here: copy instead
         }
