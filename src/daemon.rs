@@ -526,10 +526,21 @@ fn mount_and_serve(
         },
         pending: None,
     };
-    let mounted = crate::fuse::spawn_mount(fs, cfg).map_err(|source| DaemonError::Mount {
-        mountpoint: cfg.mountpoint.clone(),
-        source,
-    })?;
+    // The control channel listens before the mount appears (and before READY=1):
+    // `cachefs ctl` run as soon as the mount is there reaches this daemon.
+    let control = start_control(cfg, &hup.fs, &cache, &wb);
+    let mounted = match crate::fuse::spawn_mount(fs, cfg) {
+        Ok(m) => m,
+        Err(source) => {
+            if let Some(c) = control {
+                c.stop();
+            }
+            return Err(DaemonError::Mount {
+                mountpoint: cfg.mountpoint.clone(),
+                source,
+            });
+        }
+    };
     let session = mounted.session;
     // The mount answers once the kernel's INIT has been answered. Never check by
     // touching the mount from here: a daemon blocked in a request to itself cannot
@@ -548,7 +559,6 @@ fn mount_and_serve(
         cfg.mountpoint.display(),
         writeback_mode(cfg)
     );
-    let control = start_control(cfg, &hup.fs, &cache, &wb);
     let stop = serve(session, signals, &cfg.mountpoint, hup);
     if let Some(c) = control {
         c.stop();

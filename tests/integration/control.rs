@@ -143,6 +143,28 @@ fn other_users_are_refused() {
     m.stop();
 }
 
+/// The control channel listens before the mount appears (and before systemd hears
+/// READY=1): `cachefs ctl` run as soon as the mount is there reaches the daemon. It
+/// used to be opened after the mount was announced.
+#[test]
+fn the_control_channel_listens_before_the_mount_appears() {
+    if !can_mount("the_control_channel_listens_before_the_mount_appears") {
+        return;
+    }
+    let m = Mounted::start(&["-d"]);
+    let log = m.stderr();
+    let listening = log
+        .find("control channel at")
+        .expect("the control channel opened");
+    let mounted = log.find("cachefs mounted").expect("the mount was logged");
+    assert!(
+        listening < mounted,
+        "the control channel opened after the mount was announced:\n{log}"
+    );
+    assert!(ctl_ok(m.dst.path(), &["info"]).contains("mountpoint:"));
+    m.stop();
+}
+
 #[test]
 fn a_smaller_cache_size_at_runtime_evicts_down_to_it() {
     if !can_mount("a_smaller_cache_size_at_runtime_evicts_down_to_it") {

@@ -40,8 +40,12 @@ fn notifies_ready_after_mount_and_stopping_at_shutdown() {
 
     let ready = recv(&sock);
     assert!(ready.contains("READY=1"), "got {ready:?}");
-    // READY means the mount already answers.
+    // READY means the mount already answers, and `cachefs ctl` reaches the daemon.
     assert!(is_fuse_mounted(mnt.path()));
+    assert!(
+        dst.path().join(".cachefs-state/control.sock").exists(),
+        "READY before the control channel listens"
+    );
     assert_eq!(std::fs::read(mnt.path().join("hello")).unwrap(), b"hi");
 
     signal(&child, libc::SIGTERM);
