@@ -58,6 +58,8 @@ pub(crate) struct Target {
 pub(crate) struct Server {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// The listening socket (a clone of the accept thread's), shut down to wake it.
+    waker: UnixListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -75,12 +77,14 @@ impl Server {
             connections: AtomicUsize::new(0),
         });
         let flag = Arc::clone(&stop);
+        let waker = listener.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("cachefs-control".into())
             .spawn(move || accept_loop(listener, shared, flag))?;
         Ok(Server {
             path: path.to_path_buf(),
             stop,
+            waker,
             thread: Some(thread),
         })
     }
@@ -89,8 +93,12 @@ impl Server {
     /// own threads.
     pub(crate) fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the blocking accept: shutdown(2) of a listening socket makes it return
+        // (EINVAL). Not by connecting to the socket's path: that path may be gone (dst
+        // deleted under a running daemon, the socket file removed), and the join below
+        // then waited forever, so SIGTERM never ended the daemon.
+        // SAFETY: a valid socket descriptor, owned by `self.waker`.
+        unsafe { libc::shutdown(self.waker.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

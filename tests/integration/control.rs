@@ -165,6 +165,24 @@ fn the_control_channel_listens_before_the_mount_appears() {
     m.stop();
 }
 
+/// SIGTERM ends a daemon whose control socket file is gone (removed, or dst deleted
+/// under it): stopping the control channel woke its accept by connecting to that path,
+/// which failed, and the daemon then waited forever at shutdown.
+#[test]
+fn sigterm_ends_the_daemon_when_its_control_socket_file_is_gone() {
+    if !can_mount("sigterm_ends_the_daemon_when_its_control_socket_file_is_gone") {
+        return;
+    }
+    let mut m = Mounted::start(&[]);
+    let sock = m.dst.path().join(".cachefs-state/control.sock");
+    assert!(ctl_ok(m.dst.path(), &["info"]).contains("mountpoint:"));
+    std::fs::remove_file(&sock).unwrap();
+    m.signal(libc::SIGTERM);
+    let st = m.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "{st:?}");
+    assert!(!is_fuse_mounted(m.mountpoint()));
+}
+
 #[test]
 fn a_smaller_cache_size_at_runtime_evicts_down_to_it() {
     if !can_mount("a_smaller_cache_size_at_runtime_evicts_down_to_it") {
