@@ -498,13 +498,23 @@ mod tests {
         );
     }
 
+    /// Panics unless `a` and `b` are one file (hard links) in src `root`, as in the view.
+    fn assert_one_file_on_src(root: &Path, a: &str, b: &str) {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+        assert_eq!(
+            ino(a),
+            ino(b),
+            "{a} and {b} are one file on src, as in the view"
+        );
+    }
+
     /// A link replayed after the view renamed its new name over another file: src must
     /// end with the two names linked, as the view has them (the link was once skipped
     /// because dst no longer had the new name, and the rename, finding no source on
     /// src, copied the file: two independent files).
     #[test]
     fn a_link_renamed_over_another_name_stays_a_link_on_src() {
-        use std::os::unix::fs::MetadataExt;
         let s = tempfile::tempdir().unwrap();
         let d = tempfile::tempdir().unwrap();
         std::fs::write(s.path().join("x"), b"linked").unwrap();
@@ -527,15 +537,7 @@ mod tests {
         };
         apply(&ctx, &link, &[None, id]).unwrap();
         apply(&ctx, &rename, &[None, id]).unwrap();
-        let (x, c) = (
-            std::fs::metadata(s.path().join("x")).unwrap(),
-            std::fs::metadata(s.path().join("c")).unwrap(),
-        );
-        assert_eq!(
-            x.ino(),
-            c.ino(),
-            "x and c are one file on src, as in the view"
-        );
+        assert_one_file_on_src(s.path(), "x", "c");
         assert!(!s.path().join("b").exists());
         assert_eq!(std::fs::read(s.path().join("c")).unwrap(), b"linked");
     }
@@ -548,7 +550,6 @@ mod tests {
     /// finding no source on src, copied it again: two independent files).
     #[test]
     fn a_link_from_a_name_src_never_got_stays_a_link_on_src() {
-        use std::os::unix::fs::MetadataExt;
         let s = tempfile::tempdir().unwrap();
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(s.path().join("n1/c")).unwrap();
@@ -583,15 +584,7 @@ mod tests {
         for (op, ids) in &ops {
             apply(&ctx, op, ids).unwrap();
         }
-        let (a, c) = (
-            std::fs::metadata(s.path().join("a")).unwrap(),
-            std::fs::metadata(s.path().join("n1/c/c")).unwrap(),
-        );
-        assert_eq!(
-            a.ino(),
-            c.ino(),
-            "a and n1/c/c are one file on src, as in the view"
-        );
+        assert_one_file_on_src(s.path(), "a", "n1/c/c");
         assert!(!s.path().join("n1/a").exists());
         assert!(!s.path().join("n1/c/a").exists());
         assert_eq!(std::fs::read(s.path().join("a")).unwrap(), b"linked");
@@ -605,7 +598,6 @@ mod tests {
     /// there (the link once fell back to copying over the early copy: two files).
     #[test]
     fn a_link_over_an_early_copy_of_its_new_name_is_a_link_on_src() {
-        use std::os::unix::fs::MetadataExt;
         let s = tempfile::tempdir().unwrap();
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(s.path().join("a")).unwrap();
@@ -623,15 +615,7 @@ mod tests {
             new: "a/c".into(),
         };
         assert_eq!(apply(&ctx, &link, &[None, id]).unwrap(), Outcome::Applied);
-        let (n1, c) = (
-            std::fs::metadata(s.path().join("n1")).unwrap(),
-            std::fs::metadata(s.path().join("a/c")).unwrap(),
-        );
-        assert_eq!(
-            n1.ino(),
-            c.ino(),
-            "n1 and a/c are one file on src, as in the view"
-        );
+        assert_one_file_on_src(s.path(), "n1", "a/c");
         assert_eq!(std::fs::read(s.path().join("a/c")).unwrap(), b"linked");
         assert_eq!(
             std::fs::read_dir(s.path().join("a")).unwrap().count(),
